@@ -1,0 +1,64 @@
+# unionfs — every target installs what it needs first.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+APT_PKGS := fuse3 libfuse3-dev pkg-config attr gcc
+CASES   ?= 200
+SEED    ?= 1
+DURATION ?= 60
+
+.PHONY: install system-deps test test-unit test-engines demo lint conformance bench stress install-system clean
+
+# System packages: installed with apt only when something is missing.
+system-deps:
+	@missing=""; \
+	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	pkg-config --exists fuse3 2>/dev/null || missing="$$missing libfuse3-dev pkg-config"; \
+	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
+	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	$(PYTHON) -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")))' \
+		|| missing="$$missing python3-dev"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: install
+	$(PY) -m pytest -q -p no:cacheprovider tests -m 'not slow' -k 'not conformance'
+
+demo: install
+	$(PY) examples/demo.py
+
+lint: install
+	$(VENV)/bin/ruff check unionfs tests examples
+	$(VENV)/bin/ruff format --check unionfs tests examples
+	$(VENV)/bin/mypy unionfs
+
+conformance: install
+	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED)
+
+bench: install
+	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+
+stress: install
+	UNIONFS_STRESS_SECONDS=$(DURATION) $(PY) -m pytest -q -p no:cacheprovider -m slow tests -s
+
+install-system: install
+	install -m 0755 -d /usr/local/sbin
+	ln -sf $(abspath $(VENV))/bin/unionfs /usr/local/sbin/unionfs
+
+clean:
+	rm -rf $(VENV) *.egg-info build

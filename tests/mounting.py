@@ -1,0 +1,173 @@
+"""Real mounts for tests: unionfs daemons and kernel overlays that never outlive a test.
+
+Every helper here unmounts in ``finally``; when a clean unmount fails it falls
+back to a lazy one and kills the daemon *it started* (by PID), so a broken test
+can never leave a stale FUSE mount that would hang later runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
+    """The filesystem type mounted exactly at *mountpoint*, or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            if point == target:
+                found = fields[sep + 1]  # the last mount on a point is the visible one
+    return found
+
+
+def lazy_unmount(mountpoint: str | os.PathLike[str]) -> None:
+    subprocess.run(["umount", "-l", os.fspath(mountpoint)], capture_output=True, check=False)
+
+
+def escape_path(path: str | os.PathLike[str]) -> str:
+    """Escape a path for a fuse-overlayfs style ``-o`` option value."""
+    return os.fspath(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def overlay_options(
+    lowers: Sequence[str | os.PathLike[str]],
+    upper: str | os.PathLike[str] | None = None,
+    work: str | os.PathLike[str] | None = None,
+) -> str:
+    opts = "lowerdir=" + ":".join(escape_path(p) for p in lowers)
+    if upper is not None:
+        opts += f",upperdir={escape_path(upper)}"
+    if work is not None:
+        opts += f",workdir={escape_path(work)}"
+    return opts
+
+
+@dataclass
+class UnionMount:
+    """A running unionfs daemon in the foreground (``-f``), owned by the test."""
+
+    mountpoint: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def unmount(self, timeout: float = 20.0) -> int:
+        """Unmount and wait for the daemon; returns its exit status.
+
+        Falls back to a lazy unmount and SIGKILL of our own daemon if the
+        clean path does not finish in *timeout* seconds.
+        """
+        if self.proc.poll() is None and mount_type(self.mountpoint):
+            subprocess.run(
+                ["fusermount3", "-u", os.fspath(self.mountpoint)], capture_output=True, check=False
+            )
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -signal.SIGKILL
+
+    def kill(self) -> None:
+        """Hard stop: lazy unmount, then SIGKILL of the daemon we started."""
+        if mount_type(self.mountpoint) is not None:
+            lazy_unmount(self.mountpoint)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def unionfs_command() -> list[str]:
+    return [sys.executable, "-m", "unionfs"]
+
+
+def start_unionfs(
+    lowers: Sequence[str | os.PathLike[str]],
+    mountpoint: str | os.PathLike[str],
+    upper: str | os.PathLike[str] | None = None,
+    work: str | os.PathLike[str] | None = None,
+    extra_options: str = "",
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = 15.0,
+) -> UnionMount:
+    """Start ``unionfs -f`` and return once the mount is visible in mountinfo."""
+    mnt = Path(mountpoint)
+    opts = overlay_options(lowers, upper, work)
+    if extra_options:
+        opts += "," + extra_options
+    log = Path(log_path) if log_path else mnt.parent / f".{mnt.name}.unionfs.log"
+    cmd = [*unionfs_command(), "-f", *args, "-o", opts, os.fspath(mnt)]
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.fspath(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env)
+    um = UnionMount(mnt, proc, log, cmd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if mount_type(mnt) == "fuse.unionfs":
+            return um
+        if proc.poll() is not None:
+            raise RuntimeError(f"unionfs exited with {proc.returncode}: {um.log()}")
+        time.sleep(0.02)
+    um.kill()
+    raise RuntimeError(f"unionfs did not mount within {timeout}s: {um.log()}")
+
+
+@contextlib.contextmanager
+def unionfs_mounted(*a: object, **kw: object) -> Iterator[UnionMount]:
+    """Context manager around :func:`start_unionfs` that always unmounts."""
+    um = start_unionfs(*a, **kw)  # type: ignore[arg-type]
+    try:
+        yield um
+    finally:
+        um.unmount()
+
+
+@contextlib.contextmanager
+def kernel_overlay(
+    lowers: Sequence[str | os.PathLike[str]],
+    mountpoint: str | os.PathLike[str],
+    upper: str | os.PathLike[str] | None = None,
+    work: str | os.PathLike[str] | None = None,
+) -> Iterator[Path]:
+    """Mount the kernel's overlayfs (the reference) and always unmount it."""
+    mnt = Path(mountpoint)
+    opts = overlay_options(lowers, upper, work)
+    if len(lowers) == 1 and upper is None:
+        # The kernel needs two lowers for a read-only overlay; an empty one is neutral.
+        raise ValueError("kernel overlay needs an upper or at least two lowers")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)], check=True,
+                   capture_output=True)
+    try:
+        yield mnt
+    finally:
+        res = subprocess.run(["umount", os.fspath(mnt)], capture_output=True, check=False)
+        if res.returncode != 0:
+            lazy_unmount(mnt)
