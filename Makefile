@@ -34,7 +34,13 @@ $(STAMP): pyproject.toml | system-deps
 install: system-deps $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench
+	$(MAKE) test-engines
+
+# Real container engines (podman/buildah) driving unionfs as their mount_program.
+test-engines: install
+	bash tests/engines/install-deps.sh
+	$(PY) -m pytest -q -p no:cacheprovider tests/engines
 
 test-unit: install
 	$(PY) -m pytest -q -p no:cacheprovider tests -m 'not slow' -k 'not conformance'
