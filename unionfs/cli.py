@@ -1,0 +1,150 @@
+"""``unionfs [-f] [-d] -o lowerdir=...,upperdir=...,workdir=... [SOURCE] MOUNTPOINT``.
+
+A drop-in for fuse-overlayfs's command line. Without ``-f`` the command
+returns only once the mount is ready, with the daemon in the background and
+the caller's stdout/stderr closed (container engines wait for those pipes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Callable
+
+from unionfs import __version__
+from unionfs.errors import UsageError
+from unionfs.mount import Setup, check_setup, serve
+from unionfs.options import parse_options
+
+PROG = "unionfs"
+USAGE = "unionfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=UPPER,workdir=WORK] [SOURCE] MOUNTPOINT"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        usage=USAGE,
+        description="Mount read-only lower directories under a writable upper directory, "
+        "with the semantics and on-disk format of the Linux kernel overlayfs.",
+        epilog="Unmount with: fusermount3 -u MOUNTPOINT (or umount). "
+        "Every option is described in README.md.",
+    )
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated mount options (may be given more than once)")
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="log every request to stderr (implies -f)")
+    p.add_argument("-V", "--version", action="version",
+                   version=f"unionfs version {__version__}\n{_fuse_versions()}")
+    p.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    return p
+
+
+def _fuse_versions() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"pyfuse3 version {version('pyfuse3')}"
+    except Exception:
+        return "pyfuse3 version unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    try:
+        if len(args.paths) > 2:
+            raise UsageError(f"too many arguments: {' '.join(args.paths)}")
+        mountpoint = args.paths[-1]  # mount.fuse3 passes SOURCE first; it means nothing here
+        opts = parse_options(args.options)
+        if "debug" in opts.ignored:
+            args.debug = True
+        setup = check_setup(opts, mountpoint)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.debug or args.foreground:
+        _log_to_stderr(logging.DEBUG if args.debug else logging.INFO)
+        return _serve(setup, lambda: None, opts.timeout)
+    return _daemonize(setup, opts.timeout)
+
+
+def _log_to_stderr(level: int) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def _serve(setup: Setup, ready: Callable[[], None], timeout: float | None) -> int:
+    try:
+        return serve(setup, ready, timeout)
+    except UsageError as e:
+        logging.getLogger(PROG).error("%s", e)
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _daemonize(setup: Setup, timeout: float | None) -> int:
+    """Fork; the parent waits for the child's word that the mount is ready.
+
+    The child writes ``ok`` (or one line of error) to a pipe. Before saying
+    ``ok`` it points its stdin/stdout/stderr at /dev/null, so nobody waiting
+    on the caller's pipes is kept waiting by the daemon.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        setup.release()  # the child holds the locks through its own copies
+        with os.fdopen(rfd, "rb") as r:
+            answer = r.read()
+        if answer == b"ok":
+            return 0
+        os.waitpid(pid, 0)
+        msg = answer.decode(errors="replace").strip() or "the daemon exited before the mount was ready"
+        print(f"{PROG}: {msg}", file=sys.stderr)
+        return 1
+
+    os.close(rfd)
+    os.setsid()
+    os.chdir("/")
+    _log_to_syslog()
+
+    def ready() -> None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.write(wfd, b"ok")
+        os.close(wfd)
+
+    code = 1
+    try:
+        code = serve(setup, ready, timeout)
+    except UsageError as e:
+        _tell(wfd, str(e))
+    except BaseException as e:  # pragma: no cover - reported to the waiting parent
+        logging.getLogger(PROG).exception("daemon failed")
+        _tell(wfd, f"daemon failed: {e}")
+    finally:
+        os._exit(code)
+
+
+def _tell(wfd: int, message: str) -> None:
+    try:
+        os.write(wfd, message.encode(errors="replace"))
+        os.close(wfd)
+    except OSError:
+        pass  # already reported ready; the log has it
+
+
+def _log_to_syslog() -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("unionfs[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)

@@ -1,0 +1,165 @@
+"""Copy-up: give a lower file or directory its own copy in the upper layer.
+
+The copy is built in the workdir and renamed into place, so a crash leaves
+either no upper entry (the lower one still shows) or the complete copy, never a
+partial file. Missing parents are copied up first. As in the kernel, the upper
+parent's timestamps are put back after the rename: copy-up is not a change the
+user made.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import trio
+
+from unionfs.layers import fd_path, is_private_xattr, remove_tree
+from unionfs.nodes import Node
+from unionfs.syscalls import RENAME_NOREPLACE, clone_or_copy, renameat2
+from unionfs.union import Union
+
+log = logging.getLogger(__name__)
+
+# Files above this size are copied in a worker thread so other requests go on.
+THREAD_THRESHOLD = 1 << 20
+
+
+def readonly_error() -> OSError:
+    return OSError(errno.EROFS, "read-only union (no upperdir)")
+
+
+async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
+    """Make sure *node* lives in the upper layer.
+
+    *size* limits how much data is copied, for a copy-up that a truncate
+    triggered: bytes about to be cut off are not worth copying.
+    """
+    if node.layer.writable:
+        return
+    if union.upper is None:
+        raise readonly_error()
+    if node.lock is None:
+        node.lock = trio.Lock()
+    async with node.lock:  # concurrent writers of one file: one copy-up
+        if node.layer.writable:
+            return
+        parent = node.parent
+        if parent is None:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        await copy_up(union, parent)
+        await _copy_up_one(union, node, parent, size)
+
+
+async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None) -> None:
+    upper = union.upper
+    assert upper is not None
+    src_layer = node.layer
+    ppath = parent.path
+    src_dir = src_layer.dirfd(ppath)
+    st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
+    work = union.work_fd
+    tmp = union.tmp_name()
+    kind = stat.S_IFMT(st.st_mode)
+    try:
+        if kind == stat.S_IFREG:
+            await _copy_file(src_dir, node.name, work, tmp, st, size)
+        else:
+            if kind == stat.S_IFDIR:
+                os.mkdir(tmp, 0o700, dir_fd=work)
+            elif kind == stat.S_IFLNK:
+                os.symlink(os.readlink(node.name, dir_fd=src_dir), tmp, dir_fd=work)
+            else:
+                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
+            src_dir = src_layer.dirfd(ppath)
+            copy_metadata(fd_path(src_dir, node.name), fd_path(work, tmp), st)
+        # No await from here on: the rename, the parent's times and the node
+        # update happen as one step as far as other requests can tell.
+        up_dir = upper.dirfd(ppath)
+        pstat = os.stat(up_dir)
+        renameat2(work, tmp, up_dir, node.name, RENAME_NOREPLACE)
+    except BaseException:
+        _discard(work, tmp)
+        raise
+    os.utime(fd_path(up_dir), ns=(pstat.st_atime_ns, pstat.st_mtime_ns))
+    new = os.stat(node.name, dir_fd=up_dir, follow_symlinks=False)
+    union.inos.copied_up(new.st_ino, node.ino)
+    node.lowers = (src_layer, *node.lowers) if kind == stat.S_IFDIR else ()
+    node.layer = upper
+    log.debug("copied up %r", node)
+
+
+async def _copy_file(
+    src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_result, size: int | None
+) -> None:
+    length = st.st_size if size is None else min(size, st.st_size)
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
+        try:
+            if length > THREAD_THRESHOLD:
+                await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
+            else:
+                clone_or_copy(src, dst, length)
+            copy_metadata(fd_path(src_dir, name), dst, st, src_fd=src)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def copy_metadata(
+    src_path: bytes, dst: bytes | int, st: os.stat_result, src_fd: int | None = None
+) -> None:
+    """Owner, xattrs, mode and times, in the order that keeps each one.
+
+    chown clears setuid/setgid and ``security.capability``, so it goes first;
+    the mode (with its special bits) and the xattrs follow; the times go last
+    because setting the others must not leave a new ctime-driven mtime.
+    """
+    is_fd = isinstance(dst, int)
+    is_link = stat.S_ISLNK(st.st_mode)
+    if is_fd:
+        os.chown(dst, st.st_uid, st.st_gid)
+    else:
+        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    copy_xattrs(src_path if src_fd is None else src_fd, dst)
+    if not is_link:
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    if is_fd:
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
+    follow = {} if isinstance(src, int) else {"follow_symlinks": False}
+    dfollow = {} if isinstance(dst, int) else {"follow_symlinks": False}
+    try:
+        names = os.listxattr(src, **follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        bname = os.fsencode(name)
+        if is_private_xattr(bname):
+            continue
+        try:
+            value = os.getxattr(src, bname, **follow)
+            os.setxattr(dst, bname, value, **dfollow)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.ENODATA):
+                raise
+            log.warning("xattr %r not copied up: %s", name, e.strerror)
+
+
+def _discard(work: int, tmp: bytes) -> None:
+    try:
+        remove_tree(work, tmp)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove %r from the workdir: %s", tmp, e)

@@ -1,0 +1,408 @@
+"""Changes to names: create, link, remove and rename in the merged view.
+
+Every change lands in the upper layer. Removing a name that a lower layer also
+has leaves a whiteout; creating a name over a whiteout replaces it, and a
+directory made over a whiteout is opaque so the old lower contents stay hidden.
+Each change is made so that a crash at any point shows the old state or the new
+one: new entries over whiteouts are built in the workdir and renamed in, and
+``RENAME_WHITEOUT`` moves a file out and leaves its whiteout in one step.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unionfs.copyup import copy_up, readonly_error
+from unionfs.layers import (
+    WHITEOUT_PREFIX,
+    exchange,
+    fd_path,
+    is_whiteout,
+    make_whiteout,
+    remove_tree,
+    set_opaque,
+    whiteout_by_rename,
+)
+from unionfs.nodes import Node
+from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from unionfs.union import Union, join
+
+NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked: new entries are theirs, as on a local filesystem."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+    groups: frozenset[int] = frozenset()
+
+
+def check_new_name(name: bytes) -> None:
+    if name.startswith(WHITEOUT_PREFIX):
+        raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", name)
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long", name)
+
+
+def new_owner(parent_st: os.stat_result, caller: Caller, mode: int) -> tuple[int, int, int]:
+    """Owner and mode of a new entry: the caller's, with the setgid-directory rules."""
+    is_dir = stat.S_ISDIR(mode)
+    if not stat.S_ISLNK(mode):
+        mode &= ~(caller.umask & 0o777)
+    gid = caller.gid
+    if parent_st.st_mode & stat.S_ISGID:
+        gid = parent_st.st_gid
+        if is_dir:
+            mode |= stat.S_ISGID
+    if (
+        not is_dir
+        and mode & stat.S_ISGID
+        and caller.uid != 0
+        and gid != caller.gid
+        and gid not in caller.groups
+    ):
+        mode &= ~stat.S_ISGID
+    return caller.uid, gid, mode
+
+
+def _writable(union: Union) -> None:
+    if union.upper is None:
+        raise readonly_error()
+
+
+async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bool]:
+    """Copy the parent up and say whether *name* is a whiteout there now."""
+    _writable(union)
+    check_new_name(name)
+    if union.find(parent, name) is not None:
+        raise FileExistsError(errno.EEXIST, "exists", name)
+    await copy_up(union, parent)
+    assert union.upper is not None
+    dirfd = union.upper.dirfd(parent.path)
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return dirfd, False
+    if not is_whiteout(st):
+        raise FileExistsError(errno.EEXIST, "exists", name)
+    return dirfd, True
+
+
+def _set_owner(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
+    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISLNK(mode) and mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
+        os.chmod(fd_path(dirfd, name), stat.S_IMODE(mode))  # chown cleared the special bits
+
+
+def _place(
+    union: Union, dirfd: int, name: bytes, over_whiteout: bool, make: Callable[[int, bytes], None]
+) -> None:
+    """Create an entry with *make*, directly or, over a whiteout, via the workdir."""
+    if not over_whiteout:
+        make(dirfd, name)
+        return
+    work, tmp = union.work_fd, union.tmp_name()
+    make(work, tmp)
+    try:
+        renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
+    except BaseException:
+        remove_tree(work, tmp)
+        raise
+
+
+async def create_node(
+    union: Union, parent: Node, name: bytes, mode: int, caller: Caller, rdev: int = 0,
+    target: bytes | None = None,
+) -> Node:
+    """mkdir, mknod and symlink: a new entry owned by *caller*."""
+    if stat.S_ISCHR(mode) and rdev == 0:
+        raise PermissionError(errno.EPERM, "a 0/0 character device is a whiteout", name)
+    dirfd, over_whiteout = await _prepare_new(union, parent, name)
+    uid, gid, mode = new_owner(os.stat(dirfd), caller, mode)
+
+    if stat.S_ISDIR(mode):
+        _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode)
+    else:
+        def make(fd: int, n: bytes) -> None:
+            if target is not None:
+                os.symlink(target, n, dir_fd=fd)
+            else:
+                os.mknod(n, mode, rdev, dir_fd=fd)
+            _set_owner(fd, n, uid, gid, mode)
+
+        _place(union, dirfd, name, over_whiteout, make)
+    return _created(union, parent, name)
+
+
+def _mkdir(
+    union: Union, dirfd: int, name: bytes, over_whiteout: bool, uid: int, gid: int, mode: int
+) -> None:
+    if not over_whiteout:
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=dirfd)
+        _set_owner(dirfd, name, uid, gid, mode)
+        return
+    # Over a whiteout the new directory must hide the lower one: build it opaque
+    # in the workdir, swap it with the whiteout, then drop the whiteout.
+    work, tmp = union.work_fd, union.tmp_name()
+    os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=work)
+    try:
+        _set_owner(work, tmp, uid, gid, mode)
+        set_opaque(fd_path(work, tmp))
+        exchange(work, tmp, dirfd, name)
+    except BaseException:
+        remove_tree(work, tmp)
+        raise
+    os.unlink(tmp, dir_fd=work)
+
+
+async def create_file(
+    union: Union, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
+) -> tuple[Node, int]:
+    """create(2): a new regular file, returned open with *flags*."""
+    dirfd, over_whiteout = await _prepare_new(union, parent, name)
+    uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
+    flags = (flags & ~(os.O_TRUNC | os.O_APPEND)) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    fds: list[int] = []
+
+    def make(fd: int, n: bytes) -> None:
+        f = os.open(n, flags, stat.S_IMODE(mode), dir_fd=fd)
+        fds.append(f)
+        os.fchown(f, uid, gid)
+        if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
+            os.fchmod(f, stat.S_IMODE(mode))
+
+    try:
+        _place(union, dirfd, name, over_whiteout, make)
+    except BaseException:
+        for f in fds:
+            os.close(f)
+        raise
+    return _created(union, parent, name), fds[0]
+
+
+async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
+    """A hard link: the file is copied up first, then linked inside the upper."""
+    _writable(union)
+    check_new_name(name)
+    if union.find(parent, name) is not None:
+        raise FileExistsError(errno.EEXIST, "exists", name)
+    await copy_up(union, node)
+    dirfd, over_whiteout = await _prepare_new(union, parent, name)
+    src_parent = node.parent
+    if src_parent is None:
+        raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+    assert union.upper is not None
+    src_dir = union.upper.dirfd(src_parent.path)
+    dirfd = union.upper.dirfd(parent.path)
+
+    def make(fd: int, n: bytes) -> None:
+        os.link(node.name, n, src_dir_fd=src_dir, dst_dir_fd=fd, follow_symlinks=False)
+
+    _place(union, dirfd, name, over_whiteout, make)
+    union.add_alias(node, parent, name)
+    node.lookups += 1
+    return node
+
+
+def _created(union: Union, parent: Node, name: bytes) -> Node:
+    node = union.find(parent, name)
+    if node is None:
+        raise FileNotFoundError(errno.ENOENT, "vanished after creation", name)
+    node.lookups += 1
+    return node
+
+
+# -- removing ---------------------------------------------------------------
+
+
+async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
+    """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
+    _writable(union)
+    node = union.find(parent, name)
+    if node is None:
+        raise FileNotFoundError(errno.ENOENT, "no such entry", name)
+    if want_dir and not node.is_dir:
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", name)
+    if not want_dir and node.is_dir:
+        raise IsADirectoryError(errno.EISDIR, "is a directory", name)
+    if want_dir and not union.is_empty(node):
+        raise OSError(errno.ENOTEMPTY, "directory not empty", name)
+    await copy_up(union, parent)
+    assert union.upper is not None
+    dirfd = union.upper.dirfd(parent.path)
+    path = join(parent.path, name)
+    needs_whiteout = union.lower_has_name(parent, name)
+    if node.layer.writable:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if needs_whiteout:
+            tmp = union.tmp_name()
+            whiteout_by_rename(dirfd, name, union.work_fd, tmp)
+            remove_tree(union.work_fd, tmp)
+        elif want_dir:
+            _rmdir_upper(union, dirfd, name)
+        else:
+            os.unlink(name, dir_fd=dirfd)
+        if st.st_nlink <= 1 or want_dir:
+            union.inos.upper_gone(st.st_ino)
+    else:
+        make_whiteout(dirfd, name)
+    if want_dir:
+        union.upper.forget_dirs(path)
+    union.drop_name(node, parent, name)
+
+
+def _rmdir_upper(union: Union, dirfd: int, name: bytes) -> None:
+    try:
+        os.rmdir(name, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno != errno.ENOTEMPTY:
+            raise
+        # Only whiteouts are left in it (the merged view is empty): move it out whole.
+        tmp = union.tmp_name()
+        renameat2(dirfd, name, union.work_fd, tmp, RENAME_NOREPLACE)
+        remove_tree(union.work_fd, tmp)
+
+
+# -- rename -----------------------------------------------------------------
+
+
+def _has_lower_parts(node: Node) -> bool:
+    return bool(node.lowers) or not node.layer.writable
+
+
+async def rename(
+    union: Union, sparent: Node, sname: bytes, dparent: Node, dname: bytes, flags: int
+) -> None:
+    """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, by the kernel overlay's rules.
+
+    A directory that has lower parts cannot move (EXDEV, like the kernel
+    without redirect_dir), so ``mv`` falls back to copying. Anything else is
+    copied up and renamed inside the upper; the old name gets a whiteout when
+    a lower layer still has it, and a directory moved into a merged directory
+    becomes opaque so a lower namesake cannot leak into it.
+    """
+    _writable(union)
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise OSError(errno.EINVAL, "unsupported rename flags")
+    swap = bool(flags & RENAME_EXCHANGE)
+    check_new_name(dname)
+    if swap:
+        check_new_name(sname)
+    src = union.find(sparent, sname)
+    if src is None:
+        raise FileNotFoundError(errno.ENOENT, "no such entry", sname)
+    dst = union.find(dparent, dname)
+    if swap and dst is None:
+        raise FileNotFoundError(errno.ENOENT, "no such entry", dname)
+    if dst is not None and flags & RENAME_NOREPLACE:
+        raise FileExistsError(errno.EEXIST, "exists", dname)
+    if dst is src:
+        return
+    if src.is_dir and dparent.is_under(src):
+        raise OSError(errno.EINVAL, "cannot move a directory into itself", sname)
+    if swap and dst is not None and dst.is_dir and sparent.is_under(dst):
+        raise OSError(errno.EINVAL, "cannot move a directory into itself", dname)
+    if dst is not None and not swap:
+        if src.is_dir and not dst.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", dname)
+        if not src.is_dir and dst.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", dname)
+        if dst.is_dir and not union.is_empty(dst):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
+    if src.is_dir and _has_lower_parts(src):
+        raise OSError(errno.EXDEV, "directory has lower layers", sname)
+    if swap and dst is not None and dst.is_dir and _has_lower_parts(dst):
+        raise OSError(errno.EXDEV, "directory has lower layers", dname)
+
+    await copy_up(union, src)
+    if swap and dst is not None:
+        await copy_up(union, dst)
+    await copy_up(union, sparent)
+    await copy_up(union, dparent)
+    # From here on no await: the checks above hold for the whole change.
+    upper = union.upper
+    assert upper is not None
+    spath, dpath = join(sparent.path, sname), join(dparent.path, dname)
+    sfd = upper.dirfd(sparent.path)
+    dfd = upper.dirfd(dparent.path)
+    if src.is_dir and dparent.lowers:
+        _make_opaque(sfd, sname)
+    if swap:
+        assert dst is not None
+        if dst.is_dir and sparent.lowers:
+            _make_opaque(dfd, dname)
+        renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
+    else:
+        _rename_over(union, src, sparent, sname, sfd, dst, dname, dfd)
+    upper.forget_dirs(spath)
+    upper.forget_dirs(dpath)
+    _move_names(union, src, sparent, sname, dst, dparent, dname, swap)
+
+
+def _rename_over(
+    union: Union, src: Node, sparent: Node, sname: bytes, sfd: int,
+    dst: Node | None, dname: bytes, dfd: int,
+) -> None:
+    src_whiteout = union.lower_has_name(sparent, sname)
+    try:
+        d_up: os.stat_result | None = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        d_up = None
+    if dst is not None and dst.is_dir and d_up is not None and os.listdir(fd_path(dfd, dname)):
+        # The target's upper part still holds whiteouts: swap in an empty
+        # opaque directory first so the rename below can replace it.
+        work, tmp = union.work_fd, union.tmp_name()
+        os.mkdir(tmp, 0o700, dir_fd=work)
+        set_opaque(fd_path(work, tmp))
+        exchange(work, tmp, dfd, dname)
+        remove_tree(work, tmp)
+    if d_up is not None and is_whiteout(d_up):
+        if src_whiteout or src.is_dir:
+            # Swap with the whiteout: it lands on the old name, which needs one anyway.
+            renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
+            if not src_whiteout:
+                os.unlink(sname, dir_fd=sfd)
+        else:
+            renameat2(sfd, sname, dfd, dname)
+        return
+    if dst is not None and not dst.is_dir and dst.layer.writable and d_up is not None:
+        if d_up.st_nlink <= 1:
+            union.inos.upper_gone(d_up.st_ino)
+    renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if src_whiteout else 0)
+
+
+def _make_opaque(dirfd: int, name: bytes) -> None:
+    set_opaque(fd_path(dirfd, name))
+
+
+def _move_names(
+    union: Union, src: Node, sparent: Node, sname: bytes,
+    dst: Node | None, dparent: Node, dname: bytes, swap: bool,
+) -> None:
+    if dst is not None and not swap:
+        union.drop_name(dst, dparent, dname)
+    _rename_one(union, src, sparent, sname, dparent, dname)
+    if src.is_dir:
+        src.lowers = ()
+    if swap and dst is not None:
+        _rename_one(union, dst, dparent, dname, sparent, sname)
+        if dst.is_dir:
+            dst.lowers = ()
+
+
+def _rename_one(
+    union: Union, node: Node, old_parent: Node, old_name: bytes, parent: Node, name: bytes
+) -> None:
+    """Move one of *node*'s names; other hard links keep theirs."""
+    if node.aliases and (old_parent, old_name) in node.aliases:
+        union.drop_name(node, old_parent, old_name)
+        union.add_alias(node, parent, name)
+    else:
+        union.table.set_parent(node, parent, name)

@@ -1,0 +1,222 @@
+"""Open files and attribute changes.
+
+Each open gets its own real file descriptor with its own flags. Opening a lower
+file for writing copies it up first. A handle opened before a copy-up reopens
+the upper copy on its next use, so every reader sees what writers wrote, as
+with the kernel overlay.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from dataclasses import dataclass
+
+from unionfs.copyup import copy_up, readonly_error
+from unionfs.layers import Layer, fd_path, is_private_xattr
+from unionfs.nodes import Node
+from unionfs.union import Union
+
+# Flags that make no sense on the real fd: the kernel already did their part
+# (creation, truncation) or computes the offsets itself (append).
+_DROP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
+
+
+def wants_write(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+class Handle:
+    __slots__ = ("fd", "node", "layer", "flags")
+
+    def __init__(self, fd: int, node: Node, layer: Layer, flags: int) -> None:
+        self.fd = fd
+        self.node = node
+        self.layer = layer
+        self.flags = flags
+
+
+@dataclass
+class Change:
+    """The attribute changes of one setattr request (None: leave as is)."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class Files:
+    """The table of open file handles."""
+
+    def __init__(self, union: Union) -> None:
+        self.union = union
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = itertools.count(1)
+
+    # -- open and close ------------------------------------------------------
+
+    async def open(self, node: Node, flags: int) -> int:
+        if wants_write(flags):
+            if self.union.readonly:
+                raise readonly_error()
+            await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
+        fd = self._open_real(node, flags)
+        return self.add(node, fd, flags)
+
+    def _open_real(self, node: Node, flags: int) -> int:
+        parent = node.parent
+        if parent is None:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        dirfd = node.layer.dirfd(parent.path)
+        real_flags = (flags & ~_DROP_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not node.layer.writable:
+            real_flags |= os.O_NOATIME  # reading a lower layer leaves no trace in it
+        return os.open(node.name, real_flags, dir_fd=dirfd)
+
+    def add(self, node: Node, fd: int, flags: int) -> int:
+        fh = next(self._next_fh)
+        self.handles[fh] = Handle(fd, node, node.layer, flags & ~os.O_TRUNC)
+        node.opened += 1
+        self.union.open_fds.setdefault(node.ino, []).append(fd)
+        return fh
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        node = h.node
+        fds = self.union.open_fds.get(node.ino)
+        if fds is not None:
+            fds.remove(h.fd)
+            if not fds:
+                del self.union.open_fds[node.ino]
+        os.close(h.fd)
+        node.opened -= 1
+        self.union.table.maybe_drop(node)
+
+    def _fd(self, fh: int) -> int:
+        h = self.handles[fh]
+        if h.layer is not h.node.layer and not h.node.unlinked:
+            # Copied up since it was opened: follow the file to the upper layer.
+            fd = self._open_real(h.node, h.flags)
+            fds = self.union.open_fds[h.node.ino]
+            fds[fds.index(h.fd)] = fd
+            os.close(h.fd)
+            h.fd, h.layer = fd, h.node.layer
+        return h.fd
+
+    # -- data ----------------------------------------------------------------
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._fd(fh), size, off)
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        return os.pwrite(self._fd(fh), data, off)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        if not self.union.config.fsync:
+            return
+        fd = self._fd(fh)
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def fsync_dir(self, node: Node) -> None:
+        if not self.union.config.fsync or not node.layer.writable:
+            return
+        fd = node.layer.open_dir(node.path)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- attributes ----------------------------------------------------------
+
+    async def setattr(self, node: Node, change: Change, fh: int | None) -> None:
+        """chmod, chown, truncate and utimes: copy up, then change the upper copy."""
+        union = self.union
+        if union.readonly:
+            raise readonly_error()
+        await copy_up(union, node, size=change.size)
+        if change.size is not None:
+            if fh is not None and fh in self.handles:
+                os.ftruncate(self._fd(fh), change.size)
+            else:
+                fd = self._open_real(node, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, change.size)
+                finally:
+                    os.close(fd)
+        if node.unlinked:
+            self._setattr_open(node, change)
+            return
+        parent = node.parent
+        assert parent is not None
+        dirfd = node.layer.dirfd(parent.path)
+        name = node.name
+        if change.uid is not None or change.gid is not None:
+            uid = -1 if change.uid is None else change.uid
+            gid = -1 if change.gid is None else change.gid
+            os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        if change.mode is not None:
+            if node.kind == stat.S_IFLNK:
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode", name)
+            os.chmod(fd_path(dirfd, name), stat.S_IMODE(change.mode))
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            atime, mtime = change.atime_ns, change.mtime_ns
+            if atime is None or mtime is None:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                atime = st.st_atime_ns if atime is None else atime
+                mtime = st.st_mtime_ns if mtime is None else mtime
+            os.utime(name, ns=(atime, mtime), dir_fd=dirfd, follow_symlinks=False)
+
+    def _setattr_open(self, node: Node, change: Change) -> None:
+        """fchmod/fchown/futimens on a file that is open but has no name left."""
+        fds = self.union.open_fds.get(node.ino)
+        if not fds:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        fd = fds[0]
+        if change.uid is not None or change.gid is not None:
+            os.fchown(fd, -1 if change.uid is None else change.uid,
+                      -1 if change.gid is None else change.gid)
+        if change.mode is not None:
+            os.fchmod(fd, stat.S_IMODE(change.mode))
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                             st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns))
+
+    # -- extended attributes (writing) ---------------------------------------
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        if is_private_xattr(name):
+            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
+        if self.union.readonly:
+            raise readonly_error()
+        await copy_up(self.union, node)
+        os.setxattr(self.union.real_path(node), name, value, follow_symlinks=False)
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        if is_private_xattr(name):
+            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
+        if self.union.readonly:
+            raise readonly_error()
+        if not node.layer.writable:
+            # Removing what is not there fails without a copy-up, as in the kernel.
+            os.getxattr(self.union.real_path(node), name, follow_symlinks=False)
+        await copy_up(self.union, node)
+        os.removexattr(self.union.real_path(node), name, follow_symlinks=False)
+
+
+class DirHandle:
+    """An open directory: the merged listing, taken once so offsets stay valid."""
+
+    __slots__ = ("node", "names")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.names: list[bytes] | None = None

@@ -1,0 +1,180 @@
+"""Layers and the kernel overlayfs on-disk format.
+
+A layer is a real directory. Inside it the overlay format marks deletions with
+*whiteouts* (character devices 0/0) and cuts off lower directories with an
+*opaque* marker (``trusted.overlay.opaque=y``). This module is the one place
+that reads and writes those markers, and the one place that turns a path inside
+a layer into a file descriptor without following the layer's symlinks.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from pathlib import Path
+
+from unionfs.syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, open_beneath, renameat2
+
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+PRIVATE_XATTR_PREFIX = b"trusted.overlay."
+WHITEOUT_PREFIX = b".wh."  # reserved by the OCI layer format; never created through the mount
+WHITEOUT_MODE = stat.S_IFCHR  # mode 0000, like the kernel's own whiteouts
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_private_xattr(name: bytes) -> bool:
+    """The overlay's own xattrs, which the mount neither shows nor lets anyone set."""
+    return name.startswith(PRIVATE_XATTR_PREFIX)
+
+
+def fd_path(dirfd: int, name: bytes = b"") -> bytes:
+    """A path naming *name* in the directory *dirfd* (or the directory itself).
+
+    The xattr calls have no ``*at`` form; ``/proc/self/fd/N/name`` reaches the
+    exact directory the fd holds, and with ``follow_symlinks=False`` a trailing
+    symlink is not followed either.
+    """
+    if name:
+        return b"/proc/self/fd/%d/%s" % (dirfd, name)
+    return b"/proc/self/fd/%d" % dirfd
+
+
+class Layer:
+    """One directory of the stack: the upper (writable) or a lower (read-only) one."""
+
+    __slots__ = ("index", "path", "root_fd", "writable", "dev", "fsid", "_dirfds", "_max_dirfds")
+
+    def __init__(self, index: int, path: Path, writable: bool, max_dirfds: int = 512) -> None:
+        self.index = index
+        self.path = path
+        self.writable = writable
+        self.root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.root_fd).st_dev
+        self.fsid = 0  # set by the stack: which distinct filesystem this layer is on
+        # Directory fds by relative path. Bounded, so walking a huge tree never
+        # holds one fd per directory seen.
+        self._dirfds: OrderedDict[bytes, int] = OrderedDict()
+        self._max_dirfds = max_dirfds
+
+    def __repr__(self) -> str:
+        kind = "upper" if self.writable else "lower"
+        return f"<Layer {self.index} {kind} {self.path}>"
+
+    def close(self) -> None:
+        for fd in self._dirfds.values():
+            os.close(fd)
+        self._dirfds.clear()
+        os.close(self.root_fd)
+
+    # -- directory fds -------------------------------------------------------
+
+    def dirfd(self, relpath: bytes) -> int:
+        """An ``O_PATH`` fd of directory *relpath*, valid until the next call into this layer.
+
+        Raises ``FileNotFoundError`` when *relpath* is not a directory reachable
+        without symlinks.
+        """
+        if not relpath:
+            return self.root_fd
+        fds = self._dirfds
+        fd = fds.get(relpath)
+        if fd is not None:
+            fds.move_to_end(relpath)
+            return fd
+        try:
+            fd = open_beneath(self.root_fd, relpath, _DIR_FLAGS)
+        except OSError as e:
+            if e.errno in _NOT_THERE:
+                raise FileNotFoundError(errno.ENOENT, "no such directory in layer", relpath) from None
+            raise
+        fds[relpath] = fd
+        if len(fds) > self._max_dirfds:
+            _, old = fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget_dirs(self, relpath: bytes) -> None:
+        """Drop cached fds of *relpath* and everything below it (after a rename or rmdir)."""
+        prefix = relpath + b"/"
+        stale = [p for p in self._dirfds if p == relpath or p.startswith(prefix)]
+        for p in stale:
+            os.close(self._dirfds.pop(p))
+
+    def open_dir(self, relpath: bytes) -> int:
+        """A readable fd of directory *relpath*, for listing or fsync; the caller closes it."""
+        return os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(relpath))
+
+    # -- entries -------------------------------------------------------------
+
+    def lstat(self, parent: bytes, name: bytes) -> os.stat_result | None:
+        """``lstat`` of *name* in directory *parent*, or None when there is none."""
+        try:
+            return os.stat(name, dir_fd=self.dirfd(parent), follow_symlinks=False)
+        except OSError as e:
+            if e.errno in _NOT_THERE:
+                return None
+            raise
+
+    def stat_dir(self, relpath: bytes) -> os.stat_result:
+        return os.stat(self.dirfd(relpath))
+
+    def is_opaque(self, relpath: bytes) -> bool:
+        try:
+            return os.getxattr(fd_path(self.dirfd(relpath)), OPAQUE_XATTR) == b"y"
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, *_NOT_THERE):
+                return False
+            raise
+
+
+# -- writing the format (upper layer only) ------------------------------------
+
+
+def make_whiteout(dirfd: int, name: bytes) -> None:
+    os.mknod(name, WHITEOUT_MODE, 0, dir_fd=dirfd)
+
+
+def set_opaque(path: bytes) -> None:
+    os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+
+def whiteout_by_rename(dirfd: int, name: bytes, workfd: int, tmp: bytes) -> None:
+    """Move *name* into the workdir as *tmp* and leave a whiteout in its place, atomically."""
+    renameat2(dirfd, name, workfd, tmp, RENAME_WHITEOUT)
+
+
+def exchange(dirfd1: int, name1: bytes, dirfd2: int, name2: bytes) -> None:
+    renameat2(dirfd1, name1, dirfd2, name2, RENAME_EXCHANGE)
+
+
+def remove_tree(dirfd: int, name: bytes) -> None:
+    """Remove *name* below *dirfd* recursively without following symlinks."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        return
+    except IsADirectoryError:
+        pass
+    except PermissionError:
+        # EPERM is what unlink(2) says for a directory on Linux.
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        for entry in os.scandir(fd):
+            child = os.fsencode(entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)

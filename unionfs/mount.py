@@ -1,0 +1,236 @@
+"""Checking a layer set-up, then mounting it and serving requests until unmount.
+
+Every check runs before anything is mounted or written, so a refused set-up
+leaves nothing behind. The workdir and upperdir are locked for the life of the
+mount: a second daemon over the same upper would corrupt it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import resource
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from unionfs.errors import UsageError
+from unionfs.options import Options
+from unionfs.union import UnionConfig
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.unionfs"
+
+
+@dataclass
+class Setup:
+    """A checked set-up: absolute, symlink-free paths and the locks that guard them."""
+
+    config: UnionConfig
+    mountpoint: Path
+    fuse_options: set[str]
+    lock_fds: list[int]
+
+    def release(self) -> None:
+        for fd in self.lock_fds:
+            os.close(fd)
+        self.lock_fds.clear()
+
+
+def _resolve_dir(kind: str, raw: str) -> Path:
+    """Resolve *raw* against the caller's cwd (following symlinks) and insist on a directory."""
+    path = Path(os.path.abspath(raw))
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{kind} {raw}: {e.strerror}") from None
+    if not _is_dir(st):
+        raise UsageError(f"{kind} {raw}: not a directory")
+    return Path(os.path.realpath(path))
+
+
+def _is_dir(st: os.stat_result) -> bool:
+    import stat as _stat
+
+    return _stat.S_ISDIR(st.st_mode)
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether *a* is *b* or lies below it."""
+    return a == b or b in a.parents
+
+
+def mounted_at(path: Path) -> str | None:
+    """The filesystem type mounted exactly at *path*, from mountinfo (no stat: a dead
+    FUSE mount would hang it)."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[4].encode().decode("unicode_escape")
+                if point == os.fspath(path):
+                    found = fields[fields.index("-") + 1]
+    except OSError:
+        return None
+    return found
+
+
+def check_setup(opts: Options, mountpoint: str) -> Setup:
+    if not opts.lowers:
+        raise UsageError("no lowerdir given (-o lowerdir=TOP:...:BOTTOM)")
+    if (opts.upper is None) != (opts.work is None):
+        given, missing = ("upperdir", "workdir") if opts.work is None else ("workdir", "upperdir")
+        raise UsageError(f"{given} needs {missing} too")
+    lowers = [_resolve_dir("lowerdir", p) for p in opts.lowers]
+    upper = work = None
+    if opts.upper is not None and opts.work is not None:
+        upper = _resolve_dir("upperdir", opts.upper)
+        work = _resolve_dir("workdir", opts.work)
+
+    raw_mnt = Path(os.path.abspath(mountpoint))
+    if mounted_at(raw_mnt) == FSTYPE or mounted_at(Path(os.path.realpath(raw_mnt))) == FSTYPE:
+        raise UsageError(f"mountpoint {mountpoint}: a unionfs is already mounted there")
+    mnt = _resolve_dir("mountpoint", mountpoint)
+
+    named = [("lowerdir", p) for p in lowers]
+    if upper is not None and work is not None:
+        if _inside(upper, work) or _inside(work, upper):
+            raise UsageError(f"upperdir {upper} and workdir {work} must be separate directories")
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise UsageError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
+        for lower in lowers:
+            for kind, path in (("upperdir", upper), ("workdir", work)):
+                if _inside(path, lower) or _inside(lower, path):
+                    raise UsageError(f"{kind} {path} and lowerdir {lower} overlap")
+        named += [("upperdir", upper), ("workdir", work)]
+    for kind, path in named:
+        if _inside(mnt, path):
+            raise UsageError(f"mountpoint {mnt} is inside {kind} {path}")
+        if _inside(path, mnt):
+            raise UsageError(f"{kind} {path} is inside mountpoint {mnt}")
+
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        raise UsageError(f"/dev/fuse: {e.strerror} (is the fuse module loaded?)") from None
+
+    locks: list[int] = []
+    try:
+        if upper is not None and work is not None:
+            for kind, path in (("upperdir", upper), ("workdir", work)):
+                _check_writable(kind, path)
+                locks.append(_lock(kind, path))
+    except BaseException:
+        for fd in locks:
+            os.close(fd)
+        raise
+
+    fuse = {"fsname=unionfs", "subtype=unionfs", "default_permissions"}
+    if os.geteuid() == 0:
+        # Like the kernel overlay: other users and setuid binaries in a container work.
+        fuse |= {"allow_other", "suid", "dev"}
+    fuse |= opts.fuse
+    for flag, opposite in (("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec")):
+        if opposite in fuse:
+            fuse.discard(flag)
+    readonly = opts.readonly or upper is None
+    if readonly:
+        fuse.add("ro")
+    config = UnionConfig(
+        lowers=lowers,
+        upper=None if opts.readonly else upper,
+        work=None if opts.readonly else work,
+        fsync=opts.fsync,
+        static_nlink=opts.static_nlink,
+    )
+    fault = os.environ.get("UNIONFS_FAULT_INJECT_LOOKUP")
+    if fault:
+        config.fault_name = os.fsencode(fault)
+    return Setup(config, mnt, fuse, locks)
+
+
+def _check_writable(kind: str, path: Path) -> None:
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise UsageError(f"{kind} {path}: on a read-only filesystem")
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{kind} {path}: not writable")
+
+
+def _lock(kind: str, path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UsageError(f"{kind} {path} is in use by another unionfs mount") from None
+        raise UsageError(f"{kind} {path}: cannot lock: {e.strerror}") from None
+    return fd
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: a busy mount holds many fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def serve(setup: Setup, ready: Callable[[], None], timeout: float | None = None) -> int:
+    """Mount, call *ready*, serve until unmounted or signalled; returns the exit status."""
+    import pyfuse3
+    import trio
+
+    from unionfs import operations
+    from unionfs.operations import Operations
+    from unionfs.union import Union
+
+    os.umask(0)  # modes of new files are computed per request (caller's umask)
+    raise_fd_limit()
+    if timeout is not None:
+        operations.ENTRY_TIMEOUT = operations.ATTR_TIMEOUT = timeout
+    try:
+        union = Union(setup.config)
+    except OSError as e:
+        raise UsageError(f"cannot open layers: {e}") from None
+    try:
+        ops = Operations(union)
+        try:
+            pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
+        except RuntimeError as e:
+            raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
+        try:
+            trio.run(_run, ready)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        union.close()
+        setup.release()
+    log.info("unmounted %s", setup.mountpoint)
+    return 0
+
+
+async def _run(ready: Callable[[], None]) -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals)
+        ready()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals() -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

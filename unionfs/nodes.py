@@ -1,0 +1,213 @@
+"""The inode table: what the kernel knows as an inode number, and what it stands for.
+
+A node is one overlay inode. Its number is what ``stat`` shows as ``st_ino``
+(pyfuse3 uses the same number for both), so it is derived from the real inode
+in the layer where the file first appeared and kept across copy-up: a path's
+``st_ino`` does not change when it moves to the upper layer, nor when the kernel
+forgets and looks it up again.
+
+Lookup counts live here and only here: a node stays in the table while the
+kernel holds a reference, a file handle is open, or a child node points at it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import trio
+
+    from unionfs.layers import Layer
+
+ROOT_INO = 1
+_PER_PATH_BASE = 1 << 62  # numbers for lower-layer hard links (see ``InodeNumbers``)
+
+
+class Node:
+    """One overlay inode.
+
+    ``layer`` is the topmost layer holding it; for a directory ``lowers`` are
+    the layers below that merge into it (already cut at an opaque directory).
+    ``parent``/``name`` is the path it was found at; a file with hard links in
+    the upper layer may have more names in ``aliases``.
+    """
+
+    __slots__ = (
+        "ino",
+        "parent",
+        "name",
+        "kind",
+        "layer",
+        "lowers",
+        "lookups",
+        "children",
+        "opened",
+        "aliases",
+        "lock",
+    )
+
+    def __init__(self, ino: int, parent: Node | None, name: bytes, kind: int, layer: Layer) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.kind = kind  # stat.S_IFMT of the entry
+        self.layer = layer
+        self.lowers: tuple[Layer, ...] = ()
+        self.lookups = 0
+        self.children = 0  # live child nodes whose ``parent`` is this node
+        self.opened = 0  # open file or directory handles
+        self.aliases: set[tuple[Node, bytes]] | None = None
+        self.lock: trio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {self.path!r} in {self.layer.index}>"
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    @property
+    def unlinked(self) -> bool:
+        return self.parent is None and self.ino != ROOT_INO
+
+    @property
+    def path(self) -> bytes:
+        """The path relative to every layer's root (``b""`` for the root)."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.ino != ROOT_INO:
+            if node.parent is None:
+                raise FileNotFoundError(errno.ENOENT, "node was removed", self.name)
+            parts.append(node.name)
+            node = node.parent
+        parts.reverse()
+        return b"/".join(parts)
+
+    @property
+    def stack(self) -> tuple[Layer, ...]:
+        """Every layer that contributes to this directory, top first."""
+        return (self.layer, *self.lowers)
+
+    def is_under(self, other: Node) -> bool:
+        node: Node | None = self
+        while node is not None:
+            if node is other:
+                return True
+            node = node.parent
+        return False
+
+
+class InodeNumbers:
+    """Stable inode numbers for the life of the mount.
+
+    With every layer on one filesystem the real inode number is unique across
+    layers and is used as is, which is what the kernel overlay shows too. Other
+    filesystems get their index in the high bits. A file copied up keeps the
+    number of its lower original (``origins``). Two hard links inside a lower
+    layer share a real inode but are separate overlay files that copy-up will
+    split, so each name gets its own number (``per_path``).
+    """
+
+    def __init__(self) -> None:
+        self.origins: dict[int, int] = {}  # upper st_ino -> overlay ino
+        self.per_path: dict[tuple[int, bytes], int] = {}
+        self._per_path_next = itertools.count(_PER_PATH_BASE)
+
+    def of(self, layer: Layer, st: os.stat_result, path: bytes) -> int:
+        if layer.writable:
+            ino = self.origins.get(st.st_ino)
+            if ino is not None:
+                return ino
+        elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = (layer.index, path)
+            ino = self.per_path.get(key)
+            if ino is None:
+                ino = self.per_path[key] = next(self._per_path_next)
+            return ino
+        return self.real(layer, st.st_ino)
+
+    @staticmethod
+    def real(layer: Layer, st_ino: int) -> int:
+        ino = st_ino if layer.fsid == 0 else (layer.fsid << 48) ^ st_ino
+        return ino if ino != ROOT_INO else (1 << 63) | layer.fsid
+
+    def copied_up(self, upper_st_ino: int, ino: int) -> None:
+        self.origins[upper_st_ino] = ino
+
+    def upper_gone(self, upper_st_ino: int) -> None:
+        """The upper inode was freed: its number may be reused by a new file."""
+        self.origins.pop(upper_st_ino, None)
+
+
+class NodeTable:
+    """All nodes the kernel may refer to, by inode number."""
+
+    def __init__(self, root: Node) -> None:
+        self._nodes: dict[int, Node] = {ROOT_INO: root}
+        root.lookups = 1  # the kernel's reference to the root is never forgotten
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self._nodes.values()))
+
+    def get(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, "unknown inode") from None
+
+    def find(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def add(self, node: Node) -> None:
+        self._nodes[node.ino] = node
+        if node.parent is not None:
+            node.parent.children += 1
+
+    def set_parent(self, node: Node, parent: Node | None, name: bytes) -> None:
+        """Move *node* to a new place (or to none, when its last name is removed)."""
+        old = node.parent
+        if old is parent:
+            node.name = name
+            return
+        if parent is not None:
+            parent.children += 1
+        node.parent = parent
+        node.name = name
+        if old is not None:
+            old.children -= 1
+            self.maybe_drop(old)
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= count
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        """Drop nodes nobody refers to any more, walking up to parents freed in turn."""
+        cur: Node | None = node
+        while (
+            cur is not None
+            and cur.lookups <= 0
+            and cur.children <= 0
+            and cur.opened <= 0
+            and cur.ino != ROOT_INO
+        ):
+            if self._nodes.get(cur.ino) is cur:
+                del self._nodes[cur.ino]
+            parent = cur.parent
+            cur.parent = None
+            if parent is None:
+                return
+            parent.children -= 1
+            cur = parent

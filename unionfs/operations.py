@@ -1,0 +1,324 @@
+"""The pyfuse3 adapter: each handler turns a FUSE request into a call on the union.
+
+This is the error boundary. Only ``FUSEError`` may leave a pyfuse3 handler:
+any other exception would end ``pyfuse3.main()`` and the mount with it. So an
+``OSError`` becomes its errno, and anything else is a bug, logged with its
+traceback and answered with EIO while the mount goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import pyfuse3
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
+
+from unionfs import dirops
+from unionfs.dirops import Caller
+from unionfs.files import Change, DirHandle, Files
+from unionfs.nodes import Node
+from unionfs.union import Union
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# Lower layers cannot change while mounted, and every change to the upper goes
+# through this daemon, so the kernel may keep what it was told for long.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+
+def boundary(fn: F) -> F:
+    """Map OSError to its errno; turn any other exception into a logged EIO."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", name, args[1:])
+        try:
+            return await fn(*args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            if not e.errno:
+                log.exception("OSError without errno in %s", name)
+                raise FUSEError(errno.EIO) from None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s -> %s", name, errno.errorcode.get(e.errno, e.errno))
+            raise FUSEError(e.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s%r; answering EIO", name, args[1:])
+            raise FUSEError(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+def caller(ctx: RequestContext, mode: int = 0) -> Caller:
+    groups: frozenset[int] = frozenset()
+    if mode & stat.S_ISGID and not stat.S_ISDIR(mode) and ctx.uid != 0:
+        groups = frozenset(pyfuse3.get_sup_groups(ctx.pid))  # only this rule needs them
+    return Caller(ctx.uid, ctx.gid, ctx.umask, groups)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, union: Union) -> None:
+        super().__init__()
+        self.union = union
+        self.files = Files(union)
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_dh = itertools.count(1)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _entry(self, node: Node) -> EntryAttributes:
+        st = self.union.stat(node)
+        e = EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = st.st_mode
+        e.st_nlink = self.union.shown_nlink(node, st)
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _node(self, ino: int) -> Node:
+        return self.union.node(ino)
+
+    # -- names ---------------------------------------------------------------
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        node = self.union.lookup(self._node(parent_inode), name)
+        try:
+            return self._entry(node)
+        except BaseException:
+            node.lookups -= 1
+            self.union.table.maybe_drop(node)
+            raise
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.union.forget(ino, count)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        return self._entry(self._node(inode))
+
+    @boundary
+    async def setattr(
+        self, inode: int, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: RequestContext,
+    ) -> EntryAttributes:
+        change = Change(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        node = self._node(inode)
+        await self.files.setattr(node, change, fh)
+        return self._entry(node)
+
+    @boundary
+    async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+        return self.union.readlink(self._node(inode))
+
+    @boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = await dirops.create_node(
+            self.union, self._node(parent_inode), name, mode, caller(ctx, mode), rdev=rdev
+        )
+        return self._entry(node)
+
+    @boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        node = await dirops.create_node(
+            self.union, self._node(parent_inode), name, mode, caller(ctx, mode)
+        )
+        return self._entry(node)
+
+    @boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = await dirops.create_node(
+            self.union, self._node(parent_inode), name, stat.S_IFLNK | 0o777, caller(ctx),
+            target=target,
+        )
+        return self._entry(node)
+
+    @boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = await dirops.link(
+            self.union, self._node(inode), self._node(new_parent_inode), new_name
+        )
+        return self._entry(node)
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        await dirops.remove(self.union, self._node(parent_inode), name, want_dir=False)
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        await dirops.remove(self.union, self._node(parent_inode), name, want_dir=True)
+
+    @boundary
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: RequestContext,
+    ) -> None:
+        await dirops.rename(
+            self.union, self._node(parent_inode_old), name_old,
+            self._node(parent_inode_new), name_new, flags,
+        )
+
+    # -- files ---------------------------------------------------------------
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        fh = await self.files.open(self._node(inode), flags)
+        return FileInfo(fh=fh, keep_cache=True)
+
+    @boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        node, fd = await dirops.create_file(
+            self.union, self._node(parent_inode), name, mode, flags, caller(ctx, mode)
+        )
+        fh = self.files.add(node, fd, flags)
+        return FileInfo(fh=fh, keep_cache=True), self._entry(node)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.files.read(fh, off, size)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.files.write(fh, off, buf)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        self.files.release(fh)
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.files.fsync(fh, datasync)
+
+    # -- directories ---------------------------------------------------------
+
+    @boundary
+    async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        dh = next(self._next_dh)
+        self.dirs[dh] = DirHandle(node)
+        node.opened += 1
+        return dh
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        dh = self.dirs[fh]
+        union = self.union
+        if dh.names is None or start_id == 0:
+            dh.names = union.list_names(dh.node)
+        names = dh.names
+        for i in range(start_id, len(names)):
+            name = names[i]
+            try:
+                child = union.find(dh.node, name)
+                if child is None:
+                    continue
+                entry = self._entry(child)
+            except OSError:
+                continue  # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                union.table.maybe_drop(child)
+                return
+            child.lookups += 1
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        dh = self.dirs.pop(fh)
+        dh.node.opened -= 1
+        self.union.table.maybe_drop(dh.node)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.files.fsync_dir(self.dirs[fh].node)
+
+    @boundary
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.union.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = sv.f_bsize
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = sv.f_namemax
+        return out
+
+    # -- extended attributes -------------------------------------------------
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        return self.union.getxattr(self._node(inode), name)
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
+        return self.union.listxattr(self._node(inode))
+
+    @boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        await self.files.setxattr(self._node(inode), name, value)
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        await self.files.removexattr(self._node(inode), name)
+
+    @boundary
+    async def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
+        # default_permissions makes the kernel check modes itself; this is only
+        # reached for existence checks.
+        self.union.stat(self._node(inode))
+        return True
+
+

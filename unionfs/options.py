@@ -1,0 +1,215 @@
+"""``-o`` option strings, parsed the way fuse-overlayfs users (and podman) write them.
+
+Options are separated by commas. Empty options (``,,``) and a trailing comma
+are ignored; ``\\,`` and ``\\:`` escape a comma or colon inside a path; a value
+in double quotes may contain commas (``context="a:b:c1,c2"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from unionfs.errors import UsageError
+
+
+@dataclass
+class IdMap:
+    """One ``uidmapping``/``gidmapping`` range: *count* ids from *inside* (shown
+    in the mount) correspond to ids from *outside* (stored in the layers)."""
+
+    inside: int
+    outside: int
+    count: int
+
+
+@dataclass
+class Options:
+    lowers: list[str] = field(default_factory=list)
+    upper: str | None = None
+    work: str | None = None
+    readonly: bool = False
+    fsync: bool = True
+    static_nlink: bool = False
+    timeout: float | None = None
+    uid_map: list[IdMap] = field(default_factory=list)
+    gid_map: list[IdMap] = field(default_factory=list)
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+    fuse: set[str] = field(default_factory=set)  # passed on to the FUSE mount
+    ignored: list[str] = field(default_factory=list)  # accepted, documented no-ops
+
+
+# Mount flags handed to the kernel as they are.
+FUSE_FLAGS = {
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "strictatime", "nodiratime", "diratime", "sync", "async", "dirsync", "allow_other",
+    "allow_root", "default_permissions",
+}
+# Accepted and ignored: they change nothing this daemon does or must do.
+NO_OPS = {
+    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+    "private", "noacl", "fast_ino", "debug", "lazytime", "nolazytime", "silent", "loud",
+}
+NO_OP_VALUES = {
+    "context", "fscontext", "defcontext", "rootcontext", "xattr_permissions", "threaded",
+    "redirect_dir", "index", "metacopy", "xino", "plugins", "writeback", "comment", "fsname",
+    "subtype", "max_read", "blksize", "noxattrs", "userxattr", "nfs_export", "uuid",
+}
+
+
+def split_options(text: str) -> list[str]:
+    """Split on commas that are neither escaped nor inside double quotes.
+
+    Escapes are kept (a path value is unescaped later, once it is split on its
+    own colons); quotes are dropped.
+    """
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    if quoted:
+        raise UsageError(f"unterminated quote in options: {text}")
+    out.append("".join(cur))
+    return [o for o in out if o]
+
+
+def split_path_list(value: str) -> list[str]:
+    """Split ``lowerdir`` on unescaped colons and unescape each path."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            cur.append(value[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def unescape(value: str) -> str:
+    """Drop the backslash of every escape: ``\\,`` is a comma, ``\\\\`` a backslash."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            i += 1
+        out.append(value[i])
+        i += 1
+    return "".join(out)
+
+
+def parse_idmap(name: str, value: str) -> list[IdMap]:
+    """``uidmapping=INSIDE:OUTSIDE:COUNT[:INSIDE:OUTSIDE:COUNT...]``.
+
+    podman writes a leading colon and may chain several ranges.
+    """
+    nums = [p for p in value.split(":") if p != ""]
+    if not nums or len(nums) % 3:
+        raise UsageError(f"{name}: expected INSIDE:OUTSIDE:COUNT triples, got {value!r}")
+    try:
+        ints = [int(n) for n in nums]
+    except ValueError:
+        raise UsageError(f"{name}: not a number in {value!r}") from None
+    if any(n < 0 for n in ints):
+        raise UsageError(f"{name}: negative id in {value!r}")
+    return [IdMap(ints[i], ints[i + 1], ints[i + 2]) for i in range(0, len(ints), 3)]
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise UsageError(f"{name}: not a number: {value!r}") from None
+    if n < 0:
+        raise UsageError(f"{name}: must not be negative: {value!r}")
+    return n
+
+
+def _bool(name: str, value: str) -> bool:
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{name}: expected 0 or 1, got {value!r}")
+
+
+def parse_options(strings: list[str], opts: Options | None = None) -> Options:
+    """Parse every ``-o`` string given, in order; later options win."""
+    opts = opts or Options()
+    for text in strings:
+        for item in split_options(text):
+            key, eq, value = item.partition("=")
+            _apply(opts, key, value if eq else None, item)
+    return opts
+
+
+def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # noqa: C901
+    def need() -> str:
+        if value is None or value == "":
+            raise UsageError(f"option {key} needs a value")
+        return value
+
+    if key == "lowerdir":
+        lowers = split_path_list(need())
+        if any(p == "" for p in lowers):
+            raise UsageError(f"empty path in lowerdir={value}")
+        opts.lowers = lowers
+    elif key == "upperdir":
+        opts.upper = unescape(need())
+    elif key == "workdir":
+        opts.work = unescape(need())
+    elif key == "ro":
+        opts.readonly = True
+    elif key == "volatile":
+        opts.fsync = False
+    elif key == "fsync":
+        opts.fsync = _bool(key, need())
+    elif key == "static_nlink":
+        opts.static_nlink = True
+    elif key == "timeout":
+        try:
+            opts.timeout = float(need())
+        except ValueError:
+            raise UsageError(f"timeout: not a number: {value!r}") from None
+        if opts.timeout < 0:
+            raise UsageError("timeout must not be negative")
+    elif key == "uidmapping":
+        opts.uid_map = parse_idmap(key, need())
+    elif key == "gidmapping":
+        opts.gid_map = parse_idmap(key, need())
+    elif key == "squash_to_root":
+        opts.squash_uid = opts.squash_gid = 0
+    elif key == "squash_to_uid":
+        opts.squash_uid = _int(key, need())
+    elif key == "squash_to_gid":
+        opts.squash_gid = _int(key, need())
+    elif key in FUSE_FLAGS and value is None:
+        opts.fuse.add(key)
+    elif key in NO_OPS and value is None:
+        opts.ignored.append(key)
+    elif key in NO_OP_VALUES or key.startswith("x-"):
+        opts.ignored.append(item)
+    else:
+        raise UsageError(f"unknown option: {item}")

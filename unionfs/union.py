@@ -1,0 +1,330 @@
+"""The merged view: how a name is resolved through the layer stack, and what it looks like.
+
+This module and its siblings (``copyup``, ``dirops``, ``files``) hold all
+overlay semantics and never import pyfuse3; errors are ``OSError`` with the
+errno the caller should see.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unionfs.layers import (
+    Layer,
+    fd_path,
+    is_private_xattr,
+    is_whiteout,
+    remove_tree,
+)
+from unionfs.nodes import ROOT_INO, InodeNumbers, Node, NodeTable
+
+log = logging.getLogger(__name__)
+
+WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
+
+
+@dataclass
+class UnionConfig:
+    """What a mount is made of, already validated (see ``unionfs.mount``)."""
+
+    lowers: list[Path]  # top first
+    upper: Path | None = None
+    work: Path | None = None
+    fsync: bool = True  # False: fsync requests are acknowledged without syncing (volatile)
+    static_nlink: bool = False  # report nlink 1 for every directory
+    fault_name: bytes | None = None  # test hook: looking up this name raises a bug
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+class Union:
+    """The layer stack and its inode table."""
+
+    def __init__(self, config: UnionConfig) -> None:
+        self.config = config
+        self.readonly = config.upper is None
+        layers: list[Layer] = []
+        try:
+            if config.upper is not None:
+                layers.append(Layer(0, config.upper, writable=True))
+            for path in config.lowers:
+                layers.append(Layer(len(layers), path, writable=False))
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        fsids: dict[int, int] = {}
+        for layer in layers:
+            layer.fsid = fsids.setdefault(layer.dev, len(fsids))
+        self.layers = layers
+        self.upper: Layer | None = layers[0] if layers[0].writable else None
+        self.work_fd = -1
+        if config.work is not None:
+            self.work_fd = _prepare_workdir(config.work)
+        self.inos = InodeNumbers()
+        root = Node(ROOT_INO, None, b"", stat.S_IFDIR, layers[0])
+        root.lowers = self._cut_at_opaque(b"", layers)[1:]
+        self.table = NodeTable(root)
+        self._tmp_names = itertools.count()
+        # Open handles per inode: fstat of an unlinked open file needs one of their fds.
+        self.open_fds: dict[int, list[int]] = {}
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+
+    # -- resolution ----------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        return self.table.get(ino)
+
+    def tmp_name(self) -> bytes:
+        return b"#%x.%d" % (next(self._tmp_names), os.getpid())
+
+    def _cut_at_opaque(self, path: bytes, layers: list[Layer] | tuple[Layer, ...]) -> list[Layer]:
+        """The layers that merge into directory *path*: stop below the first opaque one."""
+        out: list[Layer] = []
+        for i, layer in enumerate(layers):
+            out.append(layer)
+            if i < len(layers) - 1 and layer.is_opaque(path):
+                break
+        return out
+
+    def resolve(
+        self, parent: Node, name: bytes
+    ) -> tuple[Layer, os.stat_result, tuple[Layer, ...]] | None:
+        """Find *name* in *parent*: the topmost layer that has it, its stat, and the
+        lower layers that merge into it when it is a directory.
+
+        Whiteouts end the search; a non-directory hides everything below it;
+        directories merge until one of them is opaque.
+        """
+        path = parent.path
+        stack = parent.stack
+        last = len(stack) - 1
+        top: Layer | None = None
+        top_st: os.stat_result | None = None
+        dirs: list[Layer] = []
+        for i, layer in enumerate(stack):
+            st = layer.lstat(path, name)
+            if st is None:
+                continue
+            if is_whiteout(st):
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                if top is None:
+                    top, top_st = layer, st
+                break
+            if top is None:
+                top, top_st = layer, st
+            dirs.append(layer)
+            if i < last and layer.is_opaque(join(path, name)):
+                break
+        if top is None or top_st is None:
+            return None
+        return top, top_st, tuple(dirs[1:])
+
+    def find(self, parent: Node, name: bytes) -> Node | None:
+        """The node for *name* in *parent*, or None; does not count a kernel lookup."""
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent or parent
+        if self.config.fault_name is not None and name == self.config.fault_name:
+            raise RuntimeError(f"injected fault on lookup of {name!r}")
+        found = self.resolve(parent, name)
+        if found is None:
+            return None
+        top, st, lowers = found
+        return self._node_for(parent, name, top, st, lowers)
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        """``find`` that fails with ENOENT and counts the kernel's new reference."""
+        node = self.find(parent, name)
+        if node is None:
+            raise FileNotFoundError(errno.ENOENT, "no such entry", name)
+        node.lookups += 1
+        return node
+
+    def _node_for(
+        self, parent: Node, name: bytes, top: Layer, st: os.stat_result, lowers: tuple[Layer, ...]
+    ) -> Node:
+        ino = self.inos.of(top, st, join(parent.path, name))
+        node = self.table.find(ino)
+        if node is None:
+            node = Node(ino, parent, name, stat.S_IFMT(st.st_mode), top)
+            node.lowers = lowers
+            self.table.add(node)
+            return node
+        node.layer = top
+        node.lowers = lowers
+        node.kind = stat.S_IFMT(st.st_mode)
+        if node.parent is not parent or node.name != name:
+            if node.unlinked or node.is_dir or not top.writable:
+                self.table.set_parent(node, parent, name)
+            else:
+                self.add_alias(node, parent, name)  # another hard link in the upper
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        self.table.forget(ino, count)
+
+    # -- names of one node ---------------------------------------------------
+
+    def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        if node.aliases is None:
+            node.aliases = set()
+        if (parent, name) not in node.aliases:
+            node.aliases.add((parent, name))
+            parent.children += 1
+
+    def drop_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """*parent*/*name* no longer names *node*; promote another hard link if it has one."""
+        if node.aliases and (parent, name) in node.aliases:
+            node.aliases.discard((parent, name))
+            parent.children -= 1
+            self.table.maybe_drop(parent)
+            return
+        if node.parent is not parent or node.name != name:
+            return
+        while node.aliases:
+            alias_parent, alias_name = node.aliases.pop()
+            alias_parent.children -= 1
+            if not alias_parent.unlinked:
+                self.table.set_parent(node, alias_parent, alias_name)
+                return
+            self.table.maybe_drop(alias_parent)
+        self.table.set_parent(node, None, name)
+        self.table.maybe_drop(node)
+
+    # -- attributes ----------------------------------------------------------
+
+    def stat(self, node: Node) -> os.stat_result:
+        """The real inode's stat, from the topmost layer that holds the node."""
+        if node.ino == ROOT_INO:
+            return os.stat(node.layer.root_fd)
+        if node.unlinked:
+            fds = self.open_fds.get(node.ino)
+            if fds:
+                return os.fstat(fds[0])
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        parent = node.parent
+        assert parent is not None
+        st = node.layer.lstat(parent.path, node.name)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "vanished from its layer", node.name)
+        return st
+
+    def shown_nlink(self, node: Node, st: os.stat_result) -> int:
+        """A merged directory shows nlink 1, as the kernel overlay does (counting
+        subdirectories across layers is not worth it; ``find`` accepts 1)."""
+        if node.kind == stat.S_IFDIR and (node.lowers or self.config.static_nlink):
+            return 1
+        return st.st_nlink
+
+    def real_path(self, node: Node) -> bytes:
+        """A ``/proc/self/fd`` path to the node's real file, for calls with no ``*at`` form."""
+        if node.ino == ROOT_INO:
+            return fd_path(node.layer.root_fd)
+        parent = node.parent
+        if parent is None:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        return fd_path(node.layer.dirfd(parent.path), node.name)
+
+    def readlink(self, node: Node) -> bytes:
+        parent = node.parent
+        if parent is None:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        return os.readlink(node.name, dir_fd=node.layer.dirfd(parent.path))
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(fd_path(self.layers[0].root_fd))
+
+    # -- listing -------------------------------------------------------------
+
+    def list_names(self, node: Node) -> list[bytes]:
+        """The merged directory's names: each once, whiteouts and what they hide left out."""
+        path = node.path
+        seen: set[bytes] = set()
+        hidden: set[bytes] = set()
+        names: list[bytes] = []
+        for layer in node.stack:
+            try:
+                fd = layer.dirfd(path)
+            except FileNotFoundError:
+                continue
+            with os.scandir(fd_path(fd)) as it:
+                for entry in it:
+                    name = entry.name
+                    if name in seen or name in hidden:
+                        continue
+                    if (
+                        not entry.is_file(follow_symlinks=False)
+                        and not entry.is_dir(follow_symlinks=False)
+                        and not entry.is_symlink()
+                        and is_whiteout(entry.stat(follow_symlinks=False))
+                    ):
+                        hidden.add(name)
+                        continue
+                    seen.add(name)
+                    names.append(name)
+        return names
+
+    def is_empty(self, node: Node) -> bool:
+        return not self.list_names(node)
+
+    def lower_has_name(self, parent: Node, name: bytes) -> bool:
+        """Whether removing *name* from the upper would let a lower entry show through."""
+        path = parent.path
+        for layer in parent.stack:
+            if layer.writable:
+                continue
+            st = layer.lstat(path, name)
+            if st is not None:
+                return not is_whiteout(st)
+        return False
+
+    # -- extended attributes (reading) ---------------------------------------
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if is_private_xattr(name):
+            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
+        return os.getxattr(self.real_path(node), name, follow_symlinks=False)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        names = os.listxattr(self.real_path(node), follow_symlinks=False)
+        return [n for b in names if not is_private_xattr(n := os.fsencode(b))]
+
+    def walk_nodes(self) -> Iterator[Node]:
+        return iter(self.table)
+
+
+def _prepare_workdir(work: Path) -> int:
+    """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it."""
+    wfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
+        except FileExistsError:
+            pass
+        fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=wfd)
+    finally:
+        os.close(wfd)
+    leftovers = os.listdir(fd_path(fd))
+    for name in leftovers:
+        log.info("removing leftover %r from the workdir", name)
+        remove_tree(fd, name)
+    return fd
