@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.mounting import UnionMount, start_unionfs
+from tests.mounting import UnionMount, kernel_overlay, start_unionfs
 
 
 def _fuse_usable() -> bool:
@@ -23,22 +25,73 @@ def _fuse_usable() -> bool:
 FUSE_USABLE = _fuse_usable()
 
 
+@pytest.fixture(autouse=True)
+def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
+    """Fail any test that leaves a mount under its temp dir (and clean it up)."""
+    yield
+    prefix = os.fspath(tmp_path)
+    with open("/proc/self/mounts") as f:
+        left = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    for mnt in reversed(left):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+    assert not left, f"test left mounts behind: {left}"
+
+
+@dataclass
+class Stack:
+    """Layer directories of one test: lowers (top first), upper, work, mountpoint."""
+
+    root: Path
+    lowers: list[Path]
+    upper: Path
+    work: Path
+    mnt: Path
+
+    def mount(self, readonly: bool = False, extra_options: str = "", **kw: object) -> UnionMount:
+        if not FUSE_USABLE:
+            pytest.fail("/dev/fuse is not usable: the suite needs real FUSE mounts")
+        if readonly:
+            return start_unionfs(self.lowers, self.mnt, extra_options=extra_options, **kw)  # type: ignore[arg-type]
+        return start_unionfs(self.lowers, self.mnt, self.upper, self.work,  # type: ignore[arg-type]
+                             extra_options=extra_options, **kw)
+
+
 @pytest.fixture
-def layers(tmp_path: Path) -> dict[str, Path]:
-    """Empty lower (l1 top, l2 bottom), upper, work and mountpoint directories."""
-    d = {name: tmp_path / name for name in ("l1", "l2", "upper", "work", "mnt")}
+def stack(tmp_path: Path) -> Stack:
+    d = {n: tmp_path / n for n in ("l1", "l2", "upper", "work", "mnt")}
     for p in d.values():
         p.mkdir()
-    return d
+    return Stack(tmp_path, [d["l1"], d["l2"]], d["upper"], d["work"], d["mnt"])
 
 
 @pytest.fixture
-def union(layers: dict[str, Path]) -> Iterator[UnionMount]:
-    """unionfs over l1:l2 with an upper; populate the lowers before first use via ``remount``."""
-    if not FUSE_USABLE:
-        pytest.fail("/dev/fuse is not usable: the suite needs real FUSE mounts")
-    um = start_unionfs([layers["l1"], layers["l2"]], layers["mnt"], layers["upper"], layers["work"])
+def mounted(stack: Stack) -> Iterator[Callable[..., UnionMount]]:
+    """``mounted()`` mounts the stack (after the test filled its lowers); unmounts at the end."""
+    mounts: list[UnionMount] = []
+
+    def mount(**kw: object) -> UnionMount:
+        um = stack.mount(**kw)  # type: ignore[arg-type]
+        mounts.append(um)
+        return um
+
     try:
-        yield um
+        yield mount
     finally:
-        um.unmount()
+        for um in reversed(mounts):
+            um.unmount()
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Callable[..., object]:
+    """``kernel(lowers, upper)``: a kernel overlay over the given dirs, as a context manager."""
+
+    def make(lowers: list[Path], upper: Path | None = None, name: str = "k") -> object:
+        mnt = tmp_path / f"{name}-mnt"
+        mnt.mkdir(exist_ok=True)
+        work = None
+        if upper is not None:
+            work = tmp_path / f"{name}-work"
+            work.mkdir(exist_ok=True)
+        return kernel_overlay(lowers, mnt, upper, work)
+
+    return make

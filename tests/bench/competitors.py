@@ -1,0 +1,258 @@
+"""The four things being compared, behind one "mount a fresh union" interface.
+
+Why one interface: every trial must get a fresh mount and a fresh, empty
+upper dir, and must record the same per-trial facts (mount latency, daemon
+peak RSS and CPU seconds) no matter which implementation serves the files.
+
+Safety: everything mounted or spawned here is torn down in ``finally``; a
+failed clean unmount falls back to a lazy unmount plus SIGKILL of the PID
+*we* started (never a process found by name).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if os.fspath(REPO) not in sys.path:
+    sys.path.insert(0, os.fspath(REPO))
+
+from tests.mounting import lazy_unmount, mount_type, overlay_options  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Mounted:
+    """A live union (or the plain copy) for one trial."""
+
+    root: Path  # where the workload runs
+    mount_latency_s: float | None  # None for the plain copy
+    pid: int | None = None  # daemon PID for FUSE competitors
+    plain: bool = False
+    facts: dict[str, float | int | None] = field(default_factory=dict)
+
+    def sample_daemon(self) -> None:
+        """Record the daemon's peak RSS and CPU seconds (call just before unmount)."""
+        if self.pid is None:
+            return
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.facts["daemon_peak_rss_kib"] = int(line.split()[1])
+            stat_fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            # fields 14/15 (utime/stime) are indexes 11/12 after the ")".
+            cpu = (int(stat_fields[11]) + int(stat_fields[12])) / CLK_TCK
+            self.facts["daemon_cpu_s"] = round(cpu, 3)
+        except (OSError, IndexError, ValueError):
+            pass
+
+
+class Competitor:
+    """Base class: ``mount()`` yields a :class:`Mounted` and always cleans up."""
+
+    name = "?"
+    fstype: str | None = None
+
+    def available(self) -> str | None:
+        """None if usable here, else the reason it is skipped."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    @contextmanager
+    def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+
+class Plain(Competitor):
+    """The native baseline: the merged tree as a plain copy on the same ext4."""
+
+    name = "plain"
+
+    def __init__(self, plain_root: Path) -> None:
+        self.plain_root = plain_root
+
+    @contextmanager
+    def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
+        yield Mounted(self.plain_root, None, plain=True)
+
+
+class KernelOverlay(Competitor):
+    """Kernel overlayfs with default options (the reference implementation)."""
+
+    name = "kernel"
+    fstype = "overlay"
+
+    def version(self) -> str:
+        return os.uname().release
+
+    @contextmanager
+    def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
+        upper, work, mnt = _trial_dirs(trial_dir)
+        opts = overlay_options(lowers, upper, work)
+        t0 = time.perf_counter()
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)],
+            check=True,
+            capture_output=True,
+        )
+        latency = time.perf_counter() - t0
+        try:
+            yield Mounted(mnt, latency)
+        finally:
+            if subprocess.run(["umount", os.fspath(mnt)], capture_output=True).returncode != 0:
+                lazy_unmount(mnt)
+
+
+class FuseDaemon(Competitor):
+    """A FUSE daemon run in the foreground (``-f``) as a child we own.
+
+    Owning the PID is what lets us read VmHWM and utime+stime from /proc, and
+    kill exactly our process if the clean unmount hangs. Mount latency is the
+    time from spawn until the mount shows up in /proc/self/mountinfo (polled
+    every 5 ms, the same for both FUSE competitors).
+    """
+
+    def command(self, opts: str, mnt: Path) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    @contextmanager
+    def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
+        upper, work, mnt = _trial_dirs(trial_dir)
+        opts = overlay_options(lowers, upper, work)
+        log_path = trial_dir / "daemon.log"
+        t0 = time.perf_counter()
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(
+                self.command(opts, mnt), stdout=logf, stderr=subprocess.STDOUT, env=self.env()
+            )
+        try:
+            deadline = t0 + 30.0
+            while mount_type(mnt) != self.fstype:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with {proc.returncode}: "
+                        + log_path.read_text(errors="replace")[-2000:]
+                    )
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"{self.name} did not mount within 30 s")
+                time.sleep(0.005)
+            m = Mounted(mnt, time.perf_counter() - t0, pid=proc.pid)
+            yield m
+        finally:
+            _stop_fuse(proc, mnt)
+
+
+class FuseOverlayfs(FuseDaemon):
+    name = "fuse-overlayfs"
+    fstype = "fuse.fuse-overlayfs"
+
+    def available(self) -> str | None:
+        return None if _which("fuse-overlayfs") else "fuse-overlayfs not installed"
+
+    def version(self) -> str:
+        res = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, text=True)
+        for line in (res.stdout + res.stderr).splitlines():
+            if line.startswith("fuse-overlayfs"):
+                return line.split("version", 1)[-1].strip()
+        return "?"
+
+    def command(self, opts: str, mnt: Path) -> list[str]:
+        return ["fuse-overlayfs", "-f", "-o", opts, os.fspath(mnt)]
+
+
+class Unionfs(FuseDaemon):
+    """The daemon under test, run as ``python -m unionfs -f`` from the repo."""
+
+    name = "unionfs"
+    fstype = "fuse.unionfs"
+
+    def __init__(self, python: str, extra_options: str = "") -> None:
+        self.python = python
+        self.extra_options = extra_options
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.fspath(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def available(self) -> str | None:
+        res = subprocess.run(
+            [self.python, "-m", "unionfs", "--version"],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=REPO,
+        )
+        if res.returncode != 0:
+            return "unionfs not runnable yet: " + (res.stderr.strip().splitlines() or ["?"])[-1]
+        return None
+
+    def version(self) -> str:
+        res = subprocess.run(
+            [self.python, "-m", "unionfs", "--version"], capture_output=True, text=True,
+            env=self.env(), cwd=REPO,
+        )
+        return (res.stdout + res.stderr).strip().splitlines()[0] if res.returncode == 0 else "?"
+
+    def command(self, opts: str, mnt: Path) -> list[str]:
+        if self.extra_options:
+            opts += "," + self.extra_options
+        return [self.python, "-m", "unionfs", "-f", "-o", opts, os.fspath(mnt)]
+
+
+def _which(prog: str) -> bool:
+    from shutil import which
+
+    return which(prog) is not None
+
+
+def _trial_dirs(trial_dir: Path) -> tuple[Path, Path, Path]:
+    upper, work, mnt = trial_dir / "upper", trial_dir / "work", trial_dir / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir(parents=True, exist_ok=True)
+    return upper, work, mnt
+
+
+def _stop_fuse(proc: subprocess.Popen[bytes], mnt: Path, timeout: float = 30.0) -> None:
+    """Clean unmount via fusermount3; lazy unmount + SIGKILL of *our* PID on failure."""
+    if proc.poll() is None and mount_type(mnt) is not None:
+        subprocess.run(["fusermount3", "-u", os.fspath(mnt)], capture_output=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if mount_type(mnt) is not None:
+            lazy_unmount(mnt)
+        proc.kill()
+        proc.wait(timeout=10)
+    if mount_type(mnt) is not None:
+        lazy_unmount(mnt)
+
+
+def sweep_stale_mounts(*roots: Path) -> list[str]:
+    """Lazy-unmount anything still mounted under our own scratch/data dirs (a
+    crashed earlier run of this bench); returns what was unmounted."""
+    prefixes = tuple(os.fspath(r.resolve()) + "/" for r in roots)
+    found: list[str] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefixes):
+                found.append(point)
+    for point in sorted(found, key=len, reverse=True):
+        lazy_unmount(point)
+    return found

@@ -1,0 +1,151 @@
+"""Hand-written cases: one readable case per known overlayfs corner.
+
+Each case is a tiny layer spec plus an op list, run through the same runner
+(and the same after-unmount checks) as the random cases. The layer DSL:
+``F`` file, ``D`` directory, ``S`` symlink, ``P`` fifo, ``W`` whiteout,
+``H`` hard link (to an earlier file of the same layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tests.conformance.layers import OPAQUE_XATTR, TIME_BASE_NS, Entry, LayerSpec
+from tests.conformance.ops import Op, op
+from tests.conformance.runner import Case
+
+
+def F(path: bytes, data: bytes = b"data\n", mode: int = 0o644, owner: tuple[int, int] = (0, 0),
+      chunks: list[tuple[int, bytes]] | None = None, size: int | None = None,
+      xattrs: dict[bytes, bytes] | None = None) -> Entry:
+    ch = chunks if chunks is not None else ([(0, data)] if data else [])
+    return Entry(path, "file", mode, owner, ch, size if size is not None else len(data),
+                 xattrs=xattrs or {})
+
+
+def D(path: bytes, mode: int = 0o755, owner: tuple[int, int] = (0, 0), opaque: bool = False,
+      xattrs: dict[bytes, bytes] | None = None) -> Entry:
+    x = dict(xattrs or {})
+    if opaque:
+        x[OPAQUE_XATTR] = b"y"
+    return Entry(path, "dir", mode, owner, xattrs=x)
+
+
+def S(path: bytes, target: bytes) -> Entry:
+    return Entry(path, "symlink", target=target)
+
+
+def P(path: bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0)) -> Entry:
+    return Entry(path, "fifo", mode, owner)
+
+
+def W(path: bytes) -> Entry:
+    return Entry(path, "whiteout")
+
+
+def H(path: bytes, target: bytes) -> Entry:
+    return Entry(path, "hardlink", target=target)
+
+
+def spec(*lowers: list[Entry], upper: list[Entry] | None = None, readonly: bool = False) -> LayerSpec:
+    """Layers top-most first; mtimes are assigned deterministically in order."""
+    stamp = 0
+    for layer in [*lowers, upper or []]:
+        for e in layer:
+            stamp += 1
+            e.mtime_ns = e.mtime_ns or TIME_BASE_NS + stamp * 1_000_000_007
+    return LayerSpec(list(lowers), readonly, upper or [])
+
+
+@dataclass
+class Named:
+    name: str
+    why: str
+    spec: LayerSpec
+    ops: list[Op]
+
+    def case(self) -> Case:
+        return Case(self.spec, self.ops)
+
+
+SPARSE = [(0, b"head"), (1 << 20, b"middle")]
+LONG = b"L" * 255
+
+CASES: list[Named] = [
+    Named("rmdir-mkdir-opaque", "rmdir of a lower dir then mkdir makes an opaque upper dir",
+          spec([D(b"d"), F(b"d/f")]),
+          [op("unlink", b"d/f"), op("rmdir", b"d"), op("mkdir", b"d", 0o755), op("readdir", b"d"),
+           op("open", 0, b"d/g", "WRONLY|CREAT", 0o644), op("close", 0), op("readdir", b"d")]),
+    Named("unlink-lower-hardlink", "unlinking one lower hard link leaves the other (nlink as lower)",
+          spec([F(b"a", b"shared"), H(b"b", b"a"), D(b"d")]),
+          [op("lstat", b"b"), op("unlink", b"a"), op("lstat", b"b"), op("readdir", b""),
+           op("link", b"b", b"d/c"), op("lstat", b"b")]),
+    Named("rename-over-whiteout", "rename onto a name whose lower entry was deleted (whiteout)",
+          spec([F(b"a", b"A"), F(b"b", b"B"), F(b"c", b"C")]),
+          [op("unlink", b"b"), op("rename", b"a", b"b", "0"), op("readdir", b""),
+           op("unlink", b"b"), op("rename", b"c", b"b", "NOREPLACE"), op("readdir", b"")]),
+    Named("copy-up-fifo", "metadata change on a lower fifo copies it up as a fifo",
+          spec([P(b"p", 0o640, (1000, 1000))]),
+          [op("chmod", b"p", 0o600), op("lstat", b"p"), op("setxattr", b"p", b"user.k1", b"v", "0")]),
+    Named("copy-up-setuid", "copy-up keeps setuid/setgid and owner; chown then clears them",
+          spec([F(b"s", b"#!bin\n", 0o6755, (1000, 1000))]),
+          [op("open", 0, b"s", "WRONLY", 0), op("pwrite", 0, 2, b"XX"), op("close", 0),
+           op("stat", b"s"), op("chown", b"s", 1001, -1, True), op("stat", b"s")]),
+    Named("copy-up-255-byte-name", "copy-up of a file with a 255-byte name",
+          spec([D(b"d"), F(b"d/" + LONG, b"long")]),
+          [op("setxattr", b"d/" + LONG, b"user.k1", b"v", "CREATE"), op("readdir", b"d"),
+           op("rename", b"d/" + LONG, LONG, "0"), op("readdir", b"")]),
+    Named("copy-up-sparse", "copy-up keeps a sparse file sparse (holes compared in upper)",
+          spec([F(b"s", chunks=SPARSE, size=3 << 20)]),
+          [op("chmod", b"s", 0o600), op("open", 0, b"s", "RDWR", 0),
+           op("pread", 0, 1 << 20, 6), op("pwrite", 0, 2 << 20, b"x"), op("close", 0)]),
+    Named("open-write-nothing", "open for write with nothing written still copies up",
+          spec([F(b"a", b"unchanged", 0o640, (1000, 100))]),
+          [op("open", 0, b"a", "WRONLY", 0), op("close", 0), op("stat", b"a")]),
+    Named("chmod-lower-dir-list", "chmod of a lower dir copies it up; its listing stays merged",
+          spec([D(b"d", 0o755), F(b"d/x")], [D(b"d", 0o700), F(b"d/y")]),
+          [op("chmod", b"d", 0o711), op("readdir", b"d"), op("stat", b"d"), op("stat", b"d/y")]),
+    Named("symlink-to-lower-dir", "a symlink to a dir in a lower is followed inside the mount",
+          spec([D(b"real"), F(b"real/f", b"in real"), S(b"link", b"real")]),
+          [op("readdir", b"link"), op("readlink", b"link"), op("stat", b"link"),
+           op("open", 0, b"link/f", "WRONLY|APPEND", 0), op("write", 0, b"+"), op("close", 0),
+           op("lstat", b"link"), op("readdir", b"real")]),
+    Named("upper-dir-over-lower-symlink", "a dir in the upper hides a symlink in a lower",
+          spec([S(b"x", b"target"), D(b"target"), F(b"target/t")], upper=[D(b"x"), F(b"x/f")]),
+          [op("readdir", b"x"), op("lstat", b"x"), op("rmdir", b"x"), op("unlink", b"x/f"),
+           op("rmdir", b"x"), op("lstat", b"x"), op("symlink", b"target", b"x"), op("readdir", b"x")]),
+    Named("rename-dir-with-lower-parts", "rename of a dir with lower parts is EXDEV (redirect_dir=off)",
+          spec([D(b"d"), F(b"d/f"), D(b"e")]),
+          [op("rename", b"d", b"d2", "0"), op("rename", b"d", b"e", "EXCHANGE"),
+           op("mkdir", b"n", 0o755), op("rename", b"n", b"m", "0"), op("rename", b"m", b"e", "0"),
+           op("rename", b"d/f", b"e/f", "0"), op("readdir", b""), op("readdir", b"e")]),
+    Named("xattr-on-merged-dir", "user xattr on a dir merged from two lowers",
+          spec([D(b"d", xattrs={b"user.k1": b"top"}), F(b"d/a")], [D(b"d"), F(b"d/b")]),
+          [op("getxattr", b"d", b"user.k1"), op("setxattr", b"d", b"user.k1", b"new", "REPLACE"),
+           op("setxattr", b"d", b"user.k2", b"v", "CREATE"), op("listxattr", b"d"),
+           op("removexattr", b"d", b"user.k1"), op("listxattr", b"d"), op("readdir", b"d")]),
+    Named("readonly-errnos", "a read-only mount (lowers only) refuses every change with EROFS",
+          spec([F(b"a"), D(b"d"), S(b"l", b"a")], [F(b"b"), D(b"d"), F(b"d/x")], readonly=True),
+          [op("open", 0, b"a", "WRONLY", 0), op("open", 1, b"a", "RDONLY", 0), op("read", 1, 100),
+           op("open", 2, b"new", "WRONLY|CREAT", 0o644), op("unlink", b"a"), op("mkdir", b"e", 0o755),
+           op("rmdir", b"d"), op("rename", b"a", b"z", "0"), op("chmod", b"a", 0o600),
+           op("chown", b"a", 1000, 1000, True), op("utimes", b"a", 1, 2, True),
+           op("setxattr", b"a", b"user.k1", b"v", "0"), op("removexattr", b"a", b"user.k1"),
+           op("truncate", b"a", 0), op("link", b"a", b"a2"), op("symlink", b"a", b"s"),
+           op("mknod", b"f", "fifo", 0o644, 0, 0), op("access", b"a", 2), op("access", b"a", 4),
+           op("statvfs", b""), op("readdir", b"d")]),
+    Named("unlink-open-file", "an open lower file stays usable after unlink",
+          spec([F(b"a", b"0123456789")]),
+          [op("open", 0, b"a", "RDWR", 0), op("unlink", b"a"), op("fstat", 0), op("pwrite", 0, 3, b"xy"),
+           op("pread", 0, 0, 20), op("readdir", b""), op("close", 0)]),
+    Named("rename-flags", "RENAME_WHITEOUT is refused; EXCHANGE swaps lower and upper files",
+          spec([F(b"a", b"A"), F(b"b", b"B")]),
+          [op("rename", b"a", b"b", "WHITEOUT"), op("open", 0, b"c", "WRONLY|CREAT", 0o600),
+           op("close", 0), op("rename", b"a", b"c", "EXCHANGE"), op("rename", b"b", b"c", "NOREPLACE"),
+           op("readdir", b"")]),
+    Named("utimes-and-devices", "explicit times survive copy-up; device nodes can be created",
+          spec([F(b"a"), D(b"d")]),
+          [op("utimes", b"a", 1_300_000_000_123_456_789, 1_300_000_001_987_654_321, True),
+           op("utimes", b"d", 5 * 10**17, 6 * 10**17, False), op("mknod", b"d/c", "chr", 0o600, 1, 3),
+           op("mknod", b"d/b", "blk", 0o600, 7, 5), op("lstat", b"d/c"), op("stat", b"a")]),
+]

@@ -1,0 +1,547 @@
+"""Fixtures that drive real podman/buildah with unionfs as containers-storage's mount_program.
+
+Everything lives in one private temporary directory per session: storage.conf,
+containers.conf, graphroots, runroots, tmp dirs and the CNI config dir, so the
+machine's own container storage is never read or touched.  Two stores are made:
+
+* ``fuse_store``: overlay driver with ``mount_program`` = a logging wrapper that
+  records how podman invokes the program, then execs the real unionfs;
+* ``native_store``: the same overlay driver without a mount program, i.e. the
+  kernel's overlayfs.  It is the reference the unionfs results are compared to.
+
+Teardown removes every container and image, runs ``podman system reset`` for
+each private config, lazily unmounts whatever is still mounted under the temp
+dir and fails loudly if anything had been left behind.
+
+Environment knobs:
+
+* ``UNIONFS_ENGINE_MOUNT_PROGRAM``: the mount program under test (default: the
+  project's ``.venv/bin/unionfs``); set it to ``/usr/bin/fuse-overlayfs`` to
+  check the harness itself against the reference implementation.
+* ``UNIONFS_ENGINE_KEEP=1``: keep the temp dir (logs, argv records) afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import lazy_unmount
+
+# tests/engines has no __init__.py, so pytest imports this file as plain
+# ``conftest``; the test modules import helpers as ``tests.engines.conftest``.
+# Register this instance under that name too, so both share one module (and
+# one ARGV_SHAPES list) instead of loading the file twice.
+sys.modules.setdefault("tests.engines.conftest", sys.modules[__name__])
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+MOUNT_PROGRAM = Path(
+    os.environ.get("UNIONFS_ENGINE_MOUNT_PROGRAM", str(REPO / ".venv" / "bin" / "unionfs"))
+)
+REQUIRED_TOOLS = ("podman", "buildah", "runc", "conmon", "fusermount3")
+BUSYBOX = Path("/bin/busybox")
+BASE_IMAGE = "localhost/unionfs-test/busybox:latest"
+
+# Every podman call gets a deadline so a hung mount (e.g. a daemon that keeps
+# podman's stderr pipe open) fails the test instead of the whole run.
+PODMAN_TIMEOUT = 180
+
+
+def _missing_tools() -> list[str]:
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if not BUSYBOX.is_file() or not _is_static(BUSYBOX):
+        missing.append("busybox-static (/bin/busybox, statically linked)")
+    return missing
+
+
+def _is_static(path: Path) -> bool:
+    """True if the ELF file has no PT_INTERP program header (no dynamic loader)."""
+    try:
+        data = path.read_bytes()[:4096]
+    except OSError:
+        return False
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit ELF only; enough here
+        return False
+    phoff = int.from_bytes(data[32:40], "little")
+    phentsize = int.from_bytes(data[54:56], "little")
+    phnum = int.from_bytes(data[56:58], "little")
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def fuse_mounts_under(root: Path) -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every FUSE or overlay mount below *root*."""
+    found = []
+    prefix = os.path.realpath(root) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            fstype = fields[sep + 1]
+            if point.startswith(prefix) and (fstype.startswith("fuse") or fstype == "overlay"):
+                found.append((point, fstype))
+    return found
+
+
+def mount_options(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(per-mount options, superblock options) of the mount at *mountpoint*."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4].encode().decode("unicode_escape") == target:
+                found = (fields[5], fields[sep + 3])
+    return found
+
+
+def processes_mentioning(text: str) -> dict[int, list[str]]:
+    """PID -> argv of every process whose command line contains *text*."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in raw:
+            found[int(entry)] = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return found
+
+
+def mount_daemons(graphroot: Path) -> dict[int, list[str]]:
+    """Processes that look like mount-program daemons serving this graphroot.
+
+    conmon also mentions the graphroot (``overlay-containers/...``), so require
+    the ``lowerdir=`` option that only the mount program gets on its command line.
+    """
+    return {
+        pid: argv
+        for pid, argv in processes_mentioning(f"{graphroot}/overlay/").items()
+        if any("lowerdir=" in a for a in argv)
+    }
+
+
+# A mount-program wrapper: logs argv, cwd and open fds (as inherited from
+# podman, before anything else is opened) as one JSON line, then execs the
+# real program so podman sees the real exit status, output and daemon.
+WRAPPER = """#!/usr/bin/python3 -I
+import json, os, sys
+fds = {}
+for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
+    try:
+        fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass  # the fd listdir itself used, already closed
+rec = {"argv": sys.argv[1:], "cwd": os.getcwd(), "fds": fds, "pid": os.getpid(),
+       "time": __import__("time").time()}
+with open(LOG, "a") as f:
+    f.write(json.dumps(rec) + "\\n")
+os.execv(PROGRAM, [PROGRAM] + sys.argv[1:])
+"""
+
+
+def write_wrapper(path: Path, log: Path, program: Path, prelude: str = "") -> Path:
+    text = WRAPPER.replace("LOG", repr(str(log)), 1).replace("PROGRAM", repr(str(program)))
+    if prelude:
+        # Inserted just before the exec (e.g. to hold podman's stderr open).
+        text = text.replace("os.execv(", prelude + "\nos.execv(", 1)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class Store:
+    """One private containers-storage + libpod configuration and a podman runner."""
+
+    name: str
+    root: Path
+    mount_program: Path | None
+    env: dict[str, str] = field(default_factory=dict)
+    argv_log: Path | None = None
+
+    @property
+    def graphroot(self) -> Path:
+        return self.root / "graph"
+
+    @property
+    def storage_conf(self) -> Path:
+        return self.root / "storage.conf"
+
+    @property
+    def containers_conf(self) -> Path:
+        return self.root / "containers.conf"
+
+    def write_config(self, mountopt: str = "nodev") -> None:
+        for d in ("graph", "run", "tmp", "net"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        lines = [
+            "[storage]",
+            'driver = "overlay"',
+            f'graphroot = "{self.graphroot}"',
+            f'runroot = "{self.root / "run"}"',
+            "",
+            "[storage.options.overlay]",
+            # mountopt is prepended to the options podman hands the program.
+            f'mountopt = "{mountopt}"',
+        ]
+        if self.mount_program is not None:
+            lines.append(f'mount_program = "{self.mount_program}"')
+        self.storage_conf.write_text("\n".join(lines) + "\n")
+        hard_nofile = _hard_limit("-n")
+        hard_nproc = _hard_limit("-u")
+        self.containers_conf.write_text(
+            f"""[containers]
+# podman (as root) would ask for 1048576; runc fails if that is above the hard limit.
+default_ulimits = ["nofile={min(1024, hard_nofile)}:{min(1024, hard_nofile)}",
+                   "nproc={min(4096, hard_nproc)}:{min(4096, hard_nproc)}"]
+netns = "none"
+
+[network]
+# Keep podman system reset away from the machine's /etc/cni/net.d.
+network_config_dir = "{self.root / "net"}"
+
+[engine]
+# crun refuses this machine's cgroup layout; runc works with cgroupfs.
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+tmp_dir = "{self.root / "tmp"}"
+volume_path = "{self.root / "graph" / "volumes"}"
+"""
+        )
+        self.env = {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
+            "CONTAINERS_CONF": str(self.containers_conf),
+            # No registries are reachable; make sure nothing tries one.
+            "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf"),
+        }
+        (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
+
+    def podman(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = PODMAN_TIMEOUT,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = ["podman", *args]
+        start = time.time()
+        try:
+            res = subprocess.run(
+                cmd,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                cwd=self.root,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(
+                f"[{self.name}] {' '.join(cmd)} did not finish within {timeout}s\n"
+                f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}\n{self.argv_since(start)}"
+            ) from None
+        if check and res.returncode != 0:
+            raise AssertionError(
+                f"[{self.name}] {' '.join(cmd)} exited {res.returncode}\n"
+                f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n{self.argv_since(start)}"
+            )
+        return res
+
+    def invocations(self) -> list[dict[str, object]]:
+        """Every recorded mount-program invocation, oldest first."""
+        if self.argv_log is None or not self.argv_log.exists():
+            return []
+        return [json.loads(line) for line in self.argv_log.read_text().splitlines() if line]
+
+    def argv_since(self, start: float) -> str:
+        calls = [c for c in self.invocations() if float(c["time"]) >= start - 1]  # type: ignore[arg-type]
+        if not calls:
+            return "(no mount program invocations recorded)"
+        return "mount program invocations:\n" + "\n".join(
+            f"  cwd={c['cwd']} argv={c['argv']}" for c in calls
+        )
+
+    def cleanup(self) -> list[str]:
+        """Remove everything this store made; return a description of any leftovers."""
+        problems = []
+        for args in (
+            ("rm", "-af", "-t", "0"),
+            ("image", "umount", "-a", "-f"),
+            ("rmi", "-af"),
+            ("system", "reset", "-f"),
+        ):
+            res = self.podman(*args, check=False, timeout=120)
+            if res.returncode != 0:
+                problems.append(f"podman {' '.join(args)} exited {res.returncode}: {res.stderr}")
+        leftovers = fuse_mounts_under(self.root)
+        if leftovers:
+            problems.append(f"still mounted after podman system reset: {leftovers}")
+            for point, _ in reversed(leftovers):
+                lazy_unmount(point)
+        # A daemon whose mount is gone must have exited; anything left was
+        # started (through podman) by this test run, so stop it by PID.
+        deadline = time.monotonic() + 10
+        daemons = mount_daemons(self.graphroot)
+        while daemons and time.monotonic() < deadline:
+            time.sleep(0.2)
+            daemons = mount_daemons(self.graphroot)
+        if daemons:
+            problems.append(f"mount daemons still running after unmount: {daemons}")
+            for pid in daemons:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return problems
+
+
+def _hard_limit(flag: str) -> int:
+    import resource
+
+    res = {"-n": resource.RLIMIT_NOFILE, "-u": resource.RLIMIT_NPROC}[flag]
+    hard = resource.getrlimit(res)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else hard
+
+
+def make_base_rootfs(dest: Path) -> None:
+    """A minimal root: static busybox, one symlink per applet, passwd/group, tmp."""
+    for d in ("bin", "etc", "tmp", "root", "proc", "sys", "dev", "run", "home"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    (dest / "tmp").chmod(0o1777)
+    (dest / "root").chmod(0o700)
+    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
+    applets = subprocess.run(
+        [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (dest / "bin" / applet).symlink_to("busybox")
+    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (dest / "etc" / "group").write_text("root:x:0:\n")
+
+
+def make_tar(src: Path, dest: Path) -> None:
+    def reset_owner(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = "root"
+        return ti
+
+    with tarfile.open(dest, "w") as tf:
+        for entry in sorted(src.iterdir()):
+            tf.add(entry, arcname=entry.name, filter=reset_owner)
+
+
+@pytest.fixture(scope="session")
+def engines_dir() -> Iterator[Path]:
+    """The session's private temp dir; skip everything if the engines are missing."""
+    missing = _missing_tools()
+    if missing:
+        pytest.skip(
+            "container engines not installed (run `bash tests/engines/install-deps.sh`): "
+            + ", ".join(missing)
+        )
+    if os.geteuid() != 0:
+        pytest.skip("the engine tests drive rootful podman and need root")
+    d = Path(tempfile.mkdtemp(prefix="unionfs-engines-"))
+    try:
+        yield d
+    finally:
+        leftovers = fuse_mounts_under(d)
+        for point, _ in reversed(leftovers):
+            lazy_unmount(point)
+        if os.environ.get("UNIONFS_ENGINE_KEEP") != "1" and not fuse_mounts_under(d):
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            print(f"\nengine test files kept in {d}", file=sys.stderr)
+        assert not leftovers, f"FUSE/overlay mounts left under {d}: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def base_tar(engines_dir: Path) -> Path:
+    rootfs = engines_dir / "base-rootfs"
+    make_base_rootfs(rootfs)
+    tar = engines_dir / "base.tar"
+    make_tar(rootfs, tar)
+    return tar
+
+
+@pytest.fixture(scope="session")
+def mount_program() -> Path:
+    """The program under test; a broken one is a failure, not a skip."""
+    if not os.access(MOUNT_PROGRAM, os.X_OK):
+        pytest.fail(f"mount program {MOUNT_PROGRAM} is not executable")
+    res = subprocess.run(
+        [str(MOUNT_PROGRAM), "--version"], capture_output=True, text=True, timeout=60
+    )
+    if res.returncode != 0:
+        pytest.fail(f"{MOUNT_PROGRAM} --version exited {res.returncode}: {res.stderr}")
+    return MOUNT_PROGRAM
+
+
+def _make_store(
+    root: Path, name: str, base_tar: Path, program: Path | None, mountopt: str
+) -> Store:
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(name=name, root=root, mount_program=None)
+    if program is not None:
+        store.argv_log = root / "mount-program-argv.jsonl"
+        store.mount_program = write_wrapper(root / "mount-program", store.argv_log, program)
+    store.write_config(mountopt=mountopt)
+    store.podman("import", str(base_tar), BASE_IMAGE)
+    return store
+
+
+@pytest.fixture(scope="session")
+def fuse_store(engines_dir: Path, base_tar: Path, mount_program: Path) -> Iterator[Store]:
+    # allow_other lets processes other than root (a `su someuser` build step,
+    # `podman run --user`) into the mount; fuse-overlayfs turns it on by itself
+    # when run as root, here it is asked for explicitly.
+    store = _make_store(
+        engines_dir / "fuse", "unionfs", base_tar, mount_program, "nodev,allow_other"
+    )
+    try:
+        yield store
+    finally:
+        ARGV_SHAPES.extend(argv_shapes(store))
+        problems = store.cleanup()
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def native_store(engines_dir: Path, base_tar: Path) -> Iterator[Store]:
+    store = _make_store(engines_dir / "native", "kernel-overlay", base_tar, None, "nodev")
+    try:
+        yield store
+    finally:
+        problems = store.cleanup()
+        assert not problems, "\n".join(problems)
+
+
+# Distinct shapes of the mount program's command lines seen in this session,
+# printed in the terminal summary (the option parser must accept all of them).
+ARGV_SHAPES: list[str] = []
+
+
+def argv_shapes(store: Store) -> list[str]:
+    """The store's recorded invocations with paths and ids abstracted away."""
+    shapes: dict[str, int] = {}
+    overlay = f"{store.graphroot}/overlay"
+    for call in store.invocations():
+        argv = [str(a) for a in call["argv"]]  # type: ignore[union-attr]
+        text = " ".join(argv)
+        text = text.replace(overlay, "<G>")
+        text = re.sub(r"[0-9a-f]{64}", "<id>", text)
+        text = re.sub(r"/l/[A-Z0-9]{26}", "/l/<link>", text)
+        text = re.sub(r"(<G>/l/<link>:)+", "<G>/l/<link>:...:", text)
+        cwd = str(call["cwd"]).replace(overlay, "<G>").replace(str(store.root), "<T>")
+        fds = ",".join(f"{fd}={target}" for fd, target in sorted(
+            call["fds"].items(), key=lambda kv: int(kv[0])))  # type: ignore[union-attr]  # fmt: skip
+        fds = re.sub(r"pipe:\[\d+\]", "pipe", fds)
+        key = f"cwd={cwd} fds[{fds}]\n      argv: {text}"
+        shapes[key] = shapes.get(key, 0) + 1
+    return [f"{n}x {k}" for k, n in shapes.items()]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if ARGV_SHAPES:
+        terminalreporter.write_sep(
+            "-", "mount_program invocations by podman (<G> = graphroot/overlay)"
+        )
+        for line in ARGV_SHAPES:
+            terminalreporter.write_line(line)
+    report = os.environ.get("UNIONFS_ENGINE_ARGV_REPORT")
+    if report and ARGV_SHAPES:
+        Path(report).write_text("\n".join(ARGV_SHAPES) + "\n")
+
+
+def write_context(dest: Path, containerfile: str, files: Sequence[tuple[str, bytes]] = ()) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "Containerfile").write_text(containerfile)
+    for name, data in files:
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Describe every entry below *root* by what an image must preserve.
+
+    Name, type, permission bits (with setuid/setgid/sticky), owner, content
+    hash, symlink target and user-visible xattr names.  Timestamps and inode
+    numbers differ between any two builds and are left out; hard links are
+    compared separately (see :func:`hardlink_groups`).
+    """
+    import hashlib
+    import stat
+
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            kind = stat.S_IFMT(st.st_mode)
+            extra: object = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    extra = (st.st_size, hashlib.sha256(f.read()).hexdigest())
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            try:
+                xattrs = tuple(sorted(os.listxattr(path, follow_symlinks=False)))
+            except OSError as e:
+                xattrs = (f"<listxattr failed: {e.strerror}>",)
+            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, extra, xattrs)
+    return out
+
+
+def hardlink_groups(root: Path) -> set[frozenset[str]]:
+    """Sets of paths below *root* that are the same (non-directory) inode."""
+    by_inode: dict[tuple[int, int], set[str]] = {}
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            by_inode.setdefault((st.st_dev, st.st_ino), set()).add(os.path.relpath(path, root))
+    return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}
+
+
+def diff_snapshots(
+    got: dict[str, tuple[object, ...]], want: dict[str, tuple[object, ...]]
+) -> list[str]:
+    """Human-readable differences, 'got' being the unionfs side."""
+    lines = []
+    for path in sorted(set(got) | set(want)):
+        if path not in got:
+            lines.append(f"missing in unionfs image: {path} {want[path]}")
+        elif path not in want:
+            lines.append(f"extra in unionfs image:   {path} {got[path]}")
+        elif got[path] != want[path]:
+            lines.append(f"differs: {path}\n   unionfs: {got[path]}\n   kernel:  {want[path]}")
+    return lines
