@@ -424,3 +424,108 @@ def test_uidmap_options_reach_program(fuse_store: Store) -> None:
     if res.returncode != 0:
         pytest.xfail(f"container with --uidmap failed: {res.stderr.strip()}")
     assert res.stdout == "0\n0\nx\n", res.stdout
+
+
+def _layer_tar(entries: list[tuple[str, str | bytes | None, int]]) -> bytes:
+    """An uncompressed layer tar from (name, content, mode) entries: bytes make a
+    file, None a directory, a str a symlink to that target."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, mode in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.mode = 1_700_000_000, mode
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            elif isinstance(data, str):
+                ti.type, ti.linkname = tarfile.SYMTYPE, data
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make_docker_archive(dest: Path, tag: str, layers: list[bytes]) -> None:
+    """A `docker save` style archive, as a registry pull would deliver the layers."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    diff_ids = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "2024-01-01T00:00:00Z",
+            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps(
+        [
+            {
+                "Config": config_name,
+                "RepoTags": [tag],
+                "Layers": [f"{i}/layer.tar" for i in range(len(layers))],
+            }
+        ]
+    ).encode()
+    with tarfile.open(dest, "w") as tf:
+        files = [(config_name, config), ("manifest.json", manifest)]
+        files += [(f"{i}/layer.tar", layer) for i, layer in enumerate(layers)]
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def test_pulled_layers_with_whiteouts_and_opaque_marker(
+    fuse_store: Store, native_store: Store, engines_dir: Path, image_mount: object
+) -> None:
+    """Layers as a registry delivers them: `.wh.<name>` deletes, `.wh..wh..opq`
+    makes a directory opaque.  With a mount_program, containers-storage keeps
+    them in that (AUFS) form on disk, so the program must honour them."""
+    busybox = (engines_dir / "base-rootfs" / "bin" / "busybox").read_bytes()
+    layer1 = _layer_tar(
+        [("bin", None, 0o755), ("bin/busybox", busybox, 0o755)]
+        + [(f"bin/{applet}", "busybox", 0o777) for applet in ("sh", "ls", "cat", "test", "true")]
+        + [
+            ("etc", None, 0o755),
+            ("etc/keep", b"keep\n", 0o644),
+            ("etc/remove-me", b"x\n", 0o644),
+            ("dir", None, 0o755),
+            ("dir/old", b"old\n", 0o644),
+            ("dir/sub", None, 0o755),
+            ("dir/sub/deep", b"deep\n", 0o644),
+        ]
+    )
+    layer2 = _layer_tar(
+        [
+            ("etc", None, 0o755),
+            ("etc/.wh.remove-me", b"", 0o644),
+            ("dir", None, 0o755),
+            ("dir/.wh..wh..opq", b"", 0o644),
+            ("dir/new", b"new\n", 0o644),
+        ]
+    )
+    archive = engines_dir / "whiteouts.tar"
+    tag = "localhost/unionfs-test/whiteouts:latest"
+    make_docker_archive(archive, tag, [layer1, layer2])
+    for store in (fuse_store, native_store):
+        store.podman("load", "-i", str(archive))
+    archive.unlink()
+    # (podman itself adds hostname, hosts, mtab to /etc: look at ours only.)
+    script = "ls -A /dir; for f in keep remove-me .wh.remove-me; do test -e /etc/$f && echo $f; done; true"
+    want = "new\nkeep\n"
+    assert native_store.podman("run", "--rm", tag, "sh", "-c", script).stdout == want
+    got = fuse_store.podman("run", "--rm", tag, "sh", "-c", script).stdout
+    assert got == want, "whiteout/opaque markers of pulled layers not honoured"
+    got_tree = snapshot_tree(image_mount(fuse_store, tag))  # type: ignore[operator]
+    want_tree = snapshot_tree(image_mount(native_store, tag))  # type: ignore[operator]
+    assert diff_snapshots(got_tree, want_tree) == []

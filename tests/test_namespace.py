@@ -1,0 +1,253 @@
+"""Deletes, renames, inode numbers and ownership of new entries."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+from tests.conftest import Stack
+from tests.test_merge import write
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+
+
+def renameat2(old: os.PathLike[str], new: os.PathLike[str], flags: int) -> None:
+    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def is_whiteout(path: os.PathLike[str]) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def let_others_in(stack: Stack) -> None:
+    """Make the test's directories traversable for other users (pytest makes them 0700)."""
+    p = stack.root
+    while p != p.parent:
+        st = os.stat(p)
+        if not st.st_mode & 0o001:
+            os.chmod(p, stat.S_IMODE(st.st_mode) | 0o111)
+        p = p.parent
+
+
+def as_user(cmd: str, uid: int = 1000, gid: int = 1000, umask: str = "022") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+         "sh", "-c", f"umask {umask}; {cmd}"],
+        capture_output=True, text=True, check=False,
+    )
+
+
+# -- deletes -----------------------------------------------------------------
+
+
+def test_unlink_of_a_lower_file_leaves_a_whiteout(stack: Stack, mounted) -> None:
+    write(stack.lowers[1] / "f")
+    mounted()
+    os.unlink(stack.mnt / "f")
+    assert not os.path.lexists(stack.mnt / "f")
+    assert is_whiteout(stack.upper / "f")
+    assert (stack.lowers[1] / "f").exists()
+
+
+def test_unlink_of_an_upper_only_file_leaves_nothing(stack: Stack, mounted) -> None:
+    mounted()
+    write(stack.mnt / "f")
+    os.unlink(stack.mnt / "f")
+    assert os.listdir(stack.upper) == []
+
+
+def test_unlink_of_a_copied_up_file_leaves_a_whiteout(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "f", b"lower")
+    mounted()
+    write(stack.mnt / "f", b"changed")
+    os.unlink(stack.mnt / "f")
+    assert is_whiteout(stack.upper / "f")
+    assert os.listdir(stack.work / "work") == []
+
+
+def test_rmdir_needs_the_merged_directory_empty(stack: Stack, mounted) -> None:
+    l1, l2 = stack.lowers
+    (l1 / "d").mkdir()
+    (l2 / "d").mkdir()
+    write(l2 / "d" / "only-below")
+    mounted()
+    with pytest.raises(OSError) as e:
+        os.rmdir(stack.mnt / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(stack.mnt / "d" / "only-below")
+    os.rmdir(stack.mnt / "d")
+    assert is_whiteout(stack.upper / "d")
+    assert not os.path.lexists(stack.mnt / "d")
+
+
+def test_creating_over_a_whiteout_replaces_it(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "f", b"old")
+    mounted()
+    os.unlink(stack.mnt / "f")
+    write(stack.mnt / "f", b"new")
+    assert (stack.upper / "f").read_bytes() == b"new"
+    os.unlink(stack.mnt / "f")
+    os.symlink("target", stack.mnt / "f")
+    assert os.readlink(stack.upper / "f") == "target"
+
+
+def test_mkdir_over_a_whiteout_makes_an_opaque_directory(stack: Stack, mounted) -> None:
+    (stack.lowers[0] / "d").mkdir()
+    write(stack.lowers[0] / "d" / "old")
+    mounted()
+    subprocess.run(["rm", "-rf", os.fspath(stack.mnt / "d")], check=True)
+    os.mkdir(stack.mnt / "d")
+    assert os.listdir(stack.mnt / "d") == []
+    assert os.getxattr(stack.upper / "d", "trusted.overlay.opaque") == b"y"
+
+
+# -- rename ------------------------------------------------------------------
+
+
+def test_rename_of_a_lower_file_copies_up_and_whiteouts_the_source(stack: Stack, mounted) -> None:
+    (stack.lowers[0] / "d").mkdir()
+    write(stack.lowers[0] / "d" / "f", b"content")
+    mounted()
+    os.rename(stack.mnt / "d" / "f", stack.mnt / "g")
+    assert (stack.mnt / "g").read_bytes() == b"content"
+    assert not os.path.lexists(stack.mnt / "d" / "f")
+    assert is_whiteout(stack.upper / "d" / "f")
+    assert (stack.upper / "g").read_bytes() == b"content"
+
+
+def test_rename_noreplace_and_exchange(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "a", b"A")
+    write(stack.lowers[1] / "b", b"B")
+    mounted()
+    with pytest.raises(FileExistsError):
+        renameat2(stack.mnt / "a", stack.mnt / "b", RENAME_NOREPLACE)
+    renameat2(stack.mnt / "a", stack.mnt / "b", RENAME_EXCHANGE)
+    assert (stack.mnt / "a").read_bytes() == b"B"
+    assert (stack.mnt / "b").read_bytes() == b"A"
+    renameat2(stack.mnt / "a", stack.mnt / "c", RENAME_NOREPLACE)
+    assert sorted(os.listdir(stack.mnt)) == ["b", "c"]
+    with pytest.raises(OSError) as e:
+        renameat2(stack.mnt / "b", stack.mnt / "z", RENAME_WHITEOUT)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_an_upper_only_directory_can_be_renamed(stack: Stack, mounted) -> None:
+    mounted()
+    os.makedirs(stack.mnt / "new" / "sub")
+    write(stack.mnt / "new" / "sub" / "f", b"deep")
+    os.rename(stack.mnt / "new", stack.mnt / "moved")
+    assert (stack.mnt / "moved" / "sub" / "f").read_bytes() == b"deep"
+    write(stack.mnt / "moved" / "sub" / "g")  # paths below the moved dir still work
+    assert sorted(os.listdir(stack.upper / "moved" / "sub")) == ["f", "g"]
+
+
+def test_a_directory_with_lower_parts_cannot_be_renamed(stack: Stack, mounted) -> None:
+    (stack.lowers[0] / "d").mkdir()
+    write(stack.lowers[0] / "d" / "f", b"x")
+    mounted()
+    with pytest.raises(OSError) as e:
+        os.rename(stack.mnt / "d", stack.mnt / "e")
+    assert e.value.errno == errno.EXDEV
+    subprocess.run(["mv", os.fspath(stack.mnt / "d"), os.fspath(stack.mnt / "e")], check=True)
+    assert (stack.mnt / "e" / "f").read_bytes() == b"x"
+    assert not os.path.lexists(stack.mnt / "d")
+
+
+def test_a_directory_moved_into_a_merged_directory_becomes_opaque(stack: Stack, mounted) -> None:
+    (stack.lowers[0] / "m").mkdir()
+    (stack.lowers[0] / "m" / "x").mkdir()
+    write(stack.lowers[0] / "m" / "x" / "lower-file")
+    mounted()
+    subprocess.run(["rm", "-rf", os.fspath(stack.mnt / "m" / "x")], check=True)
+    os.mkdir(stack.mnt / "fresh")
+    os.rename(stack.mnt / "fresh", stack.mnt / "m" / "x")
+    assert os.listdir(stack.mnt / "m" / "x") == []
+
+
+# -- inodes and hard links -----------------------------------------------------
+
+
+def test_hard_links_share_st_ino_and_count(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "f")
+    mounted()
+    os.link(stack.mnt / "f", stack.mnt / "g")
+    a, b = os.stat(stack.mnt / "f"), os.stat(stack.mnt / "g")
+    assert a.st_ino == b.st_ino
+    assert a.st_nlink == b.st_nlink == 2
+    os.unlink(stack.mnt / "f")
+    assert os.stat(stack.mnt / "g").st_nlink == 1
+
+
+def test_st_ino_stays_across_copy_up_and_rename(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "f")
+    mounted()
+    ino = os.stat(stack.mnt / "f").st_ino
+    write(stack.mnt / "f", b"changed")
+    assert os.stat(stack.mnt / "f").st_ino == ino
+    os.rename(stack.mnt / "f", stack.mnt / "g")
+    assert os.stat(stack.mnt / "g").st_ino == ino
+
+
+def test_an_unlinked_open_file_shows_nlink_0_and_stays_readable(stack: Stack, mounted) -> None:
+    mounted()
+    write(stack.mnt / "f", b"still here")
+    with open(stack.mnt / "f", "rb") as f:
+        os.unlink(stack.mnt / "f")
+        assert os.fstat(f.fileno()).st_nlink == 0
+        assert f.read() == b"still here"
+
+
+# -- ownership and permissions -------------------------------------------------
+
+
+def test_new_files_belong_to_the_caller_and_honour_umask(stack: Stack, mounted) -> None:
+    let_others_in(stack)
+    os.chmod(stack.upper, 0o1777)  # the merged root shows the upper root
+    mounted()
+    r = as_user(f"touch {stack.mnt}/mine && mkdir {stack.mnt}/mydir", umask="027")
+    assert r.returncode == 0, r.stderr
+    f, d = os.stat(stack.mnt / "mine"), os.stat(stack.mnt / "mydir")
+    assert (f.st_uid, f.st_gid, stat.S_IMODE(f.st_mode)) == (1000, 1000, 0o640)
+    assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1000, 1000, 0o750)
+
+
+def test_setgid_directories_pass_on_their_group(stack: Stack, mounted) -> None:
+    let_others_in(stack)
+    (stack.lowers[0] / "shared").mkdir()
+    os.chown(stack.lowers[0] / "shared", 0, 777)
+    os.chmod(stack.lowers[0] / "shared", 0o2777)
+    mounted()
+    r = as_user(f"touch {stack.mnt}/shared/f && mkdir {stack.mnt}/shared/sub")
+    assert r.returncode == 0, r.stderr
+    f, d = os.stat(stack.mnt / "shared" / "f"), os.stat(stack.mnt / "shared" / "sub")
+    assert f.st_gid == 777 and d.st_gid == 777
+    assert d.st_mode & stat.S_ISGID
+
+
+def test_the_kernel_enforces_modes_for_other_users(stack: Stack, mounted) -> None:
+    let_others_in(stack)
+    write(stack.lowers[0] / "secret", b"root only")
+    os.chmod(stack.lowers[0] / "secret", 0o600)
+    mounted()
+    assert as_user(f"cat {stack.mnt}/secret").returncode != 0
+    assert as_user(f"touch {stack.mnt}/nope").returncode != 0  # root-owned 0755 dir
+    assert not os.path.lexists(stack.upper / "nope")
+
+
+def test_a_write_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted) -> None:
+    let_others_in(stack)
+    write(stack.lowers[0] / "prog", b"#!/bin/sh\n")
+    os.chmod(stack.lowers[0] / "prog", 0o6777)
+    mounted()
+    r = as_user(f"echo x >> {stack.mnt}/prog")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(stack.mnt / "prog").st_mode) & 0o6000 == 0
