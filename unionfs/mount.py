@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,7 @@ def _resolve_dir(kind: str, raw: str) -> Path:
 
 
 def _is_dir(st: os.stat_result) -> bool:
-    import stat as _stat
-
-    return _stat.S_ISDIR(st.st_mode)
+    return stat.S_ISDIR(st.st_mode)
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -114,10 +113,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         if _inside(path, mnt):
             raise UsageError(f"{kind} {path} is inside mountpoint {mnt}")
 
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
-    except OSError as e:
-        raise UsageError(f"/dev/fuse: {e.strerror} (is the fuse module loaded?)") from None
+    check_fuse_device()
 
     locks: list[int] = []
     try:
@@ -152,6 +148,21 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     if fault:
         config.fault_name = os.fsencode(fault)
     return Setup(config, mnt, fuse, locks)
+
+
+FUSE_DEVICE = os.makedev(10, 229)
+
+
+def check_fuse_device() -> None:
+    """/dev/fuse must be the FUSE character device and openable for reading and writing."""
+    try:
+        st = os.stat("/dev/fuse")
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"/dev/fuse: {e.strerror} (is the fuse module loaded?)") from None
+    os.close(fd)
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_DEVICE:
+        raise UsageError("/dev/fuse: not the FUSE device (expected character device 10:229)")
 
 
 def _check_writable(kind: str, path: Path) -> None:

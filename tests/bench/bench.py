@@ -76,19 +76,36 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small generated tree, 3 reps, short fio; < 2 min")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="small generated tree, 3 reps, short fio; < 2 min"
+    )
     ap.add_argument("--reps", type=int, help="repetitions (default 5, quick 3)")
-    ap.add_argument("--competitors", default=",".join(ALL_COMPETITORS),
-                    help="comma list from: " + ",".join(ALL_COMPETITORS))
-    ap.add_argument("--groups", help="comma list of trial types (default: all): "
-                    "walk,tar,seqread,copyup,untar,rmrf,fio,chroot")
-    ap.add_argument("--data", choices=["auto", "debootstrap", "generated"], default="auto",
-                    help="bottom layer: auto = debootstrap for full, generated for --quick")
+    ap.add_argument(
+        "--competitors",
+        default=",".join(ALL_COMPETITORS),
+        help="comma list from: " + ",".join(ALL_COMPETITORS),
+    )
+    ap.add_argument(
+        "--groups",
+        help="comma list of trial types (default: all): "
+        "walk,tar,seqread,copyup,untar,rmrf,fio,chroot",
+    )
+    ap.add_argument(
+        "--data",
+        choices=["auto", "debootstrap", "generated"],
+        default="auto",
+        help="bottom layer: auto = debootstrap for full, generated for --quick",
+    )
     ap.add_argument("--fio-runtime", type=int, help="seconds per fio job (default 5, quick 1)")
     ap.add_argument("--unionfs-options", default="", help="extra -o options for unionfs")
-    ap.add_argument("--profile", action="store_true",
-                    help="instead of the comparison: py-spy profile of unionfs on walk,untar,rmrf")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison: py-spy profile of unionfs on walk,untar,rmrf",
+    )
     ap.add_argument("--build-only", action="store_true", help="build/cache the data set and exit")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results")
     return ap.parse_args(argv)
@@ -113,8 +130,9 @@ def make_competitors(names: list[str], ds: Dataset, args: argparse.Namespace) ->
     return chosen
 
 
-def run_trial(comp: Competitor, group: Group, ds: Dataset, cfg: Config, run_root: Path,
-              rep: int, slot: int) -> dict[str, object]:
+def run_trial(
+    comp: Competitor, group: Group, ds: Dataset, cfg: Config, run_root: Path, rep: int, slot: int
+) -> dict[str, object]:
     """One trial: fresh mount + empty upper, the group's workload, teardown."""
     trial_dir = run_root / f"r{rep}-{group.name}-{comp.name}"
     rec: dict[str, object] = {
@@ -146,14 +164,30 @@ def run_trial(comp: Competitor, group: Group, ds: Dataset, cfg: Config, run_root
     return rec
 
 
-def meta_record(ds: Dataset, comps: list[Competitor], cfg: Config, args: argparse.Namespace,
-                group_list: list[Group]) -> dict[str, object]:
+def meta_record(
+    ds: Dataset,
+    comps: list[Competitor],
+    cfg: Config,
+    args: argparse.Namespace,
+    group_list: list[Group],
+) -> dict[str, object]:
     try:
         debian = Path("/etc/debian_version").read_text().strip()
     except OSError:
         debian = "?"
+    git = subprocess.run(
+        ["git", "-C", os.fspath(REPO), "log", "-1", "--format=%h %cI"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", os.fspath(REPO), "status", "--porcelain", "unionfs"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {
         "type": "meta",
+        "git": git + (" (unionfs/ has uncommitted changes)" if dirty else ""),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "mode": "quick" if args.quick else "full",
         "kernel": platform.release(),
@@ -185,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     t_start = time.perf_counter()
     ds = build_dataset(REPO, QUICK if args.quick else FULL, args.data, log)
-    log(f"data set {ds.root.name}: merged tree {ds.info.get('merged_entries')} entries, "
+    log(
+        f"data set {ds.root.name}: merged tree {ds.info.get('merged_entries')} entries, "
         f"{ds.info.get('whiteouts')} whiteouts, {ds.info.get('modified')} modified, "
-        f"opaque {ds.info.get('opaque_dir')}, big file {ds.spec.big_size >> 20} MiB")
+        f"opaque {ds.info.get('opaque_dir')}, big file {ds.spec.big_size >> 20} MiB"
+    )
 
     if args.build_only:
         print(json.dumps(ds.info, indent=1))
@@ -219,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         why = uf.available()
         if why:
             raise SystemExit(why)
-        prof_groups = [g for g in all_groups if g.name in (args.groups or "walk,untar,rmrf").split(",")]
+        prof_groups = [
+            g for g in all_groups if g.name in (args.groups or "walk,untar,rmrf").split(",")
+        ]
         out_dir = args.out / f"{stamp}-profile"
         out_dir.mkdir()
         try:
@@ -247,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                         out.write(json.dumps(rec) + "\n")
                         out.flush()
                         shown = rec.get("error") or ", ".join(
-                            f"{key}={val:.3g}" for key, val in rec.get("metrics", {}).items()  # type: ignore[attr-defined]
+                            f"{key}={val:.3g}"
+                            for key, val in rec.get("metrics", {}).items()  # type: ignore[attr-defined]
                         )
                         log(f"  {g.name:8s} {comp.name:15s} {shown}")
         finally:

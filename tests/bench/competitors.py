@@ -37,6 +37,7 @@ class Mounted:
     mount_latency_s: float | None  # None for the plain copy
     pid: int | None = None  # daemon PID for FUSE competitors
     plain: bool = False
+    upper: Path | None = None  # the trial's upper dir (None for the plain copy)
     facts: dict[str, float | int | None] = field(default_factory=dict)
 
     def sample_daemon(self) -> None:
@@ -109,7 +110,7 @@ class KernelOverlay(Competitor):
         )
         latency = time.perf_counter() - t0
         try:
-            yield Mounted(mnt, latency)
+            yield Mounted(mnt, latency, upper=upper)
         finally:
             if subprocess.run(["umount", os.fspath(mnt)], capture_output=True).returncode != 0:
                 lazy_unmount(mnt)
@@ -151,7 +152,7 @@ class FuseDaemon(Competitor):
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"{self.name} did not mount within 30 s")
                 time.sleep(0.005)
-            m = Mounted(mnt, time.perf_counter() - t0, pid=proc.pid)
+            m = Mounted(mnt, time.perf_counter() - t0, pid=proc.pid, upper=upper)
             yield m
         finally:
             _stop_fuse(proc, mnt)
@@ -204,8 +205,11 @@ class Unionfs(FuseDaemon):
 
     def version(self) -> str:
         res = subprocess.run(
-            [self.python, "-m", "unionfs", "--version"], capture_output=True, text=True,
-            env=self.env(), cwd=REPO,
+            [self.python, "-m", "unionfs", "--version"],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=REPO,
         )
         return (res.stdout + res.stderr).strip().splitlines()[0] if res.returncode == 0 else "?"
 

@@ -37,6 +37,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Bump when the layout or the recipe changes so stale caches are rebuilt.
 DATA_VERSION = 3
@@ -287,9 +288,9 @@ def build_layer2(lower0: Path, lower1: Path, spec: DataSpec) -> dict[str, object
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     pyrel = f"usr/lib/python{sys.version_info.major}.{sys.version_info.minor}"
     lower1.mkdir(parents=True)
-    for rel in ("usr", "usr/lib"):
-        if (lower0 / rel).is_dir():
-            _mkdirs_like(lower0, lower1, Path(rel) / "x")
+    for top in ("usr", "usr/lib"):
+        if (lower0 / top).is_dir():
+            _mkdirs_like(lower0, lower1, Path(top) / "x")
     info["stdlib_files"] = copy_tree_limited(stdlib, lower1 / pyrel, spec.stdlib_max_files)
     info["rmrf_rel"] = pyrel
 
@@ -409,8 +410,8 @@ def build_dataset(repo: Path, spec: DataSpec, bottom: str, log: Callable[[str], 
     return _dataset_from(root, spec, meta)
 
 
-def _dataset_from(root: Path, spec: DataSpec, meta: dict[str, object]) -> Dataset:
-    info = dict(meta["info"])  # type: ignore[arg-type]
+def _dataset_from(root: Path, spec: DataSpec, meta: dict[str, Any]) -> Dataset:
+    info = dict(meta["info"])
     bottom = str(info["bottom"])
     return Dataset(
         root=root,

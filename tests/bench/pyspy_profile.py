@@ -81,8 +81,13 @@ def _short(frame: str) -> str:
 
 
 def profile_unionfs(
-    ds: Dataset, cfg: Config, groups: list[Group], unionfs: Unionfs, run_root: Path,
-    out_dir: Path, log: Callable[[str], None],
+    ds: Dataset,
+    cfg: Config,
+    groups: list[Group],
+    unionfs: Unionfs,
+    run_root: Path,
+    out_dir: Path,
+    log: Callable[[str], None],
 ) -> str:
     """Run each group once on a fresh unionfs mount under py-spy; return the text report."""
     pyspy = ensure_pyspy(unionfs.python)
@@ -98,8 +103,11 @@ def profile_unionfs(
                 assert m.pid is not None
                 cmd = [pyspy, "record", "--pid", str(m.pid), "--rate", "200", "--nonblocking"]
                 for extra in (["--format", "raw", "-o", os.fspath(raw)], ["-o", os.fspath(svg)]):
-                    spies.append(subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL,
-                                                  stderr=subprocess.DEVNULL))
+                    spies.append(
+                        subprocess.Popen(
+                            [*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                        )
+                    )
                 time.sleep(1.0)  # let py-spy attach before the workload starts
                 metrics = g.run(m, ds, cfg)
             # The daemon exited at unmount; py-spy notices and writes its output.

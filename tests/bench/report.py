@@ -12,10 +12,11 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from workloads import Group, Metric
 
-Trial = dict[str, object]
+Trial = dict[str, Any]
 
 
 def fmt_num(x: float) -> str:
@@ -59,7 +60,7 @@ def _by(trials: Iterable[Trial]) -> dict[tuple[str, str], dict[int, Trial]]:
     for t in trials:
         if t.get("type") != "trial" or t.get("error"):
             continue
-        out[(str(t["competitor"]), str(t["group"]))][int(t["rep"])] = t  # type: ignore[call-overload]
+        out[(str(t["competitor"]), str(t["group"]))][int(t["rep"])] = t
     return out
 
 
@@ -83,15 +84,18 @@ def results_table(
         for metric in g.metrics:
             row = [metric.label, metric.unit + (" ↑" if metric.higher_is_better else " ↓")]
             for c in competitors:
-                vals = [float(t["metrics"][metric.key]) for t in by.get((c, g.name), {}).values()  # type: ignore[index]
-                        if metric.key in t["metrics"]]  # type: ignore[operator]
+                vals = [
+                    float(t["metrics"][metric.key])
+                    for t in by.get((c, g.name), {}).values()
+                    if metric.key in t["metrics"]
+                ]
                 row.append(spread(vals))
             for r in refs:
                 ours, theirs = by.get((subject, g.name), {}), by.get((r, g.name), {})
                 ratios = []
                 for rep in sorted(set(ours) & set(theirs)):
-                    a = ours[rep]["metrics"].get(metric.key)  # type: ignore[attr-defined]
-                    b = theirs[rep]["metrics"].get(metric.key)  # type: ignore[attr-defined]
+                    a = ours[rep]["metrics"].get(metric.key)
+                    b = theirs[rep]["metrics"].get(metric.key)
                     if a is not None and b is not None:
                         s = slowdown(metric, float(a), float(b))
                         if s is not None:
@@ -114,13 +118,19 @@ def daemon_table(trials: list[Trial], groups: list[Group], competitors: list[str
     for g in groups:
         row = [g.name]
         for c in mounted:
-            vals = [float(t["mount_latency_s"]) * 1000 for t in by.get((c, g.name), {}).values()  # type: ignore[arg-type]
-                    if t.get("mount_latency_s") is not None]
+            vals = [
+                float(t["mount_latency_s"]) * 1000
+                for t in by.get((c, g.name), {}).values()
+                if t.get("mount_latency_s") is not None
+            ]
             row.append(spread(vals))
         for key, scale in (("daemon_peak_rss_kib", 1 / 1024), ("daemon_cpu_s", 1.0)):
             for c in daemons:
-                vals = [float(t[key]) * scale for t in by.get((c, g.name), {}).values()  # type: ignore[arg-type]
-                        if t.get(key) is not None]
+                vals = [
+                    float(t[key]) * scale
+                    for t in by.get((c, g.name), {}).values()
+                    if t.get(key) is not None
+                ]
                 row.append(spread(vals))
         if any(cell != "—" for cell in row[1:]):
             rows.append(row)
@@ -145,7 +155,7 @@ def consistency_notes(trials: list[Trial]) -> str:
     for (c, g), reps in by.items():
         if g == "walk":
             for t in reps.values():
-                counts[c].add(int(t["metrics"]["entries"]))  # type: ignore[index]
+                counts[c].add(int(t["metrics"]["entries"]))
     if "plain" not in counts:
         return ""
     ref = counts["plain"]
@@ -164,5 +174,5 @@ def _md(rows: list[list[str]]) -> str:
         if set(r) == {"---"}:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         else:
-            out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+            out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     return "\n".join(out)

@@ -64,7 +64,7 @@ def drop_caches() -> None:
 def timed(cmd: list[str], ok: tuple[int, ...] = (0,), **kw: object) -> tuple[float, bytes]:
     """Run *cmd*; return (seconds, stdout). Raises if the exit code is not in *ok*."""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+    res = subprocess.run(cmd, capture_output=True, **kw)  # type: ignore[call-overload]
     dt = time.perf_counter() - t0
     if res.returncode not in ok:
         err = res.stderr.decode(errors="replace")[-800:]
@@ -98,9 +98,7 @@ def tar_read(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
     tar writes into a pipe, not /dev/null: GNU tar detects an archive on
     /dev/null and then skips reading file contents.
     """
-    script = (
-        f"set -o pipefail; tar -C {_q(m.root)} --exclude=./bench-big -cf - . | wc -c"
-    )
+    script = f"set -o pipefail; tar -C {_q(m.root)} --exclude=./bench-big -cf - . | wc -c"
     cmd = ["bash", "-c", script]
     timed(cmd, ok=(0, 1))  # untimed warm-up pass (tar exits 1 on "file changed")
     dt, out = timed(cmd, ok=(0, 1))
@@ -141,9 +139,14 @@ def copy_up(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
     size = os.stat(path).st_size
     if size != ds.spec.big_size + 1:
         raise RuntimeError(f"after append size is {size}, expected {ds.spec.big_size + 1}")
+    out = {"copyup_s": dt}
+    if m.upper is not None:  # proof that the data really was copied up (not a metacopy)
+        up = m.upper / ds.big_rel
+        out["upper_bytes"] = float(up.stat().st_size) if up.exists() else -1.0
+        out["upper_blocks_bytes"] = float(up.stat().st_blocks * 512) if up.exists() else -1.0
     if m.plain:
         os.truncate(path, ds.spec.big_size)
-    return {"copyup_s": dt}
+    return out
 
 
 # ---------------------------------------------------------------------- W6

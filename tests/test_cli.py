@@ -1,0 +1,187 @@
+"""The command line: option parsing, refusals, daemon mode, and stopping the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Stack
+from tests.mounting import REPO, mount_type, start_unionfs, unionfs_command
+from tests.test_merge import write
+from unionfs.errors import UsageError
+from unionfs.options import IdMap, parse_options, split_options
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    return subprocess.run([*unionfs_command(), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+# -- option strings -------------------------------------------------------------
+
+
+def test_empty_options_and_trailing_commas_are_ignored() -> None:
+    o = parse_options(["lowerdir=/a:/b,,upperdir=/u,workdir=/w,,volatile,"])
+    assert (o.lowers, o.upper, o.work, o.fsync) == (["/a", "/b"], "/u", "/w", False)
+
+
+def test_escaped_colons_and_commas_stay_in_paths() -> None:
+    o = parse_options([r"lowerdir=/a\:b:/c\,d,upperdir=/u\,1,workdir=/w"])
+    assert o.lowers == ["/a:b", "/c,d"]
+    assert o.upper == "/u,1"
+
+
+def test_a_quoted_value_may_hold_commas() -> None:
+    assert split_options('lowerdir=/a,context="system_u:object_r:x:s0:c1,c2",ro') == [
+        "lowerdir=/a", "context=system_u:object_r:x:s0:c1,c2", "ro"]
+
+
+def test_podman_id_mappings_parse() -> None:
+    o = parse_options(["lowerdir=/a,uidmapping=:0:100000:65536,gidmapping=0:1:1:1:100000:10"])
+    assert o.uid_map == [IdMap(0, 100000, 65536)]
+    assert o.gid_map == [IdMap(0, 1, 1), IdMap(1, 100000, 10)]
+
+
+@pytest.mark.parametrize("bad", ["lowerdir=/a,bogus", "lowerdir=/a,fsync=maybe",
+                                 "lowerdir=", "lowerdir=/a,uidmapping=1:2", "lowerdir=/a::/b"])
+def test_bad_options_are_clear_errors(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_options([bad])
+
+
+# -- refusals: one line, non-zero, nothing mounted ------------------------------------
+
+
+def _refusal_cases(stack: Stack, tmp_path: Path) -> dict[str, tuple[str, str]]:
+    l1, u, w, m = stack.lowers[0], stack.upper, stack.work, stack.mnt
+    afile = tmp_path / "file"
+    write(afile)
+    (l1 / "inner").mkdir()
+    (m / "sub").mkdir()
+    return {
+        "missing lower": (f"lowerdir={tmp_path}/nope", os.fspath(m)),
+        "lower not a dir": (f"lowerdir={afile}", os.fspath(m)),
+        "no lowerdir": (f"upperdir={u},workdir={w}", os.fspath(m)),
+        "upper without work": (f"lowerdir={l1},upperdir={u}", os.fspath(m)),
+        "work without upper": (f"lowerdir={l1},workdir={w}", os.fspath(m)),
+        "upper inside lower": (f"lowerdir={l1},upperdir={l1}/inner,workdir={w}", os.fspath(m)),
+        "lower inside upper": (f"lowerdir={u}/..,upperdir={u},workdir={w}", os.fspath(m)),
+        "mountpoint inside lower": (f"lowerdir={l1},upperdir={u},workdir={w}", f"{l1}/inner"),
+        "lower inside mountpoint": (f"lowerdir={m}/sub,upperdir={u},workdir={w}", os.fspath(m)),
+        "mountpoint inside workdir": (f"lowerdir={l1},upperdir={u},workdir={w}", f"{w}"),
+        "missing mountpoint": (f"lowerdir={l1},upperdir={u},workdir={w}", f"{tmp_path}/none"),
+        "unknown option": (f"lowerdir={l1},frobnicate", os.fspath(m)),
+        "upper is work": (f"lowerdir={l1},upperdir={u},workdir={u}", os.fspath(m)),
+    }
+
+
+def test_every_bad_setup_is_refused_with_one_line(stack: Stack, tmp_path: Path) -> None:
+    before = sorted(os.listdir(stack.upper)), sorted(os.listdir(stack.work))
+    for case, (opts, mnt) in _refusal_cases(stack, tmp_path).items():
+        r = run("-o", opts, mnt)
+        assert r.returncode != 0, case
+        assert r.stderr.startswith("unionfs: ") and r.stderr.count("\n") == 1, (case, r.stderr)
+        assert mount_type(mnt) is None, case
+    assert (sorted(os.listdir(stack.upper)), sorted(os.listdir(stack.work))) == before
+
+
+def test_an_unusable_dev_fuse_is_refused(stack: Stack) -> None:
+    """Run with /dev/fuse hidden (a private mount namespace with an empty /dev/fuse)."""
+    script = (
+        "mount --bind /dev/null /dev/fuse 2>/dev/null || exit 77; "
+        f"exec {' '.join(unionfs_command())} -o lowerdir={stack.lowers[0]} {stack.mnt}"
+    )
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.fspath(REPO)), timeout=30)
+    assert r.returncode not in (0, 77), r.stderr
+    assert "/dev/fuse" in r.stderr
+
+
+def test_version_and_help() -> None:
+    v = run("--version")
+    assert v.returncode == 0 and v.stdout.startswith("unionfs version ")
+    h = run("-h")
+    assert h.returncode == 0 and "lowerdir" in h.stdout
+
+
+# -- running and stopping ---------------------------------------------------------
+
+
+def _daemon_pid(marker: str) -> int | None:
+    """The daemon whose command line has *marker* (our own child's child: not a Popen)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"unionfs" in b" ".join(cmd) and os.fsencode(marker) in cmd:
+            return int(pid)
+    return None
+
+
+def _wait_gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}") or " Z " in Path(f"/proc/{pid}/stat").read_text():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_daemon_mode_returns_when_ready_and_exits_on_unmount(stack: Stack, tmp_path: Path) -> None:
+    """Relative, symlinked layer paths resolved against the caller's cwd; mount.fuse3's argv."""
+    write(stack.lowers[0] / "hello", b"hi")
+    os.symlink(stack.lowers[0], tmp_path / "l-link")
+    r = run("unionfs-source", "mnt", "-o", "rw,lowerdir=l-link:l2,upperdir=upper,workdir=work,dev,suid",
+            cwd=tmp_path)
+    pid = _daemon_pid("unionfs-source")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == r.stderr == ""
+        assert mount_type(stack.mnt) == "fuse.unionfs"  # ready when the command returned
+        assert (stack.mnt / "hello").read_bytes() == b"hi"
+        assert pid is not None
+    finally:
+        subprocess.run(["fusermount3", "-u", os.fspath(stack.mnt)], check=False)
+    assert pid is not None and _wait_gone(pid)
+    assert mount_type(stack.mnt) is None
+
+
+@pytest.mark.parametrize("how", ["fusermount3", "umount", "SIGTERM", "SIGINT"])
+def test_stopping_unmounts_cleanly_with_status_0(stack: Stack, how: str) -> None:
+    um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
+    try:
+        write(stack.mnt / "f", b"kept")
+        if how in ("fusermount3", "umount"):
+            cmd = ["fusermount3", "-u"] if how == "fusermount3" else ["umount"]
+            subprocess.run([*cmd, os.fspath(stack.mnt)], check=True)
+        else:
+            os.kill(um.pid, getattr(signal, how))
+        assert um.proc.wait(timeout=15) == 0
+        assert mount_type(stack.mnt) is None
+    finally:
+        um.unmount()
+    assert (stack.upper / "f").read_bytes() == b"kept"
+
+
+def test_the_package_runs_as_a_module_and_a_command() -> None:
+    exe = REPO / ".venv" / "bin" / "unionfs"
+    r = subprocess.run([os.fspath(exe), "--version"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "unionfs version" in r.stdout
+
+
+def test_make_install_is_idempotent() -> None:
+    r = subprocess.run(["make", "-s", "install"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["make", "-q", os.fspath(REPO / ".venv" / ".installed")], cwd=REPO,
+                       check=False)
+    assert r.returncode == 0  # nothing left to do
