@@ -62,9 +62,9 @@ class _Run:
     """State of one execution; separated so cleanup lives in one ``finally``."""
 
     def __init__(self, case: Case, kinds: tuple[str, str], timeout: float, post: bool,
-                 tamper: Callable[[bytes], None] | None):
+                 tamper: Callable[[bytes], None] | None, before_op: Callable[[int, Side], None] | None):
         self.case, self.kinds, self.timeout, self.post = case, kinds, timeout, post
-        self.tamper = tamper
+        self.tamper, self.before_op = tamper, before_op
         self.tmp = os.fsencode(tempfile.mkdtemp(prefix="conf-", dir="/tmp"))
         self.sides: dict[str, Side] = {}
         self.workers: dict[str, Worker] = {}
@@ -134,6 +134,8 @@ class _Run:
             return self.out
         for k, o in enumerate(self.case.ops):
             stage = f"op#{k} {o}"
+            if self.before_op:
+                self.before_op(k, self.sides["b"])
             self.clock.boundary()
             results = []
             for name in ("a", "b"):
@@ -208,14 +210,17 @@ class _Run:
 
 
 def run_case(case: Case, kinds: tuple[str, str] = ("kernel", "unionfs"), timeout: float = 10.0,
-             post: bool = True, tamper: Callable[[bytes], None] | None = None) -> Outcome:
+             post: bool = True, tamper: Callable[[bytes], None] | None = None,
+             before_op: Callable[[int, Side], None] | None = None) -> Outcome:
     """Execute *case* on both sides; never leaves a mount, daemon or temp dir behind.
 
     Args:
         tamper: Test hook: called with side b's base dir after its layers are
             built, to plant a difference (the comparator's negative control).
+        before_op: Test hook: called with the op index and side b before each op
+            (e.g. to stop the daemon and provoke a hang).
     """
-    r = _Run(case, kinds, timeout, post, tamper)
+    r = _Run(case, kinds, timeout, post, tamper, before_op)
     try:
         return r.run()
     finally:
