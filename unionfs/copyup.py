@@ -60,6 +60,8 @@ async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None)
     ppath = parent.path
     src_dir = src_layer.dirfd(ppath)
     st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
+    if src_layer.nosuid and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        st = _without_setid(st)
     work = union.work_fd
     tmp = union.tmp_name()
     kind = stat.S_IFMT(st.st_mode)
@@ -154,6 +156,17 @@ def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
             if e.errno not in (errno.ENOTSUP, errno.ENODATA):
                 raise
             log.warning("xattr %r not copied up: %s", name, e.strerror)
+
+
+def _without_setid(st: os.stat_result) -> os.stat_result:
+    """The stat with setuid/setgid dropped, for copies out of a nosuid layer."""
+    fields = list(st)
+    fields[0] = st.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
+    return os.stat_result(fields, {  # keep the ns times the copy needs
+        "st_atime_ns": st.st_atime_ns, "st_mtime_ns": st.st_mtime_ns,
+        "st_ctime_ns": st.st_ctime_ns, "st_rdev": st.st_rdev, "st_blocks": st.st_blocks,
+        "st_blksize": st.st_blksize,
+    })
 
 
 def _discard(work: int, tmp: bytes) -> None:

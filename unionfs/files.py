@@ -28,6 +28,16 @@ def wants_write(flags: int) -> bool:
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
+def kill_setid(fd: int) -> None:
+    """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate."""
+    mode = os.fstat(fd).st_mode
+    new = mode & ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        new &= ~stat.S_ISGID
+    if new != mode:
+        os.fchmod(fd, stat.S_IMODE(new))
+
+
 class Handle:
     __slots__ = ("fd", "node", "layer", "flags")
 
@@ -60,12 +70,17 @@ class Files:
 
     # -- open and close ------------------------------------------------------
 
-    async def open(self, node: Node, flags: int) -> int:
+    async def open(self, node: Node, flags: int, privileged: bool = True) -> int:
+        """Open *node*; *privileged* callers (CAP_FSETID) keep setuid bits on O_TRUNC."""
         if wants_write(flags):
             if self.union.readonly:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
         fd = self._open_real(node, flags)
+        if flags & os.O_TRUNC and not privileged:
+            # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
+            # filesystem to drop the privilege bits, as truncate(2) would.
+            kill_setid(fd)
         return self.add(node, fd, flags)
 
     def _open_real(self, node: Node, flags: int) -> int:

@@ -50,7 +50,9 @@ def fd_path(dirfd: int, name: bytes = b"") -> bytes:
 class Layer:
     """One directory of the stack: the upper (writable) or a lower (read-only) one."""
 
-    __slots__ = ("index", "path", "root_fd", "writable", "dev", "fsid", "_dirfds", "_max_dirfds")
+    __slots__ = (
+        "index", "path", "root_fd", "writable", "dev", "fsid", "nosuid", "_dirfds", "_max_dirfds",
+    )
 
     def __init__(self, index: int, path: Path, writable: bool, max_dirfds: int = 512) -> None:
         self.index = index
@@ -58,6 +60,8 @@ class Layer:
         self.writable = writable
         self.root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.root_fd).st_dev
+        # A setuid bit on a nosuid filesystem grants nothing; copy-up must not make it real.
+        self.nosuid = bool(os.statvfs(fd_path(self.root_fd)).f_flag & os.ST_NOSUID)
         self.fsid = 0  # set by the stack: which distinct filesystem this layer is on
         # Directory fds by relative path. Bounded, so walking a huge tree never
         # holds one fd per directory seen.

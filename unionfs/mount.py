@@ -131,6 +131,13 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         # Like the kernel overlay: other users and setuid binaries in a container work.
         fuse |= {"allow_other", "suid", "dev"}
     fuse |= opts.fuse
+    # A layer on a nosuid/nodev filesystem must not gain those powers through this mount.
+    for path in [*lowers, *([upper] if upper is not None else [])]:
+        flags = os.statvfs(path).f_flag
+        if flags & os.ST_NOSUID:
+            fuse.add("nosuid")
+        if flags & os.ST_NODEV:
+            fuse.add("nodev")
     for flag, opposite in (("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec")):
         if opposite in fuse:
             fuse.discard(flag)

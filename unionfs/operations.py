@@ -205,7 +205,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        fh = await self.files.open(self._node(inode), flags)
+        fh = await self.files.open(self._node(inode), flags, privileged=ctx.uid == 0)
         return FileInfo(fh=fh, keep_cache=True)
 
     @boundary

@@ -13,6 +13,7 @@ import collections
 import sys
 import time
 
+from tests.conformance.compare import Divergence
 from tests.conformance.exclusions import EXCLUSIONS
 from tests.conformance.runner import DEFAULT_OPS, Case, Outcome, make_case, run_case
 from tests.conformance.shrink import shrink
@@ -22,10 +23,25 @@ def case_seed(seed: int, i: int) -> int:
     return seed * 10000 + i
 
 
+def _renumber(outcome: Outcome, kept: list[int]) -> Outcome:
+    def fix(text: str | None) -> str | None:
+        if text and text.startswith("op#"):
+            j, _, rest = text[3:].partition(" ")
+            if j.isdigit() and int(j) < len(kept):
+                return f"op#{kept[int(j)]}" + (" " + rest if rest else "")
+        return text
+
+    divs = [Divergence(d.kind, fix(d.where) or "", d.detail, d.paths, d.excluded_by)
+            for d in outcome.divergences]
+    return Outcome(fix(outcome.stage), divs, outcome.excluded, outcome.notes, outcome.transcript)
+
+
 def format_report(case: Case, kept: list[int] | None, outcome: Outcome, kinds: tuple[str, str],
                   n_ops: int) -> str:
     """The readable divergence report (also used by the pytest tests)."""
     ops = case.ops if kept is None else [case.ops[i] for i in kept]
+    if kept:  # a replay numbers its ops 0..n-1: show the original indices
+        outcome = _renumber(outcome, kept)
     idx = list(range(len(case.ops))) if kept is None else kept
     lines = [f"=== DIVERGENCE case-seed={case.seed} ({kinds[0]} = a, {kinds[1]} = b) ===",
              "layers:", case.spec.describe(),

@@ -15,8 +15,9 @@ because the quantity is not comparable at all, never to hide a bug):
 * nlink and mtime of whiteouts in the upper dir: the kernel shares one
   whiteout inode (hard links to ``work/#whiteout``), so these are artifacts
   of that sharing.
-* exact extent maps of upper files: only "is it sparse" is compared (the
-  kernel's copy-up skips holes only at 1 MiB chunk boundaries).
+* exact extent maps of upper files: side b must not allocate more bytes
+  than side a (the kernel's copy-up skips holes only at 1 MiB chunk starts,
+  so a sparser copy is fine, a denser one is a divergence).
 * readdir order: not specified by POSIX; names are compared as sorted lists.
 * directory st_size and st_nlink: filesystem private (ext4 counts blocks,
   overlay merges several directories); the upper-dir comparison covers the
@@ -113,10 +114,9 @@ def _entry_view(e: dict[str, Any], clock: Clock | None, flavour: str) -> dict[st
             v.pop("nlink", None)
     if flavour == "upper" and "extents" in v:
         # The kernel copies up in 1 MiB chunks and skips only holes it meets at a
-        # chunk start, so the exact extent map is a copy-loop artifact; whether a
-        # file is sparse at all is the observable property that is compared.
-        extents = v.pop("extents")
-        v["sparse"] = sum(b - a for a, b in extents) < v.get("size", 0)
+        # chunk start, so the exact extent map is a copy-loop artifact. What is
+        # compared is the number of allocated bytes, one-sided (see diff_trees).
+        v["allocated"] = sum(b - a for a, b in v.pop("extents"))
     if flavour == "upper" and v.get("fmt") == stat.S_IFCHR and v.get("rdev") == (0, 0):
         # Whiteouts: the kernel hard-links one shared whiteout inode per upper fs
         # (workdir/work/#whiteout), so nlink and mtime of a whiteout are artifacts
@@ -142,6 +142,9 @@ def diff_trees(a: Snapshot, b: Snapshot, ca: Clock | None, cb: Clock | None, pre
             continue
         va, vb = _entry_view(a[p], ca, flavour), _entry_view(b[p], cb, flavour)
         for k in sorted(set(va) | set(vb)):
+            if k == "allocated" and isinstance(va.get(k), int) and isinstance(vb.get(k), int) \
+                    and vb[k] <= va[k]:
+                continue  # side b may keep more holes than the kernel's copy-up, never fewer
             if va.get(k) != vb.get(k):
                 out.append(Divergence(f"{prefix}:{k}", where, f"{_show(va.get(k))} != {_show(vb.get(k))}",
                                       frozenset([p])))

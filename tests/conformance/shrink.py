@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tests.conformance.ops import Op
 from tests.conformance.runner import Case, Outcome, run_case
@@ -46,8 +46,12 @@ def ddmin(items: Sequence[T], still_fails: Callable[[list[T]], bool], deadline: 
 
 
 def shrink(case: Case, original: Outcome, kinds: tuple[str, str], budget: float = 120.0,
-           timeout: float = 10.0) -> tuple[list[int], Outcome]:
-    """Shrink *case*'s ops; returns the kept op indices and the outcome of that replay."""
+           timeout: float = 10.0, **hooks: Any) -> tuple[list[int], Outcome]:
+    """Shrink *case*'s ops; returns the kept op indices and the outcome of that replay.
+
+    Args:
+        hooks: Passed on to :func:`run_case` (test hooks such as ``tamper``).
+    """
     deadline = time.monotonic() + budget
     wanted = original.kinds()
     indexed = list(enumerate(case.ops))
@@ -61,7 +65,7 @@ def shrink(case: Case, original: Outcome, kinds: tuple[str, str], budget: float 
 
     def still_fails(sub: list[tuple[int, Op]]) -> bool:
         out = run_case(Case(case.spec, [o for _, o in sub], case.seed), kinds, timeout,
-                       post=not original.stage or not original.stage.startswith("op#"))
+                       post=not original.stage or not original.stage.startswith("op#"), **hooks)
         ok = out.diverged and bool(out.kinds() & wanted)
         if ok:
             best[",".join(str(i) for i, _ in sub)] = out
@@ -69,5 +73,6 @@ def shrink(case: Case, original: Outcome, kinds: tuple[str, str], budget: float 
 
     kept = ddmin(indexed, still_fails, deadline) if indexed else []
     key = ",".join(str(i) for i, _ in kept)
-    outcome = best.get(key) or run_case(Case(case.spec, [o for _, o in kept], case.seed), kinds, timeout)
+    outcome = best.get(key) or run_case(Case(case.spec, [o for _, o in kept], case.seed), kinds,
+                                        timeout, **hooks)
     return [i for i, _ in kept], outcome
