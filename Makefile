@@ -7,6 +7,7 @@ APT_PKGS := fuse3 libfuse3-dev pkg-config attr gcc
 CASES   ?= 200
 SEED    ?= 1
 DURATION ?= 60
+STRESS_FILES ?= 100000
 
 .PHONY: install system-deps test test-unit test-engines demo lint conformance bench stress install-system clean
 
@@ -43,7 +44,7 @@ test-engines: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/engines
 
 test-unit: install
-	$(PY) -m pytest -q -p no:cacheprovider tests -m 'not slow' -k 'not conformance'
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance
 
 demo: install
 	$(PY) examples/demo.py
@@ -59,8 +60,10 @@ conformance: install
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
 
+# Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install
-	UNIONFS_STRESS_SECONDS=$(DURATION) $(PY) -m pytest -q -p no:cacheprovider -m slow tests -s
+	UNIONFS_STRESS_SECONDS=$(DURATION) UNIONFS_STRESS_FILES=$(STRESS_FILES) \
+		$(PY) -m pytest -q -p no:cacheprovider -s tests/test_load.py
 
 install-system: install
 	install -m 0755 -d /usr/local/sbin

@@ -1,0 +1,147 @@
+"""Load: concurrent copy-up, namespace churn, bounded fds and memory.
+
+Sizes and durations are small by default so ``make test`` stays fast;
+``make stress DURATION=60`` runs them long and big (UNIONFS_STRESS_SECONDS and
+UNIONFS_STRESS_FILES), printing operation counts, errors and the daemon's RSS.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+from pathlib import Path
+
+from tests.conftest import Stack
+from tests.test_merge import write
+
+SECONDS = float(os.environ.get("UNIONFS_STRESS_SECONDS", "3"))
+FILES = int(os.environ.get("UNIONFS_STRESS_FILES", "20000"))
+
+
+def _writer(path: str, index: int, barrier: mp.synchronize.Barrier) -> None:  # type: ignore[name-defined]
+    barrier.wait()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"%d" % index, index)
+    finally:
+        os.close(fd)
+
+
+def test_eight_writers_at_once_make_one_copy_up(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "shared", b"." * 8 + b"lower tail" * 100_000)
+    um = mounted(args=["-d"])
+    barrier = mp.Barrier(8)
+    procs = [mp.Process(target=_writer, args=(os.fspath(stack.mnt / "shared"), i, barrier))
+             for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    data = (stack.mnt / "shared").read_bytes()
+    assert data[:8] == b"01234567"  # every writer's byte landed in the one upper copy
+    assert data[8:] == b"lower tail" * 100_000
+    assert um.log().count("copied up <Node") == 1
+
+
+def _churn(mnt: str, worker: int, seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Create, rename, unlink and list in one shared directory; return the names kept."""
+    rng = random.Random(worker)
+    alive: set[str] = set()
+    ops = errors = 0
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        name = f"w{worker}-{i}"
+        try:
+            choice = rng.random()
+            if choice < 0.4 or not alive:
+                with open(os.path.join(mnt, name), "wb") as f:
+                    f.write(name.encode())
+                alive.add(name)
+            elif choice < 0.6:
+                old = rng.choice(sorted(alive))
+                os.rename(os.path.join(mnt, old), os.path.join(mnt, name))
+                alive.discard(old)
+                alive.add(name)
+            elif choice < 0.8:
+                old = rng.choice(sorted(alive))
+                os.unlink(os.path.join(mnt, old))
+                alive.discard(old)
+            else:
+                listed = {n for n in os.listdir(mnt) if n.startswith(f"w{worker}-")}
+                if listed != alive:
+                    errors += 1
+            ops += 1
+        except OSError:
+            errors += 1
+    out.put((worker, sorted(alive), ops, errors))
+
+
+def test_parallel_namespace_churn(stack: Stack, mounted) -> None:
+    for i in range(50):  # some lower names to whiteout along the way
+        write(stack.lowers[0] / f"lower-{i}")
+    um = mounted()
+    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    procs = [mp.Process(target=_churn, args=(os.fspath(stack.mnt), w, SECONDS, q)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for i in range(0, 50, 2):
+        os.unlink(stack.mnt / f"lower-{i}")
+    results = [q.get(timeout=SECONDS + 60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    expected = {n for _, alive, _, _ in results for n in alive}
+    expected |= {f"lower-{i}" for i in range(1, 50, 2)}
+    assert set(os.listdir(stack.mnt)) == expected
+    total_ops = sum(r[2] for r in results)
+    total_errors = sum(r[3] for r in results)
+    print(f"\nchurn: {total_ops} operations in {SECONDS}s by 4 processes, {total_errors} errors, "
+          f"daemon RSS {_rss_kib(um.pid)} KiB")
+    assert total_errors == 0
+    for _, alive, _, _ in results:
+        for name in alive[:20]:
+            assert (stack.mnt / name).read_bytes().startswith(b"w")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def _hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return -1
+
+
+def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted) -> None:
+    per_dir = 100
+    dirs = max(1, FILES // per_dir)
+    for d in range(dirs):
+        base = stack.lowers[d % 2] / f"d{d // 10}" / f"sub{d}"
+        base.mkdir(parents=True, exist_ok=True)
+        for f in range(per_dir):
+            (base / f"f{f}").touch()
+    um = mounted()
+    limits = Path(f"/proc/{um.pid}/limits").read_text()
+    line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard  # the soft limit was raised to the hard one
+    for _ in range(2):
+        seen = 0
+        for root, dirnames, filenames in os.walk(stack.mnt):
+            for name in filenames:
+                os.lstat(os.path.join(root, name))
+                seen += 1
+        assert seen == dirs * per_dir
+    fds = len(os.listdir(f"/proc/{um.pid}/fd"))
+    print(f"\nwalked {seen} files twice: daemon holds {fds} fds, "
+          f"RSS {_rss_kib(um.pid)} KiB, peak {_hwm_kib(um.pid)} KiB")
+    assert fds < 1200  # bounded by the per-layer directory fd cache, not by the tree
