@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unionfs.errors import UsageError
+from unionfs.idmap import IdMapper, IdTable
 from unionfs.options import Options
 from unionfs.union import UnionConfig
 
@@ -150,6 +151,12 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         work=None if opts.readonly else work,
         fsync=opts.fsync,
         static_nlink=opts.static_nlink,
+        ids=IdMapper(
+            IdTable(opts.uid_map, opts.squash_uid if opts.squash_uid is not None
+                    else (0 if opts.squash_root else None)),
+            IdTable(opts.gid_map, opts.squash_gid if opts.squash_gid is not None
+                    else (0 if opts.squash_root else None)),
+        ),
     )
     fault = os.environ.get("UNIONFS_FAULT_INJECT_LOOKUP")
     if fault:

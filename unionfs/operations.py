@@ -22,6 +22,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 from unionfs import dirops
 from unionfs.dirops import Caller
 from unionfs.files import Change, DirHandle, Files
+from unionfs.idmap import IdMapper
 from unionfs.nodes import Node
 from unionfs.union import Union
 
@@ -61,11 +62,16 @@ def boundary(fn: F) -> F:
     return cast(F, wrapper)
 
 
-def caller(ctx: RequestContext, mode: int = 0) -> Caller:
+def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
+    """The requester, with its ids as they are stored in the layers."""
     groups: frozenset[int] = frozenset()
     if mode & stat.S_ISGID and not stat.S_ISDIR(mode) and ctx.uid != 0:
-        groups = frozenset(pyfuse3.get_sup_groups(ctx.pid))  # only this rule needs them
-    return Caller(ctx.uid, ctx.gid, ctx.umask, groups)
+        groups = frozenset(  # only the setgid rule needs them
+            ids.gids.stored_or_overflow(g) for g in pyfuse3.get_sup_groups(ctx.pid))
+    if ids.identity:
+        return Caller(ctx.uid, ctx.gid, ctx.umask, groups)
+    return Caller(ids.uids.stored_or_overflow(ctx.uid), ids.gids.stored_or_overflow(ctx.gid),
+                  ctx.umask, groups)
 
 
 class Operations(pyfuse3.Operations):
@@ -78,6 +84,7 @@ class Operations(pyfuse3.Operations):
         self.files = Files(union)
         self.dirs: dict[int, DirHandle] = {}
         self._next_dh = itertools.count(1)
+        self.ids = union.config.ids
 
     # -- helpers -------------------------------------------------------------
 
@@ -90,8 +97,13 @@ class Operations(pyfuse3.Operations):
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
         e.st_nlink = self.union.shown_nlink(node, st)
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
+        ids = self.ids
+        if ids.identity:
+            e.st_uid = st.st_uid
+            e.st_gid = st.st_gid
+        else:
+            e.st_uid = ids.uids.shown(st.st_uid)
+            e.st_gid = ids.gids.shown(st.st_gid)
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
@@ -132,8 +144,8 @@ class Operations(pyfuse3.Operations):
         change = Change(
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=self.ids.uids.stored(attr.st_uid) if fields.update_uid else None,
+            gid=self.ids.gids.stored(attr.st_gid) if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
@@ -150,7 +162,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
     ) -> EntryAttributes:
         node = await dirops.create_node(
-            self.union, self._node(parent_inode), name, mode, caller(ctx, mode), rdev=rdev
+            self.union, self._node(parent_inode), name, mode, caller(ctx, self.ids, mode), rdev=rdev
         )
         return self._entry(node)
 
@@ -160,7 +172,7 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         node = await dirops.create_node(
-            self.union, self._node(parent_inode), name, mode, caller(ctx, mode)
+            self.union, self._node(parent_inode), name, mode, caller(ctx, self.ids, mode)
         )
         return self._entry(node)
 
@@ -169,7 +181,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
     ) -> EntryAttributes:
         node = await dirops.create_node(
-            self.union, self._node(parent_inode), name, stat.S_IFLNK | 0o777, caller(ctx),
+            self.union, self._node(parent_inode), name, stat.S_IFLNK | 0o777, caller(ctx, self.ids),
             target=target,
         )
         return self._entry(node)
@@ -213,7 +225,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
         node, fd = await dirops.create_file(
-            self.union, self._node(parent_inode), name, mode, flags, caller(ctx, mode)
+            self.union, self._node(parent_inode), name, mode, flags, caller(ctx, self.ids, mode)
         )
         fh = self.files.add(node, fd, flags)
         return FileInfo(fh=fh, keep_cache=True), self._entry(node)

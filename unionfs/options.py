@@ -33,7 +33,8 @@ class Options:
     timeout: float | None = None
     uid_map: list[IdMap] = field(default_factory=list)
     gid_map: list[IdMap] = field(default_factory=list)
-    squash_uid: int | None = None
+    squash_root: bool = False
+    squash_uid: int | None = None  # wins over squash_root, whatever the order
     squash_gid: int | None = None
     fuse: set[str] = field(default_factory=set)  # passed on to the FUSE mount
     ignored: list[str] = field(default_factory=list)  # accepted, documented no-ops
@@ -200,7 +201,7 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
     elif key == "gidmapping":
         opts.gid_map = parse_idmap(key, need())
     elif key == "squash_to_root":
-        opts.squash_uid = opts.squash_gid = 0
+        opts.squash_root = True
     elif key == "squash_to_uid":
         opts.squash_uid = _int(key, need())
     elif key == "squash_to_gid":

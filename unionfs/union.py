@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unionfs.idmap import IDENTITY, IdMapper
 from unionfs.layers import (
     Layer,
     fd_path,
@@ -40,6 +41,7 @@ class UnionConfig:
     fsync: bool = True  # False: fsync requests are acknowledged without syncing (volatile)
     static_nlink: bool = False  # report nlink 1 for every directory
     fault_name: bytes | None = None  # test hook: looking up this name raises a bug
+    ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
     extra: dict[str, str] = field(default_factory=dict)
 
 
