@@ -24,7 +24,9 @@ UNIONFS = [sys.executable, "-m", "unionfs"]
 
 def build_layers() -> dict[str, Path]:
     if RUN.exists():
-        subprocess.run(["umount", "-l", os.fspath(RUN / "merged")], capture_output=True, check=False)
+        subprocess.run(
+            ["umount", "-l", os.fspath(RUN / "merged")], capture_output=True, check=False
+        )
         shutil.rmtree(RUN)
     d = {n: RUN / n for n in ("base", "app", "upper", "work", "merged")}
     for p in d.values():
@@ -72,8 +74,11 @@ def main() -> int:
     show("app layer", d["app"])
     opts = f"lowerdir={d['app']}:{d['base']},upperdir={d['upper']},workdir={d['work']}"
     print(f"\n$ unionfs -o {opts} {d['merged']}")
-    subprocess.run([*UNIONFS, "-o", opts, os.fspath(d["merged"])], check=True,
-                   env=dict(os.environ, PYTHONPATH=os.fspath(HERE.parent)))
+    subprocess.run(
+        [*UNIONFS, "-o", opts, os.fspath(d["merged"])],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=os.fspath(HERE.parent)),
+    )
     m = d["merged"]
     try:
         show("merged view", m)
@@ -95,8 +100,10 @@ def main() -> int:
                 break
             time.sleep(0.05)
     show("upper layer: everything the container changed", d["upper"])
-    print("\nUnmounted. The upper above mounts as-is with the kernel overlay "
-          "(mount -t overlay ... -o lowerdir=app:base,upperdir=upper,workdir=...).")
+    print(
+        "\nUnmounted. The upper above mounts as-is with the kernel overlay "
+        "(mount -t overlay ... -o lowerdir=app:base,upperdir=upper,workdir=...)."
+    )
     return 0
 
 

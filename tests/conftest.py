@@ -52,8 +52,14 @@ class Stack:
             pytest.fail("/dev/fuse is not usable: the suite needs real FUSE mounts")
         if readonly:
             return start_unionfs(self.lowers, self.mnt, extra_options=extra_options, **kw)  # type: ignore[arg-type]
-        return start_unionfs(self.lowers, self.mnt, self.upper, self.work,  # type: ignore[arg-type]
-                             extra_options=extra_options, **kw)
+        return start_unionfs(
+            self.lowers,
+            self.mnt,
+            self.upper,
+            self.work,  # type: ignore[arg-type]
+            extra_options=extra_options,
+            **kw,
+        )
 
 
 @pytest.fixture

@@ -163,8 +163,11 @@ def kernel_overlay(
     if len(lowers) == 1 and upper is None:
         # The kernel needs two lowers for a read-only overlay; an empty one is neutral.
         raise ValueError("kernel overlay needs an upper or at least two lowers")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield mnt
     finally:

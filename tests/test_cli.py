@@ -17,10 +17,19 @@ from unionfs.errors import UsageError
 from unionfs.options import IdMap, parse_options, split_options
 
 
-def run(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
-    return subprocess.run([*unionfs_command(), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*unionfs_command(), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # -- option strings -------------------------------------------------------------
@@ -39,7 +48,10 @@ def test_escaped_colons_and_commas_stay_in_paths() -> None:
 
 def test_a_quoted_value_may_hold_commas() -> None:
     assert split_options('lowerdir=/a,context="system_u:object_r:x:s0:c1,c2",ro') == [
-        "lowerdir=/a", "context=system_u:object_r:x:s0:c1,c2", "ro"]
+        "lowerdir=/a",
+        "context=system_u:object_r:x:s0:c1,c2",
+        "ro",
+    ]
 
 
 def test_podman_id_mappings_parse() -> None:
@@ -48,8 +60,16 @@ def test_podman_id_mappings_parse() -> None:
     assert o.gid_map == [IdMap(0, 1, 1), IdMap(1, 100000, 10)]
 
 
-@pytest.mark.parametrize("bad", ["lowerdir=/a,bogus", "lowerdir=/a,fsync=maybe",
-                                 "lowerdir=", "lowerdir=/a,uidmapping=1:2", "lowerdir=/a::/b"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "lowerdir=/a,bogus",
+        "lowerdir=/a,fsync=maybe",
+        "lowerdir=",
+        "lowerdir=/a,uidmapping=1:2",
+        "lowerdir=/a::/b",
+    ],
+)
 def test_bad_options_are_clear_errors(bad: str) -> None:
     with pytest.raises(UsageError):
         parse_options([bad])
@@ -97,8 +117,13 @@ def test_an_unusable_dev_fuse_is_refused(stack: Stack) -> None:
         "mount --bind /dev/null /dev/fuse 2>/dev/null || exit 77; "
         f"exec {' '.join(unionfs_command())} -o lowerdir={stack.lowers[0]} {stack.mnt}"
     )
-    r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=os.fspath(REPO)), timeout=30)
+    r = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.fspath(REPO)),
+        timeout=30,
+    )
     assert r.returncode not in (0, 77), r.stderr
     assert "/dev/fuse" in r.stderr
 
@@ -140,8 +165,13 @@ def test_daemon_mode_returns_when_ready_and_exits_on_unmount(stack: Stack, tmp_p
     """Relative, symlinked layer paths resolved against the caller's cwd; mount.fuse3's argv."""
     write(stack.lowers[0] / "hello", b"hi")
     os.symlink(stack.lowers[0], tmp_path / "l-link")
-    r = run("unionfs-source", "mnt", "-o", "rw,lowerdir=l-link:l2,upperdir=upper,workdir=work,dev,suid",
-            cwd=tmp_path)
+    r = run(
+        "unionfs-source",
+        "mnt",
+        "-o",
+        "rw,lowerdir=l-link:l2,upperdir=upper,workdir=work,dev,suid",
+        cwd=tmp_path,
+    )
     pid = _daemon_pid("unionfs-source")
     try:
         assert r.returncode == 0, r.stderr
@@ -179,9 +209,16 @@ def test_the_package_runs_as_a_module_and_a_command() -> None:
 
 
 def test_make_install_is_idempotent() -> None:
-    r = subprocess.run(["make", "-s", "install"], cwd=REPO, capture_output=True, text=True,
-                       timeout=600, check=False)
+    r = subprocess.run(
+        ["make", "-s", "install"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(["make", "-q", os.fspath(REPO / ".venv" / ".installed")], cwd=REPO,
-                       check=False)
+    r = subprocess.run(
+        ["make", "-q", os.fspath(REPO / ".venv" / ".installed")], cwd=REPO, check=False
+    )
     assert r.returncode == 0  # nothing left to do

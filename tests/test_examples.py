@@ -9,8 +9,14 @@ from tests.mounting import REPO
 
 
 def test_make_demo_script_shows_copy_up_and_whiteout() -> None:
-    r = subprocess.run([sys.executable, "examples/demo.py"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "examples/demo.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     upper_part = r.stdout.split("== upper layer")[1]
     assert "bin/hello  <- whiteout (char 0/0)" in upper_part

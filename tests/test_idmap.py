@@ -23,8 +23,9 @@ def test_ids_are_shown_mapped_and_stored_unmapped(stack: Stack, mounted) -> None
     os.chmod(stack.upper, 0o777)
     mounted(extra_options=MAPPING)
     m = stack.mnt
-    assert [(os.stat(m / n).st_uid, os.stat(m / n).st_gid) for n in ("root", "one", "unmapped")] == [
-        (1000, 1000), (110000, 110000), (65534, 65534)]
+    assert [
+        (os.stat(m / n).st_uid, os.stat(m / n).st_gid) for n in ("root", "one", "unmapped")
+    ] == [(1000, 1000), (110000, 110000), (65534, 65534)]
     r = as_user(f"touch {m}/by-1000", uid=1000, gid=1000)
     assert r.returncode == 0, r.stderr
     st = os.stat(stack.upper / "by-1000")

@@ -33,8 +33,10 @@ def test_eight_writers_at_once_make_one_copy_up(stack: Stack, mounted) -> None:
     write(stack.lowers[0] / "shared", b"." * 8 + b"lower tail" * 100_000)
     um = mounted(args=["-d"])
     barrier = mp.Barrier(8)
-    procs = [mp.Process(target=_writer, args=(os.fspath(stack.mnt / "shared"), i, barrier))
-             for i in range(8)]
+    procs = [
+        mp.Process(target=_writer, args=(os.fspath(stack.mnt / "shared"), i, barrier))
+        for i in range(8)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -86,7 +88,9 @@ def test_parallel_namespace_churn(stack: Stack, mounted) -> None:
         write(stack.lowers[0] / f"lower-{i}")
     um = mounted()
     q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    procs = [mp.Process(target=_churn, args=(os.fspath(stack.mnt), w, SECONDS, q)) for w in range(4)]
+    procs = [
+        mp.Process(target=_churn, args=(os.fspath(stack.mnt), w, SECONDS, q)) for w in range(4)
+    ]
     for p in procs:
         p.start()
     for i in range(0, 50, 2):
@@ -99,8 +103,10 @@ def test_parallel_namespace_churn(stack: Stack, mounted) -> None:
     assert set(os.listdir(stack.mnt)) == expected
     total_ops = sum(r[2] for r in results)
     total_errors = sum(r[3] for r in results)
-    print(f"\nchurn: {total_ops} operations in {SECONDS}s by 4 processes, {total_errors} errors, "
-          f"daemon RSS {_rss_kib(um.pid)} KiB")
+    print(
+        f"\nchurn: {total_ops} operations in {SECONDS}s by 4 processes, {total_errors} errors, "
+        f"daemon RSS {_rss_kib(um.pid)} KiB"
+    )
     assert total_errors == 0
     for _, alive, _, _ in results:
         for name in alive[:20]:
@@ -142,6 +148,8 @@ def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted) -> None:
                 seen += 1
         assert seen == dirs * per_dir
     fds = len(os.listdir(f"/proc/{um.pid}/fd"))
-    print(f"\nwalked {seen} files twice: daemon holds {fds} fds, "
-          f"RSS {_rss_kib(um.pid)} KiB, peak {_hwm_kib(um.pid)} KiB")
+    print(
+        f"\nwalked {seen} files twice: daemon holds {fds} fds, "
+        f"RSS {_rss_kib(um.pid)} KiB, peak {_hwm_kib(um.pid)} KiB"
+    )
     assert fds < 1200  # bounded by the per-layer directory fd cache, not by the tree

@@ -116,9 +116,15 @@ def test_every_file_type_works_through_the_mount(stack: Stack, mounted) -> None:
         s.close()
     kinds = {n: stat.S_IFMT(os.lstat(m / n).st_mode) for n in os.listdir(m)}
     assert kinds == {
-        "reg": stat.S_IFREG, "dir": stat.S_IFDIR, "sym": stat.S_IFLNK, "hard": stat.S_IFREG,
-        "fifo": stat.S_IFIFO, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK,
-        "sock-node": stat.S_IFSOCK, "sock": stat.S_IFSOCK,
+        "reg": stat.S_IFREG,
+        "dir": stat.S_IFDIR,
+        "sym": stat.S_IFLNK,
+        "hard": stat.S_IFREG,
+        "fifo": stat.S_IFIFO,
+        "chr": stat.S_IFCHR,
+        "blk": stat.S_IFBLK,
+        "sock-node": stat.S_IFSOCK,
+        "sock": stat.S_IFSOCK,
     }
     assert os.readlink(m / "sym") == "reg"
     assert (m / "hard").read_bytes() == b"data"

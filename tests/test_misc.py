@@ -39,9 +39,11 @@ def test_private_overlay_xattrs_are_hidden_and_refused(stack: Stack, mounted) ->
     mounted()
     d = stack.mnt / "d"
     assert not [n for n in os.listxattr(d) if n.startswith("trusted.overlay.")]
-    for call in (lambda: os.getxattr(d, "trusted.overlay.opaque"),
-                 lambda: os.setxattr(d, "trusted.overlay.opaque", b"n"),
-                 lambda: os.removexattr(d, "trusted.overlay.other")):
+    for call in (
+        lambda: os.getxattr(d, "trusted.overlay.opaque"),
+        lambda: os.setxattr(d, "trusted.overlay.opaque", b"n"),
+        lambda: os.removexattr(d, "trusted.overlay.other"),
+    ):
         with pytest.raises(OSError):
             call()
     assert os.getxattr(stack.lowers[0] / "d", "trusted.overlay.other") == b"z"
@@ -148,10 +150,14 @@ def test_names_reserved_for_whiteouts_are_refused(stack: Stack, mounted) -> None
     write(stack.lowers[0] / "f")
     mounted()
     m = stack.mnt
-    for attempt in (lambda: open(m / ".wh.x", "wb"), lambda: os.mkdir(m / ".wh.d"),
-                    lambda: os.symlink("f", m / ".wh.s"), lambda: os.link(m / "f", m / ".wh.l"),
-                    lambda: os.mknod(m / ".wh.n", stat.S_IFIFO | 0o600),
-                    lambda: os.rename(m / "f", m / ".wh.f")):
+    for attempt in (
+        lambda: open(m / ".wh.x", "wb"),
+        lambda: os.mkdir(m / ".wh.d"),
+        lambda: os.symlink("f", m / ".wh.s"),
+        lambda: os.link(m / "f", m / ".wh.l"),
+        lambda: os.mknod(m / ".wh.n", stat.S_IFIFO | 0o600),
+        lambda: os.rename(m / "f", m / ".wh.f"),
+    ):
         with pytest.raises(OSError) as e:
             attempt()
         assert e.value.errno == errno.EINVAL
@@ -167,21 +173,39 @@ def test_workdir_on_another_filesystem_is_refused(stack: Stack, tmp_path: Path) 
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", os.fspath(other)], check=True)
     try:
         r = subprocess.run(
-            [*_cmd(), "-o", f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={other}",
-             os.fspath(stack.mnt)], capture_output=True, text=True, timeout=30)
+            [
+                *_cmd(),
+                "-o",
+                f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={other}",
+                os.fspath(stack.mnt),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         subprocess.run(["umount", "-l", os.fspath(other)], check=False)
     assert r.returncode != 0
     assert "same filesystem" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_a_second_mount_over_the_same_upper_is_refused(stack: Stack, mounted, tmp_path: Path) -> None:
+def test_a_second_mount_over_the_same_upper_is_refused(
+    stack: Stack, mounted, tmp_path: Path
+) -> None:
     mounted()
     other = tmp_path / "mnt2"
     other.mkdir()
     r = subprocess.run(
-        [*_cmd(), "-o", f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={stack.work}",
-         os.fspath(other)], capture_output=True, text=True, timeout=30)
+        [
+            *_cmd(),
+            "-o",
+            f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={stack.work}",
+            os.fspath(other),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0
     assert "in use" in r.stderr
 

@@ -38,11 +38,22 @@ def let_others_in(stack: Stack) -> None:
         p = p.parent
 
 
-def as_user(cmd: str, uid: int = 1000, gid: int = 1000, umask: str = "022") -> subprocess.CompletedProcess[str]:
+def as_user(
+    cmd: str, uid: int = 1000, gid: int = 1000, umask: str = "022"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-         "sh", "-c", f"umask {umask}; {cmd}"],
-        capture_output=True, text=True, check=False,
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "sh",
+            "-c",
+            f"umask {umask}; {cmd}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 

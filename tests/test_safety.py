@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack
-from tests.mounting import REPO, kernel_overlay, lazy_unmount, mount_type, start_unionfs, unionfs_command
+from tests.mounting import (
+    REPO,
+    kernel_overlay,
+    lazy_unmount,
+    mount_type,
+    start_unionfs,
+    unionfs_command,
+)
 from tests.test_merge import write
 from tests.test_namespace import as_user, let_others_in
 
@@ -37,7 +44,9 @@ def test_a_host_symlink_in_a_lower_never_exposes_the_host(stack: Stack, mounted)
     assert not os.path.lexists(f"/etc/{marker}")
 
 
-def test_an_escaping_relative_symlink_is_never_followed_by_the_daemon(stack: Stack, mounted) -> None:
+def test_an_escaping_relative_symlink_is_never_followed_by_the_daemon(
+    stack: Stack, mounted
+) -> None:
     os.symlink("../../../../../../..", stack.lowers[1] / "x")
     (stack.lowers[0] / "x").mkdir()  # a directory above the symlink: the two do not merge
     write(stack.lowers[0] / "x" / "mine")
@@ -69,7 +78,11 @@ def test_metadata_calls_on_a_symlink_change_only_the_link(stack: Stack, mounted)
     assert os.getxattr(stack.upper / "link", "trusted.on-link", follow_symlinks=False) == b"1"
     m = os.stat(stack.mnt / "target")
     assert (m.st_uid, m.st_gid, stat.S_IMODE(m.st_mode), m.st_mtime_ns) == (
-        before.st_uid, before.st_gid, 0o640, before.st_mtime_ns)
+        before.st_uid,
+        before.st_gid,
+        0o640,
+        before.st_mtime_ns,
+    )
     assert not (stack.upper / "target").exists()
 
 
@@ -138,8 +151,9 @@ def test_a_nosuid_lower_cannot_gain_setuid_through_the_mount(stack: Stack, tmp_p
     """The CVE-2023-0386 class: setuid bits from a nosuid source must not become effective."""
     lower = tmp_path / "nosuid-lower"
     lower.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "nosuid,size=4m", "tmpfs", os.fspath(lower)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "nosuid,size=4m", "tmpfs", os.fspath(lower)], check=True
+    )
     try:
         write(lower / "su", b"#!/bin/sh\n")
         os.chmod(lower / "su", 0o4755)
@@ -214,9 +228,21 @@ def test_other_users_see_the_kernel_overlays_errnos(stack: Stack, tmp_path: Path
         (twin / n).mkdir()
 
     def run_as_user(mnt: Path) -> dict[str, str]:
-        r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
-                            sys.executable, "-c", USER_SCRIPT, os.fspath(mnt)],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                USER_SCRIPT,
+                os.fspath(mnt),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(r.stdout)
 
     with kernel_overlay([twin / "l1", twin / "l2"], twin / "mnt", twin / "upper", twin / "work"):
@@ -245,9 +271,10 @@ def test_kill_9_during_copy_up_leaves_old_or_complete_content(stack: Stack, tmp_
         os.write(fd, b"fsynced before the crash")
         os.fsync(fd)
         os.close(fd)
-        writer = subprocess.Popen([sys.executable, "-c",
-                                   f"open({os.fspath(stack.mnt / 'big')!r}, 'ab').write(b'!')"],
-                                  stderr=subprocess.DEVNULL)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", f"open({os.fspath(stack.mnt / 'big')!r}, 'ab').write(b'!')"],
+            stderr=subprocess.DEVNULL,
+        )
         work = stack.work / "work"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not os.listdir(work):
@@ -311,8 +338,9 @@ def test_unmount_with_open_files_is_busy_then_lazy_unmount_waits(stack: Stack) -
     um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
     try:
         f = open(stack.mnt / "open", "wb")
-        r = subprocess.run(["fusermount3", "-u", os.fspath(stack.mnt)], capture_output=True,
-                           text=True, check=False)
+        r = subprocess.run(
+            ["fusermount3", "-u", os.fspath(stack.mnt)], capture_output=True, text=True, check=False
+        )
         assert r.returncode != 0 and "busy" in r.stderr.lower()
         write(stack.mnt / "still-usable", b"yes")
         subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=True)
@@ -327,7 +355,9 @@ def test_unmount_with_open_files_is_busy_then_lazy_unmount_waits(stack: Stack) -
     assert (stack.upper / "open").read_bytes() == b"written after the lazy unmount"
 
 
-def test_mounts_sharing_a_workdir_or_stacked_on_unionfs_are_refused(stack: Stack, tmp_path: Path) -> None:
+def test_mounts_sharing_a_workdir_or_stacked_on_unionfs_are_refused(
+    stack: Stack, tmp_path: Path
+) -> None:
     um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
     try:
         other_upper = tmp_path / "u2"
@@ -337,8 +367,14 @@ def test_mounts_sharing_a_workdir_or_stacked_on_unionfs_are_refused(stack: Stack
             (f"lowerdir={stack.lowers[0]},upperdir={other_upper},workdir={stack.work}", tmp_path),
             (f"lowerdir={stack.lowers[0]}:{stack.lowers[1]}", stack.mnt),
         ):
-            r = subprocess.run([*unionfs_command(), "-o", opts, os.fspath(mnt)], env=env,
-                               capture_output=True, text=True, timeout=30, check=False)
+            r = subprocess.run(
+                [*unionfs_command(), "-o", opts, os.fspath(mnt)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
     finally:
         um.unmount()

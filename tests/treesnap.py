@@ -34,14 +34,20 @@ def snapshot(root: Path | str, mtimes: bool = True) -> dict[bytes, tuple[object,
             else:
                 detail = None
             try:
-                xattrs = tuple(sorted(
-                    (n, os.getxattr(full, n, follow_symlinks=False))
-                    for n in os.listxattr(full, follow_symlinks=False) if n.startswith("user.")
-                ))
+                xattrs = tuple(
+                    sorted(
+                        (n, os.getxattr(full, n, follow_symlinks=False))
+                        for n in os.listxattr(full, follow_symlinks=False)
+                        if n.startswith("user.")
+                    )
+                )
             except OSError:
                 xattrs = ()
             out[child] = (
-                kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
                 st.st_size if kind != stat.S_IFDIR else None,
                 detail,
                 st.st_nlink if kind != stat.S_IFDIR else None,

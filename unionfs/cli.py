@@ -20,7 +20,9 @@ from unionfs.mount import Setup, check_setup, serve
 from unionfs.options import parse_options
 
 PROG = "unionfs"
-USAGE = "unionfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=UPPER,workdir=WORK] [SOURCE] MOUNTPOINT"
+USAGE = (
+    "unionfs [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=UPPER,workdir=WORK] [SOURCE] MOUNTPOINT"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,13 +34,24 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Unmount with: fusermount3 -u MOUNTPOINT (or umount). "
         "Every option is described in README.md.",
     )
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="comma-separated mount options (may be given more than once)")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated mount options (may be given more than once)",
+    )
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("-d", "--debug", action="store_true",
-                   help="log every request to stderr (implies -f)")
-    p.add_argument("-V", "--version", action="version",
-                   version=f"unionfs version {__version__}\n{_fuse_versions()}")
+    p.add_argument(
+        "-d", "--debug", action="store_true", help="log every request to stderr (implies -f)"
+    )
+    p.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=f"unionfs version {__version__}\n{_fuse_versions()}",
+    )
     p.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
     return p
 
@@ -72,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _log_to_stderr(level: int) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
 
 
 def _serve(setup: Setup, ready: Callable[[], None], timeout: float | None) -> int:
@@ -102,7 +116,10 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
         if answer == b"ok":
             return 0
         os.waitpid(pid, 0)
-        msg = answer.decode(errors="replace").strip() or "the daemon exited before the mount was ready"
+        msg = (
+            answer.decode(errors="replace").strip()
+            or "the daemon exited before the mount was ready"
+        )
         print(f"{PROG}: {msg}", file=sys.stderr)
         return 1
 

@@ -162,11 +162,17 @@ def _without_setid(st: os.stat_result) -> os.stat_result:
     """The stat with setuid/setgid dropped, for copies out of a nosuid layer."""
     fields = list(st)
     fields[0] = st.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
-    return os.stat_result(fields, {  # keep the ns times the copy needs
-        "st_atime_ns": st.st_atime_ns, "st_mtime_ns": st.st_mtime_ns,
-        "st_ctime_ns": st.st_ctime_ns, "st_rdev": st.st_rdev, "st_blocks": st.st_blocks,
-        "st_blksize": st.st_blksize,
-    })
+    return os.stat_result(
+        fields,
+        {  # keep the ns times the copy needs
+            "st_atime_ns": st.st_atime_ns,
+            "st_mtime_ns": st.st_mtime_ns,
+            "st_ctime_ns": st.st_ctime_ns,
+            "st_rdev": st.st_rdev,
+            "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize,
+        },
+    )
 
 
 def _discard(work: int, tmp: bytes) -> None:

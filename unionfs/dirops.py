@@ -118,7 +118,12 @@ def _place(
 
 
 async def create_node(
-    union: Union, parent: Node, name: bytes, mode: int, caller: Caller, rdev: int = 0,
+    union: Union,
+    parent: Node,
+    name: bytes,
+    mode: int,
+    caller: Caller,
+    rdev: int = 0,
     target: bytes | None = None,
 ) -> Node:
     """mkdir, mknod and symlink: a new entry owned by *caller*."""
@@ -130,6 +135,7 @@ async def create_node(
     if stat.S_ISDIR(mode):
         _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode)
     else:
+
         def make(fd: int, n: bytes) -> None:
             if target is not None:
                 os.symlink(target, n, dir_fd=fd)
@@ -347,8 +353,14 @@ async def rename(
 
 
 def _rename_over(
-    union: Union, src: Node, sparent: Node, sname: bytes, sfd: int,
-    dst: Node | None, dname: bytes, dfd: int,
+    union: Union,
+    src: Node,
+    sparent: Node,
+    sname: bytes,
+    sfd: int,
+    dst: Node | None,
+    dname: bytes,
+    dfd: int,
 ) -> None:
     src_whiteout = union.lower_has_name(sparent, sname)
     try:
@@ -372,9 +384,9 @@ def _rename_over(
         else:
             renameat2(sfd, sname, dfd, dname)
         return
-    if dst is not None and not dst.is_dir and dst.layer.writable and d_up is not None:
-        if d_up.st_nlink <= 1:
-            union.inos.upper_gone(d_up.st_ino)
+    replaced_upper_file = dst is not None and not dst.is_dir and dst.layer.writable
+    if replaced_upper_file and d_up is not None and d_up.st_nlink <= 1:
+        union.inos.upper_gone(d_up.st_ino)
     renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if src_whiteout else 0)
 
 
@@ -383,8 +395,14 @@ def _make_opaque(dirfd: int, name: bytes) -> None:
 
 
 def _move_names(
-    union: Union, src: Node, sparent: Node, sname: bytes,
-    dst: Node | None, dparent: Node, dname: bytes, swap: bool,
+    union: Union,
+    src: Node,
+    sparent: Node,
+    sname: bytes,
+    dst: Node | None,
+    dparent: Node,
+    dname: bytes,
+    swap: bool,
 ) -> None:
     if dst is not None and not swap:
         union.drop_name(dst, dparent, dname)

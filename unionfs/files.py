@@ -196,14 +196,22 @@ class Files:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         fd = fds[0]
         if change.uid is not None or change.gid is not None:
-            os.fchown(fd, -1 if change.uid is None else change.uid,
-                      -1 if change.gid is None else change.gid)
+            os.fchown(
+                fd,
+                -1 if change.uid is None else change.uid,
+                -1 if change.gid is None else change.gid,
+            )
         if change.mode is not None:
             os.fchmod(fd, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:
             st = os.fstat(fd)
-            os.utime(fd, ns=(st.st_atime_ns if change.atime_ns is None else change.atime_ns,
-                             st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns))
+            os.utime(
+                fd,
+                ns=(
+                    st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                    st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns,
+                ),
+            )
 
     # -- extended attributes (writing) ---------------------------------------
 

@@ -51,7 +51,15 @@ class Layer:
     """One directory of the stack: the upper (writable) or a lower (read-only) one."""
 
     __slots__ = (
-        "index", "path", "root_fd", "writable", "dev", "fsid", "nosuid", "_dirfds", "_max_dirfds",
+        "index",
+        "path",
+        "root_fd",
+        "writable",
+        "dev",
+        "fsid",
+        "nosuid",
+        "_dirfds",
+        "_max_dirfds",
     )
 
     def __init__(self, index: int, path: Path, writable: bool, max_dirfds: int = 512) -> None:
@@ -97,7 +105,9 @@ class Layer:
             fd = open_beneath(self.root_fd, relpath, _DIR_FLAGS)
         except OSError as e:
             if e.errno in _NOT_THERE:
-                raise FileNotFoundError(errno.ENOENT, "no such directory in layer", relpath) from None
+                raise FileNotFoundError(
+                    errno.ENOENT, "no such directory in layer", relpath
+                ) from None
             raise
         fds[relpath] = fd
         if len(fds) > self._max_dirfds:
@@ -114,7 +124,9 @@ class Layer:
 
     def open_dir(self, relpath: bytes) -> int:
         """A readable fd of directory *relpath*, for listing or fsync; the caller closes it."""
-        return os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(relpath))
+        return os.open(
+            b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(relpath)
+        )
 
     # -- entries -------------------------------------------------------------
 

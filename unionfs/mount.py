@@ -152,10 +152,18 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         fsync=opts.fsync,
         static_nlink=opts.static_nlink,
         ids=IdMapper(
-            IdTable(opts.uid_map, opts.squash_uid if opts.squash_uid is not None
-                    else (0 if opts.squash_root else None)),
-            IdTable(opts.gid_map, opts.squash_gid if opts.squash_gid is not None
-                    else (0 if opts.squash_root else None)),
+            IdTable(
+                opts.uid_map,
+                opts.squash_uid
+                if opts.squash_uid is not None
+                else (0 if opts.squash_root else None),
+            ),
+            IdTable(
+                opts.gid_map,
+                opts.squash_gid
+                if opts.squash_gid is not None
+                else (0 if opts.squash_root else None),
+            ),
         ),
     )
     fault = os.environ.get("UNIONFS_FAULT_INJECT_LOOKUP")

@@ -67,11 +67,16 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     groups: frozenset[int] = frozenset()
     if mode & stat.S_ISGID and not stat.S_ISDIR(mode) and ctx.uid != 0:
         groups = frozenset(  # only the setgid rule needs them
-            ids.gids.stored_or_overflow(g) for g in pyfuse3.get_sup_groups(ctx.pid))
+            ids.gids.stored_or_overflow(g) for g in pyfuse3.get_sup_groups(ctx.pid)
+        )
     if ids.identity:
         return Caller(ctx.uid, ctx.gid, ctx.umask, groups)
-    return Caller(ids.uids.stored_or_overflow(ctx.uid), ids.gids.stored_or_overflow(ctx.gid),
-                  ctx.umask, groups)
+    return Caller(
+        ids.uids.stored_or_overflow(ctx.uid),
+        ids.gids.stored_or_overflow(ctx.gid),
+        ctx.umask,
+        groups,
+    )
 
 
 class Operations(pyfuse3.Operations):
@@ -138,8 +143,12 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def setattr(
-        self, inode: int, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
-        fh: int | None, ctx: RequestContext,
+        self,
+        inode: int,
+        attr: EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: RequestContext,
     ) -> EntryAttributes:
         change = Change(
             size=attr.st_size if fields.update_size else None,
@@ -181,7 +190,11 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
     ) -> EntryAttributes:
         node = await dirops.create_node(
-            self.union, self._node(parent_inode), name, stat.S_IFLNK | 0o777, caller(ctx, self.ids),
+            self.union,
+            self._node(parent_inode),
+            name,
+            stat.S_IFLNK | 0o777,
+            caller(ctx, self.ids),
             target=target,
         )
         return self._entry(node)
@@ -205,12 +218,21 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: RequestContext,
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: RequestContext,
     ) -> None:
         await dirops.rename(
-            self.union, self._node(parent_inode_old), name_old,
-            self._node(parent_inode_new), name_new, flags,
+            self.union,
+            self._node(parent_inode_old),
+            name_old,
+            self._node(parent_inode_new),
+            name_new,
+            flags,
         )
 
     # -- files ---------------------------------------------------------------
@@ -332,5 +354,3 @@ class Operations(pyfuse3.Operations):
         # reached for existence checks.
         self.union.stat(self._node(inode))
         return True
-
-

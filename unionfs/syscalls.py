@@ -20,7 +20,9 @@ RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 
-_SYS_OPENAT2 = 437  # the same number on every architecture (added after the syscall table unification)
+_SYS_OPENAT2 = (
+    437  # the same number on every architecture (added after the syscall table unification)
+)
 FICLONE = 0x40049409
 
 _renameat2 = _libc.renameat2
@@ -69,7 +71,7 @@ def open_beneath(dirfd: int, path: bytes, flags: int) -> int:
             ctypes.c_size_t(ctypes.sizeof(how)),
         )
         if fd >= 0:
-            return fd
+            return int(fd)
         if ctypes.get_errno() != errno.ENOSYS:
             _raise_errno(path)
         _openat2_works = False
@@ -83,7 +85,9 @@ def _walk_beneath(dirfd: int, path: bytes, flags: int) -> int:
     cur = dirfd
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            nxt = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
+            )
             if cur != dirfd:
                 os.close(cur)
             cur = nxt

@@ -7,6 +7,7 @@ errno the caller should see.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -75,7 +76,7 @@ class Union:
             self.work_fd = _prepare_workdir(config.work)
         self.inos = InodeNumbers()
         root = Node(ROOT_INO, None, b"", stat.S_IFDIR, layers[0])
-        root.lowers = self._cut_at_opaque(b"", layers)[1:]
+        root.lowers = tuple(self._cut_at_opaque(b"", layers)[1:])
         self.table = NodeTable(root)
         self._tmp_names = itertools.count()
         # Open handles per inode: fstat of an unlinked open file needs one of their fds.
@@ -317,12 +318,11 @@ def _prepare_workdir(work: Path) -> int:
     """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it."""
     wfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
-        except FileExistsError:
-            pass
-        fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=wfd)
+        fd = os.open(
+            WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd
+        )
     finally:
         os.close(wfd)
     leftovers = os.listdir(fd_path(fd))
