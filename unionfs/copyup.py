@@ -90,6 +90,8 @@ async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None)
     union.inos.copied_up(new.st_ino, node.ino)
     node.lowers = (src_layer, *node.lowers) if kind == stat.S_IFDIR else ()
     node.layer = upper
+    if kind != stat.S_IFDIR:
+        union.attr_changed(node)  # nlink of a split hard link, blocks of a sparse copy
     log.debug("copied up %r", node)
 
 

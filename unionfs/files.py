@@ -28,14 +28,19 @@ def wants_write(flags: int) -> bool:
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
-def kill_setid(fd: int) -> None:
-    """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate."""
+def kill_setid(fd: int) -> bool:
+    """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate.
+
+    Returns whether the mode changed.
+    """
     mode = os.fstat(fd).st_mode
     new = mode & ~stat.S_ISUID
     if mode & stat.S_IXGRP:
         new &= ~stat.S_ISGID
-    if new != mode:
-        os.fchmod(fd, stat.S_IMODE(new))
+    if new == mode:
+        return False
+    os.fchmod(fd, stat.S_IMODE(new))
+    return True
 
 
 class Handle:
@@ -77,10 +82,10 @@ class Files:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
         fd = self._open_real(node, flags)
-        if flags & os.O_TRUNC and not privileged:
-            # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
-            # filesystem to drop the privilege bits, as truncate(2) would.
-            kill_setid(fd)
+        # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
+        # filesystem to drop the privilege bits, as truncate(2) would.
+        if flags & os.O_TRUNC and not privileged and kill_setid(fd):
+            self.union.attr_changed(node)
         return self.add(node, fd, flags)
 
     def _open_real(self, node: Node, flags: int) -> int:

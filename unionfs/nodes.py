@@ -118,13 +118,14 @@ class InodeNumbers:
         self.per_path: dict[tuple[int, bytes], int] = {}
         self._per_path_next = itertools.count(_PER_PATH_BASE)
 
-    def of(self, layer: Layer, st: os.stat_result, path: bytes) -> int:
+    def of(self, layer: Layer, st: os.stat_result, parent: Node, name: bytes) -> int:
         if layer.writable:
             ino = self.origins.get(st.st_ino)
             if ino is not None:
                 return ino
         elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            key = (layer.index, path)
+            ppath = parent.path
+            key = (layer.index, ppath + b"/" + name if ppath else name)
             ino = self.per_path.get(key)
             if ino is None:
                 ino = self.per_path[key] = next(self._per_path_next)

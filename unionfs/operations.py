@@ -8,10 +8,12 @@ traceback and answered with EIO while the mount goes on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
 import logging
+import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
@@ -31,9 +33,11 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # Lower layers cannot change while mounted, and every change to the upper goes
-# through this daemon, so the kernel may keep what it was told for long.
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
+# through this daemon, so the kernel may keep what it was told for long: it
+# drops what it cached itself when a request through it changes a name, and
+# the union tells it (``attr_changed``) when a change has effects it cannot see.
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
 
 
 def boundary(fn: F) -> F:
@@ -79,6 +83,12 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     )
 
 
+def _invalidate_attrs(ino: int) -> None:
+    # OSError: the kernel does not know the inode, so it has nothing cached to drop.
+    with contextlib.suppress(OSError):
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -90,11 +100,13 @@ class Operations(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._next_dh = itertools.count(1)
         self.ids = union.config.ids
+        union.on_attr_change = _invalidate_attrs
 
     # -- helpers -------------------------------------------------------------
 
-    def _entry(self, node: Node) -> EntryAttributes:
-        st = self.union.stat(node)
+    def _entry(self, node: Node, st: os.stat_result | None = None) -> EntryAttributes:
+        if st is None:
+            st = self.union.stat(node)
         e = EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
@@ -125,9 +137,17 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        node = self.union.lookup(self._node(parent_inode), name)
         try:
-            return self._entry(node)
+            node, st = self.union.lookup(self._node(parent_inode), name)
+        except FileNotFoundError:
+            # A negative entry the kernel may cache: names appear only through this mount,
+            # and the kernel forgets a negative entry when it creates that name.
+            miss = EntryAttributes()
+            miss.st_ino = 0
+            miss.entry_timeout = ENTRY_TIMEOUT
+            return miss
+        try:
+            return self._entry(node, st)
         except BaseException:
             node.lookups -= 1
             self.union.table.maybe_drop(node)
@@ -294,10 +314,11 @@ class Operations(pyfuse3.Operations):
         for i in range(start_id, len(names)):
             name = names[i]
             try:
-                child = union.find(dh.node, name)
-                if child is None:
+                found = union.find_entry(dh.node, name)
+                if found is None:
                     continue
-                entry = self._entry(child)
+                child = found[0]
+                entry = self._entry(child, found[1])
             except OSError:
                 continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, entry, i + 1):

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +81,8 @@ class Union:
         self._tmp_names = itertools.count()
         # Open handles per inode: fstat of an unlinked open file needs one of their fds.
         self.open_fds: dict[int, list[int]] = {}
+        # Set by the FUSE adapter: drops the kernel's cached attributes of an inode.
+        self.on_attr_change: Callable[[int], None] | None = None
 
     def close(self) -> None:
         for layer in self.layers:
@@ -141,30 +143,36 @@ class Union:
 
     def find(self, parent: Node, name: bytes) -> Node | None:
         """The node for *name* in *parent*, or None; does not count a kernel lookup."""
+        found = self.find_entry(parent, name)
+        return None if found is None else found[0]
+
+    def find_entry(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result | None] | None:
+        """``find``, with the stat that resolving it produced (None for ``.`` and ``..``),
+        so a lookup or readdir does not stat the same entry twice."""
         if name == b".":
-            return parent
+            return parent, None
         if name == b"..":
-            return parent.parent or parent
+            return parent.parent or parent, None
         if self.config.fault_name is not None and name == self.config.fault_name:
             raise RuntimeError(f"injected fault on lookup of {name!r}")
         found = self.resolve(parent, name)
         if found is None:
             return None
         top, st, lowers = found
-        return self._node_for(parent, name, top, st, lowers)
+        return self._node_for(parent, name, top, st, lowers), st
 
-    def lookup(self, parent: Node, name: bytes) -> Node:
-        """``find`` that fails with ENOENT and counts the kernel's new reference."""
-        node = self.find(parent, name)
-        if node is None:
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result | None]:
+        """``find_entry`` that fails with ENOENT and counts the kernel's new reference."""
+        found = self.find_entry(parent, name)
+        if found is None:
             raise FileNotFoundError(errno.ENOENT, "no such entry", name)
-        node.lookups += 1
-        return node
+        found[0].lookups += 1
+        return found
 
     def _node_for(
         self, parent: Node, name: bytes, top: Layer, st: os.stat_result, lowers: tuple[Layer, ...]
     ) -> Node:
-        ino = self.inos.of(top, st, join(parent.path, name))
+        ino = self.inos.of(top, st, parent, name)
         node = self.table.find(ino)
         if node is None:
             node = Node(ino, parent, name, stat.S_IFMT(st.st_mode), top)
@@ -180,6 +188,11 @@ class Union:
             else:
                 self.add_alias(node, parent, name)  # another hard link in the upper
         return node
+
+    def attr_changed(self, node: Node) -> None:
+        """Tell the kernel that *node*'s attributes changed behind its back."""
+        if self.on_attr_change is not None:
+            self.on_attr_change(node.ino)
 
     def forget(self, ino: int, count: int) -> None:
         self.table.forget(ino, count)
