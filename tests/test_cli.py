@@ -222,3 +222,24 @@ def test_make_install_is_idempotent() -> None:
         ["make", "-q", os.fspath(REPO / ".venv" / ".installed")], cwd=REPO, check=False
     )
     assert r.returncode == 0  # nothing left to do
+
+
+def test_mount_t_fuse_unionfs_through_mount_fuse3(stack: Stack) -> None:
+    """``make install-system`` puts the command where mount.fuse3 finds it (mount(8) resets PATH)."""
+    link = Path("/usr/local/sbin/unionfs")
+    existed = link.exists() or link.is_symlink()
+    subprocess.run(["make", "-s", "install-system"], cwd=REPO, check=True, capture_output=True)
+    try:
+        write(stack.lowers[0] / "f", b"via mount(8)")
+        opts = f"lowerdir={stack.lowers[0]}:{stack.lowers[1]},upperdir={stack.upper},workdir={stack.work}"
+        r = subprocess.run(["mount", "-t", "fuse.unionfs", "unionfs", os.fspath(stack.mnt), "-o", opts],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        try:
+            assert (stack.mnt / "f").read_bytes() == b"via mount(8)"
+        finally:
+            subprocess.run(["umount", os.fspath(stack.mnt)], check=False)
+        assert mount_type(stack.mnt) is None
+    finally:
+        if not existed:
+            link.unlink()
