@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from unionfs.copyup import copy_up, readonly_error
 from unionfs.layers import Layer, fd_path, is_private_xattr
-from unionfs.nodes import Node
+from unionfs.nodes import Entry, Node
 from unionfs.union import Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
@@ -243,8 +243,8 @@ class Files:
 class DirHandle:
     """An open directory: the merged listing, taken once so offsets stay valid."""
 
-    __slots__ = ("node", "names")
+    __slots__ = ("node", "entries")
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.names: list[bytes] | None = None
+        self.entries: list[Entry] | None = None

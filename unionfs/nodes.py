@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from unionfs.layers import Layer
 
 ROOT_INO = 1
+
+# One resolved name: (name, topmost layer, its stat, lower layers merging into it).
+Entry = tuple[bytes, "Layer", os.stat_result, tuple["Layer", ...]]
 _PER_PATH_BASE = 1 << 62  # numbers for lower-layer hard links (see ``InodeNumbers``)
 
 
@@ -49,6 +52,7 @@ class Node:
         "opened",
         "aliases",
         "lock",
+        "listing",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, kind: int, layer: Layer) -> None:
@@ -63,6 +67,9 @@ class Node:
         self.opened = 0  # open file or directory handles
         self.aliases: set[tuple[Node, bytes]] | None = None
         self.lock: trio.Lock | None = None
+        # A lower-only directory's resolved entries, kept because lower layers never
+        # change; dropped (ignored) once the directory has an upper part.
+        self.listing: list[Entry] | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.path!r} in {self.layer.index}>"

@@ -308,20 +308,24 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         dh = self.dirs[fh]
         union = self.union
-        if dh.names is None or start_id == 0:
-            dh.names = union.list_names(dh.node)
-        names = dh.names
-        for i in range(start_id, len(names)):
-            name = names[i]
+        if dh.entries is None or start_id == 0:
+            dh.entries = union.entries(dh.node)
+        entries = dh.entries
+        fresh = dh.node.layer.writable  # stats of upper entries may have changed since
+        for i in range(start_id, len(entries)):
+            entry = entries[i]
             try:
-                found = union.find_entry(dh.node, name)
-                if found is None:
-                    continue
-                child = found[0]
-                entry = self._entry(child, found[1])
+                if fresh:
+                    found = union.find_entry(dh.node, entry[0])
+                    if found is None:
+                        continue  # removed since the listing was taken
+                    child, st = found
+                else:
+                    child, st = union.node_for_entry(dh.node, entry), entry[2]
+                attrs = self._entry(child, st)
             except OSError:
-                continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                continue
+            if not pyfuse3.readdir_reply(token, entry[0], attrs, i + 1):
                 union.table.maybe_drop(child)
                 return
             child.lookups += 1

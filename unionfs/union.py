@@ -25,11 +25,14 @@ from unionfs.layers import (
     is_whiteout,
     remove_tree,
 )
-from unionfs.nodes import ROOT_INO, InodeNumbers, Node, NodeTable
+from unionfs.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable
 
 log = logging.getLogger(__name__)
 
-WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
+WORK_SUBDIR = b"work"
+_NO_STAT = os.stat_result(
+    (0,) * 10
+)  # placeholder in name-only entries  # the kernel overlay uses the same staging directory name
 
 
 @dataclass
@@ -297,6 +300,29 @@ class Union:
                     seen.add(name)
                     names.append(name)
         return names
+
+    def entries(self, node: Node) -> list[Entry]:
+        """The merged directory's entries, resolved, for readdir.
+
+        A directory with no upper part cannot change while mounted (any change
+        inside it copies it up first), so its entries are resolved once and kept.
+        Entries of a directory with an upper part carry names only: the caller
+        resolves each when it is needed, so no stale stat is handed out.
+        """
+        if node.layer.writable:
+            return [(name, node.layer, _NO_STAT, ()) for name in self.list_names(node)]
+        if node.listing is None:
+            out: list[Entry] = []
+            for name in self.list_names(node):
+                found = self.resolve(node, name)
+                if found is not None:
+                    out.append((name, *found))
+            node.listing = out
+        return node.listing
+
+    def node_for_entry(self, parent: Node, entry: Entry) -> Node:
+        name, top, st, lowers = entry
+        return self._node_for(parent, name, top, st, lowers)
 
     def is_empty(self, node: Node) -> bool:
         return not self.list_names(node)
