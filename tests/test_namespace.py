@@ -262,3 +262,15 @@ def test_a_write_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted) 
     r = as_user(f"echo x >> {stack.mnt}/prog")
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(os.stat(stack.mnt / "prog").st_mode) & 0o6000 == 0
+
+
+def test_the_mount_root_can_be_chowned_chmodded_and_touched(stack: Stack, mounted) -> None:
+    """Container engines chown the root of every container's mount."""
+    mounted()
+    os.chown(stack.mnt, 123, 456)
+    os.chmod(stack.mnt, 0o711)
+    os.utime(stack.mnt, ns=(10**18, 10**18))
+    st = os.stat(stack.mnt)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (123, 456, 0o711, 10**18)
+    up = os.stat(stack.upper)
+    assert (up.st_uid, up.st_gid, stat.S_IMODE(up.st_mode)) == (123, 456, 0o711)

@@ -144,7 +144,9 @@ async def create_node(
             _set_owner(fd, n, uid, gid, mode)
 
         _place(union, dirfd, name, over_whiteout, make)
-    return _created(union, parent, name)
+    return _created(
+        union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
+    )
 
 
 def _mkdir(
@@ -190,7 +192,7 @@ async def create_file(
         for f in fds:
             os.close(f)
         raise
-    return _created(union, parent, name), fds[0]
+    return _created(union, parent, name, os.fstat(fds[0])), fds[0]
 
 
 async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
@@ -217,10 +219,26 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     return node
 
 
-def _created(union: Union, parent: Node, name: bytes) -> Node:
-    node = union.find(parent, name)
-    if node is None:
-        raise FileNotFoundError(errno.ENOENT, "vanished after creation", name)
+def _lstat(union: Union, parent: Node, name: bytes) -> os.stat_result:
+    assert union.upper is not None
+    return os.stat(name, dir_fd=union.upper.dirfd(parent.path), follow_symlinks=False)
+
+
+def _created(union: Union, parent: Node, name: bytes, st: os.stat_result | None = None) -> Node:
+    """The node of a name just made in the upper.
+
+    A new non-directory is known without looking through the layers: it is in
+    the upper and hides whatever is below. A new directory is resolved, since
+    it may merge with (or, when opaque, hide) directories below.
+    """
+    if st is not None:
+        assert union.upper is not None
+        node = union.node_for_entry(parent, (name, union.upper, st, ()))
+    else:
+        found = union.find(parent, name)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "vanished after creation", name)
+        node = found
     node.lookups += 1
     return node
 

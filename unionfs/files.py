@@ -15,8 +15,8 @@ import stat
 from dataclasses import dataclass
 
 from unionfs.copyup import copy_up, readonly_error
-from unionfs.layers import Layer, fd_path, is_private_xattr
-from unionfs.nodes import Entry, Node
+from unionfs.layers import Layer, is_private_xattr
+from unionfs.nodes import ROOT_INO, Entry, Node
 from unionfs.union import Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
@@ -174,25 +174,25 @@ class Files:
         if node.unlinked:
             self._setattr_open(node, change)
             return
-        parent = node.parent
-        assert parent is not None
-        dirfd = node.layer.dirfd(parent.path)
-        name = node.name
+        # The root has no parent: reach it through its own fd (following that
+        # magic link is safe, it is the directory itself). Anything else is
+        # named in its parent and never followed.
+        target, follow = self.union.real_path(node), node.ino == ROOT_INO
         if change.uid is not None or change.gid is not None:
             uid = -1 if change.uid is None else change.uid
             gid = -1 if change.gid is None else change.gid
-            os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+            os.chown(target, uid, gid, follow_symlinks=follow)
         if change.mode is not None:
             if node.kind == stat.S_IFLNK:
-                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode", name)
-            os.chmod(fd_path(dirfd, name), stat.S_IMODE(change.mode))
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode", node.name)
+            os.chmod(target, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:
             atime, mtime = change.atime_ns, change.mtime_ns
             if atime is None or mtime is None:
-                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                st = os.stat(target, follow_symlinks=follow)
                 atime = st.st_atime_ns if atime is None else atime
                 mtime = st.st_mtime_ns if mtime is None else mtime
-            os.utime(name, ns=(atime, mtime), dir_fd=dirfd, follow_symlinks=False)
+            os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
