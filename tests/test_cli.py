@@ -232,8 +232,13 @@ def test_mount_t_fuse_unionfs_through_mount_fuse3(stack: Stack) -> None:
     try:
         write(stack.lowers[0] / "f", b"via mount(8)")
         opts = f"lowerdir={stack.lowers[0]}:{stack.lowers[1]},upperdir={stack.upper},workdir={stack.work}"
-        r = subprocess.run(["mount", "-t", "fuse.unionfs", "unionfs", os.fspath(stack.mnt), "-o", opts],
-                           capture_output=True, text=True, timeout=60, check=False)
+        r = subprocess.run(
+            ["mount", "-t", "fuse.unionfs", "unionfs", os.fspath(stack.mnt), "-o", opts],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         try:
             assert (stack.mnt / "f").read_bytes() == b"via mount(8)"

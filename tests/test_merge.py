@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+import subprocess
 
 import pytest
 
@@ -165,3 +166,40 @@ def test_lookup_of_a_missing_name_is_enoent(stack: Stack, mounted) -> None:
     with pytest.raises(OSError) as e:
         os.stat(stack.mnt / "nope")
     assert e.value.errno == errno.ENOENT
+
+
+def test_listings_have_dot_and_dotdot(stack: Stack, mounted) -> None:
+    (stack.lowers[0] / "d").mkdir()
+    mounted()
+    out = subprocess.run(
+        ["ls", "-a", os.fspath(stack.mnt / "d")], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [".", ".."]
+
+
+def test_oci_whiteout_files_in_lower_layers_are_honoured(stack: Stack, mounted) -> None:
+    """containers-storage keeps a mount program's layers in the OCI format:
+    ``.wh.NAME`` deletes NAME below, ``.wh..wh..opq`` makes its directory opaque."""
+    l1, l2 = stack.lowers
+    for name in ("gone", "kept"):
+        write(l2 / name)
+    (l2 / "d").mkdir()
+    write(l2 / "d" / "old")
+    (l2 / "gonedir").mkdir()
+    write(l2 / "gonedir" / "inner")
+    write(l1 / ".wh.gone")
+    write(l1 / ".wh.gonedir")
+    (l1 / "d").mkdir()
+    write(l1 / "d" / ".wh..wh..opq")
+    write(l1 / "d" / "new")
+    mounted()
+    m = stack.mnt
+    assert sorted(os.listdir(m)) == ["d", "kept"]
+    assert os.listdir(m / "d") == ["new"]
+    for hidden in ("gone", ".wh.gone", "gonedir", "d/old", "d/.wh..wh..opq"):
+        assert not os.path.lexists(m / hidden), hidden
+    write(m / "gone", b"back")  # creating over an OCI whiteout works like over a kernel one
+    assert (m / "gone").read_bytes() == b"back"
+    os.unlink(m / "kept")  # and deletes still write the kernel format
+    st = os.lstat(stack.upper / "kept")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0

@@ -271,6 +271,11 @@ def test_the_mount_root_can_be_chowned_chmodded_and_touched(stack: Stack, mounte
     os.chmod(stack.mnt, 0o711)
     os.utime(stack.mnt, ns=(10**18, 10**18))
     st = os.stat(stack.mnt)
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (123, 456, 0o711, 10**18)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (
+        123,
+        456,
+        0o711,
+        10**18,
+    )
     up = os.stat(stack.upper)
     assert (up.st_uid, up.st_gid, stat.S_IMODE(up.st_mode)) == (123, 456, 0o711)

@@ -20,6 +20,8 @@ from unionfs.syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, open_beneath, ren
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 PRIVATE_XATTR_PREFIX = b"trusted.overlay."
 WHITEOUT_PREFIX = b".wh."  # reserved by the OCI layer format; never created through the mount
+OCI_OPAQUE = b".wh..wh..opq"  # the OCI layer format's opaque-directory marker
+_OCI_NAME_MAX = 255 - len(WHITEOUT_PREFIX)
 WHITEOUT_MODE = stat.S_IFCHR  # mode 0000, like the kernel's own whiteouts
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -143,12 +145,24 @@ class Layer:
         return os.stat(self.dirfd(relpath))
 
     def is_opaque(self, relpath: bytes) -> bool:
+        """The kernel's opaque xattr, or in a lower layer the OCI ``.wh..wh..opq`` marker."""
         try:
-            return os.getxattr(fd_path(self.dirfd(relpath)), OPAQUE_XATTR) == b"y"
+            if os.getxattr(fd_path(self.dirfd(relpath)), OPAQUE_XATTR) == b"y":
+                return True
         except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, *_NOT_THERE):
-                return False
-            raise
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, *_NOT_THERE):
+                raise
+        return not self.writable and self.lstat(relpath, OCI_OPAQUE) is not None
+
+    def has_oci_whiteout(self, parent: bytes, name: bytes) -> bool:
+        """Whether this lower layer deletes *name* the OCI way, with a ``.wh.NAME`` file.
+
+        containers-storage stores layers like that when a mount program serves
+        them; the upper layer is always written in the kernel's format.
+        """
+        if self.writable or len(name) > _OCI_NAME_MAX:
+            return False
+        return self.lstat(parent, WHITEOUT_PREFIX + name) is not None
 
 
 # -- writing the format (upper layer only) ------------------------------------

@@ -311,21 +311,28 @@ class Operations(pyfuse3.Operations):
         if dh.entries is None or start_id == 0:
             dh.entries = union.entries(dh.node)
         entries = dh.entries
-        fresh = dh.node.layer.writable  # stats of upper entries may have changed since
-        for i in range(start_id, len(entries)):
+        node = dh.node
+        # "." and ".." first, at offsets 0 and 1; the kernel counts no lookup for them.
+        for offset, name, target in ((0, b".", node), (1, b"..", node.parent or node)):
+            if start_id <= offset and not pyfuse3.readdir_reply(
+                token, name, self._entry(target), offset + 1
+            ):
+                return
+        fresh = node.layer.writable  # stats of upper entries may have changed since
+        for i in range(max(start_id - 2, 0), len(entries)):
             entry = entries[i]
             try:
                 if fresh:
-                    found = union.find_entry(dh.node, entry[0])
+                    found = union.find_entry(node, entry[0])
                     if found is None:
                         continue  # removed since the listing was taken
                     child, st = found
                 else:
-                    child, st = union.node_for_entry(dh.node, entry), entry[2]
+                    child, st = union.node_for_entry(node, entry), entry[2]
                 attrs = self._entry(child, st)
             except OSError:
                 continue
-            if not pyfuse3.readdir_reply(token, entry[0], attrs, i + 1):
+            if not pyfuse3.readdir_reply(token, entry[0], attrs, i + 3):
                 union.table.maybe_drop(child)
                 return
             child.lookups += 1

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from unionfs.idmap import IDENTITY, IdMapper
 from unionfs.layers import (
+    OCI_OPAQUE,
+    WHITEOUT_PREFIX,
     Layer,
     fd_path,
     is_private_xattr,
@@ -125,9 +127,14 @@ class Union:
         top: Layer | None = None
         top_st: os.stat_result | None = None
         dirs: list[Layer] = []
+        oci_marker = name.startswith(WHITEOUT_PREFIX)  # invisible in lower layers
         for i, layer in enumerate(stack):
+            if oci_marker and not layer.writable:
+                break
             st = layer.lstat(path, name)
             if st is None:
+                if i < last and top is None and layer.has_oci_whiteout(path, name):
+                    break
                 continue
             if is_whiteout(st):
                 break
@@ -284,10 +291,15 @@ class Union:
                 fd = layer.dirfd(path)
             except FileNotFoundError:
                 continue
+            lower = not layer.writable
             with os.scandir(fd_path(fd)) as it:
                 for entry in it:
                     name = entry.name
                     if name in seen or name in hidden:
+                        continue
+                    if lower and name.startswith(WHITEOUT_PREFIX):
+                        if name != OCI_OPAQUE:  # the opaque marker already cut the stack
+                            hidden.add(name[len(WHITEOUT_PREFIX) :])
                         continue
                     if (
                         not entry.is_file(follow_symlinks=False)
@@ -336,6 +348,8 @@ class Union:
             st = layer.lstat(path, name)
             if st is not None:
                 return not is_whiteout(st)
+            if layer.has_oci_whiteout(path, name):
+                return False
         return False
 
     # -- extended attributes (reading) ---------------------------------------
