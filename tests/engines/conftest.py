@@ -49,7 +49,6 @@ from tests.mounting import lazy_unmount
 sys.modules.setdefault("tests.engines.conftest", sys.modules[__name__])
 
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 MOUNT_PROGRAM = Path(
     os.environ.get("UNIONFS_ENGINE_MOUNT_PROGRAM", str(REPO / ".venv" / "bin" / "unionfs"))
 )
@@ -87,8 +86,12 @@ def _is_static(path: Path) -> bool:
     return True
 
 
-def fuse_mounts_under(root: Path) -> list[tuple[str, str]]:
-    """(mountpoint, fstype) of every FUSE or overlay mount below *root*."""
+def fuse_mounts_under(root: Path, all_types: bool = False) -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every FUSE or overlay mount below *root*.
+
+    With *all_types*, every mount: containers-storage also makes bind mounts
+    (``graphroot/overlay`` onto itself, id-mapped lowers), which must go too.
+    """
     found = []
     prefix = os.path.realpath(root) + "/"
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -97,7 +100,9 @@ def fuse_mounts_under(root: Path) -> list[tuple[str, str]]:
             sep = fields.index("-")
             point = fields[4].encode().decode("unicode_escape")
             fstype = fields[sep + 1]
-            if point.startswith(prefix) and (fstype.startswith("fuse") or fstype == "overlay"):
+            if point.startswith(prefix) and (
+                all_types or fstype.startswith("fuse") or fstype == "overlay"
+            ):
                 found.append((point, fstype))
     return found
 
@@ -147,7 +152,7 @@ def mount_daemons(graphroot: Path) -> dict[int, list[str]]:
 # podman, before anything else is opened) as one JSON line, then execs the
 # real program so podman sees the real exit status, output and daemon.
 WRAPPER = """#!/usr/bin/python3 -I
-import json, os, sys
+import json, os, sys, time
 fds = {}
 for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
     try:
@@ -155,7 +160,7 @@ for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
     except OSError:
         pass  # the fd listdir itself used, already closed
 rec = {"argv": sys.argv[1:], "cwd": os.getcwd(), "fds": fds, "pid": os.getpid(),
-       "time": __import__("time").time()}
+       "time": time.time()}
 with open(LOG, "a") as f:
     f.write(json.dumps(rec) + "\\n")
 os.execv(PROGRAM, [PROGRAM] + sys.argv[1:])
@@ -299,7 +304,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
             res = self.podman(*args, check=False, timeout=120)
             if res.returncode != 0:
                 problems.append(f"podman {' '.join(args)} exited {res.returncode}: {res.stderr}")
-        leftovers = fuse_mounts_under(self.root)
+        leftovers = fuse_mounts_under(self.root, all_types=True)
         if leftovers:
             problems.append(f"still mounted after podman system reset: {leftovers}")
             for point, _ in reversed(leftovers):
@@ -370,14 +375,14 @@ def engines_dir() -> Iterator[Path]:
     try:
         yield d
     finally:
-        leftovers = fuse_mounts_under(d)
+        leftovers = fuse_mounts_under(d, all_types=True)
         for point, _ in reversed(leftovers):
             lazy_unmount(point)
-        if os.environ.get("UNIONFS_ENGINE_KEEP") != "1" and not fuse_mounts_under(d):
+        if os.environ.get("UNIONFS_ENGINE_KEEP") != "1" and not fuse_mounts_under(d, True):
             shutil.rmtree(d, ignore_errors=True)
         else:
             print(f"\nengine test files kept in {d}", file=sys.stderr)
-        assert not leftovers, f"FUSE/overlay mounts left under {d}: {leftovers}"
+        assert not leftovers, f"mounts left under {d}: {leftovers}"
 
 
 @pytest.fixture(scope="session")
@@ -411,6 +416,14 @@ def _make_store(
         store.argv_log = root / "mount-program-argv.jsonl"
         store.mount_program = write_wrapper(root / "mount-program", store.argv_log, program)
     store.write_config(mountopt=mountopt)
+    if program is not None:
+        # containers-storage unmounts FUSE mounts by running `fusermount3 -u`
+        # from PATH: a logging stand-in first in podman's PATH records that.
+        shim_dir = root / "bin"
+        shim_dir.mkdir()
+        real = shutil.which("fusermount3") or "/usr/bin/fusermount3"
+        write_wrapper(shim_dir / "fusermount3", root / "fusermount3.jsonl", Path(real))
+        store.env["PATH"] = f"{shim_dir}:{store.env.get('PATH', '/usr/bin:/bin')}"
     store.podman("import", str(base_tar), BASE_IMAGE)
     return store
 
@@ -463,7 +476,20 @@ def argv_shapes(store: Store) -> list[str]:
         fds = re.sub(r"pipe:\[\d+\]", "pipe", fds)
         key = f"cwd={cwd} fds[{fds}]\n      argv: {text}"
         shapes[key] = shapes.get(key, 0) + 1
-    return [f"{n}x {k}" for k, n in shapes.items()]
+    unmounts: dict[str, int] = {}
+    for call in unmount_calls(store):
+        text = " ".join(str(a) for a in call["argv"]).replace(overlay, "<G>")  # type: ignore[union-attr]
+        text = "fusermount3 " + re.sub(r"[0-9a-f]{64}", "<id>", text)
+        unmounts[text] = unmounts.get(text, 0) + 1
+    return [f"{n}x {k}" for k, n in (shapes | unmounts).items()]
+
+
+def unmount_calls(store: Store) -> list[dict[str, object]]:
+    """`fusermount3` runs by podman, recorded by the PATH stand-in."""
+    log = store.root / "fusermount3.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
