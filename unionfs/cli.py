@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
     if args.debug or args.foreground:
+        if args.debug:
+            from unionfs import operations
+
+            operations.DEBUG = True
         _log_to_stderr(logging.DEBUG if args.debug else logging.INFO)
         return _serve(setup, lambda: None, opts.timeout)
     return _daemonize(setup, opts.timeout)

@@ -226,6 +226,7 @@ class Files:
         if self.union.readonly:
             raise readonly_error()
         await copy_up(self.union, node)
+        node.no_caps = False
         os.setxattr(self.union.real_path(node), name, value, follow_symlinks=False)
 
     async def removexattr(self, node: Node, name: bytes) -> None:

@@ -53,6 +53,7 @@ class Node:
         "aliases",
         "lock",
         "listing",
+        "no_caps",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, kind: int, layer: Layer) -> None:
@@ -70,6 +71,9 @@ class Node:
         # A lower-only directory's resolved entries, kept because lower layers never
         # change; dropped (ignored) once the directory has an upper part.
         self.listing: list[Entry] | None = None
+        # The kernel asks for security.capability before every write; once known
+        # to be absent it stays so until a setxattr through this mount.
+        self.no_caps = False
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.path!r} in {self.layer.index}>"

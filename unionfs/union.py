@@ -31,6 +31,7 @@ from unionfs.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable
 
 log = logging.getLogger(__name__)
 
+CAPS_XATTR = b"security.capability"
 WORK_SUBDIR = b"work"
 _NO_STAT = os.stat_result(
     (0,) * 10
@@ -355,9 +356,17 @@ class Union:
     # -- extended attributes (reading) ---------------------------------------
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
+        caps = name == CAPS_XATTR
+        if caps and node.no_caps:
+            raise OSError(errno.ENODATA, "no such attribute")
         if is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
-        return os.getxattr(self.real_path(node), name, follow_symlinks=False)
+        try:
+            return os.getxattr(self.real_path(node), name, follow_symlinks=False)
+        except OSError as e:
+            if caps and e.errno == errno.ENODATA:
+                node.no_caps = True
+            raise
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = os.listxattr(self.real_path(node), follow_symlinks=False)
