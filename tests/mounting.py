@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,16 +22,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
-    """The filesystem type mounted exactly at *mountpoint*, or None."""
-    target = os.path.realpath(mountpoint)
+    """The filesystem type mounted exactly at *mountpoint*, or None (bytes-exact)."""
+    target = os.fsencode(os.path.realpath(mountpoint))
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
             if point == target:
-                found = fields[sep + 1]  # the last mount on a point is the visible one
+                found = fields[fields.index(b"-") + 1].decode()  # the last mount wins
     return found
 
 

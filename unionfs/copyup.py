@@ -16,7 +16,7 @@ import stat
 
 import trio
 
-from unionfs.layers import fd_path, is_private_xattr, remove_tree
+from unionfs.layers import fd_path, is_private_xattr, open_noatime, remove_tree
 from unionfs.nodes import Node
 from unionfs.syscalls import RENAME_NOREPLACE, clone_or_copy, renameat2
 from unionfs.union import Union
@@ -28,7 +28,18 @@ THREAD_THRESHOLD = 1 << 20
 
 
 def readonly_error() -> OSError:
-    return OSError(errno.EROFS, "read-only union (no upperdir)")
+    return OSError(errno.EROFS, "read-only union")
+
+
+async def wait_for_copy_up(node: Node) -> None:
+    """Let a copy-up of *node* that is under way finish before its name changes.
+
+    Otherwise an unlink or a rename over it would race the copy's final rename
+    into place and the opener would get EEXIST.
+    """
+    if node.lock is not None and node.lock.locked():
+        async with node.lock:
+            pass
 
 
 async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
@@ -39,7 +50,7 @@ async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
     """
     if node.layer.writable:
         return
-    if union.upper is None:
+    if union.readonly or union.upper is None:
         raise readonly_error()
     if node.lock is None:
         node.lock = trio.Lock()
@@ -85,12 +96,18 @@ async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None)
     except BaseException:
         _discard(work, tmp)
         raise
-    os.utime(fd_path(up_dir), ns=(pstat.st_atime_ns, pstat.st_mtime_ns))
-    new = os.stat(node.name, dir_fd=up_dir, follow_symlinks=False)
-    union.inos.copied_up(new.st_ino, node.ino)
+    # The copy is in place: record that first, so nothing below can leave the
+    # node pointing at the lower layer with an upper copy next to it.
     node.lowers = (src_layer, *node.lowers) if kind == stat.S_IFDIR else ()
     node.layer = upper
+    new = os.stat(node.name, dir_fd=up_dir, follow_symlinks=False)
+    union.inos.copied_up(new.st_ino, node.ino)
+    try:
+        os.utime(fd_path(up_dir), ns=(pstat.st_atime_ns, pstat.st_mtime_ns))
+    except OSError as e:
+        log.warning("could not restore the times of %r's parent: %s", node, e.strerror)
     if kind != stat.S_IFDIR:
+        union.follow_copy_up(node)
         union.attr_changed(node)  # nlink of a split hard link, blocks of a sparse copy
     log.debug("copied up %r", node)
 
@@ -99,7 +116,7 @@ async def _copy_file(
     src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_result, size: int | None
 ) -> None:
     length = st.st_size if size is None else min(size, st.st_size)
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC, dir_fd=src_dir)
+    src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, src_dir)
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:

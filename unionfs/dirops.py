@@ -10,13 +10,14 @@ one: new entries over whiteouts are built in the workdir and renamed in, and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unionfs.copyup import copy_up, readonly_error
+from unionfs.copyup import copy_up, readonly_error, wait_for_copy_up
 from unionfs.layers import (
     WHITEOUT_PREFIX,
     exchange,
@@ -73,7 +74,7 @@ def new_owner(parent_st: os.stat_result, caller: Caller, mode: int) -> tuple[int
 
 
 def _writable(union: Union) -> None:
-    if union.upper is None:
+    if union.readonly or union.upper is None:
         raise readonly_error()
 
 
@@ -102,19 +103,37 @@ def _set_owner(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
 
 
 def _place(
-    union: Union, dirfd: int, name: bytes, over_whiteout: bool, make: Callable[[int, bytes], None]
+    union: Union,
+    dirfd: int,
+    name: bytes,
+    over_whiteout: bool,
+    make: Callable[[int, bytes], None],
+    finish: Callable[[int, bytes], None] = lambda fd, n: None,
 ) -> None:
-    """Create an entry with *make*, directly or, over a whiteout, via the workdir."""
-    if not over_whiteout:
-        make(dirfd, name)
+    """Create an entry with *make* and give it its owner with *finish*: directly,
+    or, over a whiteout, in the workdir and renamed in. A failure after *make*
+    removes what it made, so no half-made entry stays behind."""
+    if over_whiteout:
+        work, tmp = union.work_fd, union.tmp_name()
+        try:
+            make(work, tmp)
+            finish(work, tmp)
+            renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
+        except BaseException:
+            _discard(work, tmp)
+            raise
         return
-    work, tmp = union.work_fd, union.tmp_name()
-    make(work, tmp)
+    make(dirfd, name)
     try:
-        renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
+        finish(dirfd, name)
     except BaseException:
-        remove_tree(work, tmp)
+        _discard(dirfd, name)
         raise
+
+
+def _discard(dirfd: int, name: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        remove_tree(dirfd, name)
 
 
 async def create_node(
@@ -154,7 +173,11 @@ def _mkdir(
 ) -> None:
     if not over_whiteout:
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=dirfd)
-        _set_owner(dirfd, name, uid, gid, mode)
+        try:
+            _set_owner(dirfd, name, uid, gid, mode)
+        except BaseException:
+            _discard(dirfd, name)
+            raise
         return
     # Over a whiteout the new directory must hide the lower one: build it opaque
     # in the workdir, swap it with the whiteout, then drop the whiteout.
@@ -176,18 +199,23 @@ async def create_file(
     """create(2): a new regular file, returned open with *flags*."""
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
-    flags = (flags & ~(os.O_TRUNC | os.O_APPEND)) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    # Like open(): the kernel computes append offsets, and O_DIRECT would refuse
+    # the daemon's unaligned buffers.
+    flags = (
+        (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    )
     fds: list[int] = []
 
     def make(fd: int, n: bytes) -> None:
-        f = os.open(n, flags, stat.S_IMODE(mode), dir_fd=fd)
-        fds.append(f)
-        os.fchown(f, uid, gid)
+        fds.append(os.open(n, flags, stat.S_IMODE(mode), dir_fd=fd))
+
+    def finish(fd: int, n: bytes) -> None:
+        os.fchown(fds[0], uid, gid)
         if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
-            os.fchmod(f, stat.S_IMODE(mode))
+            os.fchmod(fds[0], stat.S_IMODE(mode))
 
     try:
-        _place(union, dirfd, name, over_whiteout, make)
+        _place(union, dirfd, name, over_whiteout, make, finish)
     except BaseException:
         for f in fds:
             os.close(f)
@@ -259,6 +287,7 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
     if want_dir and not union.is_empty(node):
         raise OSError(errno.ENOTEMPTY, "directory not empty", name)
     await copy_up(union, parent)
+    await wait_for_copy_up(node)  # the last await: what follows is one step
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
     path = join(parent.path, name)
@@ -350,6 +379,8 @@ async def rename(
         await copy_up(union, dst)
     await copy_up(union, sparent)
     await copy_up(union, dparent)
+    if dst is not None:
+        await wait_for_copy_up(dst)
     # From here on no await: the checks above hold for the whole change.
     upper = union.upper
     assert upper is not None
@@ -402,8 +433,14 @@ def _rename_over(
         else:
             renameat2(sfd, sname, dfd, dname)
         return
-    replaced_upper_file = dst is not None and not dst.is_dir and dst.layer.writable
-    if replaced_upper_file and d_up is not None and d_up.st_nlink <= 1:
+    # The replaced upper inode is freed (a directory, or a file's last link): its
+    # number may come back for a new file, which must not inherit its identity.
+    if (
+        dst is not None
+        and dst.layer.writable
+        and d_up is not None
+        and (dst.is_dir or d_up.st_nlink <= 1)
+    ):
         union.inos.upper_gone(d_up.st_ino)
     renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if src_whiteout else 0)
 

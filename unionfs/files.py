@@ -15,8 +15,8 @@ import stat
 from dataclasses import dataclass
 
 from unionfs.copyup import copy_up, readonly_error
-from unionfs.layers import Layer, is_private_xattr
-from unionfs.nodes import ROOT_INO, Entry, Node
+from unionfs.layers import is_private_xattr
+from unionfs.nodes import ROOT_INO, Entry, Node, OpenFile
 from unionfs.union import Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
@@ -43,16 +43,6 @@ def kill_setid(fd: int) -> bool:
     return True
 
 
-class Handle:
-    __slots__ = ("fd", "node", "layer", "flags")
-
-    def __init__(self, fd: int, node: Node, layer: Layer, flags: int) -> None:
-        self.fd = fd
-        self.node = node
-        self.layer = layer
-        self.flags = flags
-
-
 @dataclass
 class Change:
     """The attribute changes of one setattr request (None: leave as is)."""
@@ -70,7 +60,7 @@ class Files:
 
     def __init__(self, union: Union) -> None:
         self.union = union
-        self.handles: dict[int, Handle] = {}
+        self.handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
 
     # -- open and close ------------------------------------------------------
@@ -89,44 +79,30 @@ class Files:
         return self.add(node, fd, flags)
 
     def _open_real(self, node: Node, flags: int) -> int:
-        parent = node.parent
-        if parent is None:
-            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        dirfd = node.layer.dirfd(parent.path)
-        real_flags = (flags & ~_DROP_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
-        if not node.layer.writable:
-            real_flags |= os.O_NOATIME  # reading a lower layer leaves no trace in it
-        return os.open(node.name, real_flags, dir_fd=dirfd)
+        return self.union.open_real(node, flags & ~_DROP_FLAGS)
 
     def add(self, node: Node, fd: int, flags: int) -> int:
         fh = next(self._next_fh)
-        self.handles[fh] = Handle(fd, node, node.layer, flags & ~os.O_TRUNC)
+        f = OpenFile(fd, node, node.layer, flags & ~(_DROP_FLAGS | os.O_TRUNC))
+        self.handles[fh] = f
         node.opened += 1
-        self.union.open_fds.setdefault(node.ino, []).append(fd)
+        self.union.open_files.setdefault(node.ino, []).append(f)
         return fh
 
     def release(self, fh: int) -> None:
-        h = self.handles.pop(fh)
-        node = h.node
-        fds = self.union.open_fds.get(node.ino)
-        if fds is not None:
-            fds.remove(h.fd)
-            if not fds:
-                del self.union.open_fds[node.ino]
-        os.close(h.fd)
+        f = self.handles.pop(fh)
+        node = f.node
+        files = self.union.open_files.get(node.ino)
+        if files is not None:
+            files.remove(f)
+            if not files:
+                del self.union.open_files[node.ino]
+        os.close(f.fd)
         node.opened -= 1
         self.union.table.maybe_drop(node)
 
     def _fd(self, fh: int) -> int:
-        h = self.handles[fh]
-        if h.layer is not h.node.layer and not h.node.unlinked:
-            # Copied up since it was opened: follow the file to the upper layer.
-            fd = self._open_real(h.node, h.flags)
-            fds = self.union.open_fds[h.node.ino]
-            fds[fds.index(h.fd)] = fd
-            os.close(h.fd)
-            h.fd, h.layer = fd, h.node.layer
-        return h.fd
+        return self.handles[fh].fd
 
     # -- data ----------------------------------------------------------------
 
@@ -196,10 +172,10 @@ class Files:
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
-        fds = self.union.open_fds.get(node.ino)
-        if not fds:
+        files = self.union.open_files.get(node.ino)
+        if not files:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        fd = fds[0]
+        fd = files[0].fd
         if change.uid is not None or change.gid is not None:
             os.fchown(
                 fd,

@@ -165,6 +165,17 @@ class Layer:
         return self.lstat(parent, WHITEOUT_PREFIX + name) is not None
 
 
+def open_noatime(name: bytes, flags: int, dirfd: int) -> int:
+    """Open for reading a lower layer without touching its atime when allowed.
+
+    O_NOATIME needs ownership or CAP_FOWNER; a daemon without them just opens.
+    """
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dirfd)
+    except PermissionError:
+        return os.open(name, flags, dir_fd=dirfd)
+
+
 # -- writing the format (upper layer only) ------------------------------------
 
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import resource
 import signal
 import stat
@@ -66,18 +67,23 @@ def _inside(a: Path, b: Path) -> bool:
 
 def mounted_at(path: Path) -> str | None:
     """The filesystem type mounted exactly at *path*, from mountinfo (no stat: a dead
-    FUSE mount would hang it)."""
+    FUSE mount would hang it). Paths are compared as bytes, escapes undone."""
+    target = os.fsencode(path)
     found = None
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split()
-                point = fields[4].encode().decode("unicode_escape")
-                if point == os.fspath(path):
-                    found = fields[fields.index("-") + 1]
+                if _unescape_mountinfo(fields[4]) == target:
+                    found = fields[fields.index(b"-") + 1].decode(errors="replace")
     except OSError:
         return None
     return found
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def check_setup(opts: Options, mountpoint: str) -> Setup:
@@ -120,7 +126,8 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     try:
         if upper is not None and work is not None:
             for kind, path in (("upperdir", upper), ("workdir", work)):
-                _check_writable(kind, path)
+                if not opts.readonly:
+                    _check_writable(kind, path)
                 locks.append(_lock(kind, path))
     except BaseException:
         for fd in locks:
@@ -147,8 +154,9 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         fuse.add("ro")
     config = UnionConfig(
         lowers=lowers,
-        upper=None if opts.readonly else upper,
-        work=None if opts.readonly else work,
+        upper=upper,
+        work=work,
+        readonly=readonly,
         fsync=opts.fsync,
         static_nlink=opts.static_nlink,
         ids=IdMapper(

@@ -54,6 +54,7 @@ class Node:
         "lock",
         "listing",
         "no_caps",
+        "generation",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, kind: int, layer: Layer) -> None:
@@ -74,6 +75,7 @@ class Node:
         # The kernel asks for security.capability before every write; once known
         # to be absent it stays so until a setxattr through this mount.
         self.no_caps = False
+        self.generation = 0  # bumped when the inode number is reused for another file
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.path!r} in {self.layer.index}>"
@@ -111,6 +113,18 @@ class Node:
                 return True
             node = node.parent
         return False
+
+
+class OpenFile:
+    """One open of a file: its own real fd, on the layer the file was on when opened."""
+
+    __slots__ = ("fd", "node", "layer", "flags")
+
+    def __init__(self, fd: int, node: Node, layer: Layer, flags: int) -> None:
+        self.fd = fd
+        self.node = node
+        self.layer = layer
+        self.flags = flags
 
 
 class InodeNumbers:
@@ -217,6 +231,11 @@ class NodeTable:
         ):
             if self._nodes.get(cur.ino) is cur:
                 del self._nodes[cur.ino]
+            if cur.aliases:  # other hard-link names hold their parents too
+                aliases, cur.aliases = cur.aliases, None
+                for alias_parent, _ in aliases:
+                    alias_parent.children -= 1
+                    self.maybe_drop(alias_parent)
             parent = cur.parent
             cur.parent = None
             if parent is None:

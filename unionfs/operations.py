@@ -116,7 +116,7 @@ class Operations(pyfuse3.Operations):
             st = self.union.stat(node)
         e = EntryAttributes()
         e.st_ino = node.ino
-        e.generation = 0
+        e.generation = node.generation
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
@@ -277,7 +277,13 @@ class Operations(pyfuse3.Operations):
             self.union, self._node(parent_inode), name, mode, flags, caller(ctx, self.ids, mode)
         )
         fh = self.files.add(node, fd, flags)
-        return FileInfo(fh=fh, keep_cache=True), self._entry(node)
+        try:
+            return FileInfo(fh=fh, keep_cache=True), self._entry(node)
+        except BaseException:
+            self.files.release(fh)  # the kernel never learns of this open
+            node.lookups -= 1
+            self.union.table.maybe_drop(node)
+            raise
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -25,9 +25,10 @@ from unionfs.layers import (
     fd_path,
     is_private_xattr,
     is_whiteout,
+    open_noatime,
     remove_tree,
 )
-from unionfs.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable
+from unionfs.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class UnionConfig:
     lowers: list[Path]  # top first
     upper: Path | None = None
     work: Path | None = None
+    readonly: bool = False  # -o ro: show the upper too, but refuse every change (EROFS)
     fsync: bool = True  # False: fsync requests are acknowledged without syncing (volatile)
     static_nlink: bool = False  # report nlink 1 for every directory
     fault_name: bytes | None = None  # test hook: looking up this name raises a bug
@@ -61,7 +63,7 @@ class Union:
 
     def __init__(self, config: UnionConfig) -> None:
         self.config = config
-        self.readonly = config.upper is None
+        self.readonly = config.readonly or config.upper is None
         layers: list[Layer] = []
         try:
             if config.upper is not None:
@@ -78,15 +80,16 @@ class Union:
         self.layers = layers
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = -1
-        if config.work is not None:
+        if config.work is not None and not self.readonly:
             self.work_fd = _prepare_workdir(config.work)
         self.inos = InodeNumbers()
         root = Node(ROOT_INO, None, b"", stat.S_IFDIR, layers[0])
         root.lowers = tuple(self._cut_at_opaque(b"", layers)[1:])
         self.table = NodeTable(root)
         self._tmp_names = itertools.count()
-        # Open handles per inode: fstat of an unlinked open file needs one of their fds.
-        self.open_fds: dict[int, list[int]] = {}
+        # Open files per inode: fstat of an unlinked open file needs one of them, and
+        # a copy-up moves them all to the upper copy.
+        self.open_files: dict[int, list[OpenFile]] = {}
         # Set by the FUSE adapter: drops the kernel's cached attributes of an inode.
         self.on_attr_change: Callable[[int], None] | None = None
 
@@ -134,8 +137,8 @@ class Union:
                 break
             st = layer.lstat(path, name)
             if st is None:
-                if i < last and top is None and layer.has_oci_whiteout(path, name):
-                    break
+                if i < last and layer.has_oci_whiteout(path, name):
+                    break  # deleted below this layer, the OCI way: ends a merge too
                 continue
             if is_whiteout(st):
                 break
@@ -194,7 +197,14 @@ class Union:
         node.lowers = lowers
         node.kind = stat.S_IFMT(st.st_mode)
         if node.parent is not parent or node.name != name:
-            if node.unlinked or node.is_dir or not top.writable:
+            if node.unlinked:
+                # The real inode number was freed and reused by a new file: a new
+                # generation tells the kernel its old inode of that number is dead.
+                node.generation += 1
+                node.listing = None
+                node.no_caps = False
+                self.table.set_parent(node, parent, name)
+            elif node.is_dir or not top.writable:
                 self.table.set_parent(node, parent, name)
             else:
                 self.add_alias(node, parent, name)  # another hard link in the upper
@@ -243,9 +253,9 @@ class Union:
         if node.ino == ROOT_INO:
             return os.stat(node.layer.root_fd)
         if node.unlinked:
-            fds = self.open_fds.get(node.ino)
-            if fds:
-                return os.fstat(fds[0])
+            files = self.open_files.get(node.ino)
+            if files:
+                return os.fstat(files[0].fd)
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         parent = node.parent
         assert parent is not None
@@ -270,6 +280,30 @@ class Union:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         return fd_path(node.layer.dirfd(parent.path), node.name)
 
+    def open_real(self, node: Node, flags: int) -> int:
+        """Open the node's real file in its topmost layer, never following a symlink."""
+        parent = node.parent
+        if parent is None:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        dirfd = node.layer.dirfd(parent.path)
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if node.layer.writable:
+            return os.open(node.name, flags, dir_fd=dirfd)
+        return open_noatime(node.name, flags, dirfd)
+
+    def follow_copy_up(self, node: Node) -> None:
+        """Move every open file of *node* to its new upper copy.
+
+        Readers then see what writers write, and an fchmod or fchown on a file
+        unlinked later reaches the upper copy, never the shared lower layer.
+        """
+        for f in self.open_files.get(node.ino, ()):
+            if f.layer is node.layer:
+                continue
+            fd = self.open_real(node, f.flags)
+            os.close(f.fd)
+            f.fd, f.layer = fd, node.layer
+
     def readlink(self, node: Node) -> bytes:
         parent = node.parent
         if parent is None:
@@ -293,6 +327,7 @@ class Union:
             except FileNotFoundError:
                 continue
             lower = not layer.writable
+            deleted_below: list[bytes] = []  # a .wh.X hides X in the layers below only
             with os.scandir(fd_path(fd)) as it:
                 for entry in it:
                     name = entry.name
@@ -300,7 +335,7 @@ class Union:
                         continue
                     if lower and name.startswith(WHITEOUT_PREFIX):
                         if name != OCI_OPAQUE:  # the opaque marker already cut the stack
-                            hidden.add(name[len(WHITEOUT_PREFIX) :])
+                            deleted_below.append(name[len(WHITEOUT_PREFIX) :])
                         continue
                     if (
                         not entry.is_file(follow_symlinks=False)
@@ -312,6 +347,7 @@ class Union:
                         continue
                     seen.add(name)
                     names.append(name)
+            hidden.update(deleted_below)
         return names
 
     def entries(self, node: Node) -> list[Entry]:

@@ -1,0 +1,122 @@
+"""Regressions found in review: open files across copy-up, OCI deletes, races, hard-link bookkeeping."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import Stack
+from tests.test_merge import write
+from unionfs.dirops import Caller, create_file, link
+from unionfs.union import Union, UnionConfig
+
+
+def test_fchmod_of_an_unlinked_file_opened_before_copy_up_spares_the_lower(
+    stack: Stack, mounted
+) -> None:
+    lower_file = stack.lowers[0] / "f"
+    write(lower_file, b"lower")
+    os.chmod(lower_file, 0o644)
+    mounted()
+    f = stack.mnt / "f"
+    fd = os.open(f, os.O_RDONLY)  # opened on the lower file
+    try:
+        with open(f, "r+b") as w:  # copy-up
+            w.write(b"UPPER")
+        assert os.pread(fd, 5, 0) == b"UPPER"  # the old fd follows the copy
+        os.unlink(f)
+        os.fchmod(fd, 0o4777)
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(os.stat(lower_file).st_mode) == 0o644
+    assert lower_file.read_bytes() == b"lower"
+
+
+def test_mkdir_over_an_oci_deleted_directory_is_empty(stack: Stack, mounted) -> None:
+    (stack.lowers[1] / "d").mkdir()
+    write(stack.lowers[1] / "d" / "secret")
+    write(stack.lowers[0] / ".wh.d")
+    mounted()
+    os.mkdir(stack.mnt / "d")
+    assert os.listdir(stack.mnt / "d") == []
+
+
+def test_o_direct_create_then_write(stack: Stack, mounted) -> None:
+    mounted()
+    fd = os.open(stack.mnt / "direct", os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o644)
+    try:
+        assert os.write(fd, b"x" * 4096) == 4096
+    finally:
+        os.close(fd)
+    assert os.stat(stack.upper / "direct").st_size == 4096
+
+
+def test_ro_with_an_upper_shows_the_upper_and_refuses_writes(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "below", b"lower")
+    write(stack.upper / "changed", b"upper")
+    os.mknod(stack.upper / "below", stat.S_IFCHR, 0)
+    mounted(extra_options="ro")
+    assert sorted(os.listdir(stack.mnt)) == ["changed"]
+    with pytest.raises(OSError) as e:
+        write(stack.mnt / "new")
+    assert e.value.errno == errno.EROFS
+    assert os.statvfs(stack.mnt).f_flag & os.ST_RDONLY
+
+
+def test_unlink_during_a_large_copy_up_does_not_fail_the_opener(stack: Stack, mounted) -> None:
+    big = stack.lowers[0] / "big"
+    with open(big, "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(256):
+            f.write(block)
+    mounted()
+    result: list[object] = []
+
+    def opener() -> None:
+        try:
+            fd = os.open(stack.mnt / "big", os.O_WRONLY)
+            os.close(fd)
+            result.append("ok")
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=opener)
+    t.start()
+    work = stack.work / "work"
+    while not os.listdir(work) and t.is_alive():
+        pass
+    os.unlink(stack.mnt / "big")
+    t.join()
+    assert result == ["ok"]
+    assert not os.path.lexists(stack.mnt / "big")
+    assert os.listdir(work) == []
+
+
+def test_forgotten_hard_links_release_their_parent_directories(tmp_path: Path) -> None:
+    """On plain directories, no mount: the node table drops what nobody refers to."""
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    (upper / "d").mkdir()
+    union = Union(UnionConfig(lowers=[lower], upper=upper, work=work))
+    try:
+
+        async def scenario() -> None:
+            d, _ = union.lookup(union.table.root, b"d")
+            node, fd = await create_file(union, d, b"a", 0o644, os.O_WRONLY, Caller(0, 0))
+            os.close(fd)
+            await link(union, node, d, b"b")
+            union.forget(node.ino, node.lookups)
+            union.forget(d.ino, d.lookups)
+
+        trio.run(scenario)
+        assert len(union.table) == 1  # only the root is left
+    finally:
+        union.close()
