@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -47,10 +48,11 @@ from competitors import (  # noqa: E402
     KernelOverlay,
     Plain,
     Unionfs,
+    snapshot_unionfs,
     sweep_stale_mounts,
 )
 from dataset import FULL, QUICK, Dataset, build_dataset, cache_root  # noqa: E402
-from workloads import Config, Group, groups  # noqa: E402
+from workloads import Config, Group, groups, perl_modules_present  # noqa: E402
 
 ALL_COMPETITORS = ["plain", "kernel", "fuse-overlayfs", "unionfs"]
 TOOLS = {"fuse-overlayfs": "fuse-overlayfs", "fio": "fio", "debootstrap": "debootstrap"}
@@ -111,12 +113,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def make_competitors(names: list[str], ds: Dataset, args: argparse.Namespace) -> list[Competitor]:
+def unionfs_python() -> str:
+    """The interpreter that has pyfuse3: the repo's venv if present (so running
+    this script with the system python still measures unionfs), else ours."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return os.fspath(venv) if venv.exists() else sys.executable
+
+
+def make_competitors(
+    names: list[str], ds: Dataset, args: argparse.Namespace, code: Path
+) -> list[Competitor]:
     table: dict[str, Competitor] = {
         "plain": Plain(ds.plain),
         "kernel": KernelOverlay(),
         "fuse-overlayfs": FuseOverlayfs(),
-        "unionfs": Unionfs(sys.executable, args.unionfs_options),
+        "unionfs": Unionfs(unionfs_python(), args.unionfs_options, code),
     }
     chosen = []
     for n in names:
@@ -131,7 +142,14 @@ def make_competitors(names: list[str], ds: Dataset, args: argparse.Namespace) ->
 
 
 def run_trial(
-    comp: Competitor, group: Group, ds: Dataset, cfg: Config, run_root: Path, rep: int, slot: int
+    comp: Competitor,
+    group: Group,
+    ds: Dataset,
+    cfg: Config,
+    run_root: Path,
+    rep: int,
+    slot: int,
+    log_dir: Path,
 ) -> dict[str, object]:
     """One trial: fresh mount + empty upper, the group's workload, teardown."""
     trial_dir = run_root / f"r{rep}-{group.name}-{comp.name}"
@@ -159,9 +177,23 @@ def run_trial(
         if mnt.exists() and mount_type(mnt) is not None:
             rec["error"] = str(rec.get("error", "")) + " [mount still present; kept scratch dir]"
         elif trial_dir.exists():
+            daemon_log = trial_dir / "daemon.log"
+            if rec.get("error") and daemon_log.exists():  # keep the evidence of a failure
+                log_dir.mkdir(parents=True, exist_ok=True)
+                kept = log_dir / f"{trial_dir.name}.log"
+                shutil.copyfile(daemon_log, kept)
+                rec["daemon_log"] = os.fspath(kept)
             subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(trial_dir)], check=False)
     rec["wall_s"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def code_digest(code: Path) -> str:
+    """Short sha256 over the snapshot's files: identifies exactly what was measured."""
+    h = hashlib.sha256()
+    for f in sorted((code / "unionfs").rglob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def meta_record(
@@ -170,6 +202,7 @@ def meta_record(
     cfg: Config,
     args: argparse.Namespace,
     group_list: list[Group],
+    code: Path,
 ) -> dict[str, object]:
     try:
         debian = Path("/etc/debian_version").read_text().strip()
@@ -187,6 +220,7 @@ def meta_record(
     ).stdout.strip()
     return {
         "type": "meta",
+        "unionfs_code_sha256": code_digest(code),
         "git": git + (" (unionfs/ has uncommitted changes)" if dirty else ""),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "mode": "quick" if args.quick else "full",
@@ -199,6 +233,11 @@ def meta_record(
         "config": {"reps": args.reps, "fio_runtime": cfg.fio_runtime,
                    "chroot_loops": cfg.chroot_loops, "sh_execs": cfg.sh_execs},
         "groups": [g.name for g in group_list],
+        "w9_perl_modules": (
+            perl_modules_present(ds.plain)
+            if ds.has_rootfs and any(g.name == "chroot" for g in group_list)
+            else []
+        ),
         "competitors": [c.name for c in comps],
     }  # fmt: skip
 
@@ -247,11 +286,31 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    # One frozen copy of the unionfs code for the whole run (see Unionfs).
+    code = snapshot_unionfs(cache_root(REPO) / f"code-{stamp}-{os.getpid()}")
+    try:
+        return _run(args, ds, cfg, all_groups, group_list, run_root, stamp, code, t_start)
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    ds: Dataset,
+    cfg: Config,
+    all_groups: list[Group],
+    group_list: list[Group],
+    run_root: Path,
+    stamp: str,
+    code: Path,
+    t_start: float,
+) -> int:
+    """The profile mode or the comparison proper, once everything is prepared."""
 
     if args.profile:
         from pyspy_profile import profile_unionfs
 
-        uf = Unionfs(sys.executable, args.unionfs_options)
+        uf = Unionfs(unionfs_python(), args.unionfs_options, code)
         why = uf.available()
         if why:
             raise SystemExit(why)
@@ -268,11 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
 
-    comps = make_competitors(args.competitors.split(","), ds, args)
+    comps = make_competitors(args.competitors.split(","), ds, args, code)
     jsonl = args.out / f"{stamp}-{'quick' if args.quick else 'full'}.jsonl"
+    log_dir = jsonl.with_suffix(".logs")
     trials: list[dict[str, object]] = []
     with open(jsonl, "w") as out:
-        out.write(json.dumps(meta_record(ds, comps, cfg, args, group_list)) + "\n")
+        out.write(json.dumps(meta_record(ds, comps, cfg, args, group_list, code)) + "\n")
         try:
             for rep in range(args.reps):
                 k = rep % len(comps)
@@ -280,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"repetition {rep + 1}/{args.reps}: order {' '.join(c.name for c in order)}")
                 for g in group_list:
                     for slot, comp in enumerate(order):
-                        rec = run_trial(comp, g, ds, cfg, run_root, rep, slot)
+                        rec = run_trial(comp, g, ds, cfg, run_root, rep, slot, log_dir)
                         trials.append(rec)
                         out.write(json.dumps(rec) + "\n")
                         out.flush()

@@ -12,6 +12,7 @@ failed clean unmount falls back to a lazy unmount plus SIGKILL of the PID
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -139,7 +140,11 @@ class FuseDaemon(Competitor):
         t0 = time.perf_counter()
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(
-                self.command(opts, mnt), stdout=logf, stderr=subprocess.STDOUT, env=self.env()
+                self.command(opts, mnt),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                cwd="/",
             )
         try:
             deadline = t0 + 30.0
@@ -177,40 +182,45 @@ class FuseOverlayfs(FuseDaemon):
 
 
 class Unionfs(FuseDaemon):
-    """The daemon under test, run as ``python -m unionfs -f`` from the repo."""
+    """The daemon under test, run as ``python -m unionfs -f``.
+
+    *code_root* is a directory holding the ``unionfs`` package: by default a
+    snapshot taken when the bench starts (see :func:`snapshot_unionfs`), so
+    every trial of one run measures the same code even while the package is
+    being edited and committed during a long run. The daemon runs with cwd
+    ``/`` so ``-m`` cannot pick up a ``unionfs/`` from the current directory.
+    """
 
     name = "unionfs"
     fstype = "fuse.unionfs"
 
-    def __init__(self, python: str, extra_options: str = "") -> None:
+    def __init__(self, python: str, extra_options: str = "", code_root: Path = REPO) -> None:
         self.python = python
         self.extra_options = extra_options
+        self.code_root = code_root
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.fspath(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = os.fspath(self.code_root) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def available(self) -> str | None:
-        res = subprocess.run(
+    def _version_run(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [self.python, "-m", "unionfs", "--version"],
             capture_output=True,
             text=True,
             env=self.env(),
-            cwd=REPO,
+            cwd="/",
         )
+
+    def available(self) -> str | None:
+        res = self._version_run()
         if res.returncode != 0:
             return "unionfs not runnable yet: " + (res.stderr.strip().splitlines() or ["?"])[-1]
         return None
 
     def version(self) -> str:
-        res = subprocess.run(
-            [self.python, "-m", "unionfs", "--version"],
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            cwd=REPO,
-        )
+        res = self._version_run()
         return (res.stdout + res.stderr).strip().splitlines()[0] if res.returncode == 0 else "?"
 
     def command(self, opts: str, mnt: Path) -> list[str]:
@@ -219,10 +229,16 @@ class Unionfs(FuseDaemon):
         return [self.python, "-m", "unionfs", "-f", "-o", opts, os.fspath(mnt)]
 
 
-def _which(prog: str) -> bool:
-    from shutil import which
+def snapshot_unionfs(dest: Path) -> Path:
+    """Copy the repo's ``unionfs`` package to *dest*/unionfs; returns *dest*."""
+    shutil.copytree(
+        REPO / "unionfs", dest / "unionfs", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return dest
 
-    return which(prog) is not None
+
+def _which(prog: str) -> bool:
+    return shutil.which(prog) is not None
 
 
 def _trial_dirs(trial_dir: Path) -> tuple[Path, Path, Path]:

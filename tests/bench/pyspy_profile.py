@@ -5,8 +5,10 @@ summed here into a plain-text top list (self time and inclusive time per
 function) that fits in a report; the SVG is written too, for humans.
 py-spy attaches to the daemon's PID after the mount is up and detaches when
 the daemon exits at unmount, so only that workload is profiled. Idle time
-(trio waiting in epoll for the next FUSE request) is excluded by py-spy's
-default, so percentages are of the daemon's busy samples.
+(trio blocked in epoll for the next FUSE request) is excluded by py-spy's
+default, so percentages are of the daemon's busy samples; note that a daemon
+woken for a request but still waiting for a CPU counts as busy, in whatever
+frame it slept (usually trio's epoll ``get_events``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from pathlib import Path
 from competitors import Unionfs
 from dataset import Dataset
 from workloads import Config, Group
+
+# Empty: py-spy pauses the daemon for each sample, which keeps its idle
+# detection exact (with --nonblocking, time in epoll_wait showed up as busy).
+PYSPY_MODE: list[str] = []
 
 
 def ensure_pyspy(python: str) -> str:
@@ -101,7 +107,7 @@ def profile_unionfs(
         try:
             with unionfs.mount(ds.lowers, trial_dir) as m:
                 assert m.pid is not None
-                cmd = [pyspy, "record", "--pid", str(m.pid), "--rate", "200", "--nonblocking"]
+                cmd = [pyspy, "record", "--pid", str(m.pid), "--rate", "200", *PYSPY_MODE]
                 for extra in (["--format", "raw", "-o", os.fspath(raw)], ["-o", os.fspath(svg)]):
                     spies.append(
                         subprocess.Popen(

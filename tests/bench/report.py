@@ -148,23 +148,27 @@ def errors_table(trials: list[Trial]) -> str:
 
 
 def consistency_notes(trials: list[Trial]) -> str:
-    """Flag a competitor whose W1 walk saw a different number of entries than the
-    plain copy: a fast but wrong union would otherwise look good."""
+    """Flag a competitor that saw a different tree than the plain copy: a fast
+    but wrong union would otherwise look good. Checks the W1 entry count and
+    the W3 archive size (which also exposes hard links shown as distinct
+    inodes: tar then stores their data twice)."""
     by = _by(trials)
-    counts: dict[str, set[int]] = defaultdict(set)
-    for (c, g), reps in by.items():
-        if g == "walk":
-            for t in reps.values():
-                counts[c].add(int(t["metrics"]["entries"]))
-    if "plain" not in counts:
-        return ""
-    ref = counts["plain"]
+    checks = (("walk", "entries", "walk entries"), ("tar", "tar_bytes", "tar archive bytes"))
     notes = []
-    for c, seen in sorted(counts.items()):
-        if seen != ref:
-            notes.append(f"- {c}: walk saw {sorted(seen)} entries, plain copy {sorted(ref)}")
-    mnt_note = "(the union's mount root itself counts as one entry, like the plain root)"
-    return ("Entry-count mismatches " + mnt_note + ":\n" + "\n".join(notes)) if notes else ""
+    for group, key, what in checks:
+        seen: dict[str, set[int]] = defaultdict(set)
+        for (c, g), reps in by.items():
+            if g == group:
+                for t in reps.values():
+                    if key in t["metrics"]:
+                        seen[c].add(int(t["metrics"][key]))
+        ref = seen.get("plain")
+        if not ref:
+            continue
+        for c, vals in sorted(seen.items()):
+            if vals != ref:
+                notes.append(f"- {c}: {what} {sorted(vals)} vs plain copy {sorted(ref)}")
+    return ("Differences from the plain copy:\n" + "\n".join(notes)) if notes else ""
 
 
 def _md(rows: list[list[str]]) -> str:

@@ -31,22 +31,30 @@ def _renumber(outcome: Outcome, kept: list[int]) -> Outcome:
                 return f"op#{kept[int(j)]}" + (" " + rest if rest else "")
         return text
 
-    divs = [Divergence(d.kind, fix(d.where) or "", d.detail, d.paths, d.excluded_by)
-            for d in outcome.divergences]
+    divs = [
+        Divergence(d.kind, fix(d.where) or "", d.detail, d.paths, d.excluded_by)
+        for d in outcome.divergences
+    ]
     return Outcome(fix(outcome.stage), divs, outcome.excluded, outcome.notes, outcome.transcript)
 
 
-def format_report(case: Case, kept: list[int] | None, outcome: Outcome, kinds: tuple[str, str],
-                  n_ops: int) -> str:
+def format_report(
+    case: Case, kept: list[int] | None, outcome: Outcome, kinds: tuple[str, str], n_ops: int
+) -> str:
     """The readable divergence report (also used by the pytest tests)."""
     ops = case.ops if kept is None else [case.ops[i] for i in kept]
     if kept:  # a replay numbers its ops 0..n-1: show the original indices
         outcome = _renumber(outcome, kept)
     idx = list(range(len(case.ops))) if kept is None else kept
-    lines = [f"=== DIVERGENCE case-seed={case.seed} ({kinds[0]} = a, {kinds[1]} = b) ===",
-             "layers:", case.spec.describe(),
-             f"op list ({len(ops)} ops{'' if kept is None else ', shrunk'}):"]
-    lines += [f"  [{i}] {o}" for i, o in zip(idx, ops)] or ["  (none: diverges right after mount)"]
+    lines = [
+        f"=== DIVERGENCE case-seed={case.seed} ({kinds[0]} = a, {kinds[1]} = b) ===",
+        "layers:",
+        case.spec.describe(),
+        f"op list ({len(ops)} ops{'' if kept is None else ', shrunk'}):",
+    ]
+    lines += [f"  [{i}] {o}" for i, o in zip(idx, ops, strict=True)] or [
+        "  (none: diverges right after mount)"
+    ]
     lines.append(f"first divergence at: {outcome.stage}")
     lines += [f"  {d}" for d in outcome.divergences[:25]]
     if len(outcome.divergences) > 25:
@@ -56,21 +64,29 @@ def format_report(case: Case, kept: list[int] | None, outcome: Outcome, kinds: t
     if case.seed is not None:
         sel = f" --ops {','.join(map(str, kept))}" if kept is not None else ""
         side = "" if kinds == ("kernel", "unionfs") else f" --sides {','.join(kinds)}"
-        lines.append(f"replay: python -m tests.conformance --case-seed {case.seed} "
-                     f"--n-ops {n_ops}{sel}{side}")
+        lines.append(
+            f"replay: python -m tests.conformance --case-seed {case.seed} "
+            f"--n-ops {n_ops}{sel}{side}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.conformance", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.conformance",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--case-seed", type=int, help="run this single case (e.g. from a report)")
     ap.add_argument("--ops", help="comma-separated op indices of the case to keep (replay)")
     ap.add_argument("--n-ops", type=int, default=DEFAULT_OPS, help="ops generated per case")
-    ap.add_argument("--sides", default="kernel,unionfs",
-                    help="the two sides, e.g. kernel,kernel for the self-check")
+    ap.add_argument(
+        "--sides",
+        default="kernel,unionfs",
+        help="the two sides, e.g. kernel,kernel for the self-check",
+    )
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per op before a hang")
     ap.add_argument("--no-shrink", action="store_true")
     ap.add_argument("--shrink-budget", type=float, default=180.0, help="seconds per divergence")
@@ -84,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(kinds_t) != 2 or not set(kinds_t) <= {"kernel", "unionfs"}:
         ap.error("--sides takes two of kernel,unionfs")
     kinds: tuple[str, str] = (kinds_t[0], kinds_t[1])
-    seeds = ([args.case_seed] if args.case_seed is not None
-             else [case_seed(args.seed, i) for i in range(args.cases)])
+    seeds = (
+        [args.case_seed]
+        if args.case_seed is not None
+        else [case_seed(args.seed, i) for i in range(args.cases)]
+    )
     by_kind: collections.Counter[str] = collections.Counter()
     excluded: collections.Counter[str] = collections.Counter()
     diverged = 0

@@ -79,8 +79,8 @@ class Clock:
 
     def norm(self, t: int) -> Any:
         """A deterministic time as is; a fresh one as ``op#k`` (``mount`` before op 0)."""
-        if not self.bounds or t < self.bounds[0]:
-            return t
+        if not self.bounds or t < self.bounds[0] or t > self.last_fine:
+            return t  # explicit (past or future) times are compared exactly
         k = bisect.bisect_right(self.bounds, t) - 1
         return "mount" if k == 0 else f"op#{k - 1}"
 
@@ -128,8 +128,14 @@ def _entry_view(e: dict[str, Any], clock: Clock | None, flavour: str) -> dict[st
     return v
 
 
-def diff_trees(a: Snapshot, b: Snapshot, ca: Clock | None, cb: Clock | None, prefix: str,
-               flavour: str = "mount") -> list[Divergence]:
+def diff_trees(
+    a: Snapshot,
+    b: Snapshot,
+    ca: Clock | None,
+    cb: Clock | None,
+    prefix: str,
+    flavour: str = "mount",
+) -> list[Divergence]:
     """Per-path, per-field differences; a None clock compares raw times."""
     out: list[Divergence] = []
     for p in sorted(set(a) | set(b)):
@@ -142,12 +148,22 @@ def diff_trees(a: Snapshot, b: Snapshot, ca: Clock | None, cb: Clock | None, pre
             continue
         va, vb = _entry_view(a[p], ca, flavour), _entry_view(b[p], cb, flavour)
         for k in sorted(set(va) | set(vb)):
-            if k == "allocated" and isinstance(va.get(k), int) and isinstance(vb.get(k), int) \
-                    and vb[k] <= va[k]:
+            if (
+                k == "allocated"
+                and isinstance(va.get(k), int)
+                and isinstance(vb.get(k), int)
+                and vb[k] <= va[k]
+            ):
                 continue  # side b may keep more holes than the kernel's copy-up, never fewer
             if va.get(k) != vb.get(k):
-                out.append(Divergence(f"{prefix}:{k}", where, f"{_show(va.get(k))} != {_show(vb.get(k))}",
-                                      frozenset([p])))
+                out.append(
+                    Divergence(
+                        f"{prefix}:{k}",
+                        where,
+                        f"{_show(va.get(k))} != {_show(vb.get(k))}",
+                        frozenset([p]),
+                    )
+                )
     return out
 
 
@@ -159,8 +175,9 @@ def hardlink_groups(snap: Snapshot) -> set[frozenset[bytes]]:
     return {frozenset(g) for g in by_ino.values() if len(g) > 1}
 
 
-def diff_inodes(prev_a: Snapshot | None, a: Snapshot, prev_b: Snapshot | None, b: Snapshot
-                ) -> list[Divergence]:
+def diff_inodes(
+    prev_a: Snapshot | None, a: Snapshot, prev_b: Snapshot | None, b: Snapshot
+) -> list[Divergence]:
     """Hard-link groups and st_ino stability, each judged within its own mount."""
     out: list[Divergence] = []
     ga, gb = hardlink_groups(a), hardlink_groups(b)
@@ -178,6 +195,9 @@ def diff_inodes(prev_a: Snapshot | None, a: Snapshot, prev_b: Snapshot | None, b
             continue
         if ch_a != ch_b:
             side = "a" if ch_a else "b"
-            out.append(Divergence("ino:stability", _show(p), f"st_ino changed only on side {side}",
-                                  frozenset([p])))
+            out.append(
+                Divergence(
+                    "ino:stability", _show(p), f"st_ino changed only on side {side}", frozenset([p])
+                )
+            )
     return out

@@ -117,8 +117,10 @@ class LayerSpec:
                 parent = e.path.rpartition(b"/")[0]
                 if parent and view.get(parent) != "dir":
                     continue
-                if e.kind in ("whiteout",) or (e.kind != "dir" and view.get(e.path) == "dir") or (
-                    e.kind == "dir" and (OPAQUE_XATTR in e.xattrs or view.get(e.path) != "dir")
+                if (
+                    e.kind in ("whiteout",)
+                    or (e.kind != "dir" and view.get(e.path) == "dir")
+                    or (e.kind == "dir" and (OPAQUE_XATTR in e.xattrs or view.get(e.path) != "dir"))
                 ):
                     for p in [p for p in view if p.startswith(e.path + b"/")]:
                         del view[p]
@@ -217,14 +219,24 @@ def generate(rng: random.Random) -> LayerSpec:
                 files.append(p)
             elif e.kind == "symlink":
                 e.target = rng.choice(
-                    [b"a", b"../a", b"dir", b"/etc", b"missing-target", b"/nonexistent/x", b"sub/f1"]
+                    [
+                        b"a",
+                        b"../a",
+                        b"dir",
+                        b"/etc",
+                        b"missing-target",
+                        b"/nonexistent/x",
+                        b"sub/f1",
+                    ]
                 )
             elif e.kind == "fifo":
                 e.mode = rng.choice((0o644, 0o600, 0o666))
             elif e.kind == "hardlink":
                 e.target = rng.choice(files)
             if e.kind in ("dir", "file") and rng.random() < 0.25:
-                e.xattrs[b"user.k" + str(rng.randint(1, 3)).encode()] = rng.randbytes(rng.randint(0, 20))
+                e.xattrs[b"user.k" + str(rng.randint(1, 3)).encode()] = rng.randbytes(
+                    rng.randint(0, 20)
+                )
             layer.append(e)
         if is_bottom and rng.random() < 0.7 and not any(x.path == b"etc" for x in layer):
             layer.append(Entry(b"etc", "symlink", target=b"/etc", mtime_ns=TIME_BASE_NS + 17))

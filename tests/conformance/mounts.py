@@ -23,8 +23,9 @@ class MountError(Exception):
 class Side:
     """One mounted overlay of either kind."""
 
-    def __init__(self, kind: str, lowers: list[bytes], upper: bytes | None, work: bytes | None,
-                 mnt: bytes):
+    def __init__(
+        self, kind: str, lowers: list[bytes], upper: bytes | None, work: bytes | None, mnt: bytes
+    ):
         self.kind = kind
         self.mnt = mnt
         self.daemon: UnionMount | None = None
@@ -33,15 +34,26 @@ class Side:
         up = os.fsdecode(upper) if upper else None
         wk = os.fsdecode(work) if work else None
         if kind == "kernel":
-            res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                                  overlay_options(low, up, wk), os.fsdecode(mnt)],
-                                 capture_output=True, check=False)
+            res = subprocess.run(
+                [
+                    "mount",
+                    "-t",
+                    "overlay",
+                    "overlay",
+                    "-o",
+                    overlay_options(low, up, wk),
+                    os.fsdecode(mnt),
+                ],
+                capture_output=True,
+                check=False,
+            )
             if res.returncode != 0:
                 raise MountError(f"kernel mount failed: {res.stderr.decode(errors='replace')}")
         else:
             try:
-                self.daemon = start_unionfs(low, os.fsdecode(mnt), up, wk,
-                                            log_path=os.fsdecode(mnt) + ".log")
+                self.daemon = start_unionfs(
+                    low, os.fsdecode(mnt), up, wk, log_path=os.fsdecode(mnt) + ".log"
+                )
             except RuntimeError as e:
                 raise MountError(str(e)) from e
         self.mounted = True
@@ -73,10 +85,12 @@ class Side:
     def abort(self) -> None:
         """Lazy unmount and kill our daemon; used after a hang or on any exception."""
         self.mounted = False
-        if self.daemon is not None:
-            self.daemon.kill()
-        elif mount_type(os.fsdecode(self.mnt)) is not None:
-            lazy_unmount(os.fsdecode(self.mnt))
+        # Kill first: anything that stats the mountpoint (even realpath) would
+        # block on a stopped/hung daemon; a dead daemon aborts the connection.
+        if self.daemon is not None and self.daemon.proc.poll() is None:
+            self.daemon.proc.kill()
+            self.daemon.proc.wait(timeout=10)
+        lazy_unmount(os.fsdecode(self.mnt))  # harmless when nothing is mounted there
 
 
 def unionfs_usable() -> bool:
@@ -84,6 +98,12 @@ def unionfs_usable() -> bool:
     from tests.mounting import REPO, unionfs_command
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    res = subprocess.run([*unionfs_command(), "--version"], capture_output=True, check=False,
-                         cwd=Path(REPO), env=env, timeout=60)
+    res = subprocess.run(
+        [*unionfs_command(), "--version"],
+        capture_output=True,
+        check=False,
+        cwd=Path(REPO),
+        env=env,
+        timeout=60,
+    )
     return res.returncode == 0

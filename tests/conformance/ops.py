@@ -41,9 +41,16 @@ OPEN_FLAGS: dict[str, int] = {
     "RDONLY|NOFOLLOW": os.O_RDONLY | os.O_NOFOLLOW,
     "RDWR|NOFOLLOW": os.O_RDWR | os.O_NOFOLLOW,
     "RDONLY|TRUNC": os.O_RDONLY | os.O_TRUNC,
+    "PATH": os.O_PATH,
+    "PATH|NOFOLLOW": os.O_PATH | os.O_NOFOLLOW,
+    "RDWR|TMPFILE": os.O_RDWR | os.O_TMPFILE,
 }
-RENAME_FLAGS = {"0": 0, "NOREPLACE": RENAME_NOREPLACE, "EXCHANGE": RENAME_EXCHANGE,
-                "WHITEOUT": RENAME_WHITEOUT}
+RENAME_FLAGS = {
+    "0": 0,
+    "NOREPLACE": RENAME_NOREPLACE,
+    "EXCHANGE": RENAME_EXCHANGE,
+    "WHITEOUT": RENAME_WHITEOUT,
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,11 @@ class Op:
         def fmt(a: Any) -> str:
             if isinstance(a, bytes) and len(a) > 48:
                 return repr(a[:24]) + f"+..({len(a)}B)"
-            if isinstance(a, int) and a > 7 and self.name in ("chmod", "mkdir", "open", "fchmod", "mknod"):
+            if (
+                isinstance(a, int)
+                and a > 7
+                and self.name in ("chmod", "mkdir", "open", "fchmod", "mknod")
+            ):
                 return oct(a)
             return repr(a)
 
@@ -65,6 +76,7 @@ class Op:
 
 
 # --- constructors, used by the hand-written cases ------------------------------------------
+
 
 def op(name: str, *args: Any) -> Op:
     return Op(name, tuple(args))
@@ -102,8 +114,9 @@ class OpGenerator:
         """A fresh name, mostly below a directory."""
         self.counter += 1
         parent = self.rng.choice(self.dirs if self.rng.random() < 0.85 else self.pool)
-        name = self.rng.choice([b"new%d" % self.counter, b"n e w%d" % self.counter,
-                                b"\xfenew%d" % self.counter])
+        name = self.rng.choice(
+            [b"new%d" % self.counter, b"n e w%d" % self.counter, b"\xfenew%d" % self.counter]
+        )
         p = parent + b"/" + name if parent else name
         self.pool.append(p)
         self.existing.append(p)
@@ -112,8 +125,9 @@ class OpGenerator:
         return p
 
     def target(self) -> bytes:
-        return self.rng.choice([self.path(), self.new_path()] if self.rng.random() < 0.5 else
-                               [self.path()])
+        return self.rng.choice(
+            [self.path(), self.new_path()] if self.rng.random() < 0.5 else [self.path()]
+        )
 
     def data(self) -> bytes:
         return self.rng.randbytes(self.rng.choice([1, 10, 100, 5000]))
@@ -122,12 +136,37 @@ class OpGenerator:
         r = self.rng
         slot = self.slot()
         kinds = {
-            "open": 14, "close": 4, "read": 3, "pread": 3, "write": 5, "pwrite": 5,
-            "ftruncate": 2, "fstat": 3, "fchmod": 1, "fdreaddir": 1, "truncate": 3,
-            "unlink": 6, "mkdir": 5, "rmdir": 4, "rename": 10, "link": 3, "symlink": 3,
-            "mknod": 2, "chmod": 4, "chown": 3, "utimes": 3, "setxattr": 4, "getxattr": 2,
-            "listxattr": 2, "removexattr": 2, "readdir": 3, "readlink": 2, "stat": 2,
-            "lstat": 2, "access": 2, "statvfs": 1,
+            "open": 14,
+            "close": 4,
+            "read": 3,
+            "pread": 3,
+            "write": 5,
+            "pwrite": 5,
+            "ftruncate": 2,
+            "fstat": 3,
+            "fchmod": 1,
+            "fdreaddir": 1,
+            "truncate": 3,
+            "unlink": 6,
+            "mkdir": 5,
+            "rmdir": 4,
+            "rename": 10,
+            "link": 3,
+            "symlink": 3,
+            "mknod": 2,
+            "chmod": 4,
+            "chown": 3,
+            "utimes": 3,
+            "setxattr": 4,
+            "getxattr": 2,
+            "listxattr": 2,
+            "removexattr": 2,
+            "readdir": 3,
+            "readlink": 2,
+            "stat": 2,
+            "lstat": 2,
+            "access": 2,
+            "statvfs": 1,
         }
         k = r.choices(list(kinds), list(kinds.values()))[0]
         if k == "open":
@@ -135,7 +174,7 @@ class OpGenerator:
             if "CREAT" in flags and r.random() < 0.5:
                 p = self.new_path()
                 self.files.append(p)
-            elif "DIRECTORY" in flags:
+            elif "DIRECTORY" in flags or "TMPFILE" in flags:
                 p = r.choice(self.dirs)
             else:
                 p = r.choice(self.files) if r.random() < 0.75 else self.path()
@@ -164,8 +203,11 @@ class OpGenerator:
         if k in ("unlink", "rmdir", "readdir", "readlink", "stat", "lstat", "listxattr", "statvfs"):
             return op(k, self.path())
         if k == "mkdir":
-            return op(k, self.new_path(is_dir=True) if r.random() < 0.6 else self.path(),
-                      r.choice((0o755, 0o700, 0o1777)))
+            return op(
+                k,
+                self.new_path(is_dir=True) if r.random() < 0.6 else self.path(),
+                r.choice((0o755, 0o700, 0o1777)),
+            )
         if k == "rename":
             flags = r.choices(list(RENAME_FLAGS), [6, 2, 2, 1])[0]
             dst = self.new_path() if r.random() < 0.4 else self.path()
@@ -176,33 +218,50 @@ class OpGenerator:
             return op(k, r.choice((b"a", b"../x", b"/etc", b"dir", b"dangling")), self.new_path())
         if k == "mknod":
             kind = r.choice(("fifo", "fifo", "chr", "blk"))
-            return op(k, self.new_path() if r.random() < 0.8 else self.path(), kind, 0o640,
-                      r.choice((1, 7)), r.choice((3, 5)))
+            return op(
+                k,
+                self.new_path() if r.random() < 0.8 else self.path(),
+                kind,
+                0o640,
+                r.choice((1, 7)),
+                r.choice((3, 5)),
+            )
         if k == "chmod":
             return op(k, self.path(), r.choice(MODES))
         if k == "chown":
-            return op(k, self.path(), r.choice((0, 1000, 1001, -1)), r.choice((0, 100, 1000, -1)),
-                      r.random() < 0.7)
+            return op(
+                k,
+                self.path(),
+                r.choice((0, 1000, 1001, -1)),
+                r.choice((0, 100, 1000, -1)),
+                r.random() < 0.7,
+            )
         if k == "utimes":
             t = 1_200_000_000 * 10**9 + r.randint(0, 10**6) * 10**9 + r.randint(0, 999_999_999)
             return op(k, self.path(), t - 5 * 10**9, t, r.random() < 0.7)
         if k == "setxattr":
             flags = r.choice(("0", "CREATE", "REPLACE"))
-            return op(k, self.path(), r.choice(XATTR_NAMES[:3]), r.randbytes(r.randint(0, 12)), flags)
+            return op(
+                k, self.path(), r.choice(XATTR_NAMES[:3]), r.randbytes(r.randint(0, 12)), flags
+            )
         if k in ("getxattr", "removexattr"):
             return op(k, self.path(), r.choice(XATTR_NAMES))
         if k == "access":
-            return op(k, self.path(), r.choice((os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK)))
+            return op(
+                k, self.path(), r.choice((os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK))
+            )
         raise AssertionError(k)
 
 
-def generate_ops(rng: random.Random, paths: list[bytes], existing: dict[bytes, str],
-                 count: int) -> list[Op]:
+def generate_ops(
+    rng: random.Random, paths: list[bytes], existing: dict[bytes, str], count: int
+) -> list[Op]:
     gen = OpGenerator(rng, paths, existing)
     return [gen.one() for _ in range(count)]
 
 
 # --- execution (runs in the worker process) -------------------------------------------------
+
 
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
     res = _libc.syscall(SYS_RENAMEAT2, AT_FDCWD, old, AT_FDCWD, new, flags)
@@ -233,9 +292,16 @@ def _inside(root: bytes, path: bytes, follow: bool) -> bytes:
 
 def stat_result(st: os.stat_result) -> dict[str, Any]:
     """Raw fields of a stat; the parent decides what is compared (see compare.py)."""
-    return {"fmt": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
-            "gid": st.st_gid, "size": st.st_size, "nlink": st.st_nlink, "mtime": st.st_mtime_ns,
-            "rdev": st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0}
+    return {
+        "fmt": stat.S_IFMT(st.st_mode),
+        "mode": stat.S_IMODE(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "size": st.st_size,
+        "nlink": st.st_nlink,
+        "mtime": st.st_mtime_ns,
+        "rdev": st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
+    }
 
 
 def execute(root: bytes, o: Op, fds: dict[int, int]) -> tuple[str, Any]:
@@ -268,7 +334,17 @@ def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:
     n = o.name
     if n == "open":
         return _open(root, o, fds)
-    if n in ("close", "read", "pread", "write", "pwrite", "ftruncate", "fstat", "fchmod", "fdreaddir"):
+    if n in (
+        "close",
+        "read",
+        "pread",
+        "write",
+        "pwrite",
+        "ftruncate",
+        "fstat",
+        "fchmod",
+        "fdreaddir",
+    ):
         if a[0] not in fds:
             return "noslot"
         fd = fds[a[0]]
@@ -290,8 +366,18 @@ def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:
         if n == "fchmod":
             return os.fchmod(fd, a[1])
         return sorted(os.listdir(fd))
-    follow_ops = {"truncate", "readdir", "stat", "listxattr", "statvfs", "chmod", "setxattr",
-                  "getxattr", "removexattr", "access"}
+    follow_ops = {
+        "truncate",
+        "readdir",
+        "stat",
+        "listxattr",
+        "statvfs",
+        "chmod",
+        "setxattr",
+        "getxattr",
+        "removexattr",
+        "access",
+    }
     if n in follow_ops:
         p = _inside(root, a[0], follow=True)
         if n == "truncate":

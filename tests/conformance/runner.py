@@ -61,8 +61,15 @@ def make_case(seed: int, n_ops: int = DEFAULT_OPS) -> Case:
 class _Run:
     """State of one execution; separated so cleanup lives in one ``finally``."""
 
-    def __init__(self, case: Case, kinds: tuple[str, str], timeout: float, post: bool,
-                 tamper: Callable[[bytes], None] | None, before_op: Callable[[int, Side], None] | None):
+    def __init__(
+        self,
+        case: Case,
+        kinds: tuple[str, str],
+        timeout: float,
+        post: bool,
+        tamper: Callable[[bytes], None] | None,
+        before_op: Callable[[int, Side], None] | None,
+    ):
         self.case, self.kinds, self.timeout, self.post = case, kinds, timeout, post
         self.tamper, self.before_op = tamper, before_op
         self.tmp = os.fsencode(tempfile.mkdtemp(prefix="conf-", dir="/tmp"))
@@ -80,8 +87,9 @@ class _Run:
             return True
         return False
 
-    def mount(self, name: str, kind: str, dirs: tuple[list[bytes], bytes | None, bytes | None],
-              mnt: bytes) -> Side | None:
+    def mount(
+        self, name: str, kind: str, dirs: tuple[list[bytes], bytes | None, bytes | None], mnt: bytes
+    ) -> Side | None:
         os.mkdir(mnt)
         try:
             side = Side(kind, dirs[0], dirs[1], dirs[2], mnt)
@@ -95,8 +103,10 @@ class _Run:
     def hang(self, stage: str, name: str, err: Hang) -> None:
         side = self.sides.get(name)
         pid = side.pid if side else None
-        self.fail(stage, [Divergence("hang", name, f"{self.kinds[0 if name == 'a' else 1]} "
-                                     f"(daemon pid {pid}): {err}")])
+        self.fail(
+            stage,
+            [Divergence("hang", name, f"{side.kind if side else '?'} (daemon pid {pid}): {err}")],
+        )
         if side:
             side.abort()
 
@@ -124,13 +134,21 @@ class _Run:
                 self.tamper(base)
         lowers_before = {n: [snapshot.take(p, "raw") for p in d[0]] for n, d in self.dirs.items()}
         self.clock.boundary()
-        for name, kind in zip(("a", "b"), self.kinds):
-            if self.mount(name, kind, self.dirs[name], os.path.join(self.tmp, name.encode(), b"mnt")) is None:
+        for name, kind in zip(("a", "b"), self.kinds, strict=True):
+            if (
+                self.mount(
+                    name, kind, self.dirs[name], os.path.join(self.tmp, name.encode(), b"mnt")
+                )
+                is None
+            ):
                 return self.out
         pair = self.snaps("initial")
         self.clock.end()
-        if pair is None or self.fail("initial", diff_trees(*pair, self.clock, self.clock, "tree")
-                                     + diff_inodes(None, pair[0], None, pair[1])):
+        if pair is None or self.fail(
+            "initial",
+            diff_trees(*pair, self.clock, self.clock, "tree")
+            + diff_inodes(None, pair[0], None, pair[1]),
+        ):
             return self.out
         for k, o in enumerate(self.case.ops):
             stage = f"op#{k} {o}"
@@ -149,7 +167,9 @@ class _Run:
             if new is None:
                 return self.out
             ra, rb = (norm_result(r, self.clock) for r in results)
-            self.out.transcript.append(f"[{k}] {o} -> {ra!r:.120}" + ("" if ra == rb else f" | b: {rb!r:.120}"))
+            self.out.transcript.append(
+                f"[{k}] {o} -> {ra!r:.120}" + ("" if ra == rb else f" | b: {rb!r:.120}")
+            )
             divs = []
             if ra != rb:
                 divs.append(Divergence("result", f"op#{k}", f"a={ra!r:.200} b={rb!r:.200}"))
@@ -167,10 +187,22 @@ class _Run:
         if self.post and not spec.readonly:
             self.post_checks()
         if not self.out.diverged:
-            self.fail("lowers", [d for n, d0 in lowers_before.items()
-                                 for i, (before, lower) in enumerate(zip(d0, self.dirs[n][0]))
-                                 for d in diff_trees(before, snapshot.take(lower, "raw"), None, None,
-                                                     f"lower{i}-{n}", flavour="raw")])
+            self.fail(
+                "lowers",
+                [
+                    d
+                    for n, d0 in lowers_before.items()
+                    for i, (before, lower) in enumerate(zip(d0, self.dirs[n][0], strict=True))
+                    for d in diff_trees(
+                        before,
+                        snapshot.take(lower, "raw"),
+                        None,
+                        None,
+                        f"lower{i}-{n}",
+                        flavour="raw",
+                    )
+                ],
+            )
         return self.out
 
     def post_checks(self) -> None:
@@ -179,14 +211,20 @@ class _Run:
         if self.fail("upper", diff_trees(ua, ub, self.clock, self.clock, "upper", flavour="upper")):
             return
         # kind of a over b's upper must show b's final tree, and vice versa.
-        for mounted_kind, owner, final in ((self.kinds[0], "b", self.final[1]),
-                                           (self.kinds[1], "a", self.final[0])):
+        for mounted_kind, owner, final in (
+            (self.kinds[0], "b", self.final[1]),
+            (self.kinds[1], "a", self.final[0]),
+        ):
             name = f"x{owner}"
             lowers, upper, _ = self.dirs[owner]
             work = os.path.join(self.tmp, owner.encode(), b"xwork")
             os.mkdir(work)
-            side = self.mount(name, mounted_kind, (lowers, upper, work),
-                              os.path.join(self.tmp, owner.encode(), b"xmnt"))
+            side = self.mount(
+                name,
+                mounted_kind,
+                (lowers, upper, work),
+                os.path.join(self.tmp, owner.encode(), b"xmnt"),
+            )
             if side is None:
                 return
             stage = f"cross: {mounted_kind} over {self.kinds[0 if owner == 'a' else 1]}'s upper"
@@ -209,9 +247,14 @@ class _Run:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_case(case: Case, kinds: tuple[str, str] = ("kernel", "unionfs"), timeout: float = 10.0,
-             post: bool = True, tamper: Callable[[bytes], None] | None = None,
-             before_op: Callable[[int, Side], None] | None = None) -> Outcome:
+def run_case(
+    case: Case,
+    kinds: tuple[str, str] = ("kernel", "unionfs"),
+    timeout: float = 10.0,
+    post: bool = True,
+    tamper: Callable[[bytes], None] | None = None,
+    before_op: Callable[[int, Side], None] | None = None,
+) -> Outcome:
     """Execute *case* on both sides; never leaves a mount, daemon or temp dir behind.
 
     Args:

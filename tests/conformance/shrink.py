@@ -25,7 +25,7 @@ def ddmin(items: Sequence[T], still_fails: Callable[[list[T]], bool], deadline: 
     n = 2
     while len(current) >= 2 and time.monotonic() < deadline:
         size = -(-len(current) // n)
-        chunks = [current[i:i + size] for i in range(0, len(current), size)]
+        chunks = [current[i : i + size] for i in range(0, len(current), size)]
         for chunk in chunks:  # try a single chunk
             if still_fails(chunk):
                 current, n = chunk, 2
@@ -45,8 +45,14 @@ def ddmin(items: Sequence[T], still_fails: Callable[[list[T]], bool], deadline: 
     return current
 
 
-def shrink(case: Case, original: Outcome, kinds: tuple[str, str], budget: float = 120.0,
-           timeout: float = 10.0, **hooks: Any) -> tuple[list[int], Outcome]:
+def shrink(
+    case: Case,
+    original: Outcome,
+    kinds: tuple[str, str],
+    budget: float = 120.0,
+    timeout: float = 10.0,
+    **hooks: Any,
+) -> tuple[list[int], Outcome]:
     """Shrink *case*'s ops; returns the kept op indices and the outcome of that replay.
 
     Args:
@@ -58,14 +64,21 @@ def shrink(case: Case, original: Outcome, kinds: tuple[str, str], budget: float 
     # Ops after the first divergent one cannot matter: cut them first.
     if original.stage and original.stage.startswith("op#"):
         last = int(original.stage.split()[0][3:])
-        indexed = indexed[:last + 1]
-    if original.stage and not original.stage.startswith(("op#", "unmount", "upper", "cross", "lowers")):
+        indexed = indexed[: last + 1]
+    if original.stage and not original.stage.startswith(
+        ("op#", "unmount", "upper", "cross", "lowers")
+    ):
         indexed = []  # diverged before any op ran
     best: dict[str, Outcome] = {}
 
     def still_fails(sub: list[tuple[int, Op]]) -> bool:
-        out = run_case(Case(case.spec, [o for _, o in sub], case.seed), kinds, timeout,
-                       post=not original.stage or not original.stage.startswith("op#"), **hooks)
+        out = run_case(
+            Case(case.spec, [o for _, o in sub], case.seed),
+            kinds,
+            timeout,
+            post=not original.stage or not original.stage.startswith("op#"),
+            **hooks,
+        )
         ok = out.diverged and bool(out.kinds() & wanted)
         if ok:
             best[",".join(str(i) for i, _ in sub)] = out
@@ -73,6 +86,7 @@ def shrink(case: Case, original: Outcome, kinds: tuple[str, str], budget: float 
 
     kept = ddmin(indexed, still_fails, deadline) if indexed else []
     key = ",".join(str(i) for i, _ in kept)
-    outcome = best.get(key) or run_case(Case(case.spec, [o for _, o in kept], case.seed), kinds,
-                                        timeout, **hooks)
+    outcome = best.get(key) or run_case(
+        Case(case.spec, [o for _, o in kept], case.seed), kinds, timeout, **hooks
+    )
     return [i for i, _ in kept], outcome

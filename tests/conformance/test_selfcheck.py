@@ -82,8 +82,18 @@ def test_planted_difference_is_detected_and_shrunk() -> None:
     not). The shrinker must cut the op list down to just the copy-up.
     """
     sparse = F(b"s", chunks=[(0, b"x")], size=4 << 20)
-    case = Case(spec([sparse, F(b"t")]), [op("stat", b"s"), op("readdir", b""), op("chmod", b"t", 0o600),
-                                          op("chmod", b"s", 0o600), op("stat", b"s")], seed=None)
+    case = Case(
+        spec([sparse, F(b"t")]),
+        [
+            op("stat", b"s"),
+            op("readdir", b""),
+            op("chmod", b"t", 0o600),
+            op("chmod", b"s", 0o600),
+            op("stat", b"s"),
+        ],
+        seed=None,
+    )
+
     def tamper(base: bytes) -> None:
         _dense_rewrite(os.path.join(base, b"l0", b"s"))
 

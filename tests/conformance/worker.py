@@ -9,6 +9,7 @@ lazily unmounts, kills the daemon it started and then this worker.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -40,10 +41,8 @@ def _serve(conn: multiprocessing.connection.Connection, root: bytes) -> None:
                 result = snapshot.take(arg or root, "mount" if arg is None else "upper")
             elif cmd == "closeall":
                 for fd in fds.values():
-                    try:
+                    with contextlib.suppress(OSError):
                         os.close(fd)
-                    except OSError:
-                        pass
                 fds.clear()
                 result = None
             else:
@@ -52,10 +51,8 @@ def _serve(conn: multiprocessing.connection.Connection, root: bytes) -> None:
             result = ("crash", f"{type(e).__name__}: {e}")
         conn.send(result)
     for fd in fds.values():
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 class Worker:
@@ -87,15 +84,11 @@ class Worker:
     def stop(self) -> None:
         """Close fds and exit; kill if it does not exit (e.g. stuck on a dead mount)."""
         if not self.dead:
-            try:
+            with contextlib.suppress(Hang):
                 self.call("closeall", timeout=5)
-            except Hang:
-                pass
         if not self.dead:
-            try:
+            with contextlib.suppress(OSError):
                 self.conn.send(("exit", None))
-            except OSError:
-                pass
         self.conn.close()
         self.proc.join(2)
         if self.proc.is_alive():
