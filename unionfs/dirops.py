@@ -288,6 +288,7 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
         raise OSError(errno.ENOTEMPTY, "directory not empty", name)
     await copy_up(union, parent)
     await wait_for_copy_up(node)  # the last await: what follows is one step
+    gone_st = union.stat_before_removal(node)
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
     path = join(parent.path, name)
@@ -308,7 +309,7 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
         make_whiteout(dirfd, name)
     if want_dir:
         union.upper.forget_dirs(path)
-    union.drop_name(node, parent, name)
+    union.drop_name(node, parent, name, gone_st)
 
 
 def _rmdir_upper(union: Union, dirfd: int, name: bytes) -> None:
@@ -362,17 +363,19 @@ async def rename(
         raise OSError(errno.EINVAL, "cannot move a directory into itself", sname)
     if swap and dst is not None and dst.is_dir and sparent.is_under(dst):
         raise OSError(errno.EINVAL, "cannot move a directory into itself", dname)
+    # The order of the checks is the kernel's: types (in the VFS), then EXDEV,
+    # then emptiness of the directory being replaced.
     if dst is not None and not swap:
         if src.is_dir and not dst.is_dir:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", dname)
         if not src.is_dir and dst.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory", dname)
-        if dst.is_dir and not union.is_empty(dst):
-            raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
     if src.is_dir and _has_lower_parts(src):
         raise OSError(errno.EXDEV, "directory has lower layers", sname)
     if swap and dst is not None and dst.is_dir and _has_lower_parts(dst):
         raise OSError(errno.EXDEV, "directory has lower layers", dname)
+    if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
+        raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
 
     await copy_up(union, src)
     if swap and dst is not None:
@@ -382,6 +385,7 @@ async def rename(
     if dst is not None:
         await wait_for_copy_up(dst)
     # From here on no await: the checks above hold for the whole change.
+    dst_gone = union.stat_before_removal(dst) if dst is not None and not swap else None
     upper = union.upper
     assert upper is not None
     spath, dpath = join(sparent.path, sname), join(dparent.path, dname)
@@ -393,12 +397,13 @@ async def rename(
         assert dst is not None
         if dst.is_dir and sparent.lowers:
             _make_opaque(dfd, dname)
+    if swap:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
     else:
         _rename_over(union, src, sparent, sname, sfd, dst, dname, dfd)
     upper.forget_dirs(spath)
     upper.forget_dirs(dpath)
-    _move_names(union, src, sparent, sname, dst, dparent, dname, swap)
+    _move_names(union, src, sparent, sname, dst, dparent, dname, swap, dst_gone)
 
 
 def _rename_over(
@@ -442,6 +447,8 @@ def _rename_over(
         and (dst.is_dir or d_up.st_nlink <= 1)
     ):
         union.inos.upper_gone(d_up.st_ino)
+    # The kernel too leaves this whiteout with RENAME_WHITEOUT, so it is owned
+    # like a new entry of that directory (a setgid directory's group included).
     renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if src_whiteout else 0)
 
 
@@ -458,9 +465,10 @@ def _move_names(
     dparent: Node,
     dname: bytes,
     swap: bool,
+    dst_gone: os.stat_result | None = None,
 ) -> None:
     if dst is not None and not swap:
-        union.drop_name(dst, dparent, dname)
+        union.drop_name(dst, dparent, dname, dst_gone)
     _rename_one(union, src, sparent, sname, dparent, dname)
     if src.is_dir:
         src.lowers = ()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from unionfs.copyup import copy_up, readonly_error
 from unionfs.layers import is_private_xattr
-from unionfs.nodes import ROOT_INO, Entry, Node, OpenFile
+from unionfs.nodes import Entry, Node, OpenFile
 from unionfs.union import Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
@@ -153,7 +153,7 @@ class Files:
         # The root has no parent: reach it through its own fd (following that
         # magic link is safe, it is the directory itself). Anything else is
         # named in its parent and never followed.
-        target, follow = self.union.real_path(node), node.ino == ROOT_INO
+        target, follow = self.union.real_path(node)
         if change.uid is not None or change.gid is not None:
             uid = -1 if change.uid is None else change.uid
             gid = -1 if change.gid is None else change.gid
@@ -203,18 +203,21 @@ class Files:
             raise readonly_error()
         await copy_up(self.union, node)
         node.no_caps = False
-        os.setxattr(self.union.real_path(node), name, value, follow_symlinks=False)
+        path, follow = self.union.real_path(node)
+        os.setxattr(path, name, value, follow_symlinks=follow)
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         if is_private_xattr(name):
-            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
+            raise OSError(errno.ENODATA, "no such attribute", name)  # hidden, see getxattr
         if self.union.readonly:
             raise readonly_error()
         if not node.layer.writable:
             # Removing what is not there fails without a copy-up, as in the kernel.
-            os.getxattr(self.union.real_path(node), name, follow_symlinks=False)
+            path, follow = self.union.real_path(node)
+            os.getxattr(path, name, follow_symlinks=follow)
         await copy_up(self.union, node)
-        os.removexattr(self.union.real_path(node), name, follow_symlinks=False)
+        path, follow = self.union.real_path(node)
+        os.removexattr(path, name, follow_symlinks=follow)
 
 
 class DirHandle:

@@ -181,6 +181,14 @@ def open_noatime(name: bytes, flags: int, dirfd: int) -> int:
 
 def make_whiteout(dirfd: int, name: bytes) -> None:
     os.mknod(name, WHITEOUT_MODE, 0, dir_fd=dirfd)
+    own_whiteout(dirfd, name)
+
+
+def own_whiteout(dirfd: int, name: bytes) -> None:
+    """A whiteout belongs to the mounter, as the kernel's do (it makes them in the
+    workdir): in a setgid directory it must not take the directory's group."""
+    if os.fstat(dirfd).st_mode & stat.S_ISGID:
+        os.chown(name, os.geteuid(), os.getegid(), dir_fd=dirfd, follow_symlinks=False)
 
 
 def set_opaque(path: bytes) -> None:
@@ -190,6 +198,7 @@ def set_opaque(path: bytes) -> None:
 def whiteout_by_rename(dirfd: int, name: bytes, workfd: int, tmp: bytes) -> None:
     """Move *name* into the workdir as *tmp* and leave a whiteout in its place, atomically."""
     renameat2(dirfd, name, workfd, tmp, RENAME_WHITEOUT)
+    own_whiteout(dirfd, name)
 
 
 def exchange(dirfd1: int, name1: bytes, dirfd2: int, name2: bytes) -> None:

@@ -55,6 +55,7 @@ class Node:
         "listing",
         "no_caps",
         "generation",
+        "gone_st",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, kind: int, layer: Layer) -> None:
@@ -76,6 +77,8 @@ class Node:
         # to be absent it stays so until a setxattr through this mount.
         self.no_caps = False
         self.generation = 0  # bumped when the inode number is reused for another file
+        # Its stat when its last name went: fstat of an O_PATH fd still answers.
+        self.gone_st: os.stat_result | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.path!r} in {self.layer.index}>"

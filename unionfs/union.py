@@ -201,6 +201,7 @@ class Union:
                 # The real inode number was freed and reused by a new file: a new
                 # generation tells the kernel its old inode of that number is dead.
                 node.generation += 1
+                node.gone_st = None
                 node.listing = None
                 node.no_caps = False
                 self.table.set_parent(node, parent, name)
@@ -227,8 +228,35 @@ class Union:
             node.aliases.add((parent, name))
             parent.children += 1
 
-    def drop_name(self, node: Node, parent: Node, name: bytes) -> None:
-        """*parent*/*name* no longer names *node*; promote another hard link if it has one."""
+    def stat_before_removal(self, node: Node) -> os.stat_result | None:
+        """What the node will look like once its name is gone (for ``drop_name``)."""
+        try:
+            st = self.stat(node)
+        except OSError:
+            return None
+        if not node.layer.writable or st.st_nlink > 1:
+            return st  # a lower file stays as it is; another hard link keeps the inode
+        fields = list(st)
+        fields[3] = 0  # st_nlink: the upper inode is unlinked
+        return os.stat_result(
+            fields,
+            {
+                "st_atime_ns": st.st_atime_ns,
+                "st_mtime_ns": st.st_mtime_ns,
+                "st_ctime_ns": st.st_ctime_ns,
+                "st_rdev": st.st_rdev,
+                "st_blocks": st.st_blocks,
+                "st_blksize": st.st_blksize,
+            },
+        )
+
+    def drop_name(
+        self, node: Node, parent: Node, name: bytes, gone_st: os.stat_result | None = None
+    ) -> None:
+        """*parent*/*name* no longer names *node*; promote another hard link if it has one.
+
+        *gone_st* is kept for a node left without any name (see ``Node.gone_st``).
+        """
         if node.aliases and (parent, name) in node.aliases:
             node.aliases.discard((parent, name))
             parent.children -= 1
@@ -243,6 +271,7 @@ class Union:
                 self.table.set_parent(node, alias_parent, alias_name)
                 return
             self.table.maybe_drop(alias_parent)
+        node.gone_st = gone_st
         self.table.set_parent(node, None, name)
         self.table.maybe_drop(node)
 
@@ -256,6 +285,8 @@ class Union:
             files = self.open_files.get(node.ino)
             if files:
                 return os.fstat(files[0].fd)
+            if node.gone_st is not None:
+                return node.gone_st
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         parent = node.parent
         assert parent is not None
@@ -271,14 +302,16 @@ class Union:
             return 1
         return st.st_nlink
 
-    def real_path(self, node: Node) -> bytes:
-        """A ``/proc/self/fd`` path to the node's real file, for calls with no ``*at`` form."""
+    def real_path(self, node: Node) -> tuple[bytes, bool]:
+        """A ``/proc/self/fd`` path to the node's real file, for calls with no ``*at``
+        form, and whether to follow it: only the root's path is the fd's magic link
+        itself (the directory); any other names an entry that must not be followed."""
         if node.ino == ROOT_INO:
-            return fd_path(node.layer.root_fd)
+            return fd_path(node.layer.root_fd), True
         parent = node.parent
         if parent is None:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        return fd_path(node.layer.dirfd(parent.path), node.name)
+        return fd_path(node.layer.dirfd(parent.path), node.name), False
 
     def open_real(self, node: Node, flags: int) -> int:
         """Open the node's real file in its topmost layer, never following a symlink."""
@@ -396,16 +429,20 @@ class Union:
         if caps and node.no_caps:
             raise OSError(errno.ENODATA, "no such attribute")
         if is_private_xattr(name):
-            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
+            # Hidden: as far as the mount shows, the overlay's own xattrs are not there
+            # (the kernel answers ENODATA too, unless an escaped copy exists).
+            raise OSError(errno.ENODATA, "no such attribute", name)
+        path, follow = self.real_path(node)
         try:
-            return os.getxattr(self.real_path(node), name, follow_symlinks=False)
+            return os.getxattr(path, name, follow_symlinks=follow)
         except OSError as e:
             if caps and e.errno == errno.ENODATA:
                 node.no_caps = True
             raise
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(self.real_path(node), follow_symlinks=False)
+        path, follow = self.real_path(node)
+        names = os.listxattr(path, follow_symlinks=follow)
         return [n for b in names if not is_private_xattr(n := os.fsencode(b))]
 
     def walk_nodes(self) -> Iterator[Node]:

@@ -3,8 +3,8 @@
 
 Usage (as root, from the repo; ``make bench [QUICK=1]`` does the same)::
 
-    .venv/bin/python tests/bench/bench.py            # full run (~25 min)
-    .venv/bin/python tests/bench/bench.py --quick    # subset, < 2 min
+    .venv/bin/python tests/bench/bench.py            # full run (~10 min)
+    .venv/bin/python tests/bench/bench.py --quick    # subset, ~1.3 min
     .venv/bin/python tests/bench/bench.py --profile  # py-spy on unionfs W1/W6/W7
 
 Method, and why:

@@ -28,7 +28,7 @@ from workloads import Config, Group
 
 # Empty: py-spy pauses the daemon for each sample, which keeps its idle
 # detection exact (with --nonblocking, time in epoll_wait showed up as busy).
-PYSPY_MODE: list[str] = []
+PYSPY_MODE: list[str] = os.environ.get("BENCH_PYSPY_ARGS", "").split()
 
 
 def ensure_pyspy(python: str) -> str:

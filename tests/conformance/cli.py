@@ -59,7 +59,7 @@ def format_report(
     lines += [f"  {d}" for d in outcome.divergences[:25]]
     if len(outcome.divergences) > 25:
         lines.append(f"  ... {len(outcome.divergences) - 25} more")
-    lines += [f"  {d}" for d in outcome.excluded[:5]]
+    lines += [f"  {d}" for d in dict.fromkeys(str(x) for x in outcome.excluded)][:5]
     lines += [f"  note: {n}" for n in outcome.notes]
     if case.seed is not None:
         sel = f" --ops {','.join(map(str, kept))}" if kept is not None else ""

@@ -141,10 +141,12 @@ def diff_trees(
     for p in sorted(set(a) | set(b)):
         where = _show(p)
         if p not in b:
-            out.append(Divergence(f"{prefix}:only-a", where, _show(_entry_view(a[p], ca, flavour))))
+            view = _show(_entry_view(a[p], ca, flavour))
+            out.append(Divergence(f"{prefix}:only-a", where, view, frozenset({p})))
             continue
         if p not in a:
-            out.append(Divergence(f"{prefix}:only-b", where, _show(_entry_view(b[p], cb, flavour))))
+            view = _show(_entry_view(b[p], cb, flavour))
+            out.append(Divergence(f"{prefix}:only-b", where, view, frozenset({p})))
             continue
         va, vb = _entry_view(a[p], ca, flavour), _entry_view(b[p], cb, flavour)
         for k in sorted(set(va) | set(vb)):

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tests.conformance import exclusions, layers, snapshot
 from tests.conformance.compare import Clock, Divergence, diff_inodes, diff_trees, norm_result
@@ -25,6 +26,19 @@ from tests.conformance.ops import Op, generate_ops
 from tests.conformance.worker import Hang, Worker
 
 DEFAULT_OPS = 25
+
+
+def _listed_apart(ra: object, rb: object) -> frozenset[bytes]:
+    """For two directory listings, the names only one side listed (for exclusions)."""
+    if (
+        isinstance(ra, tuple)
+        and isinstance(rb, tuple)
+        and ra[0] == rb[0] == "ok"
+        and isinstance(ra[1], list)
+        and isinstance(rb[1], list)
+    ):
+        return frozenset(set(ra[1]) ^ set(rb[1]))
+    return frozenset()
 
 
 @dataclass
@@ -78,14 +92,23 @@ class _Run:
         self.dirs: dict[str, tuple[list[bytes], bytes | None, bytes | None]] = {}
         self.clock = Clock()
         self.out = Outcome()
+        self.history: list[tuple[Op, Any, Any]] = []  # each op run so far, with both results
 
     def fail(self, stage: str, divs: list[Divergence]) -> bool:
-        remaining = exclusions.label(divs, self.case.spec)
+        remaining = exclusions.label(divs, self.case.spec, self.history)
         self.out.excluded.extend(d for d in divs if d.excluded_by)
         if remaining:
             self.out.stage, self.out.divergences = stage, remaining
+            self.note_daemon_logs()
             return True
         return False
+
+    def note_daemon_logs(self) -> None:
+        """Keep the tail of a unionfs log that shows a traceback (the temp dir goes away)."""
+        for name, side in self.sides.items():
+            log = side.log()
+            if "Traceback" in log or "Error" in log:
+                self.out.notes.append(f"unionfs log of side {name} (tail):\n{log[-2000:]}")
 
     def mount(
         self, name: str, kind: str, dirs: tuple[list[bytes], bytes | None, bytes | None], mnt: bytes
@@ -167,12 +190,20 @@ class _Run:
             if new is None:
                 return self.out
             ra, rb = (norm_result(r, self.clock) for r in results)
+            self.history.append((o, ra, rb))
             self.out.transcript.append(
                 f"[{k}] {o} -> {ra!r:.120}" + ("" if ra == rb else f" | b: {rb!r:.120}")
             )
             divs = []
             if ra != rb:
-                divs.append(Divergence("result", f"op#{k}", f"a={ra!r:.200} b={rb!r:.200}"))
+                divs.append(
+                    Divergence(
+                        "result",
+                        f"op#{k} {o}",
+                        f"a={ra!r:.200} b={rb!r:.200}",
+                        _listed_apart(ra, rb),
+                    )
+                )
             divs += diff_trees(*new, self.clock, self.clock, "tree")
             divs += diff_inodes(pair[0], new[0], pair[1], new[1])
             if self.fail(stage, divs):
@@ -263,8 +294,13 @@ def run_case(
         before_op: Test hook: called with the op index and side b before each op
             (e.g. to stop the daemon and provoke a hang).
     """
+    notes: list[str] = []
+    if "unionfs" in kinds:
+        case, notes = exclusions.drop_unsupported(case)
     r = _Run(case, kinds, timeout, post, tamper, before_op)
     try:
-        return r.run()
+        out = r.run()
     finally:
         r.cleanup()
+    out.notes[:0] = notes
+    return out

@@ -120,3 +120,11 @@ def test_lower_modification_is_detected() -> None:
     case = Case(spec([F(b"a"), F(b"b")]), [op("stat", b"a")], seed=None)
     out = run_case(case, KK, before_op=modify_lower)
     assert out.diverged, out
+
+
+def test_cli_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m tests.conformance`` ends with ``cases=N diverged=M``."""
+    from tests.conformance.cli import main
+
+    assert main(["--cases", "2", "--seed", "3", "--sides", "kernel,kernel"]) == 0
+    assert "cases=2 diverged=0" in capsys.readouterr().out.splitlines()
