@@ -23,7 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
     """The filesystem type mounted exactly at *mountpoint*, or None (bytes-exact)."""
-    target = os.fsencode(os.path.realpath(mountpoint))
+    # Only the parent is resolved: a stat of the mountpoint itself would hang on a
+    # FUSE daemon that stopped answering.
+    path = os.path.abspath(mountpoint)
+    parent, name = os.path.split(path)
+    target = os.fsencode(os.path.join(os.path.realpath(parent), name))
     found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
@@ -92,12 +96,13 @@ class UnionMount:
             return -signal.SIGKILL
 
     def kill(self) -> None:
-        """Hard stop: lazy unmount, then SIGKILL of the daemon we started."""
-        if mount_type(self.mountpoint) is not None:
-            lazy_unmount(self.mountpoint)
+        """Hard stop: SIGKILL of the daemon we started (first, so nothing below can
+        block on it), then a lazy unmount."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        if mount_type(self.mountpoint) is not None:
+            lazy_unmount(self.mountpoint)
 
 
 def unionfs_command() -> list[str]:
