@@ -299,8 +299,12 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
             tmp = union.tmp_name()
             whiteout_by_rename(dirfd, name, union.work_fd, tmp)
             remove_tree(union.work_fd, tmp)
-        elif want_dir:
+        elif want_dir and node.lowers:
             _rmdir_upper(union, dirfd, name)
+        elif want_dir:
+            # No lower part: a plain rmdir, as the kernel does, so a stray whiteout
+            # left inside (it hides nothing) still makes it ENOTEMPTY.
+            os.rmdir(name, dir_fd=dirfd)
         else:
             os.unlink(name, dir_fd=dirfd)
         if st.st_nlink <= 1 or want_dir:
@@ -421,7 +425,13 @@ def _rename_over(
         d_up: os.stat_result | None = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         d_up = None
-    if dst is not None and dst.is_dir and d_up is not None and os.listdir(fd_path(dfd, dname)):
+    if (
+        dst is not None
+        and dst.is_dir
+        and dst.lowers
+        and d_up is not None
+        and os.listdir(fd_path(dfd, dname))
+    ):
         # The target's upper part still holds whiteouts: swap in an empty
         # opaque directory first so the rename below can replace it.
         work, tmp = union.work_fd, union.tmp_name()

@@ -97,6 +97,22 @@ def _same_but_nlink(ra: Any, rb: Any) -> bool:
     return next(strip) == next(strip)
 
 
+def _opaque_left_by_failed_rename(d: Divergence, spec: LayerSpec, history: History) -> bool:
+    """Only the kernel's upper has the opaque marker, on the source of a rename that
+    failed the same way on both sides."""
+    if d.kind != "upper:xattrs" or "trusted.overlay.opaque" not in d.detail:
+        return False
+    path = _path_of(d)
+    return any(
+        op.name == "rename"
+        and op.args[0] == path
+        and ra == rb
+        and isinstance(ra, tuple)
+        and ra[0] == "err"
+        for op, ra, rb in history
+    )
+
+
 def _lower_hardlink_group(d: Divergence, spec: LayerSpec, history: History) -> bool:
     if d.kind != "ino:hardlink" or not d.paths:
         return False
@@ -153,6 +169,18 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "entries and nlink of that op's target and its parents."
         ),
         applies=_failed_xattr_flag_without_copy_up,
+    ),
+    Exclusion(
+        name="opaque-left-by-failed-rename",
+        reason=(
+            "Moving an upper-only directory into a merged one, the kernel marks it opaque "
+            "before the rename and keeps the marker when the rename then fails (e.g. "
+            "ENAMETOOLONG). unionfs marks it only when it renames; a failure the FUSE layer "
+            "reports at the target's lookup never reaches it. The directory has no lower "
+            "part, so the marker hides nothing and both merged views agree. Limited to the "
+            "opaque xattr in the upper on the source of a rename that failed on both sides."
+        ),
+        applies=_opaque_left_by_failed_rename,
     ),
 )
 
