@@ -25,6 +25,12 @@ def _fuse_usable() -> bool:
 FUSE_USABLE = _fuse_usable()
 
 
+def staged(work: Path) -> list[str]:
+    """What copy-ups and whiteouts left in WORKDIR/work, besides the shared whiteout
+    that every whiteout is a hard link of (the kernel keeps one there too)."""
+    return sorted(n for n in os.listdir(work) if n != "#whiteout")
+
+
 @pytest.fixture(autouse=True)
 def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
     """Fail any test that leaves a mount under its temp dir (and clean it up)."""

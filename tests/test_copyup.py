@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, staged
 from tests.test_merge import write
 
 MTIME = 1_600_000_000_000_000_000
@@ -153,7 +153,7 @@ def test_workdir_leftovers_are_cleared_at_mount(stack: Stack, mounted) -> None:
     write(stack.work / "work" / "#half" / "partial", b"trunc")
     write(stack.work / "work" / "#file", b"partial copy")
     mounted()
-    assert os.listdir(stack.work / "work") == []
+    assert staged(stack.work / "work") == []
 
 
 def test_a_large_copy_up_does_not_stall_other_requests(stack: Stack, mounted) -> None:

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, staged
 from tests.test_merge import write
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -82,7 +82,7 @@ def test_unlink_of_a_copied_up_file_leaves_a_whiteout(stack: Stack, mounted) -> 
     write(stack.mnt / "f", b"changed")
     os.unlink(stack.mnt / "f")
     assert is_whiteout(stack.upper / "f")
-    assert os.listdir(stack.work / "work") == []
+    assert staged(stack.work / "work") == []
 
 
 def test_rmdir_needs_the_merged_directory_empty(stack: Stack, mounted) -> None:

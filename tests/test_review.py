@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import Stack
+from tests.conftest import Stack, staged
 from tests.test_merge import write
 from unionfs.dirops import Caller, create_file, link
 from unionfs.union import Union, UnionConfig
@@ -90,13 +90,13 @@ def test_unlink_during_a_large_copy_up_does_not_fail_the_opener(stack: Stack, mo
     t = threading.Thread(target=opener)
     t.start()
     work = stack.work / "work"
-    while not os.listdir(work) and t.is_alive():
+    while not staged(work) and t.is_alive():
         pass
     os.unlink(stack.mnt / "big")
     t.join()
     assert result == ["ok"]
     assert not os.path.lexists(stack.mnt / "big")
-    assert os.listdir(work) == []
+    assert staged(work) == []
 
 
 def test_forgotten_hard_links_release_their_parent_directories(tmp_path: Path) -> None:

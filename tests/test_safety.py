@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, staged
 from tests.mounting import (
     REPO,
     kernel_overlay,
@@ -277,9 +277,9 @@ def test_kill_9_during_copy_up_leaves_old_or_complete_content(stack: Stack, tmp_
         )
         work = stack.work / "work"
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not os.listdir(work):
+        while time.monotonic() < deadline and not staged(work):
             time.sleep(0.0005)
-        saw_partial = bool(os.listdir(work))
+        saw_partial = bool(staged(work))
         os.kill(um.pid, signal.SIGKILL)
         um.proc.wait(timeout=10)
     finally:
@@ -289,7 +289,7 @@ def test_kill_9_during_copy_up_leaves_old_or_complete_content(stack: Stack, tmp_
     assert mount_type(stack.mnt) is None
     um2 = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
     try:
-        assert os.listdir(stack.work / "work") == []  # leftovers cleared at mount
+        assert staged(stack.work / "work") == []  # leftovers cleared at mount
         size = os.stat(stack.mnt / "big").st_size
         assert size in (512 << 20, (512 << 20) + 1)  # old content, or complete + the byte
         with open(stack.mnt / "big", "rb") as f:
@@ -314,7 +314,7 @@ def test_a_full_upper_gives_enospc_and_keeps_serving(stack: Stack, tmp_path: Pat
             with pytest.raises(OSError) as e:
                 open(stack.mnt / "big", "ab").close()  # copy-up cannot fit
             assert e.value.errno == errno.ENOSPC
-            assert os.listdir(small / "upper") == [] and os.listdir(small / "work" / "work") == []
+            assert os.listdir(small / "upper") == [] and staged(small / "work" / "work") == []
             with pytest.raises(OSError) as e:
                 with open(stack.mnt / "filler", "wb") as f:
                     for _ in range(8):

@@ -310,7 +310,7 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
         if st.st_nlink <= 1 or want_dir:
             union.inos.upper_gone(st.st_ino)
     else:
-        make_whiteout(dirfd, name)
+        make_whiteout(dirfd, name, union.work_fd)
     if want_dir:
         union.upper.forget_dirs(path)
     union.drop_name(node, parent, name, gone_st)

@@ -9,13 +9,14 @@ a layer into a file descriptor without following the layer's symlinks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections import OrderedDict
 from pathlib import Path
 
-from unionfs.syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, open_beneath, renameat2
+from unionfs.syscalls import RENAME_EXCHANGE, open_beneath, renameat2
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 PRIVATE_XATTR_PREFIX = b"trusted.overlay."
@@ -179,9 +180,51 @@ def open_noatime(name: bytes, flags: int, dirfd: int) -> int:
 # -- writing the format (upper layer only) ------------------------------------
 
 
-def make_whiteout(dirfd: int, name: bytes) -> None:
+SHARED_WHITEOUT = b"#whiteout"  # in WORKDIR/work, like the kernel's
+
+
+def make_whiteout(dirfd: int, name: bytes, workfd: int = -1) -> None:
+    """Put a whiteout at *name*: a hard link to the workdir's shared whiteout.
+
+    Linking costs a fraction of creating a device inode (mknod on ext4 is
+    hundreds of microseconds), which is what makes ``rm -rf`` of a big lower
+    tree fast; the kernel overlay does the same. Without a workdir, or when the
+    shared one is used up (EMLINK), a whiteout of its own is made.
+    """
+    if workfd >= 0:
+        for _ in range(2):
+            try:
+                os.link(
+                    SHARED_WHITEOUT,
+                    name,
+                    src_dir_fd=workfd,
+                    dst_dir_fd=dirfd,
+                    follow_symlinks=False,
+                )
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EMLINK) or _exists(dirfd, name):
+                    raise
+                new_shared_whiteout(workfd)
     os.mknod(name, WHITEOUT_MODE, 0, dir_fd=dirfd)
     own_whiteout(dirfd, name)
+
+
+def new_shared_whiteout(workfd: int) -> None:
+    """(Re)create the shared whiteout, replacing one that has too many links."""
+    tmp = SHARED_WHITEOUT + b".new"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=workfd)
+    os.mknod(tmp, WHITEOUT_MODE, 0, dir_fd=workfd)
+    os.rename(tmp, SHARED_WHITEOUT, src_dir_fd=workfd, dst_dir_fd=workfd)
+
+
+def _exists(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def own_whiteout(dirfd: int, name: bytes) -> None:
@@ -196,9 +239,17 @@ def set_opaque(path: bytes) -> None:
 
 
 def whiteout_by_rename(dirfd: int, name: bytes, workfd: int, tmp: bytes) -> None:
-    """Move *name* into the workdir as *tmp* and leave a whiteout in its place, atomically."""
-    renameat2(dirfd, name, workfd, tmp, RENAME_WHITEOUT)
-    own_whiteout(dirfd, name)
+    """Move *name* into the workdir as *tmp* and leave a whiteout in its place, atomically.
+
+    A linked whiteout is swapped in (``RENAME_EXCHANGE``), as the kernel does;
+    ``RENAME_WHITEOUT`` would make a new whiteout inode, which costs far more.
+    """
+    make_whiteout(workfd, tmp, workfd)
+    try:
+        exchange(workfd, tmp, dirfd, name)
+    except BaseException:
+        os.unlink(tmp, dir_fd=workfd)
+        raise
 
 
 def exchange(dirfd1: int, name1: bytes, dirfd2: int, name2: bytes) -> None:

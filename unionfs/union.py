@@ -25,6 +25,7 @@ from unionfs.layers import (
     fd_path,
     is_private_xattr,
     is_whiteout,
+    new_shared_whiteout,
     open_noatime,
     remove_tree,
 )
@@ -464,4 +465,5 @@ def _prepare_workdir(work: Path) -> int:
     for name in leftovers:
         log.info("removing leftover %r from the workdir", name)
         remove_tree(fd, name)
+    new_shared_whiteout(fd)
     return fd
