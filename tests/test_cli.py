@@ -248,3 +248,19 @@ def test_mount_t_fuse_unionfs_through_mount_fuse3(stack: Stack) -> None:
     finally:
         if not existed:
             link.unlink()
+
+
+def test_an_upper_on_a_read_only_filesystem_is_refused(stack: Stack, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", os.fspath(ro)], check=True)
+    try:
+        (ro / "upper").mkdir()
+        (ro / "work").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", os.fspath(ro)], check=True)
+        r = run("-o", f"lowerdir={stack.lowers[0]},upperdir={ro}/upper,workdir={ro}/work",
+                os.fspath(stack.mnt))
+        assert r.returncode != 0 and "read-only" in r.stderr and r.stderr.count("\n") == 1
+        assert mount_type(stack.mnt) is None
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(ro)], check=False)
