@@ -258,8 +258,11 @@ def test_an_upper_on_a_read_only_filesystem_is_refused(stack: Stack, tmp_path: P
         (ro / "upper").mkdir()
         (ro / "work").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", os.fspath(ro)], check=True)
-        r = run("-o", f"lowerdir={stack.lowers[0]},upperdir={ro}/upper,workdir={ro}/work",
-                os.fspath(stack.mnt))
+        r = run(
+            "-o",
+            f"lowerdir={stack.lowers[0]},upperdir={ro}/upper,workdir={ro}/work",
+            os.fspath(stack.mnt),
+        )
         assert r.returncode != 0 and "read-only" in r.stderr and r.stderr.count("\n") == 1
         assert mount_type(stack.mnt) is None
     finally:
