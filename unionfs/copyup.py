@@ -16,7 +16,7 @@ import stat
 
 import trio
 
-from unionfs.layers import fd_path, is_private_xattr, open_noatime, remove_tree
+from unionfs.layers import fd_path, is_private_xattr, open_noatime, remove_tree, stat_with
 from unionfs.nodes import Node
 from unionfs.syscalls import RENAME_NOREPLACE, clone_or_copy, renameat2
 from unionfs.union import Union
@@ -72,7 +72,7 @@ async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None)
     src_dir = src_layer.dirfd(ppath)
     st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
     if src_layer.nosuid and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-        st = _without_setid(st)
+        st = stat_with(st, mode=st.st_mode & ~(stat.S_ISUID | stat.S_ISGID))
     work = union.work_fd
     tmp = union.tmp_name()
     kind = stat.S_IFMT(st.st_mode)
@@ -175,23 +175,6 @@ def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
             if e.errno not in (errno.ENOTSUP, errno.ENODATA):
                 raise
             log.warning("xattr %r not copied up: %s", name, e.strerror)
-
-
-def _without_setid(st: os.stat_result) -> os.stat_result:
-    """The stat with setuid/setgid dropped, for copies out of a nosuid layer."""
-    fields = list(st)
-    fields[0] = st.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
-    return os.stat_result(
-        fields,
-        {  # keep the ns times the copy needs
-            "st_atime_ns": st.st_atime_ns,
-            "st_mtime_ns": st.st_mtime_ns,
-            "st_ctime_ns": st.st_ctime_ns,
-            "st_rdev": st.st_rdev,
-            "st_blocks": st.st_blocks,
-            "st_blksize": st.st_blksize,
-        },
-    )
 
 
 def _discard(work: int, tmp: bytes) -> None:

@@ -33,6 +33,22 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def stat_with(
+    st: os.stat_result, *, mode: int | None = None, nlink: int | None = None
+) -> os.stat_result:
+    """A copy of *st* with its mode or nlink replaced (nanosecond times kept)."""
+    fields = list(st)
+    if mode is not None:
+        fields[0] = mode
+    if nlink is not None:
+        fields[3] = nlink
+    extra = {k: getattr(st, k) for k in _STAT_EXTRA}
+    return os.stat_result(fields, extra)
+
+
+_STAT_EXTRA = ("st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_rdev", "st_blocks", "st_blksize")
+
+
 def is_private_xattr(name: bytes) -> bool:
     """The overlay's own xattrs, which the mount neither shows nor lets anyone set."""
     return name.startswith(PRIVATE_XATTR_PREFIX)

@@ -28,6 +28,7 @@ from unionfs.layers import (
     new_shared_whiteout,
     open_noatime,
     remove_tree,
+    stat_with,
 )
 from unionfs.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile
 
@@ -237,19 +238,7 @@ class Union:
             return None
         if not node.layer.writable or st.st_nlink > 1:
             return st  # a lower file stays as it is; another hard link keeps the inode
-        fields = list(st)
-        fields[3] = 0  # st_nlink: the upper inode is unlinked
-        return os.stat_result(
-            fields,
-            {
-                "st_atime_ns": st.st_atime_ns,
-                "st_mtime_ns": st.st_mtime_ns,
-                "st_ctime_ns": st.st_ctime_ns,
-                "st_rdev": st.st_rdev,
-                "st_blocks": st.st_blocks,
-                "st_blksize": st.st_blksize,
-            },
-        )
+        return stat_with(st, nlink=0)  # the upper inode is unlinked
 
     def drop_name(
         self, node: Node, parent: Node, name: bytes, gone_st: os.stat_result | None = None
