@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,10 @@ def _whiteout_listed_in_unmerged_dir(d: Divergence, spec: LayerSpec, history: Hi
     if d.kind.endswith((":only-a", ":only-b")) and "'error': 'ENOENT'" in d.detail:
         return _path_of(d) in whiteouts
     if d.kind == "result" and d.paths and ("readdir(" in d.where):
-        return d.paths <= {w.rpartition(b"/")[2] for w in whiteouts}
+        listed = {
+            n if isinstance(n, bytes) else os.fsencode(n) for n in d.paths
+        }  # fd listings are str
+        return listed <= {w.rpartition(b"/")[2] for w in whiteouts}
     return False
 
 
@@ -70,10 +74,10 @@ def _failed_xattr_flag_without_copy_up(d: Divergence, spec: LayerSpec, history: 
             and isinstance(ra, tuple)
             and ra[0] == "err"
         ):
-            path = op.args[0]
-            while path:
-                targets.add(path)
-                path = path.rpartition(b"/")[0]
+            for path in (op.args[0], _link_target(op.args[0], spec, history)):
+                while path:
+                    targets.add(path)
+                    path = path.rpartition(b"/")[0]
     if not targets:
         return False
     if d.kind == "upper:only-a" or d.kind.endswith(":nlink"):
@@ -86,6 +90,38 @@ def _failed_xattr_flag_without_copy_up(d: Divergence, spec: LayerSpec, history: 
             if op.name in ("stat", "lstat") and op.args[0] in targets:
                 return _same_but_nlink(ra, rb)
     return False
+
+
+def _link_target(path: bytes, spec: LayerSpec, history: History) -> bytes:
+    """Where a relative symlink at *path* (made by an op or in a layer) points, or b""."""
+    target = b""
+    for layer in (spec.upper, *spec.lowers):
+        for e in layer:
+            if e.path == path and e.kind == "symlink":
+                target = target or e.target
+    for op, ra, _ in history:
+        if op.name == "symlink" and op.args[1] == path and isinstance(ra, tuple) and ra[0] == "ok":
+            target = op.args[0]
+    if not target or target.startswith(b"/"):
+        return b""
+    return os.path.normpath(os.path.join(path.rpartition(b"/")[0], target)).lstrip(b"./")
+
+
+def _parent_touched_by_failed_rename(d: Divergence, spec: LayerSpec, history: History) -> bool:
+    """The kernel touched a rename's parent directory before failing as unionfs did."""
+    if not d.kind.endswith(":mtime"):
+        return False
+    path = _path_of(d)
+    if path is None:
+        return False
+    return any(
+        op.name == "rename"
+        and path in (op.args[0].rpartition(b"/")[0], op.args[1].rpartition(b"/")[0])
+        and ra == rb
+        and isinstance(ra, tuple)
+        and ra[0] == "err"
+        for op, ra, rb in history
+    )
 
 
 def _same_but_nlink(ra: Any, rb: Any) -> bool:
@@ -181,6 +217,16 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "opaque xattr in the upper on the source of a rename that failed on both sides."
         ),
         applies=_opaque_left_by_failed_rename,
+    ),
+    Exclusion(
+        name="parent-touched-by-failed-rename",
+        reason=(
+            "A rename of an upper directory onto a non-empty directory fails with the same "
+            "errno on both sides, but the kernel has already changed the parent's upper "
+            "directory (its mtime moves) on the way; unionfs checks first and changes nothing. "
+            "Limited to the mtime of a parent of such a failed rename."
+        ),
+        applies=_parent_touched_by_failed_rename,
     ),
 )
 
