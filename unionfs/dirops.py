@@ -5,7 +5,7 @@ has leaves a whiteout; creating a name over a whiteout replaces it, and a
 directory made over a whiteout is opaque so the old lower contents stay hidden.
 Each change is made so that a crash at any point shows the old state or the new
 one: new entries over whiteouts are built in the workdir and renamed in, and
-``RENAME_WHITEOUT`` moves a file out and leaves its whiteout in one step.
+a file is swapped for its whiteout in one ``RENAME_EXCHANGE``.
 """
 
 from __future__ import annotations
@@ -277,9 +277,11 @@ def _created(union: Union, parent: Node, name: bytes, st: os.stat_result | None 
 async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
     """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
     _writable(union)
-    node = union.find(parent, name)
-    if node is None:
+    found = union.find_entry(parent, name)
+    if found is None or found[1] is None:  # no stat: "." or "..", which the VFS never removes
         raise FileNotFoundError(errno.ENOENT, "no such entry", name)
+    node, st = found[0], found[1]
+    layer = node.layer
     if want_dir and not node.is_dir:
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", name)
     if not want_dir and node.is_dir:
@@ -288,13 +290,14 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
         raise OSError(errno.ENOTEMPTY, "directory not empty", name)
     await copy_up(union, parent)
     await wait_for_copy_up(node)  # the last await: what follows is one step
-    gone_st = union.stat_before_removal(node)
+    if node.layer is not layer:  # copied up meanwhile: the stat from lookup is stale
+        st = union.stat(node)
+    gone_st = union.stat_before_removal(node, st)
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
     path = join(parent.path, name)
     needs_whiteout = union.lower_has_name(parent, name)
     if node.layer.writable:
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         if needs_whiteout:
             tmp = union.tmp_name()
             whiteout_by_rename(dirfd, name, union.work_fd, tmp)

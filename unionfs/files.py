@@ -1,9 +1,9 @@
 """Open files and attribute changes.
 
 Each open gets its own real file descriptor with its own flags. Opening a lower
-file for writing copies it up first. A handle opened before a copy-up reopens
-the upper copy on its next use, so every reader sees what writers wrote, as
-with the kernel overlay.
+file for writing copies it up first. Handles opened before a copy-up are moved
+to the upper copy when it is made (``Union.follow_copy_up``), so every reader
+sees what writers wrote, as with the kernel overlay.
 """
 
 from __future__ import annotations

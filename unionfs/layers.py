@@ -158,9 +158,6 @@ class Layer:
                 return None
             raise
 
-    def stat_dir(self, relpath: bytes) -> os.stat_result:
-        return os.stat(self.dirfd(relpath))
-
     def is_opaque(self, relpath: bytes) -> bool:
         """The kernel's opaque xattr, or in a lower layer the OCI ``.wh..wh..opq`` marker."""
         try:

@@ -13,8 +13,8 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from unionfs.idmap import IDENTITY, IdMapper
@@ -53,7 +53,6 @@ class UnionConfig:
     static_nlink: bool = False  # report nlink 1 for every directory
     fault_name: bytes | None = None  # test hook: looking up this name raises a bug
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -230,12 +229,16 @@ class Union:
             node.aliases.add((parent, name))
             parent.children += 1
 
-    def stat_before_removal(self, node: Node) -> os.stat_result | None:
-        """What the node will look like once its name is gone (for ``drop_name``)."""
-        try:
-            st = self.stat(node)
-        except OSError:
-            return None
+    def stat_before_removal(
+        self, node: Node, st: os.stat_result | None = None
+    ) -> os.stat_result | None:
+        """What the node will look like once its name is gone (for ``drop_name``),
+        from its current stat *st* when the caller has it."""
+        if st is None:
+            try:
+                st = self.stat(node)
+            except OSError:
+                return None
         if not node.layer.writable or st.st_nlink > 1:
             return st  # a lower file stays as it is; another hard link keeps the inode
         return stat_with(st, nlink=0)  # the upper inode is unlinked
@@ -434,9 +437,6 @@ class Union:
         path, follow = self.real_path(node)
         names = os.listxattr(path, follow_symlinks=follow)
         return [n for b in names if not is_private_xattr(n := os.fsencode(b))]
-
-    def walk_nodes(self) -> Iterator[Node]:
-        return iter(self.table)
 
 
 def _prepare_workdir(work: Path) -> int:
