@@ -79,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
     if args.debug or args.foreground:
-        if args.debug:
-            from unionfs import operations
-
-            operations.DEBUG = True
         _log_to_stderr(logging.DEBUG if args.debug else logging.INFO)
-        return _serve(setup, lambda: None, opts.timeout)
+        return _serve(setup, lambda: None, opts.timeout, debug=args.debug)
     return _daemonize(setup, opts.timeout)
 
 
@@ -94,9 +90,11 @@ def _log_to_stderr(level: int) -> None:
     )
 
 
-def _serve(setup: Setup, ready: Callable[[], None], timeout: float | None) -> int:
+def _serve(
+    setup: Setup, ready: Callable[[], None], timeout: float | None, debug: bool = False
+) -> int:
     try:
-        return serve(setup, ready, timeout)
+        return serve(setup, ready, timeout, debug)
     except UsageError as e:
         logging.getLogger(PROG).error("%s", e)
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unionfs.copyup import copy_up, readonly_error, wait_for_copy_up
+from unionfs.files import readable_for_writeback
 from unionfs.layers import (
     WHITEOUT_PREFIX,
     exchange,
@@ -201,8 +202,9 @@ async def create_file(
     uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
     # Like open(): the kernel computes append offsets, and O_DIRECT would refuse
     # the daemon's unaligned buffers.
-    flags = (
-        (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    flags = readable_for_writeback(
+        (flags & ~(os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+        union.config.writeback,
     )
     fds: list[int] = []
 

@@ -28,6 +28,17 @@ def wants_write(flags: int) -> bool:
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
+def readable_for_writeback(flags: int, writeback: bool) -> int:
+    """Under the kernel's write-back cache, a write-only open becomes read-write.
+
+    The kernel fills a partly written page by reading the rest of it through
+    the same handle, so a write-only real fd would fail that read.
+    """
+    if writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+        return (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags
+
+
 def kill_setid(fd: int) -> bool:
     """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate.
 
@@ -71,7 +82,7 @@ class Files:
             if self.union.readonly:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
-        fd = self._open_real(node, flags)
+        fd = self._open_for_kernel(node, flags)
         # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
         # filesystem to drop the privilege bits, as truncate(2) would.
         if flags & os.O_TRUNC and not privileged and kill_setid(fd):
@@ -80,6 +91,15 @@ class Files:
 
     def _open_real(self, node: Node, flags: int) -> int:
         return self.union.open_real(node, flags & ~_DROP_FLAGS)
+
+    def _open_for_kernel(self, node: Node, flags: int) -> int:
+        rw = readable_for_writeback(flags, self.union.config.writeback)
+        if rw != flags:
+            try:
+                return self._open_real(node, rw)
+            except PermissionError:
+                pass  # no CAP_DAC_OVERRIDE over this file: a partial-page write may fail
+        return self._open_real(node, flags)
 
     def add(self, node: Node, fd: int, flags: int) -> int:
         fh = next(self._next_fh)
@@ -227,4 +247,4 @@ class DirHandle:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.entries: list[Entry] | None = None
+        self.entries: list[tuple[int, Entry]] | None = None  # (cookie, entry)

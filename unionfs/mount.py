@@ -158,6 +158,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         work=work,
         readonly=readonly,
         fsync=opts.fsync,
+        writeback=opts.writeback,
         static_nlink=opts.static_nlink,
         ids=IdMapper(
             IdTable(
@@ -221,8 +222,16 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(setup: Setup, ready: Callable[[], None], timeout: float | None = None) -> int:
-    """Mount, call *ready*, serve until unmounted or signalled; returns the exit status."""
+def serve(
+    setup: Setup, ready: Callable[[], None], timeout: float | None = None, debug: bool = False
+) -> int:
+    """Mount, call *ready*, serve until unmounted or signalled; returns the exit status.
+
+    *debug* logs every request and its errno."""
+    from unionfs import listing_hook
+
+    dir_by_inode = listing_hook.load()  # before pyfuse3 is imported
+
     import pyfuse3
     import trio
 
@@ -230,6 +239,7 @@ def serve(setup: Setup, ready: Callable[[], None], timeout: float | None = None)
     from unionfs.operations import Operations
     from unionfs.union import Union
 
+    operations.DEBUG = debug
     os.umask(0)  # modes of new files are computed per request (caller's umask)
     raise_fd_limit()
     if timeout is not None:
@@ -239,7 +249,7 @@ def serve(setup: Setup, ready: Callable[[], None], timeout: float | None = None)
     except OSError as e:
         raise UsageError(f"cannot open layers: {e}") from None
     try:
-        ops = Operations(union)
+        ops = Operations(union, dir_by_inode)
         try:
             pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
         except RuntimeError as e:

@@ -53,6 +53,9 @@ class Node:
         "aliases",
         "lock",
         "listing",
+        "snapshot",
+        "cookies",
+        "names_gen",
         "no_caps",
         "generation",
         "gone_st",
@@ -73,6 +76,12 @@ class Node:
         # A lower-only directory's resolved entries, kept because lower layers never
         # change; dropped (ignored) once the directory has an upper part.
         self.listing: list[Entry] | None = None
+        # Served without an open handle (see unionfs/_fusehook.c): the listing as
+        # (cookie, entry) pairs, until a name in the directory changes, and the
+        # cookie of every name, kept across changes so offsets stay valid.
+        self.snapshot: list[tuple[int, Entry]] | None = None
+        self.cookies: dict[bytes, int] | None = None
+        self.names_gen = 0  # bumped by every change of a name in this directory
         # The kernel asks for security.capability before every write; once known
         # to be absent it stays so until a setxattr through this mount.
         self.no_caps = False

@@ -8,6 +8,7 @@ traceback and answered with EIO while the mount goes on.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
@@ -15,7 +16,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -25,7 +26,8 @@ from unionfs import dirops
 from unionfs.dirops import Caller
 from unionfs.files import Change, DirHandle, Files
 from unionfs.idmap import IdMapper
-from unionfs.nodes import Node
+from unionfs.listing_hook import DIR_BY_INODE
+from unionfs.nodes import Entry, Node
 from unionfs.union import Union
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,16 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     )
 
 
+def _cookie(pair: tuple[int, Entry]) -> int:
+    return pair[0]
+
+
+def _invalidate_data(ino: int) -> None:
+    """Drop the kernel's cached pages of *ino* (for a directory: its cached listing)."""
+    with contextlib.suppress(OSError):
+        pyfuse3.invalidate_inode(ino)
+
+
 def _invalidate_attrs(ino: int) -> None:
     # OSError: the kernel does not know the inode, so it has nothing cached to drop.
     with contextlib.suppress(OSError):
@@ -98,10 +110,13 @@ def _invalidate_attrs(ino: int) -> None:
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
 
-    def __init__(self, union: Union) -> None:
+    def __init__(self, union: Union, dir_by_inode: Callable[[], bool] = lambda: False) -> None:
         super().__init__()
+        # True once the kernel serves directories without opendir (unionfs/_fusehook.c).
+        self._dir_by_inode = dir_by_inode
+        # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
+        self.enable_writeback_cache = union.config.writeback
         self.union = union
         self.files = Files(union)
         self.dirs: dict[int, DirHandle] = {}
@@ -139,6 +154,17 @@ class Operations(pyfuse3.Operations):
 
     def _node(self, ino: int) -> Node:
         return self.union.node(ino)
+
+    @contextlib.contextmanager
+    def _names_change(self, *parents: Node) -> Iterator[None]:
+        """Around a request that adds or removes names in *parents*: their cached
+        listings are dropped afterwards, whether it succeeded or not (a failed
+        rename may have made a directory opaque). The kernel drops its own."""
+        try:
+            yield
+        finally:
+            for parent in parents:
+                self.union.names_changed(parent)
 
     # -- names ---------------------------------------------------------------
 
@@ -197,9 +223,11 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
     ) -> EntryAttributes:
-        node = await dirops.create_node(
-            self.union, self._node(parent_inode), name, mode, caller(ctx, self.ids, mode), rdev=rdev
-        )
+        parent = self._node(parent_inode)
+        with self._names_change(parent):
+            node = await dirops.create_node(
+                self.union, parent, name, mode, caller(ctx, self.ids, mode), rdev=rdev
+            )
         return self._entry(node)
 
     @boundary
@@ -207,41 +235,49 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
     ) -> EntryAttributes:
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
-        node = await dirops.create_node(
-            self.union, self._node(parent_inode), name, mode, caller(ctx, self.ids, mode)
-        )
+        parent = self._node(parent_inode)
+        with self._names_change(parent):
+            node = await dirops.create_node(
+                self.union, parent, name, mode, caller(ctx, self.ids, mode)
+            )
         return self._entry(node)
 
     @boundary
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
     ) -> EntryAttributes:
-        node = await dirops.create_node(
-            self.union,
-            self._node(parent_inode),
-            name,
-            stat.S_IFLNK | 0o777,
-            caller(ctx, self.ids),
-            target=target,
-        )
+        parent = self._node(parent_inode)
+        with self._names_change(parent):
+            node = await dirops.create_node(
+                self.union,
+                parent,
+                name,
+                stat.S_IFLNK | 0o777,
+                caller(ctx, self.ids),
+                target=target,
+            )
         return self._entry(node)
 
     @boundary
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext
     ) -> EntryAttributes:
-        node = await dirops.link(
-            self.union, self._node(inode), self._node(new_parent_inode), new_name
-        )
+        parent = self._node(new_parent_inode)
+        with self._names_change(parent):
+            node = await dirops.link(self.union, self._node(inode), parent, new_name)
         return self._entry(node)
 
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        await dirops.remove(self.union, self._node(parent_inode), name, want_dir=False)
+        parent = self._node(parent_inode)
+        with self._names_change(parent):
+            await dirops.remove(self.union, parent, name, want_dir=False)
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        await dirops.remove(self.union, self._node(parent_inode), name, want_dir=True)
+        parent = self._node(parent_inode)
+        with self._names_change(parent):
+            await dirops.remove(self.union, parent, name, want_dir=True)
 
     @boundary
     async def rename(
@@ -253,14 +289,10 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: RequestContext,
     ) -> None:
-        await dirops.rename(
-            self.union,
-            self._node(parent_inode_old),
-            name_old,
-            self._node(parent_inode_new),
-            name_new,
-            flags,
-        )
+        old_parent = self._node(parent_inode_old)
+        new_parent = self._node(parent_inode_new)
+        with self._names_change(old_parent, new_parent):
+            await dirops.rename(self.union, old_parent, name_old, new_parent, name_new, flags)
 
     # -- files ---------------------------------------------------------------
 
@@ -273,9 +305,11 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
-        node, fd = await dirops.create_file(
-            self.union, self._node(parent_inode), name, mode, flags, caller(ctx, self.ids, mode)
-        )
+        parent = self._node(parent_inode)
+        with self._names_change(parent):
+            node, fd = await dirops.create_file(
+                self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
+            )
         fh = self.files.add(node, fd, flags)
         try:
             return FileInfo(fh=fh, keep_cache=True), self._entry(node)
@@ -305,6 +339,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        if self._dir_by_inode():
+            # The kernel stops sending opendir/releasedir and caches listings;
+            # each READDIR then names its directory by inode (DIR_BY_INODE).
+            raise FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
@@ -315,21 +353,54 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh & DIR_BY_INODE:
+            self._readdir_by_inode(self._node(fh & ~DIR_BY_INODE), start_id, token)
+            return
         dh = self.dirs[fh]
-        union = self.union
         if dh.entries is None or start_id == 0:
-            dh.entries = union.entries(dh.node)
-        entries = dh.entries
-        node = dh.node
-        # "." and ".." first, at offsets 0 and 1; the kernel counts no lookup for them.
-        for offset, name, target in ((0, b".", node), (1, b"..", node.parent or node)):
-            if start_id <= offset and not pyfuse3.readdir_reply(
-                token, name, self._entry(target), offset + 1
+            # An open handle keeps its own listing: offsets index into it.
+            dh.entries = [(i + 2, e) for i, e in enumerate(self.union.entries(dh.node))]
+        self._reply_entries(dh.node, dh.entries, max(start_id - 2, 0), start_id, 0, token)
+
+    def _readdir_by_inode(self, node: Node, offset: int, token: pyfuse3.ReaddirToken) -> None:
+        """READDIR without an open handle; the kernel caches what it gets.
+
+        An offset is the directory's name generation (high 32 bits) and a cookie.
+        The kernel's cache has a race: a reply computed before a name changed can
+        be stored after the change, when another reader has restarted filling the
+        cache. The reader of such a stale reply continues with an offset of an old
+        generation; its pages are then dropped here, so the kernel finds its cache
+        incomplete and never serves it.
+        """
+        gen = node.names_gen & 0x7FFFFFFF
+        if offset and offset >> 32 != gen:
+            _invalidate_data(node.ino)
+        listing = self.union.cookie_listing(node)
+        start = offset & 0xFFFFFFFF
+        first = bisect.bisect_left(listing, start, key=_cookie)
+        self._reply_entries(node, listing, first, start, gen << 32, token)
+
+    def _reply_entries(
+        self,
+        node: Node,
+        listing: list[tuple[int, Entry]],
+        first: int,
+        start: int,
+        high: int,
+        token: pyfuse3.ReaddirToken,
+    ) -> None:
+        """Fill one READDIRPLUS reply from *listing*, (cookie, entry) pairs, from index
+        *first*. The offset that continues after an entry is *high* | (its cookie + 1)."""
+        union = self.union
+        # "." and ".." first, as cookies 0 and 1; the kernel counts no lookup for them.
+        for cookie, name, target in ((0, b".", node), (1, b"..", node.parent or node)):
+            if start <= cookie and not pyfuse3.readdir_reply(
+                token, name, self._entry(target), high | (cookie + 1)
             ):
                 return
         fresh = node.layer.writable  # stats of upper entries may have changed since
-        for i in range(max(start_id - 2, 0), len(entries)):
-            entry = entries[i]
+        for i in range(first, len(listing)):
+            cookie, entry = listing[i]
             try:
                 if fresh:
                     found = union.find_entry(node, entry[0])
@@ -341,7 +412,7 @@ class Operations(pyfuse3.Operations):
                 attrs = self._entry(child, st)
             except OSError:
                 continue
-            if not pyfuse3.readdir_reply(token, entry[0], attrs, i + 3):
+            if not pyfuse3.readdir_reply(token, entry[0], attrs, high | (cookie + 1)):
                 union.table.maybe_drop(child)
                 return
             child.lookups += 1
@@ -354,7 +425,8 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.files.fsync_dir(self.dirs[fh].node)
+        node = self._node(fh & ~DIR_BY_INODE) if fh & DIR_BY_INODE else self.dirs[fh].node
+        self.files.fsync_dir(node)
 
     @boundary
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:

@@ -29,6 +29,7 @@ class Options:
     work: str | None = None
     readonly: bool = False
     fsync: bool = True
+    writeback: bool = False
     static_nlink: bool = False
     timeout: float | None = None
     uid_map: list[IdMap] = field(default_factory=list)
@@ -93,7 +94,6 @@ NO_OP_VALUES = {
     "metacopy",
     "xino",
     "plugins",
-    "writeback",
     "comment",
     "fsname",
     "subtype",
@@ -235,6 +235,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.fsync = False
     elif key == "fsync":
         opts.fsync = _bool(key, need())
+    elif key == "writeback":
+        opts.writeback = _bool(key, need())
     elif key == "static_nlink":
         opts.static_nlink = True
     elif key == "timeout":

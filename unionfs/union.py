@@ -51,8 +51,13 @@ class UnionConfig:
     readonly: bool = False  # -o ro: show the upper too, but refuse every change (EROFS)
     fsync: bool = True  # False: fsync requests are acknowledged without syncing (volatile)
     static_nlink: bool = False  # report nlink 1 for every directory
+    writeback: bool = False  # the kernel's write-back cache holds writes until it flushes
     fault_name: bytes | None = None  # test hook: looking up this name raises a bug
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
+
+
+def _first(pair: tuple[int, Entry]) -> int:
+    return pair[0]
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -204,6 +209,7 @@ class Union:
                 node.generation += 1
                 node.gone_st = None
                 node.listing = None
+                node.snapshot = node.cookies = None
                 node.no_caps = False
                 self.table.set_parent(node, parent, name)
             elif node.is_dir or not top.writable:
@@ -394,6 +400,40 @@ class Union:
                     out.append((name, *found))
             node.listing = out
         return node.listing
+
+    def cookie_listing(self, node: Node) -> list[tuple[int, Entry]]:
+        """``entries`` as (cookie, entry) pairs in cookie order, for a directory read
+        without an open handle, where the offset is all that links one READDIR to
+        the next. A name keeps its cookie for as long as the node lives, so
+        a name created or removed between two reads never makes the reader skip
+        or repeat another one; new names get new, higher cookies.
+        Cookies start at 2: offsets 0 and 1 are ``.`` and ``..``.
+        """
+        snapshot = node.snapshot
+        if snapshot is not None:
+            return snapshot
+        entries = self.entries(node)
+        cookies = node.cookies
+        if cookies is None:
+            cookies = node.cookies = {}
+        nxt = max(cookies.values(), default=1) + 1
+        snapshot = []
+        for entry in entries:
+            cookie = cookies.get(entry[0])
+            if cookie is None:
+                cookie = cookies[entry[0]] = nxt
+                nxt += 1
+            snapshot.append((cookie, entry))
+        snapshot.sort(key=_first)
+        if len(cookies) > len(snapshot):  # forget names that are gone
+            node.cookies = {entry[0]: cookie for cookie, entry in snapshot}
+        node.snapshot = snapshot
+        return snapshot
+
+    def names_changed(self, node: Node) -> None:
+        """A name in directory *node* was (or may have been) added or removed."""
+        node.snapshot = None
+        node.names_gen += 1
 
     def node_for_entry(self, parent: Node, entry: Entry) -> Node:
         name, top, st, lowers = entry

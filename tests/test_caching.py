@@ -1,0 +1,144 @@
+"""Kernel caches: listings cached by the kernel stay exact, offsets stay valid.
+
+The daemon answers opendir with ENOSYS (through unionfs/_fusehook.c), so the
+kernel caches every directory listing and names each READDIR by inode only.
+These tests check that the cache is really used, and that it never shows a
+stale name after a change through the mount, comparing with the kernel overlay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Stack
+from tests.mounting import UnionMount
+from tests.test_merge import write as _write
+
+
+def write(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, data)
+
+
+def _readdirs(um: UnionMount) -> int:
+    return len(re.findall(r"DEBUG: readdir\(", um.log()))
+
+
+def _opendirs(um: UnionMount) -> int:
+    return len(re.findall(r"DEBUG: opendir\(", um.log()))
+
+
+def test_a_listing_read_twice_is_served_by_the_kernel_the_second_time(
+    stack: Stack, mounted
+) -> None:
+    for i in range(50):
+        write(stack.lowers[1] / "d" / f"f{i}", b"x")
+    um = mounted(args=["-d"])
+    first = sorted(os.listdir(stack.mnt / "d"))
+    after_first = _readdirs(um)
+    assert after_first >= 1
+    for _ in range(3):
+        assert sorted(os.listdir(stack.mnt / "d")) == first
+    assert _readdirs(um) == after_first  # no READDIR reached the daemon
+    assert _opendirs(um) <= 1  # answered ENOSYS once; the kernel never asks again
+
+
+def _tree(root: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[rel] = sorted(dirnames + filenames)
+    return out
+
+
+def _fill(stack: Stack) -> None:
+    write(stack.lowers[1] / "a" / "low", b"1")
+    write(stack.lowers[1] / "a" / "gone", b"1")
+    write(stack.lowers[0] / "a" / "mid", b"2")
+    write(stack.lowers[1] / "b" / "x", b"3")
+    write(stack.lowers[0] / "c" / "sub" / "deep", b"4")
+    write(stack.lowers[1] / "top", b"5")
+
+
+def _steps(m: Path) -> list[Callable[[], None]]:
+    def fifo() -> None:
+        os.mkfifo(m / "a" / "fifo")
+
+    def sock() -> None:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.bind(os.fspath(m / "b" / "sock"))
+        finally:
+            s.close()
+
+    return [
+        lambda: write(m / "a" / "new", b"n"),
+        lambda: os.mkdir(m / "a" / "newdir"),
+        lambda: os.symlink("low", m / "a" / "ln"),
+        fifo,
+        sock,
+        lambda: os.link(m / "a" / "low", m / "b" / "hard"),
+        lambda: os.unlink(m / "a" / "gone"),
+        lambda: os.rmdir(m / "a" / "newdir"),
+        lambda: os.rename(m / "a" / "mid", m / "a" / "mid2"),
+        lambda: os.rename(m / "a" / "low", m / "b" / "low"),
+        lambda: os.rename(m / "top", m / "b" / "x"),  # replaces a lower file
+        lambda: os.rename(m / "c" / "sub" / "deep", m / "deep"),
+        lambda: os.rmdir(m / "c" / "sub"),
+        lambda: os.mkdir(m / "c" / "sub"),  # opaque over the removed one
+        lambda: write(m / "c" / "sub" / "again", b"a"),
+    ]
+
+
+def test_listings_after_each_change_match_the_kernel_overlay(
+    stack: Stack, mounted, kernel, tmp_path: Path
+) -> None:
+    """Every listing is read (and so cached) before each change, then compared."""
+    _fill(stack)
+    k_upper = tmp_path / "k-upper"
+    k_upper.mkdir()
+    k_lowers = [tmp_path / "k-l1", tmp_path / "k-l2"]
+    _fill(Stack(tmp_path, k_lowers, k_upper, tmp_path / "unused", tmp_path / "unused"))
+    mounted()
+    with kernel(k_lowers, k_upper) as kmnt:
+        ours_steps, kernel_steps = _steps(stack.mnt), _steps(Path(kmnt))  # type: ignore[arg-type]
+        assert _tree(stack.mnt) == _tree(Path(kmnt))  # type: ignore[arg-type]
+        for i, (ours, theirs) in enumerate(zip(ours_steps, kernel_steps, strict=True)):
+            ours()
+            theirs()
+            assert _tree(stack.mnt) == _tree(Path(kmnt)), f"after step {i}"  # type: ignore[arg-type]
+
+
+def test_offsets_stay_valid_when_names_change_during_a_read(stack: Stack, mounted) -> None:
+    """Names that exist for the whole read are returned exactly once, however the
+    directory changes in between (POSIX leaves only added and removed names open)."""
+    names = [f"entry-{i:04d}" for i in range(400)]
+    for n in names:
+        write(stack.lowers[1] / "big" / n, b"")
+    mounted()
+    d = stack.mnt / "big"
+    for rounds in range(2):  # the second read starts from the kernel's cache
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        seen: list[str] = []
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    seen.append(entry.name)
+                    if len(seen) == 60:
+                        # Remove names already read and names not yet read, add new ones.
+                        for victim in seen[:20] + sorted(set(names) - set(seen))[:20]:
+                            os.unlink(d / victim)
+                        for j in range(30):
+                            write(d / f"added-{rounds}-{j}", b"")
+        finally:
+            os.close(fd)
+        assert len(seen) == len(set(seen)), "a name was returned twice"
+        now = set(os.listdir(d))
+        constant = set(names) & now
+        missing = constant - set(seen)
+        assert not missing, f"names that never changed were skipped: {sorted(missing)[:5]}"
+        names = sorted(now)
