@@ -142,3 +142,26 @@ def test_offsets_stay_valid_when_names_change_during_a_read(stack: Stack, mounte
         missing = constant - set(seen)
         assert not missing, f"names that never changed were skipped: {sorted(missing)[:5]}"
         names = sorted(now)
+
+
+def test_symlink_targets_are_cached_and_never_stale(stack: Stack, mounted) -> None:
+    os.symlink("lower-target", stack.lowers[1] / "ln")
+    um = mounted(args=["-d"])
+    link = stack.mnt / "ln"
+    assert os.readlink(link) == "lower-target"
+    asked = len(re.findall(r"DEBUG: readlink\(", um.log()))
+    for _ in range(3):
+        assert os.readlink(link) == "lower-target"
+    assert len(re.findall(r"DEBUG: readlink\(", um.log())) == asked  # served by the kernel
+    os.unlink(link)
+    os.symlink("second", link)
+    assert os.readlink(link) == "second"
+    os.symlink("third", stack.mnt / "tmp-ln")
+    os.rename(stack.mnt / "tmp-ln", link)
+    assert os.readlink(link) == "third"
+    for i in range(20):  # new links may reuse a freed inode number
+        os.unlink(link)
+        os.symlink(f"t{i}", link)
+        assert os.readlink(link) == f"t{i}"
+    os.chown(link, 1000, 1000, follow_symlinks=False)  # copy-up keeps the target
+    assert os.readlink(link) == "t19"

@@ -13,7 +13,10 @@
  * pyfuse3's call binds here (ELF symbol interposition). The wrapper passes a
  * copy of pyfuse3's operation table to libfuse's own fuse_session_new, with
  * three entries wrapped:
- *   init        records whether the kernel supports opendir-less directories;
+ *   init        records whether the kernel supports opendir-less directories,
+ *               and lets the kernel cache symlink targets (FUSE_CAP_CACHE_SYMLINKS:
+ *               a process start resolves /bin, /lib, /lib64 and the loader's
+ *               links again and again);
  *   readdirplus,
  *   fsyncdir    put the inode number, tagged with UNIONFS_DIR_BY_INODE, into
  *               a zero file handle, so Python can tell which directory it is.
@@ -48,6 +51,10 @@ static void hook_init(void *userdata, struct fuse_conn_info *conn)
 {
     kernel_no_opendir = (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT) != 0;
     inner_init(userdata, conn);
+    /* A symlink's target never changes (a new link is a new inode, with a new
+       generation if its number is reused), so the kernel may keep it. */
+    if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
+        conn->want |= FUSE_CAP_CACHE_SYMLINKS;
 }
 
 static void hook_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
