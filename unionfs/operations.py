@@ -124,6 +124,13 @@ class Operations(pyfuse3.Operations):
         self.ids = union.config.ids
         union.on_attr_change = _invalidate_attrs
 
+    def init(self) -> None:
+        """Called by pyfuse3 once the kernel's INIT is handled."""
+        if self._dir_by_inode():
+            log.debug("directory listings are cached by the kernel (no opendir)")
+        else:
+            log.debug("directory listings go through opendir handles (listing hook not active)")
+
     # -- helpers -------------------------------------------------------------
 
     def _entry(self, node: Node, st: os.stat_result | None = None) -> EntryAttributes:

@@ -50,10 +50,39 @@ def _spec_whiteouts(spec: LayerSpec) -> set[bytes]:
     return {e.path for layer in (spec.upper, *spec.lowers) for e in layer if e.kind == "whiteout"}
 
 
+def _moved(path: bytes, src: bytes, dst: bytes) -> bytes | None:
+    """*path* after *src* was renamed to *dst*, or None if the rename did not touch it."""
+    if path == src:
+        return dst
+    if path.startswith(src + b"/"):
+        return dst + path[len(src) :]
+    return None
+
+
+def _whiteouts_now(spec: LayerSpec, history: History) -> set[bytes]:
+    """The layers' whiteouts at the paths they have after the renames that succeeded on
+    both sides (a renamed directory takes its whiteouts along)."""
+    paths = _spec_whiteouts(spec)
+    for op, ra, rb in history:
+        if op.name != "rename" or not (isinstance(ra, tuple) and ra[0] == "ok" and ra == rb):
+            continue
+        src, dst, flags = op.args
+        out: set[bytes] = set()
+        for p in paths:
+            new = _moved(p, src, dst)
+            if flags == "EXCHANGE" and new is None:
+                new = _moved(p, dst, src)
+            elif new is None and _moved(p, dst, dst) is not None:
+                continue  # replaced by the rename
+            out.add(p if new is None else new)
+        paths = out
+    return paths
+
+
 def _whiteout_listed_in_unmerged_dir(d: Divergence, spec: LayerSpec, history: History) -> bool:
     """The symptom exactly: a kernel listing shows a name that its own lookup calls
-    ENOENT, at a path where a layer holds a whiteout."""
-    whiteouts = _spec_whiteouts(spec)
+    ENOENT, at a path where a layer holds a whiteout (followed through renames)."""
+    whiteouts = _whiteouts_now(spec, history)
     if d.kind.endswith((":only-a", ":only-b")) and "'error': 'ENOENT'" in d.detail:
         return _path_of(d) in whiteouts
     if d.kind == "result" and d.paths and ("readdir(" in d.where):
