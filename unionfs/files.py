@@ -14,6 +14,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+import trio
+
 from unionfs.copyup import copy_up, readonly_error
 from unionfs.layers import is_private_xattr
 from unionfs.nodes import Entry, Node, OpenFile
@@ -126,8 +128,28 @@ class Files:
 
     # -- data ----------------------------------------------------------------
 
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._fd(fh), size, off)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        """What is in the page cache is read right here; only what needs the disk is
+        read in a worker thread, so a cold read never holds up other requests."""
+        fd = self._fd(fh)
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, (buf,), off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            return os.pread(fd, size, off)  # a layer filesystem without RWF_NOWAIT
+        if n < size and off + n < os.fstat(fd).st_size:
+            # A dup: a copy-up may switch this handle to a new fd (and close the old one)
+            # while the thread reads.
+            fd = os.dup(fd)
+            try:
+                n += await trio.to_thread.run_sync(os.preadv, fd, (memoryview(buf)[n:],), off + n)
+            finally:
+                os.close(fd)
+        return memoryview(buf)[:n]
 
     def write(self, fh: int, off: int, data: bytes) -> int:
         return os.pwrite(self._fd(fh), data, off)

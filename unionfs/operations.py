@@ -327,8 +327,10 @@ class Operations(pyfuse3.Operations):
             raise
 
     @boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.files.read(fh, off, size)
+    async def read(  # type: ignore[override]  # pyfuse3 takes any buffer, not just bytes
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        return await self.files.read(fh, off, size)
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
