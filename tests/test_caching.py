@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,3 +166,40 @@ def test_symlink_targets_are_cached_and_never_stale(stack: Stack, mounted) -> No
         assert os.readlink(link) == f"t{i}"
     os.chown(link, 1000, 1000, follow_symlinks=False)  # copy-up keeps the target
     assert os.readlink(link) == "t19"
+
+
+def test_a_read_spanning_a_change_leaves_the_cache_usable(stack: Stack, mounted) -> None:
+    for i in range(600):
+        write(stack.lowers[1] / "d" / f"n{i:04d}", b"")
+    um = mounted(args=["-d"])
+    d = stack.mnt / "d"
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            for k, _ in enumerate(it):
+                if k == 100:
+                    os.unlink(d / "n0000")
+                    write(d / "new", b"")
+    finally:
+        os.close(fd)
+    expected = sorted({f"n{i:04d}" for i in range(1, 600)} | {"new"})
+    assert sorted(os.listdir(d)) == expected  # refills the cache
+    before = _readdirs(um)
+    assert sorted(os.listdir(d)) == expected
+    assert _readdirs(um) == before  # and the next listing is served from it
+
+
+def test_a_filesystem_root_inside_a_layer_lists(stack: Stack, mounted) -> None:
+    """A mount inside a layer has inode 1 at its root, which unionfs renumbers high."""
+    t = stack.lowers[1] / "t"
+    t.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", os.fspath(t)], check=True)
+    try:
+        write(t / "inside", b"x")
+        mounted()
+        assert os.listdir(stack.mnt / "t") == ["inside"]
+        assert (stack.mnt / "t" / "inside").read_bytes() == b"x"
+        write(stack.mnt / "t" / "more", b"y")
+        assert sorted(os.listdir(stack.mnt / "t")) == ["inside", "more"]
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(t)], check=False)

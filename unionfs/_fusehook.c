@@ -18,8 +18,9 @@
  *               a process start resolves /bin, /lib, /lib64 and the loader's
  *               links again and again);
  *   readdirplus,
- *   fsyncdir    put the inode number, tagged with UNIONFS_DIR_BY_INODE, into
- *               a zero file handle, so Python can tell which directory it is.
+ *   fsyncdir    put the inode number into a zero file handle, so Python can
+ *               tell which directory it is (once opendir answers ENOSYS there
+ *               are no directory handles at all, so nothing is ambiguous).
  * Nothing else changes: every request still goes to pyfuse3's own handlers.
  *
  * If pyfuse3 was imported before this module, or links libfuse some other way,
@@ -32,10 +33,7 @@
 #define FUSE_USE_VERSION 32
 #include <dlfcn.h>
 #include <fuse_lowlevel.h>
-#include <stdint.h>
 #include <string.h>
-
-#define UNIONFS_DIR_BY_INODE (UINT64_C(1) << 63)
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
@@ -61,14 +59,14 @@ static void hook_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
                              struct fuse_file_info *fi)
 {
     if (fi->fh == 0)
-        fi->fh = UNIONFS_DIR_BY_INODE | ino;
+        fi->fh = ino;
     inner_readdirplus(req, ino, size, off, fi);
 }
 
 static void hook_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     if (fi->fh == 0)
-        fi->fh = UNIONFS_DIR_BY_INODE | ino;
+        fi->fh = ino;
     inner_fsyncdir(req, ino, datasync, fi);
 }
 
@@ -85,8 +83,17 @@ static session_new_fn libfuse_session_new(void)
     return (session_new_fn)fn;
 }
 
-struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
-                                      size_t op_size, void *userdata)
+/* Exported as "fuse_session_new" under another C name, so that headers which make
+   fuse_session_new a macro or an inline function (libfuse 3.17) still compile; pyfuse3
+   built against those calls another entry point, and the hook then stays unused. */
+struct fuse_session *unionfs_session_new(struct fuse_args *args,
+                                         const struct fuse_lowlevel_ops *op, size_t op_size,
+                                         void *userdata) __asm__("fuse_session_new")
+    __attribute__((visibility("default")));
+
+struct fuse_session *unionfs_session_new(struct fuse_args *args,
+                                         const struct fuse_lowlevel_ops *op, size_t op_size,
+                                         void *userdata)
 {
     session_new_fn real = libfuse_session_new();
     if (real == NULL)
@@ -108,11 +115,15 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
 
 static PyObject *active(PyObject *self, PyObject *unused)
 {
+    (void)self;
+    (void)unused;
     return PyBool_FromLong(wrapped && kernel_no_opendir);
 }
 
 static PyObject *bound(PyObject *self, PyObject *unused)
 {
+    (void)self;
+    (void)unused;
     return PyBool_FromLong(wrapped);
 }
 
@@ -124,17 +135,14 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "unionfs._fusehook",
-    "Directory listings cached by the kernel: see _fusehook.c.", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "unionfs._fusehook",
+    .m_doc = "Directory listings cached by the kernel: see _fusehook.c.",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__fusehook(void)
 {
-    PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddObject(m, "DIR_BY_INODE",
-                                        PyLong_FromUnsignedLongLong(UNIONFS_DIR_BY_INODE)) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModule_Create(&module);
 }

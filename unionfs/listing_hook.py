@@ -15,8 +15,6 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-DIR_BY_INODE = 1 << 63  # the tag the hook puts on a READDIR/FSYNCDIR without a handle
-
 
 def _never() -> bool:
     return False
@@ -37,6 +35,5 @@ def load() -> Callable[[], bool]:
         return _never
     finally:
         sys.setdlopenflags(flags)
-    assert _fusehook.DIR_BY_INODE == DIR_BY_INODE
     active: Callable[[], bool] = _fusehook.active
     return active

@@ -26,7 +26,6 @@ from unionfs import dirops
 from unionfs.dirops import Caller
 from unionfs.files import Change, DirHandle, Files
 from unionfs.idmap import IdMapper
-from unionfs.listing_hook import DIR_BY_INODE
 from unionfs.nodes import Entry, Node
 from unionfs.union import Union
 
@@ -92,6 +91,11 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     )
 
 
+_COOKIE_BITS = 32  # offsets of a directory read without a handle: generation | cookie
+_COOKIE_MASK = (1 << _COOKIE_BITS) - 1
+_GEN_MASK = (1 << 31) - 1
+
+
 def _cookie(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
@@ -113,8 +117,10 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, union: Union, dir_by_inode: Callable[[], bool] = lambda: False) -> None:
         super().__init__()
-        # True once the kernel serves directories without opendir (unionfs/_fusehook.c).
+        # Whether the kernel serves directories without opendir (unionfs/_fusehook.c):
+        # asked once the kernel's INIT is handled; then READDIR carries the inode.
         self._dir_by_inode = dir_by_inode
+        self._by_inode = False
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
         self.union = union
@@ -126,7 +132,8 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         """Called by pyfuse3 once the kernel's INIT is handled."""
-        if self._dir_by_inode():
+        self._by_inode = self._dir_by_inode()
+        if self._by_inode:
             log.debug("directory listings are cached by the kernel (no opendir)")
         else:
             log.debug("directory listings go through opendir handles (listing hook not active)")
@@ -169,6 +176,12 @@ class Operations(pyfuse3.Operations):
         rename may have made a directory opaque). The kernel drops its own."""
         try:
             yield
+        except BaseException:
+            # The kernel drops its cached listing only after a success; a failure
+            # may still have changed names (a whiteout made, then an error).
+            for parent in parents:
+                _invalidate_data(parent.ino)
+            raise
         finally:
             for parent in parents:
                 self.union.names_changed(parent)
@@ -348,9 +361,9 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def opendir(self, inode: int, ctx: RequestContext) -> int:
-        if self._dir_by_inode():
+        if self._by_inode:
             # The kernel stops sending opendir/releasedir and caches listings;
-            # each READDIR then names its directory by inode (DIR_BY_INODE).
+            # each READDIR then carries the directory's inode as its handle.
             raise FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if not node.is_dir:
@@ -362,8 +375,8 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if fh & DIR_BY_INODE:
-            self._readdir_by_inode(self._node(fh & ~DIR_BY_INODE), start_id, token)
+        if self._by_inode:
+            self._readdir_by_inode(self._node(fh), start_id, token)
             return
         dh = self.dirs[fh]
         if dh.entries is None or start_id == 0:
@@ -374,20 +387,23 @@ class Operations(pyfuse3.Operations):
     def _readdir_by_inode(self, node: Node, offset: int, token: pyfuse3.ReaddirToken) -> None:
         """READDIR without an open handle; the kernel caches what it gets.
 
-        An offset is the directory's name generation (high 32 bits) and a cookie.
+        An offset is a cookie (low 32 bits) and the directory's name generation
+        when this read began at offset 0 (high bits), carried along the read.
         The kernel's cache has a race: a reply computed before a name changed can
         be stored after the change, when another reader has restarted filling the
-        cache. The reader of such a stale reply continues with an offset of an old
-        generation; its pages are then dropped here, so the kernel finds its cache
-        incomplete and never serves it.
+        cache, and the cache then completes with the stale names. Such a read is
+        known by its old generation: when it reaches its end, its pages are
+        dropped before the (empty) last reply, so the kernel finds the finished
+        cache incomplete on the next read and fills it anew.
         """
-        gen = node.names_gen & 0x7FFFFFFF
-        if offset and offset >> 32 != gen:
-            _invalidate_data(node.ino)
+        now = node.names_gen & _GEN_MASK
+        gen = offset >> _COOKIE_BITS if offset else now
         listing = self.union.cookie_listing(node)
-        start = offset & 0xFFFFFFFF
+        start = offset & _COOKIE_MASK
         first = bisect.bisect_left(listing, start, key=_cookie)
-        self._reply_entries(node, listing, first, start, gen << 32, token)
+        sent = self._reply_entries(node, listing, first, start, gen << _COOKIE_BITS, token)
+        if not sent and gen != (node.names_gen & _GEN_MASK):
+            _invalidate_data(node.ino)
 
     def _reply_entries(
         self,
@@ -397,16 +413,18 @@ class Operations(pyfuse3.Operations):
         start: int,
         high: int,
         token: pyfuse3.ReaddirToken,
-    ) -> None:
+    ) -> int:
         """Fill one READDIRPLUS reply from *listing*, (cookie, entry) pairs, from index
-        *first*. The offset that continues after an entry is *high* | (its cookie + 1)."""
+        *first*; returns how many entries it holds (0: the end of the directory).
+        The offset that continues after an entry is *high* | (its cookie + 1)."""
         union = self.union
+        sent = 0
         # "." and ".." first, as cookies 0 and 1; the kernel counts no lookup for them.
         for cookie, name, target in ((0, b".", node), (1, b"..", node.parent or node)):
-            if start <= cookie and not pyfuse3.readdir_reply(
-                token, name, self._entry(target), high | (cookie + 1)
-            ):
-                return
+            if start <= cookie:
+                if not pyfuse3.readdir_reply(token, name, self._entry(target), high | (cookie + 1)):
+                    return sent
+                sent += 1
         fresh = node.layer.writable  # stats of upper entries may have changed since
         for i in range(first, len(listing)):
             cookie, entry = listing[i]
@@ -423,8 +441,10 @@ class Operations(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, entry[0], attrs, high | (cookie + 1)):
                 union.table.maybe_drop(child)
-                return
+                return sent
             child.lookups += 1
+            sent += 1
+        return sent
 
     @boundary
     async def releasedir(self, fh: int) -> None:
@@ -434,7 +454,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        node = self._node(fh & ~DIR_BY_INODE) if fh & DIR_BY_INODE else self.dirs[fh].node
+        node = self._node(fh) if self._by_inode else self.dirs[fh].node
         self.files.fsync_dir(node)
 
     @boundary

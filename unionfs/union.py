@@ -56,6 +56,9 @@ class UnionConfig:
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
 
 
+COOKIE_LIMIT = (1 << 32) - 2  # a cookie + 1 must fit the 32 bits of an offset
+
+
 def _first(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
@@ -417,6 +420,12 @@ class Union:
         if cookies is None:
             cookies = node.cookies = {}
         nxt = max(cookies.values(), default=1) + 1
+        if nxt + len(entries) > COOKIE_LIMIT:
+            # Out of cookies (after billions of names): number afresh, and make every
+            # read in progress an old generation's, whose end drops the kernel's cache.
+            cookies.clear()
+            nxt = 2
+            node.names_gen += 1
         snapshot = []
         for entry in entries:
             cookie = cookies.get(entry[0])
