@@ -120,3 +120,40 @@ def test_forgotten_hard_links_release_their_parent_directories(tmp_path: Path) -
         assert len(union.table) == 1  # only the root is left
     finally:
         union.close()
+
+
+def test_changing_an_open_lower_file_after_its_unlink_fails_as_in_the_kernel(
+    stack: Stack, mounted, kernel, tmp_path
+) -> None:
+    """Conformance seed 42420157: the copy-up has nowhere to go, the name holds a whiteout."""
+    k_lower, k_upper = tmp_path / "k-lower", tmp_path / "k-upper"
+    k_lower.mkdir()
+    k_upper.mkdir()
+    for lower in (stack.lowers[0], k_lower):
+        write(lower / "c", b"lower")
+        os.chmod(lower / "c", 0o644)
+    mounted()
+    errnos = []
+    with kernel([k_lower], k_upper) as kmnt:
+        for root in (Path(kmnt), stack.mnt):  # type: ignore[arg-type]
+            fd = os.open(root / "c", os.O_RDONLY)
+            try:
+                os.unlink(root / "c")
+                got = []
+                for change in (
+                    lambda fd=fd: os.fchmod(fd, 0o4755),
+                    lambda fd=fd: os.fchown(fd, 1000, 1000),
+                    lambda fd=fd: os.utime(fd, (1, 1)),
+                    lambda fd=fd: os.setxattr(fd, "user.k", b"v"),
+                ):
+                    try:
+                        change()
+                        got.append("ok")
+                    except OSError as e:
+                        got.append(errno.errorcode[e.errno])
+                assert os.pread(fd, 5, 0) == b"lower"
+                errnos.append(got)
+            finally:
+                os.close(fd)
+    assert errnos[1] == errnos[0]
+    assert stat.S_IMODE(os.stat(stack.lowers[0] / "c").st_mode) == 0o644

@@ -59,7 +59,9 @@ async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
             return
         parent = node.parent
         if parent is None:
-            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+            # Open, but its name is gone: the kernel's copy-up would put the copy at
+            # the old name, which a whiteout (or a new entry) now holds.
+            raise FileExistsError(errno.EEXIST, "removed; its name is taken", node.name)
         await copy_up(union, parent)
         await _copy_up_one(union, node, parent, size)
 
