@@ -27,7 +27,7 @@ from unionfs.dirops import Caller
 from unionfs.files import Change, DirHandle, Files
 from unionfs.idmap import IdMapper
 from unionfs.nodes import Entry, Node
-from unionfs.union import Union
+from unionfs.union import COOKIE_BITS, COOKIE_MASK, GEN_MASK, Union, cookie_of
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
         ctx.umask,
         groups,
     )
-
-
-_COOKIE_BITS = 32  # offsets of a directory read without a handle: generation | cookie
-_COOKIE_MASK = (1 << _COOKIE_BITS) - 1
-_GEN_MASK = (1 << 31) - 1
-
-
-def _cookie(pair: tuple[int, Entry]) -> int:
-    return pair[0]
 
 
 def _invalidate_data(ino: int) -> None:
@@ -396,13 +387,13 @@ class Operations(pyfuse3.Operations):
         dropped before the (empty) last reply, so the kernel finds the finished
         cache incomplete on the next read and fills it anew.
         """
-        now = node.names_gen & _GEN_MASK
-        gen = offset >> _COOKIE_BITS if offset else now
         listing = self.union.cookie_listing(node)
-        start = offset & _COOKIE_MASK
-        first = bisect.bisect_left(listing, start, key=_cookie)
-        sent = self._reply_entries(node, listing, first, start, gen << _COOKIE_BITS, token)
-        if not sent and gen != (node.names_gen & _GEN_MASK):
+        now = node.names_gen & GEN_MASK
+        gen = offset >> COOKIE_BITS if offset else now
+        start = offset & COOKIE_MASK
+        first = bisect.bisect_left(listing, start, key=cookie_of)
+        sent = self._reply_entries(node, listing, first, start, gen << COOKIE_BITS, token)
+        if not sent and gen != now:
             _invalidate_data(node.ino)
 
     def _reply_entries(

@@ -56,10 +56,15 @@ class UnionConfig:
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
 
 
-COOKIE_LIMIT = (1 << 32) - 2  # a cookie + 1 must fit the 32 bits of an offset
+# The offset of a directory read without a handle: the directory's name generation
+# when the read began, shifted by COOKIE_BITS, or'ed with a cookie (``cookie_listing``).
+COOKIE_BITS = 32
+COOKIE_MASK = (1 << COOKIE_BITS) - 1
+GEN_MASK = (1 << 31) - 1  # keeps offsets positive
+COOKIE_LIMIT = COOKIE_MASK - 1  # a cookie + 1 must fit
 
 
-def _first(pair: tuple[int, Entry]) -> int:
+def cookie_of(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
 
@@ -433,7 +438,7 @@ class Union:
                 cookie = cookies[entry[0]] = nxt
                 nxt += 1
             snapshot.append((cookie, entry))
-        snapshot.sort(key=_first)
+        snapshot.sort(key=cookie_of)
         if len(cookies) > len(snapshot):  # forget names that are gone
             node.cookies = {entry[0]: cookie for cookie, entry in snapshot}
         node.snapshot = snapshot
