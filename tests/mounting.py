@@ -109,6 +109,11 @@ def unionfs_command() -> list[str]:
     return [sys.executable, "-m", "unionfs"]
 
 
+def faulty_command(faults: str) -> list[str]:
+    """The daemon with faults planted in its core (``tests/faults.py``)."""
+    return [sys.executable, "-m", "tests.faults", faults, "--"]
+
+
 def start_unionfs(
     lowers: Sequence[str | os.PathLike[str]],
     mountpoint: str | os.PathLike[str],
@@ -119,6 +124,7 @@ def start_unionfs(
     env: dict[str, str] | None = None,
     log_path: str | os.PathLike[str] | None = None,
     timeout: float = 15.0,
+    command: Sequence[str] | None = None,
 ) -> UnionMount:
     """Start ``unionfs -f`` and return once the mount is visible in mountinfo."""
     mnt = Path(mountpoint)
@@ -129,7 +135,7 @@ def start_unionfs(
     if os.environ.get("UNIONFS_TEST_OPTIONS"):
         opts += "," + os.environ["UNIONFS_TEST_OPTIONS"]
     log = Path(log_path) if log_path else mnt.parent / f".{mnt.name}.unionfs.log"
-    cmd = [*unionfs_command(), "-f", *args, "-o", opts, os.fspath(mnt)]
+    cmd = [*(command or unionfs_command()), "-f", *args, "-o", opts, os.fspath(mnt)]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.fspath(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     if env:

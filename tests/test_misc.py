@@ -6,12 +6,13 @@ import errno
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Stack
-from tests.mounting import kernel_overlay, start_unionfs
+from tests.mounting import faulty_command, kernel_overlay, start_unionfs
 from tests.test_merge import write
 from tests.test_namespace import is_whiteout
 from tests.treesnap import diff, snapshot
@@ -281,9 +282,26 @@ def test_unionfs_shows_what_the_kernel_wrote(stack: Stack, tmp_path: Path) -> No
 
 def test_a_handler_exception_becomes_eio_and_the_mount_goes_on(stack: Stack, mounted) -> None:
     write(stack.lowers[0] / "fine", b"ok")
-    um = mounted(env={"UNIONFS_FAULT_INJECT_LOOKUP": "boom"})
+    um = mounted(command=faulty_command("lookup=boom"))
     with pytest.raises(OSError) as e:
         os.stat(stack.mnt / "boom")
     assert e.value.errno == errno.EIO
     assert (stack.mnt / "fine").read_bytes() == b"ok"
     assert "Traceback" in um.log() and "injected fault" in um.log()
+
+
+def test_an_exception_in_forget_is_logged_and_the_mount_goes_on(stack: Stack, mounted) -> None:
+    for i in range(50):
+        write(stack.lowers[0] / f"f{i}", b"ok")
+    um = mounted(command=faulty_command("forget"))
+    for i in range(50):
+        os.stat(stack.mnt / f"f{i}")
+    for _ in range(20):  # the kernel sends FORGET when it drops its inodes
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")
+        if "injected fault on forget" in um.log():
+            break
+        time.sleep(0.1)
+    assert "injected fault on forget" in um.log()
+    assert um.proc.poll() is None
+    assert (stack.mnt / "f0").read_bytes() == b"ok"

@@ -13,8 +13,8 @@ import trio
 
 from tests.conftest import Stack, staged
 from tests.test_merge import write
-from unionfs.dirops import Caller, create_file, link
-from unionfs.union import Union, UnionConfig
+from unionfs.overlay.namespace import Caller, create_file, link
+from unionfs.overlay.union import Union, UnionConfig
 
 
 def test_fchmod_of_an_unlinked_file_opened_before_copy_up_spares_the_lower(
@@ -109,12 +109,17 @@ def test_forgotten_hard_links_release_their_parent_directories(tmp_path: Path) -
     try:
 
         async def scenario() -> None:
-            d, _ = union.lookup(union.table.root, b"d")
+            found = union.lookup(union.table.root, b"d")
+            assert found is not None
+            d = found[0]
+            union.table.hold(d)  # as the adapter does for each reference it gives out
             node, fd = await create_file(union, d, b"a", 0o644, os.O_WRONLY, Caller(0, 0))
             os.close(fd)
+            union.table.hold(node)
             await link(union, node, d, b"b")
-            union.forget(node.ino, node.lookups)
-            union.forget(d.ino, d.lookups)
+            union.table.hold(node)
+            union.table.release(node, 2)
+            union.table.release(d)
 
         trio.run(scenario)
         assert len(union.table) == 1  # only the root is left

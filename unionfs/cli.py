@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from unionfs import __version__
 from unionfs.errors import UsageError
-from unionfs.mount import Setup, check_setup, serve
+from unionfs.fuse.mount import Setup, check_setup, serve
 from unionfs.options import parse_options
 
 PROG = "unionfs"

@@ -10,16 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from unionfs.errors import UsageError
-
-
-@dataclass
-class IdMap:
-    """One ``uidmapping``/``gidmapping`` range: *count* ids from *inside* (shown
-    in the mount) correspond to ids from *outside* (stored in the layers)."""
-
-    inside: int
-    outside: int
-    count: int
+from unionfs.overlay.idmap import IdMap
 
 
 @dataclass

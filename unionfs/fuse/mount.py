@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unionfs.errors import UsageError
-from unionfs.idmap import IdMapper, IdTable
 from unionfs.options import Options
-from unionfs.union import UnionConfig
+from unionfs.overlay.idmap import IdMapper, IdTable
+from unionfs.overlay.union import UnionConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,6 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             ),
         ),
     )
-    fault = os.environ.get("UNIONFS_FAULT_INJECT_LOOKUP")
-    if fault:
-        config.fault_name = os.fsencode(fault)
     return Setup(config, mnt, fuse, locks)
 
 
@@ -228,16 +225,16 @@ def serve(
     """Mount, call *ready*, serve until unmounted or signalled; returns the exit status.
 
     *debug* logs every request and its errno."""
-    from unionfs import listing_hook
+    from unionfs.fuse import hook
 
-    dir_by_inode = listing_hook.load()  # before pyfuse3 is imported
+    dir_by_inode = hook.load()  # before pyfuse3 is imported
 
     import pyfuse3
     import trio
 
-    from unionfs import operations
-    from unionfs.operations import Operations
-    from unionfs.union import Union
+    from unionfs.fuse import operations
+    from unionfs.fuse.operations import Operations
+    from unionfs.overlay.union import Union
 
     operations.DEBUG = debug
     os.umask(0)  # modes of new files are computed per request (caller's umask)

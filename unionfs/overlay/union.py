@@ -1,8 +1,14 @@
 """The merged view: how a name is resolved through the layer stack, and what it looks like.
 
-This module and its siblings (``copyup``, ``dirops``, ``files``) hold all
-overlay semantics and never import pyfuse3; errors are ``OSError`` with the
-errno the caller should see.
+The words used for resolution, everywhere:
+
+- ``resolve(parent, name)``: which layers provide a name (an ``Entry``), by the
+  overlay's rules, without touching the inode table;
+- ``node_for(parent, entry)``: the inode that an entry is, created or found;
+- ``lookup(parent, name)``: both, the node and the stat that resolving it gave.
+
+and for listings: ``names(dir)`` (the merged names) and ``listing(dir)`` (each
+name resolved). Errors are ``OSError`` with the errno the caller should see.
 """
 
 from __future__ import annotations
@@ -17,33 +23,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from unionfs.idmap import IDENTITY, IdMapper
-from unionfs.layers import (
-    OCI_OPAQUE,
-    WHITEOUT_PREFIX,
-    Layer,
-    fd_path,
-    is_private_xattr,
-    is_whiteout,
-    new_shared_whiteout,
-    open_noatime,
-    remove_tree,
-    stat_with,
-)
-from unionfs.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile
+from unionfs.overlay import markers
+from unionfs.overlay.idmap import IDENTITY, IdMapper
+from unionfs.overlay.layers import Layer, discard, stat_with
+from unionfs.overlay.markers import is_private_xattr, is_whiteout
+from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile
+from unionfs.overlay.syscalls import fd_path
 
 log = logging.getLogger(__name__)
 
 CAPS_XATTR = b"security.capability"
-WORK_SUBDIR = b"work"
-_NO_STAT = os.stat_result(
-    (0,) * 10
-)  # placeholder in name-only entries  # the kernel overlay uses the same staging directory name
+WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
+_NO_STAT = os.stat_result((0,) * 10)  # placeholder in name-only entries
 
 
 @dataclass
 class UnionConfig:
-    """What a mount is made of, already validated (see ``unionfs.mount``)."""
+    """What a mount is made of, already validated (see ``unionfs.fuse.mount``)."""
 
     lowers: list[Path]  # top first
     upper: Path | None = None
@@ -52,20 +48,7 @@ class UnionConfig:
     fsync: bool = True  # False: fsync requests are acknowledged without syncing (volatile)
     static_nlink: bool = False  # report nlink 1 for every directory
     writeback: bool = False  # the kernel's write-back cache holds writes until it flushes
-    fault_name: bytes | None = None  # test hook: looking up this name raises a bug
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
-
-
-# The offset of a directory read without a handle: the directory's name generation
-# when the read began, shifted by COOKIE_BITS, or'ed with a cookie (``cookie_listing``).
-COOKIE_BITS = 32
-COOKIE_MASK = (1 << COOKIE_BITS) - 1
-GEN_MASK = (1 << 31) - 1  # keeps offsets positive
-COOKIE_LIMIT = COOKIE_MASK - 1  # a cookie + 1 must fit
-
-
-def cookie_of(pair: tuple[int, Entry]) -> int:
-    return pair[0]
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -130,9 +113,7 @@ class Union:
                 break
         return out
 
-    def resolve(
-        self, parent: Node, name: bytes
-    ) -> tuple[Layer, os.stat_result, tuple[Layer, ...]] | None:
+    def resolve(self, parent: Node, name: bytes) -> Entry | None:
         """Find *name* in *parent*: the topmost layer that has it, its stat, and the
         lower layers that merge into it when it is a directory.
 
@@ -145,7 +126,7 @@ class Union:
         top: Layer | None = None
         top_st: os.stat_result | None = None
         dirs: list[Layer] = []
-        oci_marker = name.startswith(WHITEOUT_PREFIX)  # invisible in lower layers
+        oci_marker = markers.is_oci_name(name)  # invisible in lower layers
         for i, layer in enumerate(stack):
             if oci_marker and not layer.writable:
                 break
@@ -167,39 +148,24 @@ class Union:
                 break
         if top is None or top_st is None:
             return None
-        return top, top_st, tuple(dirs[1:])
+        return Entry(name, top, top_st, tuple(dirs[1:]))
 
-    def find(self, parent: Node, name: bytes) -> Node | None:
-        """The node for *name* in *parent*, or None; does not count a kernel lookup."""
-        found = self.find_entry(parent, name)
-        return None if found is None else found[0]
-
-    def find_entry(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result | None] | None:
-        """``find``, with the stat that resolving it produced (None for ``.`` and ``..``),
-        so a lookup or readdir does not stat the same entry twice."""
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result | None] | None:
+        """The node for *name* in *parent* and the stat resolving it gave (None for
+        ``.`` and ``..``), so a lookup or readdir does not stat the same entry twice;
+        None when the merged view has no such name."""
         if name == b".":
             return parent, None
         if name == b"..":
             return parent.parent or parent, None
-        if self.config.fault_name is not None and name == self.config.fault_name:
-            raise RuntimeError(f"injected fault on lookup of {name!r}")
-        found = self.resolve(parent, name)
-        if found is None:
+        entry = self.resolve(parent, name)
+        if entry is None:
             return None
-        top, st, lowers = found
-        return self._node_for(parent, name, top, st, lowers), st
+        return self.node_for(parent, entry), entry.st
 
-    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result | None]:
-        """``find_entry`` that fails with ENOENT and counts the kernel's new reference."""
-        found = self.find_entry(parent, name)
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, "no such entry", name)
-        found[0].lookups += 1
-        return found
-
-    def _node_for(
-        self, parent: Node, name: bytes, top: Layer, st: os.stat_result, lowers: tuple[Layer, ...]
-    ) -> Node:
+    def node_for(self, parent: Node, entry: Entry) -> Node:
+        """The inode that *entry* (a name in *parent*) is: found in the table, or new."""
+        name, top, st, lowers = entry
         ino = self.inos.of(top, st, parent, name)
         node = self.table.find(ino)
         if node is None:
@@ -217,7 +183,6 @@ class Union:
                 node.generation += 1
                 node.gone_st = None
                 node.listing = None
-                node.snapshot = node.cookies = None
                 node.no_caps = False
                 self.table.set_parent(node, parent, name)
             elif node.is_dir or not top.writable:
@@ -230,9 +195,6 @@ class Union:
         """Tell the kernel that *node*'s attributes changed behind its back."""
         if self.on_attr_change is not None:
             self.on_attr_change(node.ino)
-
-    def forget(self, ino: int, count: int) -> None:
-        self.table.forget(ino, count)
 
     # -- names of one node ---------------------------------------------------
 
@@ -325,11 +287,7 @@ class Union:
         parent = node.parent
         if parent is None:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        dirfd = node.layer.dirfd(parent.path)
-        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-        if node.layer.writable:
-            return os.open(node.name, flags, dir_fd=dirfd)
-        return open_noatime(node.name, flags, dirfd)
+        return node.layer.open_file(parent.path, node.name, flags)
 
     def follow_copy_up(self, node: Node) -> None:
         """Move every open file of *node* to its new upper copy.
@@ -355,7 +313,7 @@ class Union:
 
     # -- listing -------------------------------------------------------------
 
-    def list_names(self, node: Node) -> list[bytes]:
+    def names(self, node: Node) -> list[bytes]:
         """The merged directory's names: each once, whiteouts and what they hide left out."""
         path = node.path
         seen: set[bytes] = set()
@@ -369,19 +327,20 @@ class Union:
             lower = not layer.writable
             deleted_below: list[bytes] = []  # a .wh.X hides X in the layers below only
             with os.scandir(fd_path(fd)) as it:
-                for entry in it:
-                    name = entry.name
+                for dent in it:
+                    name = dent.name
                     if name in seen or name in hidden:
                         continue
-                    if lower and name.startswith(WHITEOUT_PREFIX):
-                        if name != OCI_OPAQUE:  # the opaque marker already cut the stack
-                            deleted_below.append(name[len(WHITEOUT_PREFIX) :])
+                    if lower and markers.is_oci_name(name):
+                        deleted = markers.oci_deleted(name)
+                        if deleted is not None:  # the opaque marker already cut the stack
+                            deleted_below.append(deleted)
                         continue
                     if (
-                        not entry.is_file(follow_symlinks=False)
-                        and not entry.is_dir(follow_symlinks=False)
-                        and not entry.is_symlink()
-                        and is_whiteout(entry.stat(follow_symlinks=False))
+                        not dent.is_file(follow_symlinks=False)
+                        and not dent.is_dir(follow_symlinks=False)
+                        and not dent.is_symlink()
+                        and is_whiteout(dent.stat(follow_symlinks=False))
                     ):
                         hidden.add(name)
                         continue
@@ -390,7 +349,7 @@ class Union:
             hidden.update(deleted_below)
         return names
 
-    def entries(self, node: Node) -> list[Entry]:
+    def listing(self, node: Node) -> list[Entry]:
         """The merged directory's entries, resolved, for readdir.
 
         A directory with no upper part cannot change while mounted (any change
@@ -399,62 +358,18 @@ class Union:
         resolves each when it is needed, so no stale stat is handed out.
         """
         if node.layer.writable:
-            return [(name, node.layer, _NO_STAT, ()) for name in self.list_names(node)]
+            return [Entry(name, node.layer, _NO_STAT, ()) for name in self.names(node)]
         if node.listing is None:
             out: list[Entry] = []
-            for name in self.list_names(node):
-                found = self.resolve(node, name)
-                if found is not None:
-                    out.append((name, *found))
+            for name in self.names(node):
+                entry = self.resolve(node, name)
+                if entry is not None:
+                    out.append(entry)
             node.listing = out
         return node.listing
 
-    def cookie_listing(self, node: Node) -> list[tuple[int, Entry]]:
-        """``entries`` as (cookie, entry) pairs in cookie order, for a directory read
-        without an open handle, where the offset is all that links one READDIR to
-        the next. A name keeps its cookie for as long as the node lives, so
-        a name created or removed between two reads never makes the reader skip
-        or repeat another one; new names get new, higher cookies.
-        Cookies start at 2: offsets 0 and 1 are ``.`` and ``..``.
-        """
-        snapshot = node.snapshot
-        if snapshot is not None:
-            return snapshot
-        entries = self.entries(node)
-        cookies = node.cookies
-        if cookies is None:
-            cookies = node.cookies = {}
-        nxt = max(cookies.values(), default=1) + 1
-        if nxt + len(entries) > COOKIE_LIMIT:
-            # Out of cookies (after billions of names): number afresh, and make every
-            # read in progress an old generation's, whose end drops the kernel's cache.
-            cookies.clear()
-            nxt = 2
-            node.names_gen += 1
-        snapshot = []
-        for entry in entries:
-            cookie = cookies.get(entry[0])
-            if cookie is None:
-                cookie = cookies[entry[0]] = nxt
-                nxt += 1
-            snapshot.append((cookie, entry))
-        snapshot.sort(key=cookie_of)
-        if len(cookies) > len(snapshot):  # forget names that are gone
-            node.cookies = {entry[0]: cookie for cookie, entry in snapshot}
-        node.snapshot = snapshot
-        return snapshot
-
-    def names_changed(self, node: Node) -> None:
-        """A name in directory *node* was (or may have been) added or removed."""
-        node.snapshot = None
-        node.names_gen += 1
-
-    def node_for_entry(self, parent: Node, entry: Entry) -> Node:
-        name, top, st, lowers = entry
-        return self._node_for(parent, name, top, st, lowers)
-
     def is_empty(self, node: Node) -> bool:
-        return not self.list_names(node)
+        return not self.names(node)
 
     def lower_has_name(self, parent: Node, name: bytes) -> bool:
         """Whether removing *name* from the upper would let a lower entry show through."""
@@ -507,6 +422,6 @@ def _prepare_workdir(work: Path) -> int:
     leftovers = os.listdir(fd_path(fd))
     for name in leftovers:
         log.info("removing leftover %r from the workdir", name)
-        remove_tree(fd, name)
-    new_shared_whiteout(fd)
+        discard(fd, name)
+    markers.new_shared_whiteout(fd)
     return fd

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import trio
 
-from unionfs.copyup import copy_up, readonly_error
-from unionfs.layers import is_private_xattr
-from unionfs.nodes import Entry, Node, OpenFile
-from unionfs.union import Union
+from unionfs.overlay.copyup import copy_up, readonly_error
+from unionfs.overlay.markers import is_private_xattr
+from unionfs.overlay.nodes import Node, OpenFile
+from unionfs.overlay.union import Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
 # (creation, truncation) or computes the offsets itself (append).
@@ -107,7 +107,7 @@ class Files:
         fh = next(self._next_fh)
         f = OpenFile(fd, node, node.layer, flags & ~(_DROP_FLAGS | os.O_TRUNC))
         self.handles[fh] = f
-        node.opened += 1
+        self.union.table.hold(node)
         self.union.open_files.setdefault(node.ino, []).append(f)
         return fh
 
@@ -120,8 +120,7 @@ class Files:
             if not files:
                 del self.union.open_files[node.ino]
         os.close(f.fd)
-        node.opened -= 1
-        self.union.table.maybe_drop(node)
+        self.union.table.release(node)
 
     def _fd(self, fh: int) -> int:
         return self.handles[fh].fd
@@ -154,21 +153,23 @@ class Files:
     def write(self, fh: int, off: int, data: bytes) -> int:
         return os.pwrite(self._fd(fh), data, off)
 
-    def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """In a worker thread: a slow disk must not hold up every other request. On a
+        dup, since a copy-up or a release may close the handle's fd meanwhile."""
         if not self.union.config.fsync:
             return
-        fd = self._fd(fh)
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        fd = os.dup(self._fd(fh))
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
 
-    def fsync_dir(self, node: Node) -> None:
+    async def fsync_dir(self, node: Node) -> None:
         if not self.union.config.fsync or not node.layer.writable:
             return
         fd = node.layer.open_dir(node.path)
         try:
-            os.fsync(fd)
+            await trio.to_thread.run_sync(os.fsync, fd)
         finally:
             os.close(fd)
 
@@ -260,13 +261,3 @@ class Files:
         await copy_up(self.union, node)
         path, follow = self.union.real_path(node)
         os.removexattr(path, name, follow_symlinks=follow)
-
-
-class DirHandle:
-    """An open directory: the merged listing, taken once so offsets stay valid."""
-
-    __slots__ = ("node", "entries")
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.entries: list[tuple[int, Entry]] | None = None  # (cookie, entry)

@@ -29,7 +29,7 @@ def load() -> Callable[[], bool]:
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
-        from unionfs import _fusehook  # type: ignore[attr-defined]
+        from unionfs.fuse import _fusehook  # type: ignore[attr-defined]
     except ImportError as e:
         log.debug("listing hook not available (%s): listings stay uncached", e)
         return _never

@@ -10,28 +10,23 @@ a file is swapped for its whiteout in one ``RENAME_EXCHANGE``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unionfs.copyup import copy_up, readonly_error, wait_for_copy_up
-from unionfs.files import readable_for_writeback
-from unionfs.layers import (
-    WHITEOUT_PREFIX,
-    exchange,
-    fd_path,
-    is_whiteout,
-    make_whiteout,
-    remove_tree,
-    set_opaque,
-    whiteout_by_rename,
-)
-from unionfs.nodes import Node
-from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
-from unionfs.union import Union, join
+from unionfs.overlay import markers
+from unionfs.overlay.copyup import copy_up, readonly_error, wait_for_copy_up
+from unionfs.overlay.files import readable_for_writeback
+from unionfs.overlay.layers import discard, remove_tree
+from unionfs.overlay.markers import is_whiteout
+from unionfs.overlay.nodes import Entry, Node
+from unionfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, fd_path, renameat2
+from unionfs.overlay.union import Union, join
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 
@@ -47,7 +42,7 @@ class Caller:
 
 
 def check_new_name(name: bytes) -> None:
-    if name.startswith(WHITEOUT_PREFIX):
+    if markers.is_oci_name(name):
         raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", name)
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
@@ -83,7 +78,7 @@ async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bo
     """Copy the parent up and say whether *name* is a whiteout there now."""
     _writable(union)
     check_new_name(name)
-    if union.find(parent, name) is not None:
+    if union.lookup(parent, name) is not None:
         raise FileExistsError(errno.EEXIST, "exists", name)
     await copy_up(union, parent)
     assert union.upper is not None
@@ -121,20 +116,25 @@ def _place(
             finish(work, tmp)
             renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
         except BaseException:
-            _discard(work, tmp)
+            discard(work, tmp)
             raise
         return
     make(dirfd, name)
     try:
         finish(dirfd, name)
     except BaseException:
-        _discard(dirfd, name)
+        discard(dirfd, name)
         raise
 
 
-def _discard(dirfd: int, name: bytes) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        remove_tree(dirfd, name)
+def _clean_up(union: Union, tmp: bytes) -> None:
+    """Remove what a finished change moved into the workdir. The change has
+    happened: a failure here is logged, not returned (the next mount clears
+    the workdir anyway)."""
+    try:
+        discard(union.work_fd, tmp)
+    except OSError as e:
+        log.warning("could not remove %r from the workdir: %s", tmp, e)
 
 
 async def create_node(
@@ -177,7 +177,7 @@ def _mkdir(
         try:
             _set_owner(dirfd, name, uid, gid, mode)
         except BaseException:
-            _discard(dirfd, name)
+            discard(dirfd, name)
             raise
         return
     # Over a whiteout the new directory must hide the lower one: build it opaque
@@ -186,12 +186,12 @@ def _mkdir(
     os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=work)
     try:
         _set_owner(work, tmp, uid, gid, mode)
-        set_opaque(fd_path(work, tmp))
-        exchange(work, tmp, dirfd, name)
+        markers.set_opaque(work, tmp)
+        renameat2(work, tmp, dirfd, name, RENAME_EXCHANGE)
     except BaseException:
         remove_tree(work, tmp)
         raise
-    os.unlink(tmp, dir_fd=work)
+    os.unlink(tmp, dir_fd=work)  # the whiteout it replaced
 
 
 async def create_file(
@@ -229,7 +229,7 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     """A hard link: the file is copied up first, then linked inside the upper."""
     _writable(union)
     check_new_name(name)
-    if union.find(parent, name) is not None:
+    if union.lookup(parent, name) is not None:
         raise FileExistsError(errno.EEXIST, "exists", name)
     await copy_up(union, node)
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
@@ -245,7 +245,6 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
 
     _place(union, dirfd, name, over_whiteout, make)
     union.add_alias(node, parent, name)
-    node.lookups += 1
     return node
 
 
@@ -263,14 +262,11 @@ def _created(union: Union, parent: Node, name: bytes, st: os.stat_result | None 
     """
     if st is not None:
         assert union.upper is not None
-        node = union.node_for_entry(parent, (name, union.upper, st, ()))
-    else:
-        found = union.find(parent, name)
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, "vanished after creation", name)
-        node = found
-    node.lookups += 1
-    return node
+        return union.node_for(parent, Entry(name, union.upper, st, ()))
+    found = union.lookup(parent, name)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "vanished after creation", name)
+    return found[0]
 
 
 # -- removing ---------------------------------------------------------------
@@ -279,7 +275,7 @@ def _created(union: Union, parent: Node, name: bytes, st: os.stat_result | None 
 async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
     """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
     _writable(union)
-    found = union.find_entry(parent, name)
+    found = union.lookup(parent, name)
     if found is None or found[1] is None:  # no stat: "." or "..", which the VFS never removes
         raise FileNotFoundError(errno.ENOENT, "no such entry", name)
     node, st = found[0], found[1]
@@ -299,13 +295,13 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
     dirfd = union.upper.dirfd(parent.path)
     path = join(parent.path, name)
     needs_whiteout = union.lower_has_name(parent, name)
+    moved_out: bytes | None = None  # what the change moved into the workdir, to remove last
     if node.layer.writable:
         if needs_whiteout:
-            tmp = union.tmp_name()
-            whiteout_by_rename(dirfd, name, union.work_fd, tmp)
-            remove_tree(union.work_fd, tmp)
+            moved_out = union.tmp_name()
+            markers.replace_with_whiteout(dirfd, name, union.work_fd, moved_out)
         elif want_dir and node.lowers:
-            _rmdir_upper(union, dirfd, name)
+            moved_out = _rmdir_upper(union, dirfd, name)
         elif want_dir:
             # No lower part: a plain rmdir, as the kernel does, so a stray whiteout
             # left inside (it hides nothing) still makes it ENOTEMPTY.
@@ -315,25 +311,36 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
         if st.st_nlink <= 1 or want_dir:
             union.inos.upper_gone(st.st_ino)
     else:
-        make_whiteout(dirfd, name, union.work_fd)
+        markers.make_whiteout(dirfd, name, union.work_fd)
+    # Committed: the table follows, and only then the clean-up, which cannot fail
+    # the request any more.
     if want_dir:
         union.upper.forget_dirs(path)
     union.drop_name(node, parent, name, gone_st)
+    if moved_out is not None:
+        _clean_up(union, moved_out)
 
 
-def _rmdir_upper(union: Union, dirfd: int, name: bytes) -> None:
+def _rmdir_upper(union: Union, dirfd: int, name: bytes) -> bytes | None:
+    """rmdir of a merged directory's upper part; returns the workdir name it was
+    moved to when whiteouts were left in it, for the caller to remove."""
     try:
         os.rmdir(name, dir_fd=dirfd)
+        return None
     except OSError as e:
         if e.errno != errno.ENOTEMPTY:
             raise
-        # Only whiteouts are left in it (the merged view is empty): move it out whole.
-        tmp = union.tmp_name()
-        renameat2(dirfd, name, union.work_fd, tmp, RENAME_NOREPLACE)
-        remove_tree(union.work_fd, tmp)
+    # Only whiteouts are left in it (the merged view is empty): move it out whole.
+    tmp = union.tmp_name()
+    renameat2(dirfd, name, union.work_fd, tmp, RENAME_NOREPLACE)
+    return tmp
 
 
 # -- rename -----------------------------------------------------------------
+
+
+def _node(found: tuple[Node, os.stat_result | None] | None) -> Node | None:
+    return None if found is None else found[0]
 
 
 def _has_lower_parts(node: Node) -> bool:
@@ -358,10 +365,10 @@ async def rename(
     check_new_name(dname)
     if swap:
         check_new_name(sname)
-    src = union.find(sparent, sname)
+    src = _node(union.lookup(sparent, sname))
     if src is None:
         raise FileNotFoundError(errno.ENOENT, "no such entry", sname)
-    dst = union.find(dparent, dname)
+    dst = _node(union.lookup(dparent, dname))
     if swap and dst is None:
         raise FileNotFoundError(errno.ENOENT, "no such entry", dname)
     if dst is not None and flags & RENAME_NOREPLACE:
@@ -401,18 +408,22 @@ async def rename(
     sfd = upper.dirfd(sparent.path)
     dfd = upper.dirfd(dparent.path)
     if src.is_dir and dparent.lowers:
-        _make_opaque(sfd, sname)
+        markers.set_opaque(sfd, sname)
     if swap:
         assert dst is not None
         if dst.is_dir and sparent.lowers:
-            _make_opaque(dfd, dname)
+            markers.set_opaque(dfd, dname)
+    moved_out: bytes | None = None
     if swap:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
     else:
-        _rename_over(union, src, sparent, sname, sfd, dst, dname, dfd)
+        moved_out = _rename_over(union, src, sparent, sname, sfd, dst, dname, dfd)
+    # Committed: the table follows, then the clean-up.
     upper.forget_dirs(spath)
     upper.forget_dirs(dpath)
     _move_names(union, src, sparent, sname, dst, dparent, dname, swap, dst_gone)
+    if moved_out is not None:
+        _clean_up(union, moved_out)
 
 
 def _rename_over(
@@ -424,7 +435,9 @@ def _rename_over(
     dst: Node | None,
     dname: bytes,
     dfd: int,
-) -> None:
+) -> bytes | None:
+    """Rename without exchange; returns what it moved into the workdir, if anything,
+    for the caller to remove once the change is complete."""
     src_whiteout = union.lower_has_name(sparent, sname)
     try:
         d_up: os.stat_result | None = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
@@ -438,21 +451,29 @@ def _rename_over(
         and os.listdir(fd_path(dfd, dname))
     ):
         # The target's upper part still holds whiteouts: swap in an empty
-        # opaque directory first so the rename below can replace it.
-        work, tmp = union.work_fd, union.tmp_name()
-        os.mkdir(tmp, 0o700, dir_fd=work)
-        set_opaque(fd_path(work, tmp))
-        exchange(work, tmp, dfd, dname)
-        remove_tree(work, tmp)
+        # opaque directory first so the rename below can replace it. The view does
+        # not change (the target was empty and stays so).
+        work, moved_out = union.work_fd, union.tmp_name()
+        os.mkdir(moved_out, 0o700, dir_fd=work)
+        try:
+            markers.set_opaque(work, moved_out)
+            renameat2(work, moved_out, dfd, dname, RENAME_EXCHANGE)
+        except BaseException:
+            discard(work, moved_out)
+            raise
+    else:
+        moved_out = None
     if d_up is not None and is_whiteout(d_up):
-        if src_whiteout or src.is_dir:
-            # Swap with the whiteout: it lands on the old name, which needs one anyway.
-            renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
-            if not src_whiteout:
+        # A directory cannot replace a device: it swaps with the whiteout, which
+        # then is dropped unless the old name needs one anyway.
+        keep = src_whiteout or src.is_dir
+        markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=keep)
+        if keep and not src_whiteout:
+            try:
                 os.unlink(sname, dir_fd=sfd)
-        else:
-            renameat2(sfd, sname, dfd, dname)
-        return
+            except OSError as e:  # it hides nothing: the view is right either way
+                log.warning("could not remove the whiteout left at %r: %s", sname, e)
+        return moved_out
     # The replaced upper inode is freed (a directory, or a file's last link): its
     # number may come back for a new file, which must not inherit its identity.
     if (
@@ -462,13 +483,11 @@ def _rename_over(
         and (dst.is_dir or d_up.st_nlink <= 1)
     ):
         union.inos.upper_gone(d_up.st_ino)
-    # The kernel too leaves this whiteout with RENAME_WHITEOUT, so it is owned
-    # like a new entry of that directory (a setgid directory's group included).
-    renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if src_whiteout else 0)
-
-
-def _make_opaque(dirfd: int, name: bytes) -> None:
-    set_opaque(fd_path(dirfd, name))
+    if src_whiteout:
+        markers.rename_leaving_whiteout(sfd, sname, dfd, dname)
+    else:
+        renameat2(sfd, sname, dfd, dname)
+    return moved_out
 
 
 def _move_names(

@@ -16,10 +16,11 @@ import stat
 
 import trio
 
-from unionfs.layers import fd_path, is_private_xattr, open_noatime, remove_tree, stat_with
-from unionfs.nodes import Node
-from unionfs.syscalls import RENAME_NOREPLACE, clone_or_copy, renameat2
-from unionfs.union import Union
+from unionfs.overlay.layers import discard, open_noatime, stat_with
+from unionfs.overlay.markers import is_private_xattr
+from unionfs.overlay.nodes import Node
+from unionfs.overlay.syscalls import RENAME_NOREPLACE, clone_or_copy, fd_path, renameat2
+from unionfs.overlay.union import Union
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
 
 def _discard(work: int, tmp: bytes) -> None:
     try:
-        remove_tree(work, tmp)
-    except FileNotFoundError:
-        pass
+        discard(work, tmp)
     except OSError as e:
         log.warning("could not remove %r from the workdir: %s", tmp, e)

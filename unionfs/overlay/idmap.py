@@ -15,8 +15,18 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from unionfs.options import IdMap
+
+@dataclass
+class IdMap:
+    """One ``uidmapping``/``gidmapping`` range: *count* ids from *inside* (stored
+    in the layers) correspond to ids from *outside* (shown in the mount)."""
+
+    inside: int
+    outside: int
+    count: int
+
 
 OVERFLOW_ID = 65534
 

@@ -4,6 +4,10 @@ This is the error boundary. Only ``FUSEError`` may leave a pyfuse3 handler:
 any other exception would end ``pyfuse3.main()`` and the mount with it. So an
 ``OSError`` becomes its errno, and anything else is a bug, logged with its
 traceback and answered with EIO while the mount goes on.
+
+The FUSE protocol's own bookkeeping lives here too: which replies give the
+kernel a reference to an inode (each one is a ``hold`` on the node, undone by
+``forget``), and directory handles and offsets (``unionfs.fuse.listing``).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
-from unionfs import dirops
-from unionfs.dirops import Caller
-from unionfs.files import Change, DirHandle, Files
-from unionfs.idmap import IdMapper
-from unionfs.nodes import Entry, Node
-from unionfs.union import COOKIE_BITS, COOKIE_MASK, GEN_MASK, Union, cookie_of
+from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
+from unionfs.overlay import namespace
+from unionfs.overlay.files import Change, Files
+from unionfs.overlay.idmap import IdMapper
+from unionfs.overlay.namespace import Caller
+from unionfs.overlay.nodes import Node
+from unionfs.overlay.union import Union
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,12 @@ def boundary(fn: F) -> F:
     Every request passes here, so the path without an error does nothing else
     unless request logging is on.
     """
+    return cast(F, _guard(fn, answer=True))
+
+
+def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awaitable[Any]]:
+    """The boundary around *fn*. Without *answer* (requests the kernel expects no
+    reply to, like forget) every error is only logged."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -59,8 +70,13 @@ def boundary(fn: F) -> F:
         try:
             return await fn(*args)
         except FUSEError:
+            if not answer:
+                return None
             raise
         except OSError as e:
+            if not answer:
+                log.warning("%s%r failed: %s", name, args[1:], e)
+                return None
             if not e.errno:
                 log.exception("OSError without errno in %s", name)
                 raise FUSEError(errno.EIO) from None
@@ -68,10 +84,19 @@ def boundary(fn: F) -> F:
                 log.debug("%s -> %s", name, errno.errorcode.get(e.errno, e.errno))
             raise FUSEError(e.errno) from None
         except Exception:
+            if not answer:
+                log.exception("unexpected error in %s%r", name, args[1:])
+                return None
             log.exception("unexpected error in %s%r; answering EIO", name, args[1:])
             raise FUSEError(errno.EIO) from None
 
-    return cast(F, wrapper)
+    return wrapper
+
+
+def no_reply_boundary(fn: F) -> F:
+    """``boundary`` for a request without a reply: any error is logged, and the
+    mount goes on."""
+    return cast(F, _guard(fn, answer=False))
 
 
 def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
@@ -116,7 +141,9 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = union.config.writeback
         self.union = union
         self.files = Files(union)
+        self.table = union.table
         self.dirs: dict[int, DirHandle] = {}
+        self.cookies = Cookies(union)
         self._next_dh = itertools.count(1)
         self.ids = union.config.ids
         union.on_attr_change = _invalidate_attrs
@@ -175,31 +202,35 @@ class Operations(pyfuse3.Operations):
             raise
         finally:
             for parent in parents:
-                self.union.names_changed(parent)
+                self.cookies.names_changed(parent)
+
+    def _reply_entry(self, node: Node, st: os.stat_result | None = None) -> EntryAttributes:
+        """An entry reply, which gives the kernel a reference to *node*."""
+        self.table.hold(node)
+        try:
+            return self._entry(node, st)
+        except BaseException:
+            self.table.release(node)
+            raise
 
     # -- names ---------------------------------------------------------------
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        try:
-            node, st = self.union.lookup(self._node(parent_inode), name)
-        except FileNotFoundError:
+        found = self.union.lookup(self._node(parent_inode), name)
+        if found is None:
             # A negative entry the kernel may cache: names appear only through this mount,
             # and the kernel forgets a negative entry when it creates that name.
             miss = EntryAttributes()
             miss.st_ino = 0
             miss.entry_timeout = ENTRY_TIMEOUT
             return miss
-        try:
-            return self._entry(node, st)
-        except BaseException:
-            node.lookups -= 1
-            self.union.table.maybe_drop(node)
-            raise
+        return self._reply_entry(*found)
 
+    @no_reply_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.union.forget(ino, count)
+            self.table.release_ino(ino, count)
 
     @boundary
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
@@ -236,10 +267,10 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         parent = self._node(parent_inode)
         with self._names_change(parent):
-            node = await dirops.create_node(
+            node = await namespace.create_node(
                 self.union, parent, name, mode, caller(ctx, self.ids, mode), rdev=rdev
             )
-        return self._entry(node)
+        return self._reply_entry(node)
 
     @boundary
     async def mkdir(
@@ -248,10 +279,10 @@ class Operations(pyfuse3.Operations):
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         parent = self._node(parent_inode)
         with self._names_change(parent):
-            node = await dirops.create_node(
+            node = await namespace.create_node(
                 self.union, parent, name, mode, caller(ctx, self.ids, mode)
             )
-        return self._entry(node)
+        return self._reply_entry(node)
 
     @boundary
     async def symlink(
@@ -259,7 +290,7 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         parent = self._node(parent_inode)
         with self._names_change(parent):
-            node = await dirops.create_node(
+            node = await namespace.create_node(
                 self.union,
                 parent,
                 name,
@@ -267,7 +298,7 @@ class Operations(pyfuse3.Operations):
                 caller(ctx, self.ids),
                 target=target,
             )
-        return self._entry(node)
+        return self._reply_entry(node)
 
     @boundary
     async def link(
@@ -275,20 +306,20 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         parent = self._node(new_parent_inode)
         with self._names_change(parent):
-            node = await dirops.link(self.union, self._node(inode), parent, new_name)
-        return self._entry(node)
+            node = await namespace.link(self.union, self._node(inode), parent, new_name)
+        return self._reply_entry(node)
 
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         parent = self._node(parent_inode)
         with self._names_change(parent):
-            await dirops.remove(self.union, parent, name, want_dir=False)
+            await namespace.remove(self.union, parent, name, want_dir=False)
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         parent = self._node(parent_inode)
         with self._names_change(parent):
-            await dirops.remove(self.union, parent, name, want_dir=True)
+            await namespace.remove(self.union, parent, name, want_dir=True)
 
     @boundary
     async def rename(
@@ -303,7 +334,7 @@ class Operations(pyfuse3.Operations):
         old_parent = self._node(parent_inode_old)
         new_parent = self._node(parent_inode_new)
         with self._names_change(old_parent, new_parent):
-            await dirops.rename(self.union, old_parent, name_old, new_parent, name_new, flags)
+            await namespace.rename(self.union, old_parent, name_old, new_parent, name_new, flags)
 
     # -- files ---------------------------------------------------------------
 
@@ -318,16 +349,14 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[FileInfo, EntryAttributes]:
         parent = self._node(parent_inode)
         with self._names_change(parent):
-            node, fd = await dirops.create_file(
+            node, fd = await namespace.create_file(
                 self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
             )
         fh = self.files.add(node, fd, flags)
         try:
-            return FileInfo(fh=fh, keep_cache=True), self._entry(node)
+            return FileInfo(fh=fh, keep_cache=True), self._reply_entry(node)
         except BaseException:
             self.files.release(fh)  # the kernel never learns of this open
-            node.lookups -= 1
-            self.union.table.maybe_drop(node)
             raise
 
     @boundary
@@ -346,7 +375,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.files.fsync(fh, datasync)
+        await self.files.fsync(fh, datasync)
 
     # -- directories ---------------------------------------------------------
 
@@ -361,7 +390,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         dh = next(self._next_dh)
         self.dirs[dh] = DirHandle(node)
-        node.opened += 1
+        self.table.hold(node)
         return dh
 
     @boundary
@@ -372,7 +401,7 @@ class Operations(pyfuse3.Operations):
         dh = self.dirs[fh]
         if dh.entries is None or start_id == 0:
             # An open handle keeps its own listing: offsets index into it.
-            dh.entries = [(i + 2, e) for i, e in enumerate(self.union.entries(dh.node))]
+            dh.entries = [(i + 2, e) for i, e in enumerate(self.union.listing(dh.node))]
         self._reply_entries(dh.node, dh.entries, max(start_id - 2, 0), start_id, 0, token)
 
     def _readdir_by_inode(self, node: Node, offset: int, token: pyfuse3.ReaddirToken) -> None:
@@ -387,8 +416,8 @@ class Operations(pyfuse3.Operations):
         dropped before the (empty) last reply, so the kernel finds the finished
         cache incomplete on the next read and fills it anew.
         """
-        listing = self.union.cookie_listing(node)
-        now = node.names_gen & GEN_MASK
+        listing = self.cookies.listing(node)
+        now = self.cookies.generation(node)
         gen = offset >> COOKIE_BITS if offset else now
         start = offset & COOKIE_MASK
         first = bisect.bisect_left(listing, start, key=cookie_of)
@@ -399,7 +428,7 @@ class Operations(pyfuse3.Operations):
     def _reply_entries(
         self,
         node: Node,
-        listing: list[tuple[int, Entry]],
+        listing: list[Cookied],
         first: int,
         start: int,
         high: int,
@@ -421,32 +450,31 @@ class Operations(pyfuse3.Operations):
             cookie, entry = listing[i]
             try:
                 if fresh:
-                    found = union.find_entry(node, entry[0])
+                    found = union.lookup(node, entry.name)
                     if found is None:
                         continue  # removed since the listing was taken
                     child, st = found
                 else:
-                    child, st = union.node_for_entry(node, entry), entry[2]
+                    child, st = union.node_for(node, entry), entry.st
                 attrs = self._entry(child, st)
             except OSError:
                 continue
-            if not pyfuse3.readdir_reply(token, entry[0], attrs, high | (cookie + 1)):
-                union.table.maybe_drop(child)
+            if not pyfuse3.readdir_reply(token, entry.name, attrs, high | (cookie + 1)):
+                self.table.maybe_drop(child)
                 return sent
-            child.lookups += 1
+            self.table.hold(child)  # each entry given is a reference, as with lookup
             sent += 1
         return sent
 
     @boundary
     async def releasedir(self, fh: int) -> None:
         dh = self.dirs.pop(fh)
-        dh.node.opened -= 1
-        self.union.table.maybe_drop(dh.node)
+        self.table.release(dh.node)
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._node(fh) if self._by_inode else self.dirs[fh].node
-        self.files.fsync_dir(node)
+        await self.files.fsync_dir(node)
 
     @boundary
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:

@@ -6,8 +6,10 @@ in the layer where the file first appeared and kept across copy-up: a path's
 ``st_ino`` does not change when it moves to the upper layer, nor when the kernel
 forgets and looks it up again.
 
-Lookup counts live here and only here: a node stays in the table while the
-kernel holds a reference, a file handle is open, or a child node points at it.
+A node stays in the table while something outside the core holds it (``hold``:
+the FUSE adapter for each reference the kernel keeps, an open file), or a
+child node points at it. Which requests give the kernel a reference is the
+adapter's business; the table only counts.
 """
 
 from __future__ import annotations
@@ -17,17 +19,25 @@ import itertools
 import os
 import stat
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import trio
 
-    from unionfs.layers import Layer
+    from unionfs.overlay.layers import Layer
 
 ROOT_INO = 1
 
-# One resolved name: (name, topmost layer, its stat, lower layers merging into it).
-Entry = tuple[bytes, "Layer", os.stat_result, tuple["Layer", ...]]
+
+class Entry(NamedTuple):
+    """One name resolved through the stack."""
+
+    name: bytes
+    layer: Layer  # the topmost layer that has it
+    st: os.stat_result  # its stat there
+    lowers: tuple[Layer, ...]  # for a directory: the layers below that merge into it
+
+
 _PER_PATH_BASE = 1 << 62  # numbers for lower-layer hard links (see ``InodeNumbers``)
 
 
@@ -47,18 +57,15 @@ class Node:
         "kind",
         "layer",
         "lowers",
-        "lookups",
+        "refs",
         "children",
-        "opened",
         "aliases",
         "lock",
         "listing",
-        "snapshot",
-        "cookies",
-        "names_gen",
         "no_caps",
         "generation",
         "gone_st",
+        "__weakref__",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, kind: int, layer: Layer) -> None:
@@ -68,20 +75,13 @@ class Node:
         self.kind = kind  # stat.S_IFMT of the entry
         self.layer = layer
         self.lowers: tuple[Layer, ...] = ()
-        self.lookups = 0
+        self.refs = 0  # holders outside the table: kernel references, open files
         self.children = 0  # live child nodes whose ``parent`` is this node
-        self.opened = 0  # open file or directory handles
         self.aliases: set[tuple[Node, bytes]] | None = None
         self.lock: trio.Lock | None = None
         # A lower-only directory's resolved entries, kept because lower layers never
         # change; dropped (ignored) once the directory has an upper part.
         self.listing: list[Entry] | None = None
-        # Served without an open handle (see unionfs/_fusehook.c): the listing as
-        # (cookie, entry) pairs, until a name in the directory changes, and the
-        # cookie of every name, kept across changes so offsets stay valid.
-        self.snapshot: list[tuple[int, Entry]] | None = None
-        self.cookies: dict[bytes, int] | None = None
-        self.names_gen = 0  # bumped by every change of a name in this directory
         # The kernel asks for security.capability before every write; once known
         # to be absent it stays so until a setxattr through this mount.
         self.no_caps = False
@@ -187,7 +187,7 @@ class NodeTable:
 
     def __init__(self, root: Node) -> None:
         self._nodes: dict[int, Node] = {ROOT_INO: root}
-        root.lookups = 1  # the kernel's reference to the root is never forgotten
+        root.refs = 1  # the root is never dropped
         self.root = root
 
     def __len__(self) -> int:
@@ -224,23 +224,25 @@ class NodeTable:
             old.children -= 1
             self.maybe_drop(old)
 
-    def forget(self, ino: int, count: int) -> None:
-        node = self._nodes.get(ino)
-        if node is None:
-            return
-        node.lookups -= count
+    @staticmethod
+    def hold(node: Node, count: int = 1) -> None:
+        """Keep *node* in the table until as many ``release`` calls."""
+        node.refs += count
+
+    def release(self, node: Node, count: int = 1) -> None:
+        node.refs -= count
         self.maybe_drop(node)
+
+    def release_ino(self, ino: int, count: int) -> None:
+        """``release`` by number; an unknown number is ignored."""
+        node = self._nodes.get(ino)
+        if node is not None:
+            self.release(node, count)
 
     def maybe_drop(self, node: Node) -> None:
         """Drop nodes nobody refers to any more, walking up to parents freed in turn."""
         cur: Node | None = node
-        while (
-            cur is not None
-            and cur.lookups <= 0
-            and cur.children <= 0
-            and cur.opened <= 0
-            and cur.ino != ROOT_INO
-        ):
+        while cur is not None and cur.refs <= 0 and cur.children <= 0 and cur.ino != ROOT_INO:
             if self._nodes.get(cur.ino) is cur:
                 del self._nodes[cur.ino]
             if cur.aliases:  # other hard-link names hold their parents too

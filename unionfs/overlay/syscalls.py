@@ -36,6 +36,18 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+def fd_path(dirfd: int, name: bytes = b"") -> bytes:
+    """A path naming *name* in the directory *dirfd* (or the directory itself).
+
+    The xattr calls have no ``*at`` form; ``/proc/self/fd/N/name`` reaches the
+    exact directory the fd holds, and with ``follow_symlinks=False`` a trailing
+    symlink is not followed either.
+    """
+    if name:
+        return b"/proc/self/fd/%d/%s" % (dirfd, name)
+    return b"/proc/self/fd/%d" % dirfd
+
+
 def _raise_errno(what: bytes | str = "") -> None:
     err = ctypes.get_errno()
     raise OSError(err, os.strerror(err), what)

@@ -1,0 +1,51 @@
+"""Run the unionfs daemon with faults planted in its core, for tests of the error boundary.
+
+``python -m tests.faults FAULT[,FAULT...] -- UNIONFS-ARGS...`` starts the
+ordinary command line after patching the core in this process only:
+
+- ``lookup=NAME``: looking up NAME raises a bug (not an OSError);
+- ``forget``: every release of a kernel reference raises a bug.
+
+Production code has no hook for this; the faults are planted from here.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from unionfs.overlay.nodes import NodeTable
+from unionfs.overlay.union import Union
+
+
+def plant(spec: str) -> None:
+    for fault in spec.split(","):
+        kind, _, arg = fault.partition("=")
+        if kind == "lookup":
+            name = arg.encode()
+            real_lookup = Union.lookup
+
+            def lookup(
+                self: Union, parent: Any, n: bytes, _real: Any = real_lookup, _name: bytes = name
+            ) -> Any:
+                if n == _name:
+                    raise RuntimeError(f"injected fault on lookup of {n!r}")
+                return _real(self, parent, n)
+
+            Union.lookup = lookup  # type: ignore[method-assign]
+        elif kind == "forget":
+
+            def release_ino(self: NodeTable, ino: int, count: int) -> None:
+                raise RuntimeError(f"injected fault on forget of {ino}")
+
+            NodeTable.release_ino = release_ino  # type: ignore[method-assign]
+        else:
+            raise SystemExit(f"unknown fault: {fault}")
+
+
+if __name__ == "__main__":
+    sep = sys.argv.index("--")
+    plant(sys.argv[1])
+    from unionfs.cli import main
+
+    raise SystemExit(main(sys.argv[sep + 1 :]))
