@@ -3,6 +3,10 @@
 A drop-in for fuse-overlayfs's command line. Without ``-f`` the command
 returns only once the mount is ready, with the daemon in the background and
 the caller's stdout/stderr closed (container engines wait for those pipes).
+
+``unionfs COMMAND ...`` runs one of the tools in ``SUBCOMMANDS`` instead; each
+is a module with ``main(argv) -> int``, imported only when asked for, so the
+plain mount pays nothing for them.
 """
 
 from __future__ import annotations
@@ -65,7 +69,32 @@ def _fuse_versions() -> str:
         return "pyfuse3 version unknown"
 
 
+# Subcommand -> the module that implements it (``main(argv)``).
+SUBCOMMANDS: dict[str, str] = {}
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The module for ``unionfs COMMAND ...``, or None for the plain mount command line.
+
+    mount(8) calls ``unionfs SOURCE MOUNTPOINT -o ...`` with any SOURCE, even one
+    spelled like a command: a command line that gives ``lowerdir=`` is a mount.
+    """
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return None
+    if any("lowerdir=" in a for a in argv):
+        return None
+    return SUBCOMMANDS[argv[0]]
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    module = _subcommand(argv)
+    if module is not None:
+        import importlib
+
+        run: Callable[[list[str]], int] = importlib.import_module(module).main
+        return run(argv)
     args = _parser().parse_intermixed_args(argv)
     try:
         if len(args.paths) > 2:
