@@ -227,7 +227,7 @@ def serve(
     *debug* logs every request and its errno."""
     from unionfs.fuse import hook
 
-    dir_by_inode = hook.load()  # before pyfuse3 is imported
+    fusehook = hook.load()  # before pyfuse3 is imported
 
     import pyfuse3
     import trio
@@ -246,11 +246,12 @@ def serve(
     except OSError as e:
         raise UsageError(f"cannot open layers: {e}") from None
     try:
-        ops = Operations(union, dir_by_inode)
+        ops = Operations(union, fusehook)
         try:
             pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
+        hook.check_bound(fusehook)
         try:
             trio.run(_run, ready)
         finally:
