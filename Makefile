@@ -58,8 +58,9 @@ lint: install
 	$(VENV)/bin/ruff format --check unionfs tests examples
 	$(VENV)/bin/mypy unionfs
 
+# MODE=redirect_dir=on or MODE=metacopy=on: both sides mounted with that option.
 conformance: install
-	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED)
+	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED) $(if $(MODE),--mode $(MODE),)
 
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)

@@ -28,6 +28,10 @@ class Options:
     squash_root: bool = False
     squash_uid: int | None = None  # wins over squash_root, whatever the order
     squash_gid: int | None = None
+    # redirect_dir: "on", "follow" or "nofollow" (None: not given; the default is
+    # "follow", as the kernel's with redirect_always_follow); metacopy=on implies "on".
+    redirect: str | None = None
+    metacopy: bool = False
     fuse: set[str] = field(default_factory=set)  # passed on to the FUSE mount
     ignored: list[str] = field(default_factory=list)  # accepted, documented no-ops
 
@@ -80,9 +84,7 @@ NO_OP_VALUES = {
     "rootcontext",
     "xattr_permissions",
     "threaded",
-    "redirect_dir",
     "index",
-    "metacopy",
     "xino",
     "plugins",
     "comment",
@@ -202,7 +204,15 @@ def parse_options(strings: list[str], opts: Options | None = None) -> Options:
         for item in split_options(text):
             key, eq, value = item.partition("=")
             _apply(opts, key, value if eq else None, item)
+    if opts.metacopy:
+        # As the kernel: metacopy=on needs redirects, and turns them on unless told otherwise.
+        if opts.redirect not in (None, "on"):
+            raise UsageError(f"conflicting options: metacopy=on,redirect_dir={opts.redirect}")
+        opts.redirect = "on"
     return opts
+
+
+REDIRECT_MODES = {"on": "on", "follow": "follow", "nofollow": "nofollow", "off": "follow"}
 
 
 def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # noqa: C901
@@ -241,6 +251,15 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.uid_map = parse_idmap(key, need())
     elif key == "gidmapping":
         opts.gid_map = parse_idmap(key, need())
+    elif key == "redirect_dir":
+        mode = REDIRECT_MODES.get(need())
+        if mode is None:
+            raise UsageError(f"redirect_dir: expected on, follow, nofollow or off, got {value!r}")
+        opts.redirect = mode
+    elif key == "metacopy":
+        if need() not in ("on", "off"):
+            raise UsageError(f"metacopy: expected on or off, got {value!r}")
+        opts.metacopy = value == "on"
     elif key == "squash_to_root":
         opts.squash_root = True
     elif key == "squash_to_uid":

@@ -39,7 +39,12 @@ def _renumber(outcome: Outcome, kept: list[int]) -> Outcome:
 
 
 def format_report(
-    case: Case, kept: list[int] | None, outcome: Outcome, kinds: tuple[str, str], n_ops: int
+    case: Case,
+    kept: list[int] | None,
+    outcome: Outcome,
+    kinds: tuple[str, str],
+    n_ops: int,
+    mode: str = "",
 ) -> str:
     """The readable divergence report (also used by the pytest tests)."""
     ops = case.ops if kept is None else [case.ops[i] for i in kept]
@@ -47,7 +52,9 @@ def format_report(
         outcome = _renumber(outcome, kept)
     idx = list(range(len(case.ops))) if kept is None else kept
     lines = [
-        f"=== DIVERGENCE case-seed={case.seed} ({kinds[0]} = a, {kinds[1]} = b) ===",
+        f"=== DIVERGENCE case-seed={case.seed} ({kinds[0]} = a, {kinds[1]} = b)"
+        + (f" mode {mode}" if mode else "")
+        + " ===",
         "layers:",
         case.spec.describe(),
         f"op list ({len(ops)} ops{'' if kept is None else ', shrunk'}):",
@@ -64,6 +71,7 @@ def format_report(
     if case.seed is not None:
         sel = f" --ops {','.join(map(str, kept))}" if kept is not None else ""
         side = "" if kinds == ("kernel", "unionfs") else f" --sides {','.join(kinds)}"
+        side += f" --mode {mode}" if mode else ""
         lines.append(
             f"replay: python -m tests.conformance --case-seed {case.seed} "
             f"--n-ops {n_ops}{sel}{side}"
@@ -86,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sides",
         default="kernel,unionfs",
         help="the two sides, e.g. kernel,kernel for the self-check",
+    )
+    ap.add_argument(
+        "--mode",
+        default="",
+        help="mount options both sides get: redirect_dir=on, metacopy=on (default: none)",
     )
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per op before a hang")
     ap.add_argument("--no-shrink", action="store_true")
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ops is not None:
             kept = [int(i) for i in args.ops.split(",") if i != ""]
             case = Case(case.spec, [case.ops[i] for i in kept], s)
-        out = run_case(case, kinds, args.timeout)
+        out = run_case(case, kinds, args.timeout, options=args.mode)
         for d in out.excluded:
             excluded[d.excluded_by or "?"] += 1
         if not out.diverged:
@@ -126,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             by_kind[k] += 1
         print(f"case-seed={s}: DIVERGED at {out.stage}", flush=True)
         if kept is None and not args.no_shrink:
-            kept, out = shrink(case, out, kinds, args.shrink_budget, args.timeout)
+            kept, out = shrink(
+                case, out, kinds, args.shrink_budget, args.timeout, options=args.mode
+            )
             if not out.diverged:  # flaky: report the unshrunk run instead
-                kept, out = None, run_case(case, kinds, args.timeout)
+                kept, out = None, run_case(case, kinds, args.timeout, options=args.mode)
         full = make_case(s, args.n_ops)
-        print(format_report(full, kept, out, kinds, args.n_ops), flush=True)
+        print(format_report(full, kept, out, kinds, args.n_ops, args.mode), flush=True)
     print(f"elapsed={time.monotonic() - start:.1f}s")
-    print(f"cases={len(seeds)} diverged={diverged}")
+    print(f"cases={len(seeds)} diverged={diverged}" + (f" mode={args.mode}" if args.mode else ""))
     for k, v in by_kind.most_common():
         print(f"  {k}: {v}")
     for k, v in excluded.most_common():

@@ -192,29 +192,6 @@ def _lower_hardlink_copy_up(d: Divergence, spec: LayerSpec, history: History) ->
 
 EXCLUSIONS: tuple[Exclusion, ...] = (
     Exclusion(
-        name="lower-hardlink-st_ino",
-        reason=(
-            "pyfuse3 makes the FUSE node id the reported st_ino, so two hard links that exist "
-            "inside one lower layer get distinct st_ino in unionfs, while the kernel reports "
-            "the lower inode number for both. After copy-up both break the link anyway; links "
-            "made through the mount share st_ino on both sides. Limited to groups whose paths "
-            "are all hard links of one inode inside one lower layer."
-        ),
-        applies=_lower_hardlink_group,
-    ),
-    Exclusion(
-        name="lower-hardlink-copy-up-st_ino",
-        reason=(
-            "Same root cause as lower-hardlink-st_ino: on copy-up of a file that has hard "
-            "links inside its lower layer (nlink > 1, index=off) the kernel stops reporting the "
-            "lower inode number and reports the new upper inode's, because the links may be "
-            "broken into different upper files. unionfs cannot change st_ino of a live FUSE "
-            "node (pyfuse3: node id == st_ino), so its st_ino stays stable. Limited to paths "
-            "that are hard links inside one lower layer."
-        ),
-        applies=_lower_hardlink_copy_up,
-    ),
-    Exclusion(
         name="whiteout-listed-in-unmerged-dir",
         reason=(
             "The kernel passes a directory that exists in one layer only straight through to "
@@ -223,17 +200,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "that are such whiteouts and to listings that differ only by their names."
         ),
         applies=_whiteout_listed_in_unmerged_dir,
-    ),
-    Exclusion(
-        name="failed-xattr-flag-no-copy-up",
-        reason=(
-            "A setxattr with XATTR_CREATE/XATTR_REPLACE that fails: the kernel copies the file "
-            "(and its parents) up before the xattr call fails; pyfuse3 checks the flag with a "
-            "getxattr of its own and never calls the filesystem, which cannot see the flags. "
-            "Both return the same errno; only the extra copy-up differs. Limited to the upper "
-            "entries and nlink of that op's target and its parents."
-        ),
-        applies=_failed_xattr_flag_without_copy_up,
     ),
     Exclusion(
         name="opaque-left-by-failed-rename",

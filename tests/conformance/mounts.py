@@ -24,7 +24,13 @@ class Side:
     """One mounted overlay of either kind."""
 
     def __init__(
-        self, kind: str, lowers: list[bytes], upper: bytes | None, work: bytes | None, mnt: bytes
+        self,
+        kind: str,
+        lowers: list[bytes],
+        upper: bytes | None,
+        work: bytes | None,
+        mnt: bytes,
+        options: str = "",
     ):
         self.kind = kind
         self.mnt = mnt
@@ -41,7 +47,7 @@ class Side:
                     "overlay",
                     "overlay",
                     "-o",
-                    overlay_options(low, up, wk),
+                    overlay_options(low, up, wk) + ("," + options if options else ""),
                     os.fsdecode(mnt),
                 ],
                 capture_output=True,
@@ -52,7 +58,12 @@ class Side:
         else:
             try:
                 self.daemon = start_unionfs(
-                    low, os.fsdecode(mnt), up, wk, log_path=os.fsdecode(mnt) + ".log"
+                    low,
+                    os.fsdecode(mnt),
+                    up,
+                    wk,
+                    extra_options=options,
+                    log_path=os.fsdecode(mnt) + ".log",
                 )
             except RuntimeError as e:
                 raise MountError(str(e)) from e

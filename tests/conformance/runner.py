@@ -83,9 +83,10 @@ class _Run:
         post: bool,
         tamper: Callable[[bytes], None] | None,
         before_op: Callable[[int, Side], None] | None,
+        options: str,
     ):
         self.case, self.kinds, self.timeout, self.post = case, kinds, timeout, post
-        self.tamper, self.before_op = tamper, before_op
+        self.tamper, self.before_op, self.options = tamper, before_op, options
         self.tmp = os.fsencode(tempfile.mkdtemp(prefix="conf-", dir="/tmp"))
         self.sides: dict[str, Side] = {}
         self.workers: dict[str, Worker] = {}
@@ -93,6 +94,7 @@ class _Run:
         self.clock = Clock()
         self.out = Outcome()
         self.history: list[tuple[Op, Any, Any]] = []  # each op run so far, with both results
+        self.lower_index: dict[str, dict[int, str]] = {}  # per side: lower inode -> where
 
     def fail(self, stage: str, divs: list[Divergence]) -> bool:
         remaining = exclusions.label(divs, self.case.spec, self.history)
@@ -115,7 +117,7 @@ class _Run:
     ) -> Side | None:
         os.mkdir(mnt)
         try:
-            side = Side(kind, dirs[0], dirs[1], dirs[2], mnt)
+            side = Side(kind, dirs[0], dirs[1], dirs[2], mnt, self.options)
         except MountError as e:
             self.fail(f"mount {name}", [Divergence("mount", name, str(e)[:500])])
             return None
@@ -144,8 +146,16 @@ class _Run:
             if isinstance(s, tuple):  # ("crash", message)
                 self.fail(stage, [Divergence("crash", name, str(s))])
                 return None
+            snapshot.identify(s, self.index(name))
             res.append(s)
         return res[0], res[1]
+
+    def index(self, owner: str) -> dict[int, str]:
+        """Side *owner*'s layer inodes: its lowers (fixed) and its upper as it is now."""
+        upper = self.dirs[owner][1]
+        if upper is None:
+            return self.lower_index[owner]
+        return {**self.lower_index[owner], **snapshot.inode_index([("u", upper)])}
 
     def run(self) -> Outcome:
         spec = self.case.spec
@@ -156,6 +166,8 @@ class _Run:
             if name == "b" and self.tamper:
                 self.tamper(base)
         lowers_before = {n: [snapshot.take(p, "raw") for p in d[0]] for n, d in self.dirs.items()}
+        for n, d in self.dirs.items():
+            self.lower_index[n] = snapshot.inode_index([(f"l{i}", p) for i, p in enumerate(d[0])])
         self.clock.boundary()
         for name, kind in zip(("a", "b"), self.kinds, strict=True):
             if (
@@ -237,8 +249,8 @@ class _Run:
         return self.out
 
     def post_checks(self) -> None:
-        ua = snapshot.take(self.dirs["a"][1] or b"", "upper")
-        ub = snapshot.take(self.dirs["b"][1] or b"", "upper")
+        ua = snapshot.take(self.dirs["a"][1] or b"", "upper", self.index("a"))
+        ub = snapshot.take(self.dirs["b"][1] or b"", "upper", self.index("b"))
         if self.fail("upper", diff_trees(ua, ub, self.clock, self.clock, "upper", flavour="upper")):
             return
         # kind of a over b's upper must show b's final tree, and vice versa.
@@ -264,6 +276,10 @@ class _Run:
             except Hang as e:
                 self.hang(stage, name, e)
                 return
+            if isinstance(snap, tuple):
+                self.fail(stage, [Divergence("crash", name, str(snap))])
+                return
+            snapshot.identify(snap, self.index(owner))
             self.workers.pop(name).stop()
             self.sides.pop(name).close()
             if self.fail(stage, diff_trees(final, snap, None, None, f"cross-{mounted_kind}")):
@@ -285,6 +301,7 @@ def run_case(
     post: bool = True,
     tamper: Callable[[bytes], None] | None = None,
     before_op: Callable[[int, Side], None] | None = None,
+    options: str = "",
 ) -> Outcome:
     """Execute *case* on both sides; never leaves a mount, daemon or temp dir behind.
 
@@ -293,11 +310,12 @@ def run_case(
             built, to plant a difference (the comparator's negative control).
         before_op: Test hook: called with the op index and side b before each op
             (e.g. to stop the daemon and provoke a hang).
+        options: Mount options both sides get (a mode: ``redirect_dir=on``, ...).
     """
     notes: list[str] = []
     if "unionfs" in kinds:
         case, notes = exclusions.drop_unsupported(case)
-    r = _Run(case, kinds, timeout, post, tamper, before_op)
+    r = _Run(case, kinds, timeout, post, tamper, before_op, options)
     try:
         out = r.run()
     finally:

@@ -51,3 +51,14 @@ def check_bound(hook: ModuleType | None) -> None:
 def listing_active(hook: ModuleType | None) -> bool:
     """Whether the kernel serves directories without opendir (after its INIT)."""
     return hook is not None and bool(hook.listing_active())
+
+
+def ino_reporting(hook: ModuleType | None) -> bool:
+    """Whether an st_ino other than the node id can be reported (``csrc/ino.c``)."""
+    return hook is not None and bool(hook.bound())
+
+
+def ops_active(hook: ModuleType | None) -> bool:
+    """Whether setxattr flags reach the daemon and fallocate, lseek and copy_file_range
+    are served from the real fds (``csrc/ops.c``)."""
+    return hook is not None and bool(hook.bound()) and bool(hook.ops_active())

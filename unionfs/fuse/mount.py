@@ -160,6 +160,8 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         fsync=opts.fsync,
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
+        redirect=opts.redirect or "follow",
+        metacopy=opts.metacopy,
         ids=IdMapper(
             IdTable(
                 opts.uid_map,

@@ -149,10 +149,28 @@ class Operations(pyfuse3.Operations):
         self._next_dh = itertools.count(1)
         self.ids = union.config.ids
         union.on_attr_change = _invalidate_attrs
+        # What the C hook adds, once the kernel's INIT is handled (see init).
+        self._set_ino: Callable[[int, int], None] | None = None
+        self._reported: dict[int, int] = {}  # node id -> st_ino given to the hook
+        self._xattr_flags = False
 
     def init(self) -> None:
         """Called by pyfuse3 once the kernel's INIT is handled."""
-        self._by_inode = hook.listing_active(self._hook)
+        fusehook = self._hook
+        if hook.ino_reporting(fusehook):
+            assert fusehook is not None
+            self._set_ino = fusehook.set_ino
+            self.table.on_drop = self._dropped
+        if hook.ops_active(fusehook):
+            assert fusehook is not None
+            set_fd = fusehook.set_fd
+            self._xattr_flags = True
+            self.files.on_open = lambda fh, f: set_fd(fh, f.fd)
+            self.files.on_close = lambda fh: set_fd(fh, -1)
+            self.union.on_fd_change = lambda f: set_fd(f.fh, f.fd)
+        else:
+            log.debug("no fallocate, SEEK_DATA or copy_file_range; setxattr flags unseen")
+        self._by_inode = hook.listing_active(fusehook)
         if self._by_inode:
             log.debug("directory listings are cached by the kernel (no opendir)")
         else:
@@ -165,6 +183,8 @@ class Operations(pyfuse3.Operations):
             st = self.union.stat(node)
         e = EntryAttributes()
         e.st_ino = node.ino
+        if self._set_ino is not None and node.st_ino != self._reported.get(node.ino, node.ino):
+            self._report_ino(node)
         e.generation = node.generation
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
@@ -185,6 +205,22 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _report_ino(self, node: Node) -> None:
+        """Tell the hook which st_ino to show for *node* (its id when they agree)."""
+        assert self._set_ino is not None
+        self._set_ino(node.ino, node.st_ino)
+        if node.st_ino == node.ino:
+            self._reported.pop(node.ino, None)
+        else:
+            self._reported[node.ino] = node.st_ino
+
+    def _dropped(self, node: Node) -> None:
+        """A node left the table: its id may come back for another inode."""
+        if node.ino in self._reported:
+            assert self._set_ino is not None
+            self._set_ino(node.ino, node.ino)
+            del self._reported[node.ino]
 
     def _node(self, ino: int) -> Node:
         return self.union.node(ino)
@@ -505,7 +541,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        await self.files.setxattr(self._node(inode), name, value)
+        flags = 0
+        if self._xattr_flags:  # the hook puts the flags in front of the value
+            flags, value = value[0], value[1:]
+        await self.files.setxattr(self._node(inode), name, value, flags)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:

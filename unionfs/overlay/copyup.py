@@ -13,14 +13,22 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import trio
 
-from unionfs.overlay.layers import discard, open_noatime, stat_with
+from unionfs.overlay import markers
+from unionfs.overlay.layers import discard, stat_with
 from unionfs.overlay.markers import is_private_xattr
-from unionfs.overlay.nodes import Node
-from unionfs.overlay.syscalls import RENAME_NOREPLACE, clone_or_copy, fd_path, renameat2
-from unionfs.overlay.union import Union
+from unionfs.overlay.nodes import Node, Place
+from unionfs.overlay.syscalls import (
+    RENAME_NOREPLACE,
+    clone_or_copy,
+    copy_range_in_place,
+    fd_path,
+    renameat2,
+)
+from unionfs.overlay.union import CAPS_XATTR, Union
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +51,23 @@ async def wait_for_copy_up(node: Node) -> None:
             pass
 
 
-async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
+async def copy_up(union: Union, node: Node, size: int | None = None, data: bool = True) -> None:
     """Make sure *node* lives in the upper layer.
 
     *size* limits how much data is copied, for a copy-up that a truncate
-    triggered: bytes about to be cut off are not worth copying.
+    triggered: bytes about to be cut off are not worth copying. Without *data*
+    (a change of metadata only: chmod, chown, utimes, xattrs, rename, link) a
+    regular file is copied up without its data when the mount has
+    ``metacopy=on``; its data is copied when a later open for writing needs it.
     """
-    if node.layer.writable:
+    if node.layer.writable and not (data and node.metacopy):
         return
     if union.readonly or union.upper is None:
         raise readonly_error()
     if node.lock is None:
         node.lock = trio.Lock()
     async with node.lock:  # concurrent writers of one file: one copy-up
-        if node.layer.writable:
+        if node.layer.writable and not (data and node.metacopy):
             return
         parent = node.parent
         if parent is None:
@@ -64,62 +75,152 @@ async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
             # the old name, which a whiteout (or a new entry) now holds.
             raise FileExistsError(errno.EEXIST, "removed; its name is taken", node.name)
         await copy_up(union, parent)
-        await _copy_up_one(union, node, parent, size)
+        if node.layer.writable:
+            await _copy_up_data(union, node, size)
+        else:
+            meta = not data and union.config.metacopy and node.kind == stat.S_IFREG
+            await _copy_up_one(union, node, parent, size, meta)
 
 
-async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None) -> None:
+async def _copy_up_one(
+    union: Union, node: Node, parent: Node, size: int | None, meta: bool
+) -> None:
     upper = union.upper
     assert upper is not None
-    src_layer = node.layer
-    ppath = parent.path
-    src_dir = src_layer.dirfd(ppath)
-    st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
-    if src_layer.nosuid and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+    ns = union.ns
+    src = node.place
+    src_parent, src_name = src.split()
+    src_dir = src.layer.dirfd(src_parent)
+    st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+    if src.layer.nosuid and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         st = stat_with(st, mode=st.st_mode & ~(stat.S_ISUID | stat.S_ISGID))
+    kind = stat.S_IFMT(st.st_mode)
+    # The kernel records where a copy came from, except for a lower hard link,
+    # whose names copy-up splits into separate files (index=off).
+    keeps_origin = kind == stat.S_IFDIR or st.st_nlink == 1
+    origin = union.origin_of(src) if keeps_origin else None
+    ppath = parent.path
+    pstat = os.stat(upper.dirfd(ppath))
+    markers.set_impure(upper.dirfd(ppath), ns)  # it now holds a copied-up entry
     work = union.work_fd
     tmp = union.tmp_name()
-    kind = stat.S_IFMT(st.st_mode)
     try:
         if kind == stat.S_IFREG:
-            await _copy_file(src_dir, node.name, work, tmp, st, size)
+            data = union.data_place(node)
+            await _copy_file(data, work, tmp, st, size, meta)
+        elif kind == stat.S_IFDIR:
+            os.mkdir(tmp, 0o700, dir_fd=work)
+        elif kind == stat.S_IFLNK:
+            os.symlink(os.readlink(src_name, dir_fd=src_dir), tmp, dir_fd=work)
         else:
-            if kind == stat.S_IFDIR:
-                os.mkdir(tmp, 0o700, dir_fd=work)
-            elif kind == stat.S_IFLNK:
-                os.symlink(os.readlink(node.name, dir_fd=src_dir), tmp, dir_fd=work)
-            else:
-                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
-            src_dir = src_layer.dirfd(ppath)
-            copy_metadata(fd_path(src_dir, node.name), fd_path(work, tmp), st)
+            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
+        tmp_path = fd_path(work, tmp)
+        if keeps_origin:
+            _set_marker(markers.set_origin, tmp_path, origin, ns)
+        if meta:
+            markers.set_metacopy(tmp_path, ns)
+        src_dir = src.layer.dirfd(src_parent)
+        copy_metadata(fd_path(src_dir, src_name), tmp_path, st)
         # No await from here on: the rename, the parent's times and the node
         # update happen as one step as far as other requests can tell.
         up_dir = upper.dirfd(ppath)
-        pstat = os.stat(up_dir)
         renameat2(work, tmp, up_dir, node.name, RENAME_NOREPLACE)
     except BaseException:
         _discard(work, tmp)
         raise
     # The copy is in place: record that first, so nothing below can leave the
     # node pointing at the lower layer with an upper copy next to it.
-    node.lowers = (src_layer, *node.lowers) if kind == stat.S_IFDIR else ()
+    if kind == stat.S_IFDIR:
+        node.lowers = (src, *node.lowers)
+    elif meta:
+        node.lowers = (union.data_place(node),)
+        node.metacopy = True
+    else:
+        node.lowers = ()
+        node.metacopy = False
     node.layer = upper
     new = os.stat(node.name, dir_fd=up_dir, follow_symlinks=False)
-    union.inos.copied_up(new.st_ino, node.ino)
+    shown = node.st_ino if keeps_origin else union.inos.real(upper, new.st_ino)
+    union.inos.copied_up(new.st_ino, node.ino, shown)
+    node.st_ino = shown
     try:
         os.utime(fd_path(up_dir), ns=(pstat.st_atime_ns, pstat.st_mtime_ns))
     except OSError as e:
         log.warning("could not restore the times of %r's parent: %s", node, e.strerror)
     if kind != stat.S_IFDIR:
         union.follow_copy_up(node)
-        union.attr_changed(node)  # nlink of a split hard link, blocks of a sparse copy
-    log.debug("copied up %r", node)
+        union.attr_changed(node)  # nlink and st_ino of a split hard link, blocks of a copy
+    log.debug("copied up %r%s", node, " (metadata only)" if meta else "")
+
+
+async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
+    """Give a metadata-only copy its data, in place (the kernel's
+    ``ovl_copy_up_meta_inode_data``): the upper inode keeps its number, its
+    ``security.capability`` survives the writes, and only then is the marker
+    dropped, so a crash half-way leaves a metadata-only copy that still reads
+    the lower data. A redirect stays."""
+    data = node.lowers[-1]
+    place = node.place
+    parent, name = place.split()
+    up_dir = place.layer.dirfd(parent)
+    length = data.layer.lstat(*data.split())
+    if length is None:
+        raise OSError(errno.EIO, "the data of a metadata-only copy is gone", node.name)
+    st = os.stat(name, dir_fd=up_dir, follow_symlinks=False)
+    path = fd_path(up_dir, name)
+    try:
+        caps: bytes | None = os.getxattr(path, CAPS_XATTR, follow_symlinks=False)
+    except OSError:
+        caps = None
+    count = st.st_size if size is None else min(size, st.st_size)
+    src = data.layer.open_file(*data.split(), os.O_RDONLY)
+    try:
+        dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=up_dir)
+        try:
+            if count > THREAD_THRESHOLD:
+                await trio.to_thread.run_sync(copy_range_in_place, src, dst, count)
+            else:
+                copy_range_in_place(src, dst, count)
+            if caps is not None:
+                os.setxattr(dst, CAPS_XATTR, caps)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    path = fd_path(place.layer.dirfd(parent), name)
+    markers.clear_metacopy(path, union.ns)
+    node.metacopy = False
+    node.lowers = ()
+    union.follow_copy_up(node)
+    union.attr_changed(node)
+    log.debug("copied up the data of %r", node)
+
+
+def _set_marker(setter: Callable[..., None], *args: object) -> None:
+    """Set an overlay xattr on a copy; a filesystem that refuses xattrs on this kind
+    of file (EPERM: ``user.*`` on a symlink) gets none, as with the kernel."""
+    try:
+        setter(*args)
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            raise
 
 
 async def _copy_file(
-    src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_result, size: int | None
+    data: Place, work: int, tmp: bytes, st: os.stat_result, size: int | None, meta: bool
 ) -> None:
+    """The copy of a regular file in the workdir: its data (up to *size*), or with
+    *meta* none of it, only its length (a sparse file, as the kernel makes)."""
+    if meta:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
+        try:
+            os.ftruncate(dst, st.st_size)
+        finally:
+            os.close(dst)
+        return
     length = st.st_size if size is None else min(size, st.st_size)
-    src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, src_dir)
+    src = data.layer.open_file(*data.split(), os.O_RDONLY)
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
@@ -127,7 +228,6 @@ async def _copy_file(
                 await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
             else:
                 clone_or_copy(src, dst, length)
-            copy_metadata(fd_path(src_dir, name), dst, st, src_fd=src)
         finally:
             os.close(dst)
     finally:

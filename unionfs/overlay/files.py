@@ -12,6 +12,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -19,6 +20,7 @@ import trio
 from unionfs.overlay.copyup import copy_up, readonly_error
 from unionfs.overlay.markers import is_private_xattr
 from unionfs.overlay.nodes import Node, OpenFile
+from unionfs.overlay.syscalls import fd_path
 from unionfs.overlay.union import Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
@@ -75,6 +77,9 @@ class Files:
         self.union = union
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
+        # Set by the FUSE adapter, which hands each handle's real fd to the C hook.
+        self.on_open: Callable[[int, OpenFile], None] | None = None
+        self.on_close: Callable[[int], None] | None = None
 
     # -- open and close ------------------------------------------------------
 
@@ -92,7 +97,7 @@ class Files:
         return self.add(node, fd, flags)
 
     def _open_real(self, node: Node, flags: int) -> int:
-        return self.union.open_real(node, flags & ~_DROP_FLAGS)
+        return self.union.open_data(node, flags & ~_DROP_FLAGS)
 
     def _open_for_kernel(self, node: Node, flags: int) -> int:
         rw = readable_for_writeback(flags, self.union.config.writeback)
@@ -105,10 +110,19 @@ class Files:
 
     def add(self, node: Node, fd: int, flags: int) -> int:
         fh = next(self._next_fh)
-        f = OpenFile(fd, node, node.layer, flags & ~(_DROP_FLAGS | os.O_TRUNC))
+        f = OpenFile(
+            fd, node, self.union.data_place(node).layer, flags & ~(_DROP_FLAGS | os.O_TRUNC)
+        )
+        f.fh = fh
+        if node.metacopy:
+            # The fd reads the lower data; the upper inode holds the metadata, which
+            # an fstat or fchmod must still reach once the name is gone.
+            f.meta_fd = self.union.open_real(node, os.O_PATH)
         self.handles[fh] = f
         self.union.table.hold(node)
         self.union.open_files.setdefault(node.ino, []).append(f)
+        if self.on_open is not None:
+            self.on_open(fh, f)
         return fh
 
     def release(self, fh: int) -> None:
@@ -120,6 +134,10 @@ class Files:
             if not files:
                 del self.union.open_files[node.ino]
         os.close(f.fd)
+        if f.meta_fd >= 0:
+            os.close(f.meta_fd)
+        if self.on_close is not None:
+            self.on_close(fh)
         self.union.table.release(node)
 
     def _fd(self, fh: int) -> int:
@@ -180,7 +198,7 @@ class Files:
         union = self.union
         if union.readonly:
             raise readonly_error()
-        await copy_up(union, node, size=change.size)
+        await copy_up(union, node, size=change.size, data=change.size is not None)
         if change.size is not None:
             if fh is not None and fh in self.handles:
                 os.ftruncate(self._fd(fh), change.size)
@@ -212,23 +230,30 @@ class Files:
                 atime = st.st_atime_ns if atime is None else atime
                 mtime = st.st_mtime_ns if mtime is None else mtime
             os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
+        if change == Change():
+            # chown(path, -1, -1) and the like change nothing but the ctime, as on
+            # any filesystem (and the kernel overlay's copy-up is done above).
+            os.chown(target, -1, -1, follow_symlinks=follow)
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
         files = self.union.open_files.get(node.ino)
         if not files:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        fd = files[0].fd
-        if change.uid is not None or change.gid is not None:
-            os.fchown(
+        f = files[0]
+        # The upper inode: the fd itself, or for a metadata-only copy its O_PATH fd
+        # (reached through its /proc link: fchmod refuses an O_PATH fd).
+        fd: int | bytes = f.fd if f.meta_fd < 0 else fd_path(f.meta_fd)
+        if change.uid is not None or change.gid is not None or change == Change():
+            os.chown(
                 fd,
                 -1 if change.uid is None else change.uid,
                 -1 if change.gid is None else change.gid,
             )
         if change.mode is not None:
-            os.fchmod(fd, stat.S_IMODE(change.mode))
+            os.chmod(fd, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:
-            st = os.fstat(fd)
+            st = os.stat(fd)
             os.utime(
                 fd,
                 ns=(
@@ -239,15 +264,17 @@ class Files:
 
     # -- extended attributes (writing) ---------------------------------------
 
-    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+        """setxattr(2); with XATTR_CREATE/XATTR_REPLACE the kernel overlay copies up
+        first and lets the upper filesystem fail, so a failing call leaves a copy."""
         if is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
         if self.union.readonly:
             raise readonly_error()
-        await copy_up(self.union, node)
+        await copy_up(self.union, node, data=False)
         node.no_caps = False
         path, follow = self.union.real_path(node)
-        os.setxattr(path, name, value, follow_symlinks=follow)
+        os.setxattr(path, name, value, flags, follow_symlinks=follow)
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         if is_private_xattr(name):
@@ -258,6 +285,6 @@ class Files:
             # Removing what is not there fails without a copy-up, as in the kernel.
             path, follow = self.union.real_path(node)
             os.getxattr(path, name, follow_symlinks=follow)
-        await copy_up(self.union, node)
+        await copy_up(self.union, node, data=False)
         path, follow = self.union.real_path(node)
         os.removexattr(path, name, follow_symlinks=follow)

@@ -17,22 +17,29 @@ from pathlib import Path
 
 from unionfs.overlay import markers
 from unionfs.overlay.markers import TRUSTED, XattrNamespace
-from unionfs.overlay.syscalls import fd_path, open_beneath
+from unionfs.overlay.syscalls import fd_path, fs_uuid, name_to_handle, open_beneath, open_by_handle
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
 NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+_PATH_PIECE = 4000  # below PATH_MAX (4096): the longest path opened in one call
 
 
 def stat_with(
-    st: os.stat_result, *, mode: int | None = None, nlink: int | None = None
+    st: os.stat_result,
+    *,
+    mode: int | None = None,
+    nlink: int | None = None,
+    blocks: int | None = None,
 ) -> os.stat_result:
-    """A copy of *st* with its mode or nlink replaced (nanosecond times kept)."""
+    """A copy of *st* with its mode, nlink or block count replaced (nanosecond times kept)."""
     fields = list(st)
     if mode is not None:
         fields[0] = mode
     if nlink is not None:
         fields[3] = nlink
     extra = {k: getattr(st, k) for k in _STAT_EXTRA}
+    if blocks is not None:
+        extra["st_blocks"] = blocks
     return os.stat_result(fields, extra)
 
 
@@ -58,6 +65,8 @@ class Layer:
         "xattrs",
         "_dirfds",
         "_max_dirfds",
+        "_handle_fd",
+        "_uuid",
     )
 
     def __init__(
@@ -81,6 +90,8 @@ class Layer:
         # holds one fd per directory seen.
         self._dirfds: OrderedDict[bytes, int] = OrderedDict()
         self._max_dirfds = max_dirfds
+        self._handle_fd = -1  # opened when a file handle is first decoded here
+        self._uuid: bytes | None | bool = False  # False: not asked yet
 
     def __repr__(self) -> str:
         kind = "upper" if self.writable else "lower"
@@ -90,7 +101,38 @@ class Layer:
         for fd in self._dirfds.values():
             os.close(fd)
         self._dirfds.clear()
+        if self._handle_fd >= 0:
+            os.close(self._handle_fd)
         os.close(self.root_fd)
+
+    # -- file handles --------------------------------------------------------
+
+    @property
+    def uuid(self) -> bytes | None:
+        """The uuid of the filesystem the layer is on (None: the kernel cannot say)."""
+        if self._uuid is False:
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+            try:
+                self._uuid = fs_uuid(fd)
+            finally:
+                os.close(fd)
+        return self._uuid if isinstance(self._uuid, bytes) else None
+
+    def handle(self, place: bytes) -> markers.FileHandle:
+        """The file handle of the entry at *place* (a path in this layer), as an origin
+        records it. Raises OSError (EOPNOTSUPP) when the filesystem makes none."""
+        parent, _, name = place.rpartition(b"/")
+        fh_type, fid = name_to_handle(self.dirfd(parent), name)
+        return markers.FileHandle(fh_type, fid, self.uuid or markers.NULL_UUID)
+
+    def open_handle(self, fh: markers.FileHandle) -> int:
+        """An ``O_PATH`` fd of the inode *fh* names on this layer's filesystem."""
+        if self._handle_fd < 0:
+            # open_by_handle_at refuses an O_PATH fd as its mount fd.
+            self._handle_fd = os.open(
+                b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd
+            )
+        return open_by_handle(self._handle_fd, fh.type, fh.fid)
 
     # -- directory fds -------------------------------------------------------
 
@@ -108,7 +150,7 @@ class Layer:
             fds.move_to_end(relpath)
             return fd
         try:
-            fd = open_beneath(self.root_fd, relpath, _DIR_FLAGS)
+            fd = self._open_dir(relpath)
         except OSError as e:
             if e.errno in NOT_THERE:
                 raise FileNotFoundError(
@@ -120,6 +162,27 @@ class Layer:
             _, old = fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def _open_dir(self, relpath: bytes) -> int:
+        """Open directory *relpath*; a path too long for one system call (PATH_MAX) is
+        opened piece by piece from a cached ancestor, as deep as the tree goes."""
+        if len(relpath) < _PATH_PIECE:
+            return open_beneath(self.root_fd, relpath, _DIR_FLAGS)
+        cut = relpath.rfind(b"/", 0, _PATH_PIECE)
+        base = self.dirfd(relpath[:cut])  # a name is at most 255 bytes: cut > 0
+        rest = relpath[cut + 1 :]
+        cur = -1
+        try:
+            while len(rest) >= _PATH_PIECE:
+                cut = rest.rfind(b"/", 0, _PATH_PIECE)
+                nxt = open_beneath(base if cur < 0 else cur, rest[:cut], _DIR_FLAGS)
+                if cur >= 0:
+                    os.close(cur)
+                cur, rest = nxt, rest[cut + 1 :]
+            return open_beneath(base if cur < 0 else cur, rest, _DIR_FLAGS)
+        finally:
+            if cur >= 0:
+                os.close(cur)
 
     def forget_dirs(self, relpath: bytes) -> None:
         """Drop cached fds of *relpath* and everything below it (after a rename or rmdir)."""

@@ -1,7 +1,12 @@
 """The overlay's markers: the one module that reads and writes them.
 
 A layer marks a deleted name with a *whiteout* and cuts off the directories
-below it with an *opaque* marker. Two formats exist:
+below it with an *opaque* marker; the kernel's format adds a few more private
+xattrs (see ``XattrNamespace``): a *redirect* (where a renamed directory's, or
+a metadata-only copy's, lower part is), *metacopy* (the data of this upper
+file is still in the layer below), *origin* (a file handle of the lower inode
+a copy-up came from, which keeps ``st_ino`` across mounts), *impure* (a
+directory holding such entries) and the upper root's *uuid*. Two formats exist:
 
 - the kernel's (what ``mount -t overlay`` reads and what the upper is always
   written in): a whiteout is a character device 0/0, an opaque directory has
@@ -21,6 +26,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 from dataclasses import dataclass
 
 from unionfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, fd_path, renameat2
@@ -43,6 +49,26 @@ class XattrNamespace:
     @property
     def opaque(self) -> bytes:
         return self.prefix + b"opaque"
+
+    @property
+    def redirect(self) -> bytes:
+        return self.prefix + b"redirect"
+
+    @property
+    def metacopy(self) -> bytes:
+        return self.prefix + b"metacopy"
+
+    @property
+    def origin(self) -> bytes:
+        return self.prefix + b"origin"
+
+    @property
+    def impure(self) -> bytes:
+        return self.prefix + b"impure"
+
+    @property
+    def uuid(self) -> bytes:
+        return self.prefix + b"uuid"
 
 
 TRUSTED = XattrNamespace(b"trusted.overlay.")
@@ -89,6 +115,126 @@ def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> b
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             return False
         raise
+
+
+def _get(path: bytes, name: bytes, follow: bool = False) -> bytes | None:
+    """An xattr of the entry at *path* (following a symlink only with *follow*: for a
+    ``/proc/self/fd`` path of a directory itself), None when absent."""
+    try:
+        return os.getxattr(path, name, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def read_redirect(path: bytes, ns: XattrNamespace) -> bytes | None:
+    """The redirect of the directory (or metacopy file) at *path*: an absolute path
+    from the overlay's root (``/a/b``) or one name in the same parent.
+
+    As in the kernel, a value that is empty, a relative one holding a ``/``, or an
+    absolute one with an empty component is an error (EINVAL) that fails the lookup.
+    """
+    value = _get(path, ns.redirect)
+    if value is None:
+        return None
+    value = value.split(b"\0", 1)[0]  # the kernel reads it as a C string
+    if value.startswith(b"/"):
+        valid = all(value.split(b"/")[1:])
+    else:
+        valid = bool(value) and b"/" not in value
+    if not valid:
+        raise OSError(errno.EINVAL, "invalid redirect", value)
+    return value
+
+
+def is_absolute_redirect(redirect: bytes) -> bool:
+    return redirect.startswith(b"/")
+
+
+METACOPY_MIN_SIZE = 4  # struct ovl_metacopy: version, len, flags, digest_algo
+
+
+def has_metacopy(path: bytes, ns: XattrNamespace) -> bool:
+    """Whether the regular file at *path* is a metadata-only copy (its data is below).
+
+    The kernel's marker is empty, or a ``struct ovl_metacopy`` with an fs-verity
+    digest; anything shorter than that struct is an error (EIO), as in the kernel.
+    """
+    value = _get(path, ns.metacopy)
+    if value is None:
+        return False
+    if 0 < len(value) < METACOPY_MIN_SIZE:
+        raise OSError(errno.EIO, "metacopy xattr too small", path)
+    return True
+
+
+def opaque_value(path: bytes, ns: XattrNamespace) -> bytes | None:
+    """The opaque xattr's value (``y``: opaque; ``x``: holds xattr whiteouts), None if absent.
+    Only an exactly one-byte value counts, as the kernel reads it into one byte."""
+    try:
+        value = _get(path, ns.opaque)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    return value if value is not None and len(value) == 1 else None
+
+
+# -- origin file handles (struct ovl_fb) -------------------------------------------
+
+FH_VERSION = 0
+FH_MAGIC = 0xFB
+FH_FLAG_BIG_ENDIAN = 1
+FH_FLAG_ANY_ENDIAN = 2
+FH_FLAG_PATH_UPPER = 4
+_FH_FLAG_ALL = 7
+_FH_HEADER = 21  # version, magic, len, flags, type, 16 bytes of uuid
+_CPU_ENDIAN = FH_FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
+NULL_UUID = bytes(16)
+
+
+@dataclass(frozen=True)
+class FileHandle:
+    """An origin: the kernel's ``struct ovl_fb``, a file handle of the lower inode a
+    copy-up came from (``name_to_handle_at`` type and bytes) and the uuid of its
+    filesystem. It is what keeps ``st_ino`` across mounts, for the kernel and unionfs."""
+
+    type: int
+    fid: bytes
+    uuid: bytes = NULL_UUID
+
+    def encode(self) -> bytes:
+        length = _FH_HEADER + len(self.fid)
+        return bytes([FH_VERSION, FH_MAGIC, length, _CPU_ENDIAN, self.type]) + self.uuid + self.fid
+
+    @classmethod
+    def decode(cls, value: bytes) -> FileHandle | None:
+        """The handle in an origin xattr's *value*, or None for "origin unknown": an
+        empty value, a newer version, unknown flags, the other byte order. A value
+        the kernel calls invalid (too short, wrong magic) raises ValueError."""
+        if not value:
+            return None
+        if len(value) < _FH_HEADER or len(value) < value[2] or value[1] != FH_MAGIC:
+            raise ValueError("invalid origin")
+        version, _, length, flags, fh_type = value[:5]
+        if version > FH_VERSION or flags & ~_FH_FLAG_ALL:
+            return None
+        if not flags & FH_FLAG_ANY_ENDIAN and flags & FH_FLAG_BIG_ENDIAN != _CPU_ENDIAN:
+            return None
+        return cls(fh_type, bytes(value[_FH_HEADER:length]), bytes(value[5:_FH_HEADER]))
+
+
+def read_origin(path: bytes, ns: XattrNamespace) -> tuple[bool, FileHandle | None]:
+    """Whether the upper entry at *path* records a copy-up origin, and its handle
+    (None: origin unknown, as an empty value says)."""
+    value = _get(path, ns.origin)
+    if value is None:
+        return False, None
+    try:
+        return True, FileHandle.decode(value)
+    except ValueError:
+        return True, None
 
 
 # -- writing the kernel format ---------------------------------------------------
@@ -195,6 +341,60 @@ def set_opaque(dirfd: int, name: bytes, ns: XattrNamespace = TRUSTED) -> None:
 def clear_opaque(dirfd: int, name: bytes, ns: XattrNamespace = TRUSTED) -> None:
     with contextlib.suppress(OSError):
         os.removexattr(fd_path(dirfd, name), ns.opaque, follow_symlinks=False)
+
+
+def set_redirect(path: bytes, redirect: bytes, ns: XattrNamespace) -> None:
+    os.setxattr(path, ns.redirect, redirect, follow_symlinks=False)
+
+
+def set_metacopy(path: bytes, ns: XattrNamespace) -> None:
+    """Mark the upper file at *path* a metadata-only copy (the kernel's empty value)."""
+    os.setxattr(path, ns.metacopy, b"", follow_symlinks=False)
+
+
+def clear_metacopy(path: bytes, ns: XattrNamespace) -> None:
+    """The data is in the upper now: drop the marker (a redirect stays, as in the kernel)."""
+    with contextlib.suppress(FileNotFoundError):
+        try:
+            os.removexattr(path, ns.metacopy, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+
+
+def set_origin(path: bytes, origin: FileHandle | None, ns: XattrNamespace) -> None:
+    """Record a copy-up's origin; None writes the empty value, "origin unknown"."""
+    os.setxattr(path, ns.origin, b"" if origin is None else origin.encode(), follow_symlinks=False)
+
+
+def set_impure(dirfd: int, ns: XattrNamespace) -> None:
+    """Mark the upper directory *dirfd* as holding copied-up or moved entries."""
+    path = fd_path(dirfd)
+    if _get(path, ns.impure, follow=True) != b"y":
+        os.setxattr(path, ns.impure, b"y")
+
+
+def is_impure(dirfd: int, ns: XattrNamespace) -> bool:
+    return _get(fd_path(dirfd), ns.impure, follow=True) is not None
+
+
+def clear_impure(dirfd: int, ns: XattrNamespace) -> None:
+    try:
+        os.removexattr(fd_path(dirfd), ns.impure)
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            raise
+
+
+def ensure_uuid(rootfd: int, ns: XattrNamespace) -> None:
+    """The kernel's ``uuid=auto``: a fresh upper root (not yet impure, no uuid) gets a
+    random persistent overlay uuid; an older one is left alone."""
+    path = fd_path(rootfd)
+    if _get(path, ns.uuid, follow=True) is not None:
+        return
+    if _get(path, ns.impure, follow=True) is not None:
+        return
+    os.setxattr(path, ns.uuid, os.urandom(16))
 
 
 # -- writing the OCI format --------------------------------------------------------

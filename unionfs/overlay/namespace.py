@@ -10,6 +10,7 @@ a file is swapped for its whiteout in one ``RENAME_EXCHANGE``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -154,6 +155,12 @@ async def create_node(
 
     if stat.S_ISDIR(mode):
         _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode)
+        if not over_whiteout and parent.lowers and union.config.redirect == "on":
+            # As the kernel does once redirects (or metacopy) may exist: nothing below
+            # can merge into a new directory, so lookups need not look (and a
+            # directory moved here later by a redirect cannot show through).
+            with contextlib.suppress(OSError):
+                markers.set_opaque(dirfd, name, union.ns)
     else:
 
         def make(fd: int, n: bytes) -> None:
@@ -186,7 +193,7 @@ def _mkdir(
     os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=work)
     try:
         _set_owner(work, tmp, uid, gid, mode)
-        markers.set_opaque(work, tmp)
+        markers.set_opaque(work, tmp, union.ns)
         renameat2(work, tmp, dirfd, name, RENAME_EXCHANGE)
     except BaseException:
         remove_tree(work, tmp)
@@ -231,7 +238,7 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     check_new_name(name)
     if union.lookup(parent, name) is not None:
         raise FileExistsError(errno.EEXIST, "exists", name)
-    await copy_up(union, node)
+    await copy_up(union, node, data=False)
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     src_parent = node.parent
     if src_parent is None:
@@ -239,6 +246,14 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     assert union.upper is not None
     src_dir = union.upper.dirfd(src_parent.path)
     dirfd = union.upper.dirfd(parent.path)
+    if node.metacopy:
+        # Its names may be in different directories: an absolute redirect finds its data.
+        try:
+            set_redirect(union, node, src_dir, node.name, samedir=False)
+        except OSError as e:
+            raise OSError(errno.EXDEV, "cannot record the link in the upper", name) from e
+    if _has_origin(union, src_dir, node.name, node):
+        markers.set_impure(dirfd, union.ns)
 
     def make(fd: int, n: bytes) -> None:
         os.link(node.name, n, src_dir_fd=src_dir, dst_dir_fd=fd, follow_symlinks=False)
@@ -343,8 +358,7 @@ def _node(found: tuple[Node, os.stat_result | None] | None) -> Node | None:
     return None if found is None else found[0]
 
 
-def _has_lower_parts(node: Node) -> bool:
-    return bool(node.lowers) or not node.layer.writable
+REDIRECT_MAX = 256  # the kernel's default redirect_max: longest redirect it writes
 
 
 async def rename(
@@ -352,11 +366,14 @@ async def rename(
 ) -> None:
     """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, by the kernel overlay's rules.
 
-    A directory that has lower parts cannot move (EXDEV, like the kernel
-    without redirect_dir), so ``mv`` falls back to copying. Anything else is
-    copied up and renamed inside the upper; the old name gets a whiteout when
-    a lower layer still has it, and a directory moved into a merged directory
-    becomes opaque so a lower namesake cannot leak into it.
+    A directory that has lower parts can move only with ``redirect_dir=on``:
+    it is copied up (the directory alone, not its contents) and records in a
+    redirect xattr where its lower parts are. Without it the rename is EXDEV,
+    so ``mv`` falls back to copying. Anything else is copied up (metadata only
+    with ``metacopy=on``; such a copy records a redirect too) and renamed inside
+    the upper; the old name gets a whiteout when a lower layer still has it, and
+    a directory of the upper only moved into a merged directory becomes opaque
+    so a lower namesake cannot leak into it.
     """
     _writable(union)
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
@@ -386,18 +403,19 @@ async def rename(
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", dname)
         if not src.is_dir and dst.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory", dname)
-    if src.is_dir and _has_lower_parts(src):
+    redirects = union.config.redirect == "on"
+    if src.is_dir and src.has_lower and not redirects:
         raise OSError(errno.EXDEV, "directory has lower layers", sname)
-    if swap and dst is not None and dst.is_dir and _has_lower_parts(dst):
+    if swap and dst is not None and dst.is_dir and dst.has_lower and not redirects:
         raise OSError(errno.EXDEV, "directory has lower layers", dname)
     if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
         raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
 
-    await copy_up(union, src)
-    if swap and dst is not None:
-        await copy_up(union, dst)
-    await copy_up(union, sparent)
+    await copy_up(union, src, data=False)
     await copy_up(union, dparent)
+    if swap and dst is not None:
+        await copy_up(union, dst, data=False)
+    await copy_up(union, sparent)
     if dst is not None:
         await wait_for_copy_up(dst)
     # From here on no await: the checks above hold for the whole change.
@@ -407,12 +425,17 @@ async def rename(
     spath, dpath = join(sparent.path, sname), join(dparent.path, dname)
     sfd = upper.dirfd(sparent.path)
     dfd = upper.dirfd(dparent.path)
-    if src.is_dir and dparent.lowers:
-        markers.set_opaque(sfd, sname)
+    samedir = sparent is dparent
+    if not samedir:
+        # Whoever lists the new parent must look up origins there (the kernel's impure).
+        if _has_origin(union, sfd, sname, src):
+            markers.set_impure(dfd, union.ns)
+        if swap and dst is not None and _has_origin(union, dfd, dname, dst):
+            markers.set_impure(sfd, union.ns)
+    _keep_lower_parts(union, src, sfd, sname, samedir, dparent)
     if swap:
         assert dst is not None
-        if dst.is_dir and sparent.lowers:
-            markers.set_opaque(dfd, dname)
+        _keep_lower_parts(union, dst, dfd, dname, samedir, sparent)
     moved_out: bytes | None = None
     if swap:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
@@ -424,6 +447,80 @@ async def rename(
     _move_names(union, src, sparent, sname, dst, dparent, dname, swap, dst_gone)
     if moved_out is not None:
         _clean_up(union, moved_out)
+
+
+def _keep_lower_parts(
+    union: Union, node: Node, dirfd: int, name: bytes, samedir: bool, new_parent: Node
+) -> None:
+    """Before *node* moves from *name* in *dirfd* to *new_parent*: a node with lower
+    parts records where they are (a redirect); a directory of the upper only that
+    lands in a merged directory becomes opaque. On a failure to write either, the
+    rename is EXDEV, as in the kernel."""
+    try:
+        if node.has_lower:
+            set_redirect(union, node, dirfd, name, samedir)
+        elif node.is_dir and new_parent.lowers and not _is_opaque(union, dirfd, name):
+            markers.set_opaque(dirfd, name, union.ns)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise
+        raise OSError(errno.EXDEV, "cannot record the move in the upper", name) from e
+
+
+def _is_opaque(union: Union, dirfd: int, name: bytes) -> bool:
+    return markers.opaque_value(fd_path(dirfd, name), union.ns) == b"y"
+
+
+def set_redirect(union: Union, node: Node, dirfd: int, name: bytes, samedir: bool) -> None:
+    """The kernel's ``ovl_set_redirect``: a relative redirect (the old name) for a
+    directory renamed in its parent, an absolute one (the path of its lower parts
+    from the root) otherwise, and for a metadata-only copy of a lower hard link
+    always. A redirect already there is kept when it still says where the lower
+    parts are."""
+    absolute = not samedir or (not node.is_dir and _lower_nlink(node) > 1)
+    if node.redirect is not None and (not absolute or markers.is_absolute_redirect(node.redirect)):
+        return
+    redirect = absolute_redirect(node) if absolute else node.name
+    markers.set_redirect(fd_path(dirfd, name), redirect, union.ns)
+    node.redirect = redirect
+
+
+def absolute_redirect(node: Node) -> bytes:
+    """Where *node*'s lower parts are, from the root: each ancestor's own redirect
+    or name, up to the first absolute redirect (``ovl_get_redirect``). EXDEV when
+    longer than the kernel writes."""
+    parts: list[bytes] = []
+    length = 0
+    cur: Node | None = node
+    while cur is not None and cur.parent is not None:
+        part = cur.redirect if cur.redirect is not None else cur.name
+        length += len(part) + (0 if part.startswith(b"/") else 1)
+        if length > REDIRECT_MAX:
+            raise OSError(errno.EXDEV, "redirect too long", node.name)
+        parts.append(part)
+        if part.startswith(b"/"):
+            break
+        cur = cur.parent
+    else:
+        parts.append(b"")
+    return b"/".join(reversed(parts))
+
+
+def _lower_nlink(node: Node) -> int:
+    """The nlink of the lower file a metadata-only copy (or lower file) is of."""
+    place = node.lowers[0] if node.lowers else node.place
+    st = place.layer.lstat(*place.split())
+    return st.st_nlink if st is not None else 1
+
+
+def _has_origin(union: Union, dirfd: int, name: bytes, node: Node) -> bool:
+    """Whether the kernel counts *node* as having a copy-up origin: its st_ino is
+    not its upper inode's own."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return node.st_ino != union.inos.real(node.layer, st.st_ino)
 
 
 def _rename_over(
@@ -456,7 +553,7 @@ def _rename_over(
         work, moved_out = union.work_fd, union.tmp_name()
         os.mkdir(moved_out, 0o700, dir_fd=work)
         try:
-            markers.set_opaque(work, moved_out)
+            markers.set_opaque(work, moved_out, union.ns)
             renameat2(work, moved_out, dfd, dname, RENAME_EXCHANGE)
         except BaseException:
             discard(work, moved_out)
@@ -504,12 +601,8 @@ def _move_names(
     if dst is not None and not swap:
         union.drop_name(dst, dparent, dname, dst_gone)
     _rename_one(union, src, sparent, sname, dparent, dname)
-    if src.is_dir:
-        src.lowers = ()
     if swap and dst is not None:
         _rename_one(union, dst, dparent, dname, sparent, sname)
-        if dst.is_dir:
-            dst.lowers = ()
 
 
 def _rename_one(

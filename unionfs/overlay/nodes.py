@@ -1,10 +1,12 @@
 """The inode table: what the kernel knows as an inode number, and what it stands for.
 
-A node is one overlay inode. Its number is what ``stat`` shows as ``st_ino``
-(pyfuse3 uses the same number for both), so it is derived from the real inode
-in the layer where the file first appeared and kept across copy-up: a path's
-``st_ino`` does not change when it moves to the upper layer, nor when the kernel
-forgets and looks it up again.
+A node is one overlay inode. Its number (``ino``, the FUSE node id) names it for
+the life of the mount; ``st_ino`` is what ``stat`` shows, by the kernel overlay's
+rules (``Union.resolve`` computes it). The two are the same number wherever that
+is possible, so a FUSE layer that cannot report them apart (pyfuse3 alone) still
+shows the right ``st_ino`` for most files; they differ where the kernel shows one
+number for inodes that must stay apart (hard links inside a lower layer, which
+copy-up splits) or a number another node already has.
 
 A node stays in the table while something outside the core holds it (``hold``:
 the FUSE adapter for each reference the kernel keeps, an open file), or a
@@ -18,7 +20,7 @@ import errno
 import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -29,13 +31,32 @@ if TYPE_CHECKING:
 ROOT_INO = 1
 
 
+class Place(NamedTuple):
+    """Where something is in one layer: the layer and the path below its root."""
+
+    layer: Layer
+    path: bytes  # b"" for the layer's root
+
+    def split(self) -> tuple[bytes, bytes]:
+        """The parent directory's path and the name."""
+        parent, _, name = self.path.rpartition(b"/")
+        return parent, name
+
+
 class Entry(NamedTuple):
     """One name resolved through the stack."""
 
     name: bytes
     layer: Layer  # the topmost layer that has it
     st: os.stat_result  # its stat there
-    lowers: tuple[Layer, ...]  # for a directory: the layers below that merge into it
+    # A directory: the directories below that merge into it (each at its own path:
+    # a redirect may have sent the lookup elsewhere). A metadata-only copy: the
+    # file that holds its data.
+    lowers: tuple[Place, ...] = ()
+    path: bytes = b""  # where it is in ``layer`` (in the upper: its path in the mount)
+    ino: int = 0  # the st_ino the kernel overlay shows for it (0: the top's own)
+    redirect: bytes | None = None  # the upper's redirect xattr, kept for later renames
+    metacopy: bool = False  # ``layer`` holds only its metadata; the data is lowers[-1]
 
 
 _PER_PATH_BASE = 1 << 62  # numbers for lower-layer hard links (see ``InodeNumbers``)
@@ -44,8 +65,10 @@ _PER_PATH_BASE = 1 << 62  # numbers for lower-layer hard links (see ``InodeNumbe
 class Node:
     """One overlay inode.
 
-    ``layer`` is the topmost layer holding it; for a directory ``lowers`` are
-    the layers below that merge into it (already cut at an opaque directory).
+    ``layer`` is the topmost layer holding it, at ``src`` when that is a lower
+    layer (an upper entry is always at the node's own path). For a directory
+    ``lowers`` are the directories below that merge into it (already cut at an
+    opaque directory); for a metadata-only copy, the file that holds its data.
     ``parent``/``name`` is the path it was found at; a file with hard links in
     the upper layer may have more names in ``aliases``.
     """
@@ -56,7 +79,11 @@ class Node:
         "name",
         "kind",
         "layer",
+        "src",
         "lowers",
+        "redirect",
+        "metacopy",
+        "st_ino",
         "refs",
         "children",
         "aliases",
@@ -74,7 +101,11 @@ class Node:
         self.name = name
         self.kind = kind  # stat.S_IFMT of the entry
         self.layer = layer
-        self.lowers: tuple[Layer, ...] = ()
+        self.src = b""  # the path in ``layer`` when that is a lower layer
+        self.lowers: tuple[Place, ...] = ()
+        self.redirect: bytes | None = None  # the upper's redirect xattr
+        self.metacopy = False
+        self.st_ino = ino  # what stat shows (see the module's docstring)
         self.refs = 0  # holders outside the table: kernel references, open files
         self.children = 0  # live child nodes whose ``parent`` is this node
         self.aliases: set[tuple[Node, bytes]] | None = None
@@ -114,9 +145,20 @@ class Node:
         return b"/".join(parts)
 
     @property
-    def stack(self) -> tuple[Layer, ...]:
-        """Every layer that contributes to this directory, top first."""
-        return (self.layer, *self.lowers)
+    def place(self) -> Place:
+        """Where the node's topmost part is."""
+        return Place(self.layer, self.path if self.layer.writable else self.src)
+
+    @property
+    def stack(self) -> tuple[Place, ...]:
+        """Every directory that contributes to this directory, top first."""
+        return (self.place, *self.lowers)
+
+    @property
+    def has_lower(self) -> bool:
+        """A directory with lower parts, a lower entry, or a metadata-only copy: what
+        the kernel calls "merge or lower" (a rename needs a redirect to keep it)."""
+        return bool(self.lowers) or not self.layer.writable
 
     def is_under(self, other: Node) -> bool:
         node: Node | None = self
@@ -130,39 +172,50 @@ class Node:
 class OpenFile:
     """One open of a file: its own real fd, on the layer the file was on when opened."""
 
-    __slots__ = ("fd", "node", "layer", "flags")
+    __slots__ = ("fd", "node", "layer", "flags", "meta_fd", "fh")
 
     def __init__(self, fd: int, node: Node, layer: Layer, flags: int) -> None:
         self.fd = fd
         self.node = node
         self.layer = layer
         self.flags = flags
+        self.meta_fd = -1  # a metadata-only copy's upper inode (O_PATH), see Files.add
+        self.fh = 0  # its file handle (Files.add)
 
 
 class InodeNumbers:
-    """Stable inode numbers for the life of the mount.
+    """Node numbers, stable for the life of the mount.
 
     With every layer on one filesystem the real inode number is unique across
     layers and is used as is, which is what the kernel overlay shows too. Other
-    filesystems get their index in the high bits. A file copied up keeps the
-    number of its lower original (``origins``). Two hard links inside a lower
-    layer share a real inode but are separate overlay files that copy-up will
-    split, so each name gets its own number (``per_path``).
+    filesystems get their index in the high bits. An upper entry whose kernel
+    st_ino is another one (its copy-up origin, a merged directory's lower part)
+    takes that number when no other node has it, and keeps it (``origins``): a
+    file copied up keeps the number of its lower original. Two hard links inside
+    a lower layer share a real inode but are separate overlay files that copy-up
+    will split, so each name gets its own number (``per_path``).
     """
 
     def __init__(self) -> None:
-        self.origins: dict[int, int] = {}  # upper st_ino -> overlay ino
+        self.origins: dict[int, int] = {}  # upper st_ino -> node number
+        # upper st_ino -> the st_ino shown for it, for upper files that record an
+        # origin (decoded once) or were copied up in this mount
+        self.shown: dict[int, int] = {}
         self.per_path: dict[tuple[int, bytes], int] = {}
         self._per_path_next = itertools.count(_PER_PATH_BASE)
 
-    def of(self, layer: Layer, st: os.stat_result, parent: Node, name: bytes) -> int:
+    def of(self, entry: Entry, taken: Callable[[int], bool]) -> int:
+        """The node number of *entry*; *taken* says whether a number is another node's."""
+        layer, st = entry.layer, entry.st
         if layer.writable:
             ino = self.origins.get(st.st_ino)
             if ino is not None:
                 return ino
+            if entry.ino and entry.ino != self.real(layer, st.st_ino) and not taken(entry.ino):
+                self.origins[st.st_ino] = entry.ino
+                return entry.ino
         elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            ppath = parent.path
-            key = (layer.index, ppath + b"/" + name if ppath else name)
+            key = (layer.index, entry.path)
             ino = self.per_path.get(key)
             if ino is None:
                 ino = self.per_path[key] = next(self._per_path_next)
@@ -174,12 +227,14 @@ class InodeNumbers:
         ino = st_ino if layer.fsid == 0 else (layer.fsid << 48) ^ st_ino
         return ino if ino != ROOT_INO else (1 << 63) | layer.fsid
 
-    def copied_up(self, upper_st_ino: int, ino: int) -> None:
+    def copied_up(self, upper_st_ino: int, ino: int, shown: int) -> None:
         self.origins[upper_st_ino] = ino
+        self.shown[upper_st_ino] = shown
 
     def upper_gone(self, upper_st_ino: int) -> None:
         """The upper inode was freed: its number may be reused by a new file."""
         self.origins.pop(upper_st_ino, None)
+        self.shown.pop(upper_st_ino, None)
 
 
 class NodeTable:
@@ -189,6 +244,8 @@ class NodeTable:
         self._nodes: dict[int, Node] = {ROOT_INO: root}
         root.refs = 1  # the root is never dropped
         self.root = root
+        # Set by the FUSE adapter: told of each node that leaves the table.
+        self.on_drop: Callable[[Node], None] | None = None
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -245,6 +302,8 @@ class NodeTable:
         while cur is not None and cur.refs <= 0 and cur.children <= 0 and cur.ino != ROOT_INO:
             if self._nodes.get(cur.ino) is cur:
                 del self._nodes[cur.ino]
+                if self.on_drop is not None:
+                    self.on_drop(cur)
             if cur.aliases:  # other hard-link names hold their parents too
                 aliases, cur.aliases = cur.aliases, None
                 for alias_parent, _ in aliases:

@@ -109,52 +109,142 @@ def _walk_beneath(dirfd: int, path: bytes, flags: int) -> int:
             os.close(cur)
 
 
-def clone_or_copy(src: int, dst: int, size: int) -> None:
-    """Copy *size* bytes from *src* to *dst* keeping holes as holes.
+COPY_CHUNK = 1 << 20  # the kernel overlay's copy-up chunk (OVL_COPY_UP_CHUNK_SIZE)
 
-    A reflink (``FICLONE``) shares the blocks when the filesystem allows it;
-    otherwise each data extent found with ``SEEK_DATA``/``SEEK_HOLE`` is copied
-    in the kernel with ``copy_file_range``. No byte passes through Python unless
-    both of those are refused.
+
+def clone_or_copy(src: int, dst: int, size: int) -> None:
+    """Copy *size* bytes from *src* to *dst* as the kernel overlay's copy-up does.
+
+    A reflink (``FICLONE``) shares the blocks when the filesystem allows it.
+    Otherwise the data is copied in the kernel (``copy_file_range``) in 1 MiB
+    chunks, skipping each hole that ``SEEK_DATA`` finds at a chunk's start: a
+    sparse file stays as sparse as the kernel's copy of it, so ``SEEK_DATA`` and
+    ``SEEK_HOLE`` find the same holes on either. No byte passes through Python
+    unless the filesystem refuses both.
     """
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError:
-        pass
-    off = 0
-    while off < size:
-        try:
-            data = os.lseek(src, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole remains
-                break
-            raise
-        hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-        _copy_range(src, dst, data, hole - data)
-        off = hole
+    copy_range_in_place(src, dst, size)
     os.ftruncate(dst, size)
 
 
-def _copy_range(src: int, dst: int, off: int, count: int) -> None:
+def copy_range_in_place(src: int, dst: int, size: int) -> None:
+    """``clone_or_copy`` into a file that already has its length: only what the
+    copy writes below *size* is written, the rest of *dst* is left as it is."""
+    if size >= os.fstat(src).st_size:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return
+        except OSError:
+            pass
+    off = 0
+    data = -1
+    skip_holes = True
+    while off < size:
+        if skip_holes and data < off:
+            try:
+                data = os.lseek(src, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole remains
+                    break
+                skip_holes = False
+            else:
+                if data > off:
+                    off = data  # past the hole
+                    continue
+        count = min(COPY_CHUNK, size - off)
+        if _copy_range(src, dst, off, count) == 0:
+            break  # the source shrank under us
+        off += count
+
+
+def _copy_range(src: int, dst: int, off: int, count: int) -> int:
+    """Copy *count* bytes at *off*; returns how many there were (less at the end)."""
     end = off + count
+    start = off
     while off < end:
         try:
             n = os.copy_file_range(src, dst, end - off, off, off)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            _copy_range_slow(src, dst, off, end - off)
-            return
+            return off - start + _copy_range_slow(src, dst, off, end - off)
         if n == 0:  # the source shrank under us
-            return
+            break
         off += n
+    return off - start
 
 
-def _copy_range_slow(src: int, dst: int, off: int, count: int) -> None:
+def _copy_range_slow(src: int, dst: int, off: int, count: int) -> int:
     end = off + count
+    start = off
     while off < end:
         buf = os.pread(src, min(1 << 20, end - off), off)
         if not buf:
-            return
+            break
         off += os.pwrite(dst, buf, off)
+    return off - start
+
+
+# -- file handles (the overlay's origin records) -----------------------------------
+
+MAX_HANDLE_SZ = 128
+AT_EMPTY_PATH = 0x1000
+_FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
+
+
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.POINTER(_FileHandle),
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
+_name_to_handle_at.restype = ctypes.c_int
+_open_by_handle_at = _libc.open_by_handle_at
+_open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
+_open_by_handle_at.restype = ctypes.c_int
+
+
+def name_to_handle(dirfd: int, name: bytes) -> tuple[int, bytes]:
+    """``name_to_handle_at(2)`` of *name* in *dirfd* (not following a trailing symlink;
+    an empty name: *dirfd* itself): the handle's type and bytes. Raises ``OSError``
+    (EOPNOTSUPP: the filesystem makes no handles)."""
+    fh = _FileHandle(MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int(0)
+    flags = 0 if name else AT_EMPTY_PATH
+    if _name_to_handle_at(dirfd, name, ctypes.byref(fh), ctypes.byref(mount_id), flags) != 0:
+        _raise_errno(name)
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = os.O_PATH) -> int:
+    """``open_by_handle_at(2)`` on the filesystem of *mount_fd* (not an ``O_PATH`` fd);
+    needs CAP_DAC_READ_SEARCH."""
+    if len(handle) > MAX_HANDLE_SZ:
+        raise OSError(errno.EINVAL, "file handle too long")
+    fh = _FileHandle(len(handle), handle_type)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    fd = _open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    if fd < 0:
+        _raise_errno()
+    return int(fd)
+
+
+def fs_uuid(fd: int) -> bytes | None:
+    """The 16-byte uuid of the filesystem *fd* is on (``FS_IOC_GETFSUUID``), or None when
+    the kernel or the filesystem cannot say."""
+    buf = bytearray(17)
+    buf[0] = 16
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
+    except OSError:
+        return None
+    return bytes(buf[1 : 1 + buf[0]]).ljust(16, b"\0")[:16]

@@ -27,7 +27,7 @@ from unionfs.overlay import markers
 from unionfs.overlay.idmap import IDENTITY, IdMapper
 from unionfs.overlay.layers import Layer, discard, stat_with
 from unionfs.overlay.markers import is_private_xattr, is_whiteout
-from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile
+from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile, Place
 from unionfs.overlay.syscalls import fd_path
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,27 @@ class UnionConfig:
     static_nlink: bool = False  # report nlink 1 for every directory
     writeback: bool = False  # the kernel's write-back cache holds writes until it flushes
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
+    # redirect_dir: "on" (renaming a directory with lower parts records a redirect),
+    # "follow" (redirects are followed, never made: EXDEV) or "nofollow" (EPERM).
+    redirect: str = "follow"
+    metacopy: bool = False  # chmod/chown/... copy up metadata only; needs redirect "on"
 
 
 def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
+
+
+@dataclass
+class _Lookup:
+    """The state of one lookup through the layers (the kernel's ``ovl_lookup_data``)."""
+
+    name: bytes  # what the next layer is asked for: a name, or an absolute path
+    is_dir: bool = False
+    opaque: bool = False
+    stop: bool = False
+    last: bool = False  # the bottom layer: its markers are not read
+    redirect: bytes | None = None  # the name a redirect made, once one was followed
+    metacopy: bool = False  # the last file found is a metadata-only copy
 
 
 class Union:
@@ -79,16 +96,25 @@ class Union:
         self.work_fd = -1
         if config.work is not None and not self.readonly:
             self.work_fd = _prepare_workdir(config.work)
+        self.ns = layers[0].xattrs
         self.inos = InodeNumbers()
         root = Node(ROOT_INO, None, b"", stat.S_IFDIR, layers[0])
-        root.lowers = tuple(self._cut_at_opaque(b"", layers)[1:])
+        root.lowers = tuple(Place(layer, b"") for layer in self._cut_at_opaque(b"", layers)[1:])
+        # The root shows its top directory's own number, as in the kernel.
+        root.st_ino = self.inos.real(layers[0], os.fstat(layers[0].root_fd).st_ino)
+        # Where an absolute redirect sends a lookup: the roots of the lower layers.
+        self._roots = root.lowers if layers[0].writable else root.stack
         self.table = NodeTable(root)
+        if self.upper is not None and not self.readonly:
+            markers.ensure_uuid(self.upper.root_fd, self.ns)
         self._tmp_names = itertools.count()
         # Open files per inode: fstat of an unlinked open file needs one of them, and
         # a copy-up moves them all to the upper copy.
         self.open_files: dict[int, list[OpenFile]] = {}
         # Set by the FUSE adapter: drops the kernel's cached attributes of an inode.
         self.on_attr_change: Callable[[int], None] | None = None
+        # Set by the FUSE adapter: an open file's real fd was replaced (copy-up).
+        self.on_fd_change: Callable[[OpenFile], None] | None = None
 
     def close(self) -> None:
         for layer in self.layers:
@@ -114,41 +140,210 @@ class Union:
         return out
 
     def resolve(self, parent: Node, name: bytes) -> Entry | None:
-        """Find *name* in *parent*: the topmost layer that has it, its stat, and the
-        lower layers that merge into it when it is a directory.
+        """Find *name* in *parent*, by the kernel overlay's lookup (``ovl_lookup``).
 
-        Whiteouts end the search; a non-directory hides everything below it;
-        directories merge until one of them is opaque.
+        The upper is asked for the name as it is; each lower directory below the
+        parent then for the name the layers above sent it to. A whiteout ends the
+        search; a non-directory hides everything below it, unless it is a
+        metadata-only copy, whose data the search goes on to find; directories
+        merge until one is opaque. A directory's (or metadata-only copy's)
+        redirect xattr renames what the layers below are asked for: a name in
+        the same parent, or an absolute path from the roots of the lower layers.
+
+        Errors, as the kernel's: EINVAL for an invalid redirect, EPERM for a
+        redirect with ``redirect_dir=nofollow`` or a metadata-only copy without
+        ``metacopy=on``, EIO for a metadata-only copy whose data is missing.
         """
-        path = parent.path
+        follow = self.config.redirect != "nofollow"
         stack = parent.stack
-        last = len(stack) - 1
-        top: Layer | None = None
-        top_st: os.stat_result | None = None
-        dirs: list[Layer] = []
-        oci_marker = markers.is_oci_name(name)  # invisible in lower layers
-        for i, layer in enumerate(stack):
-            if oci_marker and not layer.writable:
-                break
-            st = layer.lstat(path, name)
-            if st is None:
-                if i < last and layer.has_oci_whiteout(path, name):
-                    break  # deleted below this layer, the OCI way: ends a merge too
+        upper = stack[0] if stack[0].layer.writable else None
+        roots = self._roots
+        poe: tuple[Place, ...] = stack[1:] if upper is not None else stack
+        d = _Lookup(name)
+        top: tuple[Place, os.stat_result] | None = None
+        upper_redirect: bytes | None = None
+        upper_metacopy = False
+        if upper is not None:
+            d.last = False if follow else not poe
+            top = self._lookup_layer(upper, d)
+            upper_redirect = d.redirect
+            if d.redirect is not None and d.name.startswith(b"/"):
+                poe = roots
+            upper_metacopy = top is not None and d.metacopy
+        found: list[tuple[Place, os.stat_result]] = []
+        bottom = self.layers[-1]
+        i = 0
+        while not d.stop and i < len(poe):
+            base = poe[i]
+            if d.metacopy and not self.config.metacopy:
+                raise PermissionError(errno.EPERM, "refusing to follow metacopy origin", name)
+            if d.redirect is not None and not follow:
+                raise PermissionError(errno.EPERM, "refusing to follow redirect", name)
+            d.last = base.layer is bottom if follow else i == len(poe) - 1
+            this = self._lookup_layer(base, d)
+            if this is None:
+                i += 1
                 continue
-            if is_whiteout(st):
+            if not (d.metacopy and found):  # only the top-most metacopy and the data count
+                found.append(this)
+            if d.stop:
                 break
-            if not stat.S_ISDIR(st.st_mode):
-                if top is None:
-                    top, top_st = layer, st
-                break
-            if top is None:
-                top, top_st = layer, st
-            dirs.append(layer)
-            if i < last and layer.is_opaque(join(path, name)):
-                break
-        if top is None or top_st is None:
+            if d.redirect is not None and d.name.startswith(b"/") and poe is not roots:
+                poe = roots  # an absolute redirect below: go on from the layers below this one
+                i = next(k for k, r in enumerate(roots) if r.layer is base.layer) + 1
+                continue
+            i += 1
+        if d.metacopy or (upper_metacopy and not found):
+            raise OSError(errno.EIO, "metacopy with no lower data found", name)
+        if top is None:
+            if not found:
+                return None
+            top = found.pop(0)
+        place, st = top
+        if stat.S_ISDIR(st.st_mode):
+            lowers = tuple(p for p, _ in found)
+            ino = (
+                self.inos.real(found[0][0].layer, found[0][1].st_ino)
+                if place.layer.writable and found
+                else 0
+            )
+        elif found:  # a metadata-only copy: the data is in the last file found
+            lowers = (found[-1][0],)
+            ino = (
+                self.inos.real(found[0][0].layer, found[0][1].st_ino) if place.layer.writable else 0
+            )
+            if place.layer.writable and found[0][1].st_nlink > 1:
+                ino = 0  # a lower hard link: copy-up broke it, so the upper's number
+        else:
+            lowers = ()
+            ino = self._origin_ino(place, st) if place.layer.writable else 0
+        return Entry(
+            name,
+            place.layer,
+            st,
+            lowers,
+            place.path,
+            ino or self.inos.real(place.layer, st.st_ino),
+            upper_redirect,
+            upper_metacopy
+            or (not place.layer.writable and bool(found) and not stat.S_ISDIR(st.st_mode)),
+        )
+
+    def _lookup_layer(self, base: Place, d: _Lookup) -> tuple[Place, os.stat_result] | None:
+        """``ovl_lookup_layer``: *d.name* below directory *base* of one layer; an
+        absolute name is walked one component at a time (from *base*, as the kernel
+        does), each intermediate directory's markers applying on the way."""
+        if not d.name.startswith(b"/"):
+            return self._lookup_single(base, d.name, 0, b"", d)
+        rem = len(d.name) - 1
+        cur: tuple[Place, os.stat_result] | None = None
+        dirplace = base
+        while True:
+            start = len(d.name) - rem
+            comp, sep, rest = d.name[start:].partition(b"/")
+            post = sep + rest
+            cur = self._lookup_single(dirplace, comp, start, post, d)
+            if cur is None or not post:
+                return cur
+            if not stat.S_ISDIR(cur[1].st_mode):
+                return None
+            dirplace = cur[0]
+            rem -= len(comp) + 1
+
+    def _lookup_single(
+        self, base: Place, comp: bytes, prelen: int, post: bytes, d: _Lookup
+    ) -> tuple[Place, os.stat_result] | None:
+        """``ovl_lookup_single``: one component in one layer, and what its markers say."""
+        layer = base.layer
+        last_element = not post
+        lower = not layer.writable
+        if lower and markers.is_oci_name(comp):
+            d.stop = True  # OCI markers are never names in a lower layer
             return None
-        return Entry(name, top, top_st, tuple(dirs[1:]))
+        st = layer.lstat(base.path, comp)
+        if st is None:
+            if lower and layer.has_oci_whiteout(base.path, comp):
+                d.stop = d.opaque = True
+            return None
+        if is_whiteout(st):
+            d.stop = d.opaque = True
+            return None
+        if last_element and d.metacopy and not stat.S_ISREG(st.st_mode):
+            d.stop = True
+            return None
+        path = join(base.path, comp)
+        here = (Place(layer, path), st)
+        real = fd_path(layer.dirfd(base.path), comp)
+        if not stat.S_ISDIR(st.st_mode):
+            if d.is_dir or not last_element:
+                d.stop = True
+                return None
+            d.metacopy = stat.S_ISREG(st.st_mode) and markers.has_metacopy(real, self.ns)
+            d.stop = not d.metacopy
+            if not d.metacopy or d.last:
+                return here
+        else:
+            if last_element:
+                d.is_dir = True
+            if d.last:
+                return here
+            opaque = markers.opaque_value(real, self.ns)
+            if opaque is None and lower and layer.lstat(path, markers.OCI_OPAQUE) is not None:
+                opaque = b"y"
+            if opaque == b"y":
+                d.stop = True
+                if last_element:
+                    d.opaque = True
+                return here
+        redirect = markers.read_redirect(real, self.ns)
+        if redirect is not None:
+            if markers.is_absolute_redirect(redirect):
+                # An absolute redirect reaches the lower layers even below an opaque parent.
+                d.stop = False
+                d.name = redirect + post
+            else:
+                d.name = d.name[:prelen] + redirect + post
+            d.redirect = d.name
+        return here
+
+    def _origin_ino(self, place: Place, st: os.stat_result) -> int:
+        """The st_ino of an upper non-directory: its copy-up origin's, when it records
+        one that still exists and was no hard link (0: the upper's own)."""
+        known = self.inos.shown.get(st.st_ino)
+        if known is not None:
+            return known
+        parent, name = place.split()
+        present, fh = markers.read_origin(fd_path(place.layer.dirfd(parent), name), self.ns)
+        if not present:
+            return 0
+        ino = 0
+        if fh is not None:
+            for layer in self.layers[1:] if self.upper is not None else ():
+                if not self._may_decode(layer, fh):
+                    continue
+                try:
+                    fd = layer.open_handle(fh)
+                except OSError:
+                    continue  # stale (ESTALE), or no right to decode handles (EPERM)
+                try:
+                    origin = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if stat.S_IFMT(origin.st_mode) == stat.S_IFMT(st.st_mode) and origin.st_nlink == 1:
+                    ino = self.inos.real(layer, origin.st_ino)
+                break
+        self.inos.shown[st.st_ino] = ino or self.inos.real(place.layer, st.st_ino)
+        return ino
+
+    def _may_decode(self, layer: Layer, fh: markers.FileHandle) -> bool:
+        """Whether an origin may be looked for on *layer*'s filesystem: the uuids
+        match (unknown ones are not checked), and a lower on another filesystem
+        than the upper has a uuid at all (the kernel's "bad uuid" rule)."""
+        uuid = layer.uuid
+        if uuid is not None and uuid != fh.uuid:
+            return False
+        features = self.config.redirect == "on" or self.config.metacopy
+        return not (uuid == markers.NULL_UUID and layer.fsid != 0 and not features)
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result | None] | None:
         """The node for *name* in *parent* and the stat resolving it gave (None for
@@ -165,17 +360,17 @@ class Union:
 
     def node_for(self, parent: Node, entry: Entry) -> Node:
         """The inode that *entry* (a name in *parent*) is: found in the table, or new."""
-        name, top, st, lowers = entry
-        ino = self.inos.of(top, st, parent, name)
+        name, top, st = entry.name, entry.layer, entry.st
+        ino = self.inos.of(entry, lambda n: self.table.find(n) is not None)
         node = self.table.find(ino)
         if node is None:
             node = Node(ino, parent, name, stat.S_IFMT(st.st_mode), top)
-            node.lowers = lowers
+            self._update(node, entry)
             self.table.add(node)
+            if top.writable and entry.lowers and node.is_dir:
+                self._fix_origin(parent, node)
             return node
-        node.layer = top
-        node.lowers = lowers
-        node.kind = stat.S_IFMT(st.st_mode)
+        self._update(node, entry)
         if node.parent is not parent or node.name != name:
             if node.unlinked:
                 # The real inode number was freed and reused by a new file: a new
@@ -190,6 +385,43 @@ class Union:
             else:
                 self.add_alias(node, parent, name)  # another hard link in the upper
         return node
+
+    @staticmethod
+    def _update(node: Node, entry: Entry) -> None:
+        node.layer = entry.layer
+        node.src = entry.path
+        node.lowers = entry.lowers
+        node.kind = stat.S_IFMT(entry.st.st_mode)
+        node.redirect = entry.redirect
+        node.metacopy = entry.metacopy
+        node.st_ino = entry.ino or InodeNumbers.real(entry.layer, entry.st.st_ino)
+
+    def _fix_origin(self, parent: Node, node: Node) -> None:
+        """A merged directory whose upper part records no origin gets its first lower
+        part's, and the upper parent is marked impure, as the kernel's lookup does
+        (``ovl_fix_origin``): an upper made elsewhere then reads as one it made."""
+        if self.readonly or not node.lowers:
+            return
+        upper = node.layer
+        path = fd_path(upper.dirfd(parent.path), node.name)
+        try:
+            if markers.read_origin(path, self.ns)[0]:
+                return
+            markers.set_origin(path, self.origin_of(node.lowers[0]), self.ns)
+            markers.set_impure(upper.dirfd(parent.path), self.ns)
+        except OSError as e:
+            log.warning("could not record the origin of %r: %s", node, e.strerror)
+
+    @staticmethod
+    def origin_of(place: Place) -> markers.FileHandle | None:
+        """The origin to record for a copy of *place*: its file handle, or None ("origin
+        unknown", the kernel's empty value) when its filesystem makes none."""
+        try:
+            return place.layer.handle(place.path)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW, errno.EPERM):
+                return None
+            raise
 
     def attr_changed(self, node: Node) -> None:
         """Tell the kernel that *node*'s attributes changed behind its back."""
@@ -247,21 +479,27 @@ class Union:
     # -- attributes ----------------------------------------------------------
 
     def stat(self, node: Node) -> os.stat_result:
-        """The real inode's stat, from the topmost layer that holds the node."""
+        """The real inode's stat, from the topmost layer that holds the node; a
+        metadata-only copy counts the blocks of the file that holds its data."""
         if node.ino == ROOT_INO:
             return os.stat(node.layer.root_fd)
         if node.unlinked:
             files = self.open_files.get(node.ino)
             if files:
-                return os.fstat(files[0].fd)
+                f = files[0]
+                return os.fstat(f.fd if f.meta_fd < 0 else f.meta_fd)
             if node.gone_st is not None:
                 return node.gone_st
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        parent = node.parent
-        assert parent is not None
-        st = node.layer.lstat(parent.path, node.name)
+        place = node.place
+        st = place.layer.lstat(*place.split())
         if st is None:
             raise FileNotFoundError(errno.ENOENT, "vanished from its layer", node.name)
+        if node.metacopy:
+            data = node.lowers[-1]
+            dst = data.layer.lstat(*data.split())
+            if dst is not None:
+                st = stat_with(st, blocks=dst.st_blocks)
         return st
 
     def shown_nlink(self, node: Node, st: os.stat_result) -> int:
@@ -277,36 +515,57 @@ class Union:
         itself (the directory); any other names an entry that must not be followed."""
         if node.ino == ROOT_INO:
             return fd_path(node.layer.root_fd), True
-        parent = node.parent
-        if parent is None:
+        if node.parent is None:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        return fd_path(node.layer.dirfd(parent.path), node.name), False
+        place = node.place
+        parent, name = place.split()
+        return fd_path(place.layer.dirfd(parent), name), False
 
     def open_real(self, node: Node, flags: int) -> int:
         """Open the node's real file in its topmost layer, never following a symlink."""
-        parent = node.parent
-        if parent is None:
+        if node.parent is None:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        return node.layer.open_file(parent.path, node.name, flags)
+        place = node.place
+        return place.layer.open_file(*place.split(), flags)
+
+    def data_place(self, node: Node) -> Place:
+        """Where the node's data is: its topmost part, or for a metadata-only copy the
+        lower file that holds the data."""
+        return node.lowers[-1] if node.metacopy else node.place
+
+    def open_data(self, node: Node, flags: int) -> int:
+        """Open the file that holds the node's data (for reading)."""
+        if node.parent is None:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        place = self.data_place(node)
+        return place.layer.open_file(*place.split(), flags)
 
     def follow_copy_up(self, node: Node) -> None:
-        """Move every open file of *node* to its new upper copy.
+        """Move every open file of *node* to where its data is now.
 
         Readers then see what writers write, and an fchmod or fchown on a file
-        unlinked later reaches the upper copy, never the shared lower layer.
+        unlinked later reaches the upper copy, never the shared lower layer. A
+        metadata-only copy leaves them where they are: the data has not moved.
         """
+        data = self.data_place(node)
         for f in self.open_files.get(node.ino, ()):
-            if f.layer is node.layer:
+            if f.layer is data.layer:
                 continue
-            fd = self.open_real(node, f.flags)
+            fd = data.layer.open_file(*data.split(), f.flags)
             os.close(f.fd)
-            f.fd, f.layer = fd, node.layer
+            f.fd, f.layer = fd, data.layer
+            if f.meta_fd >= 0 and not node.metacopy:
+                os.close(f.meta_fd)
+                f.meta_fd = -1
+            if self.on_fd_change is not None:
+                self.on_fd_change(f)
 
     def readlink(self, node: Node) -> bytes:
-        parent = node.parent
-        if parent is None:
+        if node.parent is None:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
-        return os.readlink(node.name, dir_fd=node.layer.dirfd(parent.path))
+        place = node.place
+        parent, name = place.split()
+        return os.readlink(name, dir_fd=place.layer.dirfd(parent))
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(fd_path(self.layers[0].root_fd))
@@ -315,11 +574,10 @@ class Union:
 
     def names(self, node: Node) -> list[bytes]:
         """The merged directory's names: each once, whiteouts and what they hide left out."""
-        path = node.path
         seen: set[bytes] = set()
         hidden: set[bytes] = set()
         names: list[bytes] = []
-        for layer in node.stack:
+        for layer, path in node.stack:
             try:
                 fd = layer.dirfd(path)
             except FileNotFoundError:
@@ -358,7 +616,10 @@ class Union:
         resolves each when it is needed, so no stale stat is handed out.
         """
         if node.layer.writable:
-            return [Entry(name, node.layer, _NO_STAT, ()) for name in self.names(node)]
+            names = self.names(node)
+            if not node.lowers and not self.readonly:
+                self._drop_stale_impure(node, names)
+            return [Entry(name, node.layer, _NO_STAT) for name in names]
         if node.listing is None:
             out: list[Entry] = []
             for name in self.names(node):
@@ -368,13 +629,33 @@ class Union:
             node.listing = out
         return node.listing
 
+    def _drop_stale_impure(self, node: Node, names: list[bytes]) -> None:
+        """A directory of the upper only that no longer holds anything whose st_ino is
+        not its own (nothing copied up or moved in with an origin) loses its impure
+        marker when listed, as in the kernel (``ovl_cache_get_impure``)."""
+        upper = node.layer
+        dirfd = upper.root_fd if node.ino == ROOT_INO else upper.dirfd(node.path)
+        if not markers.is_impure(dirfd, self.ns):
+            return
+        for name in names:
+            try:
+                entry = self.resolve(node, name)
+            except OSError:
+                return
+            if entry is not None and entry.ino != self.inos.real(entry.layer, entry.st.st_ino):
+                return
+        try:
+            markers.clear_impure(dirfd, self.ns)
+        except OSError as e:
+            log.warning("could not drop the impure marker of %r: %s", node, e.strerror)
+
     def is_empty(self, node: Node) -> bool:
         return not self.names(node)
 
     def lower_has_name(self, parent: Node, name: bytes) -> bool:
-        """Whether removing *name* from the upper would let a lower entry show through."""
-        path = parent.path
-        for layer in parent.stack:
+        """Whether removing *name* from the upper would let a lower entry show through
+        (the kernel's ``ovl_lower_positive``: the plain name, in the parent's lower parts)."""
+        for layer, path in parent.stack:
             if layer.writable:
                 continue
             st = layer.lstat(path, name)

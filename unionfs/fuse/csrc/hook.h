@@ -37,5 +37,7 @@ struct hook_feature {
 
 /* The features, in the order they wrap (listing.c, ...). */
 extern const struct hook_feature listing_feature;
+extern const struct hook_feature ino_feature; /* ino.c */
+extern const struct hook_feature ops_feature; /* ops.c */
 
 #endif

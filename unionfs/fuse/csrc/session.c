@@ -28,7 +28,8 @@
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
 
-static const struct hook_feature *const features[] = {&listing_feature};
+static const struct hook_feature *const features[] = {&listing_feature, &ino_feature,
+                                                      &ops_feature};
 #define N_FEATURES (sizeof(features) / sizeof(features[0]))
 
 static struct fuse_lowlevel_ops hooked_ops;
