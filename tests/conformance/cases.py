@@ -59,6 +59,23 @@ def H(path: bytes, target: bytes) -> Entry:
     return Entry(path, "hardlink", target=target)
 
 
+REDIRECT = b"trusted.overlay.redirect"
+METACOPY = b"trusted.overlay.metacopy"
+
+
+def R(path: bytes, redirect: bytes, opaque: bool = False) -> Entry:
+    """A directory with a redirect xattr (as a kernel with redirect_dir=on writes)."""
+    return D(path, opaque=opaque, xattrs={REDIRECT: redirect})
+
+
+def M(path: bytes, size: int, redirect: bytes | None = None, mode: int = 0o600) -> Entry:
+    """A metadata-only copy: an empty sparse file of *size* with the metacopy xattr."""
+    x = {METACOPY: b""}
+    if redirect is not None:
+        x[REDIRECT] = redirect
+    return F(path, b"", mode, size=size, xattrs=x)
+
+
 def spec(
     *lowers: list[Entry], upper: list[Entry] | None = None, readonly: bool = False
 ) -> LayerSpec:
@@ -77,6 +94,7 @@ class Named:
     why: str
     spec: LayerSpec
     ops: list[Op]
+    mode: str = ""  # mount options both sides get (redirect_dir=on, metacopy=on, ...)
 
     def case(self) -> Case:
         return Case(self.spec, self.ops)
@@ -361,5 +379,255 @@ CASES: list[Named] = [
         "EXDEV (lower parts, redirect_dir=off) is reported before ENOTEMPTY",
         spec([D(b"d"), F(b"d/f"), D(b"t"), F(b"t/x")]),
         [op("rename", b"d", b"t", "0"), op("mkdir", b"u", 0o755), op("rename", b"u", b"t", "0")],
+    ),
+    # -- st_ino, as the kernel shows it (compared by which layer inode it is) ----------
+    Named(
+        "lower-hardlink-st_ino",
+        "names of one lower inode show its st_ino and nlink; copy-up splits one of them off",
+        spec([D(b"d"), F(b"d/a", b"shared"), H(b"d/b", b"d/a"), H(b"c", b"d/a")]),
+        [
+            op("lstat", b"d/a"),
+            op("chmod", b"d/a", 0o600),
+            op("lstat", b"d/a"),
+            op("lstat", b"d/b"),
+            op("open", 0, b"c", "WRONLY|APPEND", 0),
+            op("write", 0, b"more"),
+            op("close", 0),
+            op("readdir", b"d"),
+            op("link", b"d/b", b"d/e"),
+            op("lstat", b"d/b"),
+        ],
+    ),
+    Named(
+        "merged-dir-and-copy-up-st_ino",
+        "a merged directory shows its lower part's st_ino; a copy-up keeps the lower one",
+        spec([D(b"d"), F(b"d/f"), S(b"d/s", b"f"), P(b"d/p")], upper=[D(b"d"), F(b"d/u")]),
+        [
+            op("chmod", b"d/f", 0o600),
+            op("chown", b"d/s", 1000, 1000, False),
+            op("chmod", b"d/p", 0o600),
+            op("rename", b"d/f", b"g", "0"),
+            op("link", b"g", b"d/h"),
+            op("readdir", b"d"),
+        ],
+    ),
+    # -- the rest of the syscall surface ------------------------------------------------
+    Named(
+        "fallocate-seek-copy-range",
+        "fallocate modes, SEEK_DATA/SEEK_HOLE on lower and upper files, copy_file_range",
+        spec([F(b"s", chunks=SPARSE, size=3 << 20), F(b"t", b"0123456789" * 100)]),
+        [
+            op("open", 0, b"s", "RDONLY", 0),
+            op("lseek", 0, 0, "DATA"),
+            op("lseek", 0, 5, "HOLE"),
+            op("lseek", 0, 2 << 20, "DATA"),
+            op("open", 1, b"t", "RDWR", 0),
+            op("fallocate", 1, "KEEP_SIZE", 0, 1 << 20),
+            op("fallocate", 1, "0", 4096, 8192),
+            op("fallocate", 1, "PUNCH_HOLE|KEEP_SIZE", 0, 4096),
+            op("fallocate", 1, "ZERO_RANGE", 100, 3000),
+            op("lseek", 1, 0, "DATA"),
+            op("copy_file_range", 0, 1, 0, 50, 10000),
+            op("open", 2, b"new", "RDWR|CREAT|EXCL", 0o644),
+            op("copy_file_range", 0, 2, 1 << 20, 10, 1 << 20),
+            op("fallocate", 0, "0", 0, 10),
+            op("fstat", 2),
+            op("close", 0),
+            op("close", 1),
+            op("close", 2),
+        ],
+    ),
+    Named(
+        "chown-minus-one-copies-up",
+        "chown(path, -1, -1) copies up and touches the ctime only (setuid dropped for files)",
+        spec([F(b"f", mode=0o4755), D(b"d")]),
+        [op("chown", b"f", -1, -1, True), op("chown", b"d", -1, -1, True), op("stat", b"f")],
+    ),
+    # -- redirect_dir --------------------------------------------------------------------
+    Named(
+        "redirect-rename-lower-dirs",
+        "redirect_dir=on: lower directories move (relative, absolute, nested redirects)",
+        spec(
+            [D(b"a"), D(b"a/b"), D(b"a/b/d"), F(b"a/b/d/file"), D(b"x")],
+            [D(b"p"), D(b"p/q"), D(b"p/q/r"), F(b"p/q/r/f"), D(b"w1"), F(b"w1/in"), D(b"w2")],
+        ),
+        [
+            op("rename", b"a/b/d", b"a/b/d2", "0"),
+            op("readdir", b"a/b/d2"),
+            op("rename", b"a/b/d2", b"x/moved", "0"),
+            op("rename", b"x/moved", b"x/moved2", "0"),
+            op("rename", b"p", b"P2", "0"),
+            op("rename", b"P2/q/r", b"x/r2", "0"),
+            op("readdir", b"x/r2"),
+            op("rmdir", b"w2"),
+            op("rename", b"w1", b"w2", "0"),
+            op("mkdir", b"a/made", 0o755),
+            op("mkdir", b"new", 0o755),
+            op("rename", b"new", b"a/new", "0"),
+            op("rename", b"x/moved2", b"a/b/d", "0"),
+            op("readdir", b"a/b/d"),
+            op("unlink", b"x/r2/f"),
+            op("rmdir", b"x/r2"),
+            op("readdir", b""),
+        ],
+        mode="redirect_dir=on",
+    ),
+    Named(
+        "redirect-too-long",
+        "redirect_dir=on: an absolute redirect over 256 bytes is EXDEV, as the kernel's",
+        spec([D(LONG), D(LONG + b"/" + b"M" * 60), F(LONG + b"/" + b"M" * 60 + b"/f"), D(b"t")]),
+        [
+            op("rename", LONG + b"/" + b"M" * 60, b"t/m", "0"),
+            op("rename", LONG, b"t/long", "0"),
+            op("readdir", b"t"),
+        ],
+        mode="redirect_dir=on",
+    ),
+    Named(
+        "redirects-found-in-layers",
+        "redirects written by a redirect_dir=on kernel are followed (default follow mode); "
+        "as after a real rename, no redirect target is visible under its own name too (the "
+        "kernel answers ESTALE for two names of one lower directory)",
+        spec(
+            [
+                D(b"src"),
+                F(b"src/inL1"),
+                R(b"dirC", b"/deep/x"),
+                F(b"dirC/C_L1"),
+                D(b"o", opaque=True),
+                D(b"deep"),
+                W(b"deep/x"),
+                D(b"sub"),
+                D(b"sub/srcrel"),
+                F(b"sub/srcrel/rel_L1"),
+            ],
+            [
+                D(b"src"),
+                F(b"src/inL2"),
+                D(b"deep"),
+                D(b"deep/x"),
+                F(b"deep/x/deepx_L2"),
+                D(b"o"),
+                D(b"o/p"),
+                F(b"o/p/under_opaque"),
+            ],
+            upper=[
+                W(b"src"),
+                R(b"dirA", b"/src"),
+                F(b"dirA/inU"),
+                D(b"sub"),
+                W(b"sub/srcrel"),
+                R(b"sub/dirB", b"srcrel"),
+                R(b"dirD", b"/elsewhere", opaque=True),
+                R(b"dirE", b"/o/p"),
+                R(b"dirK", b"/nonexistent"),
+                F(b"fileH", b"upperfile", xattrs={REDIRECT: b"/src/inL1"}),
+            ],
+        ),
+        [
+            op("readdir", b"dirA"),
+            op("readdir", b"dirC"),
+            op("readdir", b"dirD"),
+            op("readdir", b"dirE"),
+            op("readdir", b"dirK"),
+            op("readdir", b"sub/dirB"),
+            op("stat", b"dirA/inL1"),
+            op("open", 0, b"dirA/inL2", "WRONLY|APPEND", 0),
+            op("write", 0, b"x"),
+            op("close", 0),
+            op("unlink", b"dirA/inL1"),
+            op("readdir", b"dirA"),
+            op("readdir", b""),
+        ],
+    ),
+    Named(
+        "invalid-redirects",
+        "an empty redirect, a relative one with a slash or an absolute one with an empty "
+        "component fails the lookup with EINVAL",
+        spec([D(b"src"), F(b"src/f")], upper=[R(b"dirI", b"a/b"), R(b"dirJ", b"/src/")]),
+        [op("stat", b"dirI"), op("readdir", b"dirJ"), op("readdir", b""), op("rmdir", b"dirI")],
+    ),
+    Named(
+        "redirects-refused-with-nofollow",
+        "redirect_dir=nofollow: a redirected directory is EPERM, an opaque one is fine",
+        spec(
+            [D(b"src"), F(b"src/f")],
+            upper=[R(b"dirA", b"/src"), R(b"dirD", b"/src", opaque=True)],
+        ),
+        [op("stat", b"dirA"), op("readdir", b"dirD"), op("readdir", b"")],
+        mode="redirect_dir=nofollow",
+    ),
+    # -- metacopy --------------------------------------------------------------------------
+    Named(
+        "metacopy-metadata-then-data",
+        "metacopy=on: chmod/chown/utimes/xattrs copy up metadata only; a write copies the data",
+        spec([F(b"a", b"A" * 5000), F(b"b", b"B" * 70000), F(b"c", chunks=SPARSE, size=2 << 20)]),
+        [
+            op("chmod", b"a", 0o600),
+            op("chown", b"b", 1000, 1000, True),
+            op("utimes", b"c", 10**18, 2 * 10**18, True),
+            op("setxattr", b"a", b"user.k1", b"v", "CREATE"),
+            op("stat", b"a"),
+            op("open", 0, b"a", "RDONLY", 0),
+            op("read", 0, 100),
+            op("open", 1, b"a", "WRONLY|APPEND", 0),
+            op("write", 1, b"tail"),
+            op("pread", 0, 4990, 100),
+            op("close", 0),
+            op("close", 1),
+            op("truncate", b"b", 100),
+            op("open", 2, b"c", "RDWR", 0),
+            op("lseek", 2, 0, "HOLE"),
+            op("close", 2),
+        ],
+        mode="metacopy=on",
+    ),
+    Named(
+        "metacopy-rename-link",
+        "metacopy=on: a renamed or linked metadata-only copy keeps its data by a redirect",
+        spec([D(b"d"), F(b"d/f", b"F" * 3000), F(b"g", b"G"), H(b"h", b"g"), D(b"e")]),
+        [
+            op("rename", b"d/f", b"d/f2", "0"),
+            op("rename", b"d/f2", b"e/f3", "0"),
+            op("link", b"e/f3", b"d/f4"),
+            op("chmod", b"g", 0o600),
+            op("rename", b"g", b"d/g2", "0"),
+            op("stat", b"d/f4"),
+            op("open", 0, b"d/f4", "WRONLY|APPEND", 0),
+            op("write", 0, b"+"),
+            op("close", 0),
+            op("stat", b"e/f3"),
+        ],
+        mode="metacopy=on",
+    ),
+    Named(
+        "metacopy-found-in-layers",
+        "a metadata-only copy in a lower layer finds its data by its redirect; missing data "
+        "is EIO; without metacopy=on it is EPERM",
+        spec(
+            [
+                M(b"meta", 28, b"/deep/blob"),
+                D(b"sub"),
+                M(b"sub/m2", 8, b"rel"),
+                M(b"lost", 5, b"/nothing"),
+            ],
+            [
+                D(b"deep"),
+                F(b"deep/blob", b"real data from deep/blob.."),
+                D(b"sub"),
+                F(b"sub/rel", b"rel data"),
+            ],
+        ),
+        [op("stat", b"meta"), op("readdir", b""), op("stat", b"lost"), op("stat", b"sub/m2")],
+        mode="metacopy=on",
+    ),
+    Named(
+        "metacopy-refused-without-metacopy",
+        "without metacopy=on a metadata-only copy is EPERM (the kernel will not follow it)",
+        spec(
+            [M(b"meta", 28, b"/deep/blob"), F(b"plain")],
+            [D(b"deep"), F(b"deep/blob", b"real data from deep/blob..")],
+        ),
+        [op("stat", b"meta"), op("readdir", b""), op("open", 0, b"meta", "RDONLY", 0)],
     ),
 ]

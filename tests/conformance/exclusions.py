@@ -233,6 +233,12 @@ UNSUPPORTED_OPS: dict[str, tuple[str, Callable[[Op], bool]]] = {
         "does not implement, so the kernel answers EOPNOTSUPP for any FUSE filesystem.",
         lambda op: op.name == "open" and "TMPFILE" in str(op.args[2]),
     ),
+    "fallocate-collapse-insert-fuse": (
+        "fallocate with FALLOC_FL_COLLAPSE_RANGE or FALLOC_FL_INSERT_RANGE: the kernel's "
+        "FUSE module answers EOPNOTSUPP itself for any mode but KEEP_SIZE, PUNCH_HOLE and "
+        "ZERO_RANGE (fs/fuse/file.c, fuse_file_fallocate), before asking the filesystem.",
+        lambda op: op.name == "fallocate" and ("COLLAPSE" in op.args[1] or "INSERT" in op.args[1]),
+    ),
 }
 
 

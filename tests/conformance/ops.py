@@ -45,6 +45,16 @@ OPEN_FLAGS: dict[str, int] = {
     "PATH|NOFOLLOW": os.O_PATH | os.O_NOFOLLOW,
     "RDWR|TMPFILE": os.O_RDWR | os.O_TMPFILE,
 }
+FALLOCATE_MODES = {
+    "0": 0,
+    "KEEP_SIZE": 0x01,
+    "PUNCH_HOLE|KEEP_SIZE": 0x03,
+    "ZERO_RANGE": 0x10,
+    "ZERO_RANGE|KEEP_SIZE": 0x11,
+    "COLLAPSE_RANGE": 0x08,
+    "INSERT_RANGE": 0x20,
+}
+SEEK_WHENCE = {"DATA": os.SEEK_DATA, "HOLE": os.SEEK_HOLE}
 RENAME_FLAGS = {
     "0": 0,
     "NOREPLACE": RENAME_NOREPLACE,
@@ -146,6 +156,9 @@ class OpGenerator:
             "fstat": 3,
             "fchmod": 1,
             "fdreaddir": 1,
+            "fallocate": 3,
+            "lseek": 3,
+            "copy_file_range": 2,
             "truncate": 3,
             "unlink": 6,
             "mkdir": 5,
@@ -196,6 +209,28 @@ class OpGenerator:
             return op(k, slot, r.choice((0, 3, 4095, 70000, 2_000_000)), self.data())
         if k == "ftruncate":
             return op(k, slot, r.choice((0, 1, 5000, 3_000_000)))
+        if k == "fallocate":
+            # Block-aligned mostly: COLLAPSE_RANGE and INSERT_RANGE refuse anything else.
+            return op(
+                k,
+                slot,
+                r.choice(list(FALLOCATE_MODES)),
+                r.choice((0, 4096, 8192, 1 << 20, 100)),
+                r.choice((4096, 8192, 1 << 20, 3000)),
+            )
+        if k == "lseek":
+            return op(
+                k, slot, r.choice((0, 100, 8192, 600_000, 1 << 20)), r.choice(("DATA", "HOLE"))
+            )
+        if k == "copy_file_range":
+            return op(
+                k,
+                slot,
+                self.slot(),
+                r.choice((0, 50, 8192)),
+                r.choice((0, 10, 4096, 70000)),
+                r.choice((1, 100, 10000, 1 << 20)),
+            )
         if k == "fchmod":
             return op(k, slot, r.choice(MODES))
         if k == "truncate":
@@ -334,6 +369,10 @@ def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:
     n = o.name
     if n == "open":
         return _open(root, o, fds)
+    if n == "copy_file_range":
+        if a[0] not in fds or a[1] not in fds:
+            return "noslot"
+        return os.copy_file_range(fds[a[0]], fds[a[1]], a[4], a[2], a[3])
     if n in (
         "close",
         "read",
@@ -344,6 +383,8 @@ def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:
         "fstat",
         "fchmod",
         "fdreaddir",
+        "fallocate",
+        "lseek",
     ):
         if a[0] not in fds:
             return "noslot"
@@ -365,6 +406,15 @@ def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:
             return stat_result(os.fstat(fd))
         if n == "fchmod":
             return os.fchmod(fd, a[1])
+        if n == "fallocate":
+            if _libc.fallocate64(
+                fd, FALLOCATE_MODES[a[1]], ctypes.c_int64(a[2]), ctypes.c_int64(a[3])
+            ):
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+            return None
+        if n == "lseek":
+            return os.lseek(fd, a[1], SEEK_WHENCE[a[2]])
         return sorted(os.listdir(fd))
     follow_ops = {
         "truncate",

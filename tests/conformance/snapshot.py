@@ -173,8 +173,7 @@ def entry(
         try:
             data, extents = _content(path, st.st_size)
             e["data"] = data
-            if flavour != "mount":
-                e["extents"] = extents
+            e["extents"] = extents
         except OSError as err:
             e["data"] = b"<error %s>" % errno.errorcode.get(err.errno or 0, "?").encode()
     e["xattrs"] = _xattrs(path, flavour, mount_fd, index)

@@ -58,7 +58,7 @@ def test_kernel_vs_kernel_random_has_zero_divergences() -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("named", CASES, ids=[c.name for c in CASES])
 def test_kernel_vs_kernel_handwritten(named) -> None:  # type: ignore[no-untyped-def]
-    out = run_case(named.case(), KK)
+    out = run_case(named.case(), KK, options=named.mode)
     assert not out.diverged and not out.excluded, format_report(named.case(), None, out, KK, 0)
 
 

@@ -43,7 +43,7 @@ def _report(case: Case, out) -> str:  # type: ignore[no-untyped-def]
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("named", CASES, ids=[c.name for c in CASES])
 def test_handwritten(named: Named) -> None:
-    out = run_case(named.case(), KU)
+    out = run_case(named.case(), KU, options=named.mode)
     assert not out.diverged, f"{named.name}: {named.why}\n" + _report(named.case(), out)
 
 

@@ -34,7 +34,7 @@ from unionfs.overlay.files import Change, Files
 from unionfs.overlay.idmap import IdMapper
 from unionfs.overlay.namespace import Caller
 from unionfs.overlay.nodes import Node
-from unionfs.overlay.union import Union
+from unionfs.overlay.union import Union, is_name_only
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ ATTR_TIMEOUT = 300.0
 
 
 DEBUG = False  # set by the command line for -d: log every request and its errno
+
+# A listing entry without a node: the C hook (csrc/ino.c) reports it with node id
+# 0 and the st_ino in the low bits. No node id has these high bits.
+NODELESS_TAG = 0xFFFE << 48
 
 
 def boundary(fn: F) -> F:
@@ -483,11 +487,12 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._entry(target), high | (cookie + 1)):
                     return sent
                 sent += 1
-        fresh = node.layer.writable  # stats of upper entries may have changed since
         for i in range(first, len(listing)):
             cookie, entry = listing[i]
+            child: Node | None = None
             try:
-                if fresh:
+                # Upper entries come as names only (their stats may have changed since).
+                if is_name_only(entry):
                     found = union.lookup(node, entry.name)
                     if found is None:
                         continue  # removed since the listing was taken
@@ -496,13 +501,41 @@ class Operations(pyfuse3.Operations):
                     child, st = union.node_for(node, entry), entry.st
                 attrs = self._entry(child, st)
             except OSError:
-                continue
+                # Listed but not found (an invalid redirect, a metacopy without data):
+                # the kernel lists it, and says why on lookup.
+                nameonly = self._nodeless(node, entry.name)
+                if nameonly is None:
+                    continue
+                child, attrs = None, nameonly
             if not pyfuse3.readdir_reply(token, entry.name, attrs, high | (cookie + 1)):
-                self.table.maybe_drop(child)
+                if child is not None:
+                    self.table.maybe_drop(child)
                 return sent
-            self.table.hold(child)  # each entry given is a reference, as with lookup
+            if child is not None:
+                self.table.hold(child)  # each entry given is a reference, as with lookup
             sent += 1
         return sent
+
+    def _nodeless(self, node: Node, name: bytes) -> EntryAttributes | None:
+        """A listing entry without a node (FUSE node id 0): its name, type and number.
+
+        The C hook turns the tagged number into node id 0 and that st_ino; without
+        the hook such a name is left out of the listing."""
+        if self._set_ino is None:
+            return None
+        raw = self.union.raw_entry(node, name)
+        if raw is None:
+            return None
+        layer, st = raw
+        ino = self.union.inos.real(layer, st.st_ino)
+        if ino >= NODELESS_TAG:
+            return None
+        e = EntryAttributes()
+        e.st_ino = NODELESS_TAG | ino
+        e.st_mode = st.st_mode
+        e.entry_timeout = 0
+        e.attr_timeout = 0
+        return e
 
     @boundary
     async def releasedir(self, fh: int) -> None:

@@ -133,7 +133,8 @@ async def _copy_up_one(
     if kind == stat.S_IFDIR:
         node.lowers = (src, *node.lowers)
     elif meta:
-        node.lowers = (union.data_place(node),)
+        data = union.data_place(node)  # the lower file, or a lower metacopy's data
+        node.lowers = (src,) if data == src else (src, data)
         node.metacopy = True
     else:
         node.lowers = ()
@@ -158,7 +159,8 @@ async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
     ``ovl_copy_up_meta_inode_data``): the upper inode keeps its number, its
     ``security.capability`` survives the writes, and only then is the marker
     dropped, so a crash half-way leaves a metadata-only copy that still reads
-    the lower data. A redirect stays."""
+    the lower data. A redirect stays. As with the kernel, writing the data
+    makes the file's mtime that of the copy."""
     data = node.lowers[-1]
     place = node.place
     parent, name = place.split()
@@ -183,7 +185,8 @@ async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
                 copy_range_in_place(src, dst, count)
             if caps is not None:
                 os.setxattr(dst, CAPS_XATTR, caps)
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            # The times are not put back: the kernel's copy leaves the mtime of its
+            # writes, so the file shows the time it was opened for writing.
         finally:
             os.close(dst)
     finally:

@@ -58,6 +58,10 @@ class Entry(NamedTuple):
     redirect: bytes | None = None  # the upper's redirect xattr, kept for later renames
     metacopy: bool = False  # ``layer`` holds only its metadata; the data is lowers[-1]
 
+    @property
+    def place(self) -> Place:
+        return Place(self.layer, self.path)
+
 
 _PER_PATH_BASE = 1 << 62  # numbers for lower-layer hard links (see ``InodeNumbers``)
 
@@ -221,6 +225,14 @@ class InodeNumbers:
                 ino = self.per_path[key] = next(self._per_path_next)
             return ino
         return self.real(layer, st.st_ino)
+
+    def apart(self, entry: Entry) -> int:
+        """A number of its own for a lower entry whose real inode another node has."""
+        key = (entry.layer.index, entry.path)
+        ino = self.per_path.get(key)
+        if ino is None:
+            ino = self.per_path[key] = next(self._per_path_next)
+        return ino
 
     @staticmethod
     def real(layer: Layer, st_ino: int) -> int:

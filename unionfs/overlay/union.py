@@ -37,6 +37,11 @@ WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
 _NO_STAT = os.stat_result((0,) * 10)  # placeholder in name-only entries
 
 
+def is_name_only(entry: Entry) -> bool:
+    """Whether *entry* is a name from a listing, not resolved yet (``Union.listing``)."""
+    return entry.st is _NO_STAT
+
+
 @dataclass
 class UnionConfig:
     """What a mount is made of, already validated (see ``unionfs.fuse.mount``)."""
@@ -208,7 +213,8 @@ class Union:
                 else 0
             )
         elif found:  # a metadata-only copy: the data is in the last file found
-            lowers = (found[-1][0],)
+            lowers = (found[0][0], found[-1][0]) if len(found) > 1 else (found[0][0],)
+            st = stat_with(st, blocks=found[-1][1].st_blocks)  # stat counts the data's
             ino = (
                 self.inos.real(found[0][0].layer, found[0][1].st_ino) if place.layer.writable else 0
             )
@@ -363,6 +369,11 @@ class Union:
         name, top, st = entry.name, entry.layer, entry.st
         ino = self.inos.of(entry, lambda n: self.table.find(n) is not None)
         node = self.table.find(ino)
+        if node is not None and not top.writable and node.place != entry.place:
+            # The number is another node's: one lower directory reached by two names
+            # (redirects made elsewhere), which must stay two inodes here.
+            ino = self.inos.apart(entry)
+            node = self.table.find(ino)
         if node is None:
             node = Node(ino, parent, name, stat.S_IFMT(st.st_mode), top)
             self._update(node, entry)
@@ -608,7 +619,8 @@ class Union:
         return names
 
     def listing(self, node: Node) -> list[Entry]:
-        """The merged directory's entries, resolved, for readdir.
+        """The merged directory's entries, resolved, for readdir (an entry with
+        ``is_name_only`` true carries just its name).
 
         A directory with no upper part cannot change while mounted (any change
         inside it copies it up first), so its entries are resolved once and kept.
@@ -623,11 +635,25 @@ class Union:
         if node.listing is None:
             out: list[Entry] = []
             for name in self.names(node):
-                entry = self.resolve(node, name)
+                try:
+                    entry = self.resolve(node, name)
+                except OSError:
+                    # Listed, though looking it up fails (an invalid redirect, say),
+                    # as in the kernel: a name-only entry, resolved (and failing) again.
+                    entry = Entry(name, node.layer, _NO_STAT)
                 if entry is not None:
                     out.append(entry)
             node.listing = out
         return node.listing
+
+    def raw_entry(self, node: Node, name: bytes) -> tuple[Layer, os.stat_result] | None:
+        """*name*'s stat in the topmost layer of directory *node* that has it, whatever
+        it means there: what a listing shows for a name that cannot be looked up."""
+        for layer, path in node.stack:
+            st = layer.lstat(path, name)
+            if st is not None:
+                return layer, st
+        return None
 
     def _drop_stale_impure(self, node: Node, names: list[bytes]) -> None:
         """A directory of the upper only that no longer holds anything whose st_ino is

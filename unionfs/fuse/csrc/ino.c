@@ -32,9 +32,21 @@ static void *next_fn(const char *name)
     return fn != NULL ? fn : dlsym(RTLD_NEXT, name);
 }
 
+/* A readdirplus entry without a node (operations.NODELESS_TAG): node id 0 tells
+   the kernel to take only the name, type and number. */
+#define NODELESS_TAG (0xFFFEULL << 48)
+#define NODELESS_MASK (0xFFFFULL << 48)
+
 static void fix_entry(struct fuse_entry_param *e)
 {
-    uint64_t ino = u64map_get(&shown, e->ino, e->ino);
+    uint64_t ino;
+    if ((e->ino & NODELESS_MASK) == NODELESS_TAG) {
+        e->attr.st_ino = e->ino & ~NODELESS_MASK;
+        e->ino = 0;
+        rewritten++;
+        return;
+    }
+    ino = u64map_get(&shown, e->ino, e->ino);
     if (ino != e->ino) {
         e->attr.st_ino = ino;
         rewritten++;
