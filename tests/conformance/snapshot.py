@@ -9,9 +9,10 @@ Three flavours:
 * ``mount``: a merged view; every xattr the mount lists is recorded, so a
   leaked ``trusted.overlay.*`` name would show up as a divergence.
 * ``upper``: an upper directory after unmount; whiteouts appear as char 0/0.
-  The overlay's private xattrs are kept, with values that differ between any
-  two copies made comparable: an origin file handle as its header (version,
-  flags, type, filesystem uuid) and the layer path of the inode it names
+  The overlay's private xattrs (``trusted.overlay.*``, or ``user.overlay.*`` in
+  the unprivileged mode) are kept, with values that differ between any two
+  copies made comparable: an origin file handle as its header (version, flags,
+  type, filesystem uuid) and the layer path of the inode it names
   (``identify``), the upper root's random uuid as its length only.
   Hole maps of regular files are recorded (sparse copy-up).
 * ``raw``: a lower layer, for the byte-for-byte "unchanged" check; includes
@@ -30,9 +31,7 @@ from typing import Any
 Snapshot = dict[bytes, dict[str, Any]]
 SEEK_DATA, SEEK_HOLE = 3, 4
 OPAQUE = b"trusted.overlay.opaque"
-OVERLAY = b"trusted.overlay."
-ORIGIN = OVERLAY + b"origin"
-UUID = OVERLAY + b"uuid"
+OVERLAY = (b"trusted.overlay.", b"user.overlay.")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -88,9 +87,9 @@ def identify(snap: Snapshot, index: dict[int, str]) -> None:
 
 def _overlay_value(name: bytes, value: bytes, mount_fd: int, index: dict[int, str]) -> bytes:
     """A private xattr's value, comparable between two copies (see the module doc)."""
-    if name == UUID:
+    if name.endswith(b".overlay.uuid"):
         return b"<%d bytes>" % len(value)
-    if name == ORIGIN and value:
+    if name.endswith(b".overlay.origin") and value:
         ino = _handle_ino(value, mount_fd)
         where = "stale" if ino is None else index.get(ino, "not a layer inode")
         return value[:21].hex().encode() + b" -> " + where.encode()
@@ -107,7 +106,7 @@ def _xattrs(
     out: dict[bytes, bytes] = {}
     for name in names:
         bname = name.encode("utf-8", "surrogateescape")
-        if flavour == "upper" and not (bname.startswith((b"user.", OVERLAY))):
+        if flavour == "upper" and not bname.startswith((b"user.", *OVERLAY)):
             continue
         if bname == b"security.selinux":
             continue

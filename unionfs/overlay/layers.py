@@ -121,8 +121,11 @@ class Layer:
     def handle(self, place: bytes) -> markers.FileHandle:
         """The file handle of the entry at *place* (a path in this layer), as an origin
         records it. Raises OSError (EOPNOTSUPP) when the filesystem makes none."""
-        parent, _, name = place.rpartition(b"/")
-        fh_type, fid = name_to_handle(self.dirfd(parent), name)
+        if place:
+            parent, _, name = place.rpartition(b"/")
+            fh_type, fid = name_to_handle(self.dirfd(parent), name)
+        else:
+            fh_type, fid = name_to_handle(self.root_fd, b"")
         return markers.FileHandle(fh_type, fid, self.uuid or markers.NULL_UUID)
 
     def open_handle(self, fh: markers.FileHandle) -> int:

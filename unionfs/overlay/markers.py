@@ -70,15 +70,45 @@ class XattrNamespace:
     def uuid(self) -> bytes:
         return self.prefix + b"uuid"
 
+    @property
+    def userxattr(self) -> bool:
+        return self.prefix.startswith(b"user.")
+
 
 TRUSTED = XattrNamespace(b"trusted.overlay.")
 USER = XattrNamespace(b"user.overlay.")
 PRIVATE_PREFIXES = (TRUSTED.prefix, USER.prefix)
 
 
+def other(ns: XattrNamespace) -> XattrNamespace:
+    return USER if ns is TRUSTED else TRUSTED
+
+
 def is_private_xattr(name: bytes) -> bool:
-    """The overlay's own xattrs (either namespace): never shown, never settable."""
+    """The overlay's own xattrs, in either namespace: never shown through the mount
+    and never set through it, so no container can forge a marker that a later
+    mount (with or without ``userxattr``) would obey."""
     return name.startswith(PRIVATE_PREFIXES)
+
+
+def trusted_xattrs_writable(dirfd: int) -> bool:
+    """Whether ``trusted.*`` xattrs can be written in directory *dirfd* (the workdir).
+
+    Only a process with CAP_SYS_ADMIN in the filesystem's user namespace can:
+    not an ordinary user, and not root inside a rootless container's namespace.
+    There the overlay's markers go in ``user.overlay.*``, as the kernel's
+    ``userxattr`` option does.
+    """
+    probe = b"trusted.overlay.unionfs-probe"
+    try:
+        os.setxattr(fd_path(dirfd), probe, b"", follow_symlinks=True)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP):
+            return False
+        raise
+    with contextlib.suppress(OSError):
+        os.removexattr(fd_path(dirfd), probe, follow_symlinks=True)
+    return True
 
 
 # -- reading -------------------------------------------------------------------
@@ -107,14 +137,68 @@ def oci_whiteout_name(name: bytes) -> bytes:
     return OCI_PREFIX + name
 
 
-def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> bool:
-    """Whether the directory at *path* carries the kernel's opaque marker."""
+_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def overlay_xattr(
+    path: bytes, ns: XattrNamespace, suffix: bytes, follow: bool = False
+) -> bytes | None:
+    """The overlay xattr ``<namespace>.overlay.<suffix>`` of *path*, or None.
+
+    Both namespaces are read: the mount's own (*ns*) wins, as it is the only one
+    the kernel would read; the other is honoured when the mount's has no such
+    xattr, so an upper written with ``userxattr`` shows the same tree to a
+    mount without it. One ``listxattr`` answers the common case (no overlay
+    xattr at all) in one call.
+    """
     try:
-        return os.getxattr(path, ns.opaque, follow_symlinks=follow) == b"y"
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return False
+        if e.errno in _ABSENT:
+            return None
         raise
+    if not names:
+        return None
+    for space in (ns, other(ns)):
+        name = space.prefix + suffix
+        if os.fsdecode(name) in names:
+            try:
+                return os.getxattr(path, name, follow_symlinks=follow)
+            except OSError as e:
+                if e.errno not in _ABSENT:
+                    raise
+    return None
+
+
+def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> bool:
+    """Whether the directory at *path* carries the kernel's opaque marker (exactly ``y``)."""
+    return overlay_xattr(path, ns, b"opaque", follow) == b"y"
+
+
+def overlay_xattrs(path: bytes, ns: XattrNamespace, follow: bool = False) -> dict[bytes, bytes]:
+    """All overlay xattrs of *path*, by suffix (``opaque``, ``redirect``, ...), read in
+    one ``listxattr`` and a ``getxattr`` per overlay xattr found; as ``overlay_xattr``,
+    the mount's namespace wins and the other is honoured where it has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return {}
+        raise
+    out: dict[bytes, bytes] = {}
+    for space in (other(ns), ns):  # the mount's own last: it wins
+        prefix = os.fsdecode(space.prefix)
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            try:
+                out[os.fsencode(name[len(prefix) :])] = os.getxattr(
+                    path, name, follow_symlinks=follow
+                )
+            except OSError as e:
+                if e.errno not in _ABSENT:
+                    raise
+    return out
 
 
 def _get(path: bytes, name: bytes, follow: bool = False) -> bytes | None:
@@ -123,19 +207,18 @@ def _get(path: bytes, name: bytes, follow: bool = False) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=follow)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+        if e.errno in _ABSENT:
             return None
         raise
 
 
-def read_redirect(path: bytes, ns: XattrNamespace) -> bytes | None:
-    """The redirect of the directory (or metacopy file) at *path*: an absolute path
-    from the overlay's root (``/a/b``) or one name in the same parent.
+def parse_redirect(value: bytes | None) -> bytes | None:
+    """A redirect xattr's value: an absolute path from the overlay's root (``/a/b``)
+    or one name in the same parent; None when there is none.
 
     As in the kernel, a value that is empty, a relative one holding a ``/``, or an
     absolute one with an empty component is an error (EINVAL) that fails the lookup.
     """
-    value = _get(path, ns.redirect)
     if value is None:
         return None
     value = value.split(b"\0", 1)[0]  # the kernel reads it as a C string
@@ -155,29 +238,20 @@ def is_absolute_redirect(redirect: bytes) -> bool:
 METACOPY_MIN_SIZE = 4  # struct ovl_metacopy: version, len, flags, digest_algo
 
 
-def has_metacopy(path: bytes, ns: XattrNamespace) -> bool:
-    """Whether the regular file at *path* is a metadata-only copy (its data is below).
-
-    The kernel's marker is empty, or a ``struct ovl_metacopy`` with an fs-verity
-    digest; anything shorter than that struct is an error (EIO), as in the kernel.
-    """
-    value = _get(path, ns.metacopy)
+def parse_metacopy(value: bytes | None) -> bool:
+    """Whether a regular file with this metacopy xattr value is a metadata-only copy
+    (its data is below). The kernel's marker is empty, or a ``struct ovl_metacopy``
+    with an fs-verity digest; anything shorter than that struct is an error (EIO)."""
     if value is None:
         return False
     if 0 < len(value) < METACOPY_MIN_SIZE:
-        raise OSError(errno.EIO, "metacopy xattr too small", path)
+        raise OSError(errno.EIO, "metacopy xattr too small")
     return True
 
 
-def opaque_value(path: bytes, ns: XattrNamespace) -> bytes | None:
-    """The opaque xattr's value (``y``: opaque; ``x``: holds xattr whiteouts), None if absent.
-    Only an exactly one-byte value counts, as the kernel reads it into one byte."""
-    try:
-        value = _get(path, ns.opaque)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return None
-        raise
+def parse_opaque(value: bytes | None) -> bytes | None:
+    """An opaque xattr's value (``y``: opaque; ``x``: holds xattr whiteouts), None if
+    absent. Only an exactly one-byte value counts, as the kernel reads it into one byte."""
     return value if value is not None and len(value) == 1 else None
 
 
@@ -228,7 +302,7 @@ class FileHandle:
 def read_origin(path: bytes, ns: XattrNamespace) -> tuple[bool, FileHandle | None]:
     """Whether the upper entry at *path* records a copy-up origin, and its handle
     (None: origin unknown, as an empty value says)."""
-    value = _get(path, ns.origin)
+    value = overlay_xattr(path, ns, b"origin")
     if value is None:
         return False, None
     try:
@@ -353,12 +427,13 @@ def set_metacopy(path: bytes, ns: XattrNamespace) -> None:
 
 
 def clear_metacopy(path: bytes, ns: XattrNamespace) -> None:
-    """The data is in the upper now: drop the marker (a redirect stays, as in the kernel)."""
-    with contextlib.suppress(FileNotFoundError):
+    """The data is in the upper now: drop the marker, in both namespaces (a redirect
+    stays, as in the kernel)."""
+    for space in (ns, other(ns)):
         try:
-            os.removexattr(path, ns.metacopy, follow_symlinks=False)
+            os.removexattr(path, space.metacopy, follow_symlinks=False)
         except OSError as e:
-            if e.errno != errno.ENODATA:
+            if e.errno not in _ABSENT:
                 raise
 
 
@@ -375,7 +450,7 @@ def set_impure(dirfd: int, ns: XattrNamespace) -> None:
 
 
 def is_impure(dirfd: int, ns: XattrNamespace) -> bool:
-    return _get(fd_path(dirfd), ns.impure, follow=True) is not None
+    return overlay_xattr(fd_path(dirfd), ns, b"impure", follow=True) is not None
 
 
 def clear_impure(dirfd: int, ns: XattrNamespace) -> None:

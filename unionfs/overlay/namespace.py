@@ -468,7 +468,7 @@ def _keep_lower_parts(
 
 
 def _is_opaque(union: Union, dirfd: int, name: bytes) -> bool:
-    return markers.opaque_value(fd_path(dirfd, name), union.ns) == b"y"
+    return markers.has_opaque_xattr(fd_path(dirfd, name), union.ns)
 
 
 def set_redirect(union: Union, node: Node, dirfd: int, name: bytes, samedir: bool) -> None:

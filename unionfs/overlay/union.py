@@ -26,7 +26,7 @@ from pathlib import Path
 from unionfs.overlay import markers
 from unionfs.overlay.idmap import IDENTITY, IdMapper
 from unionfs.overlay.layers import Layer, discard, stat_with
-from unionfs.overlay.markers import is_private_xattr, is_whiteout
+from unionfs.overlay.markers import TRUSTED, XattrNamespace, is_private_xattr, is_whiteout
 from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile, Place
 from unionfs.overlay.syscalls import fd_path
 
@@ -54,6 +54,7 @@ class UnionConfig:
     static_nlink: bool = False  # report nlink 1 for every directory
     writeback: bool = False  # the kernel's write-back cache holds writes until it flushes
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
+    xattrs: XattrNamespace = TRUSTED  # where markers are written: user.overlay.* with userxattr
     # redirect_dir: "on" (renaming a directory with lower parts records a redirect),
     # "follow" (redirects are followed, never made: EXDEV) or "nofollow" (EPERM).
     redirect: str = "follow"
@@ -86,9 +87,9 @@ class Union:
         layers: list[Layer] = []
         try:
             if config.upper is not None:
-                layers.append(Layer(0, config.upper, writable=True))
+                layers.append(Layer(0, config.upper, writable=True, xattrs=config.xattrs))
             for path in config.lowers:
-                layers.append(Layer(len(layers), path, writable=False))
+                layers.append(Layer(len(layers), path, writable=False, xattrs=config.xattrs))
         except BaseException:
             for layer in layers:
                 layer.close()
@@ -102,6 +103,7 @@ class Union:
         if config.work is not None and not self.readonly:
             self.work_fd = _prepare_workdir(config.work)
         self.ns = layers[0].xattrs
+        self._decodable: dict[int, bool] = {}  # st_dev -> file handles can be opened
         self.inos = InodeNumbers()
         root = Node(ROOT_INO, None, b"", stat.S_IFDIR, layers[0])
         root.lowers = tuple(Place(layer, b"") for layer in self._cut_at_opaque(b"", layers)[1:])
@@ -279,12 +281,18 @@ class Union:
             return None
         path = join(base.path, comp)
         here = (Place(layer, path), st)
-        real = fd_path(layer.dirfd(base.path), comp)
-        if not stat.S_ISDIR(st.st_mode):
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if (not is_dir and (d.is_dir or not last_element)) or d.last and is_dir:
+            xattrs: dict[bytes, bytes] = {}  # what follows reads none
+        else:
+            xattrs = markers.overlay_xattrs(fd_path(layer.dirfd(base.path), comp), self.ns)
+        if not is_dir:
             if d.is_dir or not last_element:
                 d.stop = True
                 return None
-            d.metacopy = stat.S_ISREG(st.st_mode) and markers.has_metacopy(real, self.ns)
+            d.metacopy = stat.S_ISREG(st.st_mode) and markers.parse_metacopy(
+                xattrs.get(b"metacopy")
+            )
             d.stop = not d.metacopy
             if not d.metacopy or d.last:
                 return here
@@ -293,7 +301,7 @@ class Union:
                 d.is_dir = True
             if d.last:
                 return here
-            opaque = markers.opaque_value(real, self.ns)
+            opaque = markers.parse_opaque(xattrs.get(b"opaque"))
             if opaque is None and lower and layer.lstat(path, markers.OCI_OPAQUE) is not None:
                 opaque = b"y"
             if opaque == b"y":
@@ -301,7 +309,7 @@ class Union:
                 if last_element:
                     d.opaque = True
                 return here
-        redirect = markers.read_redirect(real, self.ns)
+        redirect = markers.parse_redirect(xattrs.get(b"redirect"))
         if redirect is not None:
             if markers.is_absolute_redirect(redirect):
                 # An absolute redirect reaches the lower layers even below an opaque parent.
@@ -340,6 +348,18 @@ class Union:
                 break
         self.inos.shown[st.st_ino] = ino or self.inos.real(place.layer, st.st_ino)
         return ino
+
+    def _can_decode(self, layer: Layer) -> bool:
+        """Whether file handles of *layer*'s filesystem can be opened here (tried once)."""
+        ok = self._decodable.get(layer.dev)
+        if ok is None:
+            try:
+                os.close(layer.open_handle(layer.handle(b"")))
+                ok = True
+            except OSError:
+                ok = False
+            self._decodable[layer.dev] = ok
+        return ok
 
     def _may_decode(self, layer: Layer, fh: markers.FileHandle) -> bool:
         """Whether an origin may be looked for on *layer*'s filesystem: the uuids
@@ -423,10 +443,13 @@ class Union:
         except OSError as e:
             log.warning("could not record the origin of %r: %s", node, e.strerror)
 
-    @staticmethod
-    def origin_of(place: Place) -> markers.FileHandle | None:
+    def origin_of(self, place: Place) -> markers.FileHandle | None:
         """The origin to record for a copy of *place*: its file handle, or None ("origin
-        unknown", the kernel's empty value) when its filesystem makes none."""
+        unknown", the kernel's empty value) when its filesystem makes none, or when
+        this daemon could not decode it again (no CAP_DAC_READ_SEARCH: an ordinary
+        user, a user namespace), as the kernel's ``ovl_can_decode_fh`` says."""
+        if not self._can_decode(place.layer):
+            return None
         try:
             return place.layer.handle(place.path)
         except OSError as e:
