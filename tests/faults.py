@@ -4,7 +4,9 @@
 ordinary command line after patching the core in this process only:
 
 - ``lookup=NAME``: looking up NAME raises a bug (not an OSError);
-- ``forget``: every release of a kernel reference raises a bug.
+- ``forget``: every release of a kernel reference raises a bug;
+- ``hide=NAME``: listings leave out every entry named NAME (a planted bug of the
+  shape an exclusion must not cover; see ``tests/conformance/test_selfcheck.py``).
 
 Production code has no hook for this; the faults are planted from here.
 """
@@ -33,6 +35,14 @@ def plant(spec: str) -> None:
                 return _real(self, parent, n)
 
             Union.lookup = lookup  # type: ignore[method-assign]
+        elif kind == "hide":
+            hidden = arg.encode()
+            real_names = Union.names
+
+            def names(self: Union, node: Any, _real: Any = real_names, _h: bytes = hidden) -> Any:
+                return [n for n in _real(self, node) if n != _h]
+
+            Union.names = names  # type: ignore[method-assign]
         elif kind == "forget":
 
             def release_ino(self: NodeTable, ino: int, count: int) -> None:

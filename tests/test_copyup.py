@@ -122,7 +122,7 @@ def test_copy_up_keeps_holes_and_symlink_targets(stack: Stack, mounted) -> None:
     os.lchown(stack.mnt / "link", 9, 9)
     up = os.stat(stack.upper / "sparse")
     assert up.st_size == 64 << 20
-    assert up.st_blocks * 512 < 1 << 20  # still sparse
+    assert up.st_blocks * 512 <= 1 << 20  # still sparse: the 1 MiB chunk the kernel copies
     with open(stack.mnt / "sparse", "rb") as f:
         f.seek(32 << 20)
         assert f.read(6) == b"middle"

@@ -51,6 +51,10 @@ class Divergence:
     detail: str
     paths: frozenset[bytes] = field(default_factory=frozenset)
     excluded_by: str | None = None
+    # The two values compared (a field of an entry, a whole entry for only-a/only-b,
+    # or an op's results), for exclusions that must match them exactly.
+    a: Any = None
+    b: Any = None
 
     def __str__(self) -> str:
         tag = f" [excluded: {self.excluded_by}]" if self.excluded_by else ""
@@ -141,12 +145,12 @@ def diff_trees(
     for p in sorted(set(a) | set(b)):
         where = _show(p)
         if p not in b:
-            view = _show(_entry_view(a[p], ca, flavour))
-            out.append(Divergence(f"{prefix}:only-a", where, view, frozenset({p})))
+            full = _entry_view(a[p], ca, flavour)
+            out.append(Divergence(f"{prefix}:only-a", where, _show(full), frozenset({p}), a=full))
             continue
         if p not in a:
-            view = _show(_entry_view(b[p], cb, flavour))
-            out.append(Divergence(f"{prefix}:only-b", where, view, frozenset({p})))
+            full = _entry_view(b[p], cb, flavour)
+            out.append(Divergence(f"{prefix}:only-b", where, _show(full), frozenset({p}), b=full))
             continue
         va, vb = _entry_view(a[p], ca, flavour), _entry_view(b[p], cb, flavour)
         for k in sorted(set(va) | set(vb)):
@@ -164,6 +168,8 @@ def diff_trees(
                         where,
                         f"{_show(va.get(k))} != {_show(vb.get(k))}",
                         frozenset([p]),
+                        a=va.get(k),
+                        b=vb.get(k),
                     )
                 )
     return out

@@ -1,14 +1,17 @@
 """Named exclusions: intentional, documented differences between unionfs and the kernel.
 
 A divergence is only ever excluded *by name*, here, with the reason written
-down and the matching condition as narrow as the difference itself. The
-comparators stay strict; this registry only labels what they found. Excluded
-divergences are still printed (tagged) so they remain visible.
+down and the matching condition as narrow as the difference itself: which side
+shows what (side a is the kernel, side b unionfs), in which op window, for what
+kind of directory and what the entry really is, read from the layers and the
+two trees the divergence was found in. The comparators stay strict; this
+registry only labels what they found. Excluded divergences are still printed
+(tagged) so they remain visible. Each exclusion has negative controls in
+``test_selfcheck.py``: divergences of a nearby shape that it must not cover.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
 from collections.abc import Callable
@@ -16,38 +19,63 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tests.conformance.compare import Divergence
-from tests.conformance.layers import LayerSpec
+from tests.conformance.layers import OPAQUE_XATTR, Entry, LayerSpec
 
 if TYPE_CHECKING:
     from tests.conformance.ops import Op
     from tests.conformance.runner import Case
+    from tests.conformance.snapshot import Snapshot
 
 History = list[tuple["Op", Any, Any]]  # the ops run so far, with side a's and side b's result
+KERNELS = ("kernel", "userns-kernel")
+OPAQUE_NAMES = (OPAQUE_XATTR, b"user.overlay.opaque")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an exclusion may look at: the layers, the ops so far with both results,
+    which kind each side is, and the two trees (or upper dirs) being compared."""
+
+    spec: LayerSpec
+    history: History
+    kinds: tuple[str, str] = ("kernel", "unionfs")
+    snaps: tuple[Snapshot, Snapshot] | None = None
+
+    @property
+    def kernel_vs_unionfs(self) -> bool:
+        return self.kinds[0] in KERNELS and self.kinds[1] == "unionfs"
+
+    def entry(self, side: int, path: bytes) -> dict[str, Any] | None:
+        if self.snaps is None:
+            return None
+        return self.snaps[side].get(path)
 
 
 @dataclass(frozen=True)
 class Exclusion:
     name: str
     reason: str
-    applies: Callable[[Divergence, LayerSpec, History], bool]
+    applies: Callable[[Divergence, Context], bool]
 
 
-def _path_of(d: Divergence) -> bytes | None:
-    """The path a tree divergence is about: its one ``paths`` entry, else its ``where``
-    (the repr of the bytes path, exact unless shortened for display)."""
-    if len(d.paths) == 1 and d.kind != "result":
-        return next(iter(d.paths))
-    if d.where.startswith(("b'", 'b"')):
-        try:
-            value = ast.literal_eval(d.where)
-        except (ValueError, SyntaxError):
-            return None
-        return value if isinstance(value, bytes) else None
-    return None
+def _ok(r: Any) -> bool:
+    return isinstance(r, tuple) and r[0] == "ok"
 
 
-def _spec_whiteouts(spec: LayerSpec) -> set[bytes]:
-    return {e.path for layer in (spec.upper, *spec.lowers) for e in layer if e.kind == "whiteout"}
+def _failed_alike(ra: Any, rb: Any) -> bool:
+    return isinstance(ra, tuple) and ra[0] == "err" and ra == rb
+
+
+def _op_index(d: Divergence) -> int | None:
+    """The op a divergence was found after (``op#K ...`` in its stage), for results."""
+    if not d.where.startswith("op#"):
+        return None
+    k = d.where[3:].partition(" ")[0]
+    return int(k) if k.isdigit() else None
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
 
 
 def _moved(path: bytes, src: bytes, dst: bytes) -> bytes | None:
@@ -59,135 +87,224 @@ def _moved(path: bytes, src: bytes, dst: bytes) -> bytes | None:
     return None
 
 
-def _whiteouts_now(spec: LayerSpec, history: History) -> set[bytes]:
-    """The layers' whiteouts at the paths they have after the renames that succeeded on
-    both sides (a renamed directory takes its whiteouts along)."""
-    paths = _spec_whiteouts(spec)
-    for op, ra, rb in history:
-        if op.name != "rename" or not (isinstance(ra, tuple) and ra[0] == "ok" and ra == rb):
+def _follow(path: bytes, history: History, until: int | None = None) -> bytes | None:
+    """Where *path* is after the renames that succeeded on both sides (up to op *until*),
+    or None once a rename replaced it."""
+    for op, ra, rb in history[:until]:
+        if op.name != "rename" or not (_ok(ra) and ra == rb):
             continue
         src, dst, flags = op.args
-        out: set[bytes] = set()
-        for p in paths:
-            new = _moved(p, src, dst)
-            if flags == "EXCHANGE" and new is None:
-                new = _moved(p, dst, src)
-            elif new is None and _moved(p, dst, dst) is not None:
-                continue  # replaced by the rename
-            out.add(p if new is None else new)
-        paths = out
-    return paths
+        new = _moved(path, src, dst)
+        if flags == "EXCHANGE" and new is None:
+            new = _moved(path, dst, src)
+        elif new is None and _moved(path, dst, dst) is not None:
+            return None
+        path = path if new is None else new
+    return path
 
 
-def _whiteout_listed_in_unmerged_dir(d: Divergence, spec: LayerSpec, history: History) -> bool:
-    """The symptom exactly: a kernel listing shows a name that its own lookup calls
-    ENOENT, at a path where a layer holds a whiteout (followed through renames)."""
-    whiteouts = _whiteouts_now(spec, history)
-    if d.kind.endswith((":only-a", ":only-b")) and "'error': 'ENOENT'" in d.detail:
-        return _path_of(d) in whiteouts
-    if d.kind == "result" and d.paths and ("readdir(" in d.where):
-        listed = {
-            n if isinstance(n, bytes) else os.fsencode(n) for n in d.paths
-        }  # fd listings are str
-        return listed <= {w.rpartition(b"/")[2] for w in whiteouts}
+# -- whiteout-listed-in-unmerged-dir ---------------------------------------------------
+
+
+def _merge_stack(layers: list[dict[bytes, Entry]], path: bytes) -> list[int]:
+    """The layers (by index, the upper first) whose directory at *path* the kernel
+    merges: each directory's stack cut at an opaque one, a whiteout or a non-directory."""
+    if not path:
+        return list(range(len(layers)))
+    out: list[int] = []
+    for i in _merge_stack(layers, _parent(path)):
+        e = layers[i].get(path)
+        if e is None:
+            continue
+        if e.kind != "dir":
+            break
+        out.append(i)
+        if any(n in e.xattrs for n in OPAQUE_NAMES):
+            break
+    return out
+
+
+def _passed_through_whiteouts(spec: LayerSpec) -> dict[bytes, bool]:
+    """The layers' whiteouts that sit in a directory the kernel passes straight to one
+    layer's readdir (no other layer merges into it), each with whether that directory
+    is the upper's (which a rename carries along, still unmerged) or a lower's (which a
+    rename first copies up: merged from then on)."""
+    layers = [{e.path: e for e in layer} for layer in (spec.upper, *spec.lowers)]
+    out: dict[bytes, bool] = {}
+    for i, layer in enumerate(layers):
+        for path, e in layer.items():
+            parent = _parent(path)
+            if e.kind == "whiteout" and parent and _merge_stack(layers, parent) == [i]:
+                out[path] = i == 0
+    return out
+
+
+def _listed_whiteouts_now(ctx: Context, until: int | None = None) -> set[bytes]:
+    out = set()
+    for path, in_upper in _passed_through_whiteouts(ctx.spec).items():
+        now = _follow(path, ctx.history, until)
+        if now is not None and (in_upper or now == path):
+            out.add(now)
+    return out
+
+
+def _fd_dir(ctx: Context, slot: int, k: int) -> bytes | None:
+    """The path of the directory fd *slot* was opened on before op *k*, on both sides."""
+    for j in range(k - 1, -1, -1):
+        op, ra, rb = ctx.history[j]
+        if op.name == "close" and op.args[0] == slot:
+            return None
+        if op.name == "open" and op.args[0] == slot:
+            if ra == rb == ("ok", "dir"):
+                return _follow(op.args[1], ctx.history[j + 1 : k])
+            return None
+    return None
+
+
+def _real_dir(ctx: Context, path: bytes) -> bytes | None:
+    """*path* with the symlinks in it resolved in the kernel's tree (as a readdir follows
+    them), or None when it leaves the mount."""
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    done: list[bytes] = []
+    for _ in range(40):
+        if not parts:
+            return b"/".join(done)
+        part = parts.pop(0)
+        if part == b"..":
+            if done:
+                done.pop()
+            continue
+        entry = ctx.entry(0, b"/".join([*done, part]))
+        target = entry.get("target") if entry is not None else None
+        if not isinstance(target, bytes):
+            done.append(part)
+            continue
+        if target.startswith(b"/"):
+            return None
+        parts = [p for p in target.split(b"/") if p and p != b"."] + parts
+    return None
+
+
+def _whiteout_listed_in_unmerged_dir(d: Divergence, ctx: Context) -> bool:
+    """The kernel lists, in a directory it passes through to one layer, a name that is
+    a whiteout there and that its own lookup calls ENOENT; unionfs does not list it."""
+    if not ctx.kernel_vs_unionfs:
+        return False
+    # The kernel's tree: side a's during the ops; after them, the cross-mounts compare
+    # the kernel over unionfs's upper (second) with unionfs's final tree, and the
+    # kernel's final tree (first) with unionfs over the kernel's upper.
+    kernels_entry = {
+        "tree:only-a": d.a,
+        "cross-unionfs:only-a": d.a,
+        "cross-kernel:only-b": d.b,
+    }
+    if d.kind in kernels_entry:
+        path = next(iter(d.paths), None)
+        return (
+            kernels_entry[d.kind] == {"error": "ENOENT"}
+            and path is not None
+            and path in _listed_whiteouts_now(ctx)
+        )
+    k = _op_index(d)
+    if d.kind != "result" or k is None or k >= len(ctx.history):
+        return False
+    op, ra, rb = ctx.history[k]
+    if op.name == "readdir":
+        where: bytes | None = _real_dir(ctx, op.args[0])
+    elif op.name == "fdreaddir":
+        where = _fd_dir(ctx, op.args[0], k)
+    else:
+        return False
+    if where is None or not (_ok(ra) and _ok(rb)):
+        return False
+    only_a = {os.fsencode(n) for n in ra[1]} - {os.fsencode(n) for n in rb[1]}
+    if not only_a or {os.fsencode(n) for n in rb[1]} - {os.fsencode(n) for n in ra[1]}:
+        return False  # unionfs listing a name the kernel does not is never this
+    listed = _listed_whiteouts_now(ctx, k + 1)
+    for name in only_a:
+        path = where + b"/" + name if where else name
+        if path not in listed or ctx.entry(0, path) not in (None, {"error": "ENOENT"}):
+            return False
+    return True
+
+
+# -- opaque-left-by-failed-rename ------------------------------------------------------
+
+
+def _lower_dir(spec: LayerSpec, path: bytes) -> bool:
+    """Whether a lower layer has a directory at *path* (the root always)."""
+    return not path or any(
+        e.path == path and e.kind == "dir" for layer in spec.lowers for e in layer
+    )
+
+
+def _opaque_left_by_failed_rename(d: Divergence, ctx: Context) -> bool:
+    """Only the kernel's upper has the opaque marker on a directory of the upper only
+    that a rename into a merged directory tried to move and that failed alike."""
+    if not ctx.kernel_vs_unionfs or d.kind != "upper:xattrs" or len(d.paths) != 1:
+        return False
+    path = next(iter(d.paths))
+    a, b = d.a or {}, d.b or {}
+    added = {k: v for k, v in a.items() if k not in b}
+    if not (
+        len(added) == 1
+        and next(iter(added)) in OPAQUE_NAMES
+        and next(iter(added.values())) == b"y"
+        and {k: v for k, v in a.items() if k not in added} == b
+    ):
+        return False
+    entry = ctx.entry(0, path)
+    if entry is None or entry.get("fmt") != 0o040000 or _lower_dir(ctx.spec, path):
+        return False
+    for k, (op, ra, rb) in enumerate(ctx.history):
+        if op.name != "rename" or not _failed_alike(ra, rb):
+            continue
+        src, dst = op.args[0], op.args[1]
+        if _follow(src, ctx.history[k:]) == path and _lower_dir(ctx.spec, _parent(dst)):
+            return True
     return False
 
 
-def _failed_xattr_flag_without_copy_up(d: Divergence, spec: LayerSpec, history: History) -> bool:
-    targets: set[bytes] = set()
-    for op, ra, rb in history:
+# -- parent-touched-by-failed-rename ---------------------------------------------------
+
+
+def _parent_touched_by_failed_rename(d: Divergence, ctx: Context) -> bool:
+    """The kernel stamped the mtime of a rename's parent directory during the op, then
+    failed as unionfs did: the kernel's mtime is exactly that op's, unionfs's is not."""
+    if not ctx.kernel_vs_unionfs or not d.kind.endswith(":mtime") or len(d.paths) != 1:
+        return False
+    path = next(iter(d.paths))
+    entry = ctx.entry(0, path)
+    if entry is None or entry.get("fmt") != 0o040000:
+        return False
+    for k, (op, ra, rb) in enumerate(ctx.history):
         if (
-            op.name == "setxattr"
-            and op.args[-1] in ("CREATE", "REPLACE")
-            and ra == rb
-            and isinstance(ra, tuple)
-            and ra[0] == "err"
+            op.name == "rename"
+            and _failed_alike(ra, rb)
+            and d.a == f"op#{k}"
+            and d.b != d.a
+            and path in (_parent(op.args[0]), _parent(op.args[1]))
         ):
-            for path in (op.args[0], _link_target(op.args[0], spec, history)):
-                while path:
-                    targets.add(path)
-                    path = path.rpartition(b"/")[0]
-    if not targets:
-        return False
-    if d.kind == "upper:only-a" or d.kind.endswith(":nlink"):
-        return _path_of(d) in targets
-    if d.kind == "result" and d.where.startswith("op#"):
-        # A later stat of the target: the kernel's copy-up split a lower hard link.
-        k = int(d.where[3:].partition(" ")[0])
-        if k < len(history):
-            op, ra, rb = history[k]
-            if op.name in ("stat", "lstat") and op.args[0] in targets:
-                return _same_but_nlink(ra, rb)
+            return True
     return False
 
 
-def _link_target(path: bytes, spec: LayerSpec, history: History) -> bytes:
-    """Where a relative symlink at *path* (made by an op or in a layer) points, or b""."""
-    target = b""
-    for layer in (spec.upper, *spec.lowers):
-        for e in layer:
-            if e.path == path and e.kind == "symlink":
-                target = target or e.target
-    for op, ra, _ in history:
-        if op.name == "symlink" and op.args[1] == path and isinstance(ra, tuple) and ra[0] == "ok":
-            target = op.args[0]
-    if not target or target.startswith(b"/"):
-        return b""
-    return os.path.normpath(os.path.join(path.rpartition(b"/")[0], target)).lstrip(b"./")
+# -- lseek-of-a-directory-fuse ---------------------------------------------------------
 
 
-def _parent_touched_by_failed_rename(d: Divergence, spec: LayerSpec, history: History) -> bool:
-    """The kernel touched a rename's parent directory before failing as unionfs did."""
-    if not d.kind.endswith(":mtime"):
+def _lseek_of_a_directory(d: Divergence, ctx: Context) -> bool:
+    """SEEK_DATA/SEEK_HOLE on an fd of a directory: the kernel overlay says EINVAL,
+    the kernel's FUSE module answers for unionfs without asking it."""
+    k = _op_index(d)
+    if not ctx.kernel_vs_unionfs or d.kind != "result" or k is None or k >= len(ctx.history):
         return False
-    path = _path_of(d)
-    if path is None:
-        return False
-    return any(
-        op.name == "rename"
-        and path in (op.args[0].rpartition(b"/")[0], op.args[1].rpartition(b"/")[0])
-        and ra == rb
-        and isinstance(ra, tuple)
-        and ra[0] == "err"
-        for op, ra, rb in history
+    op, ra, rb = ctx.history[k]
+    return (
+        op.name == "lseek"
+        and ra == ("err", "EINVAL")
+        and rb != ra
+        and _fd_dir(ctx, op.args[0], k) is not None
     )
-
-
-def _same_but_nlink(ra: Any, rb: Any) -> bool:
-    if not (isinstance(ra, tuple) and isinstance(rb, tuple) and ra[0] == rb[0] == "ok"):
-        return False
-    if not (isinstance(ra[1], dict) and isinstance(rb[1], dict)):
-        return False
-    strip = ({k: v for k, v in r[1].items() if k != "nlink"} for r in (ra, rb))
-    return next(strip) == next(strip)
-
-
-def _opaque_left_by_failed_rename(d: Divergence, spec: LayerSpec, history: History) -> bool:
-    """Only the kernel's upper has the opaque marker, on the source of a rename that
-    failed the same way on both sides."""
-    if d.kind != "upper:xattrs" or "trusted.overlay.opaque" not in d.detail:
-        return False
-    path = _path_of(d)
-    return any(
-        op.name == "rename"
-        and op.args[0] == path
-        and ra == rb
-        and isinstance(ra, tuple)
-        and ra[0] == "err"
-        for op, ra, rb in history
-    )
-
-
-def _lower_hardlink_group(d: Divergence, spec: LayerSpec, history: History) -> bool:
-    if d.kind != "ino:hardlink" or not d.paths:
-        return False
-    return any(d.paths <= group for group in spec.lower_hardlink_groups())
-
-
-def _lower_hardlink_copy_up(d: Divergence, spec: LayerSpec, history: History) -> bool:
-    if d.kind != "ino:stability" or len(d.paths) != 1:
-        return False
-    return any(d.paths <= group for group in spec.lower_hardlink_groups())
 
 
 def _lower_file_at(path: bytes, spec: LayerSpec) -> bool:
@@ -223,12 +340,12 @@ def _linked_lower_files(spec: LayerSpec, history: History) -> list[set[bytes]]:
     return families
 
 
-def _userns_names_of_a_linked_lower_file(d: Divergence, spec: LayerSpec, history: History) -> bool:
+def _userns_names_of_a_linked_lower_file(d: Divergence, ctx: Context) -> bool:
     """In the unprivileged mode only: a hard-link group whose names all belong to one
     lower file that links copied up."""
     if os.geteuid() == 0 or d.kind != "ino:hardlink" or not d.paths:
         return False
-    return any(d.paths <= family for family in _linked_lower_files(spec, history))
+    return any(d.paths <= family for family in _linked_lower_files(ctx.spec, ctx.history))
 
 
 EXCLUSIONS: tuple[Exclusion, ...] = (
@@ -237,8 +354,11 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         reason=(
             "The kernel passes a directory that exists in one layer only straight through to "
             "that layer's readdir, so a whiteout in it is listed although lookup says ENOENT. "
-            "unionfs never lists a whiteout (issue 2 asks for that). Limited to tree entries "
-            "that are such whiteouts and to listings that differ only by their names."
+            "unionfs never lists a whiteout (issue 2 asks for that). Limited to the kernel's "
+            "side, to whiteouts a layer holds in a directory no other layer merges into (an "
+            "upper one followed through renames; a lower one until a rename copies it up), "
+            "to tree entries that the kernel's lookup calls ENOENT, and to listings of that "
+            "very directory that differ only by such names, on the kernel's side."
         ),
         applies=_whiteout_listed_in_unmerged_dir,
     ),
@@ -260,7 +380,8 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "A rename of an upper directory onto a non-empty directory fails with the same "
             "errno on both sides, but the kernel has already changed the parent's upper "
             "directory (its mtime moves) on the way; unionfs checks first and changes nothing. "
-            "Limited to the mtime of a parent of such a failed rename."
+            "Limited to the kernel's side showing the failed op's own time on a directory "
+            "that is a parent of that rename, while unionfs shows another."
         ),
         applies=_parent_touched_by_failed_rename,
     ),
@@ -277,6 +398,17 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "that a lower layer provided and link ops gave more names, in the unprivileged mode."
         ),
         applies=_userns_names_of_a_linked_lower_file,
+    ),
+    Exclusion(
+        name="lseek-of-a-directory-fuse",
+        reason=(
+            "lseek with SEEK_DATA or SEEK_HOLE on an fd of a directory: the kernel overlay "
+            "answers EINVAL; for a FUSE directory the kernel's FUSE module answers itself "
+            "(generic_file_llseek: ENXIO past the size, else the size) and never asks the "
+            "filesystem. Limited to lseek results where the kernel says EINVAL, on an fd "
+            "that an open made on a directory on both sides."
+        ),
+        applies=_lseek_of_a_directory,
     ),
 )
 
@@ -309,16 +441,25 @@ def drop_unsupported(case: Case) -> tuple[Case, list[str]]:
     return dataclasses.replace(case, ops=ops), notes
 
 
-def label(
-    divergences: list[Divergence], spec: LayerSpec, history: History | None = None
-) -> list[Divergence]:
+def label_in(divergences: list[Divergence], ctx: Context) -> list[Divergence]:
     """Tag each divergence that a named exclusion covers; returns the untagged ones."""
     remaining = []
     for d in divergences:
         for ex in EXCLUSIONS:
-            if ex.applies(d, spec, history or []):
+            if ex.applies(d, ctx):
                 d.excluded_by = ex.name
                 break
         else:
             remaining.append(d)
     return remaining
+
+
+def label(
+    divergences: list[Divergence],
+    spec: LayerSpec,
+    history: History | None = None,
+    kinds: tuple[str, str] = ("kernel", "unionfs"),
+    snaps: tuple[Snapshot, Snapshot] | None = None,
+) -> list[Divergence]:
+    """``label_in`` with the context given piece by piece."""
+    return label_in(divergences, Context(spec, history or [], kinds, snaps))

@@ -34,6 +34,7 @@ class Side:
         work: bytes | None,
         mnt: bytes,
         options: str = "",
+        command: list[str] | None = None,
     ):
         self.kind = kind
         self.mnt = mnt
@@ -78,6 +79,7 @@ class Side:
                     wk,
                     extra_options=options,
                     log_path=os.fsdecode(mnt) + ".log",
+                    command=command,
                 )
             except RuntimeError as e:
                 raise MountError(str(e)) from e

@@ -349,7 +349,7 @@ def execute(root: bytes, o: Op, fds: dict[int, int]) -> tuple[str, Any]:
         return "err", errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
-def _open(root: bytes, o: Op, fds: dict[int, int]) -> None:
+def _open(root: bytes, o: Op, fds: dict[int, int]) -> str | None:
     slot, path, flags, mode = o.args
     if slot in fds:
         os.close(fds.pop(slot))
@@ -361,7 +361,9 @@ def _open(root: bytes, o: Op, fds: dict[int, int]) -> None:
     if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise Escape  # never open host devices
     # O_NONBLOCK: a fifo opened for reading must not block the worker.
-    fds[slot] = os.open(full, OPEN_FLAGS[flags] | os.O_NONBLOCK, mode)
+    fd = fds[slot] = os.open(full, OPEN_FLAGS[flags] | os.O_NONBLOCK, mode)
+    # What the fd is, when an exclusion must know (lseek of a directory).
+    return "dir" if "PATH" not in flags and stat.S_ISDIR(os.fstat(fd).st_mode) else None
 
 
 def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:

@@ -90,9 +90,11 @@ class _Run:
         tamper: Callable[[bytes], None] | None,
         before_op: Callable[[int, Side], None] | None,
         options: str,
+        command: list[str] | None = None,
     ):
         self.case, self.kinds, self.timeout, self.post = case, kinds, timeout, post
         self.tamper, self.before_op, self.options = tamper, before_op, options
+        self.command = command
         self.tmp = os.fsencode(tempfile.mkdtemp(prefix="conf-", dir="/tmp"))
         self.sides: dict[str, Side] = {}
         self.workers: dict[str, Worker] = {}
@@ -102,8 +104,16 @@ class _Run:
         self.history: list[tuple[Op, Any, Any]] = []  # each op run so far, with both results
         self.lower_index: dict[str, dict[int, str]] = {}  # per side: lower inode -> where
 
-    def fail(self, stage: str, divs: list[Divergence]) -> bool:
-        remaining = exclusions.label(divs, self.case.spec, self.history)
+    def fail(
+        self,
+        stage: str,
+        divs: list[Divergence],
+        snaps: tuple[snapshot.Snapshot, snapshot.Snapshot] | None = None,
+    ) -> bool:
+        """Record the divergences of *stage* that no exclusion covers; *snaps* are the two
+        trees they were found in (the exclusions look at them)."""
+        ctx = exclusions.Context(self.case.spec, self.history, self.kinds, snaps)
+        remaining = exclusions.label_in(divs, ctx)
         self.out.excluded.extend(d for d in divs if d.excluded_by)
         if remaining:
             self.out.stage, self.out.divergences = stage, remaining
@@ -123,7 +133,15 @@ class _Run:
     ) -> Side | None:
         os.mkdir(mnt)
         try:
-            side = Side(kind, dirs[0], dirs[1], dirs[2], mnt, self.options)
+            side = Side(
+                kind,
+                dirs[0],
+                dirs[1],
+                dirs[2],
+                mnt,
+                self.options,
+                self.command if kind == "unionfs" else None,
+            )
         except MountError as e:
             self.fail(f"mount {name}", [Divergence("mount", name, str(e)[:500])])
             return None
@@ -193,6 +211,7 @@ class _Run:
             "initial",
             diff_trees(*pair, self.clock, self.clock, "tree")
             + diff_inodes(None, pair[0], None, pair[1]),
+            pair,
         ):
             return self.out
         for k, o in enumerate(self.case.ops):
@@ -224,11 +243,13 @@ class _Run:
                         f"op#{k} {o}",
                         f"a={ra!r:.200} b={rb!r:.200}",
                         _listed_apart(ra, rb),
+                        a=ra,
+                        b=rb,
                     )
                 )
             divs += diff_trees(*new, self.clock, self.clock, "tree")
             divs += diff_inodes(pair[0], new[0], pair[1], new[1])
-            if self.fail(stage, divs):
+            if self.fail(stage, divs, new):
                 return self.out
             pair = new
         self.final = pair
@@ -261,7 +282,9 @@ class _Run:
     def post_checks(self) -> None:
         ua = snapshot.take(self.dirs["a"][1] or b"", "upper", self.index("a"))
         ub = snapshot.take(self.dirs["b"][1] or b"", "upper", self.index("b"))
-        if self.fail("upper", diff_trees(ua, ub, self.clock, self.clock, "upper", flavour="upper")):
+        if self.fail(
+            "upper", diff_trees(ua, ub, self.clock, self.clock, "upper", flavour="upper"), (ua, ub)
+        ):
             return
         # kind of a over b's upper must show b's final tree, and vice versa.
         for mounted_kind, owner, final in (
@@ -318,6 +341,7 @@ def run_case(
     tamper: Callable[[bytes], None] | None = None,
     before_op: Callable[[int, Side], None] | None = None,
     options: str = "",
+    command: list[str] | None = None,
 ) -> Outcome:
     """Execute *case* on both sides; never leaves a mount, daemon or temp dir behind.
 
@@ -327,13 +351,15 @@ def run_case(
         before_op: Test hook: called with the op index and side b before each op
             (e.g. to stop the daemon and provoke a hang).
         options: Mount options both sides get (a mode: ``redirect_dir=on``, ...).
+        command: Test hook: the unionfs command line to run (a daemon with a planted
+            fault, ``tests/faults.py``), for negative controls.
     """
     notes: list[str] = []
     if os.geteuid() != 0:  # the unprivileged mode: layers as an ordinary user builds them
         case = Case(unprivileged(case.spec), case.ops, case.seed)
     if "unionfs" in kinds:
         case, notes = exclusions.drop_unsupported(case)
-    r = _Run(case, kinds, timeout, post, tamper, before_op, options)
+    r = _Run(case, kinds, timeout, post, tamper, before_op, options, command)
     try:
         out = r.run()
     finally:

@@ -32,13 +32,18 @@ import stat
 
 import pytest
 
-from tests.conformance.cases import CASES, F, spec
+from tests.conformance.cases import CASES, D, F, W, spec
 from tests.conformance.cli import case_seed, format_report
-from tests.conformance.ops import op
+from tests.conformance.compare import Divergence
+from tests.conformance.exclusions import label
+from tests.conformance.layers import OPAQUE_XATTR
+from tests.conformance.ops import Op, op
 from tests.conformance.runner import Case, make_case, run_case
 from tests.conformance.shrink import shrink
+from tests.mounting import faulty_command
 
 KK = ("kernel", "kernel")
+KU = ("kernel", "unionfs")
 SELF_SEED = 7
 SELF_CASES = 40
 
@@ -52,6 +57,19 @@ def test_kernel_vs_kernel_random_has_zero_divergences() -> None:
         out = run_case(case, KK)
         if out.diverged or out.excluded:
             reports.append(format_report(case, None, out, KK, len(case.ops)))
+    assert not reports, "\n\n".join(reports)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["redirect_dir=on", "metacopy=on"])
+def test_kernel_vs_kernel_in_mode_has_zero_divergences(mode: str) -> None:
+    """The modes' comparisons (redirect and metacopy xattrs, origins) are deterministic."""
+    reports = []
+    for i in range(10):
+        case = make_case(case_seed(SELF_SEED + 1, i))
+        out = run_case(case, KK, options=mode)
+        if out.diverged or out.excluded:
+            reports.append(format_report(case, None, out, KK, len(case.ops), mode))
     assert not reports, "\n\n".join(reports)
 
 
@@ -128,3 +146,137 @@ def test_cli_summary(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--cases", "2", "--seed", "3", "--sides", "kernel,kernel"]) == 0
     assert "cases=2 diverged=0" in capsys.readouterr().out.splitlines()
+
+
+# -- each exclusion covers its own situation and nothing nearby ------------------------
+
+PASSED_THROUGH = spec([D(b"d"), F(b"d/f"), W(b"d/w"), D(b"e"), F(b"e/w")], [F(b"other")])
+MERGED = spec([D(b"d"), W(b"d/w")], [D(b"d"), F(b"d/w"), F(b"d/g")])
+ENOENT = {"error": "ENOENT"}
+
+
+def _ok(value: object = None) -> tuple[str, object]:
+    return ("ok", value)
+
+
+def _excused(d: Divergence, layers, history=(), snaps=None, kinds=KU) -> bool:  # type: ignore[no-untyped-def]
+    return not label([d], layers, list(history), kinds, snaps)
+
+
+def _only_a(path: bytes, entry: object) -> Divergence:
+    return Divergence("tree:only-a", repr(path), "", frozenset({path}), a=entry)
+
+
+def _listing(k: int, o: Op, a: list[bytes], b: list[bytes]) -> tuple[Divergence, list]:  # type: ignore[type-arg]
+    history = [(op("stat", b""), _ok(), _ok())] * k + [(o, _ok(a), _ok(b))]
+    paths = frozenset(set(a) ^ set(b))
+    return Divergence("result", f"op#{k} {o}", "", paths, a=_ok(a), b=_ok(b)), history
+
+
+def test_the_whiteout_listing_exclusion_stays_narrow() -> None:
+    snaps = ({b"d/w": ENOENT}, {})
+    assert _excused(_only_a(b"d/w", ENOENT), PASSED_THROUGH, snaps=snaps)
+    d, h = _listing(2, op("readdir", b"d"), [b"f", b"w"], [b"f"])
+    assert _excused(d, PASSED_THROUGH, h, snaps)
+    # the kernel's entry is real, not a failed lookup
+    assert not _excused(_only_a(b"d/w", {"fmt": 0o100000}), PASSED_THROUGH)
+    # unionfs's side shows it
+    only_b = Divergence("tree:only-b", "x", "", frozenset({b"d/w"}), b=ENOENT)
+    assert not _excused(only_b, PASSED_THROUGH)
+    # the same name in a directory with no whiteout of that name
+    assert not _excused(_only_a(b"e/w", ENOENT), PASSED_THROUGH)
+    d, h = _listing(0, op("readdir", b"e"), [b"w"], [])
+    assert not _excused(d, PASSED_THROUGH, h, ({b"e/w": {"fmt": 0o100000}}, {}))
+    # a merged directory: the kernel filters its whiteouts itself
+    assert not _excused(_only_a(b"d/w", ENOENT), MERGED)
+    d, h = _listing(0, op("readdir", b"d"), [b"g", b"w"], [b"g"])
+    assert not _excused(d, MERGED, h)
+    # a real name missing from unionfs's listing along with the whiteout
+    d, h = _listing(0, op("readdir", b"d"), [b"f", b"w"], [])
+    assert not _excused(d, PASSED_THROUGH, h, snaps)
+    # a name only unionfs lists
+    d, h = _listing(0, op("readdir", b"d"), [b"w"], [b"w", b"x"])
+    assert not _excused(d, PASSED_THROUGH, h, snaps)
+    # two kernels (the self-check) never need it
+    assert not _excused(_only_a(b"d/w", ENOENT), PASSED_THROUGH, kinds=KK)
+    # after the ops: the kernel over unionfs's upper lists it, unionfs over the kernel's not
+    cross = Divergence("cross-kernel:only-b", "x", "", frozenset({b"d/w"}), b=ENOENT)
+    assert _excused(cross, PASSED_THROUGH)
+    cross = Divergence("cross-unionfs:only-b", "x", "", frozenset({b"d/w"}), b=ENOENT)
+    assert not _excused(cross, PASSED_THROUGH)
+    # a lower directory renamed (copied up, merged from then on) before the listing
+    moved = [(op("rename", b"d", b"d2", "0"), _ok(), _ok())]
+    assert not _excused(_only_a(b"d2/w", ENOENT), PASSED_THROUGH, moved)
+
+
+def test_the_failed_rename_exclusions_stay_narrow() -> None:
+    layers = spec([D(b"m"), F(b"m/x")], upper=[D(b"u"), D(b"v")])
+    fails = [(op("rename", b"u", b"m/u", "0"), ("err", "ENAMETOOLONG"), ("err", "ENAMETOOLONG"))]
+    upper = ({b"u": {"fmt": 0o040000}, b"v": {"fmt": 0o040000}}, {})
+    opaque = {OPAQUE_XATTR: b"y"}
+
+    def xattrs(path: bytes, a: dict, b: dict) -> Divergence:  # type: ignore[type-arg]
+        return Divergence("upper:xattrs", repr(path), "", frozenset({path}), a=a, b=b)
+
+    assert _excused(xattrs(b"u", opaque, {}), layers, fails, upper)
+    assert not _excused(xattrs(b"u", {**opaque, b"user.k": b"1"}, {}), layers, fails, upper)
+    assert not _excused(xattrs(b"u", {OPAQUE_XATTR: b"x"}, {}), layers, fails, upper)
+    assert not _excused(xattrs(b"u", {}, opaque), layers, fails, upper)  # unionfs's side
+    assert not _excused(xattrs(b"v", opaque, {}), layers, fails, upper)  # not the source
+    worked = [(fails[0][0], _ok(), _ok())]
+    assert not _excused(xattrs(b"u", opaque, {}), layers, worked, upper)
+    into_upper = [(op("rename", b"u", b"v/u", "0"), *fails[0][1:])]  # v has no lower part
+    assert not _excused(xattrs(b"u", opaque, {}), layers, into_upper, upper)
+    assert not _excused(xattrs(b"m", opaque, {}), layers, fails, ({b"m": {"fmt": 0o040000}}, {}))
+
+    stamped = [(op("stat", b""), _ok(), _ok())] * 3 + [
+        (op("rename", b"p/a", b"p/b", "0"), ("err", "ENOTEMPTY"), ("err", "ENOTEMPTY"))
+    ]
+    tree = ({b"p": {"fmt": 0o040000}, b"p/a": {"fmt": 0o100000}}, {})
+
+    def mtime(path: bytes, a: object, b: object) -> Divergence:
+        return Divergence("tree:mtime", repr(path), "", frozenset({path}), a=a, b=b)
+
+    assert _excused(mtime(b"p", "op#3", 12345), layers, stamped, tree)
+    assert not _excused(mtime(b"p", "op#2", 12345), layers, stamped, tree)  # another op
+    assert not _excused(mtime(b"p", 12345, "op#3"), layers, stamped, tree)  # unionfs's side
+    assert not _excused(mtime(b"p/a", "op#3", 12345), layers, stamped, tree)  # not a parent
+    worked = stamped[:3] + [(stamped[3][0], _ok(), _ok())]
+    assert not _excused(mtime(b"p", "op#3", 12345), layers, worked, tree)
+    assert not _excused(mtime(b"p", "op#3", 12345), layers, stamped, tree, kinds=KK)
+
+
+def test_the_directory_lseek_exclusion_stays_narrow() -> None:
+    layers = spec([D(b"d"), F(b"f")])
+    opened = (op("open", 0, b"d", "RDONLY|DIRECTORY", 0), _ok("dir"), _ok("dir"))
+    seek = op("lseek", 0, 8192, "HOLE")
+
+    def result(history: list, a: object, b: object) -> tuple[Divergence, list]:  # type: ignore[type-arg]
+        k = len(history)
+        d = Divergence("result", f"op#{k} {seek}", "", frozenset(), a=a, b=b)
+        return d, [*history, (seek, a, b)]
+
+    def excused(history: list, a: object, b: object) -> bool:  # type: ignore[type-arg]
+        d, h = result(history, a, b)
+        return _excused(d, layers, h)
+
+    assert excused([opened], ("err", "EINVAL"), ("err", "ENXIO"))
+    assert excused([opened], ("err", "EINVAL"), _ok(4096))
+    file_fd = (op("open", 0, b"f", "RDONLY", 0), _ok(), _ok())
+    assert not excused([file_fd], ("err", "EINVAL"), ("err", "ENXIO"))
+    assert not excused([opened, (op("close", 0), _ok(), _ok()), file_fd], ("err", "EINVAL"), 0)
+    assert not excused([opened], ("err", "ENXIO"), ("err", "EINVAL"))
+    assert not excused([opened], _ok(0), _ok(4096))
+
+
+@pytest.mark.timeout(120)
+def test_a_planted_bug_next_to_an_excused_whiteout_is_reported() -> None:
+    """Live negative control: a daemon with a planted bug hides every entry named ``w``;
+    the whiteout ``d/w`` the kernel lists is excused, the real file ``e/w`` is not."""
+    case = Case(PASSED_THROUGH, [op("readdir", b"d"), op("readdir", b"e")], seed=None)
+    out = run_case(case, KU, command=faulty_command("hide=w"))
+    assert out.stage == "initial", out
+    assert any(d.excluded_by and b"d/w" in d.paths for d in out.excluded), out
+    assert [d.paths for d in out.divergences] == [frozenset({b"e/w"})], out
+    clean = run_case(case, KU)
+    assert not clean.diverged, clean

@@ -24,6 +24,10 @@ from tests.mounting import mount_type
 KU = ("kernel", "unionfs")
 SAMPLE_SEED = 1
 SAMPLE_CASES = 70  # about 1 s each; the whole pytest part stays under ~2.5 min
+# The modes with their own format features, each both sides mounted with it.
+MODES = ("redirect_dir=on", "metacopy=on")
+MODE_SEED = 5
+MODE_CASES = 20
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,6 +58,16 @@ def test_random_sample(i: int) -> None:
     case = make_case(seed)
     out = run_case(case, KU)
     assert not out.diverged, _report(case, out)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("i", range(MODE_CASES))
+@pytest.mark.parametrize("mode", MODES)
+def test_random_sample_in_mode(mode: str, i: int) -> None:
+    seed = case_seed(MODE_SEED, i)
+    case = make_case(seed)
+    out = run_case(case, KU, options=mode)
+    assert not out.diverged, f"mode {mode}\n" + _report(case, out)
 
 
 @pytest.mark.timeout(60)

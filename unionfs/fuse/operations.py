@@ -487,12 +487,14 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._entry(target), high | (cookie + 1)):
                     return sent
                 sent += 1
+        fresh = node.layer.writable  # stats of upper entries may have changed since
         for i in range(first, len(listing)):
             cookie, entry = listing[i]
             child: Node | None = None
             try:
-                # Upper entries come as names only (their stats may have changed since).
-                if is_name_only(entry):
+                # Entries of a directory with an upper part are looked up again: the
+                # listing may even be from before the directory was copied up.
+                if fresh or is_name_only(entry):
                     found = union.lookup(node, entry.name)
                     if found is None:
                         continue  # removed since the listing was taken

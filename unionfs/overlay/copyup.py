@@ -150,7 +150,8 @@ async def _copy_up_one(
         log.warning("could not restore the times of %r's parent: %s", node, e.strerror)
     if kind != stat.S_IFDIR:
         union.follow_copy_up(node)
-        union.attr_changed(node)  # nlink and st_ino of a split hard link, blocks of a copy
+    # nlink and st_ino of a split hard link, blocks of a copy, a merged directory's nlink
+    union.attr_changed(node)
     log.debug("copied up %r%s", node, " (metadata only)" if meta else "")
 
 

@@ -97,6 +97,7 @@ class Union:
         fsids: dict[int, int] = {}
         for layer in layers:
             layer.fsid = fsids.setdefault(layer.dev, len(fsids))
+        self._all_one_fs = len(fsids) == 1
         self.layers = layers
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = -1
@@ -401,6 +402,10 @@ class Union:
             if top.writable and entry.lowers and node.is_dir:
                 self._fix_origin(parent, node)
             return node
+        if node.layer.writable and not top.writable and not node.unlinked:
+            # A stale entry (a listing from before a copy-up): a node that has an
+            # upper part never goes back to a lower one.
+            return node
         self._update(node, entry)
         if node.parent is not parent or node.name != name:
             if node.unlinked:
@@ -671,8 +676,15 @@ class Union:
 
     def raw_entry(self, node: Node, name: bytes) -> tuple[Layer, os.stat_result] | None:
         """*name*'s stat in the topmost layer of directory *node* that has it, whatever
-        it means there: what a listing shows for a name that cannot be looked up."""
-        for layer, path in node.stack:
+        it means there: what a listing shows for a name that cannot be looked up.
+
+        None when the kernel would not list it: in a directory marked impure it looks
+        each upper entry up (for its d_ino), and drops one that fails."""
+        for i, (layer, path) in enumerate(node.stack):
+            if i == 0 and layer.writable and layer.fsid == 0 and self._all_one_fs:
+                dirfd = layer.root_fd if node.ino == ROOT_INO else layer.dirfd(path)
+                if layer.lstat(path, name) is not None and markers.is_impure(dirfd, self.ns):
+                    return None
             st = layer.lstat(path, name)
             if st is not None:
                 return layer, st
