@@ -54,7 +54,15 @@ from competitors import (  # noqa: E402
 from dataset import FULL, QUICK, Dataset, build_dataset, cache_root  # noqa: E402
 from workloads import Config, Group, groups, perl_modules_present  # noqa: E402
 
-ALL_COMPETITORS = ["plain", "kernel", "fuse-overlayfs", "unionfs"]
+# The metacopy variants run the chown group only (W10: chown -R with metacopy=on).
+ALL_COMPETITORS = [
+    "plain",
+    "kernel",
+    "fuse-overlayfs",
+    "unionfs",
+    "kernel-metacopy",
+    "unionfs-metacopy",
+]
 TOOLS = {"fuse-overlayfs": "fuse-overlayfs", "fio": "fio", "debootstrap": "debootstrap"}
 
 
@@ -93,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--groups",
         help="comma list of trial types (default: all): "
-        "walk,tar,seqread,copyup,untar,rmrf,fio,chroot",
+        "walk,tar,seqread,copyup,untar,rmrf,fio,chown,chroot",
     )
     ap.add_argument(
         "--data",
@@ -128,7 +136,16 @@ def make_competitors(
         "kernel": KernelOverlay(),
         "fuse-overlayfs": FuseOverlayfs(),
         "unionfs": Unionfs(unionfs_python(), args.unionfs_options, code),
+        "kernel-metacopy": KernelOverlay("metacopy=on", "kernel-metacopy"),
+        "unionfs-metacopy": Unionfs(
+            unionfs_python(),
+            ",".join(o for o in (args.unionfs_options, "metacopy=on") if o),
+            code,
+            "unionfs-metacopy",
+        ),
     }
+    for variant in ("kernel-metacopy", "unionfs-metacopy"):
+        table[variant].only_groups = ("chown",)
     chosen = []
     for n in names:
         if n not in table:
@@ -340,6 +357,8 @@ def _run(
                 log(f"repetition {rep + 1}/{args.reps}: order {' '.join(c.name for c in order)}")
                 for g in group_list:
                     for slot, comp in enumerate(order):
+                        if comp.only_groups is not None and g.name not in comp.only_groups:
+                            continue
                         rec = run_trial(comp, g, ds, cfg, run_root, rep, slot, log_dir)
                         trials.append(rec)
                         out.write(json.dumps(rec) + "\n")

@@ -61,6 +61,8 @@ class Mounted:
 class Competitor:
     """Base class: ``mount()`` yields a :class:`Mounted` and always cleans up."""
 
+    only_groups: tuple[str, ...] | None = None  # a variant measured on these groups only
+
     name = "?"
     fstype: str | None = None
 
@@ -96,13 +98,17 @@ class KernelOverlay(Competitor):
     name = "kernel"
     fstype = "overlay"
 
+    def __init__(self, options: str = "", name: str = "kernel") -> None:
+        self.options = options
+        self.name = name
+
     def version(self) -> str:
         return os.uname().release
 
     @contextmanager
     def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
         upper, work, mnt = _trial_dirs(trial_dir)
-        opts = overlay_options(lowers, upper, work)
+        opts = overlay_options(lowers, upper, work) + ("," + self.options if self.options else "")
         t0 = time.perf_counter()
         subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)],
@@ -194,10 +200,13 @@ class Unionfs(FuseDaemon):
     name = "unionfs"
     fstype = "fuse.unionfs"
 
-    def __init__(self, python: str, extra_options: str = "", code_root: Path = REPO) -> None:
+    def __init__(
+        self, python: str, extra_options: str = "", code_root: Path = REPO, name: str = "unionfs"
+    ) -> None:
         self.python = python
         self.extra_options = extra_options
         self.code_root = code_root
+        self.name = name
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

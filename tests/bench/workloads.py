@@ -185,6 +185,29 @@ def rm_rf(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
     return {"rmrf_s": dt}
 
 
+# --------------------------------------------------------------------- W10
+
+
+def chown_r(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
+    """W10: ``chown -R`` of the whole tree (a container build's ``chown -R app /``),
+    and how much the upper holds afterwards: with metacopy=on the data stays below."""
+    owners: list[tuple[str, int, int]] = []
+    if m.plain:  # restored afterwards, untimed
+        for root, dirs, files in os.walk(m.root):
+            for name in [*dirs, *files]:
+                p = os.path.join(root, name)
+                st = os.lstat(p)
+                owners.append((p, st.st_uid, st.st_gid))
+    dt, _ = timed(["chown", "-R", "-h", "4242:4242", os.fspath(m.root)])
+    out = {"chown_s": dt}
+    if m.upper is not None:
+        _, du = timed(["du", "-s", "-B1", os.fspath(m.upper)])
+        out["chown_upper_MB"] = int(du.split()[0]) / 1e6
+    for p, uid, gid in owners:
+        os.lchown(p, uid, gid)
+    return out
+
+
 # ---------------------------------------------------------------------- W8
 
 
@@ -322,6 +345,10 @@ def groups(cfg: Config, ds: Dataset) -> list[Group]:
             Metric("randread_iops", f"W8 fio 4k randread {ds.spec.fio_size >> 20} MiB", "IOPS", True),
             Metric("randwrite_iops", f"W8 fio 4k randwrite {ds.spec.fio_size >> 20} MiB", "IOPS", True),
         ), fio_random),
+        Group("chown", (
+            Metric("chown_s", "W10 chown -R of the whole tree", "s"),
+            Metric("chown_upper_MB", "W10 upper size after chown -R", "MB"),
+        ), chown_r),
         Group("chroot", (
             Metric("dpkg_l_s", f"W9 chroot dpkg -l x{n}", "s"),
             Metric("perl_mods_s", f"W9 chroot perl -M<mods> x{n}", "s"),
