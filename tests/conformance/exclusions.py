@@ -293,18 +293,13 @@ def _parent_touched_by_failed_rename(d: Divergence, ctx: Context) -> bool:
 
 
 def _lseek_of_a_directory(d: Divergence, ctx: Context) -> bool:
-    """SEEK_DATA/SEEK_HOLE on an fd of a directory: the kernel overlay says EINVAL,
-    the kernel's FUSE module answers for unionfs without asking it."""
+    """SEEK_DATA/SEEK_HOLE on an fd of a directory: the kernel's FUSE module answers
+    for unionfs without asking it, the kernel overlay as its directories do."""
     k = _op_index(d)
     if not ctx.kernel_vs_unionfs or d.kind != "result" or k is None or k >= len(ctx.history):
         return False
     op, ra, rb = ctx.history[k]
-    return (
-        op.name == "lseek"
-        and ra == ("err", "EINVAL")
-        and rb != ra
-        and _fd_dir(ctx, op.args[0], k) is not None
-    )
+    return op.name == "lseek" and rb != ra and _fd_dir(ctx, op.args[0], k) is not None
 
 
 def _lower_file_at(path: bytes, spec: LayerSpec) -> bool:
@@ -403,10 +398,11 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         name="lseek-of-a-directory-fuse",
         reason=(
             "lseek with SEEK_DATA or SEEK_HOLE on an fd of a directory: the kernel overlay "
-            "answers EINVAL; for a FUSE directory the kernel's FUSE module answers itself "
-            "(generic_file_llseek: ENXIO past the size, else the size) and never asks the "
-            "filesystem. Limited to lseek results where the kernel says EINVAL, on an fd "
-            "that an open made on a directory on both sides."
+            "answers as its directory code or the real directory's filesystem does (EINVAL "
+            "for a merged one, ext4's htree size for a real one); for a FUSE directory the "
+            "kernel's FUSE module answers itself (generic_file_llseek: ENXIO past the "
+            "size, else the size) and never asks the filesystem. Limited to lseek results "
+            "on an fd that an open made on a directory on both sides."
         ),
         applies=_lseek_of_a_directory,
     ),
