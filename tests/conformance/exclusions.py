@@ -289,19 +289,6 @@ def _parent_touched_by_failed_rename(d: Divergence, ctx: Context) -> bool:
     return False
 
 
-# -- lseek-of-a-directory-fuse ---------------------------------------------------------
-
-
-def _lseek_of_a_directory(d: Divergence, ctx: Context) -> bool:
-    """SEEK_DATA/SEEK_HOLE on an fd of a directory: the kernel's FUSE module answers
-    for unionfs without asking it, the kernel overlay as its directories do."""
-    k = _op_index(d)
-    if not ctx.kernel_vs_unionfs or d.kind != "result" or k is None or k >= len(ctx.history):
-        return False
-    op, ra, rb = ctx.history[k]
-    return op.name == "lseek" and rb != ra and _fd_dir(ctx, op.args[0], k) is not None
-
-
 def _lower_file_at(path: bytes, spec: LayerSpec) -> bool:
     """Whether a lower layer provides a non-directory at *path* (the topmost one wins)."""
     for layer in spec.lowers:
@@ -393,18 +380,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "that a lower layer provided and link ops gave more names, in the unprivileged mode."
         ),
         applies=_userns_names_of_a_linked_lower_file,
-    ),
-    Exclusion(
-        name="lseek-of-a-directory-fuse",
-        reason=(
-            "lseek with SEEK_DATA or SEEK_HOLE on an fd of a directory: the kernel overlay "
-            "answers as its directory code or the real directory's filesystem does (EINVAL "
-            "for a merged one, ext4's htree size for a real one); for a FUSE directory the "
-            "kernel's FUSE module answers itself (generic_file_llseek: ENXIO past the "
-            "size, else the size) and never asks the filesystem. Limited to lseek results "
-            "on an fd that an open made on a directory on both sides."
-        ),
-        applies=_lseek_of_a_directory,
     ),
 )
 

@@ -306,7 +306,8 @@ def renameat2(old: bytes, new: bytes, flags: int) -> None:
 
 
 class Escape(Exception):
-    """The op would leave the mount (e.g. through ``etc -> /etc``): not executed."""
+    """The op would leave the mount (e.g. through ``etc -> /etc``), or ask what only
+    the kernel's FUSE module answers: not executed."""
 
 
 def _inside(root: bytes, path: bytes, follow: bool) -> bytes:
@@ -416,6 +417,11 @@ def _execute(root: bytes, o: Op, fds: dict[int, int]) -> Any:
                 raise OSError(e, os.strerror(e))
             return None
         if n == "lseek":
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                # On a FUSE directory the kernel's FUSE module answers SEEK_DATA and
+                # SEEK_HOLE itself (README: Known differences); the offset it leaves
+                # would then tell the sides apart in every later read of the fd.
+                raise Escape
             return os.lseek(fd, a[1], SEEK_WHENCE[a[2]])
         return sorted(os.listdir(fd))
     follow_ops = {

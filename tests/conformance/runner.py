@@ -88,7 +88,7 @@ class _Run:
         timeout: float,
         post: bool,
         tamper: Callable[[bytes], None] | None,
-        before_op: Callable[[int, Side], None] | None,
+        before_op: Callable[[int, Side, Op], None] | None,
         options: str,
         command: list[str] | None = None,
     ):
@@ -217,7 +217,7 @@ class _Run:
         for k, o in enumerate(self.case.ops):
             stage = f"op#{k} {o}"
             if self.before_op:
-                self.before_op(k, self.sides["b"])
+                self.before_op(k, self.sides["b"], o)
             self.clock.boundary()
             results = []
             for name in ("a", "b"):
@@ -339,7 +339,7 @@ def run_case(
     timeout: float = 10.0,
     post: bool = True,
     tamper: Callable[[bytes], None] | None = None,
-    before_op: Callable[[int, Side], None] | None = None,
+    before_op: Callable[[int, Side, Op], None] | None = None,
     options: str = "",
     command: list[str] | None = None,
 ) -> Outcome:
@@ -348,8 +348,8 @@ def run_case(
     Args:
         tamper: Test hook: called with side b's base dir after its layers are
             built, to plant a difference (the comparator's negative control).
-        before_op: Test hook: called with the op index and side b before each op
-            (e.g. to stop the daemon and provoke a hang).
+        before_op: Test hook: called with the op's index, side b and the op before
+            each op (e.g. to stop the daemon and provoke a hang).
         options: Mount options both sides get (a mode: ``redirect_dir=on``, ...).
         command: Test hook: the unionfs command line to run (a daemon with a planted
             fault, ``tests/faults.py``), for negative controls.

@@ -80,7 +80,7 @@ def test_hang_is_reported_and_cleaned_up() -> None:
     """
     seen: dict[str, object] = {}
 
-    def stop_daemon(k: int, side: Side) -> None:
+    def stop_daemon(k: int, side: Side, o: object) -> None:
         if k == 1 and side.pid is not None:
             seen["pid"], seen["mnt"] = side.pid, side.mnt
             os.kill(side.pid, signal.SIGSTOP)
