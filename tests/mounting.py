@@ -163,12 +163,16 @@ def start_unionfs(
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env)
     um = UnionMount(mnt, proc, log, cmd)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if mount_type(mnt) == "fuse.unionfs":
-            return um
-        if proc.poll() is not None:
-            raise RuntimeError(f"unionfs exited with {proc.returncode}: {um.log()}")
-        time.sleep(0.02)
+    try:
+        while time.monotonic() < deadline:
+            if mount_type(mnt) == "fuse.unionfs":
+                return um
+            if proc.poll() is not None:
+                raise RuntimeError(f"unionfs exited with {proc.returncode}: {um.log()}")
+            time.sleep(0.02)
+    except BaseException:  # ^C or SIGTERM while waiting: the caller never gets it to stop
+        um.kill()
+        raise
     um.kill()
     raise RuntimeError(f"unionfs did not mount within {timeout}s: {um.log()}")
 
