@@ -70,7 +70,12 @@ def _fuse_versions() -> str:
 
 
 # Subcommand -> the module that implements it (``main(argv)``).
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "image": "unionfs.image.cli",
+    "layer": "unionfs.image.cli",
+    "diff": "unionfs.image.cli",
+    "commit": "unionfs.image.cli",
+}
 
 
 def _subcommand(argv: list[str]) -> str | None:
