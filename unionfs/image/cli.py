@@ -1,0 +1,294 @@
+"""``unionfs image|layer|diff|commit ...``: the image tools' command lines.
+
+Each command is a thin layer over the modules of this package; errors a user
+can fix are one line on stderr (``ImageError``/``UsageError``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unionfs.errors import UsageError
+from unionfs.image.digest import ImageError
+from unionfs.image.unpack import Limits
+
+if TYPE_CHECKING:
+    from unionfs.image.cache import LayerCache
+
+PROG = "unionfs"
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    handlers: dict[str, Callable[[list[str]], int]] = {
+        "image": _image,
+        "layer": _layer,
+        "diff": _diff,
+        "commit": _commit,
+    }
+    try:
+        return handlers[command](rest)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+# -- shared options ------------------------------------------------------------------
+
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B?)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``123``, ``64K``, ``10M``, ``2G``, ``1T`` (powers of 1024)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    return int(m.group(1)) << shift
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    d = Limits()
+    p.add_argument(
+        "--max-layer-size",
+        type=parse_size,
+        default=d.max_bytes,
+        metavar="SIZE",
+        help="refuse a layer whose files add up to more (default: 64G)",
+    )
+    p.add_argument(
+        "--max-entries",
+        type=int,
+        default=d.max_entries,
+        metavar="N",
+        help=f"refuse a layer with more entries (default: {d.max_entries})",
+    )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(args.max_layer_size, args.max_entries)
+
+
+def _cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="the layer cache (default: $XDG_CACHE_HOME/unionfs, /var/cache/unionfs as root)",
+    )
+
+
+def _cache(args: argparse.Namespace) -> LayerCache:
+    from unionfs.image.cache import LayerCache, default_cache_dir
+
+    root = Path(os.path.abspath(args.cache)) if args.cache else default_cache_dir()
+    return LayerCache(root, _limits(args))
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"{PROG} {prog}", description=description)
+
+
+def _print_json(obj: object) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _fsdisplay(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+# -- unionfs image ... ---------------------------------------------------------------
+
+
+def _image(argv: list[str]) -> int:
+    p = _parser("image", "Mount, unpack or inspect an OCI image.")
+    sub = p.add_subparsers(dest="action", metavar="{mount,unpack,layers}", required=True)
+
+    m = sub.add_parser(
+        "mount",
+        help="mount an image (read-only, or writable with --upper/--work)",
+        description="Mount IMAGE at MNT: its layers, unpacked once into the layer cache, "
+        "are the lower layers. IMAGE is an OCI layout directory (DIR or DIR:TAG), "
+        "an OCI archive or a docker archive.",
+    )
+    m.add_argument("image", metavar="IMAGE")
+    m.add_argument("mountpoint", metavar="MNT")
+    m.add_argument("--upper", metavar="DIR", help="a writable container layer")
+    m.add_argument("--work", metavar="DIR", help="the workdir that goes with --upper")
+    _cache_option(m)
+    m.add_argument(
+        "--print-kernel-mount",
+        action="store_true",
+        help="print the equivalent mount -t overlay command instead of mounting",
+    )
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    m.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    _limit_options(m)
+
+    u = sub.add_parser(
+        "unpack",
+        help="unpack an image's layers into kernel-format layer directories",
+        description="Unpack every layer of IMAGE into DIR/001, DIR/002, ... (bottom first) "
+        "and print the lowerdir= value that stacks them.",
+    )
+    u.add_argument("image", metavar="IMAGE")
+    u.add_argument("dest", metavar="DIR")
+    _limit_options(u)
+
+    la = sub.add_parser(
+        "layers",
+        help="one row per layer: digest, size, history, files added/changed/deleted, "
+        "bytes hidden by higher layers",
+    )
+    la.add_argument("image", metavar="IMAGE")
+    la.add_argument("--json", action="store_true", help="the same data as JSON")
+    _cache_option(la)
+    _limit_options(la)
+
+    args = p.parse_args(argv)
+    if args.action == "mount":
+        return _image_mount(args)
+    if args.action == "unpack":
+        return _image_unpack(args)
+    return _image_layers(args)
+
+
+def _image_unpack(args: argparse.Namespace) -> int:
+    from unionfs.image.cache import layer_label, unpack_layer
+    from unionfs.image.layout import LayerRef, open_image
+    from unionfs.image.progress import Progress
+
+    dest = Path(os.path.abspath(args.dest))
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ImageError(f"{args.dest}: exists and is not an empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    with open_image(args.image) as image:
+        n = len(image.layers)
+        dirs = []
+        for layer in image.layers:
+            final = dest / f"{layer.index + 1:03d}"
+
+            def unpack(fd: int, layer: LayerRef = layer) -> object:
+                return unpack_layer(layer, fd, layer_label(layer, n), _limits(args), progress)
+
+            _unpack_atomically(final, unpack)
+            dirs.append(final)
+    print("lowerdir=" + ":".join(_escape(os.fspath(d)) for d in reversed(dirs)))
+    return 0
+
+
+def _unpack_atomically(final: Path, unpack: Callable[[int], object]) -> object:
+    """Unpack into a temporary sibling of *final*, then rename it into place."""
+    import tempfile
+
+    from unionfs.image.cache import discard_tree, syncfs
+
+    tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.")
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            result = unpack(fd)
+            syncfs(fd)
+        finally:
+            os.close(fd)
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        os.rename(tmp, final)
+    except BaseException:
+        discard_tree(tmp)
+        raise
+    return result
+
+
+def _escape(path: str) -> str:
+    """A path inside a lowerdir= value: colons and commas escaped."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _image_mount(args: argparse.Namespace) -> int:
+    raise ImageError("image mount: not implemented yet")
+
+
+def _image_layers(args: argparse.Namespace) -> int:
+    raise ImageError("image layers: not implemented yet")
+
+
+# -- unionfs layer import ------------------------------------------------------------
+
+
+def _layer(argv: list[str]) -> int:
+    p = _parser("layer", "Layer tarballs.")
+    sub = p.add_subparsers(dest="action", metavar="{import}", required=True)
+    i = sub.add_parser(
+        "import",
+        help="unpack a layer tar into a kernel-format layer directory",
+        description="Unpack LAYER (a tar, gzip or zstd compressed or not) into DIR, "
+        "OCI whiteouts converted to the kernel's format; print its diff_id and digest.",
+    )
+    i.add_argument("layer", metavar="LAYER")
+    i.add_argument("dest", metavar="DIR")
+    i.add_argument("--json", action="store_true")
+    _limit_options(i)
+    args = p.parse_args(argv)
+    return _layer_import(args)
+
+
+def _layer_import(args: argparse.Namespace) -> int:
+    from unionfs.image.cache import Unpacked, unpack_blob
+    from unionfs.image.progress import Progress
+
+    dest = Path(os.path.abspath(args.dest))
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ImageError(f"{args.dest}: exists and is not an empty directory")
+    if not dest.parent.is_dir():
+        raise ImageError(f"{args.dest}: no such parent directory")
+    try:
+        f = open(args.layer, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ImageError(f"{args.layer}: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        label = os.path.basename(args.layer)
+        got = _unpack_atomically(
+            dest, lambda fd: unpack_blob(f, fd, label, _limits(args), Progress(), size)
+        )
+    assert isinstance(got, Unpacked)
+    if args.json:
+        _print_json(
+            {
+                "diff_id": str(got.diff_id),
+                "digest": str(got.digest),
+                "size": got.size,
+                "entries": got.entries,
+            }
+        )
+    else:
+        print(f"diff_id {got.diff_id}")
+        print(f"digest  {got.digest}")
+    return 0
+
+
+# -- unionfs diff / commit -----------------------------------------------------------
+
+
+def _diff(argv: list[str]) -> int:
+    raise ImageError("diff: not implemented yet")
+
+
+def _commit(argv: list[str]) -> int:
+    raise ImageError("commit: not implemented yet")
