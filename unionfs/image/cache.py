@@ -180,6 +180,12 @@ class LayerCache:
     def path(self, diff_id: Digest) -> Path:
         return self.root / "layers" / diff_id.algorithm / diff_id.hex
 
+    def empty_dir(self) -> Path:
+        """An empty directory: a neutral bottom layer where one is needed."""
+        path = self.root / "empty"
+        path.mkdir(mode=0o755, exist_ok=True)
+        return path
+
     def has(self, diff_id: Digest) -> bool:
         return self.path(diff_id).is_dir()
 

@@ -221,7 +221,60 @@ def _escape(path: str) -> str:
 
 
 def _image_mount(args: argparse.Namespace) -> int:
-    raise ImageError("image mount: not implemented yet")
+    """The image's cached layers as the lower layers of a plain unionfs mount: the
+    same checks, the same daemon, the same code as ``unionfs -o lowerdir=...``."""
+    from unionfs.cli import run_mount
+    from unionfs.fuse.mount import check_setup
+    from unionfs.options import parse_options
+
+    if (args.upper is None) != (args.work is None):
+        given, missing = ("--upper", "--work") if args.work is None else ("--work", "--upper")
+        raise UsageError(f"{given} needs {missing} too")
+    opts = parse_options(args.options)
+    if opts.lowers or opts.upper or opts.work:
+        raise UsageError("-o: the image gives the lower layers, --upper/--work the upper")
+    lowers = [os.fspath(d) for d in reversed(_cached_layers(args))]
+    if args.print_kernel_mount:
+        print(_kernel_mount(args, lowers))
+        return 0
+    opts.lowers, opts.upper, opts.work = lowers, args.upper, args.work
+    setup = check_setup(opts, args.mountpoint)
+    return run_mount(setup, opts.timeout, foreground=args.foreground, debug=args.debug)
+
+
+def _cached_layers(args: argparse.Namespace) -> list[Path]:
+    """Every layer of the image in the cache (unpacked first when missing), bottom first."""
+    from unionfs.image.layout import open_image
+    from unionfs.image.progress import Progress
+
+    cache = _cache(args)
+    progress = Progress()
+    with open_image(args.image) as image:
+        if not image.layers:
+            raise ImageError(f"{args.image}: the image has no layers")
+        return [cache.ensure(layer, len(image.layers), progress) for layer in image.layers]
+
+
+def _kernel_mount(args: argparse.Namespace, lowers: list[str]) -> str:
+    """The ``mount -t overlay`` command that mounts the same stack with the kernel."""
+    import shlex
+
+    if args.upper is None and len(lowers) == 1:
+        # The kernel wants two lowers for a read-only overlay; an empty one adds nothing.
+        lowers = [*lowers, os.fspath(_cache(args).empty_dir())]
+    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
+    if args.upper is not None:
+        opts += f",upperdir={_escape(os.path.abspath(args.upper))}"
+        opts += f",workdir={_escape(os.path.abspath(args.work))}"
+    if os.geteuid() != 0:
+        print(
+            f"{PROG}: note: unpacked without root, opaque directories are marked the OCI way, "
+            "which the kernel does not read",
+            file=sys.stderr,
+        )
+    return shlex.join(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, os.path.abspath(args.mountpoint)]
+    )
 
 
 def _image_layers(args: argparse.Namespace) -> int:
