@@ -51,7 +51,7 @@ def test_read_only_mount_shows_the_image(tmp_path: Path) -> None:
         assert (mnt / "etc/keep").read_bytes() == b"changed"
         assert got["etc/keep"][1:4] == (0o600, 7, 8)
         assert got["bin/tool"][1] == 0o4755
-        assert dict(got["bin/xattr"][5]) == {"user.note": b"hello"}
+        assert got["bin/xattr"][5] == (("user.note", b"hello"),)
         assert os.readlink(mnt / "bin/sh") == "tool"
         # The middle layer's marker implies its own opq/ (mode 0755, as any directory a
         # layer implies), and the topmost directory's attributes are the merged ones.
