@@ -339,9 +339,143 @@ def _layer_import(args: argparse.Namespace) -> int:
 # -- unionfs diff / commit -----------------------------------------------------------
 
 
+def _lowers(values: list[str]) -> list[Path]:
+    """``--lower`` values, each a colon-separated list (top first, ``\\:`` escapes a colon)."""
+    from unionfs.options import split_path_list
+
+    out = []
+    for value in values:
+        for p in split_path_list(value):
+            path = Path(os.path.abspath(p))
+            if not path.is_dir():
+                raise UsageError(f"lower layer {p}: not a directory")
+            out.append(path)
+    return out
+
+
+def _upper(value: str) -> Path:
+    path = Path(os.path.abspath(value))
+    if not path.is_dir():
+        raise UsageError(f"{value}: not a directory")
+    return path
+
+
 def _diff(argv: list[str]) -> int:
-    raise ImageError("diff: not implemented yet")
+    p = _parser(
+        "diff",
+        "List what an upper directory changes, in docker diff's format: A (added), "
+        "C (changed), D (deleted). The upper may be in the kernel's or the OCI format.",
+    )
+    p.add_argument("upper", metavar="UPPER")
+    p.add_argument(
+        "--lower",
+        action="append",
+        default=[],
+        metavar="L1:L2...",
+        help="the lower layers, top first: tells C from A, and lists what an opaque "
+        "directory hides as D",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list of {kind, path}")
+    args = p.parse_args(argv)
+    from unionfs.image.diff import changes
+
+    found = changes(_upper(args.upper), _lowers(args.lower))
+    if args.json:
+        _print_json([c.as_json() for c in found])
+    else:
+        out = sys.stdout.buffer
+        for c in found:
+            out.write(c.line() + b"\n")
+        out.flush()
+    return 0
 
 
 def _commit(argv: list[str]) -> int:
-    raise ImageError("commit: not implemented yet")
+    p = _parser(
+        "commit",
+        "Write an upper directory as an OCI layer tar (reproducibly), print its diff_id "
+        "and digest, and optionally add it to an OCI image layout as a new image.",
+    )
+    p.add_argument("upper", metavar="UPPER")
+    p.add_argument("--lower", action="append", default=[], metavar="L1:L2...",
+                   help="the lower layers, top first: markers that hide nothing there are left out")  # fmt: skip
+    p.add_argument("-o", "--output", metavar="LAYER.tar[.gz|.zst]",
+                   help="the layer file; its name sets the compression")  # fmt: skip
+    p.add_argument("--compression", choices=("gzip", "zstd", "none"),
+                   help="override the compression the file name asks for")  # fmt: skip
+    p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
+                   default=_env_epoch(),
+                   help="clamp mtimes (and date the image) to this time "
+                   "(default: $SOURCE_DATE_EPOCH)")  # fmt: skip
+    p.add_argument("--image", metavar="DIR[:BASE]",
+                   help="an OCI image layout to add the layer to, on top of its image BASE "
+                   "(or its only image; a new layout starts from scratch)")  # fmt: skip
+    p.add_argument("--tag", metavar="NEW", help="the new image's tag in the layout")
+    p.add_argument("--message", "-m", default="", help="the history entry's comment")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if (args.image is None) != (args.tag is None):
+        raise UsageError("--image and --tag go together")
+    if args.output is None and args.image is None:
+        raise UsageError("nowhere to write the layer: give -o LAYER.tar or --image DIR --tag NEW")
+    from unionfs.image.writer import write_layer
+
+    upper = _upper(args.upper)
+    lowers = _lowers(args.lower)
+    tmpdir = None
+    if args.output is None:
+        import tempfile
+
+        tmpdir = tempfile.mkdtemp(prefix="unionfs-commit.")
+        output = Path(tmpdir) / "layer.tar.gz"
+    else:
+        output = Path(os.path.abspath(args.output))
+        if not output.parent.is_dir():
+            raise UsageError(f"{args.output}: no such directory")
+    try:
+        written = write_layer(upper, output, lowers, args.compression, args.source_date_epoch)
+        result: dict[str, object] = {
+            "diff_id": str(written.diff_id),
+            "digest": str(written.digest),
+            "size": written.size,
+        }
+        if args.output is not None:
+            result["file"] = os.fspath(output)
+        if args.image is not None:
+            from unionfs.image.layout import append_layer, rfc3339
+
+            manifest = append_layer(
+                args.image,
+                os.fspath(output),
+                written.diff_id,
+                written.digest,
+                written.size,
+                written.compression,
+                args.tag,
+                args.message,
+                rfc3339(args.source_date_epoch),
+            )
+            result["manifest"] = str(manifest)
+            result["tag"] = args.tag
+    finally:
+        if tmpdir is not None:
+            import shutil
+
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    if args.json:
+        _print_json(result)
+    else:
+        for key in ("diff_id", "digest", "manifest"):
+            if key in result:
+                print(f"{key:8} {result[key]}")
+    return 0
+
+
+def _env_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH={value!r}: not a number of seconds") from None

@@ -514,7 +514,10 @@ class LayoutWriter:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise ImageError(f"{path}: {e.strerror}") from None
-        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ImageError(f"{path}: {e.strerror}") from None
         names = os.listdir(self.fd)
         if "oci-layout" not in names:
             if [n for n in names if not n.startswith(".")]:
@@ -618,3 +621,78 @@ def new_config(
 def rfc3339(epoch: float | None) -> str:
     t = time.time() if epoch is None else epoch
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def append_layer(
+    layout: str,
+    layer_file: str,
+    diff_id: Digest,
+    digest: Digest,
+    size: int,
+    compression: str,
+    tag: str,
+    message: str,
+    created: str,
+    created_by: str = "unionfs commit",
+) -> Digest:
+    """Add the layer in *layer_file* on top of an image of the layout *layout*
+    (``DIR`` or ``DIR:BASE``; a new or empty layout starts from nothing) and tag
+    the result *tag*: a new config (one more diff_id, one more history entry), a
+    new manifest, the tag in index.json. Returns the new manifest's digest."""
+    path, base_tag = (
+        split_ref(layout) if os.path.exists(layout) or ":" in layout else (layout, None)
+    )
+    writer = LayoutWriter(path)
+    try:
+        base: Image | None = None
+        if base_tag is not None or writer.read_index()["manifests"]:
+            base = open_image(path if base_tag is None else f"{path}:{base_tag}")
+            base.close()
+        manifest_type = (
+            (base.manifest or {}).get("mediaType", OCI_MANIFEST) if base else OCI_MANIFEST
+        )
+        docker = manifest_type == DOCKER_MANIFEST
+        if docker and compression == "zstd":
+            raise ImageError(f"{layout}: a docker manifest cannot hold a zstd layer")
+        layer_type = DOCKER_LAYER if docker else OCI_LAYER
+        if compression == "gzip":
+            layer_type += ".gzip" if docker else "+gzip"
+        elif compression == "zstd":
+            layer_type += "+zstd"
+        writer.add_blob_file(layer_file, digest)
+        config = new_config(base.config if base else None, diff_id, created, message, created_by)
+        config_bytes = canonical_json(config)
+        config_digest = writer.add_blob_bytes(config_bytes)
+        old = base.manifest if base and base.manifest else None
+        manifest: dict[str, Any] = (
+            json.loads(json.dumps(old))
+            if old
+            else {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+            }
+        )
+        manifest.pop("annotations", None)  # they described the base image
+        config_type = (old or {}).get("config", {}).get("mediaType") or (
+            DOCKER_CONFIG if docker else OCI_CONFIG
+        )
+        manifest["config"] = {
+            "mediaType": config_type,
+            "digest": str(config_digest),
+            "size": len(config_bytes),
+        }
+        layer_desc = {"mediaType": layer_type, "digest": str(digest), "size": size}
+        manifest["layers"] = [*(manifest.get("layers") or []), layer_desc]
+        manifest_bytes = canonical_json(manifest)
+        manifest_digest = writer.add_blob_bytes(manifest_bytes)
+        writer.tag(
+            {
+                "mediaType": manifest.get("mediaType", OCI_MANIFEST),
+                "digest": str(manifest_digest),
+                "size": len(manifest_bytes),
+            },
+            tag,
+        )
+        return manifest_digest
+    finally:
+        writer.close()
