@@ -278,7 +278,68 @@ def _kernel_mount(args: argparse.Namespace, lowers: list[str]) -> str:
 
 
 def _image_layers(args: argparse.Namespace) -> int:
-    raise ImageError("image layers: not implemented yet")
+    from unionfs.image.layout import open_image
+    from unionfs.image.progress import Progress
+    from unionfs.image.stats import layer_stats
+
+    cache = _cache(args)
+    progress = Progress()
+    with open_image(args.image) as image:
+        layers = image.layers
+        dirs = [cache.ensure(layer, len(layers), progress) for layer in layers]
+    stats = layer_stats(dirs)
+    rows = [
+        {
+            "index": layer.index + 1,
+            "digest": str(layer.digest) if layer.digest else None,
+            "diff_id": str(layer.diff_id),
+            "size": layer.size,
+            "media_type": layer.media_type,
+            "created_by": layer.created_by,
+            "added": s.added,
+            "changed": s.changed,
+            "deleted": s.deleted,
+            "hidden_bytes": s.hidden_bytes,
+        }
+        for layer, s in zip(layers, stats, strict=True)
+    ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    head = ("LAYER", "DIGEST", "SIZE", "ADDED", "CHANGED", "DELETED", "HIDDEN", "CREATED BY")
+    table = [head]
+    for r, layer in zip(rows, layers, strict=True):
+        table.append(
+            (
+                str(r["index"]),
+                (layer.digest or layer.diff_id).short,
+                _human(layer.size),
+                str(r["added"]),
+                str(r["changed"]),
+                str(r["deleted"]),
+                _human(int(str(r["hidden_bytes"]))),
+                " ".join(layer.created_by.split())[:60],
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        cells = [
+            c.rjust(w) if 2 <= i <= 6 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))
+        ]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    return 0
+
+
+def _human(n: int) -> str:
+    if n < 0:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
 
 
 # -- unionfs layer import ------------------------------------------------------------
