@@ -9,7 +9,7 @@ SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
 
-.PHONY: install system-deps test test-unit test-engines demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-unit test-engines test-images demo lint conformance bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -35,16 +35,22 @@ $(STAMP): pyproject.toml unionfs/fuse/_fusehook.c | system-deps
 install: system-deps $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench --ignore=tests/image_tools
 	$(MAKE) test-engines
+	$(MAKE) test-images
 
 # Real container engines (podman/buildah) driving unionfs as their mount_program.
 test-engines: install
 	bash tests/engines/install-deps.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests/engines
 
+# The image tools (unionfs image/diff/commit) against real podman, skopeo and umoci.
+test-images: install
+	bash tests/image_tools/install-deps.sh
+	$(PY) -m pytest -q -p no:cacheprovider tests/image_tools
+
 test-unit: install
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/image_tools
 
 demo: install
 	$(PY) examples/demo.py
