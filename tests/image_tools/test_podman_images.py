@@ -97,7 +97,7 @@ def test_image_mount_equals_podman_image_mount(
     assert sorted(p for p in want if p.startswith("data/opq")) == ["data/opq", "data/opq/new"]
     assert want["data/suid"][1] == 0o4755
     assert want["data/sym"][4] == "../data/keep"
-    assert dict(want["etc/note"][5]) == {"user.origin": b"unionfs-test\x00\xff"}  # type: ignore[arg-type]
+    assert want["etc/note"][5] == (("user.origin", b"unionfs-test\x00\xff"),)
     mnt = tools_dir / f"mnt-{fmt}"
     mnt.mkdir()
     with image_mounted(saved[fmt], mnt, tools_dir / "cache"):
@@ -191,7 +191,7 @@ def test_diff_equals_podman_diff(
         vfs_store.podman("umount", "changed", check=False)
     lowers = cached_lowers(os.fspath(saved["oci-archive"]), tools_dir / "cache")
     ours = unionfs(
-        "diff", os.fspath(container_upper["upper"]), "--lower", ":".join(lowers)
+        "diff", str(container_upper["upper"]), "--lower", ":".join(lowers)
     ).stdout.splitlines()
     assert sorted(ours) == sorted(podman_lines)
     for line in ("A /data/added", "C /etc/passwd", "D /data/keep2", "C /data/opq",
@@ -209,7 +209,7 @@ def committed(
     lowers = cached_lowers(f"{layout}:base", tools_dir / "cache")
     out = json.loads(
         unionfs(
-            "commit", os.fspath(container_upper["upper"]), "--lower", ":".join(lowers),
+            "commit", str(container_upper["upper"]), "--lower", ":".join(lowers),
             "-o", os.fspath(tools_dir / "committed.tar.gz"), "--image", f"{layout}:base",
             "--tag", "committed", "--message", "changed by a test", "--json",
         ).stdout
