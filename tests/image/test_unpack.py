@@ -82,10 +82,13 @@ def test_entries_keep_type_mode_owner_times_and_xattrs(tmp_path: Path) -> None:
 
 def test_without_root_no_setuid_devices_or_privileged_xattrs(tmp_path: Path) -> None:
     t = Tar().file("f", b"x", mode=0o6755, xattrs={"trusted.t": b"1", "user.u": b"2"})
+    t.dir("o").opaque("o")
     unpack(t.bytes(), tmp_path / "l", root=False)
     st = os.lstat(tmp_path / "l/f")
     assert stat.S_IMODE(st.st_mode) == 0o755
     assert os.listxattr(tmp_path / "l/f") == ["user.u"]
+    # Opaque the userxattr way: what an unprivileged kernel mount reads.
+    assert os.listxattr(tmp_path / "l/o") == ["user.overlay.opaque"]
 
 
 def test_oci_whiteouts_become_kernel_whiteouts(tmp_path: Path) -> None:

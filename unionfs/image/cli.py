@@ -267,11 +267,7 @@ def _kernel_mount(args: argparse.Namespace, lowers: list[str]) -> str:
         opts += f",upperdir={_escape(os.path.abspath(args.upper))}"
         opts += f",workdir={_escape(os.path.abspath(args.work))}"
     if os.geteuid() != 0:
-        print(
-            f"{PROG}: note: unpacked without root, opaque directories are marked the OCI way, "
-            "which the kernel does not read",
-            file=sys.stderr,
-        )
+        opts += ",userxattr"  # unpacked without root: opaque markers are user.overlay.*
     return shlex.join(
         ["mount", "-t", "overlay", "overlay", "-o", opts, os.path.abspath(args.mountpoint)]
     )

@@ -426,11 +426,19 @@ class _Unpacker:
             os.utime(name, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
 
     def _set_opaque(self, pfd: int, name: bytes) -> None:
-        """The kernel's opaque xattr as root; without root, the OCI marker file (the
-        trusted namespace is root's, and unionfs reads the OCI marker in a lower)."""
+        """The kernel's opaque xattr: ``trusted.overlay.opaque`` as root, else
+        ``user.overlay.opaque`` (what the kernel reads with ``userxattr``, and unionfs
+        always); on a filesystem without user xattrs, the OCI marker file, which
+        unionfs reads in a lower layer just the same."""
         if self.root:
             markers.set_opaque(pfd, name)
             return
+        try:
+            markers.set_opaque(pfd, name, markers.USER)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             markers.make_oci_opaque(fd)
