@@ -77,6 +77,7 @@ conformance: install
 
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+	$(PY) tests/bench/images.py $(if $(QUICK),--quick,)
 
 # Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from unionfs.image.digest import Digest, HashingReader, ImageError, LimitExceeded, decompressed
+from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded
 from unionfs.image.layout import LayerRef
 from unionfs.image.progress import Progress
 from unionfs.image.unpack import Limits, UnpackError, unpack_tar
@@ -64,19 +64,15 @@ def unpack_blob(
     """Unpack the layer blob *raw* (compressed or not) into the empty directory
     *dest_fd*, hashing the blob and the uncompressed tar as they stream past."""
     limits = limits or Limits()
-    blob = HashingReader(raw, algorithm)
+    decoder = Decoder(raw, algorithm, limit=limits.max_bytes + (1 << 20))
 
     def tick() -> None:
         if progress is not None:
-            progress.update(f"unpacking layer {label}", blob.count, total)
+            progress.update(f"unpacking layer {label}", decoder.blob.count, total)
 
-    kind = "none"
     try:
-        data, kind = decompressed(blob)
-        tar = HashingReader(data, "sha256", limit=limits.max_bytes + (1 << 20))
-        count = unpack_tar(tar, dest_fd, label, limits, root, tick)
-        tar.drain()
-        blob.drain()
+        count = unpack_tar(decoder, dest_fd, label, limits, root, tick)
+        diff_id = decoder.finish()
     except ImportError:
         raise ImageError(
             f"layer {label}: zstd-compressed, and the zstandard module is not installed"
@@ -84,7 +80,7 @@ def unpack_blob(
     except LimitExceeded as e:
         raise UnpackError(f"layer {label}: expands to more than {e.limit} bytes") from None
     except (zlib.error, EOFError) as e:
-        raise UnpackError(f"layer {label}: corrupt {kind} data: {e}") from None
+        raise UnpackError(f"layer {label}: corrupt {decoder.kind} data: {e}") from None
     except UnpackError:
         raise
     except OSError as e:
@@ -94,9 +90,11 @@ def unpack_blob(
             raise UnpackError(f"layer {label}: corrupt zstd data: {e}") from None
         raise
     finally:
+        decoder.close()
         if progress is not None:
             progress.done()
-    return Unpacked(blob.digest(), blob.count, tar.digest(), count, kind)
+    blob = decoder.blob
+    return Unpacked(blob.digest(), blob.count, diff_id, count, decoder.kind)
 
 
 def unpack_layer(

@@ -187,3 +187,106 @@ def hash_file(f: BinaryIO, algorithm: str = "sha256") -> Digest:
     while chunk := f.read(CHUNK):
         h.update(chunk)
     return Digest(algorithm, h.hexdigest())
+
+
+class Decoder:
+    """A layer blob read, hashed and decompressed in a worker thread, a bounded queue
+    ahead of the tar reader that calls ``read``.
+
+    zlib, zstd and sha256 release the GIL, so decompressing and hashing overlap
+    the unpacking of the entries, as ``tar -xz``'s separate gzip process does. An
+    uncompressed blob is hashed once: its blob digest is its diff_id (both sha256).
+    Errors in the worker (corrupt data, the size limit) are raised by ``read``.
+    """
+
+    _QUEUE = 8  # chunks of CHUNK bytes in flight at most
+
+    def __init__(self, raw: Readable, algorithm: str = "sha256", limit: int | None = None) -> None:
+        import queue
+        import threading
+
+        self.blob = HashingReader(raw, algorithm)
+        self.algorithm = algorithm
+        self.limit = limit
+        self.kind = "none"
+        self.tar_count = 0
+        self._tar_digest: Digest | None = None
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self._QUEUE)
+        self._stop = threading.Event()
+        self._chunk = b""
+        self._pos = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._work, name="layer-decoder", daemon=True)
+        self._thread.start()
+
+    # -- the worker ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            data, self.kind = decompressed(self.blob)
+            shared = self.kind == "none" and self.algorithm == "sha256"
+            tar_hash = None if shared else hashlib.sha256()
+            while not self._stop.is_set():
+                chunk = data.read(CHUNK)
+                if not chunk:
+                    break
+                if tar_hash is not None:
+                    tar_hash.update(chunk)
+                self.tar_count += len(chunk)
+                if self.limit is not None and self.tar_count > self.limit:
+                    raise LimitExceeded(self.limit)
+                self._put(chunk)
+            self.blob.drain()  # trailing bytes after the compressed stream count too
+            self._tar_digest = (
+                self.blob.digest() if tar_hash is None else Digest("sha256", tar_hash.hexdigest())
+            )
+            self._put(None)
+        except BaseException as e:  # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # -- the reader ----------------------------------------------------------------
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        parts: list[bytes] = []
+        while n > 0:
+            if self._pos >= len(self._chunk):
+                if self._eof:
+                    break
+                item = self._queue.get()
+                if item is None:
+                    self._eof = True
+                    break
+                if isinstance(item, BaseException):
+                    self._eof = True
+                    raise item
+                self._chunk, self._pos = item, 0
+            piece = self._chunk[self._pos : self._pos + n]
+            self._pos += len(piece)
+            n -= len(piece)
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def finish(self) -> Digest:
+        """Read to the end (tar padding too) and return the diff_id."""
+        while self.read(CHUNK):
+            pass
+        self._thread.join()
+        assert self._tar_digest is not None
+        return self._tar_digest
+
+    def close(self) -> None:
+        """Stop the worker (after an error on the reader's side)."""
+        self._stop.set()
+        self._thread.join()

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SCHILY = "SCHILY.xattr."
+# tarfile's stream reader copies the rest of its buffer on every read (each 512-byte
+# header): a large buffer makes that quadratic, a small one costs more reads.
+_TAR_BUFFER = 64 << 10
 PATH_MAX = 4095
 NAME_MAX = 255
 
@@ -87,7 +90,7 @@ def unpack_tar(
     u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tf:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tf:  # type: ignore[call-overload]
                 for member in tf:
                     u.entry(member, tf)
                     if tick is not None:
