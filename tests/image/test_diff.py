@@ -211,3 +211,18 @@ def test_cli_text_and_json(tmp_path: Path) -> None:
     ]
     res = run("diff", os.fspath(tmp_path / "missing"))
     assert (res.returncode, res.stderr) == (1, f"unionfs: {tmp_path}/missing: not a directory\n")
+
+
+def test_cli_lowers_from_an_image(tmp_path: Path) -> None:
+    from tests.image.builders import Layer, write_oci_layout
+
+    built = write_oci_layout(
+        tmp_path / "img", [Layer(Tar().dir("etc").file("etc/passwd", b"r").bytes())]
+    )
+    upper = tmp_path / "upper"
+    unpack(Tar().dir("etc").file("etc/passwd", b"x").file("etc/new", b"n").bytes(), upper)
+    cache = os.fspath(tmp_path / "cache")
+    res = run("diff", os.fspath(upper), "--image", os.fspath(built.path), "--cache", cache)
+    assert (res.returncode, res.stdout) == (0, "C /etc\nA /etc/new\nC /etc/passwd\n")
+    res = run("diff", os.fspath(upper), "--image", os.fspath(built.path), "--lower", cache)
+    assert (res.returncode, res.stderr) == (1, "unionfs: --image and --lower: give one of them\n")

@@ -432,11 +432,25 @@ def _diff(argv: list[str]) -> int:
         help="the lower layers, top first: tells C from A, and lists what an opaque "
         "directory hides as D",
     )
+    p.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="take the lower layers from this image (its cached layers) instead of --lower",
+    )
+    _cache_option(p)
+    _limit_options(p)
     p.add_argument("--json", action="store_true", help="a JSON list of {kind, path}")
     args = p.parse_args(argv)
     from unionfs.image.diff import changes
 
-    found = changes(_upper(args.upper), _lowers(args.lower))
+    if args.image is not None and args.lower:
+        raise UsageError("--image and --lower: give one of them")
+    upper = _upper(args.upper)
+    if args.image is not None:
+        lowers = list(reversed(_cached_layers(args)))
+    else:
+        lowers = _lowers(args.lower)
+    found = changes(upper, lowers)
     if args.json:
         _print_json([c.as_json() for c in found])
     else:
