@@ -446,10 +446,7 @@ def _diff(argv: list[str]) -> int:
     if args.image is not None and args.lower:
         raise UsageError("--image and --lower: give one of them")
     upper = _upper(args.upper)
-    if args.image is not None:
-        lowers = list(reversed(_cached_layers(args)))
-    else:
-        lowers = _lowers(args.lower)
+    lowers = _lowers(args.lower) if args.image is None else _cached_layers(args)[::-1]
     found = changes(upper, lowers)
     if args.json:
         _print_json([c.as_json() for c in found])
