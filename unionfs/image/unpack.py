@@ -88,6 +88,7 @@ def unpack_tar(
     what only root may do. Returns the number of entries.
     """
     u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
+    umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
     try:
         try:
             with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tf:  # type: ignore[call-overload]
@@ -108,6 +109,7 @@ def unpack_tar(
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
         u.finish()
     finally:
+        os.umask(umask)
         u.close()
     return u.count
 
@@ -126,6 +128,9 @@ class _Unpacker:
         self.opaque: set[bytes] = set()
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
         self.dropped_bits = False
+        # What a new entry is owned by already (not so below a setgid directory).
+        setgid = os.fstat(root_fd).st_mode & stat.S_ISGID
+        self.ids = (-2, -2) if setgid else (os.geteuid(), os.getegid())
 
     # -- errors ------------------------------------------------------------------
 
@@ -254,27 +259,38 @@ class _Unpacker:
             self._hardlink(path, parent, name, m)
             return
         pfd = self.dirfd(parent)
-        st = _lstat(pfd, name)
-        if st is not None:
+        try:
+            self._create(pfd, name, m, tf)
+        except FileExistsError:
+            # Rare: a duplicate entry. Make room by the OCI rule, then create it again.
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode) and m.isdir():
                 self.dirs[path] = self._dir_meta(m)  # the same directory again
                 return
             self._remove(path, pfd, name, st, m.isdir())
+            self._create(pfd, name, m, tf)
         if m.isdir():
-            os.mkdir(name, 0o700, dir_fd=pfd)
             self.dirs[path] = self._dir_meta(m)
+
+    def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        """Make the entry (which must not exist: EEXIST otherwise), with its mode from
+        the start where it can be (the umask is 0 while unpacking), so most entries
+        need no chmod and, owned by the unpacker, no chown."""
+        mode = self._mode(m) & 0o777
+        if m.isdir():
+            os.mkdir(name, 0o700, dir_fd=pfd)  # its own mode once its entries are in
         elif m.isreg():
-            self._file(pfd, name, m, tf)
+            self._file(pfd, name, m, tf, mode)
         elif m.issym():
             os.symlink(os.fsencode(m.linkname), name, dir_fd=pfd)
             self._meta(pfd, name, m, symlink=True)
         elif m.isfifo():
-            os.mkfifo(name, 0o600, dir_fd=pfd)
-            self._meta(pfd, name, m)
+            os.mkfifo(name, mode, dir_fd=pfd)
+            self._meta(pfd, name, m, created_mode=mode)
         else:  # a device node (root only, checked above)
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-            os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
-            self._meta(pfd, name, m)
+            os.mknod(name, kind | mode, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            self._meta(pfd, name, m, created_mode=mode)
 
     def _remove(self, path: bytes, pfd: int, name: bytes, st: os.stat_result, isdir: bool) -> None:
         """Make room for a later entry of the same name: the last one wins."""
@@ -350,11 +366,13 @@ class _Unpacker:
         finally:
             os.close(tfd)
 
-    def _file(self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    def _file(
+        self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile, mode: int
+    ) -> None:
         fd = os.open(
             name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
+            mode,
             dir_fd=pfd,
         )
         try:
@@ -364,7 +382,7 @@ class _Unpacker:
                 src = tf.extractfile(m)
                 assert src is not None
                 _copy(src, fd, m.size)
-            self._meta(pfd, name, m, fd=fd)
+            self._meta(pfd, name, m, fd=fd, created_mode=mode)
         finally:
             os.close(fd)
 
@@ -404,18 +422,24 @@ class _Unpacker:
         )
 
     def _meta(
-        self, pfd: int, name: bytes, m: tarfile.TarInfo, fd: int = -1, symlink: bool = False
+        self,
+        pfd: int,
+        name: bytes,
+        m: tarfile.TarInfo,
+        fd: int = -1,
+        symlink: bool = False,
+        created_mode: int = -1,
     ) -> None:
         """Owner, mode, xattrs, times, in that order: chown clears setuid bits and
-        file capabilities, so it goes first."""
+        file capabilities, so it goes first. Each only when it changes something."""
         target: int | bytes = fd if fd >= 0 else fd_path(pfd, name)
-        if self.root:
+        if self.root and (m.uid, m.gid) != self.ids:
             if fd >= 0:
                 os.fchown(fd, m.uid, m.gid)
             else:
                 os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-        if not symlink:
-            mode = self._mode(m)
+        mode = self._mode(m)
+        if not symlink and mode != created_mode:
             if fd >= 0:
                 os.fchmod(fd, mode)
             else:
