@@ -202,3 +202,20 @@ def test_other_tar_formats(tmp_path: Path, fmt: int) -> None:
     unpack(t.bytes(), tmp_path / "l")
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "l") for f in fs]
     assert len(files) == 1
+
+
+def test_deep_nesting(tmp_path: Path) -> None:
+    """Directories nested 1,500 deep (implied by one entry) unpack; the walk is not
+    recursive, and the directory-fd cache stays bounded."""
+    deep = "/".join(["d"] * 1500)
+    unpack(Tar().file(deep + "/f", b"deep").bytes(), tmp_path / "l")
+    fd = os.open(tmp_path / "l", os.O_RDONLY)
+    try:
+        for _ in range(1500):
+            nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        with open(os.open("f", os.O_RDONLY, dir_fd=fd), "rb") as f:
+            assert f.read() == b"deep"
+    finally:
+        os.close(fd)

@@ -154,17 +154,31 @@ class _Unpacker:
         if fd is not None:
             self.dirfds.move_to_end(path)
             return fd
-        parent, _, name = path.rpartition(b"/")
-        pfd = self.dirfd(parent, create)
+        # Down from the nearest directory already open (iteratively: a tar may nest
+        # directories thousands deep).
+        parts = path.split(b"/")
+        i = len(parts) - 1
+        while i > 0 and b"/".join(parts[:i]) not in self.dirfds:
+            i -= 1
+        pfd = self.dirfds[b"/".join(parts[:i])] if i > 0 else self.root_fd
+        for j in range(i, len(parts)):
+            sub = b"/".join(parts[: j + 1])
+            pfd = self._open_dir(pfd, sub, parts[j], create)
+            self.dirfds[sub] = pfd
+        while len(self.dirfds) > 256:  # the newest (this path's) stay open
+            os.close(self.dirfds.popitem(last=False)[1])
+        return pfd
+
+    def _open_dir(self, pfd: int, path: bytes, name: bytes, create: bool) -> int:
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            return os.open(name, _DIR_FLAGS, dir_fd=pfd)
         except FileNotFoundError:
             if not create:
                 raise
             os.mkdir(name, 0o700, dir_fd=pfd)
             self.dirs[path] = _DirMeta(0o755)
-            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-        except (NotADirectoryError, OSError) as e:
+            return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError as e:
             if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
             if path in self.whiteouts and create:
@@ -175,15 +189,10 @@ class _Unpacker:
                 os.mkdir(name, 0o700, dir_fd=pfd)
                 self.dirs[path] = _DirMeta(0o755)
                 self.opaque.add(path)
-                fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-            else:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                raise self.fail(f"{os.fsdecode(path)!r} on the way is {what}") from None
-        self.dirfds[path] = fd
-        if len(self.dirfds) > 256:
-            os.close(self.dirfds.popitem(last=False)[1])
-        return fd
+                return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise self.fail(f"{os.fsdecode(path)!r} on the way is {what}") from None
 
     def forget(self, path: bytes) -> None:
         """*path* was removed: drop what is known of it and everything below it."""
@@ -234,6 +243,8 @@ class _Unpacker:
             raise self.fail(e.strerror or str(e)) from None
         except (OverflowError, ValueError) as e:
             raise self.fail(f"bad header value: {e}") from None
+        except RecursionError:
+            raise self.fail("the directory tree it replaces is too deep") from None
 
     def _entry(self, path: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
         if not path:
