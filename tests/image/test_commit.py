@@ -12,11 +12,14 @@ import os
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from tests.image.builders import Layer, Tar, write_oci_layout
 from tests.image.mounts import image_mounted, tree
 from tests.image.test_diff import kernel_trees, lower_layers, make_changes
 from tests.image.test_layout import run
 from tests.image.test_unpack import unpack
+from unionfs.image.digest import ImageError
 from unionfs.image.layout import open_image
 from unionfs.image.writer import write_layer
 
@@ -177,3 +180,18 @@ def test_commit_usage_errors(tmp_path: Path) -> None:
     )
     res = run("commit", os.fspath(tmp_path), "--image", os.fspath(tmp_path / "x"))
     assert (res.returncode, res.stderr) == (1, "unionfs: --image and --tag go together\n")
+
+
+def test_uppers_that_cannot_be_a_layer(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "moved").mkdir(parents=True)
+    os.setxattr(upper / "moved", "trusted.overlay.redirect", b"/orig")
+    with pytest.raises(ImageError) as e:
+        write_layer(upper, tmp_path / "l.tar")
+    assert str(e.value) == (
+        "moved: has trusted.overlay.redirect (an upper written with the kernel's redirect_dir "
+        "or metacopy on): its data is in the lower layers"
+    )
+    assert os.listdir(tmp_path) == ["upper"]  # no layer file, not even a temporary one
+    with pytest.raises(ImageError, match="inside the upper"):
+        write_layer(upper, upper / "l.tar")

@@ -122,6 +122,8 @@ def write_layer(
     """Write *upper* as a layer tar to *output* (atomically: a temporary file renamed
     into place when complete)."""
     compression = compression or compression_for(os.fspath(output))
+    if upper == output.parent or upper in output.parents:
+        raise ImageError(f"{output}: inside the upper {upper}, it would be part of the layer")
     fd = open_upper(upper)
     tmp_fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
     try:
@@ -230,7 +232,7 @@ class _LayerWriter:
             return
         if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key not in self.links:
             self.links[key] = ti.name
-        ti.pax_headers = _xattrs(fd_path(dirfd, name))
+        ti.pax_headers = _xattrs(fd_path(dirfd, name), path)
         try:
             self.tf.addfile(ti, data)
         except OSError as e:
@@ -252,8 +254,15 @@ def _open_file(dirfd: int, name: bytes) -> BinaryIO:
     return io.FileIO(fd, "rb")
 
 
-def _xattrs(path: bytes) -> dict[str, str]:
-    """Every xattr but the overlay's own, as PAX records (binary values kept byte for byte)."""
+_UNSUPPORTED = (b"redirect", b"metacopy")  # kernel features whose data is elsewhere
+
+
+def _xattrs(path: bytes, shown: bytes) -> dict[str, str]:
+    """Every xattr but the overlay's own, as PAX records (binary values kept byte for byte).
+
+    An upper written by a kernel overlay with ``redirect_dir`` or ``metacopy`` on
+    keeps a renamed directory's or a copied-up file's contents in the lower
+    layers: such an upper cannot become a layer on its own, and is refused."""
     out: dict[str, str] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -262,6 +271,11 @@ def _xattrs(path: bytes) -> dict[str, str]:
     for name in sorted(names):
         raw = os.fsencode(name)
         if markers.is_private_xattr(raw):
+            if raw.rpartition(b".")[2] in _UNSUPPORTED:
+                raise ImageError(
+                    f"{os.fsdecode(shown)}: has {name} (an upper written with the kernel's "
+                    "redirect_dir or metacopy on): its data is in the lower layers"
+                )
             continue
         try:
             value = os.getxattr(path, name, follow_symlinks=False)
