@@ -74,7 +74,10 @@ class _Hidden:
             entry = self.union.resolve(node, name) if node is not None else None
             if stat.S_ISDIR(st.st_mode):
                 child = None
-                if entry is not None and self.layer in (entry.layer, *entry.lowers):
+                if entry is not None and self.layer in (
+                    entry.layer,
+                    *(p.layer for p in entry.lowers),
+                ):
                     child = self.union.node_for(node, entry)  # type: ignore[arg-type]
                 sub = os.open(name, _DIR, dir_fd=fd)
                 try:
