@@ -50,6 +50,10 @@ ATTR_TIMEOUT = 300.0
 
 DEBUG = False  # set by the command line for -d: log every request and its errno
 
+# The name the C hook gives an O_TMPFILE request it hands to create: no real name
+# holds a slash.
+TMPFILE_NAME = b"/"
+
 # A listing entry without a node: the C hook (csrc/ino.c) reports it with node id
 # 0 and the st_ino in the low bits. No node id has these high bits.
 NODELESS_TAG = 0xFFFE << 48
@@ -390,10 +394,15 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
         parent = self._node(parent_inode)
-        with self._names_change(parent):
-            node, fd = await namespace.create_file(
-                self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
+        if name == TMPFILE_NAME:  # O_TMPFILE, handed over by the C hook (csrc/ops.c)
+            node, fd = await namespace.create_tmpfile(
+                self.union, parent, mode, flags, caller(ctx, self.ids, mode)
             )
+        else:
+            with self._names_change(parent):
+                node, fd = await namespace.create_file(
+                    self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
+                )
         fh = self.files.add(node, fd, flags)
         try:
             return FileInfo(fh=fh, keep_cache=True), self._reply_entry(node)

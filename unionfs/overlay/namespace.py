@@ -23,7 +23,7 @@ from unionfs.overlay.copyup import copy_up, readonly_error, wait_for_copy_up
 from unionfs.overlay.files import readable_for_writeback
 from unionfs.overlay.layers import discard, remove_tree
 from unionfs.overlay.markers import is_whiteout
-from unionfs.overlay.nodes import Entry, Node
+from unionfs.overlay.nodes import ROOT_INO, Entry, Node
 from unionfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, fd_path, renameat2
 from unionfs.overlay.union import Union, join
 
@@ -232,12 +232,44 @@ async def create_file(
     return _created(union, parent, name, os.fstat(fds[0])), fds[0]
 
 
+async def create_tmpfile(
+    union: Union, parent: Node, mode: int, flags: int, caller: Caller
+) -> tuple[Node, int]:
+    """open(O_TMPFILE): a new unnamed regular file, returned open with *flags*.
+
+    As the kernel overlay does, the directory is copied up first and the file is
+    an unnamed inode of its upper directory; a later ``linkat`` of it gives it a
+    name there, as a file of the upper only.
+    """
+    _writable(union)
+    await copy_up(union, parent)
+    assert union.upper is not None
+    dirfd = union.upper.dirfd(parent.path)
+    uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
+    flags = readable_for_writeback(
+        (flags & os.O_ACCMODE) | os.O_TMPFILE | os.O_CLOEXEC, union.config.writeback
+    )
+    fd = os.open(fd_path(dirfd), flags, stat.S_IMODE(mode))
+    try:
+        os.fchown(fd, uid, gid)
+        if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
+            os.fchmod(fd, stat.S_IMODE(mode))
+        st = os.fstat(fd)
+        node = union.unnamed_node(union.upper, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return node, fd
+
+
 async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     """A hard link: the file is copied up first, then linked inside the upper."""
     _writable(union)
     check_new_name(name)
     if union.lookup(parent, name) is not None:
         raise FileExistsError(errno.EEXIST, "exists", name)
+    if node.parent is None:
+        return await _link_unnamed(union, node, parent, name)
     await copy_up(union, node, data=False)
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     src_parent = node.parent
@@ -260,6 +292,23 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
 
     _place(union, dirfd, name, over_whiteout, make)
     union.add_alias(node, parent, name)
+    return node
+
+
+async def _link_unnamed(union: Union, node: Node, parent: Node, name: bytes) -> Node:
+    """``linkat`` of an O_TMPFILE file (the VFS refuses any other unnamed file): it gets
+    its first name, through the fd it is open on."""
+    files = [f for f in union.open_files.get(node.ino, ()) if f.layer.writable]
+    if not files or node.ino == ROOT_INO:
+        raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+    dirfd, over_whiteout = await _prepare_new(union, parent, name)
+    source = fd_path(files[0].fd)
+
+    def make(fd: int, n: bytes) -> None:
+        os.link(source, n, dst_dir_fd=fd, follow_symlinks=True)
+
+    _place(union, dirfd, name, over_whiteout, make)
+    union.table.set_parent(node, parent, name)
     return node
 
 

@@ -226,6 +226,10 @@ class InodeNumbers:
             return ino
         return self.real(layer, st.st_ino)
 
+    def spare(self) -> int:
+        """A number no real inode has, for a node whose own is another node's."""
+        return next(self._per_path_next)
+
     def apart(self, entry: Entry) -> int:
         """A number of its own for a lower entry whose real inode another node has."""
         key = (entry.layer.index, entry.path)

@@ -422,6 +422,17 @@ class Union:
                 self.add_alias(node, parent, name)  # another hard link in the upper
         return node
 
+    def unnamed_node(self, layer: Layer, st: os.stat_result) -> Node:
+        """The node of a file with no name yet (O_TMPFILE) in *layer*."""
+        ino = self.inos.real(layer, st.st_ino)
+        if self.table.find(ino) is not None:  # a gone file's node still has the number
+            ino = self.inos.spare()
+            self.inos.origins[st.st_ino] = ino  # found again once linked
+        node = Node(ino, None, b"", stat.S_IFMT(st.st_mode), layer)
+        node.st_ino = self.inos.real(layer, st.st_ino)
+        self.table.add(node)
+        return node
+
     @staticmethod
     def _update(node: Node, entry: Entry) -> None:
         node.layer = entry.layer

@@ -12,6 +12,9 @@
  * event loop goes on and a release of the handle meanwhile does no harm;
  * fuse_session_destroy waits for them, so no reply outlives the session.
  *
+ * O_TMPFILE (libfuse 3.17 and later) goes to pyfuse3's create handler under a
+ * name no real entry has (see hook_tmpfile).
+ *
  * setxattr: pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself, with a getxattr
  * of its own, and never passes them on, while the kernel overlay copies up
  * first and lets the upper filesystem fail. The wrapper hands pyfuse3 the
@@ -38,9 +41,10 @@ static pthread_mutex_t busy_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t busy_done = PTHREAD_COND_INITIALIZER;
 static int busy;
 
+/* The handle's low half: a FUSE file handle may carry more above it (a backing id). */
 static int fd_of(const struct fuse_file_info *fi)
 {
-    return (int)u64map_get(&fds, fi->fh, 0) - 1;
+    return (int)u64map_get(&fds, fi->fh & 0xffffffffULL, 0) - 1;
 }
 
 static void hook_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
@@ -237,10 +241,31 @@ __attribute__((visibility("default"))) void fuse_session_destroy(struct fuse_ses
     real(se);
 }
 
+#if FUSE_MAKE_VERSION(FUSE_MAJOR_VERSION, FUSE_MINOR_VERSION) >= FUSE_MAKE_VERSION(3, 17)
+/* O_TMPFILE (FUSE_TMPFILE, served by libfuse 3.17): handed to pyfuse3's create
+   handler under a name no real entry has (a slash), which the Python side knows
+   (operations.TMPFILE_NAME); libfuse expects the same reply as for create. */
+#define HAVE_TMPFILE 1
+static void (*inner_create)(fuse_req_t, fuse_ino_t, const char *, mode_t,
+                            struct fuse_file_info *);
+
+static void hook_tmpfile(fuse_req_t req, fuse_ino_t parent, mode_t mode,
+                         struct fuse_file_info *fi)
+{
+    inner_create(req, parent, "/", mode, fi);
+}
+#endif
+
 static int wrap(struct fuse_lowlevel_ops *ops)
 {
     if (ops->setxattr == NULL)
         return -1;
+#ifdef HAVE_TMPFILE
+    if (ops->create != NULL) {
+        inner_create = ops->create;
+        ops->tmpfile = hook_tmpfile;
+    }
+#endif
     inner_setxattr = ops->setxattr;
     ops->setxattr = hook_setxattr;
     ops->fallocate = hook_fallocate;
