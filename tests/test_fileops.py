@@ -17,9 +17,10 @@ import os
 import time
 from pathlib import Path
 
-from tests.twins import HOOK, Twin, twins, write
+from tests.twins import HOOK, Twin, libfuse_version, twins, write
 
 _libc = ctypes.CDLL(None, use_errno=True)
+AT_SYMLINK_FOLLOW = 0x400
 KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, COLLAPSE_RANGE = 0x01, 0x02, 0x10, 0x08
 MiB = 1 << 20
 
@@ -199,3 +200,49 @@ def test_a_tree_deeper_than_path_max_is_removed_as_on_the_kernel(tmp_path: Path)
         with t.mount():
             seen[t.kind] = _deep_ops(t)
     assert seen["unionfs"] == seen["kernel"] == [["leafdir", "leaffile"], [], []]
+
+
+def _tmpfile_dir(lowers: list[Path]) -> None:
+    write(lowers[0] / "tdir" / "old", b"o")
+
+
+def _tmpfile_ops(t: Twin) -> list[object]:
+    try:
+        fd = os.open(t.mnt / "tdir", os.O_TMPFILE | os.O_RDWR, 0o640)
+    except OSError as e:
+        return [errno.errorcode[e.errno or 0]]
+    try:
+        out: list[object] = [
+            sorted(os.listdir(t.upper / "tdir")),  # the directory was copied up first
+            os.fstat(fd).st_nlink,
+            oct(os.fstat(fd).st_mode),
+            os.write(fd, b"tmpdata"),
+        ]
+        # As a program names it: linkat of its /proc link, following it.
+        target = os.fsencode(t.mnt / "tdir" / "named")
+        src = b"/proc/self/fd/%d" % fd
+        out.append(_libc.linkat(-100, src, -100, target, AT_SYMLINK_FOLLOW))
+        st = os.stat(t.mnt / "tdir" / "named")
+        out += [
+            (t.mnt / "tdir" / "named").read_bytes(),
+            st.st_nlink,
+            t.identity("tdir/named"),
+            st.st_ino == os.fstat(fd).st_ino,
+            sorted(os.listdir(t.mnt / "tdir")),
+        ]
+        return out
+    finally:
+        os.close(fd)
+
+
+def test_o_tmpfile_where_libfuse_serves_it(tmp_path: Path) -> None:
+    u, k = twins(tmp_path, _tmpfile_dir)
+    seen = {}
+    for t in (u, k):
+        with t.mount():
+            seen[t.kind] = _tmpfile_ops(t)
+    assert seen["kernel"][:2] == [[], 0]
+    if libfuse_version() >= 317:
+        assert seen["unionfs"] == seen["kernel"]
+    else:  # libfuse 3.14 does not implement FUSE_TMPFILE: the kernel answers for it
+        assert seen["unionfs"] == ["ENOTSUP"]  # (errno.errorcode names EOPNOTSUPP so)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,23 @@ from tests.conformance.snapshot import inode_index
 from tests.mounting import start_unionfs
 
 HOOK = os.environ.get("UNIONFS_NO_HOOK", "") in ("", "0")  # `make test` runs both ways
+
+
+def libfuse_version() -> int:
+    """The libfuse the C hook runs with (317 for 3.17), 0 without the hook."""
+    if not HOOK:
+        return 0
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from unionfs.fuse import _fusehook as h; print(h.libfuse_version())",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
 
 
 def write(path: Path, data: bytes = b"x") -> None:

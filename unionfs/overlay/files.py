@@ -110,9 +110,7 @@ class Files:
 
     def add(self, node: Node, fd: int, flags: int) -> int:
         fh = next(self._next_fh)
-        f = OpenFile(
-            fd, node, self.union.data_place(node).layer, flags & ~(_DROP_FLAGS | os.O_TRUNC)
-        )
+        f = OpenFile(fd, node, self.union.data_layer(node), flags & ~(_DROP_FLAGS | os.O_TRUNC))
         f.fh = fh
         if node.metacopy:
             # The fd reads the lower data; the upper inode holds the metadata, which

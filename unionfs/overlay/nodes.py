@@ -125,7 +125,8 @@ class Node:
         self.gone_st: os.stat_result | None = None
 
     def __repr__(self) -> str:
-        return f"<Node {self.ino} {self.path!r} in {self.layer.index}>"
+        where = self.path if not self.unlinked else b"(removed) " + self.name
+        return f"<Node {self.ino} {where!r} in {self.layer.index}>"
 
     @property
     def is_dir(self) -> bool:

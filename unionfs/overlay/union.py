@@ -578,6 +578,10 @@ class Union:
         place = node.place
         return place.layer.open_file(*place.split(), flags)
 
+    def data_layer(self, node: Node) -> Layer:
+        """The layer that holds the node's data (named or not)."""
+        return node.lowers[-1].layer if node.metacopy else node.layer
+
     def data_place(self, node: Node) -> Place:
         """Where the node's data is: its topmost part, or for a metadata-only copy the
         lower file that holds the data."""
