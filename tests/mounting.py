@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-UNMOUNT_GRACE = 5.0  # seconds a daemon gets to exit by itself after its unmount
+UNMOUNT_GRACE = 5.0  # how often an exiting daemon is checked on after its unmount
 
 
 def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
@@ -37,6 +37,41 @@ def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
             if point == target:
                 found = fields[fields.index(b"-") + 1].decode()  # the last mount wins
     return found
+
+
+def mount_device(mountpoint: str | os.PathLike[str]) -> bytes | None:
+    """The ``major:minor`` of the filesystem mounted exactly at *mountpoint*, or None."""
+    path = os.path.abspath(mountpoint)
+    parent, name = os.path.split(path)
+    target = os.fsencode(os.path.join(os.path.realpath(parent), name))
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if point == target:
+                found = fields[2]
+    return found
+
+
+def mounted_elsewhere(device: bytes) -> bool:
+    """Whether another mount namespace still has the filesystem *device* mounted."""
+    mine = os.readlink("/proc/self/ns/mnt")
+    seen = {mine}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            with open(f"/proc/{pid}/mountinfo", "rb") as f:
+                if any(line.split()[2] == device for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def lazy_unmount(mountpoint: str | os.PathLike[str]) -> None:
@@ -71,6 +106,7 @@ class UnionMount:
     proc: subprocess.Popen[bytes]
     log_path: Path
     args: list[str] = field(default_factory=list)
+    device: bytes | None = None  # major:minor of the mount, once it is up
 
     @property
     def pid(self) -> int:
@@ -102,12 +138,22 @@ class UnionMount:
             return self.proc.wait(timeout=min(max(deadline - time.monotonic(), 1.0), UNMOUNT_GRACE))
         except subprocess.TimeoutExpired:
             pass
-        if mount_type(self.mountpoint) is None:
-            # Unmounted here, yet the daemon goes on: a mount namespace made meanwhile
-            # (another program's container, unshare -m) holds a copy of the mount, and
-            # the kernel keeps the connection for it. Stop the daemon the way a user
-            # would (SIGTERM unmounts cleanly); the status still tells if it misbehaves.
-            self.proc.terminate()
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if (
+                mount_type(self.mountpoint) is None
+                and self.device is not None
+                and mounted_elsewhere(self.device)
+            ):
+                # Unmounted here, yet the daemon goes on: a mount namespace made meanwhile
+                # (another program's container, unshare -m) holds a copy of the mount,
+                # and the kernel keeps the connection for it. Stop the daemon the way a
+                # user would (SIGTERM unmounts cleanly); its status still tells.
+                self.proc.terminate()
+                break
+            try:
+                return self.proc.wait(timeout=UNMOUNT_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             return self.proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
         except subprocess.TimeoutExpired:
@@ -166,6 +212,7 @@ def start_unionfs(
     try:
         while time.monotonic() < deadline:
             if mount_type(mnt) == "fuse.unionfs":
+                um.device = mount_device(mnt)
                 return um
             if proc.poll() is not None:
                 raise RuntimeError(f"unionfs exited with {proc.returncode}: {um.log()}")
