@@ -143,10 +143,24 @@ def _passed_through_whiteouts(spec: LayerSpec) -> dict[bytes, bool]:
 
 
 def _listed_whiteouts_now(ctx: Context, until: int | None = None) -> set[bytes]:
+    """The passed-through whiteouts where they are after the renames so far: a rename of
+    a lower directory copies it up (redirect_dir=on), which merges it, so the whiteouts
+    right in it are filtered from then on; those deeper down only move along."""
     out = set()
     for path, in_upper in _passed_through_whiteouts(ctx.spec).items():
-        now = _follow(path, ctx.history, until)
-        if now is not None and (in_upper or now == path):
+        now: bytes | None = path
+        for op, ra, rb in ctx.history[:until]:
+            if now is None:
+                break
+            if op.name != "rename" or not (_ok(ra) and ra == rb):
+                continue
+            src, dst, flags = op.args
+            moved_dirs = (src, dst) if flags == "EXCHANGE" else (src,)
+            if not in_upper and _parent(now) in moved_dirs:
+                now = None
+            else:
+                now = _follow(now, [(op, ra, rb)])
+        if now is not None:
             out.add(now)
     return out
 

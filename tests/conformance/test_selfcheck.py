@@ -216,6 +216,11 @@ def test_the_whiteout_listing_exclusion_stays_narrow() -> None:
     # a lower directory renamed (copied up, merged from then on) before the listing
     moved = [(op("rename", b"d", b"d2", "0"), _ok(), _ok())]
     assert not _excused(_only_a(b"d2/w", ENOENT), PASSED_THROUGH, moved)
+    # its subdirectories stay passed through, and their whiteouts move along
+    deeper = spec([D(b"p"), D(b"p/d"), F(b"p/d/f"), W(b"p/d/w")], [F(b"other")])
+    moved = [(op("rename", b"p", b"q", "0"), _ok(), _ok())]
+    assert _excused(_only_a(b"q/d/w", ENOENT), deeper, moved)
+    assert not _excused(_only_a(b"p/d/w", ENOENT), deeper, moved)
 
 
 def test_the_failed_rename_exclusions_stay_narrow() -> None:
