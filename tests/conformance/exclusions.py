@@ -213,7 +213,7 @@ def _whiteout_listed_in_unmerged_dir(d: Divergence, ctx: Context) -> bool:
     kernels_entry = {
         "tree:only-a": d.a,
         "cross-unionfs:only-a": d.a,
-        "cross-kernel:only-b": d.b,
+        **{f"cross-{kernel}:only-b": d.b for kernel in KERNELS},
     }
     if d.kind in kernels_entry:
         path = next(iter(d.paths), None)
@@ -341,8 +341,16 @@ def _linked_lower_files(spec: LayerSpec, history: History) -> list[set[bytes]]:
 
 def _userns_names_of_a_linked_lower_file(d: Divergence, ctx: Context) -> bool:
     """In the unprivileged mode only: a hard-link group whose names all belong to one
-    lower file that links copied up."""
-    if os.geteuid() == 0 or d.kind != "ino:hardlink" or not d.paths:
+    lower file that links copied up, or the st_ino of one such name where the kernel
+    shows the upper inode's number and unionfs the lower one's."""
+    if os.geteuid() == 0 or not d.paths:
+        return False
+    if d.kind == "tree:src":
+        if not (isinstance(d.a, str) and d.a.startswith("u:")):
+            return False
+        if not (isinstance(d.b, str) and d.b.startswith("l")):
+            return False
+    elif d.kind != "ino:hardlink":
         return False
     return any(d.paths <= family for family in _linked_lower_files(ctx.spec, ctx.history))
 
@@ -394,7 +402,9 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "long as it is cached (both show the upper's after a remount), so the names of one "
             "file fall into groups by how each was reached. unionfs shows one st_ino for every "
             "name of the file. Limited to hard-link groups whose names all belong to one file "
-            "that a lower layer provided and link ops gave more names, in the unprivileged mode."
+            "that a lower layer provided and link ops gave more names, and to the st_ino of one "
+            "such name where the kernel shows the upper inode's and unionfs the lower one's, in "
+            "the unprivileged mode."
         ),
         applies=_userns_names_of_a_linked_lower_file,
     ),

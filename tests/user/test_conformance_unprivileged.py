@@ -78,3 +78,12 @@ def test_the_userns_link_exclusion_stays_narrow() -> None:
     assert not excused("share st_ino only on side b", lower, [])
     # a link of another file
     assert not excused("share st_ino only on side b", lower, _history_with_link(b"g", b"n"))
+    # the st_ino of a name of the family: the kernel's upper inode, unionfs's lower one
+    linked = _history_with_link(b"f", b"n")
+    src = Divergence("tree:src", "x", "", frozenset({b"n"}), a="u:f u:n", b="l0:f")
+    assert label([src], lower, linked) == []
+    for a, b in (("l0:f", "u:f u:n"), ("u:f u:n", "u:f")):  # the other way round, no lower
+        src = Divergence("tree:src", "x", "", frozenset({b"n"}), a=a, b=b)
+        assert label([src], lower, linked) == [src]
+    src = Divergence("tree:src", "x", "", frozenset({b"g"}), a="u:g", b="l0:g")
+    assert label([src], lower, linked) == [src]  # not a name of the family
