@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import signal
 import sys
 import time
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         else [case_seed(args.seed, i) for i in range(args.cases)]
     )
     by_kind: collections.Counter[str] = collections.Counter()
-    excluded: collections.Counter[str] = collections.Counter()
+    excluded: collections.Counter[str] = collections.Counter()  # divergences
+    excluded_cases: collections.Counter[str] = collections.Counter()
+    dropped: collections.Counter[str] = collections.Counter()  # ops not run on unionfs
+    dropped_cases: collections.Counter[str] = collections.Counter()
     diverged = 0
     start = time.monotonic()
     for s in seeds:
@@ -140,10 +144,19 @@ def main(argv: list[str] | None = None) -> int:
             kept = [int(i) for i in args.ops.split(",") if i != ""]
             case = Case(case.spec, [case.ops[i] for i in kept], s)
         out = run_case(case, kinds, args.timeout, options=args.mode)
-        for d in out.excluded:
-            excluded[d.excluded_by or "?"] += 1
+        here: collections.Counter[str] = collections.Counter(
+            d.excluded_by or "?" for d in out.excluded
+        )
+        for note in out.notes:
+            m = re.match(r"excluded by name (\S+): dropped (\d+) op", note)
+            if m:
+                dropped[m[1]] += int(m[2])
+                dropped_cases[m[1]] += 1
+        excluded.update(here)
+        excluded_cases.update(here.keys())
+        excused = ", ".join(f"{k}×{v}" for k, v in sorted(here.items()))
         if not out.diverged:
-            print(f"case-seed={s}: ok", flush=True)
+            print(f"case-seed={s}: ok" + (f" (excused: {excused})" if excused else ""), flush=True)
             continue
         diverged += 1
         for k in sorted(out.kinds()):
@@ -162,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in by_kind.most_common():
         print(f"  {k}: {v}")
     for k, v in excluded.most_common():
-        print(f"  excluded by name {k}: {v}")
+        print(f"  excluded by name {k}: {v} divergence(s) in {excluded_cases[k]} case(s)")
+    for k, v in dropped.most_common():
+        print(f"  excluded by name {k}: dropped {v} op(s) in {dropped_cases[k]} case(s)")
     return 1 if diverged else 0
 
 

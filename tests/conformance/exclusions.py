@@ -410,23 +410,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     ),
 )
 
-# Operations unionfs cannot serve at all, dropped by name from cases run on unionfs
-# (the kernel-against-kernel self-check still runs them).
-UNSUPPORTED_OPS: dict[str, tuple[str, Callable[[Op], bool]]] = {
-    "o_tmpfile-unsupported": (
-        "O_TMPFILE needs the FUSE_TMPFILE request, which libfuse 3.14 (Debian bookworm) "
-        "does not implement, so the kernel answers EOPNOTSUPP for any FUSE filesystem "
-        "there. Dropped only when the hook runs with a libfuse older than 3.17.",
-        lambda op: op.name == "open" and "TMPFILE" in str(op.args[2]) and _libfuse() < 317,
-    ),
-    "fallocate-collapse-insert-fuse": (
-        "fallocate with FALLOC_FL_COLLAPSE_RANGE or FALLOC_FL_INSERT_RANGE: the kernel's "
-        "FUSE module answers EOPNOTSUPP itself for any mode but KEEP_SIZE, PUNCH_HOLE and "
-        "ZERO_RANGE (fs/fuse/file.c, fuse_file_fallocate), before asking the filesystem.",
-        lambda op: op.name == "fallocate" and ("COLLAPSE" in op.args[1] or "INSERT" in op.args[1]),
-    ),
-}
-
 
 @functools.cache
 def _libfuse() -> int:
@@ -444,6 +427,24 @@ def _libfuse() -> int:
         check=False,
     )
     return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
+
+
+# Operations unionfs cannot serve at all, dropped by name from cases run on unionfs
+# (the kernel-against-kernel self-check still runs them).
+UNSUPPORTED_OPS: dict[str, tuple[str, Callable[[Op], bool]]] = {
+    "o_tmpfile-unsupported": (
+        "O_TMPFILE needs the FUSE_TMPFILE request, which libfuse 3.14 (Debian bookworm) "
+        "does not implement, so the kernel answers EOPNOTSUPP for any FUSE filesystem "
+        "there. Dropped only when the hook runs with a libfuse older than 3.17.",
+        lambda op: op.name == "open" and "TMPFILE" in str(op.args[2]) and _libfuse() < 317,
+    ),
+    "fallocate-collapse-insert-fuse": (
+        "fallocate with FALLOC_FL_COLLAPSE_RANGE or FALLOC_FL_INSERT_RANGE: the kernel's "
+        "FUSE module answers EOPNOTSUPP itself for any mode but KEEP_SIZE, PUNCH_HOLE and "
+        "ZERO_RANGE (fs/fuse/file.c, fuse_file_fallocate), before asking the filesystem.",
+        lambda op: op.name == "fallocate" and ("COLLAPSE" in op.args[1] or "INSERT" in op.args[1]),
+    ),
+}
 
 
 def drop_unsupported(case: Case) -> tuple[Case, list[str]]:

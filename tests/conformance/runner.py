@@ -319,8 +319,8 @@ class _Run:
                 # In a user namespace the kernel cannot record origins (empty ones), so
                 # st_ino of a copy-up is kept only while its inode is cached.
                 for tree in (final, snap):
-                    for e in tree.values():
-                        e.pop("src", None)
+                    for ent in tree.values():
+                        ent.pop("src", None)
             if self.fail(stage, diff_trees(final, snap, None, None, f"cross-{mounted_kind}")):
                 return
 

@@ -46,6 +46,7 @@ KK = ("kernel", "kernel")
 KU = ("kernel", "unionfs")
 SELF_SEED = 7
 SELF_CASES = 40
+Snaps = tuple[dict[bytes, dict[str, object]], dict[bytes, dict[str, object]]]
 
 
 @pytest.mark.timeout(240)
@@ -161,7 +162,7 @@ def test_cli_summary(capsys: pytest.CaptureFixture[str]) -> None:
 
 PASSED_THROUGH = spec([D(b"d"), F(b"d/f"), W(b"d/w"), D(b"e"), F(b"e/w")], [F(b"other")])
 MERGED = spec([D(b"d"), W(b"d/w")], [D(b"d"), F(b"d/w"), F(b"d/g")])
-ENOENT = {"error": "ENOENT"}
+ENOENT: dict[str, object] = {"error": "ENOENT"}
 
 
 def _ok(value: object = None) -> tuple[str, object]:
@@ -183,7 +184,7 @@ def _listing(k: int, o: Op, a: list[bytes], b: list[bytes]) -> tuple[Divergence,
 
 
 def test_the_whiteout_listing_exclusion_stays_narrow() -> None:
-    snaps = ({b"d/w": ENOENT}, {})
+    snaps: Snaps = ({b"d/w": ENOENT}, {})
     assert _excused(_only_a(b"d/w", ENOENT), PASSED_THROUGH, snaps=snaps)
     d, h = _listing(2, op("readdir", b"d"), [b"f", b"w"], [b"f"])
     assert _excused(d, PASSED_THROUGH, h, snaps)
@@ -226,7 +227,7 @@ def test_the_whiteout_listing_exclusion_stays_narrow() -> None:
 def test_the_failed_rename_exclusions_stay_narrow() -> None:
     layers = spec([D(b"m"), F(b"m/x")], upper=[D(b"u"), D(b"v")])
     fails = [(op("rename", b"u", b"m/u", "0"), ("err", "ENAMETOOLONG"), ("err", "ENAMETOOLONG"))]
-    upper = ({b"u": {"fmt": 0o040000}, b"v": {"fmt": 0o040000}}, {})
+    upper: Snaps = ({b"u": {"fmt": 0o040000}, b"v": {"fmt": 0o040000}}, {})
     opaque = {OPAQUE_XATTR: b"y"}
 
     def xattrs(path: bytes, a: dict, b: dict) -> Divergence:  # type: ignore[type-arg]
@@ -246,7 +247,7 @@ def test_the_failed_rename_exclusions_stay_narrow() -> None:
     stamped = [(op("stat", b""), _ok(), _ok())] * 3 + [
         (op("rename", b"p/a", b"p/b", "0"), ("err", "ENOTEMPTY"), ("err", "ENOTEMPTY"))
     ]
-    tree = ({b"p": {"fmt": 0o040000}, b"p/a": {"fmt": 0o100000}}, {})
+    tree: Snaps = ({b"p": {"fmt": 0o040000}, b"p/a": {"fmt": 0o100000}}, {})
 
     def mtime(path: bytes, a: object, b: object) -> Divergence:
         return Divergence("tree:mtime", repr(path), "", frozenset({path}), a=a, b=b)
