@@ -90,11 +90,17 @@ def _moved(path: bytes, src: bytes, dst: bytes) -> bytes | None:
     return None
 
 
+def _did_rename(op: Op, ra: object, rb: object) -> bool:
+    """A rename that succeeded on both sides and moved something: one of a name onto
+    itself does nothing (vfs_rename returns 0 when source and target are one inode)."""
+    return op.name == "rename" and _ok(ra) and ra == rb and op.args[0] != op.args[1]
+
+
 def _follow(path: bytes, history: History, until: int | None = None) -> bytes | None:
     """Where *path* is after the renames that succeeded on both sides (up to op *until*),
     or None once a rename replaced it."""
     for op, ra, rb in history[:until]:
-        if op.name != "rename" or not (_ok(ra) and ra == rb):
+        if not _did_rename(op, ra, rb):
             continue
         src, dst, flags = op.args
         new = _moved(path, src, dst)
@@ -152,7 +158,7 @@ def _listed_whiteouts_now(ctx: Context, until: int | None = None) -> set[bytes]:
         for op, ra, rb in ctx.history[:until]:
             if now is None:
                 break
-            if op.name != "rename" or not (_ok(ra) and ra == rb):
+            if not _did_rename(op, ra, rb):
                 continue
             src, dst, flags = op.args
             moved_dirs = (src, dst) if flags == "EXCHANGE" else (src,)

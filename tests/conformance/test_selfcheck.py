@@ -217,6 +217,9 @@ def test_the_whiteout_listing_exclusion_stays_narrow() -> None:
     # a lower directory renamed (copied up, merged from then on) before the listing
     moved = [(op("rename", b"d", b"d2", "0"), _ok(), _ok())]
     assert not _excused(_only_a(b"d2/w", ENOENT), PASSED_THROUGH, moved)
+    # a rename onto itself moves nothing: still passed through (case-seed 10000163)
+    stayed = [(op("rename", b"d", b"d", "0"), _ok(), _ok())]
+    assert _excused(_only_a(b"d/w", ENOENT), PASSED_THROUGH, stayed, snaps)
     # its subdirectories stay passed through, and their whiteouts move along
     deeper = spec([D(b"p"), D(b"p/d"), F(b"p/d/f"), W(b"p/d/w")], [F(b"other")])
     moved = [(op("rename", b"p", b"q", "0"), _ok(), _ok())]
