@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,23 +149,110 @@ def mount_daemons(graphroot: Path) -> dict[int, list[str]]:
     }
 
 
-# A mount-program wrapper: logs argv, cwd and open fds (as inherited from
-# podman, before anything else is opened) as one JSON line, then execs the
-# real program so podman sees the real exit status, output and daemon.
+# A mount-program wrapper: logs argv, cwd, open fds (as inherited from podman,
+# before anything else is opened), the calling command line and, for a mount,
+# the owner of each lower directory as one JSON line, then execs the real
+# program so podman sees the real exit status, output and daemon.  Tests pick
+# their own invocations out of the log by content (the mountpoint of their
+# container), never by time: podman also runs the program for `--version`.
 WRAPPER = """#!/usr/bin/python3 -I
-import json, os, sys, time
+import json, os, sys
 fds = {}
 for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
     try:
         fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         pass  # the fd listdir itself used, already closed
+try:
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        caller = [a.decode(errors="replace") for a in f.read().split(b"\\0") if a]
+except OSError:
+    caller = []
+lower_owners = {}
+if len(sys.argv) == 4 and sys.argv[1] == "-o":
+    for opt in sys.argv[2].split(","):
+        if opt.startswith("lowerdir="):
+            for lower in opt[len("lowerdir="):].split(":"):
+                try:
+                    st = os.stat(lower)
+                    lower_owners[lower] = [st.st_uid, st.st_gid]
+                except OSError as e:
+                    lower_owners[lower] = str(e)
 rec = {"argv": sys.argv[1:], "cwd": os.getcwd(), "fds": fds, "pid": os.getpid(),
-       "time": time.time()}
+       "caller": caller, "lower_owners": lower_owners}
 with open(LOG, "a") as f:
     f.write(json.dumps(rec) + "\\n")
 os.execv(PROGRAM, [PROGRAM] + sys.argv[1:])
 """
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One run of the mount program (or of the fusermount3 stand-in), as logged."""
+
+    argv: list[str]
+    cwd: str
+    fds: dict[str, str]
+    caller: list[str]
+    lower_owners: dict[str, object]
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Invocation:
+        return cls(
+            argv=[str(a) for a in rec["argv"]],
+            cwd=str(rec["cwd"]),
+            fds={str(k): str(v) for k, v in rec["fds"].items()},
+            caller=[str(a) for a in rec.get("caller", [])],
+            lower_owners=dict(rec.get("lower_owners", {})),
+        )
+
+    @property
+    def is_mount(self) -> bool:
+        """``-o OPTIONS MOUNTPOINT``, the only form containers-storage mounts with."""
+        return len(self.argv) == 3 and self.argv[0] == "-o"
+
+    @property
+    def options(self) -> str:
+        assert self.is_mount, self.argv
+        return self.argv[1]
+
+    @property
+    def mountpoint(self) -> str:
+        assert self.is_mount, self.argv
+        return self.argv[2]
+
+    def option(self, name: str) -> str | None:
+        """The value of ``name=`` in the options (the last one given), or None."""
+        found = None
+        for opt in self.options.split(","):
+            key, eq, value = opt.partition("=")
+            if eq and key == name:
+                found = value
+        return found
+
+    @property
+    def lowerdirs(self) -> list[str]:
+        value = self.option("lowerdir")
+        return value.split(":") if value else []
+
+    def describe(self) -> str:
+        return f"  by {' '.join(self.caller[:4]) or '?'}: cwd={self.cwd} argv={self.argv}"
+
+
+@dataclass(frozen=True)
+class Container:
+    """A created container and where containers-storage mounts its root."""
+
+    name: str
+    layer_dir: Path  # GRAPHROOT/overlay/<the container's layer id>
+
+    @property
+    def merged(self) -> str:
+        return str(self.layer_dir / "merged")
+
+    @property
+    def upper(self) -> str:
+        return str(self.layer_dir / "diff")
 
 
 def write_wrapper(path: Path, log: Path, program: Path, prelude: str = "") -> Path:
@@ -233,6 +321,7 @@ network_config_dir = "{self.root / "net"}"
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+lock_type = "file"
 tmp_dir = "{self.root / "tmp"}"
 volume_path = "{self.root / "graph" / "volumes"}"
 """
@@ -243,6 +332,9 @@ volume_path = "{self.root / "graph" / "volumes"}"
             "CONTAINERS_CONF": str(self.containers_conf),
             # No registries are reachable; make sure nothing tries one.
             "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf"),
+            # podman and buildah put temporary copies of images in TMPDIR
+            # (default /var/tmp): keep those private too.
+            "TMPDIR": str(self.root / "tmp"),
         }
         (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
 
@@ -254,7 +346,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         cmd = ["podman", *args]
-        start = time.time()
+        mark = len(self.invocations())
         try:
             res = subprocess.run(
                 cmd,
@@ -269,28 +361,47 @@ volume_path = "{self.root / "graph" / "volumes"}"
         except subprocess.TimeoutExpired as e:
             raise AssertionError(
                 f"[{self.name}] {' '.join(cmd)} did not finish within {timeout}s\n"
-                f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}\n{self.argv_since(start)}"
+                f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}\n{self.describe_calls(mark)}"
             ) from None
         if check and res.returncode != 0:
             raise AssertionError(
                 f"[{self.name}] {' '.join(cmd)} exited {res.returncode}\n"
-                f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n{self.argv_since(start)}"
+                f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n{self.describe_calls(mark)}"
             )
         return res
 
-    def invocations(self) -> list[dict[str, object]]:
+    def invocations(self) -> list[Invocation]:
         """Every recorded mount-program invocation, oldest first."""
-        if self.argv_log is None or not self.argv_log.exists():
-            return []
-        return [json.loads(line) for line in self.argv_log.read_text().splitlines() if line]
+        return _read_log(self.argv_log)
 
-    def argv_since(self, start: float) -> str:
-        calls = [c for c in self.invocations() if float(c["time"]) >= start - 1]  # type: ignore[arg-type]
+    def unmount_calls(self) -> list[Invocation]:
+        """`fusermount3` runs by podman, recorded by the PATH stand-in."""
+        return _read_log(self.root / "fusermount3.jsonl")
+
+    def describe_calls(self, first: int) -> str:
+        calls = self.invocations()[first:]
         if not calls:
             return "(no mount program invocations recorded)"
-        return "mount program invocations:\n" + "\n".join(
-            f"  cwd={c['cwd']} argv={c['argv']}" for c in calls
-        )
+        return "mount program invocations:\n" + "\n".join(c.describe() for c in calls)
+
+    def create(self, name: str, *args: str) -> Container:
+        """`podman create --name NAME ARGS...`; the container's layer is known from then on,
+        so its mounts can be told apart from every other run of the program."""
+        self.podman("create", "--name", name, *args)
+        upper = self.podman("inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", name).stdout
+        layer_dir = Path(upper.strip()).parent
+        assert layer_dir.parent == self.graphroot / "overlay", upper
+        return Container(name=name, layer_dir=layer_dir)
+
+    def mounts_of(self, container: Container) -> list[Invocation]:
+        """The mount program's runs that mounted *container*'s root, oldest first."""
+        calls = [c for c in self.invocations() if c.is_mount and c.mountpoint == container.merged]
+        for call in calls:
+            assert call.option("upperdir") == container.upper, call.describe()
+        return calls
+
+    def unmounts_of(self, container: Container) -> list[Invocation]:
+        return [c for c in self.unmount_calls() if c.argv[-1:] == [container.merged]]
 
     def cleanup(self) -> list[str]:
         """Remove everything this store made; return a description of any leftovers."""
@@ -464,32 +575,31 @@ def argv_shapes(store: Store) -> list[str]:
     shapes: dict[str, int] = {}
     overlay = f"{store.graphroot}/overlay"
     for call in store.invocations():
-        argv = [str(a) for a in call["argv"]]  # type: ignore[union-attr]
-        text = " ".join(argv)
+        text = " ".join(call.argv)
         text = text.replace(overlay, "<G>")
         text = re.sub(r"[0-9a-f]{64}", "<id>", text)
         text = re.sub(r"/l/[A-Z0-9]{26}", "/l/<link>", text)
         text = re.sub(r"(<G>/l/<link>:)+", "<G>/l/<link>:...:", text)
-        cwd = str(call["cwd"]).replace(overlay, "<G>").replace(str(store.root), "<T>")
+        cwd = call.cwd.replace(overlay, "<G>").replace(str(store.root), "<T>")
         fds = ",".join(f"{fd}={target}" for fd, target in sorted(
-            call["fds"].items(), key=lambda kv: int(kv[0])))  # type: ignore[union-attr]  # fmt: skip
+            call.fds.items(), key=lambda kv: int(kv[0])))  # fmt: skip
         fds = re.sub(r"pipe:\[\d+\]", "pipe", fds)
         key = f"cwd={cwd} fds[{fds}]\n      argv: {text}"
         shapes[key] = shapes.get(key, 0) + 1
     unmounts: dict[str, int] = {}
-    for call in unmount_calls(store):
-        text = " ".join(str(a) for a in call["argv"]).replace(overlay, "<G>")  # type: ignore[union-attr]
+    for call in store.unmount_calls():
+        text = " ".join(call.argv).replace(overlay, "<G>")
         text = "fusermount3 " + re.sub(r"[0-9a-f]{64}", "<id>", text)
         unmounts[text] = unmounts.get(text, 0) + 1
     return [f"{n}x {k}" for k, n in (shapes | unmounts).items()]
 
 
-def unmount_calls(store: Store) -> list[dict[str, object]]:
-    """`fusermount3` runs by podman, recorded by the PATH stand-in."""
-    log = store.root / "fusermount3.jsonl"
-    if not log.exists():
+def _read_log(log: Path | None) -> list[Invocation]:
+    if log is None or not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line]
+    return [
+        Invocation.from_record(json.loads(line)) for line in log.read_text().splitlines() if line
+    ]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
