@@ -26,7 +26,7 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml unionfs/fuse/_fusehook.c | system-deps
+$(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -34,8 +34,12 @@ $(STAMP): pyproject.toml unionfs/fuse/_fusehook.c | system-deps
 
 install: system-deps $(STAMP)
 
-test: install
+# Lint, the whole suite, the real-mount tests again with the C hook disabled (its
+# fallback must keep working), then the container engines.
+test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench
+	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance
 	$(MAKE) test-engines
 
 # Real container engines (podman/buildah) driving unionfs as their mount_program.
