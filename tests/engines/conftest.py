@@ -1,17 +1,23 @@
 """Fixtures that drive real podman/buildah with unionfs as containers-storage's mount_program.
 
 Everything lives in one private temporary directory per session: storage.conf,
-containers.conf, graphroots, runroots, tmp dirs and the CNI config dir, so the
-machine's own container storage is never read or touched.  Two stores are made:
+containers.conf, graphroots, runroots, tmp dirs, lock files and the CNI config
+dir, so the machine's own container storage is never read or touched and a
+machine that never ran podman behaves like one that did.  No test needs the
+network or a registry: the base image is a static busybox imported from a tar.
+The stores:
 
 * ``fuse_store``: overlay driver with ``mount_program`` = a logging wrapper that
   records how podman invokes the program, then execs the real unionfs;
 * ``native_store``: the same overlay driver without a mount program, i.e. the
-  kernel's overlayfs.  It is the reference the unionfs results are compared to.
+  kernel's overlayfs.  It is the reference the unionfs results are compared to;
+* in ``test_rootless.py``, the same for an ordinary user, against ``vfs``.
 
-Teardown removes every container and image, runs ``podman system reset`` for
-each private config, lazily unmounts whatever is still mounted under the temp
-dir and fails loudly if anything had been left behind.
+Tests find their own mount-program runs in the wrapper's log by content (the
+merged dir of a container they created), never by time.  Teardown removes every
+container and image, runs ``podman system reset`` for each private config,
+lazily unmounts whatever is still mounted under the temp dir and fails loudly
+if anything had been left behind.
 
 Environment knobs:
 
@@ -87,15 +93,19 @@ def _is_static(path: Path) -> bool:
     return True
 
 
-def fuse_mounts_under(root: Path, all_types: bool = False) -> list[tuple[str, str]]:
+def fuse_mounts_under(
+    root: Path, all_types: bool = False, mountinfo: str = "/proc/self/mountinfo"
+) -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every FUSE or overlay mount below *root*.
 
     With *all_types*, every mount: containers-storage also makes bind mounts
     (``graphroot/overlay`` onto itself, id-mapped lowers), which must go too.
+    *mountinfo* may name another process's table (rootless podman mounts in
+    its own mount namespace).
     """
     found = []
     prefix = os.path.realpath(root) + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
@@ -267,17 +277,37 @@ def write_wrapper(path: Path, log: Path, program: Path, prelude: str = "") -> Pa
 
 @dataclass
 class Store:
-    """One private containers-storage + libpod configuration and a podman runner."""
+    """One private containers-storage + libpod configuration and a podman runner.
+
+    With *user*, podman runs rootless as that user (``runuser``), with nothing
+    but ``env`` in its environment: HOME, XDG dirs and the config files all
+    point inside *root*, so neither the user's nor the machine's own container
+    storage is read or touched.
+    """
 
     name: str
     root: Path
     mount_program: Path | None
     env: dict[str, str] = field(default_factory=dict)
     argv_log: Path | None = None
+    user: str | None = None
+    driver: str = "overlay"
+    # Rootless: XDG_RUNTIME_DIR, which holds the runroot; see ``runroot``.
+    runtime_dir: Path | None = None
 
     @property
     def graphroot(self) -> Path:
         return self.root / "graph"
+
+    @property
+    def runroot(self) -> Path:
+        """podman refuses a ``--runroot`` longer than 50 characters, and passes one to
+        the clean-up command conmon runs when a container exits: with a longer one
+        that clean-up fails unseen and the container stays mounted. Rootless podman
+        puts it in XDG_RUNTIME_DIR, which gets a short path of its own."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir / "containers"
+        return self.root / "run"
 
     @property
     def storage_conf(self) -> Path:
@@ -287,21 +317,27 @@ class Store:
     def containers_conf(self) -> Path:
         return self.root / "containers.conf"
 
-    def write_config(self, mountopt: str = "nodev") -> None:
-        for d in ("graph", "run", "tmp", "net"):
+    def write_config(self, mountopt: str | None = "nodev") -> None:
+        for d in ("graph", "run", "tmp", "net", "home"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        if self.user is not None and self.runtime_dir is None:
+            self.runtime_dir = Path(tempfile.mkdtemp(prefix="unionfs-", dir="/tmp"))
+        assert len(str(self.runroot)) <= 50, f"runroot {self.runroot} is too long for podman"
         lines = [
             "[storage]",
-            'driver = "overlay"',
+            f'driver = "{self.driver}"',
             f'graphroot = "{self.graphroot}"',
-            f'runroot = "{self.root / "run"}"',
-            "",
-            "[storage.options.overlay]",
-            # mountopt is prepended to the options podman hands the program.
-            f'mountopt = "{mountopt}"',
+            f'runroot = "{self.runroot}"',
         ]
-        if self.mount_program is not None:
-            lines.append(f'mount_program = "{self.mount_program}"')
+        if self.user is not None:
+            lines.append(f'rootless_storage_path = "{self.graphroot}"')
+        if self.driver == "overlay":
+            lines += ["", "[storage.options.overlay]"]
+            if mountopt is not None:
+                # mountopt is prepended to the options podman hands the program.
+                lines.append(f'mountopt = "{mountopt}"')
+            if self.mount_program is not None:
+                lines.append(f'mount_program = "{self.mount_program}"')
         self.storage_conf.write_text("\n".join(lines) + "\n")
         hard_nofile = _hard_limit("-n")
         hard_nproc = _hard_limit("-u")
@@ -321,13 +357,14 @@ network_config_dir = "{self.root / "net"}"
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+# File locks in tmp_dir, not the machine-wide /dev/shm/libpod_lock.
 lock_type = "file"
 tmp_dir = "{self.root / "tmp"}"
 volume_path = "{self.root / "graph" / "volumes"}"
 """
         )
+        (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
         self.env = {
-            **os.environ,
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
             # No registries are reachable; make sure nothing tries one.
@@ -336,7 +373,25 @@ volume_path = "{self.root / "graph" / "volumes"}"
             # (default /var/tmp): keep those private too.
             "TMPDIR": str(self.root / "tmp"),
         }
-        (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
+        if self.user is None:
+            self.env = {**os.environ, **self.env}
+        else:
+            home = self.root / "home"
+            self.env |= {
+                "HOME": str(home),
+                "XDG_CONFIG_HOME": str(home / ".config"),
+                "XDG_DATA_HOME": str(home / ".local" / "share"),
+                "XDG_RUNTIME_DIR": str(self.runtime_dir),
+                "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+                "LANG": "C.UTF-8",
+            }
+
+    def command(self, *args: str) -> list[str]:
+        """The command line that runs ``podman ARGS`` for this store."""
+        if self.user is None:
+            return ["podman", *args]
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        return ["runuser", "-u", self.user, "--", "env", "-i", *env, "podman", *args]
 
     def podman(
         self,
@@ -345,12 +400,12 @@ volume_path = "{self.root / "graph" / "volumes"}"
         timeout: float = PODMAN_TIMEOUT,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = ["podman", *args]
+        cmd = self.command(*args)
         mark = len(self.invocations())
         try:
             res = subprocess.run(
                 cmd,
-                env=self.env,
+                env=self.env if self.user is None else None,
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -360,12 +415,12 @@ volume_path = "{self.root / "graph" / "volumes"}"
             )
         except subprocess.TimeoutExpired as e:
             raise AssertionError(
-                f"[{self.name}] {' '.join(cmd)} did not finish within {timeout}s\n"
+                f"[{self.name}] podman {' '.join(args)} did not finish within {timeout}s\n"
                 f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}\n{self.describe_calls(mark)}"
             ) from None
         if check and res.returncode != 0:
             raise AssertionError(
-                f"[{self.name}] {' '.join(cmd)} exited {res.returncode}\n"
+                f"[{self.name}] podman {' '.join(args)} exited {res.returncode}\n"
                 f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n{self.describe_calls(mark)}"
             )
         return res
@@ -387,6 +442,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
     def create(self, name: str, *args: str) -> Container:
         """`podman create --name NAME ARGS...`; the container's layer is known from then on,
         so its mounts can be told apart from every other run of the program."""
+        assert self.driver == "overlay", "only the overlay driver has a merged dir"
         self.podman("create", "--name", name, *args)
         upper = self.podman("inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", name).stdout
         layer_dir = Path(upper.strip()).parent
@@ -403,23 +459,37 @@ volume_path = "{self.root / "graph" / "volumes"}"
     def unmounts_of(self, container: Container) -> list[Invocation]:
         return [c for c in self.unmount_calls() if c.argv[-1:] == [container.merged]]
 
+    def pause_pid(self) -> int | None:
+        """Rootless podman's pause process, which holds its user and mount namespaces
+        and outlives every podman command (started by this store, so ours to stop)."""
+        try:
+            pid = int((self.root / "tmp" / "pause.pid").read_text())
+            is_podman = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"podman"
+        except (OSError, ValueError):
+            return None
+        return pid if is_podman and _alive(pid) else None
+
     def cleanup(self) -> list[str]:
         """Remove everything this store made; return a description of any leftovers."""
         problems = []
-        for args in (
-            ("rm", "-af", "-t", "0"),
-            ("image", "umount", "-a", "-f"),
-            ("rmi", "-af"),
-            ("system", "reset", "-f"),
-        ):
+        pause = self.pause_pid()
+        umount: tuple[str, ...] = ("image", "umount", "-a", "-f")
+        if self.user is not None:
+            umount = ("unshare", "podman", *umount)  # rootless mounts need the namespace
+        for args in (("rm", "-af", "-t", "0"), umount, ("rmi", "-af"), ("system", "reset", "-f")):
             res = self.podman(*args, check=False, timeout=120)
             if res.returncode != 0:
                 problems.append(f"podman {' '.join(args)} exited {res.returncode}: {res.stderr}")
-        leftovers = fuse_mounts_under(self.root, all_types=True)
-        if leftovers:
-            problems.append(f"still mounted after podman system reset: {leftovers}")
-            for point, _ in reversed(leftovers):
-                lazy_unmount(point)
+        if self.user is None:
+            leftovers = fuse_mounts_under(self.root, all_types=True)
+            if leftovers:
+                problems.append(f"still mounted after podman system reset: {leftovers}")
+                for point, _ in reversed(leftovers):
+                    lazy_unmount(point)
+        elif pause is not None and _alive(pause):
+            leftovers = fuse_mounts_under(self.root, True, f"/proc/{pause}/mountinfo")
+            if leftovers:
+                problems.append(f"still mounted after podman system reset: {leftovers}")
         # A daemon whose mount is gone must have exited; anything left was
         # started (through podman) by this test run, so stop it by PID.
         deadline = time.monotonic() + 10
@@ -432,7 +502,21 @@ volume_path = "{self.root / "graph" / "volumes"}"
             for pid in daemons:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        if pause is not None and _alive(pause):
+            # Not a leftover of the tests: podman keeps it until told otherwise.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pause, signal.SIGKILL)
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return problems
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _hard_limit(flag: str) -> int:
@@ -482,7 +566,8 @@ def engines_dir() -> Iterator[Path]:
         )
     if os.geteuid() != 0:
         pytest.skip("the engine tests drive rootful podman and need root")
-    d = Path(tempfile.mkdtemp(prefix="unionfs-engines-"))
+    # Under /tmp whatever TMPDIR says: podman limits the runroot path (Store.runroot).
+    d = Path(tempfile.mkdtemp(prefix="unionfs-engines-", dir="/tmp"))
     try:
         yield d
     finally:
@@ -519,10 +604,16 @@ def mount_program() -> Path:
 
 
 def _make_store(
-    root: Path, name: str, base_tar: Path, program: Path | None, mountopt: str
+    root: Path,
+    name: str,
+    base_tar: Path,
+    program: Path | None,
+    mountopt: str | None,
+    user: str | None = None,
+    driver: str = "overlay",
 ) -> Store:
     root.mkdir(parents=True, exist_ok=True)
-    store = Store(name=name, root=root, mount_program=None)
+    store = Store(name=name, root=root, mount_program=None, user=user, driver=driver)
     if program is not None:
         store.argv_log = root / "mount-program-argv.jsonl"
         store.mount_program = write_wrapper(root / "mount-program", store.argv_log, program)
@@ -535,6 +626,10 @@ def _make_store(
         real = shutil.which("fusermount3") or "/usr/bin/fusermount3"
         write_wrapper(shim_dir / "fusermount3", root / "fusermount3.jsonl", Path(real))
         store.env["PATH"] = f"{shim_dir}:{store.env.get('PATH', '/usr/bin:/bin')}"
+    if user is not None:
+        assert store.runtime_dir is not None
+        for path in (root, store.runtime_dir):
+            subprocess.run(["chown", "-R", f"{user}:", str(path)], check=True)
     store.podman("import", str(base_tar), BASE_IMAGE)
     return store
 
@@ -620,64 +715,3 @@ def write_context(dest: Path, containerfile: str, files: Sequence[tuple[str, byt
     for name, data in files:
         (dest / name).write_bytes(data)
     return dest
-
-
-def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
-    """Describe every entry below *root* by what an image must preserve.
-
-    Name, type, permission bits (with setuid/setgid/sticky), owner, content
-    hash, symlink target and user-visible xattr names.  Timestamps and inode
-    numbers differ between any two builds and are left out; hard links are
-    compared separately (see :func:`hardlink_groups`).
-    """
-    import hashlib
-    import stat
-
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
-            kind = stat.S_IFMT(st.st_mode)
-            extra: object = None
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    extra = (st.st_size, hashlib.sha256(f.read()).hexdigest())
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(path)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            try:
-                xattrs = tuple(sorted(os.listxattr(path, follow_symlinks=False)))
-            except OSError as e:
-                xattrs = (f"<listxattr failed: {e.strerror}>",)
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, extra, xattrs)
-    return out
-
-
-def hardlink_groups(root: Path) -> set[frozenset[str]]:
-    """Sets of paths below *root* that are the same (non-directory) inode."""
-    by_inode: dict[tuple[int, int], set[str]] = {}
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            by_inode.setdefault((st.st_dev, st.st_ino), set()).add(os.path.relpath(path, root))
-    return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}
-
-
-def diff_snapshots(
-    got: dict[str, tuple[object, ...]], want: dict[str, tuple[object, ...]]
-) -> list[str]:
-    """Human-readable differences, 'got' being the unionfs side."""
-    lines = []
-    for path in sorted(set(got) | set(want)):
-        if path not in got:
-            lines.append(f"missing in unionfs image: {path} {want[path]}")
-        elif path not in want:
-            lines.append(f"extra in unionfs image:   {path} {got[path]}")
-        elif got[path] != want[path]:
-            lines.append(f"differs: {path}\n   unionfs: {got[path]}\n   kernel:  {want[path]}")
-    return lines
