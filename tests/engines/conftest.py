@@ -581,6 +581,12 @@ def engines_dir() -> Iterator[Path]:
         assert not leftovers, f"mounts left under {d}: {leftovers}"
 
 
+def fresh_dir(engines_dir: Path, name: str) -> Path:
+    """A new directory in the session dir: a fixture set up again (its module's
+    tests interleaved with others) must not find what its last run left."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=engines_dir))
+
+
 @pytest.fixture(scope="session")
 def base_tar(engines_dir: Path) -> Path:
     rootfs = engines_dir / "base-rootfs"

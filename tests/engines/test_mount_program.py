@@ -21,6 +21,7 @@ from pathlib import Path
 from tests.engines.conftest import (
     BASE_IMAGE,
     Store,
+    fresh_dir,
     mount_options,
     processes_mentioning,
     write_wrapper,
@@ -78,7 +79,7 @@ def test_program_returns_once_mounted_and_closes_stderr(
     """Invoked exactly like containers-storage does, the program returns promptly
     (stderr reaches EOF), the mount is there when it returns, and the daemon
     exits after `fusermount3 -u`."""
-    base = engines_dir / "direct"
+    base = fresh_dir(engines_dir, "direct")
     dirs = {n: base / n for n in ("l/LOWER1", "l/LOWER2", "id/diff", "id/work", "id/merged")}
     for d in dirs.values():
         d.mkdir(parents=True)

@@ -16,6 +16,7 @@ import pytest
 from tests.engines.conftest import (
     BASE_IMAGE,
     Store,
+    fresh_dir,
     fuse_mounts_under,
     mount_daemons,
     mount_options,
@@ -39,7 +40,7 @@ LOADED_TAG = "localhost/unionfs-test/built:latest"  # as loaded into the native 
 @pytest.fixture(scope="module")
 def built(fuse_store: Store, native_store: Store, engines_dir: Path) -> dict[str, str]:
     """The same Containerfile built with unionfs and with the kernel overlay."""
-    ctx = write_context(engines_dir / "build-context", CONTAINERFILE)
+    ctx = write_context(fresh_dir(engines_dir, "build-context"), CONTAINERFILE)
     out = {}
     for store, tag in ((fuse_store, FUSE_TAG), (native_store, NATIVE_TAG)):
         start = time.monotonic()

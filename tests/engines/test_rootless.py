@@ -37,6 +37,7 @@ from tests.engines.conftest import (
     Store,
     _make_store,
     argv_shapes,
+    fresh_dir,
     fuse_mounts_under,
     write_context,
 )
@@ -144,14 +145,14 @@ def _runtime_distributions(name: str) -> list[metadata.Distribution]:
 
 @pytest.fixture(scope="module")
 def stage(engines_dir: Path) -> Path:
-    return stage_unionfs(engines_dir / "rootless-stage").parent
+    return stage_unionfs(fresh_dir(engines_dir, "rootless-stage")).parent
 
 
 @pytest.fixture(scope="module")
 def rl_fuse(rootless_user: str, stage: Path, engines_dir: Path, base_tar: Path) -> Iterator[Store]:
     # No mountopt: the program gets exactly what rootless podman sends by default.
     store = _make_store(
-        engines_dir / "rootless-fuse", "rootless-unionfs", base_tar, stage / "unionfs", None,
+        fresh_dir(engines_dir, "rl-fuse"), "rootless-unionfs", base_tar, stage / "unionfs", None,
         user=rootless_user,
     )  # fmt: skip
     try:
@@ -165,7 +166,7 @@ def rl_fuse(rootless_user: str, stage: Path, engines_dir: Path, base_tar: Path) 
 @pytest.fixture(scope="module")
 def rl_vfs(rootless_user: str, engines_dir: Path, base_tar: Path) -> Iterator[Store]:
     store = _make_store(
-        engines_dir / "rootless-vfs", "rootless-vfs", base_tar, None, None,
+        fresh_dir(engines_dir, "rl-vfs"), "rootless-vfs", base_tar, None, None,
         user=rootless_user, driver="vfs",
     )  # fmt: skip
     try:
@@ -225,7 +226,7 @@ def _check_mount_call(store: Store, ctr: Container) -> None:
 
 @pytest.fixture(scope="module")
 def rootless_built(rl_fuse: Store, rl_vfs: Store, engines_dir: Path) -> None:
-    ctx = write_context(engines_dir / "rootless-context", CONTAINERFILE)
+    ctx = write_context(fresh_dir(engines_dir, "rootless-context"), CONTAINERFILE)
     subprocess.run(["chmod", "-R", "a+rX", str(ctx)], check=True)
     for store in (rl_fuse, rl_vfs):
         store.podman("build", "--network", "none", "-t", TAG, "-f", "Containerfile", str(ctx))
