@@ -66,6 +66,9 @@ BASE_IMAGE = "localhost/unionfs-test/busybox:latest"
 # Every podman call gets a deadline so a hung mount (e.g. a daemon that keeps
 # podman's stderr pipe open) fails the test instead of the whole run.
 PODMAN_TIMEOUT = 180
+# How long a mount daemon may take to exit once its mount is gone before it
+# counts as hung: generous, as a loaded machine is slow, never a time window.
+DAEMON_EXIT_SECONDS = 60
 
 
 def _missing_tools() -> list[str]:
@@ -492,7 +495,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
                 problems.append(f"still mounted after podman system reset: {leftovers}")
         # A daemon whose mount is gone must have exited; anything left was
         # started (through podman) by this test run, so stop it by PID.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + DAEMON_EXIT_SECONDS
         daemons = mount_daemons(self.graphroot)
         while daemons and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -686,6 +689,8 @@ def argv_shapes(store: Store) -> list[str]:
             call.fds.items(), key=lambda kv: int(kv[0])))  # fmt: skip
         fds = re.sub(r"pipe:\[\d+\]", "pipe", fds)
         key = f"cwd={cwd} fds[{fds}]\n      argv: {text}"
+        if not call.is_mount:
+            key += f"  (run by: {' '.join(call.caller[:3])})"
         shapes[key] = shapes.get(key, 0) + 1
     unmounts: dict[str, int] = {}
     for call in store.unmount_calls():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tests.engines.conftest import (
     BASE_IMAGE,
+    DAEMON_EXIT_SECONDS,
     Store,
     fresh_dir,
     mount_options,
@@ -122,11 +123,13 @@ def test_program_returns_once_mounted_and_closes_stderr(
         ]
         res = subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + DAEMON_EXIT_SECONDS
         while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in daemons):
             time.sleep(0.1)
         alive = [p for p in daemons if _alive(p)]
-        assert not alive, f"daemon(s) {alive} still running 15s after fusermount3 -u"
+        assert not alive, (
+            f"daemon(s) {alive} still running {DAEMON_EXIT_SECONDS}s after fusermount3 -u"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.engines.conftest import (
     BASE_IMAGE,
+    DAEMON_EXIT_SECONDS,
     Store,
     fresh_dir,
     fuse_mounts_under,
@@ -95,10 +96,12 @@ def test_daemon_exits_after_unmount(fuse_store: Store) -> None:
         daemons = daemons_serving(ctr.merged)
         assert len(daemons) == 1, (ctr.merged, daemons)
         fuse_store.podman("stop", "-t", "0", name)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + DAEMON_EXIT_SECONDS
         while _alive_pids(daemons) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive_pids(daemons), f"daemon still running 30s after podman stop: {daemons}"
+        assert not _alive_pids(daemons), (
+            f"daemon still running {DAEMON_EXIT_SECONDS}s after stop: {daemons}"
+        )
         assert mount_options(ctr.merged) is None
         assert [c.argv[:1] for c in fuse_store.unmounts_of(ctr)] == [["-u"]], (
             fuse_store.unmount_calls()
