@@ -470,7 +470,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
             is_podman = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"podman"
         except (OSError, ValueError):
             return None
-        return pid if is_podman and _alive(pid) else None
+        return pid if is_podman and alive(pid) else None
 
     def cleanup(self) -> list[str]:
         """Remove everything this store made; return a description of any leftovers."""
@@ -489,7 +489,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
                 problems.append(f"still mounted after podman system reset: {leftovers}")
                 for point, _ in reversed(leftovers):
                     lazy_unmount(point)
-        elif pause is not None and _alive(pause):
+        elif pause is not None and alive(pause):
             leftovers = fuse_mounts_under(self.root, True, f"/proc/{pause}/mountinfo")
             if leftovers:
                 problems.append(f"still mounted after podman system reset: {leftovers}")
@@ -505,7 +505,7 @@ volume_path = "{self.root / "graph" / "volumes"}"
             for pid in daemons:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        if pause is not None and _alive(pause):
+        if pause is not None and alive(pause):
             # Not a leftover of the tests: podman keeps it until told otherwise.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pause, signal.SIGKILL)
@@ -514,7 +514,8 @@ volume_path = "{self.root / "graph" / "volumes"}"
         return problems
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):

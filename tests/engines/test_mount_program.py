@@ -22,6 +22,7 @@ from tests.engines.conftest import (
     BASE_IMAGE,
     DAEMON_EXIT_SECONDS,
     Store,
+    alive,
     fresh_dir,
     mount_options,
     processes_mentioning,
@@ -124,11 +125,11 @@ def test_program_returns_once_mounted_and_closes_stderr(
         res = subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         deadline = time.monotonic() + DAEMON_EXIT_SECONDS
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in daemons):
+        while time.monotonic() < deadline and any(alive(p) for p in daemons):
             time.sleep(0.1)
-        alive = [p for p in daemons if _alive(p)]
-        assert not alive, (
-            f"daemon(s) {alive} still running {DAEMON_EXIT_SECONDS}s after fusermount3 -u"
+        running = [p for p in daemons if alive(p)]
+        assert not running, (
+            f"daemon(s) {running} still running {DAEMON_EXIT_SECONDS}s after fusermount3 -u"
         )
     finally:
         if proc.poll() is None:
@@ -136,11 +137,3 @@ def test_program_returns_once_mounted_and_closes_stderr(
             proc.wait()
         if mount_type(merged) is not None:
             lazy_unmount(merged)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

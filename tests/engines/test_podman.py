@@ -17,6 +17,7 @@ from tests.engines.conftest import (
     BASE_IMAGE,
     DAEMON_EXIT_SECONDS,
     Store,
+    alive,
     fresh_dir,
     fuse_mounts_under,
     mount_daemons,
@@ -120,15 +121,7 @@ def daemons_serving(mountpoint: str) -> dict[int, list[str]]:
 
 
 def _alive_pids(pids: dict[int, list[str]]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
+    return [pid for pid in pids if alive(pid)]
 
 
 def test_build_steps_ran(built: dict[str, str], fuse_store: Store) -> None:
