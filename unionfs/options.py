@@ -23,6 +23,7 @@ class Options:
     writeback: bool = False
     static_nlink: bool = False
     timeout: float | None = None
+    trace: str | None = None  # -o trace=FILE: the overlay's decisions as JSON lines
     uid_map: list[IdMap] = field(default_factory=list)
     gid_map: list[IdMap] = field(default_factory=list)
     squash_root: bool = False
@@ -228,6 +229,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.fsync = _bool(key, need())
     elif key == "writeback":
         opts.writeback = _bool(key, need())
+    elif key == "trace":
+        opts.trace = unescape(need())
     elif key == "static_nlink":
         opts.static_nlink = True
     elif key == "timeout":
