@@ -39,7 +39,9 @@ def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
 
 
 def lazy_unmount(mountpoint: str | os.PathLike[str]) -> None:
-    subprocess.run(["umount", "-l", os.fspath(mountpoint)], capture_output=True, check=False)
+    """Detach a mount that may hang; an ordinary user does it through fusermount3."""
+    cmd = ["umount", "-l"] if os.geteuid() == 0 else ["fusermount3", "-u", "-z"]
+    subprocess.run([*cmd, os.fspath(mountpoint)], capture_output=True, check=False)
 
 
 def escape_path(path: str | os.PathLike[str]) -> str:

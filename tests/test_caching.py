@@ -1,9 +1,13 @@
 """Kernel caches: listings cached by the kernel stay exact, offsets stay valid.
 
-The daemon answers opendir with ENOSYS (through unionfs/_fusehook.c), so the
-kernel caches every directory listing and names each READDIR by inode only.
-These tests check that the cache is really used, and that it never shows a
-stale name after a change through the mount, comparing with the kernel overlay.
+The daemon answers opendir with ENOSYS (through unionfs/fuse/csrc/listing.c),
+so the kernel caches every directory listing and names each READDIR by inode
+only. These tests check that the cache is really used, and that it never shows
+a stale name after a change through the mount, comparing with the kernel overlay.
+
+``make test`` runs the real-mount tests a second time with the C hook disabled
+(``UNIONFS_NO_HOOK=1``): then the same tests check the fallback instead, every
+listing and symlink read going to the daemon through ordinary handles.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ def write(path: Path, data: bytes = b"x") -> None:
     _write(path, data)
 
 
+HOOKED = os.environ.get("UNIONFS_NO_HOOK", "") in ("", "0")
+
+
+def _served_by_kernel(um: UnionMount, before: int, after: int) -> None:
+    """With the hook the kernel answered from its cache (the daemon saw nothing
+    more); without it, the daemon answered, and said once why."""
+    if HOOKED:
+        assert after == before
+    else:
+        assert after > before
+        assert um.log().count("C hook disabled") == 1
+
+
 def _readdirs(um: UnionMount) -> int:
     return len(re.findall(r"DEBUG: readdir\(", um.log()))
 
@@ -44,8 +61,11 @@ def test_a_listing_read_twice_is_served_by_the_kernel_the_second_time(
     assert after_first >= 1
     for _ in range(3):
         assert sorted(os.listdir(stack.mnt / "d")) == first
-    assert _readdirs(um) == after_first  # no READDIR reached the daemon
-    assert _opendirs(um) <= 1  # answered ENOSYS once; the kernel never asks again
+    _served_by_kernel(um, after_first, _readdirs(um))  # no READDIR reached the daemon
+    if HOOKED:
+        assert _opendirs(um) <= 1  # answered ENOSYS once; the kernel never asks again
+    else:
+        assert _opendirs(um) == 4
 
 
 def _tree(root: Path) -> dict[str, list[str]]:
@@ -153,7 +173,7 @@ def test_symlink_targets_are_cached_and_never_stale(stack: Stack, mounted) -> No
     asked = len(re.findall(r"DEBUG: readlink\(", um.log()))
     for _ in range(3):
         assert os.readlink(link) == "lower-target"
-    assert len(re.findall(r"DEBUG: readlink\(", um.log())) == asked  # served by the kernel
+    _served_by_kernel(um, asked, len(re.findall(r"DEBUG: readlink\(", um.log())))
     os.unlink(link)
     os.symlink("second", link)
     assert os.readlink(link) == "second"
@@ -186,7 +206,7 @@ def test_a_read_spanning_a_change_leaves_the_cache_usable(stack: Stack, mounted)
     assert sorted(os.listdir(d)) == expected  # refills the cache
     before = _readdirs(um)
     assert sorted(os.listdir(d)) == expected
-    assert _readdirs(um) == before  # and the next listing is served from it
+    _served_by_kernel(um, before, _readdirs(um))  # and the next listing is served from it
 
 
 def test_a_filesystem_root_inside_a_layer_lists(stack: Stack, mounted) -> None:

@@ -22,6 +22,7 @@ class Options:
     fsync: bool = True
     writeback: bool = False
     static_nlink: bool = False
+    userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
     trace: str | None = None  # -o trace=FILE: the overlay's decisions as JSON lines
     uid_map: list[IdMap] = field(default_factory=list)
@@ -92,7 +93,6 @@ NO_OP_VALUES = {
     "max_read",
     "blksize",
     "noxattrs",
-    "userxattr",
     "nfs_export",
     "uuid",
 }
@@ -233,6 +233,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.trace = unescape(need())
     elif key == "static_nlink":
         opts.static_nlink = True
+    elif key == "userxattr" and value is None:
+        opts.userxattr = True
     elif key == "timeout":
         try:
             opts.timeout = float(need())

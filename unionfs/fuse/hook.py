@@ -1,9 +1,12 @@
-"""Load the C hook that lets the kernel cache directory listings (``_fusehook.c``).
+"""Load the C hook that adds to pyfuse3 what it withholds (``csrc/hook.h``).
 
 It must be loaded with ``RTLD_GLOBAL`` before pyfuse3 is imported, so that
-pyfuse3's call to libfuse's ``fuse_session_new`` binds to the hook's wrapper.
-If it cannot be (pyfuse3 already imported, the module not built), the daemon
-works as before: every directory is opened with an ordinary handle.
+pyfuse3's call to libfuse's ``fuse_session_new`` binds to the hook. If it
+cannot be (pyfuse3 already imported, the module not built, disabled with
+``UNIONFS_NO_HOOK=1``), or if it finds pyfuse3's operation table not to be
+what it expects, the daemon works without it: every directory is opened with
+an ordinary handle and nothing is cached that pyfuse3 alone cannot cache.
+One log line says which.
 """
 
 from __future__ import annotations
@@ -11,29 +14,40 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-
-def _never() -> bool:
-    return False
+DISABLE_ENV = "UNIONFS_NO_HOOK"
 
 
-def load() -> Callable[[], bool]:
-    """Load the hook; returns whether directories are served without opendir
-    (the answer is valid once the kernel's INIT has been handled)."""
+def load() -> ModuleType | None:
+    """Load the hook before pyfuse3; None when it is not there."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        log.info("C hook disabled (%s): listings and symlinks stay uncached", DISABLE_ENV)
+        return None
     if "pyfuse3" in sys.modules:
-        log.debug("pyfuse3 imported before the listing hook: listings stay uncached")
-        return _never
+        log.warning("C hook not loaded: pyfuse3 was imported first; listings stay uncached")
+        return None
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
         from unionfs.fuse import _fusehook  # type: ignore[attr-defined]
     except ImportError as e:
-        log.debug("listing hook not available (%s): listings stay uncached", e)
-        return _never
+        log.warning("C hook not available (%s): listings and symlinks stay uncached", e)
+        return None
     finally:
         sys.setdlopenflags(flags)
-    active: Callable[[], bool] = _fusehook.active
-    return active
+    module: ModuleType = _fusehook
+    return module
+
+
+def check_bound(hook: ModuleType | None) -> None:
+    """After the session exists: one log line if the hook did not take."""
+    if hook is not None and not hook.bound():
+        log.warning("C hook not active (%s): listings and symlinks stay uncached", hook.why_not())
+
+
+def listing_active(hook: ModuleType | None) -> bool:
+    """Whether the kernel serves directories without opendir (after its INIT)."""
+    return hook is not None and bool(hook.listing_active())

@@ -21,12 +21,13 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import ModuleType
 from typing import Any, TypeVar, cast
 
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
-from unionfs.fuse import tracing
+from unionfs.fuse import hook, tracing
 from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
 from unionfs.overlay import namespace
 from unionfs.overlay.files import Change, Files
@@ -139,11 +140,11 @@ def _invalidate_attrs(ino: int) -> None:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, union: Union, dir_by_inode: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, union: Union, fusehook: ModuleType | None = None) -> None:
         super().__init__()
-        # Whether the kernel serves directories without opendir (unionfs/_fusehook.c):
+        # Whether the kernel serves directories without opendir (csrc/listing.c):
         # asked once the kernel's INIT is handled; then READDIR carries the inode.
-        self._dir_by_inode = dir_by_inode
+        self._hook = fusehook
         self._by_inode = False
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
@@ -158,7 +159,7 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         """Called by pyfuse3 once the kernel's INIT is handled."""
-        self._by_inode = self._dir_by_inode()
+        self._by_inode = hook.listing_active(self._hook)
         if self._by_inode:
             log.debug("directory listings are cached by the kernel (no opendir)")
         else:

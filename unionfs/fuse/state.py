@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from unionfs.overlay.idmap import IdMap, IdMapper, IdTable
+from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
 
 FSTYPE = "fuse.unionfs"
@@ -116,6 +117,8 @@ def config_to_json(config: UnionConfig) -> dict[str, Any]:
         value = getattr(config, f.name)
         if isinstance(value, Path):
             out[f.name] = os.fspath(value)
+        elif isinstance(value, XattrNamespace):
+            out[f.name] = value.prefix.decode()
         elif isinstance(value, list) and all(isinstance(v, Path) for v in value):
             out[f.name] = [os.fspath(v) for v in value]
         elif value is None or isinstance(value, (bool, int, float, str)):
@@ -130,8 +133,11 @@ def config_from_json(data: dict[str, Any], ids: IdMapper) -> UnionConfig:
         if f.name not in data:
             continue
         value = data[f.name]
-        if "Path" in str(hints.get(f.name, "")) and value is not None:
+        hint = str(hints.get(f.name, ""))
+        if "Path" in hint and value is not None:
             value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
+        elif "XattrNamespace" in hint:
+            value = USER if value == USER.prefix.decode() else TRUSTED
         kwargs[f.name] = value
     kwargs["ids"] = ids
     return UnionConfig(**kwargs)

@@ -365,14 +365,27 @@ class Checker:
                 )
             elif key.startswith(other.prefix):
                 suffix = key[len(other.prefix) :]
-                changes = suffix in (b"opaque", b"redirect", b"metacopy")
+                kernel = "with" if other is USER else "without"
+                if suffix == b"opaque":
+                    # unionfs reads both namespaces; the kernel reads only its own.
+                    self.add(
+                        ERROR if self.target == "kernel" else WARNING,
+                        "other-namespace-xattr",
+                        layer,
+                        rel,
+                        f"{key.decode()} in a stack that keeps its markers in "
+                        f"{self.ns.prefix.decode()}*: unionfs honours it, but the kernel overlay "
+                        f"{kernel} userxattr ignores it and merges the directories below",
+                    )
+                    continue
+                changes = suffix in (b"redirect", b"metacopy")
                 self.add(
                     ERROR if changes else WARNING,
                     "other-namespace-xattr",
                     layer,
                     rel,
                     f"{key.decode()} in a stack that keeps its markers in {self.ns.prefix.decode()}*: "
-                    f"unionfs and the kernel ignore it"
+                    f"the kernel overlay {kernel} userxattr ignores it"
                     + (f" (so the {suffix.decode()} marker has no effect)" if changes else ""),
                 )
             elif key == self.ns.prefix + b"redirect":
@@ -551,12 +564,10 @@ def run(
                 raise UsageError(f"layers {a} and {b} overlap")
     ns = USER if userxattr else TRUSTED
     try:
-        union = Union(UnionConfig(lowers=lowers, upper=up, readonly=True))
+        union = Union(UnionConfig(lowers=lowers, upper=up, readonly=True, xattrs=ns))
     except OSError as e:
         raise UsageError(f"cannot open the layers: {e}") from None
     try:
-        for layer in union.layers:  # until the core's config says which namespace
-            layer.xattrs = ns
         checker = Checker(union, target, ns)
         checker.show_all = show_all
         report = checker.run()

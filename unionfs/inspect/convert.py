@@ -30,6 +30,7 @@ from pathlib import Path
 
 from unionfs.errors import UsageError
 from unionfs.fuse import state
+from unionfs.inspect import markerinfo
 from unionfs.overlay import markers
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.syscalls import fd_path
@@ -170,8 +171,9 @@ class Converter:
             )
 
     def _opaque_to_oci(self, parent_fd: int, name: bytes, fd: int, rel: bytes) -> None:
+        found = markerinfo.xattrs(fd_path(fd), follow=True)
         for ns in (TRUSTED, USER):
-            if not markers.has_opaque_xattr(fd_path(fd), ns, follow=True):
+            if found.get(ns.opaque) != b"y":
                 continue
             self._note(rel, f"opaque: {ns.opaque.decode()} -> {os.fsdecode(markers.OCI_OPAQUE)}")
             if not self.dry_run:

@@ -58,16 +58,17 @@ class Marker:
     effect: str  # what it does here
 
 
-def _xattrs(path: bytes) -> dict[bytes, bytes]:
+def xattrs(path: bytes, follow: bool = False) -> dict[bytes, bytes]:
+    """Every xattr of *path*, each read exactly by its name."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError:
         return {}
     out: dict[bytes, bytes] = {}
     for name in names:
         bname = os.fsencode(name)
         try:
-            out[bname] = os.getxattr(path, bname, follow_symlinks=False)
+            out[bname] = os.getxattr(path, bname, follow_symlinks=follow)
         except OSError:
             continue
     return out
@@ -86,9 +87,10 @@ def namespace_of(layer: Layer) -> XattrNamespace:
 def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
     """The overlay's private xattrs (either namespace) and other tools' on an entry."""
     ours = namespace_of(layer)
-    other = USER if ours is TRUSTED else TRUSTED
+    other = markers.other(ours)
+    found = xattrs(path)
     out: list[Marker] = []
-    for name, value in sorted(_xattrs(path).items()):
+    for name, value in sorted(found.items()):
         shown = f"{os.fsdecode(name)}={printable(value)}"
         for ns, fmt in ((ours, "kernel"), (other, "kernel")):
             if name.startswith(ns.prefix):
@@ -96,7 +98,15 @@ def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
                 if ns is USER:
                     fmt = "kernel (userxattr)"
                 meaning = PRIVATE_MEANINGS.get(key, "an overlay private xattr")
-                if ns is not ours:
+                if key == b"opaque" and ns is not ours:
+                    honoured = is_dir and value == b"y" and ours.opaque not in found
+                    kernel = "with" if ns is USER else "without"
+                    effect = (
+                        "honoured by unionfs, which reads both namespaces"
+                        if honoured
+                        else "no effect"
+                    ) + f"; the kernel overlay {kernel} userxattr ignores it"
+                elif ns is not ours:
                     effect = f"ignored: this stack keeps its markers in {ours.prefix.decode()}*"
                 elif key == b"opaque":
                     effect = "honoured" if is_dir and value == b"y" else "not y: no effect"
@@ -133,8 +143,9 @@ def opaque_markers(layer: Layer, path: bytes) -> list[Marker]:
         fd = layer.dirfd(path)
     except (FileNotFoundError, OSError):
         return out
+    found = xattrs(fd_path(fd), follow=True)
     for ns in (TRUSTED, USER):
-        if markers.has_opaque_xattr(fd_path(fd), ns, follow=True):
+        if found.get(ns.opaque) == b"y":
             fmt = "kernel" if ns is TRUSTED else "kernel (userxattr)"
             out.append(Marker("opaque", fmt, f"{ns.opaque.decode()}=y", ""))
     if layer.lstat(path, markers.OCI_OPAQUE) is not None:

@@ -17,6 +17,7 @@ from unionfs.errors import UsageError
 from unionfs.fuse import state
 from unionfs.fuse.mount import id_mapper
 from unionfs.options import parse_options
+from unionfs.overlay.markers import TRUSTED, USER
 from unionfs.overlay.union import Union, UnionConfig
 
 
@@ -34,7 +35,10 @@ class Stack:
 
     def open_lowers(self) -> Union:
         """The same stack without its upper: what the lower layers alone show."""
-        return Union(UnionConfig(lowers=self.config.lowers, ids=self.config.ids))
+        config = UnionConfig(
+            lowers=self.config.lowers, ids=self.config.ids, xattrs=self.config.xattrs
+        )
+        return Union(config)
 
     def layer_paths(self) -> list[Path]:
         upper = [self.config.upper] if self.config.upper is not None else []
@@ -62,6 +66,7 @@ def from_options(option_strings: list[str]) -> Stack:
         work=work,
         readonly=opts.readonly or upper is None,
         ids=id_mapper(opts),
+        xattrs=USER if opts.userxattr else TRUSTED,
     )
     return Stack(config)
 

@@ -1,0 +1,41 @@
+/*
+ * What the C hook adds to pyfuse3, one feature per file.
+ *
+ * pyfuse3 hands libfuse a table of lowlevel operations. session.c defines
+ * fuse_session_new; loaded with RTLD_GLOBAL before pyfuse3, it is what
+ * pyfuse3's call binds to (ELF symbol interposition). It copies pyfuse3's
+ * table, lets every feature below wrap the entries it needs, and passes the
+ * copy to libfuse's own fuse_session_new. A feature never changes what
+ * pyfuse3 does with a request it handles; it adds what pyfuse3 withholds
+ * (a capability asked for in INIT, an inode pyfuse3 does not pass on, ...).
+ *
+ * A feature is a struct hook_feature: the ops it wraps (wrap), what it learns
+ * from the kernel's INIT before pyfuse3's handler runs (pyfuse3 calls the
+ * Python side's init from there, which may ask the module what is on) and
+ * what it asks of the kernel after it (pyfuse3 sets its own wishes first),
+ * and the Python functions it adds to the module (methods).
+ */
+#ifndef UNIONFS_HOOK_H
+#define UNIONFS_HOOK_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define FUSE_USE_VERSION 34
+#include <fuse_lowlevel.h>
+
+struct hook_feature {
+    const char *name;
+    /* Wrap entries of the copied table; returns 0, or -1 when the table lacks
+       an entry the feature needs (the feature then stays off). */
+    int (*wrap)(struct fuse_lowlevel_ops *ops);
+    /* Called with the connection before and after pyfuse3's init handler. */
+    void (*before_init)(struct fuse_conn_info *conn);
+    void (*after_init)(struct fuse_conn_info *conn);
+    PyMethodDef *methods; /* NULL-terminated, or NULL */
+};
+
+/* The features, in the order they wrap (listing.c, ...). */
+extern const struct hook_feature listing_feature;
+
+#endif
