@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 
 from unionfs.fuse import state
 from unionfs.overlay.events import LAYER_ERROR, REFUSED, Refused
+from unionfs.overlay.events import errno_name as _errname
 from unionfs.overlay.union import Union, join
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ CAPACITY = 1 << 16  # events held between two flushes before dropping
 SUBSCRIBER_BACKLOG = 64  # encoded batches queued per live reader before dropping
 
 # Errors that say a layer's filesystem failed, not that the request was wrong.
+# (EROFS too: a read-only mount's EROFS is the kernel's, which never asks the daemon.)
 LAYER_ERRNOS = frozenset(
-    {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ESTALE, errno.EUCLEAN, errno.EBADMSG}
+    {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ESTALE, errno.EUCLEAN, errno.EBADMSG, errno.EROFS}
 )
 
 # The tracer the request boundary reports to; None while nobody listens.
@@ -217,16 +218,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _errname(err: int | None) -> str:
-    return errno.errorcode.get(err or 0, str(err))
-
-
 # -- who asked: the request boundary calls ``enter`` while tracing -------------------
 
 
 def enter(ops: Any, name: str, args: Sequence[Any]) -> contextvars.Token[Request | None]:
     """Note the request being served (op, caller, path) for the events it causes."""
-    ctx = args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
+    # pyfuse3's RequestContext (not imported here: this module must not import pyfuse3
+    # before the C hook is loaded).
+    ctx = args[-1] if args and hasattr(args[-1], "umask") else None
     req = Request(
         _refine(name, args),
         ctx.pid if ctx is not None else None,

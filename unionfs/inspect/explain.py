@@ -352,7 +352,8 @@ def explain(union: Union, relpath: bytes, stack: Stack | None = None) -> Explana
         )
     if not exp.visible:
         for r in exp.layers:
-            if r.entry is not None and r.entry != "whiteout" and r.rule == "not-looked-at":
+            cut = r.note.startswith("cut off")  # (those below the deciding layer are said)
+            if r.entry is not None and r.entry != "whiteout" and cut:
                 name = "the upper" if r.role == "upper" else f"layer {r.index}"
                 exp.verdict += f"; {name} has a {r.entry} there ({r.note})"
     if node is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unionfs.overlay import copyup, files, namespace
-from unionfs.overlay.events import Refused
+from unionfs.overlay.events import Refused, errno_name
 from unionfs.overlay.markers import is_whiteout
 from unionfs.overlay.nodes import Node
 from unionfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -132,7 +132,7 @@ def predict(
     try:
         _predict(union, pred, op, relpath, to, flags, xattr, size)
     except OSError as e:
-        pred.errno = errno.errorcode.get(e.errno or 0, str(e.errno))
+        pred.errno = errno_name(e.errno)
         pred.why = e.strerror or ""
         pred.by_overlay = isinstance(e, Refused)
         pred.effects = []

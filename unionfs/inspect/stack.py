@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +110,14 @@ def _longest_prefix(
     return best, target[len(best.mountpoint.rstrip(b"/")) :].strip(b"/")
 
 
-def from_mount(mount: state.MountEntry) -> Stack:
+def from_mount(mount: state.MountEntry, wait: float = 3.0) -> Stack:
+    """The stack of a live mount, from its state file; a mount that has just started
+    may take a moment to publish it."""
+    deadline = time.monotonic() + wait
     found = state.read_state(mount.device)
+    while found is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = state.read_state(mount.device)
     if found is None:
         raise UsageError(
             f"the unionfs mount at {os.fsdecode(mount.mountpoint)} published no state in "

@@ -54,8 +54,9 @@ def _open(source: str, follow: bool) -> Iterator[str]:
     live = stacks.from_mountpoint(source).live
     assert live is not None
     if follow:
-        if live.socket is not None and os.path.exists(live.socket):
-            return _read_socket(live.socket)
+        sock = _connect(live.socket) if live.socket is not None else None
+        if sock is not None:
+            return _read_socket(sock)
         if live.trace is not None:
             return _read_file(Path(live.trace), follow=True)
         raise UsageError(f"the mount at {source} has no trace socket (see the daemon's log)")
@@ -87,13 +88,23 @@ def _read_file(path: Path, follow: bool) -> Iterator[str]:
             time.sleep(POLL_INTERVAL)
 
 
-def _read_socket(path: str) -> Iterator[str]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as e:
-        sock.close()
-        raise UsageError(f"cannot reach the mount's trace socket {path}: {e.strerror}") from None
+def _connect(path: str, wait: float = 3.0) -> socket.socket | None:
+    """Connect to a mount's trace socket; a mount that has just started may take a
+    moment to listen. None when nothing listens there."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+
+def _read_socket(sock: socket.socket) -> Iterator[str]:
     with sock, sock.makefile("r", encoding="utf-8", errors="surrogateescape") as f:
         yield from f
 

@@ -14,6 +14,7 @@ and ``unionfs explain`` recognise as the overlay's own decision.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Protocol
 
@@ -29,6 +30,13 @@ LAYER_ERROR = "layer-error"  # a layer's filesystem failed a request: EIO, ENOSP
 class Sink(Protocol):
     def emit(self, kind: str, path: bytes, **fields: Any) -> None:
         """Record one decision about *path* (relative to the layer roots)."""
+
+
+def errno_name(err: int | None) -> str:
+    """The usual name of an errno (EOPNOTSUPP rather than its alias ENOTSUP)."""
+    if err == errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return errno.errorcode.get(err or 0, str(err))
 
 
 class Refused(OSError):
