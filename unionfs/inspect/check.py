@@ -23,6 +23,7 @@ from pathlib import Path
 
 from unionfs.errors import UsageError
 from unionfs.inspect import markerinfo
+from unionfs.inspect.explain import hidden_reason, resolve_traced, stopped_by
 from unionfs.overlay import markers
 from unionfs.overlay.layers import Layer
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
@@ -87,6 +88,7 @@ class Checker:
         self._inodes: dict[tuple[int, int], list[tuple[Layer, bytes]]] = {}
         self._formats: dict[int, set[str]] = {}
         self._progress = sys.stderr.isatty()
+        self._shown_links: set[tuple[int, int]] = set()
 
     def add(self, severity: str, code: str, layer: Layer, rel: bytes, message: str) -> None:
         self.report.findings.append(Finding(severity, code, layer.index, layer.path, rel, message))
@@ -117,22 +119,8 @@ class Checker:
         return self.report
 
     def _walk(self, layer: Layer, rel: bytes) -> None:
-        try:
-            fd = layer.open_dir(rel)
-        except OSError:
-            return
-        try:
-            with os.scandir(fd) as it:
-                dents = sorted(it, key=lambda d: d.name)
-        finally:
-            os.close(fd)
-        for dent in dents:
-            name = os.fsencode(dent.name)
+        for name, st in sorted(_entries(layer, rel)):
             child = join(rel, name)
-            try:
-                st = dent.stat(follow_symlinks=False)
-            except OSError:
-                continue
             self.report.entries += 1
             if self._progress and self.report.entries % 2000 == 0:
                 sys.stderr.write(f"\rchecked {self.report.entries:,} entries")
@@ -314,6 +302,10 @@ class Checker:
             return
         if not markers.has_opaque_xattr(fd_path(fd), self.ns, follow=True):
             return
+        found = markerinfo.xattrs(fd_path(fd), follow=True)
+        xattr = (
+            self.ns.opaque if found.get(self.ns.opaque) == b"y" else markers.other(self.ns).opaque
+        )
         self._formats.setdefault(layer.index, set()).add("kernel")
         if self.target == "oci":
             self.add(
@@ -321,7 +313,7 @@ class Checker:
                 "opaque-xattr-in-oci",
                 layer,
                 rel,
-                f"opaque by the xattr {self.ns.opaque.decode()}, which an OCI layer cannot "
+                f"opaque by the xattr {xattr.decode()}, which an OCI layer cannot "
                 "carry: unpacked by a runtime, the directory merges with the layers below "
                 "(unionfs convert --to oci writes .wh..wh..opq)",
             )
@@ -365,7 +357,7 @@ class Checker:
                 )
             elif key.startswith(other.prefix):
                 suffix = key[len(other.prefix) :]
-                kernel = "with" if other is USER else "without"
+                kernel = "without" if other is USER else "with"
                 if suffix == b"opaque":
                     # unionfs reads both namespaces; the kernel reads only its own.
                     self.add(
@@ -434,7 +426,7 @@ class Checker:
 
     def _wasted(self) -> None:
         """Files that lower layers store and higher layers hide completely."""
-        hidden: list[tuple[int, Layer, bytes, str]] = []
+        hidden: list[tuple[int, Layer, bytes, str, os.stat_result]] = []
         seen: set[tuple[int, int]] = set()
         for layer in self.layers:
             if layer.writable:
@@ -444,11 +436,13 @@ class Checker:
                 if key in seen:
                     continue  # another name of a file already counted
                 seen.add(key)
-                hidden.append((st.st_size, layer, rel, why))
+                hidden.append((st.st_size, layer, rel, why, st))
+        # A hidden name of a file that another name shows wastes nothing.
+        hidden = [h for h in hidden if (h[4].st_dev, h[4].st_ino) not in self._shown_links]
         hidden.sort(key=lambda h: -h[0])
         self.report.wasted_files = len(hidden)
         self.report.wasted_bytes = sum(h[0] for h in hidden)
-        for size, layer, rel, why in hidden if self.show_all else hidden[:TOP_WASTE]:
+        for size, layer, rel, why, _ in hidden if self.show_all else hidden[:TOP_WASTE]:
             self.add(INFO, "hidden-file", layer, rel, f"{size:,} bytes stored, never shown: {why}")
 
     show_all = False
@@ -462,22 +456,8 @@ class Checker:
             todo = [(b"", None, "a higher layer's root directory is opaque")]
         while todo:
             rel, node, why = todo.pop()
-            try:
-                fd = layer.open_dir(rel)
-            except OSError:
-                continue
-            try:
-                with os.scandir(fd) as it:
-                    dents = list(it)
-            finally:
-                os.close(fd)
-            for dent in dents:
-                name = os.fsencode(dent.name)
+            for name, st in _entries(layer, rel):
                 if markers.is_oci_name(name):
-                    continue
-                try:
-                    st = dent.stat(follow_symlinks=False)
-                except OSError:
                     continue
                 if markers.is_whiteout(st):
                     continue
@@ -485,21 +465,47 @@ class Checker:
                 if node is None:
                     child_node, child_why = None, why
                 else:
-                    entry = union.resolve(node, name)
-                    if entry is None:
-                        child_node, child_why = None, f"{os.fsdecode(child)} is not visible"
-                    elif entry.layer is layer or layer in entry.lowers:
+                    comp = resolve_traced(union, node, name)  # the mount's own resolution
+                    entry = comp.entry
+                    if entry is not None and (entry.layer is layer or layer in entry.lowers):
                         child_node = (
                             union.node_for(node, entry) if stat.S_ISDIR(st.st_mode) else node
                         )
                         child_why = ""
+                        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                            self._shown_links.add((st.st_dev, st.st_ino))
                     else:
                         child_node = None
-                        child_why = f"{self._name(entry.layer)} provides {os.fsdecode(child)}"
+                        child_why = (
+                            hidden_reason(comp)
+                            if entry is None
+                            else stopped_by(comp.steps[-1] if comp.steps else None)
+                        )
+                        if stat.S_ISDIR(st.st_mode):
+                            child_why = f"cut off at {os.fsdecode(child)}: {child_why}"
                 if stat.S_ISDIR(st.st_mode):
                     todo.append((child, child_node, child_why))
                 elif stat.S_ISREG(st.st_mode) and child_node is None:
                     yield child, st, child_why
+
+
+def _entries(layer: Layer, rel: bytes) -> list[tuple[bytes, os.stat_result]]:
+    """The names in directory *rel* of *layer* and their lstat (nothing if unreadable)."""
+    try:
+        fd = layer.open_dir(rel)
+    except OSError:
+        return []
+    out = []
+    try:
+        with os.scandir(fd) as it:
+            for dent in it:
+                try:
+                    out.append((os.fsencode(dent.name), dent.stat(follow_symlinks=False)))
+                except OSError:
+                    continue
+    finally:
+        os.close(fd)
+    return out
 
 
 # -- setup checks and the command --------------------------------------------------------

@@ -9,11 +9,13 @@ shows the same tree; running the command again finishes the work.
 - ``--to kernel``: ``.wh.NAME`` becomes a character device 0/0 ``NAME`` (when
   the layer also has its own ``NAME``, the whiteout is dropped, and a directory
   ``NAME`` becomes opaque, which is what the pair means in the OCI format);
-  ``.wh..wh..opq`` becomes the opaque xattr.
-- ``--to oci``: a whiteout becomes ``.wh.NAME`` and the opaque xattr becomes
-  ``.wh..wh..opq``. A whiteout of a name longer than 251 bytes cannot be
-  written, nor can an ordinary file named ``.wh.*`` be kept: both are reported
-  and left as they are (exit status 1).
+  ``.wh..wh..opq`` becomes the opaque xattr, and an opaque xattr in the other
+  namespace moves to this stack's (``trusted.overlay.*``, or ``user.overlay.*``
+  with ``--userxattr``).
+- ``--to oci``: a whiteout becomes ``.wh.NAME`` and the opaque xattr (either
+  namespace) becomes ``.wh..wh..opq``. A whiteout of a name longer than 251
+  bytes, a directory or device named ``.wh.*``, a redirect and a metacopy have
+  no OCI form: each is reported and left as it is (exit status 1).
 
 Every marker is written and read through ``unionfs.overlay.markers``.
 """
@@ -78,6 +80,8 @@ class Converter:
         try:
             if self.to == "oci":
                 self._opaque_to_oci(parent_fd, dname, fd, rel)
+            else:
+                self._opaque_namespace(parent_fd, dname, fd, rel)
             with os.scandir(fd) as it:
                 names = sorted(os.fsencode(d.name) for d in it)
             for name in names:
@@ -89,6 +93,8 @@ class Converter:
                     self._to_kernel(parent_fd, dname, fd, rel, name, st)
                 else:
                     self._to_oci(fd, rel, name, st)
+                if self.to == "oci":
+                    self._unconvertible(fd, rel, name)
             for name in names:
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -163,12 +169,37 @@ class Converter:
                 with contextlib.suppress(FileExistsError):
                     markers.make_oci_whiteout(fd, name)
                 os.unlink(name, dir_fd=fd)
-        elif markers.is_oci_name(name) and name != markers.OCI_OPAQUE:
+        elif markers.is_oci_name(name) and not stat.S_ISREG(st.st_mode):
+            # (A .wh. file is an OCI marker already: a lower layer means it so.)
             self._note(
                 path,
-                "an entry named .wh.*: in the OCI format it would be a whiteout; left as is",
+                "a non-file named .wh.*: in the OCI format it would be a marker; left as is",
                 ok=False,
             )
+
+    def _opaque_namespace(self, parent_fd: int, name: bytes, fd: int, rel: bytes) -> None:
+        """An opaque xattr in the other namespace moves to this stack's (``--userxattr``)."""
+        other = markers.other(self.ns)
+        found = markerinfo.xattrs(fd_path(fd), follow=True)
+        if found.get(other.opaque) != b"y" or found.get(self.ns.opaque) == b"y":
+            return
+        self._note(rel, f"opaque: {other.opaque.decode()} -> {self.ns.opaque.decode()}")
+        if not self.dry_run:
+            markers.set_opaque(parent_fd, name, self.ns)
+            markers.clear_opaque(parent_fd, name, other)
+
+    def _unconvertible(self, fd: int, rel: bytes, name: bytes) -> None:
+        """Redirects and metadata-only copies have no form in the OCI format."""
+        found = markerinfo.xattrs(fd_path(fd, name))
+        for ns in (TRUSTED, USER):
+            for what in (b"redirect", b"metacopy"):
+                if ns.prefix + what in found:
+                    xattr = (ns.prefix + what).decode()
+                    self._note(
+                        _join(rel, name),
+                        f"{xattr}: a {what.decode()} has no OCI form; left as is",
+                        ok=False,
+                    )
 
     def _opaque_to_oci(self, parent_fd: int, name: bytes, fd: int, rel: bytes) -> None:
         found = markerinfo.xattrs(fd_path(fd), follow=True)

@@ -101,7 +101,7 @@ def walk(union: Union, relpath: bytes) -> Walk:
         entry = comp.entry
         if entry is None:
             if i < len(parts) - 1:
-                return Walk(comps, None, f"{show(comp.path)} is not visible: {_hidden(comp)}")
+                return Walk(comps, None, f"{show(comp.path)} is not visible: {hidden_reason(comp)}")
             return Walk(comps, None)
         child = union.node_for(node, entry)
         if i < len(parts) - 1 and not stat.S_ISDIR(entry.st.st_mode):
@@ -129,7 +129,7 @@ def _format(layer: Layer, comp_path: bytes, rule: str) -> str:
     return ""
 
 
-def _hidden(comp: Component) -> str:
+def hidden_reason(comp: Component) -> str:
     """Why resolution found nothing (``comp.entry`` is None)."""
     last = comp.steps[-1] if comp.steps else None
     if last is None:
@@ -173,7 +173,7 @@ def _names(layers: list[Layer]) -> str:
 def verdict(comp: Component) -> str:
     entry = comp.entry
     if entry is None:
-        return "not visible: " + _hidden(comp)
+        return "not visible: " + hidden_reason(comp)
     if not stat.S_ISDIR(entry.st.st_mode):
         return (
             f"a {kind_of(entry.st)} from {layer_name(entry.layer)}: the topmost layer that has "
@@ -203,7 +203,7 @@ class LayerReport:
     note: str = ""
 
 
-def _stopped_by(step: Step | None) -> str:
+def stopped_by(step: Step | None) -> str:
     """What the layer at which resolution stopped did, as the reason for those below."""
     if step is None:
         return "not looked at"
@@ -226,7 +226,7 @@ def _cut(walked: Walk, layer: Layer, relpath: bytes) -> str:
         final = comp.path == relpath
         mine = [s for s in comp.steps if s.layer is layer]
         if not mine:
-            stop = _stopped_by(comp.steps[-1] if comp.steps else None)
+            stop = stopped_by(comp.steps[-1] if comp.steps else None)
             if final:
                 return "not looked at: " + stop
             return f"cut off at {show(comp.path)}: {stop}"

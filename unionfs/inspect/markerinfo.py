@@ -100,7 +100,7 @@ def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
                 meaning = PRIVATE_MEANINGS.get(key, "an overlay private xattr")
                 if key == b"opaque" and ns is not ours:
                     honoured = is_dir and value == b"y" and ours.opaque not in found
-                    kernel = "with" if ns is USER else "without"
+                    kernel = "without" if ns is USER else "with"
                     effect = (
                         "honoured by unionfs, which reads both namespaces"
                         if honoured
