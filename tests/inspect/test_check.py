@@ -41,7 +41,7 @@ def codes(found: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 @pytest.fixture
-def l(tmp_path: Path) -> list[Path]:
+def lay(tmp_path: Path) -> list[Path]:
     dirs = [tmp_path / n for n in ("top", "mid", "bottom")]
     for d in dirs:
         d.mkdir()
@@ -51,15 +51,15 @@ def l(tmp_path: Path) -> list[Path]:
 # -- findings --------------------------------------------------------------------------
 
 
-def test_markers_that_do_nothing_are_warnings(l: list[Path]) -> None:
-    whiteout(l[2] / "wo")
-    opaque(l[2] / "od")
-    write(l[2] / "d" / ".wh..wh..opq", b"")
-    whiteout(l[0] / "orphan")
-    write(l[1] / ".wh.alsoorphan", b"")
-    write(l[2] / "real", b"x")
-    whiteout(l[0] / "real")
-    status, found = check(*l)
+def test_markers_that_do_nothing_are_warnings(lay: list[Path]) -> None:
+    whiteout(lay[2] / "wo")
+    opaque(lay[2] / "od")
+    write(lay[2] / "d" / ".wh..wh..opq", b"")
+    whiteout(lay[0] / "orphan")
+    write(lay[1] / ".wh.alsoorphan", b"")
+    write(lay[2] / "real", b"x")
+    whiteout(lay[0] / "real")
+    status, found = check(*lay)
     assert status == 0
     assert codes(found) >= {
         ("no-op-whiteout", "warning", "wo"),
@@ -71,39 +71,39 @@ def test_markers_that_do_nothing_are_warnings(l: list[Path]) -> None:
     assert not any(c[2] == "real" for c in codes(found) if c[0] != "hidden-file")
 
 
-def test_mixed_formats_depend_on_who_reads_the_layers(l: list[Path]) -> None:
-    write(l[2] / "a", b"1")
-    write(l[2] / "b", b"2")
-    whiteout(l[1] / "a")
-    write(l[1] / ".wh.b", b"")
-    status, found = check(*l)
+def test_mixed_formats_depend_on_who_reads_the_layers(lay: list[Path]) -> None:
+    write(lay[2] / "a", b"1")
+    write(lay[2] / "b", b"2")
+    whiteout(lay[1] / "a")
+    write(lay[1] / ".wh.b", b"")
+    status, found = check(*lay)
     assert status == 0
     assert ("mixed-formats", "warning", "") in codes(found)
-    status, found = check("--for", "kernel", *l)
+    status, found = check("--for", "kernel", *lay)
     assert status == 1 and ("oci-marker-for-kernel", "error", ".wh.b") in codes(found)
-    status, found = check("--for", "oci", *l)
+    status, found = check("--for", "oci", *lay)
     assert status == 1 and ("kernel-whiteout-in-oci", "error", "a") in codes(found)
 
 
-def test_oci_markers_in_the_upper_change_the_view(l: list[Path], tmp_path: Path) -> None:
+def test_oci_markers_in_the_upper_change_the_view(lay: list[Path], tmp_path: Path) -> None:
     upper = tmp_path / "upper"
     write(upper / ".wh.x", b"")
-    write(l[2] / "x")
-    status, found = check(*l, "--upper", upper)
+    write(lay[2] / "x")
+    status, found = check(*lay, "--upper", upper)
     assert status == 1
     assert ("oci-marker-in-upper", "error", ".wh.x") in codes(found)
 
 
-def test_other_tools_and_other_namespaces_xattrs(l: list[Path]) -> None:
-    write(l[0] / "f")
-    os.setxattr(l[0] / "f", b"user.fuseoverlayfs.override_stat", b"0:0:0755")
-    write(l[0] / "g")
-    os.setxattr(l[0] / "g", b"user.containers.something", b"1")
-    (l[0] / "d").mkdir()
-    write(l[2] / "d" / "below")
-    os.setxattr(l[0] / "d", b"user.overlay.opaque", b"y")
-    os.setxattr(l[0] / "d", b"trusted.overlay.redirect", b"/elsewhere")
-    status, found = check(*l)
+def test_other_tools_and_other_namespaces_xattrs(lay: list[Path]) -> None:
+    write(lay[0] / "f")
+    os.setxattr(lay[0] / "f", b"user.fuseoverlayfs.override_stat", b"0:0:0755")
+    write(lay[0] / "g")
+    os.setxattr(lay[0] / "g", b"user.containers.something", b"1")
+    (lay[0] / "d").mkdir()
+    write(lay[2] / "d" / "below")
+    os.setxattr(lay[0] / "d", b"user.overlay.opaque", b"y")
+    os.setxattr(lay[0] / "d", b"trusted.overlay.redirect", b"/elsewhere")
+    status, found = check(*lay)
     assert status == 1
     assert codes(found) >= {
         ("foreign-xattr", "error", "f"),
@@ -111,42 +111,42 @@ def test_other_tools_and_other_namespaces_xattrs(l: list[Path]) -> None:
         ("other-namespace-xattr", "warning", "d"),
         ("redirect-without-redirect-dir", "error", "d"),
     }
-    status, found = check("--for", "kernel", *l)
+    status, found = check("--for", "kernel", *lay)
     assert ("other-namespace-xattr", "error", "d") in codes(found)
 
 
-def test_names_too_long_for_the_oci_format(l: list[Path]) -> None:
+def test_names_too_long_for_the_oci_format(lay: list[Path]) -> None:
     name = "n" * 255
-    write(l[2] / name)
-    whiteout(l[0] / name)
-    _, found = check("--for", "oci", *l)
+    write(lay[2] / name)
+    whiteout(lay[0] / name)
+    _, found = check("--for", "oci", *lay)
     assert ("name-too-long-for-oci", "error", name) in codes(found)
-    status, found = check(*l)
+    status, found = check(*lay)
     assert ("name-too-long-for-oci", "warning", name) in codes(found)
 
 
-def test_hard_links_across_layers(l: list[Path], tmp_path: Path) -> None:
-    write(l[2] / "f")
-    os.link(l[2] / "f", l[1] / "g")
-    status, found = check(*l)
+def test_hard_links_across_layers(lay: list[Path], tmp_path: Path) -> None:
+    write(lay[2] / "f")
+    os.link(lay[2] / "f", lay[1] / "g")
+    status, found = check(*lay)
     assert status == 0
     assert ("cross-layer-hardlink", "warning", "g") in codes(found)
     upper = tmp_path / "upper"
     upper.mkdir()
-    os.link(l[2] / "f", upper / "h")
-    status, found = check(*l, "--upper", upper)
+    os.link(lay[2] / "f", upper / "h")
+    status, found = check(*lay, "--upper", upper)
     assert status == 1 and ("cross-layer-hardlink", "error", "h") in codes(found)
 
 
-def test_wasted_space_is_what_higher_layers_hide(l: list[Path]) -> None:
-    write(l[2] / "big", b"x" * 10000)
-    whiteout(l[1] / "big")
-    write(l[2] / "d" / "inside", b"y" * 300)
-    opaque(l[0] / "d")
-    write(l[2] / "shadowed", b"z" * 40)
-    write(l[0] / "shadowed", b"new")
-    write(l[2] / "kept", b"k" * 7)
-    _, found = check(*l)
+def test_wasted_space_is_what_higher_layers_hide(lay: list[Path]) -> None:
+    write(lay[2] / "big", b"x" * 10000)
+    whiteout(lay[1] / "big")
+    write(lay[2] / "d" / "inside", b"y" * 300)
+    opaque(lay[0] / "d")
+    write(lay[2] / "shadowed", b"z" * 40)
+    write(lay[0] / "shadowed", b"new")
+    write(lay[2] / "kept", b"k" * 7)
+    _, found = check(*lay)
     hidden = {f["relpath"]: f["message"] for f in found if f.get("code") == "hidden-file"}
     assert hidden == {
         "big": "10,000 bytes stored, never shown: hidden by a whiteout in layer 1 (kernel format: a character device 0/0)",
@@ -156,29 +156,29 @@ def test_wasted_space_is_what_higher_layers_hide(l: list[Path]) -> None:
     assert found[-1]["wasted_bytes"] == 10340 and found[-1]["wasted_files"] == 3
 
 
-def test_workdir_findings(tmp_path: Path, l: list[Path]) -> None:
+def test_workdir_findings(tmp_path: Path, lay: list[Path]) -> None:
     upper = tmp_path / "upper"
     upper.mkdir()
     inside = upper / "work"
     inside.mkdir()
-    _, found = check(*l, "--upper", upper, "--work", inside)
+    _, found = check(*lay, "--upper", upper, "--work", inside)
     assert ("workdir-inside-upper", "error", "") in codes(found)
     shm = Path("/dev/shm") / f"unionfs-check-{os.getpid()}"
     shm.mkdir()
     try:
-        status, found = check(*l, "--upper", upper, "--work", shm)
+        status, found = check(*lay, "--upper", upper, "--work", shm)
         assert status == 1 and ("workdir-other-filesystem", "error", "") in codes(found)
     finally:
         shm.rmdir()
 
 
-def test_the_readable_form_is_one_line_per_finding(l: list[Path]) -> None:
-    whiteout(l[2] / "wo")
-    res = run("check", *map(os.fspath, l))
+def test_the_readable_form_is_one_line_per_finding(lay: list[Path]) -> None:
+    whiteout(lay[2] / "wo")
+    res = run("check", *map(os.fspath, lay))
     assert res.returncode == 0
     lines = res.stdout.splitlines()
     assert lines[0] == (
-        f"{l[2]}/wo: warning [no-op-whiteout] a whiteout in the bottom layer hides nothing: "
+        f"{lay[2]}/wo: warning [no-op-whiteout] a whiteout in the bottom layer hides nothing: "
         "there is no layer below"
     )
     assert lines[-1].startswith("1 entries in 3 layers: 0 errors, 1 warnings")
@@ -247,27 +247,27 @@ def _markers(layers: list[Path]) -> set[tuple[str, str]]:
     return out
 
 
-def test_a_half_done_conversion_shows_the_same_and_finishes(l: list[Path]) -> None:
+def test_a_half_done_conversion_shows_the_same_and_finishes(lay: list[Path]) -> None:
     """Each entry gets its new marker before losing the old one: a layer caught in
     between (both markers) shows the same tree, and converting again finishes."""
-    write(l[1] / "gone")
-    whiteout(l[0] / "gone")
-    write(l[0] / ".wh.gone", b"")  # as a crash between the two steps leaves it
-    views = _views(l, [b"gone"])
+    write(lay[1] / "gone")
+    whiteout(lay[0] / "gone")
+    write(lay[0] / ".wh.gone", b"")  # as a crash between the two steps leaves it
+    views = _views(lay, [b"gone"])
     assert views[b"gone"][0] is False
-    changes = Converter(l[0], "oci", False, NS).run()
+    changes = Converter(lay[0], "oci", False, NS).run()
     assert [(c.rel, c.ok) for c in changes] == [(b"gone", True)]
-    assert not (l[0] / "gone").exists() and (l[0] / ".wh.gone").exists()
-    assert _views(l, [b"gone"]) == views
+    assert not (lay[0] / "gone").exists() and (lay[0] / ".wh.gone").exists()
+    assert _views(lay, [b"gone"]) == views
 
 
-def test_what_cannot_be_converted_is_left_and_reported(l: list[Path]) -> None:
-    whiteout(l[0] / ("n" * 255))
-    write(l[1] / ("n" * 255))
-    res = run("convert", "--to", "oci", os.fspath(l[0]))
+def test_what_cannot_be_converted_is_left_and_reported(lay: list[Path]) -> None:
+    whiteout(lay[0] / ("n" * 255))
+    write(lay[1] / ("n" * 255))
+    res = run("convert", "--to", "oci", os.fspath(lay[0]))
     assert res.returncode == 1
     assert "no OCI form (.wh. + name > 255 bytes); left as is" in res.stdout
-    assert is_whiteout(l[0] / ("n" * 255))
+    assert is_whiteout(lay[0] / ("n" * 255))
 
 
 def test_a_live_mounts_layer_is_not_converted(
