@@ -30,7 +30,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def check(*args: str | Path) -> tuple[int, list[dict[str, Any]]]:
-    res = run("check", *map(os.fspath, args), "--json")
+    res = run("check", *[os.fspath(a) for a in args], "--json")
     assert res.returncode in (0, 1), res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     return res.returncode, lines
