@@ -31,7 +31,6 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +57,32 @@ LAYER_ERRNOS = frozenset(
 active: Tracer | None = None
 
 
-@dataclass(slots=True)
 class Request:
-    op: str
-    pid: int | None
-    uid: int | None
-    path: bytes | None
+    """The request being served: what it is, who asked, and its path, worked out only
+    when one of its decisions is recorded (most requests decide nothing)."""
+
+    __slots__ = ("_union", "_name", "_args", "_described")
+
+    def __init__(self, union: Union, name: str, args: Sequence[Any]) -> None:
+        self._union = union
+        self._name = name
+        self._args = args
+        self._described: tuple[str, int | None, int | None, bytes | None] | None = None
+
+    def describe(self) -> tuple[str, int | None, int | None, bytes | None]:
+        """(request, caller pid, caller uid, path)."""
+        if self._described is None:
+            args = self._args
+            # pyfuse3's RequestContext, the last argument of the requests that have one
+            # (not imported: this module must not import pyfuse3 before the C hook).
+            ctx = args[-1] if args and hasattr(args[-1], "umask") else None
+            self._described = (
+                _refine(self._name, args),
+                ctx.pid if ctx is not None else None,
+                ctx.uid if ctx is not None else None,
+                _target(self._union, self._name, args),
+            )
+        return self._described
 
 
 CURRENT: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
@@ -103,13 +122,14 @@ class Tracer:
             return
         rec: dict[str, Any] = {"time": round(time.time(), 6)}
         req = CURRENT.get()
+        target = None
         if req is not None:
-            rec["pid"], rec["uid"], rec["request"] = req.pid, req.uid, req.op
+            rec["request"], rec["pid"], rec["uid"], target = req.describe()
         rec["event"] = kind
         rec["path"] = path
         rec.update(fields)
-        if req is not None and req.path is not None and req.path != path:
-            rec["for"] = req.path
+        if target is not None and target != path:
+            rec["for"] = target
         self.buffer.append(rec)
 
     def failed(self, e: OSError) -> None:
@@ -118,8 +138,8 @@ class Tracer:
             self.emit(REFUSED, e.path, errno=_errname(e.errno), why=e.strerror)
         elif e.errno in LAYER_ERRNOS:
             req = CURRENT.get()
-            path = req.path if req is not None and req.path is not None else b""
-            self.emit(LAYER_ERROR, path, errno=_errname(e.errno), why=e.strerror)
+            path = req.describe()[3] if req is not None else None
+            self.emit(LAYER_ERROR, path or b"", errno=_errname(e.errno), why=e.strerror)
 
     # -- listeners -----------------------------------------------------------
 
@@ -222,17 +242,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def enter(ops: Any, name: str, args: Sequence[Any]) -> contextvars.Token[Request | None]:
-    """Note the request being served (op, caller, path) for the events it causes."""
-    # pyfuse3's RequestContext (not imported here: this module must not import pyfuse3
-    # before the C hook is loaded).
-    ctx = args[-1] if args and hasattr(args[-1], "umask") else None
-    req = Request(
-        _refine(name, args),
-        ctx.pid if ctx is not None else None,
-        ctx.uid if ctx is not None else None,
-        _target(ops.union, name, args),
-    )
-    return CURRENT.set(req)
+    """Note the request being served, for the events it causes."""
+    return CURRENT.set(Request(ops.union, name, args))
 
 
 def _refine(name: str, args: Sequence[Any]) -> str:

@@ -542,6 +542,14 @@ def check_workdir(upper: Path, work: Path, layer: Layer, report: Report) -> None
             )
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _directory(kind: str, raw: str) -> Path:
     path = Path(os.path.realpath(raw))
     if not path.is_dir():
@@ -584,7 +592,8 @@ def run(
     summary = (
         f"{report.entries:,} entries in {len(union.layers)} layers: {report.errors} errors, "
         f"{sum(f.severity == WARNING for f in report.findings)} warnings; "
-        f"hidden by higher layers: {report.wasted_bytes:,} bytes in {report.wasted_files:,} files"
+        f"hidden by higher layers: {report.wasted_bytes:,} bytes ({_size(report.wasted_bytes)}) "
+        f"in {report.wasted_files:,} files"
     )
     for f in report.findings:
         print(json.dumps(f.as_json()) if as_json else f.line())

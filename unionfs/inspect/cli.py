@@ -209,6 +209,10 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     try:
         return COMMANDS[command](rest)
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error; keep Python from complaining.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as e:
         print(f"unionfs {command}: {e}", file=sys.stderr)
         return USAGE_ERROR
@@ -218,7 +222,3 @@ def main(argv: list[str]) -> int:
         return USAGE_ERROR
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (``| head``): not an error; keep Python from complaining.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

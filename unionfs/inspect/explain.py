@@ -530,7 +530,7 @@ def _traced_copy_up(stack: Stack, relpath: bytes) -> str | None:
     why = f" ({rec['request']})" if rec.get("request") else ""
     return (
         f"copied up from layer {rec.get('layer')} at {when}{who}{why}, "
-        f"{rec.get('bytes', 0)} bytes by {rec.get('method')} (the mount's trace)"
+        f"{rec.get('bytes', 0):,} bytes by {rec.get('method')} (the mount's trace)"
     )
 
 

@@ -192,9 +192,9 @@ def _predict(
         reason = {
             "write": "an open for writing copies the whole file first",
             "truncate": f"truncate copies only the first {size:,} bytes",
-            "chmod": "a mode change needs an upper copy, data included",
-            "chown": "an owner change needs an upper copy, data included",
-            "utimes": "a time change needs an upper copy, data included",
+            "chmod": "a mode change needs an upper copy, data included (no metacopy)",
+            "chown": "an owner change needs an upper copy, data included (no metacopy)",
+            "utimes": "a time change needs an upper copy, data included (no metacopy)",
         }[op]
         _copy_ups(union, node, pred, reason, size if op == "truncate" else None)
         if not pred.effects:

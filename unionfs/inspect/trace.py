@@ -209,9 +209,11 @@ def summarize(records: Iterable[dict[str, Any]], top: int = 10) -> str:
         ]
         for reason, nbytes in by_reason.most_common():
             lines.append(f"  {_size(nbytes):>10}  {by_reason_n[reason]:>7,} x  {reason}")
-        lines += ["", f"largest copy-ups (top {top}):"]
+        if any(by_path.values()):
+            lines += ["", f"largest copy-ups (top {top}):"]
         for path, nbytes in by_path.most_common(top):
-            lines.append(f"  {_size(nbytes):>10}  {path}")
+            if nbytes:
+                lines.append(f"  {_size(nbytes):>10}  {path}")
     if refused:
         lines += ["", "refused:"] + [f"  {n:>9,}  {k}" for k, n in refused.most_common()]
     return "\n".join(lines)
