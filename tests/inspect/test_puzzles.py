@@ -19,12 +19,20 @@ def test_the_three_puzzles(tmp_path: Path) -> None:
         PYTHONPATH=os.fspath(REPO),
     )
     res = subprocess.run(
-        ["bash", "examples/puzzles.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        ["bash", "examples/puzzles.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     one, two, three = res.stdout.split("=== ")[1:]
     assert "not visible: hidden by a whiteout in the upper (kernel format" in one
-    assert "2 lower  p1/base   regular file, 16 B      not looked at: hidden by the upper's whiteout" in one
+    assert (
+        "2 lower  p1/base   regular file, 16 B      not looked at: hidden by the upper's whiteout"
+        in one
+    )
     assert "a regular file from layer 1: the topmost layer that has the name" in one
     assert "rename to usr/share/doc.old: fails with EXDEV (an overlay rule)" in two
     assert "mv falls back to copying the tree (203 entries, 1,500 bytes)" in two
