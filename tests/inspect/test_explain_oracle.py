@@ -167,7 +167,7 @@ def _copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(max(600, CASES))  # about 0.1 s a case; much more on a loaded machine
 def test_explain_agrees_with_the_kernel(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     failures: list[str] = []
@@ -213,3 +213,4 @@ def test_explain_agrees_with_the_kernel(tmp_path: Path) -> None:
         shutil.rmtree(base)
     assert not failures, "\n\n".join(failures[:5])
     assert checked > CASES * 10  # the cases had paths to check
+    print(f"explain agrees with the kernel: {CASES} cases, {checked} paths (seed {SEED})")
