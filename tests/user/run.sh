@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run the unit tier and the unprivileged real-mount tests as an ordinary user.
+# Run the unit tier and the unprivileged real-mount tests as an ordinary user;
+# with arguments, run that command instead (python means the staged one), e.g.
+#   tests/user/run.sh python -m tests.conformance --sides userns-kernel,unionfs
 #
 # The checkout and the project's virtualenv may sit where that user cannot
 # read (a pyenv Python under /root, a clone in root's home), so the sources
@@ -28,14 +30,18 @@ mkdir -p "$STAGE/src" "$STAGE/tmp"
 tar --exclude=./.venv --exclude=./.git --exclude='*.so' --exclude=__pycache__ \
     --exclude=./build --exclude='*.egg-info' -cf - . | tar -xf - -C "$STAGE/src"
 $SYS_PYTHON -m venv "$STAGE/venv"
-"$STAGE/venv/bin/python" -m pip install -q --upgrade pip
-"$STAGE/venv/bin/python" -m pip install -q -e "$STAGE/src" pytest pytest-trio pytest-timeout
+"$STAGE/venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$STAGE/venv/bin/python" -m pip install -q -e "$STAGE/src" pytest pytest-trio pytest-timeout \
+    >"$STAGE/pip.log" 2>&1 || { cat "$STAGE/pip.log"; exit 1; }
 # A directory the user may write but does not own, for the "upper not owned" check.
 mkdir -m 0777 "$STAGE/not-owned"
 chmod -R a+rX "$STAGE"
 chown "$USER_NAME:" "$STAGE/tmp"
 cd "$STAGE/src"
+if [ $# -eq 0 ]; then
+    set -- python -m pytest -q -p no:cacheprovider --basetemp="$STAGE/tmp/pytest" tests/unit tests/user
+fi
+[ "$1" = python ] && set -- "$STAGE/venv/bin/python" "${@:2}"
 exec runuser -u "$USER_NAME" -- env -i HOME="$(getent passwd "$USER_NAME" | cut -d: -f6)" \
-    PATH=/usr/sbin:/usr/bin:/sbin:/bin UNIONFS_NOT_OWNED="$STAGE/not-owned" \
-    "$STAGE/venv/bin/python" -m pytest -q -p no:cacheprovider --basetemp="$STAGE/tmp/pytest" \
-    tests/unit tests/user "$@"
+    PATH="$STAGE/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin" UNIONFS_NOT_OWNED="$STAGE/not-owned" \
+    TMPDIR="$STAGE/tmp" "$@"

@@ -314,7 +314,7 @@ def serve(
     """Mount, call *ready*, serve until unmounted or signalled; returns the exit status.
 
     *debug* logs every request and its errno."""
-    from unionfs.fuse import hook
+    from unionfs.fuse import hook, privileges
 
     fusehook = hook.load()  # before pyfuse3 is imported
 
@@ -341,6 +341,7 @@ def serve(
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
         hook.check_bound(fusehook)
+        privileges.take_owner_rights()
         try:
             trio.run(_run, ready, union, setup)
         finally:
