@@ -113,10 +113,15 @@ def _copy_ups(
             what = "a directory: its metadata only"
         else:
             what = "metadata"
-        target = "" if n is node else f" (a parent of {os.fsdecode(node.path)})"
-        pred.effects.append(
-            f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}{target}: {what}; {why}"
-        )
+        if n is node:
+            pred.effects.append(
+                f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}: {what}; {why}"
+            )
+        else:
+            pred.effects.append(
+                f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}: {what} "
+                f"(a parent of {os.fsdecode(node.path)}, which the upper needs first)"
+            )
 
 
 def predict(
