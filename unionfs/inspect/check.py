@@ -24,6 +24,7 @@ from pathlib import Path
 from unionfs.errors import UsageError
 from unionfs.inspect import markerinfo
 from unionfs.inspect.explain import hidden_reason, resolve_traced, stopped_by
+from unionfs.inspect.render import human_size
 from unionfs.overlay import markers
 from unionfs.overlay.layers import Layer
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
@@ -542,14 +543,6 @@ def check_workdir(upper: Path, work: Path, layer: Layer, report: Report) -> None
             )
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _directory(kind: str, raw: str) -> Path:
     path = Path(os.path.realpath(raw))
     if not path.is_dir():
@@ -592,7 +585,7 @@ def run(
     summary = (
         f"{report.entries:,} entries in {len(union.layers)} layers: {report.errors} errors, "
         f"{sum(f.severity == WARNING for f in report.findings)} warnings; "
-        f"hidden by higher layers: {report.wasted_bytes:,} bytes ({_size(report.wasted_bytes)}) "
+        f"hidden by higher layers: {report.wasted_bytes:,} bytes ({human_size(report.wasted_bytes)}) "
         f"in {report.wasted_files:,} files"
     )
     for f in report.findings:

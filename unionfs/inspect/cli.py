@@ -57,8 +57,9 @@ def _explain_parser() -> argparse.ArgumentParser:
 
 def explain_main(argv: list[str]) -> int:
     from unionfs.inspect import stack as stacks
-    from unionfs.inspect.explain import as_json, explain, mount_shows, render
+    from unionfs.inspect.explain import explain, mount_shows
     from unionfs.inspect.predict import NEEDS_TO, predict, rename_flags
+    from unionfs.inspect.render import as_json, render
 
     args = _explain_parser().parse_args(argv)
     if args.op in NEEDS_TO and args.to is None:

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from unionfs.errors import UsageError
 from unionfs.inspect import stack as stacks
+from unionfs.inspect.render import human_size
 
 POLL_INTERVAL = 0.2
 
@@ -166,14 +167,6 @@ def describe(rec: dict[str, Any]) -> str:
 # -- totals ------------------------------------------------------------------------
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def summarize(records: Iterable[dict[str, Any]], top: int = 10) -> str:
     kinds: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
@@ -205,15 +198,15 @@ def summarize(records: Iterable[dict[str, Any]], top: int = 10) -> str:
         total = sum(by_reason.values())
         lines += [
             "",
-            f"copy-up: {_size(total)} in {sum(by_reason_n.values()):,} copy-ups, by request:",
+            f"copy-up: {human_size(total)} in {sum(by_reason_n.values()):,} copy-ups, by request:",
         ]
         for reason, nbytes in by_reason.most_common():
-            lines.append(f"  {_size(nbytes):>10}  {by_reason_n[reason]:>7,} x  {reason}")
+            lines.append(f"  {human_size(nbytes):>10}  {by_reason_n[reason]:>7,} x  {reason}")
         if any(by_path.values()):
             lines += ["", f"largest copy-ups (top {top}):"]
         for path, nbytes in by_path.most_common(top):
             if nbytes:
-                lines.append(f"  {_size(nbytes):>10}  {path}")
+                lines.append(f"  {human_size(nbytes):>10}  {path}")
     if refused:
         lines += ["", "refused:"] + [f"  {n:>9,}  {k}" for k, n in refused.most_common()]
     return "\n".join(lines)
