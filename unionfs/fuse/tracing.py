@@ -176,7 +176,10 @@ class Tracer:
         try:
             while True:
                 await trio.sleep(FLUSH_INTERVAL)
-                await self.flush()
+                # A flush taken out of the buffer is written whole: cancelled half-way
+                # (at unmount), its events would be lost.
+                with trio.CancelScope(shield=True):
+                    await self.flush()
         finally:
             with trio.CancelScope(shield=True):
                 await self.flush()
