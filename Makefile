@@ -70,7 +70,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check unionfs tests examples
 	$(VENV)/bin/ruff format --check unionfs tests examples
-	$(VENV)/bin/mypy unionfs
+	$(VENV)/bin/mypy unionfs tests examples
 
 conformance: install
 	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED)

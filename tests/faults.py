@@ -35,7 +35,7 @@ def plant(spec: str) -> None:
                     raise RuntimeError(f"injected fault on lookup of {n!r}")
                 return _real(self, parent, n)
 
-            Union.lookup = lookup  # type: ignore[method-assign]
+            Union.lookup = lookup  # type: ignore[method-assign,assignment]
         elif kind == "eio":
             bad = arg.encode()
             real = Union.lookup
@@ -47,7 +47,7 @@ def plant(spec: str) -> None:
                     raise OSError(errno.EIO, "injected I/O error", n)
                 return _real(self, parent, n)
 
-            Union.lookup = failing  # type: ignore[method-assign]
+            Union.lookup = failing  # type: ignore[method-assign,assignment]
         elif kind == "trace_capacity":
             from unionfs.fuse import tracing
 

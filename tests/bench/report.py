@@ -78,7 +78,7 @@ def results_table(
     the pair-by-pair slowdown of *subject* against fuse-overlayfs and the kernel."""
     by = _by(trials)
     refs = [c for c in ("fuse-overlayfs", "kernel") if c in competitors and subject in competitors]
-    pairs = [(subject, r) for r in refs]
+    pairs: list[tuple[str, str]] = [(subject, r) for r in refs]
     traced = f"{subject}+trace"  # the cost of tracing: against the same daemon without it
     if traced in competitors and subject in competitors:
         pairs.append((traced, subject))
