@@ -105,16 +105,20 @@ def _place(
     over_whiteout: bool,
     make: Callable[[int, bytes], None],
     finish: Callable[[int, bytes], None] = lambda fd, n: None,
+    setid: bool = False,
 ) -> None:
     """Create an entry with *make* and give it its owner with *finish*: directly,
-    or, over a whiteout, in the workdir and renamed in. A failure after *make*
-    removes what it made, so no half-made entry stays behind."""
-    if over_whiteout:
+    or in the workdir and renamed in: over a whiteout, and for a *setid* file
+    (chown clears setuid/setgid, which then are set again: a crash in between
+    must not leave the file without them). A failure after *make* removes what
+    it made, so no half-made entry stays behind."""
+    if over_whiteout or setid:
         work, tmp = union.work_fd, union.tmp_name()
         try:
             make(work, tmp)
             finish(work, tmp)
-            renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
+            # Over a whiteout this replaces it in one step.
+            renameat2(work, tmp, dirfd, name, 0 if over_whiteout else RENAME_NOREPLACE)
         except BaseException:
             discard(work, tmp)
             raise
@@ -125,6 +129,10 @@ def _place(
     except BaseException:
         discard(dirfd, name)
         raise
+
+
+def _setid(mode: int) -> bool:
+    return bool(mode & (stat.S_ISUID | stat.S_ISGID))
 
 
 def _clean_up(union: Union, tmp: bytes) -> None:
@@ -163,7 +171,7 @@ async def create_node(
                 os.mknod(n, mode, rdev, dir_fd=fd)
             _set_owner(fd, n, uid, gid, mode)
 
-        _place(union, dirfd, name, over_whiteout, make)
+        _place(union, dirfd, name, over_whiteout, make, setid=_setid(mode))
     return _created(
         union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
     )
@@ -217,7 +225,7 @@ async def create_file(
             os.fchmod(fds[0], stat.S_IMODE(mode))
 
     try:
-        _place(union, dirfd, name, over_whiteout, make, finish)
+        _place(union, dirfd, name, over_whiteout, make, finish, setid=_setid(mode))
     except BaseException:
         for f in fds:
             os.close(f)

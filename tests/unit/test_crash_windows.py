@@ -1,0 +1,43 @@
+"""What a kill -9 between two steps of a change leaves: the old state or the new one.
+
+A change that takes several system calls is stopped at a chosen step here (by a
+planted exception that no clean-up handler catches, or by looking at the upper
+at that step) and the upper is checked as the crash would leave it. The crash
+test (tests/crash) finds these windows on a real mount; these tests keep them
+closed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from tests.unit.conftest import ME, Layers
+from unionfs.overlay import namespace
+
+
+def staged(layers: Layers) -> list[str]:
+    return sorted(n for n in os.listdir(layers.work / "work") if n != "#whiteout")
+
+
+async def test_a_setuid_file_is_made_in_the_workdir(
+    layers: Layers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chown clears setuid, so it is set again after: a kill in between must not leave
+    the file in place without its bit."""
+    seen: list[bool] = []
+    real = os.fchown
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        seen.append(os.path.lexists(layers.upper / "prog"))
+        real(fd, uid, gid)
+
+    monkeypatch.setattr(os, "fchown", fchown)
+    with layers.open() as u:
+        _, fd = await namespace.create_file(u, u.table.root, b"prog", 0o4755, os.O_WRONLY, ME)
+        os.close(fd)
+    assert seen == [False]
+    assert stat.S_IMODE(os.lstat(layers.upper / "prog").st_mode) == 0o4755
+    assert staged(layers) == []
