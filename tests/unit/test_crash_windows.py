@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import pytest
 
-from tests.unit.conftest import ME, Layers
+from tests.unit.conftest import ME, Layers, node, write
 from unionfs.overlay import namespace
 
 
@@ -41,3 +42,28 @@ async def test_a_setuid_file_is_made_in_the_workdir(
     assert seen == [False]
     assert stat.S_IMODE(os.lstat(layers.upper / "prog").st_mode) == 0o4755
     assert staged(layers) == []
+
+
+async def test_a_directory_renamed_over_an_emptied_merged_one_never_shows_another_mode(
+    layers: Layers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target's whiteouts are moved out by swapping in an empty directory first;
+    until the rename that follows, that directory stands for the target."""
+    write(layers.lowers[0] / "d" / "x")
+    os.chmod(layers.lowers[0] / "d", 0o751)
+    os.setxattr(layers.lowers[0] / "d", "user.k", b"v")
+    (layers.upper / "fresh").mkdir()
+    modes: list[tuple[int, bytes]] = []
+    real = namespace.renameat2
+
+    def renameat2(*a: Any) -> None:
+        up = layers.upper / "d"
+        modes.append((stat.S_IMODE(os.lstat(up).st_mode), os.getxattr(up, "user.k")))
+        real(*a)
+
+    with layers.open() as u:
+        root = u.table.root
+        await namespace.remove(u, node(u, "d"), b"x", want_dir=False)
+        monkeypatch.setattr(namespace, "renameat2", renameat2)
+        await namespace.rename(u, root, b"fresh", root, b"d", 0)
+    assert len(modes) == 2 and set(modes) == {(0o751, b"v")}

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unionfs.overlay import markers
-from unionfs.overlay.copyup import copy_up, readonly_error, wait_for_copy_up
+from unionfs.overlay.copyup import copy_metadata, copy_up, readonly_error, wait_for_copy_up
 from unionfs.overlay.files import readable_for_writeback
 from unionfs.overlay.layers import discard, remove_tree
 from unionfs.overlay.markers import is_whiteout
@@ -460,10 +460,13 @@ def _rename_over(
     ):
         # The target's upper part still holds whiteouts: swap in an empty
         # opaque directory first so the rename below can replace it. The view does
-        # not change (the target was empty and stays so).
+        # not change, also if a crash comes before that rename: the target was
+        # empty and stays so, and the new directory has its mode, owner, xattrs
+        # and times (as the kernel's).
         work, moved_out = union.work_fd, union.tmp_name()
         os.mkdir(moved_out, 0o700, dir_fd=work)
         try:
+            copy_metadata(fd_path(dfd, dname), fd_path(work, moved_out), d_up)
             markers.set_opaque(work, moved_out, union.config.xattrs)
             renameat2(work, moved_out, dfd, dname, RENAME_EXCHANGE)
         except BaseException:
