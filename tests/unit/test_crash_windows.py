@@ -15,8 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.unit.conftest import ME, Layers, node, write
-from unionfs.overlay import namespace
+from tests.unit.conftest import ME, Layers, is_whiteout, node, visible, write
+from unionfs.overlay import markers, namespace
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no ``except OSError`` clean-up runs."""
 
 
 def staged(layers: Layers) -> list[str]:
@@ -67,3 +71,36 @@ async def test_a_directory_renamed_over_an_emptied_merged_one_never_shows_anothe
         monkeypatch.setattr(namespace, "renameat2", renameat2)
         await namespace.rename(u, root, b"fresh", root, b"d", 0)
     assert len(modes) == 2 and set(modes) == {(0o751, b"v")}
+
+
+@pytest.mark.parametrize("kill_before_swap", [False, True])
+async def test_a_whiteout_left_by_moving_a_directory_onto_one_goes_at_the_next_mount(
+    layers: Layers, monkeypatch: pytest.MonkeyPatch, kill_before_swap: bool
+) -> None:
+    """A directory takes a whiteout's name by swapping with it; the whiteout then at the
+    old name hides nothing and is dropped. Killed in between, the next mount drops it."""
+    write(layers.lowers[0] / "w")
+    (layers.upper / "p" / "src").mkdir(parents=True)
+    write(layers.upper / "p" / "src" / "inside", b"kept")
+
+    def kill(*a: Any, **kw: Any) -> None:
+        raise Killed
+
+    with layers.open() as u:
+        await namespace.remove(u, u.table.root, b"w", want_dir=False)
+        if kill_before_swap:
+            monkeypatch.setattr(markers, "renameat2", kill)
+        else:
+            monkeypatch.setattr(markers, "drop_swapped_whiteout", kill)
+        with pytest.raises(Killed):
+            await namespace.rename(u, node(u, "p"), b"src", u.table.root, b"w", 0)
+    monkeypatch.undo()
+    moved = not kill_before_swap
+    assert is_whiteout(layers.upper / "p" / "src") == moved
+    with layers.open() as u:  # the next mount
+        assert os.path.lexists(layers.upper / "p" / "src") != moved
+        assert not is_whiteout(layers.upper / "p" / "src")
+        assert visible(u, "w") == moved and visible(u, "p/src") != moved
+        assert staged(layers) == []
+    inside = (layers.upper / ("w" if moved else "p/src") / "inside").read_bytes()
+    assert inside == b"kept"

@@ -475,15 +475,18 @@ def _rename_over(
     else:
         moved_out = None
     if d_up is not None and is_whiteout(d_up):
-        # A directory cannot replace a device: it swaps with the whiteout, which
-        # then is dropped unless the old name needs one anyway.
-        keep = src_whiteout or src.is_dir
-        markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=keep)
-        if keep and not src_whiteout:
+        if src.is_dir and not src_whiteout:
+            # A directory cannot replace a device: it swaps with the whiteout, which
+            # then is dropped (or, after a crash, by the next mount).
+            note = union.tmp_name(markers.DROP_NOTE)
+            path = join(sparent.path, sname)
+            markers.swap_dir_onto_whiteout(sfd, sname, dfd, dname, union.work_fd, note, path)
             try:
-                os.unlink(sname, dir_fd=sfd)
-            except OSError as e:  # it hides nothing: the view is right either way
+                markers.drop_swapped_whiteout(sfd, sname, union.work_fd, note)
+            except OSError as e:  # it hides nothing; the next mount drops it
                 log.warning("could not remove the whiteout left at %r: %s", sname, e)
+        else:
+            markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=src_whiteout)
         return moved_out
     # The replaced upper inode is freed (a directory, or a file's last link): its
     # number may come back for a new file, which must not inherit its identity.
