@@ -8,8 +8,9 @@ CASES   ?= 200
 SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
+KILLS   ?= 100
 
-.PHONY: install system-deps test test-unit test-user test-engines demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-unit test-user test-engines demo lint conformance crash bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -40,7 +41,8 @@ test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench \
 		--ignore=tests/user
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
-		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
+		--ignore=tests/crash
 	$(MAKE) test-user
 	$(MAKE) test-engines
 
@@ -67,6 +69,10 @@ lint: install
 
 conformance: install
 	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED)
+
+# kill -9 of the daemon at KILLS points of a mixed workload; prints every inconsistency.
+crash: install
+	$(PY) -m tests.crash --kills $(KILLS) --seed $(SEED)
 
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
