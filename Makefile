@@ -10,7 +10,7 @@ DURATION ?= 60
 STRESS_FILES ?= 100000
 KILLS   ?= 100
 
-.PHONY: install system-deps test test-unit test-user test-engines demo lint conformance crash bench stress install-system clean
+.PHONY: install system-deps test test-unit test-user test-engines test-images demo lint conformance crash bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -36,15 +36,16 @@ $(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) | system-deps
 install: system-deps $(STAMP)
 
 # Lint, the whole suite, the real-mount tests again with the C hook disabled (its
-# fallback must keep working), then the container engines.
+# fallback must keep working), then the container engines and the image tools.
 test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench \
-		--ignore=tests/user
+		--ignore=tests/user --ignore=tests/image_tools
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
-		--ignore=tests/crash
+		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/crash
 	$(MAKE) test-user
 	$(MAKE) test-engines
+	$(MAKE) test-images
 
 # The unit tier and the unprivileged real-mount tests, as an ordinary user.
 test-user:
@@ -54,6 +55,11 @@ test-user:
 test-engines: install
 	bash tests/engines/install-deps.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests/engines
+
+# The image tools (unionfs image/diff/commit) against real podman, skopeo and umoci.
+test-images: install
+	bash tests/image_tools/install-deps.sh
+	$(PY) -m pytest -q -p no:cacheprovider tests/image_tools
 
 # The core on plain directories: no mount, no root, a few seconds.
 test-unit: install
@@ -76,6 +82,7 @@ crash: install
 
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+	$(PY) tests/bench/images.py $(if $(QUICK),--quick,)
 
 # Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install
