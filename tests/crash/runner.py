@@ -14,6 +14,12 @@ daemon is killed, then checks what the dead daemon left:
 4. the upper holds no partial file, no orphan and no stray whiteout;
 5. the next unionfs mount empties the workdir and shows the same merged view.
 
+Two more states are accepted for the op in flight, both steps the kernel overlay
+takes too: its copy-up done but not the op (the only trace is a lower hard link
+split off), and, for a directory moved onto a whiteout, the whiteout swapped to
+the old name but not yet removed, which a note in the workdir names for the next
+mount to remove.
+
 The next segment goes on from there with that mount. A kill that finds an
 inconsistency ends its session (the states have parted), and a fresh one starts.
 
@@ -41,6 +47,7 @@ from typing import TextIO
 from tests.crash import tree
 from tests.crash.layers import BIG_FILES, build_lowers
 from tests.crash.ops import GONE, Op, apply, close_all, run
+from tests.crash.scripts import SCRIPTS
 from tests.crash.workload import Workload
 from tests.mounting import UnionMount, kernel_overlay, lazy_unmount, mount_type, start_unionfs
 from unionfs.overlay.markers import is_whiteout
@@ -63,7 +70,7 @@ class Kill:
     session: int
     how: str
     in_flight: int | None = None  # index in the session log
-    outcome: str = ""  # "took effect" / "had not taken effect" / "no effect" / ...
+    outcome: str = ""  # "took effect", "had not taken effect", "neither state", ...
     leftovers: list[str] = field(default_factory=list)
     noted: set[str] = field(default_factory=set)  # whiteouts the next mount is to drop
     problems: list[str] = field(default_factory=list)
@@ -96,6 +103,22 @@ class Report:
             f"elapsed: {self.elapsed:.0f}s (seed {self.seed})",
         ]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the daemon of a segment dies: ``by="self"`` right before its *change*-th
+    change to the layers (``"N"``) or right after it (``"N+"``; ``"-"``: never), or
+    ``by="kill-9"`` from outside, *delay* seconds after the start of a random op."""
+
+    by: str
+    change: str = "-"
+    delay: float = 0.0
+
+    def __str__(self) -> str:
+        if self.by == "self":
+            return f"self at-change {self.change}"
+        return f"kill-9 delay {self.delay * 1000:.2f}ms"
 
 
 class Inconsistent(Exception):
@@ -149,25 +172,49 @@ class Run:
 
     # -- the run ------------------------------------------------------------------
 
-    def scripted(self, ops: list[Op], how: str) -> Kill:
-        """One session that runs exactly *ops*; the daemon dies as *how* says (e.g.
-        ``self at-change 3+``), or after the last op."""
+    def scripted(self, ops: list[Op], plan: Plan) -> Kill:
+        """One session that runs exactly *ops*; the daemon dies as *plan* says, or after
+        the last op."""
         self._session_no += 1
         with Session(self, self._session_no) as s:
-            s.run(1, ops, how)
+            s.run(1, ops, plan)
         return self.report.kills[-1]
 
     def run(self, kills: int) -> Report:
+        """Random kill points: sessions of one to four kills until *kills*."""
+        with self._timed():
+            while len(self.report.kills) < kills:
+                self._session_no += 1
+                with Session(self, self._session_no) as s:
+                    s.run(min(self.rng.randint(1, 4), kills - len(self.report.kills)))
+        return self.report
+
+    def every_step(self, names: list[str]) -> Report:
+        """Each script of :mod:`tests.crash.scripts` from an empty upper, killed right
+        before and right after each change the daemon makes, until it runs to its end."""
+        with self._timed():
+            for name in names:
+                self.say(f"-- {name}")
+                n = 1
+                while True:
+                    ends = [
+                        self.scripted(SCRIPTS[name], Plan("self", f"{n}{s}")).in_flight is None
+                        for s in ("", "+")
+                    ]
+                    if any(ends):
+                        break
+                    n += 1
+        return self.report
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
         start = time.monotonic()
         lowers_before = [self._raw(p) for p in self.lowers]
-        while len(self.report.kills) < kills:
-            self._session_no += 1
-            with Session(self, self._session_no) as s:
-                s.run(min(self.rng.randint(1, 4), kills - len(self.report.kills)))
+        yield
         if [self._raw(p) for p in self.lowers] != lowers_before:
             self.report.inconsistencies.append("a lower layer changed")
+            self.say("=== INCONSISTENCY: a lower layer changed")
         self.report.elapsed = time.monotonic() - start
-        return self.report
 
     @staticmethod
     def _raw(path: Path) -> list[tuple[str, int, int]]:
@@ -195,7 +242,6 @@ class Session:
         self.replayed = 0  # log entries the kernel replay has been given
         self.replay_handles: dict[int, int] = {}
         self.model = model_of(run.lower_view)
-        self.expected: tree.View = dict(run.lower_view)
         self.um: UnionMount | None = None
         self.stack = contextlib.ExitStack()
         self.failed = False
@@ -223,19 +269,19 @@ class Session:
 
     # -- segments ----------------------------------------------------------------
 
-    def run(self, segments: int, script: list[Op] | None = None, how: str | None = None) -> None:
+    def run(self, segments: int, script: list[Op] | None = None, plan: Plan | None = None) -> None:
         """*segments* kill points; with *script*, one segment that runs exactly those ops
-        (the daemon dies as *how* says, or after the last op)."""
-        how = how or self._pick_how()
-        self.um = self._mount(how)
+        (the daemon dies as *plan* says, or after the last op)."""
+        plan = plan or self._pick_plan()
+        self.um = self._mount(plan)
         for i in range(segments):
-            kill = Kill(len(self.r.report.kills) + 1, self.number, how)
+            kill = Kill(len(self.r.report.kills) + 1, self.number, str(plan))
             self.r.report.kills.append(kill)
-            self._segment(kill, script)
-            how = self._pick_how()
+            self._segment(kill, plan, script)
+            plan = self._pick_plan()
             last = i == segments - 1
             try:
-                self._check(kill, None if last else how)
+                self._check(kill, None if last else plan)
             except Inconsistent:
                 self.failed = True
                 self._report(kill)
@@ -243,24 +289,23 @@ class Session:
             finally:
                 self.r.say(self._line(kill))
 
-    def _pick_how(self) -> str:
+    def _pick_plan(self) -> Plan:
         r = self.r.rng
         if r.random() < 0.5:
-            return f"self at-change {r.randint(1, 250)}{r.choice(('', '+'))}"
-        delay = r.choice((0.0, r.uniform(0, 0.003), r.uniform(0, 0.04)))
-        return f"kill-9 delay {delay * 1000:.2f}ms"
+            return Plan("self", f"{r.randint(1, 250)}{r.choice(('', '+'))}")
+        return Plan("kill-9", delay=r.choice((0.0, r.uniform(0, 0.003), r.uniform(0, 0.04))))
 
-    def _mount(self, how: str) -> UnionMount:
+    def _mount(self, plan: Plan | None) -> UnionMount:
         """unionfs; for a kill by its own hand, the daemon that counts its changes."""
         command = None
-        if how.startswith("self") or self.r.daemon_args:
-            spec = how.split()[2] if how.startswith("self") else "-"
+        if (plan and plan.by == "self") or self.r.daemon_args:
+            spec = plan.change if plan and plan.by == "self" else "-"
             command = [sys.executable, "-m", "tests.crash.daemon", spec, *self.r.daemon_args, "--"]
         return start_unionfs(
             self.r.lowers, self.mnt, self.upper, self.work, command=command, timeout=60
         )
 
-    def _segment(self, kill: Kill, script: list[Op] | None = None) -> None:
+    def _segment(self, kill: Kill, plan: Plan, script: list[Op] | None = None) -> None:
         """Run ops through the mount until the daemon is dead, and unmount it."""
         um = self.um
         assert um is not None
@@ -269,8 +314,8 @@ class Session:
         max_ops = r.randint(5, 150)
         delay = None
         at_op = r.randrange(max_ops)
-        if kill.how.startswith("kill-9"):
-            delay = float(kill.how.split()[2][:-2]) / 1000
+        if plan.by == "kill-9":
+            delay = plan.delay
             kill.how += f" at op {at_op}"
         handles: dict[int, int] = {}
         queue: list[Op] = list(script) if script is not None else []
@@ -328,7 +373,7 @@ class Session:
 
     # -- checks -----------------------------------------------------------------
 
-    def _check(self, kill: Kill, next_how: str | None) -> None:
+    def _check(self, kill: Kill, next_plan: Plan | None) -> None:
         problems = kill.problems
         temp, other = tree.workdir_leftovers(os.fspath(self.work))
         kill.leftovers = temp
@@ -342,7 +387,7 @@ class Session:
         problems += tree.check_upper(os.fspath(self.upper), want, self.r.lower_view, kill.noted)
         # The next mount: clears the workdir, shows the same tree.
         try:
-            self.um = self._mount(next_how or "plain")
+            self.um = self._mount(next_plan)
         except RuntimeError as e:
             problems.append(f"the next unionfs mount failed: {e}")
             raise Inconsistent from None
@@ -356,9 +401,8 @@ class Session:
         if shown != want:
             problems.append("unionfs mounted again shows another tree than expected:")
             problems += tree.diff(shown, want)
-        if next_how is None:
+        if next_plan is None:
             self._stop_unionfs()
-        self.expected = want
         self.model = model_of(want)
         if problems:
             raise Inconsistent

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.crash.ops import Op
-from tests.crash.runner import Run
+from tests.crash.runner import Plan, Run
 
 SHORT_KILLS = 20  # a minute or two; make crash tries 100
 SEED = 1
@@ -37,7 +37,7 @@ def test_the_checker_reports_a_remove_that_is_not_atomic(tmp_path: Path) -> None
             Op("close", (1,)),
             Op("unlink", ("etc/hosts",)),
         ],
-        "self at-change -",
+        Plan("self"),
     )
     assert kill.in_flight == 3 and kill.outcome == "neither state", out.getvalue()
     [text] = run.report.inconsistencies
