@@ -352,9 +352,10 @@ class Session:
             if kill.in_flight is None:
                 kill.how += f" (idle after {done} ops)"
                 um.proc.kill()
-            elif um.proc.poll() is None:
-                time.sleep(1)
-                if um.proc.poll() is None:
+            else:
+                try:  # it may still be on its way out
+                    um.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
                     kill.problems.append("the mount broke while the daemon was alive")
                     um.proc.kill()
         finally:
