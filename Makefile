@@ -10,7 +10,7 @@ DURATION ?= 60
 STRESS_FILES ?= 100000
 KILLS   ?= 100
 
-.PHONY: install system-deps test test-unit test-user test-engines test-images demo lint conformance crash bench stress install-system clean
+.PHONY: install system-deps test test-unit test-user test-engines test-images demo lint conformance explain-oracle crash bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -42,7 +42,8 @@ test: install lint
 		--ignore=tests/user --ignore=tests/image_tools
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
-		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/crash
+		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py \
+		--ignore=tests/crash
 	$(MAKE) test-user
 	$(MAKE) test-engines
 	$(MAKE) test-images
@@ -81,8 +82,13 @@ crash: install
 	$(PY) -m tests.crash --kills $(KILLS) --seed $(SEED)
 
 bench: install
-	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,) $(if $(TRACE),--trace,) $(if $(BENCH_GROUPS),--groups $(BENCH_GROUPS),)
 	$(PY) tests/bench/images.py $(if $(QUICK),--quick,)
+
+# unionfs explain against the kernel overlay over more generated cases than make test runs.
+explain-oracle: install
+	UNIONFS_EXPLAIN_ORACLE_CASES=$(CASES) UNIONFS_EXPLAIN_ORACLE_SEED=$(SEED) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/inspect/test_explain_oracle.py
 
 # Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install

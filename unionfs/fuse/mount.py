@@ -18,6 +18,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unionfs.errors import UsageError
 from unionfs.options import Options
@@ -25,6 +26,9 @@ from unionfs.overlay import markers
 from unionfs.overlay.idmap import IdMapper, IdTable
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
+
+if TYPE_CHECKING:
+    from unionfs.overlay.union import Union
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +43,16 @@ class Setup:
     mountpoint: Path
     fuse_options: set[str]
     lock_fds: list[int]
+    trace_path: Path | None = None  # -o trace=FILE, opened (append) before the mount
+    trace_fd: int | None = None
 
     def release(self) -> None:
         for fd in self.lock_fds:
             os.close(fd)
         self.lock_fds.clear()
+        if self.trace_fd is not None:
+            os.close(self.trace_fd)
+            self.trace_fd = None
 
 
 def _resolve_dir(kind: str, raw: str) -> Path:
@@ -122,6 +131,8 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         if _inside(path, mnt):
             raise UsageError(f"{kind} {path} is inside mountpoint {mnt}")
 
+    trace = _trace_path(opts.trace, mnt, named) if opts.trace is not None else None
+
     check_fuse_device()
     unprivileged = os.geteuid() != 0
     if unprivileged and upper is not None:
@@ -169,22 +180,46 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
         xattrs=xattrs,
-        ids=IdMapper(
-            IdTable(
-                opts.uid_map,
-                opts.squash_uid
-                if opts.squash_uid is not None
-                else (0 if opts.squash_root else None),
-            ),
-            IdTable(
-                opts.gid_map,
-                opts.squash_gid
-                if opts.squash_gid is not None
-                else (0 if opts.squash_root else None),
-            ),
-        ),
+        ids=id_mapper(opts),
     )
-    return Setup(config, mnt, fuse, locks)
+    setup = Setup(config, mnt, fuse, locks)
+    if trace is not None:
+        try:
+            setup.trace_fd = os.open(
+                trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            setup.release()
+            raise UsageError(f"trace file {trace}: {e.strerror}") from None
+        setup.trace_path = trace
+    return setup
+
+
+def id_mapper(opts: Options) -> IdMapper:
+    """The owner mapping that ``uidmapping``/``gidmapping``/``squash_*`` ask for."""
+    squash_uid = (
+        opts.squash_uid if opts.squash_uid is not None else (0 if opts.squash_root else None)
+    )
+    squash_gid = (
+        opts.squash_gid if opts.squash_gid is not None else (0 if opts.squash_root else None)
+    )
+    return IdMapper(IdTable(opts.uid_map, squash_uid), IdTable(opts.gid_map, squash_gid))
+
+
+def _trace_path(raw: str, mnt: Path, named: list[tuple[str, Path]]) -> Path:
+    """The trace file's absolute path: outside the mount (writing it would wait on
+    the daemon itself) and outside every layer (it would change what they show)."""
+    path = Path(os.path.abspath(raw))
+    parent = Path(os.path.realpath(path.parent))
+    if not parent.is_dir():
+        raise UsageError(f"trace file {raw}: no such directory {path.parent}")
+    path = parent / path.name
+    if path.is_dir():
+        raise UsageError(f"trace file {raw}: is a directory")
+    for kind, where in [("mountpoint", mnt), *named]:
+        if _inside(path, where):
+            raise UsageError(f"trace file {path} is inside {kind} {where}")
+    return path
 
 
 FUSE_DEVICE = os.makedev(10, 229)
@@ -308,7 +343,7 @@ def serve(
         hook.check_bound(fusehook)
         privileges.take_owner_rights()
         try:
-            trio.run(_run, ready)
+            trio.run(_run, ready, union, setup)
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -318,12 +353,16 @@ def serve(
     return 0
 
 
-async def _run(ready: Callable[[], None]) -> None:
+async def _run(ready: Callable[[], None], union: Union, setup: Setup) -> None:
     import pyfuse3
     import trio
 
+    from unionfs.fuse import tracing
+
+    trace_fd, setup.trace_fd = setup.trace_fd, None  # the tracer closes it
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
+        await nursery.start(tracing.control, union, setup.mountpoint, setup.trace_path, trace_fd)
         ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

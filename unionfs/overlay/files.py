@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import trio
 
 from unionfs.overlay.copyup import copy_up, readonly_error
+from unionfs.overlay.events import PRIVILEGE_DROPPED, Refused
 from unionfs.overlay.markers import is_private_xattr
 from unionfs.overlay.nodes import Node, OpenFile
-from unionfs.overlay.union import Union
+from unionfs.overlay.union import CAPS_XATTR, Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
 # (creation, truncation) or computes the offsets itself (append).
@@ -39,6 +40,14 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     if writeback and flags & os.O_ACCMODE == os.O_WRONLY:
         return (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags
+
+
+def check_setxattr(union: Union, name: bytes) -> None:
+    """What refuses a setxattr before anything changes."""
+    if is_private_xattr(name):
+        raise Refused(errno.EOPNOTSUPP, "the overlay's private xattrs cannot be set", name)
+    if union.readonly:
+        raise readonly_error()
 
 
 def kill_setid(fd: int) -> bool:
@@ -89,6 +98,12 @@ class Files:
         # filesystem to drop the privilege bits, as truncate(2) would.
         if flags & os.O_TRUNC and not privileged and kill_setid(fd):
             self.union.attr_changed(node)
+            self.union.tell(
+                PRIVILEGE_DROPPED,
+                node.path,
+                bits="setuid/setgid",
+                why="O_TRUNC by a non-root caller",
+            )
         return self.add(node, fd, flags)
 
     def _open_real(self, node: Node, flags: int) -> int:
@@ -181,6 +196,7 @@ class Files:
         if union.readonly:
             raise readonly_error()
         await copy_up(union, node, size=change.size)
+        before = self._privileges(node) if union.events is not None else None
         if change.size is not None:
             if fh is not None and fh in self.handles:
                 os.ftruncate(self._fd(fh), change.size)
@@ -212,6 +228,36 @@ class Files:
                 atime = st.st_atime_ns if atime is None else atime
                 mtime = st.st_mtime_ns if mtime is None else mtime
             os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
+        if before is not None:
+            self._tell_dropped(node, change, before)
+
+    def _privileges(self, node: Node) -> tuple[int, bool]:
+        """The setuid/setgid bits and whether file capabilities are set (tracing only)."""
+        path, follow = self.union.real_path(node)
+        try:
+            mode = os.stat(path, follow_symlinks=follow).st_mode
+            caps = CAPS_XATTR in (
+                os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)
+            )
+        except OSError:
+            return 0, False
+        return mode & (stat.S_ISUID | stat.S_ISGID), caps
+
+    def _tell_dropped(self, node: Node, change: Change, before: tuple[int, bool]) -> None:
+        """Report setuid/setgid bits or capabilities that a change cleared: a chown
+        clears them, and the kernel asks for a mode without them after a write by
+        someone other than the owner."""
+        bits, caps = self._privileges(node)
+        lost = [
+            name
+            for flag, name in ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"))
+            if before[0] & flag and not bits & flag
+        ]
+        if before[1] and not caps:
+            lost.append("capabilities")
+        if lost:
+            why = "chown" if change.uid is not None or change.gid is not None else "mode change"
+            self.union.tell(PRIVILEGE_DROPPED, node.path, bits="/".join(lost), why=why)
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
@@ -240,10 +286,7 @@ class Files:
     # -- extended attributes (writing) ---------------------------------------
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
-        if is_private_xattr(name):
-            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
-        if self.union.readonly:
-            raise readonly_error()
+        check_setxattr(self.union, name)
         await copy_up(self.union, node)
         node.no_caps = False
         path, follow = self.union.real_path(node)
