@@ -316,7 +316,7 @@ class Session:
         at_op = r.randrange(max_ops)
         if plan.by == "kill-9":
             delay = plan.delay
-            kill.how += f" at op {at_op}"
+            kill.how += f" into op #{len(self.log) + at_op}"
         handles: dict[int, int] = {}
         queue: list[Op] = list(script) if script is not None else []
         task = "script"
