@@ -8,8 +8,9 @@ CASES   ?= 200
 SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
+KILLS   ?= 100
 
-.PHONY: install system-deps test test-unit test-user test-engines test-images demo lint conformance explain-oracle bench stress install-system clean
+.PHONY: install system-deps test test-unit test-user test-engines test-images demo lint conformance explain-oracle crash bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -41,7 +42,8 @@ test: install lint
 		--ignore=tests/user --ignore=tests/image_tools
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
-		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py
+		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py \
+		--ignore=tests/crash
 	$(MAKE) test-user
 	$(MAKE) test-engines
 	$(MAKE) test-images
@@ -74,6 +76,10 @@ lint: install
 
 conformance: install
 	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED)
+
+# kill -9 of the daemon at KILLS points of a mixed workload; prints every inconsistency.
+crash: install
+	$(PY) -m tests.crash --kills $(KILLS) --seed $(SEED)
 
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,) $(if $(TRACE),--trace,) $(if $(BENCH_GROUPS),--groups $(BENCH_GROUPS),)

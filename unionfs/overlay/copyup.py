@@ -69,8 +69,11 @@ async def wait_for_copy_up(node: Node) -> None:
 async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
     """Make sure *node* lives in the upper layer.
 
-    *size* limits how much data is copied, for a copy-up that a truncate
-    triggered: bytes about to be cut off are not worth copying.
+    *size* is given by a truncate (or ``O_TRUNC``) that triggered the copy-up:
+    the copy is made at that size (bytes about to be cut off are not worth
+    copying) and with new times, since the truncate changes them. The copy put in
+    place is then already the truncated file, so a crash before the truncate
+    itself shows the file as it was or as it is after, never a mix.
     """
     if node.layer.writable:
         return
@@ -168,7 +171,9 @@ async def _copy_file(
                 method = await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
             else:
                 method = clone_or_copy(src, dst, length)
-            copy_metadata(fd_path(src_dir, name), dst, st, src_fd=src)
+            if size is not None and size > length:
+                os.ftruncate(dst, size)
+            copy_metadata(fd_path(src_dir, name), dst, st, src_fd=src, times=size is None)
         finally:
             os.close(dst)
     finally:
@@ -177,9 +182,13 @@ async def _copy_file(
 
 
 def copy_metadata(
-    src_path: bytes, dst: bytes | int, st: os.stat_result, src_fd: int | None = None
+    src_path: bytes,
+    dst: bytes | int,
+    st: os.stat_result,
+    src_fd: int | None = None,
+    times: bool = True,
 ) -> None:
-    """Owner, xattrs, mode and times, in the order that keeps each one.
+    """Owner, xattrs, mode and times (unless not *times*), in the order that keeps each one.
 
     chown clears setuid/setgid and ``security.capability``, so it goes first;
     the mode (with its special bits) and the xattrs follow; the times go last
@@ -194,6 +203,8 @@ def copy_metadata(
     copy_xattrs(src_path if src_fd is None else src_fd, dst)
     if not is_link:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
+    if not times:
+        return
     if is_fd:
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unionfs.overlay import markers
-from unionfs.overlay.copyup import copy_up, readonly_error, wait_for_copy_up
+from unionfs.overlay.copyup import copy_metadata, copy_up, readonly_error, wait_for_copy_up
 from unionfs.overlay.events import OPAQUE, WHITEOUT, Refused
 from unionfs.overlay.files import readable_for_writeback
 from unionfs.overlay.layers import discard, remove_tree
@@ -117,16 +117,20 @@ def _place(
     over_whiteout: bool,
     make: Callable[[int, bytes], None],
     finish: Callable[[int, bytes], None] = lambda fd, n: None,
+    setid: bool = False,
 ) -> None:
     """Create an entry with *make* and give it its owner with *finish*: directly,
-    or, over a whiteout, in the workdir and renamed in. A failure after *make*
-    removes what it made, so no half-made entry stays behind."""
-    if over_whiteout:
+    or in the workdir and renamed in: over a whiteout, and for a *setid* file
+    (chown clears setuid/setgid, which then are set again: a crash in between
+    must not leave the file without them). A failure after *make* removes what
+    it made, so no half-made entry stays behind."""
+    if over_whiteout or setid:
         work, tmp = union.work_fd, union.tmp_name()
         try:
             make(work, tmp)
             finish(work, tmp)
-            renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
+            # Over a whiteout this replaces it in one step.
+            renameat2(work, tmp, dirfd, name, 0 if over_whiteout else RENAME_NOREPLACE)
         except BaseException:
             discard(work, tmp)
             raise
@@ -137,6 +141,10 @@ def _place(
     except BaseException:
         discard(dirfd, name)
         raise
+
+
+def _setid(mode: int) -> bool:
+    return bool(mode & (stat.S_ISUID | stat.S_ISGID))
 
 
 def _clean_up(union: Union, tmp: bytes) -> None:
@@ -179,7 +187,7 @@ async def create_node(
                 os.mknod(n, mode, rdev, dir_fd=fd)
             _set_owner(fd, n, uid, gid, mode)
 
-        _place(union, dirfd, name, over_whiteout, make)
+        _place(union, dirfd, name, over_whiteout, make, setid=_setid(mode))
         _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(
         union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
@@ -241,7 +249,7 @@ async def create_file(
             os.fchmod(fds[0], stat.S_IMODE(mode))
 
     try:
-        _place(union, dirfd, name, over_whiteout, make, finish)
+        _place(union, dirfd, name, over_whiteout, make, finish, setid=_setid(mode))
     except BaseException:
         for f in fds:
             os.close(f)
@@ -503,10 +511,13 @@ def _rename_over(
     ):
         # The target's upper part still holds whiteouts: swap in an empty
         # opaque directory first so the rename below can replace it. The view does
-        # not change (the target was empty and stays so).
+        # not change, also if a crash comes before that rename: the target was
+        # empty and stays so, and the new directory has its mode, owner, xattrs
+        # and times (as the kernel's).
         work, moved_out = union.work_fd, union.tmp_name()
         os.mkdir(moved_out, 0o700, dir_fd=work)
         try:
+            copy_metadata(fd_path(dfd, dname), fd_path(work, moved_out), d_up)
             markers.set_opaque(work, moved_out, union.config.xattrs)
             renameat2(work, moved_out, dfd, dname, RENAME_EXCHANGE)
         except BaseException:
@@ -515,18 +526,20 @@ def _rename_over(
     else:
         moved_out = None
     if d_up is not None and is_whiteout(d_up):
-        # A directory cannot replace a device: it swaps with the whiteout, which
-        # then is dropped unless the old name needs one anyway.
-        keep = src_whiteout or src.is_dir
-        markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=keep)
+        if src.is_dir and not src_whiteout:
+            # A directory cannot replace a device: it swaps with the whiteout, which
+            # then is dropped (or, after a crash, by the next mount).
+            note = union.tmp_name(markers.DROP_NOTE)
+            markers.swap_dir_onto_whiteout(sfd, sname, dfd, dname, union.work_fd, note, spath)
+            try:
+                markers.drop_swapped_whiteout(sfd, sname, union.work_fd, note)
+            except OSError as e:  # it hides nothing; the next mount drops it
+                log.warning("could not remove the whiteout left at %r: %s", sname, e)
+        else:
+            markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=src_whiteout)
         union.tell(WHITEOUT, dpath, outcome="removed", why="replaced by a renamed entry")
         if src_whiteout:
             union.tell(WHITEOUT, spath, outcome="created", why="a lower layer has the old name")
-        if keep and not src_whiteout:
-            try:
-                os.unlink(sname, dir_fd=sfd)
-            except OSError as e:  # it hides nothing: the view is right either way
-                log.warning("could not remove the whiteout left at %r: %s", sname, e)
         return moved_out
     # The replaced upper inode is freed (a directory, or a file's last link): its
     # number may come back for a new file, which must not inherit its identity.

@@ -93,7 +93,8 @@ class Union:
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = -1
         if config.work is not None and not self.readonly:
-            self.work_fd = _prepare_workdir(config.work)
+            assert self.upper is not None
+            self.work_fd = _prepare_workdir(config.work, self.upper.root_fd)
         self.inos = InodeNumbers()
         root = Node(ROOT_INO, None, b"", stat.S_IFDIR, layers[0])
         root.lowers = tuple(self._cut_at_opaque(b"", layers)[1:])
@@ -118,8 +119,8 @@ class Union:
     def node(self, ino: int) -> Node:
         return self.table.get(ino)
 
-    def tmp_name(self) -> bytes:
-        return b"#%x.%d" % (next(self._tmp_names), os.getpid())
+    def tmp_name(self, suffix: bytes = b"") -> bytes:
+        return b"#%x.%d%s" % (next(self._tmp_names), os.getpid(), suffix)
 
     def _cut_at_opaque(self, path: bytes, layers: list[Layer] | tuple[Layer, ...]) -> list[Layer]:
         """The layers that merge into directory *path*: stop below the first opaque one."""
@@ -445,8 +446,9 @@ class Union:
         return [n for b in names if not is_private_xattr(n := os.fsencode(b))]
 
 
-def _prepare_workdir(work: Path) -> int:
-    """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it."""
+def _prepare_workdir(work: Path, upper_fd: int) -> int:
+    """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it,
+    finishing the changes that left a note there first."""
     wfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with contextlib.suppress(FileExistsError):
@@ -458,6 +460,11 @@ def _prepare_workdir(work: Path) -> int:
         os.close(wfd)
     leftovers = os.listdir(fd_path(fd))
     for name in leftovers:
+        if name.endswith(markers.DROP_NOTE):
+            try:
+                markers.drop_noted_whiteout(fd, name, upper_fd)
+            except OSError as e:
+                log.warning("could not drop the whiteout noted by %r: %s", name, e)
         log.info("removing leftover %r from the workdir", name)
         discard(fd, name)
     markers.new_shared_whiteout(fd)
