@@ -1,5 +1,8 @@
 # unionfs — every target installs what it needs first.
 PYTHON  ?= python3
+# 3.17: libfuse 3.17 built from Debian trixie's source into .venv/libfuse (FUSE
+# passthrough), falling back to the system's with one message; system: Debian 12's 3.14.
+LIBFUSE ?= 3.17
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -18,6 +21,11 @@ system-deps:
 	pkg-config --exists fuse3 2>/dev/null || missing="$$missing libfuse3-dev pkg-config"; \
 	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	if [ "$(LIBFUSE)" = 3.17 ]; then \
+		command -v meson >/dev/null 2>&1 || missing="$$missing meson"; \
+		command -v ninja >/dev/null 2>&1 || missing="$$missing ninja-build"; \
+		command -v dpkg-source >/dev/null 2>&1 || missing="$$missing dpkg-dev"; \
+	fi; \
 	$(PYTHON) -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")))' \
 		|| missing="$$missing python3-dev"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -26,10 +34,8 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) | system-deps
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) tools/venv.sh tools/build-libfuse.sh | system-deps
+	PYTHON=$(PYTHON) tools/venv.sh $(VENV) $(LIBFUSE)
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
