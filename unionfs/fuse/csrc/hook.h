@@ -37,5 +37,10 @@ struct hook_feature {
 
 /* The features, in the order they wrap (listing.c, ...). */
 extern const struct hook_feature listing_feature;
+extern const struct hook_feature passthrough_feature; /* passthrough.c */
+extern const struct hook_feature killpriv_feature;    /* killpriv.c */
+
+/* The session pyfuse3 created through the hook (NULL before, or if it did not). */
+struct fuse_session *hook_session(void);
 
 #endif
