@@ -21,6 +21,7 @@ class Options:
     readonly: bool = False
     fsync: bool = True
     writeback: bool = False
+    passthrough: str = "auto"  # auto | on | off: FUSE passthrough (unionfs.fuse.passthrough)
     static_nlink: bool = False
     timeout: float | None = None
     uid_map: list[IdMap] = field(default_factory=list)
@@ -228,6 +229,11 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.fsync = _bool(key, need())
     elif key == "writeback":
         opts.writeback = _bool(key, need())
+    elif key == "passthrough":
+        mode = need()
+        if mode not in ("auto", "on", "off"):
+            raise UsageError(f"passthrough: expected auto, on or off, got {value!r}")
+        opts.passthrough = mode
     elif key == "static_nlink":
         opts.static_nlink = True
     elif key == "timeout":

@@ -51,3 +51,25 @@ def check_bound(hook: ModuleType | None) -> None:
 def listing_active(hook: ModuleType | None) -> bool:
     """Whether the kernel serves directories without opendir (after its INIT)."""
     return hook is not None and bool(hook.listing_active())
+
+
+def configure(hook: ModuleType | None, passthrough: bool, stack_depth: int, killpriv: bool) -> None:
+    """Before mounting: what to ask the kernel for in INIT (csrc/passthrough.c, killpriv.c)."""
+    if hook is None:
+        return
+    hook.configure_passthrough(passthrough, stack_depth)
+    hook.configure_killpriv(killpriv)
+
+
+def passthrough_state(hook: ModuleType | None) -> dict[str, bool]:
+    """``built`` (against libfuse >= 3.17), ``capable`` (the kernel offers it) and
+    ``active`` (negotiated); the last two are valid once the kernel's INIT arrived."""
+    if hook is None:
+        return {"built": False, "capable": False, "active": False}
+    state: dict[str, bool] = hook.passthrough_state()
+    return state
+
+
+def killpriv_active(hook: ModuleType | None) -> bool:
+    """Whether the kernel leaves dropping setuid/setgid to the daemon (KILLPRIV_V2)."""
+    return hook is not None and bool(hook.killpriv_active())

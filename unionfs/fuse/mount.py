@@ -18,11 +18,18 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from unionfs.errors import UsageError
 from unionfs.options import Options
 from unionfs.overlay.idmap import IdMapper, IdTable
 from unionfs.overlay.union import UnionConfig
+
+if TYPE_CHECKING:
+    import trio
+
+    from unionfs.fuse.operations import Operations
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ class Setup:
     mountpoint: Path
     fuse_options: set[str]
     lock_fds: list[int]
+    passthrough: str = "off"  # auto | on | off, as resolved for this mount (see _passthrough)
+    stack_depth: int = 0  # how deep backing files may be stacked (0: on a plain filesystem)
 
     def release(self) -> None:
         for fd in self.lock_fds:
@@ -152,6 +161,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     readonly = opts.readonly or upper is None
     if readonly:
         fuse.add("ro")
+    passthrough, depth = _passthrough(opts, [*lowers, *([upper] if upper is not None else [])])
     config = UnionConfig(
         lowers=lowers,
         upper=upper,
@@ -175,7 +185,44 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             ),
         ),
     )
-    return Setup(config, mnt, fuse, locks)
+    return Setup(config, mnt, fuse, locks, passthrough, depth)
+
+
+def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int]:
+    """The passthrough mode this mount can have, and the stacking depth it needs.
+
+    Registering backing files needs CAP_SYS_ADMIN, and the kernel does not pass
+    files through under its write-back cache. A backing file on a stacking
+    filesystem (a layer on overlayfs: the nested-container case) needs the mount
+    to declare one more level of stacking, after which no overlay can be mounted
+    over this one; ``auto`` keeps the mount stackable and turns passthrough off
+    there, ``on`` takes the deeper stack.
+    """
+    from unionfs.fuse.passthrough import stacked_layer
+
+    mode = opts.passthrough
+    if mode == "off":
+        return "off", 0
+    why = None
+    if opts.writeback:
+        why = "writeback=1 (the kernel does not pass files through under its write-back cache)"
+    elif os.geteuid() != 0:
+        why = "not running as root (backing files need CAP_SYS_ADMIN)"
+    if why is not None:
+        if mode == "on":
+            raise UsageError(f"passthrough=on: not possible with {why}")
+        log.info("passthrough off: %s", why)
+        return "off", 0
+    stacked = stacked_layer(list(layers))
+    if stacked is None:
+        return mode, 0
+    if mode == "on":
+        log.info("layer %s is on a stacked filesystem: nothing can stack over this mount", stacked)
+        return "on", 1
+    log.info(
+        "passthrough off: layer %s is on a stacked filesystem (passthrough=on allows it)", stacked
+    )
+    return "off", 0
 
 
 FUSE_DEVICE = os.makedev(10, 229)
@@ -228,6 +275,9 @@ def serve(
     from unionfs.fuse import hook
 
     fusehook = hook.load()  # before pyfuse3 is imported
+    hook.configure(
+        fusehook, setup.passthrough != "off", setup.stack_depth, killpriv=not setup.config.readonly
+    )
 
     import pyfuse3
     import trio
@@ -246,14 +296,14 @@ def serve(
     except OSError as e:
         raise UsageError(f"cannot open layers: {e}") from None
     try:
-        ops = Operations(union, fusehook)
+        ops = Operations(union, fusehook, setup.passthrough)
         try:
             pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
         hook.check_bound(fusehook)
         try:
-            trio.run(_run, ready)
+            trio.run(_run, ops, ready, lambda: _check_init(ops, setup.passthrough, fusehook))
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -263,15 +313,46 @@ def serve(
     return 0
 
 
-async def _run(ready: Callable[[], None]) -> None:
-    import pyfuse3
+def _check_init(ops: Operations, passthrough: str, fusehook: ModuleType | None) -> None:
+    """Once the kernel's INIT is handled: refuse a mount that lacks what was demanded."""
+    from unionfs.fuse import hook
+
+    if passthrough == "on" and not ops.passthrough.active:
+        state = hook.passthrough_state(fusehook)
+        if fusehook is None:
+            why = "the C hook is not loaded"
+        elif not state["built"]:
+            why = "unionfs was built against libfuse < 3.17 (make install LIBFUSE=3.17)"
+        elif not state["capable"]:
+            why = (
+                "the kernel does not offer it (it needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
+            )
+        else:
+            why = "it was not negotiated"
+        raise UsageError(f"passthrough=on: FUSE passthrough is not available: {why}")
+
+
+async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[[], None]) -> None:
+    """Serve requests; call *ready* once the kernel's INIT is handled and passes
+    *check_init* (the kernel sends INIT as soon as it mounts)."""
     import trio
 
+    initialized = trio.Event()
+    ops.on_init = initialized.set
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(_main, nursery.cancel_scope)
+        await initialized.wait()
+        check_init()
         ready()
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+
+
+async def _main(scope: trio.CancelScope) -> None:
+    """pyfuse3's request loop; when it ends (unmounted), so does everything else."""
+    import pyfuse3
+
+    await pyfuse3.main()
+    scope.cancel()
 
 
 async def _stop_on_signals() -> None:

@@ -29,8 +29,9 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
 from unionfs.fuse import hook
 from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
+from unionfs.fuse.passthrough import Passthrough
 from unionfs.overlay import namespace
-from unionfs.overlay.files import Change, Files
+from unionfs.overlay.files import Change, Files, wants_write
 from unionfs.overlay.idmap import IdMapper
 from unionfs.overlay.namespace import Caller
 from unionfs.overlay.nodes import Node
@@ -118,6 +119,24 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     )
 
 
+def _never() -> bool:
+    return False
+
+
+def _only_kills(fields: pyfuse3.SetattrFields) -> bool:
+    """A setattr that changes nothing: under KILLPRIV_V2 the kernel sends one when it
+    wants setuid/setgid dropped and has nothing to pass the wish on with (a write
+    through passthrough by a caller without CAP_FSETID, chown(-1, -1))."""
+    return not (
+        fields.update_size
+        or fields.update_mode
+        or fields.update_uid
+        or fields.update_gid
+        or fields.update_atime
+        or fields.update_mtime
+    )
+
+
 def _invalidate_data(ino: int) -> None:
     """Drop the kernel's cached pages of *ino* (for a directory: its cached listing)."""
     with contextlib.suppress(OSError):
@@ -133,12 +152,24 @@ def _invalidate_attrs(ino: int) -> None:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, union: Union, fusehook: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        union: Union,
+        fusehook: ModuleType | None = None,
+        passthrough: str = "off",
+    ) -> None:
         super().__init__()
         # Whether the kernel serves directories without opendir (csrc/listing.c):
         # asked once the kernel's INIT is handled; then READDIR carries the inode.
         self._hook = fusehook
         self._by_inode = False
+        # Whether the kernel leaves dropping setuid/setgid to us (csrc/killpriv.c),
+        # and then how to learn that the request being handled asks for it.
+        self._killpriv = False
+        self._request_kills: Callable[[], bool] = _never
+        # Which opens the kernel serves by itself (unionfs.fuse.passthrough).
+        self.passthrough = Passthrough(fusehook, passthrough, copy_up_possible=not union.readonly)
+        self.on_init: Callable[[], None] | None = None  # called once INIT is handled
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
         self.union = union
@@ -157,6 +188,25 @@ class Operations(pyfuse3.Operations):
             log.debug("directory listings are cached by the kernel (no opendir)")
         else:
             log.debug("directory listings go through opendir handles (listing hook not active)")
+        self._killpriv = hook.killpriv_active(self._hook)
+        if self._killpriv:
+            assert self._hook is not None
+            self._request_kills = self._hook.request_kills_suidgid
+        self.passthrough.start(hook.passthrough_state(self._hook)["active"])
+        log.debug(
+            "killpriv_v2 %s, passthrough %s",
+            "on" if self._killpriv else "off",
+            "on" if self.passthrough.active else "off",
+        )
+        if self.on_init is not None:
+            self.on_init()
+
+    def _kills_suidgid(self, ctx: RequestContext) -> bool:
+        """Whether this request's caller lacks CAP_FSETID, so a truncate or write drops
+        setuid/setgid. Must be asked before the handler's first await."""
+        if self._killpriv:
+            return self._request_kills()
+        return ctx.uid != 0  # without KILLPRIV_V2, asked only for O_TRUNC opens
 
     # -- helpers -------------------------------------------------------------
 
@@ -247,7 +297,9 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: RequestContext,
     ) -> EntryAttributes:
+        kill = self._killpriv and (self._request_kills() or _only_kills(fields))
         change = Change(
+            kill_suidgid=kill,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=self.ids.uids.stored(attr.st_uid) if fields.update_uid else None,
@@ -256,6 +308,8 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         node = self._node(inode)
+        if change.size is not None and self.passthrough.write_blocked(node):
+            raise FUSEError(errno.ETXTBSY)
         await self.files.setattr(node, change, fh)
         return self._entry(node)
 
@@ -342,8 +396,25 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        fh = await self.files.open(self._node(inode), flags, privileged=ctx.uid == 0)
-        return FileInfo(fh=fh, keep_cache=True)
+        kill = self._kills_suidgid(ctx)  # before any await: it describes this request
+        node = self._node(inode)
+        if wants_write(flags) and self.passthrough.write_blocked(node):
+            raise FUSEError(errno.ETXTBSY)
+        fd = await self.files.open(node, flags, kill_suidgid=kill)
+        return self._opened(node, fd, flags)
+
+    def _opened(self, node: Node, fd: int, flags: int) -> FileInfo:
+        """The reply to an open or create of *node* on its real *fd* (in ``node.layer``):
+        the handle, and whether the kernel serves it by itself (passthrough)."""
+        plan = self.passthrough.plan(node, node.layer, fd)
+        try:
+            fh = self.files.add(node, fd, flags, tag=plan.tag)
+        except BaseException:
+            self.passthrough.not_opened(node, plan)
+            os.close(fd)
+            raise
+        self.passthrough.opened(fh, node, plan)
+        return FileInfo(fh=fh, keep_cache=plan.keep_cache)
 
     @boundary
     async def create(
@@ -354,11 +425,11 @@ class Operations(pyfuse3.Operations):
             node, fd = await namespace.create_file(
                 self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
             )
-        fh = self.files.add(node, fd, flags)
+        info = self._opened(node, fd, flags)
         try:
-            return FileInfo(fh=fh, keep_cache=True), self._reply_entry(node)
+            return info, self._reply_entry(node)
         except BaseException:
-            self.files.release(fh)  # the kernel never learns of this open
+            self._release(info.fh)  # the kernel never learns of this open
             raise
 
     @boundary
@@ -369,11 +440,15 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.files.write(fh, off, buf)
+        return self.files.write(fh, off, buf, self._killpriv and self._request_kills())
 
     @boundary
     async def release(self, fh: int) -> None:
+        self._release(fh)
+
+    def _release(self, fh: int) -> None:
         self.files.release(fh)
+        self.passthrough.released(fh)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

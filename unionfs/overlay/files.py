@@ -41,15 +41,22 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     return flags
 
 
+def without_setid(mode: int) -> int:
+    """*mode* without setuid, and without setgid when group-exec is set: what the VFS
+    keeps after a write or truncate by a caller without CAP_FSETID."""
+    new = mode & ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        new &= ~stat.S_ISGID
+    return new
+
+
 def kill_setid(fd: int) -> bool:
     """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate.
 
     Returns whether the mode changed.
     """
     mode = os.fstat(fd).st_mode
-    new = mode & ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        new &= ~stat.S_ISGID
+    new = without_setid(mode)
     if new == mode:
         return False
     os.fchmod(fd, stat.S_IMODE(new))
@@ -66,6 +73,11 @@ class Change:
     gid: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    # Drop setuid, and setgid with group-exec, after the changes: the kernel asks for
+    # that under KILLPRIV_V2 with a truncate by a caller without CAP_FSETID, and with
+    # an otherwise empty setattr before such a caller's write through passthrough
+    # (a chown drops them by itself).
+    kill_suidgid: bool = False
 
 
 class Files:
@@ -78,18 +90,22 @@ class Files:
 
     # -- open and close ------------------------------------------------------
 
-    async def open(self, node: Node, flags: int, privileged: bool = True) -> int:
-        """Open *node*; *privileged* callers (CAP_FSETID) keep setuid bits on O_TRUNC."""
+    async def open(self, node: Node, flags: int, kill_suidgid: bool = False) -> int:
+        """Open *node*'s real file as the kernel asks, copying it up first when *flags*
+        write; returns the real fd (see ``add``). The fd is in ``node.layer`` as it is
+        on return (nothing awaits after the open).
+
+        *kill_suidgid*: the caller lacks CAP_FSETID, so an O_TRUNC open drops the
+        setuid/setgid bits as truncate(2) would (the kernel leaves that to us).
+        """
         if wants_write(flags):
             if self.union.readonly:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
         fd = self._open_for_kernel(node, flags)
-        # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
-        # filesystem to drop the privilege bits, as truncate(2) would.
-        if flags & os.O_TRUNC and not privileged and kill_setid(fd):
+        if flags & os.O_TRUNC and kill_suidgid and kill_setid(fd):
             self.union.attr_changed(node)
-        return self.add(node, fd, flags)
+        return fd
 
     def _open_real(self, node: Node, flags: int) -> int:
         return self.union.open_real(node, flags & ~_DROP_FLAGS)
@@ -103,8 +119,14 @@ class Files:
                 pass  # no CAP_DAC_OVERRIDE over this file: a partial-page write may fail
         return self._open_real(node, flags)
 
-    def add(self, node: Node, fd: int, flags: int) -> int:
-        fh = next(self._next_fh)
+    def add(self, node: Node, fd: int, flags: int, tag: int = 0) -> int:
+        """Register an open of *node* on its real *fd*; returns the file handle.
+
+        The handle's low 32 bits number it; *tag* goes into its high 32 bits (the
+        FUSE adapter carries a passthrough backing id there)."""
+        fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
+        while fh in self.handles:  # only after 2**32 opens, with an old one still open
+            fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
         f = OpenFile(fd, node, node.layer, flags & ~(_DROP_FLAGS | os.O_TRUNC))
         self.handles[fh] = f
         self.union.table.hold(node)
@@ -150,8 +172,14 @@ class Files:
                 os.close(fd)
         return memoryview(buf)[:n]
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
-        return os.pwrite(self._fd(fh), data, off)
+    def write(self, fh: int, off: int, data: bytes, kill_suidgid: bool = False) -> int:
+        """pwrite; *kill_suidgid*: the writer lacks CAP_FSETID, so setuid/setgid go
+        first, as on a local filesystem (security.capability goes by itself: the
+        upper's filesystem drops it on any write)."""
+        f = self.handles[fh]
+        if kill_suidgid and kill_setid(f.fd):
+            self.union.attr_changed(f.node)
+        return os.pwrite(f.fd, data, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """In a worker thread: a slow disk must not hold up every other request. On a
@@ -193,6 +221,8 @@ class Files:
         if node.unlinked:
             self._setattr_open(node, change)
             return
+        if change.kill_suidgid and node.kind == stat.S_IFREG:
+            self._kill_setid(node, fh)
         # The root has no parent: reach it through its own fd (following that
         # magic link is safe, it is the directory itself). Anything else is
         # named in its parent and never followed.
@@ -213,12 +243,23 @@ class Files:
                 mtime = st.st_mtime_ns if mtime is None else mtime
             os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
 
+    def _kill_setid(self, node: Node, fh: int | None) -> None:
+        if fh is not None and fh in self.handles:
+            kill_setid(self._fd(fh))
+            return
+        path, follow = self.union.real_path(node)
+        mode = os.stat(path, follow_symlinks=follow).st_mode
+        if without_setid(mode) != mode:
+            os.chmod(path, stat.S_IMODE(without_setid(mode)), follow_symlinks=follow)
+
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
         files = self.union.open_files.get(node.ino)
         if not files:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         fd = files[0].fd
+        if change.kill_suidgid and node.kind == stat.S_IFREG:
+            kill_setid(fd)
         if change.uid is not None or change.gid is not None:
             os.fchown(
                 fd,
