@@ -46,6 +46,7 @@ class Setup:
     lock_fds: list[int]
     passthrough: str = "off"  # auto | on | off, as resolved for this mount (see _passthrough)
     stack_depth: int = 0  # how deep backing files may be stacked (0: on a plain filesystem)
+    passthrough_note: str = ""  # why passthrough is off or limited, logged once serving
 
     def release(self) -> None:
         for fd in self.lock_fds:
@@ -161,7 +162,9 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     readonly = opts.readonly or upper is None
     if readonly:
         fuse.add("ro")
-    passthrough, depth = _passthrough(opts, [*lowers, *([upper] if upper is not None else [])])
+    passthrough, depth, note = _passthrough(
+        opts, [*lowers, *([upper] if upper is not None else [])]
+    )
     config = UnionConfig(
         lowers=lowers,
         upper=upper,
@@ -185,11 +188,12 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             ),
         ),
     )
-    return Setup(config, mnt, fuse, locks, passthrough, depth)
+    return Setup(config, mnt, fuse, locks, passthrough, depth, note)
 
 
-def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int]:
-    """The passthrough mode this mount can have, and the stacking depth it needs.
+def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int, str]:
+    """The passthrough mode this mount can have, the stacking depth it needs, and
+    what to log about it.
 
     Registering backing files needs CAP_SYS_ADMIN, and the kernel does not pass
     files through under its write-back cache. A backing file on a stacking
@@ -202,7 +206,7 @@ def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int]:
 
     mode = opts.passthrough
     if mode == "off":
-        return "off", 0
+        return "off", 0, ""
     why = None
     if opts.writeback:
         why = "writeback=1 (the kernel does not pass files through under its write-back cache)"
@@ -211,18 +215,17 @@ def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int]:
     if why is not None:
         if mode == "on":
             raise UsageError(f"passthrough=on: not possible with {why}")
-        log.info("passthrough off: %s", why)
-        return "off", 0
+        return "off", 0, f"passthrough off: {why}"
     stacked = stacked_layer(list(layers))
     if stacked is None:
-        return mode, 0
+        return mode, 0, ""
     if mode == "on":
-        log.info("layer %s is on a stacked filesystem: nothing can stack over this mount", stacked)
-        return "on", 1
-    log.info(
-        "passthrough off: layer %s is on a stacked filesystem (passthrough=on allows it)", stacked
-    )
-    return "off", 0
+        return (
+            "on",
+            1,
+            f"layer {stacked} is on a stacked filesystem: nothing can stack over this mount",
+        )
+    return "off", 0, f"passthrough off: layer {stacked} is on a stacked filesystem (on allows it)"
 
 
 FUSE_DEVICE = os.makedev(10, 229)
@@ -275,6 +278,8 @@ def serve(
     from unionfs.fuse import hook
 
     fusehook = hook.load()  # before pyfuse3 is imported
+    if setup.passthrough_note:
+        log.info("%s", setup.passthrough_note)
     hook.configure(
         fusehook, setup.passthrough != "off", setup.stack_depth, killpriv=not setup.config.readonly
     )

@@ -31,7 +31,7 @@ from unionfs.fuse import hook
 from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
 from unionfs.fuse.passthrough import Passthrough
 from unionfs.overlay import namespace
-from unionfs.overlay.files import Change, Files, wants_write
+from unionfs.overlay.files import Change, Files, Kill, wants_write
 from unionfs.overlay.idmap import IdMapper
 from unionfs.overlay.namespace import Caller
 from unionfs.overlay.nodes import Node
@@ -119,8 +119,8 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     )
 
 
-def _never() -> bool:
-    return False
+def _no_kill() -> None:
+    return None
 
 
 def _only_kills(fields: pyfuse3.SetattrFields) -> bool:
@@ -166,7 +166,7 @@ class Operations(pyfuse3.Operations):
         # Whether the kernel leaves dropping setuid/setgid to us (csrc/killpriv.c),
         # and then how to learn that the request being handled asks for it.
         self._killpriv = False
-        self._request_kills: Callable[[], bool] = _never
+        self._request_kill: Callable[[], tuple[int, int] | None] = _no_kill
         # Which opens the kernel serves by itself (unionfs.fuse.passthrough).
         self.passthrough = Passthrough(fusehook, passthrough, copy_up_possible=not union.readonly)
         self.on_init: Callable[[], None] | None = None  # called once INIT is handled
@@ -191,7 +191,7 @@ class Operations(pyfuse3.Operations):
         self._killpriv = hook.killpriv_active(self._hook)
         if self._killpriv:
             assert self._hook is not None
-            self._request_kills = self._hook.request_kills_suidgid
+            self._request_kill = self._hook.request_kill
         self.passthrough.start(hook.passthrough_state(self._hook)["active"])
         log.debug(
             "killpriv_v2 %s, passthrough %s",
@@ -201,12 +201,33 @@ class Operations(pyfuse3.Operations):
         if self.on_init is not None:
             self.on_init()
 
-    def _kills_suidgid(self, ctx: RequestContext) -> bool:
-        """Whether this request's caller lacks CAP_FSETID, so a truncate or write drops
-        setuid/setgid. Must be asked before the handler's first await."""
+    def _kill(self, ctx: RequestContext | None = None) -> Kill | None:
+        """The privilege bits this request's truncate or write must drop: the kernel
+        says so under KILLPRIV_V2 (a caller without CAP_FSETID); without it, an
+        O_TRUNC open by a caller other than root. Ask before the handler's first await.
+        """
         if self._killpriv:
-            return self._request_kills()
-        return ctx.uid != 0  # without KILLPRIV_V2, asked only for O_TRUNC opens
+            sender = self._request_kill()
+            return None if sender is None else self._kill_by(*sender)
+        if ctx is not None and ctx.uid != 0:
+            return self._kill_by(ctx.gid, ctx.pid)
+        return None
+
+    def _kill_by(self, gid: int, pid: int, root: bool = False) -> Kill:
+        """A kill by the caller with *gid* and *pid*: setgid without group-exec goes
+        only if that caller is not in the file's group (and is not root)."""
+        ids = self.ids
+
+        def in_group(file_gid: int) -> bool:
+            if root:
+                return True
+            try:
+                groups = {gid, *pyfuse3.get_sup_groups(pid)}
+            except OSError:
+                groups = {gid}  # the caller is gone: count only its own group
+            return file_gid in {ids.gids.stored_or_overflow(g) for g in groups}
+
+        return Kill(in_group)
 
     # -- helpers -------------------------------------------------------------
 
@@ -297,9 +318,11 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: RequestContext,
     ) -> EntryAttributes:
-        kill = self._killpriv and (self._request_kills() or _only_kills(fields))
+        kill = self._kill() if self._killpriv else None  # before any await
+        if kill is None and self._killpriv and _only_kills(fields):
+            kill = self._kill_by(ctx.gid, ctx.pid, root=ctx.uid == 0)
         change = Change(
-            kill_suidgid=kill,
+            kill=kill,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=self.ids.uids.stored(attr.st_uid) if fields.update_uid else None,
@@ -396,11 +419,11 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        kill = self._kills_suidgid(ctx)  # before any await: it describes this request
+        kill = self._kill(ctx)  # before any await: it describes this request
         node = self._node(inode)
         if wants_write(flags) and self.passthrough.write_blocked(node):
             raise FUSEError(errno.ETXTBSY)
-        fd = await self.files.open(node, flags, kill_suidgid=kill)
+        fd = await self.files.open(node, flags, kill=kill)
         return self._opened(node, fd, flags)
 
     def _opened(self, node: Node, fd: int, flags: int) -> FileInfo:
@@ -440,7 +463,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.files.write(fh, off, buf, self._killpriv and self._request_kills())
+        return self.files.write(fh, off, buf, self._kill() if self._killpriv else None)
 
     @boundary
     async def release(self, fh: int) -> None:

@@ -12,6 +12,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -41,23 +42,30 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     return flags
 
 
-def without_setid(mode: int) -> int:
-    """*mode* without setuid, and without setgid when group-exec is set: what the VFS
-    keeps after a write or truncate by a caller without CAP_FSETID."""
-    new = mode & ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        new &= ~stat.S_ISGID
-    return new
+def _in_every_group(gid: int) -> bool:
+    return True
 
 
-def kill_setid(fd: int) -> bool:
-    """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate.
+@dataclass(frozen=True)
+class Kill:
+    """A write or truncate by a caller without CAP_FSETID, which drops privilege bits
+    as the VFS does: setuid always; setgid when group-exec is set, or when the caller
+    is not in the file's group (*in_group*, given the file's stored gid)."""
 
-    Returns whether the mode changed.
-    """
-    mode = os.fstat(fd).st_mode
-    new = without_setid(mode)
-    if new == mode:
+    in_group: Callable[[int], bool] = _in_every_group
+
+    def mode_after(self, mode: int, gid: int) -> int:
+        new = mode & ~stat.S_ISUID
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not self.in_group(gid)):
+            new &= ~stat.S_ISGID
+        return new
+
+
+def kill_setid(fd: int, kill: Kill) -> bool:
+    """Drop what *kill* drops from the open file's mode; returns whether it changed."""
+    st = os.fstat(fd)
+    new = kill.mode_after(st.st_mode, st.st_gid)
+    if new == st.st_mode:
         return False
     os.fchmod(fd, stat.S_IMODE(new))
     return True
@@ -73,11 +81,11 @@ class Change:
     gid: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
-    # Drop setuid, and setgid with group-exec, after the changes: the kernel asks for
-    # that under KILLPRIV_V2 with a truncate by a caller without CAP_FSETID, and with
-    # an otherwise empty setattr before such a caller's write through passthrough
-    # (a chown drops them by itself).
-    kill_suidgid: bool = False
+    # Drop privilege bits after the changes: the kernel asks for that under
+    # KILLPRIV_V2 with a truncate by a caller without CAP_FSETID, and with an
+    # otherwise empty setattr before such a caller's write through passthrough (a
+    # chown drops them by itself).
+    kill: Kill | None = None
 
 
 class Files:
@@ -90,20 +98,20 @@ class Files:
 
     # -- open and close ------------------------------------------------------
 
-    async def open(self, node: Node, flags: int, kill_suidgid: bool = False) -> int:
+    async def open(self, node: Node, flags: int, kill: Kill | None = None) -> int:
         """Open *node*'s real file as the kernel asks, copying it up first when *flags*
         write; returns the real fd (see ``add``). The fd is in ``node.layer`` as it is
         on return (nothing awaits after the open).
 
-        *kill_suidgid*: the caller lacks CAP_FSETID, so an O_TRUNC open drops the
-        setuid/setgid bits as truncate(2) would (the kernel leaves that to us).
+        *kill*: the caller lacks CAP_FSETID, so an O_TRUNC open drops privilege bits
+        as truncate(2) would (the kernel leaves that to us).
         """
         if wants_write(flags):
             if self.union.readonly:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
         fd = self._open_for_kernel(node, flags)
-        if flags & os.O_TRUNC and kill_suidgid and kill_setid(fd):
+        if flags & os.O_TRUNC and kill is not None and kill_setid(fd, kill):
             self.union.attr_changed(node)
         return fd
 
@@ -172,12 +180,12 @@ class Files:
                 os.close(fd)
         return memoryview(buf)[:n]
 
-    def write(self, fh: int, off: int, data: bytes, kill_suidgid: bool = False) -> int:
-        """pwrite; *kill_suidgid*: the writer lacks CAP_FSETID, so setuid/setgid go
-        first, as on a local filesystem (security.capability goes by itself: the
-        upper's filesystem drops it on any write)."""
+    def write(self, fh: int, off: int, data: bytes, kill: Kill | None = None) -> int:
+        """pwrite; *kill*: the writer lacks CAP_FSETID, so privilege bits go first, as
+        on a local filesystem (security.capability goes by itself: the upper's
+        filesystem drops it on any write)."""
         f = self.handles[fh]
-        if kill_suidgid and kill_setid(f.fd):
+        if kill is not None and kill_setid(f.fd, kill):
             self.union.attr_changed(f.node)
         return os.pwrite(f.fd, data, off)
 
@@ -221,8 +229,8 @@ class Files:
         if node.unlinked:
             self._setattr_open(node, change)
             return
-        if change.kill_suidgid and node.kind == stat.S_IFREG:
-            self._kill_setid(node, fh)
+        if change.kill is not None and node.kind == stat.S_IFREG:
+            self._kill_setid(node, fh, change.kill)
         # The root has no parent: reach it through its own fd (following that
         # magic link is safe, it is the directory itself). Anything else is
         # named in its parent and never followed.
@@ -243,14 +251,15 @@ class Files:
                 mtime = st.st_mtime_ns if mtime is None else mtime
             os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
 
-    def _kill_setid(self, node: Node, fh: int | None) -> None:
+    def _kill_setid(self, node: Node, fh: int | None, kill: Kill) -> None:
         if fh is not None and fh in self.handles:
-            kill_setid(self._fd(fh))
+            kill_setid(self._fd(fh), kill)
             return
         path, follow = self.union.real_path(node)
-        mode = os.stat(path, follow_symlinks=follow).st_mode
-        if without_setid(mode) != mode:
-            os.chmod(path, stat.S_IMODE(without_setid(mode)), follow_symlinks=follow)
+        st = os.stat(path, follow_symlinks=follow)
+        new = kill.mode_after(st.st_mode, st.st_gid)
+        if new != st.st_mode:
+            os.chmod(path, stat.S_IMODE(new), follow_symlinks=follow)
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
@@ -258,8 +267,8 @@ class Files:
         if not files:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         fd = files[0].fd
-        if change.kill_suidgid and node.kind == stat.S_IFREG:
-            kill_setid(fd)
+        if change.kill is not None and node.kind == stat.S_IFREG:
+            kill_setid(fd, change.kill)
         if change.uid is not None or change.gid is not None:
             os.fchown(
                 fd,

@@ -18,7 +18,7 @@
  * libfuse dispatches the request. pyfuse3 then runs the handler up to its
  * first real suspension point in the same task, before it reads the next
  * request: the handler must ask for the flag right at its start
- * (request_kills_suidgid). For that, requests must arrive in memory, not in a
+ * (request_kill). For that, requests must arrive in memory, not in a
  * splice pipe, so FUSE_CAP_SPLICE_READ is turned off (pyfuse3 copies every
  * write into a bytes object anyway, so splicing only cost a second syscall).
  *
@@ -37,6 +37,7 @@ typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 static int wanted;           /* configure_killpriv(True) before the mount */
 static int active;           /* negotiated in INIT */
 static int last_kill;        /* the request being dispatched asks for the kill */
+static uint32_t last_gid, last_pid; /* and who sent it */
 static process_buf_fn next_process_buf;
 
 #ifdef FUSE_CAP_HANDLE_KILLPRIV_V2
@@ -103,6 +104,11 @@ void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
                                                                     "fuse_session_process_buf"));
     }
     last_kill = active && kills_suidgid(buf);
+    if (last_kill) {
+        const struct fuse_in_header *in = buf->mem;
+        last_gid = in->gid;
+        last_pid = in->pid;
+    }
     next_process_buf(se, buf);
 }
 
@@ -123,11 +129,13 @@ static PyObject *killpriv_active(PyObject *self, PyObject *unused)
     return PyBool_FromLong(active);
 }
 
-static PyObject *request_kills_suidgid(PyObject *self, PyObject *unused)
+static PyObject *request_kill(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyBool_FromLong(last_kill);
+    if (!last_kill)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(II)", (unsigned)last_gid, (unsigned)last_pid);
 }
 
 static PyMethodDef methods[] = {
@@ -135,9 +143,9 @@ static PyMethodDef methods[] = {
      "Ask for FUSE_HANDLE_KILLPRIV_V2 in INIT (call before mounting)."},
     {"killpriv_active", killpriv_active, METH_NOARGS,
      "Whether the kernel agreed to KILLPRIV_V2 (valid once its INIT arrived)."},
-    {"request_kills_suidgid", request_kills_suidgid, METH_NOARGS,
-     "Whether the request being handled asks the daemon to drop setuid/setgid (ask at the "
-     "handler's start, before any await)."},
+    {"request_kill", request_kill, METH_NOARGS,
+     "None, or (gid, pid) of the caller when the request being handled asks the daemon to "
+     "drop setuid/setgid (ask at the handler's start, before any await)."},
     {NULL, NULL, 0, NULL},
 };
 
