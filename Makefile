@@ -12,7 +12,7 @@ SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
 
-.PHONY: install system-deps test test-unit test-engines demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-unit test-user test-engines demo lint conformance bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -43,18 +43,25 @@ install: system-deps $(STAMP)
 # Lint, the whole suite, the real-mount tests again with the C hook disabled (its
 # fallback must keep working), then the container engines.
 test: install lint
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench \
+		--ignore=tests/user
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
-		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user
+	$(MAKE) test-user
 	$(MAKE) test-engines
+
+# The unit tier and the unprivileged real-mount tests, as an ordinary user.
+test-user:
+	bash tests/user/run.sh
 
 # Real container engines (podman/buildah) driving unionfs as their mount_program.
 test-engines: install
 	bash tests/engines/install-deps.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests/engines
 
+# The core on plain directories: no mount, no root, a few seconds.
 test-unit: install
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 demo: install
 	$(PY) examples/demo.py

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.mounting import UnionMount, kernel_overlay, start_unionfs
+from tests.mounting import UnionMount, kernel_overlay, lazy_unmount, start_unionfs
 
 
 def _fuse_usable() -> bool:
@@ -39,7 +38,7 @@ def _no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
     with open("/proc/self/mounts") as f:
         left = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
     for mnt in reversed(left):
-        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+        lazy_unmount(mnt)
     assert not left, f"test left mounts behind: {left}"
 
 

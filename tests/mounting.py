@@ -39,7 +39,9 @@ def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
 
 
 def lazy_unmount(mountpoint: str | os.PathLike[str]) -> None:
-    subprocess.run(["umount", "-l", os.fspath(mountpoint)], capture_output=True, check=False)
+    """Detach a mount that may hang; an ordinary user does it through fusermount3."""
+    cmd = ["umount", "-l"] if os.geteuid() == 0 else ["fusermount3", "-u", "-z"]
+    subprocess.run([*cmd, os.fspath(mountpoint)], capture_output=True, check=False)
 
 
 def escape_path(path: str | os.PathLike[str]) -> str:
@@ -79,18 +81,24 @@ class UnionMount:
         except FileNotFoundError:
             return ""
 
-    def unmount(self, timeout: float = 20.0) -> int:
+    def unmount(self, timeout: float = 60.0) -> int:
         """Unmount and wait for the daemon; returns its exit status.
 
-        Falls back to a lazy unmount and SIGKILL of our own daemon if the
-        clean path does not finish in *timeout* seconds.
+        An unmount refused as busy is tried again: a process that just closed
+        its last file there may not have been reaped yet. Falls back to a lazy
+        unmount and SIGKILL of our own daemon if the clean path does not finish
+        in *timeout* seconds (a hang, not a slow machine).
         """
-        if self.proc.poll() is None and mount_type(self.mountpoint):
-            subprocess.run(
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and mount_type(self.mountpoint):
+            res = subprocess.run(
                 ["fusermount3", "-u", os.fspath(self.mountpoint)], capture_output=True, check=False
             )
+            if res.returncode == 0 or b"busy" not in res.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
         except subprocess.TimeoutExpired:
             self.kill()
             return -signal.SIGKILL

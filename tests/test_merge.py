@@ -203,3 +203,12 @@ def test_oci_whiteout_files_in_lower_layers_are_honoured(stack: Stack, mounted) 
     os.unlink(m / "kept")  # and deletes still write the kernel format
     st = os.lstat(stack.upper / "kept")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_mkdir_over_an_oci_deleted_directory_is_empty(stack: Stack, mounted) -> None:
+    (stack.lowers[1] / "d").mkdir()
+    write(stack.lowers[1] / "d" / "secret")
+    write(stack.lowers[0] / ".wh.d")
+    mounted()
+    os.mkdir(stack.mnt / "d")
+    assert os.listdir(stack.mnt / "d") == []

@@ -305,3 +305,15 @@ def test_an_exception_in_forget_is_logged_and_the_mount_goes_on(stack: Stack, mo
     assert "injected fault on forget" in um.log()
     assert um.proc.poll() is None
     assert (stack.mnt / "f0").read_bytes() == b"ok"
+
+
+def test_ro_with_an_upper_shows_the_upper_and_refuses_writes(stack: Stack, mounted) -> None:
+    write(stack.lowers[0] / "below", b"lower")
+    write(stack.upper / "changed", b"upper")
+    os.mknod(stack.upper / "below", stat.S_IFCHR, 0)
+    mounted(extra_options="ro")
+    assert sorted(os.listdir(stack.mnt)) == ["changed"]
+    with pytest.raises(OSError) as e:
+        write(stack.mnt / "new")
+    assert e.value.errno == errno.EROFS
+    assert os.statvfs(stack.mnt).f_flag & os.ST_RDONLY

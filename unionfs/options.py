@@ -23,6 +23,7 @@ class Options:
     writeback: bool = False
     passthrough: str = "auto"  # auto | on | off: FUSE passthrough (unionfs.fuse.passthrough)
     static_nlink: bool = False
+    userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
     uid_map: list[IdMap] = field(default_factory=list)
     gid_map: list[IdMap] = field(default_factory=list)
@@ -92,7 +93,6 @@ NO_OP_VALUES = {
     "max_read",
     "blksize",
     "noxattrs",
-    "userxattr",
     "nfs_export",
     "uuid",
 }
@@ -236,6 +236,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.passthrough = mode
     elif key == "static_nlink":
         opts.static_nlink = True
+    elif key == "userxattr" and value is None:
+        opts.userxattr = True
     elif key == "timeout":
         try:
             opts.timeout = float(need())

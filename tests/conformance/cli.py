@@ -15,6 +15,7 @@ import time
 
 from tests.conformance.compare import Divergence
 from tests.conformance.exclusions import EXCLUSIONS
+from tests.conformance.mounts import KINDS
 from tests.conformance.runner import DEFAULT_OPS, Case, Outcome, make_case, run_case
 from tests.conformance.shrink import shrink
 
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{ex.name}: {ex.reason}")
         return 0
     kinds_t = tuple(args.sides.split(","))
-    if len(kinds_t) != 2 or not set(kinds_t) <= {"kernel", "unionfs"}:
-        ap.error("--sides takes two of kernel,unionfs")
+    if len(kinds_t) != 2 or not set(kinds_t) <= set(KINDS):
+        ap.error(f"--sides takes two of {','.join(KINDS)}")
     kinds: tuple[str, str] = (kinds_t[0], kinds_t[1])
     seeds = (
         [args.case_seed]

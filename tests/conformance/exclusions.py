@@ -190,6 +190,47 @@ def _lower_hardlink_copy_up(d: Divergence, spec: LayerSpec, history: History) ->
     return any(d.paths <= group for group in spec.lower_hardlink_groups())
 
 
+def _lower_file_at(path: bytes, spec: LayerSpec) -> bool:
+    """Whether a lower layer provides a non-directory at *path* (the topmost one wins)."""
+    for layer in spec.lowers:
+        for e in layer:
+            if e.path == path:
+                return e.kind not in ("dir", "whiteout")
+    return False
+
+
+def _linked_lower_files(spec: LayerSpec, history: History) -> list[set[bytes]]:
+    """Names of each lower file that ``link`` gave more names (which copies it up),
+    followed through later links and renames of any of its names."""
+    families: list[set[bytes]] = []
+    upper = {e.path for e in spec.upper}
+    for op, ra, rb in history:
+        if not (isinstance(ra, tuple) and ra[0] == "ok" and ra == rb):
+            continue
+        if op.name == "link":
+            src, dst = op.args[0], op.args[1]
+            family = next((f for f in families if src in f), None)
+            if family is None and _lower_file_at(src, spec) and src not in upper:
+                family = {src}
+                families.append(family)
+            if family is not None:
+                family.add(dst)
+        elif op.name == "rename":
+            src, dst = op.args[0], op.args[1]
+            for family in families:
+                if src in family:
+                    family.add(dst)
+    return families
+
+
+def _userns_names_of_a_linked_lower_file(d: Divergence, spec: LayerSpec, history: History) -> bool:
+    """In the unprivileged mode only: a hard-link group whose names all belong to one
+    lower file that links copied up."""
+    if os.geteuid() == 0 or d.kind != "ino:hardlink" or not d.paths:
+        return False
+    return any(d.paths <= family for family in _linked_lower_files(spec, history))
+
+
 EXCLUSIONS: tuple[Exclusion, ...] = (
     Exclusion(
         name="lower-hardlink-st_ino",
@@ -256,6 +297,20 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             "Limited to the mtime of a parent of such a failed rename."
         ),
         applies=_parent_touched_by_failed_rename,
+    ),
+    Exclusion(
+        name="userns-link-of-copied-up-file-st_ino",
+        reason=(
+            "Unprivileged mode only (kernel mounted with userxattr in a user namespace): the "
+            "kernel cannot record a copied-up file's origin there (it writes an empty "
+            "user.overlay.origin), so a new hard link made to a lower file shows the upper "
+            "inode's number while the name it was copied up through keeps the lower one as "
+            "long as it is cached (both show the upper's after a remount), so the names of one "
+            "file fall into groups by how each was reached. unionfs shows one st_ino for every "
+            "name of the file. Limited to hard-link groups whose names all belong to one file "
+            "that a lower layer provided and link ops gave more names, in the unprivileged mode."
+        ),
+        applies=_userns_names_of_a_linked_lower_file,
     ),
 )
 

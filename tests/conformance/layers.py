@@ -286,10 +286,10 @@ def build_layer(entries: list[Entry], root: bytes) -> None:
         if e.kind in ("hardlink", "whiteout"):
             continue
         os.chown(p, *e.owner, follow_symlinks=False)
+        for name, value in e.xattrs.items():  # before the mode: a 0444 file refuses user.*
+            os.setxattr(p, name, value, follow_symlinks=False)
         if e.kind != "symlink":
             os.chmod(p, e.mode)
-        for name, value in e.xattrs.items():
-            os.setxattr(p, name, value, follow_symlinks=False)
     for e in reversed(entries):
         if e.kind != "hardlink":
             _set_times(os.path.join(root, e.path), e.mtime_ns)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.mounting import UnionMount, lazy_unmount, mount_type, overlay_options, start_unionfs
 
-KINDS = ("kernel", "unionfs")
+# userns-kernel: the kernel overlay with userxattr, mounted by an ordinary user in
+# a user namespace of the side's worker (tests/conformance/userns.py).
+KINDS = ("kernel", "unionfs", "userns-kernel")
 
 
 class MountError(Exception):
@@ -30,9 +33,16 @@ class Side:
         self.mnt = mnt
         self.daemon: UnionMount | None = None
         self.mounted = False
+        # Run by the side's worker before anything else (the worker mounts it).
+        self.worker_setup: Callable[[], None] | None = None
         low = [os.fsdecode(p) for p in lowers]
         up = os.fsdecode(upper) if upper else None
         wk = os.fsdecode(work) if work else None
+        if kind == "userns-kernel":
+            from tests.conformance.userns import kernel_mount_in_userns
+
+            self.worker_setup = kernel_mount_in_userns(lowers, upper, work, mnt)
+            return  # mounted by the worker; unmounted when the worker's namespace dies
         if kind == "kernel":
             res = subprocess.run(
                 [
@@ -50,6 +60,10 @@ class Side:
             if res.returncode != 0:
                 raise MountError(f"kernel mount failed: {res.stderr.decode(errors='replace')}")
         else:
+            if os.geteuid() != 0:  # the unprivileged mode: callers as on the kernel side
+                from tests.conformance.userns import caller_in_userns
+
+                self.worker_setup = caller_in_userns
             try:
                 self.daemon = start_unionfs(
                     low, os.fsdecode(mnt), up, wk, log_path=os.fsdecode(mnt) + ".log"

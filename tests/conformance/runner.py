@@ -23,7 +23,8 @@ from tests.conformance import exclusions, layers, snapshot
 from tests.conformance.compare import Clock, Divergence, diff_inodes, diff_trees, norm_result
 from tests.conformance.mounts import MountError, Side
 from tests.conformance.ops import Op, generate_ops
-from tests.conformance.worker import Hang, Worker
+from tests.conformance.userns import unprivileged
+from tests.conformance.worker import Hang, Worker, WorkerSetupError
 
 DEFAULT_OPS = 25
 
@@ -120,7 +121,11 @@ class _Run:
             self.fail(f"mount {name}", [Divergence("mount", name, str(e)[:500])])
             return None
         self.sides[name] = side
-        self.workers[name] = Worker(mnt, self.timeout)
+        try:
+            self.workers[name] = Worker(mnt, self.timeout, side.worker_setup)
+        except WorkerSetupError as e:
+            self.fail(f"mount {name}", [Divergence("mount", name, str(e)[:500])])
+            return None
         return side
 
     def hang(self, stage: str, name: str, err: Hang) -> None:
@@ -295,6 +300,8 @@ def run_case(
             (e.g. to stop the daemon and provoke a hang).
     """
     notes: list[str] = []
+    if os.geteuid() != 0:  # the unprivileged mode: layers as an ordinary user builds them
+        case = Case(unprivileged(case.spec), case.ops, case.seed)
     if "unionfs" in kinds:
         case, notes = exclusions.drop_unsupported(case)
     r = _Run(case, kinds, timeout, post, tamper, before_op)

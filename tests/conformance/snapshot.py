@@ -9,8 +9,9 @@ Three flavours:
 * ``mount``: a merged view; every xattr the mount lists is recorded, so a
   leaked ``trusted.overlay.*`` name would show up as a divergence.
 * ``upper``: an upper directory after unmount; whiteouts appear as char 0/0,
-  and the only ``trusted.*`` xattr kept is the opaque marker - origin/impure
-  are kernel bookkeeping (file handles that differ between any two copies).
+  and the only overlay xattr kept (``trusted.overlay.*``, or ``user.overlay.*``
+  in the unprivileged mode) is the opaque marker - origin/impure are kernel
+  bookkeeping (file handles that differ between any two copies).
   Hole maps of regular files are recorded (sparse copy-up).
 * ``raw``: a lower layer, for the byte-for-byte "unchanged" check; includes
   ctime and inode numbers, which any modification would move.
@@ -27,6 +28,7 @@ from typing import Any
 Snapshot = dict[bytes, dict[str, Any]]
 SEEK_DATA, SEEK_HOLE = 3, 4
 OPAQUE = b"trusted.overlay.opaque"
+USER_OPAQUE = b"user.overlay.opaque"
 
 
 def _xattrs(path: bytes, flavour: str) -> dict[bytes, bytes]:
@@ -37,7 +39,10 @@ def _xattrs(path: bytes, flavour: str) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for name in names:
         bname = name.encode("utf-8", "surrogateescape")
-        if flavour == "upper" and not (bname.startswith(b"user.") or bname == OPAQUE):
+        if flavour == "upper" and not (
+            (bname.startswith(b"user.") and not bname.startswith(b"user.overlay."))
+            or bname in (OPAQUE, USER_OPAQUE)
+        ):
             continue
         if bname == b"security.selinux":
             continue

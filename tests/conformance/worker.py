@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from tests.conformance import ops, snapshot
@@ -23,8 +24,23 @@ class Hang(Exception):
     """The worker did not answer in time (or died)."""
 
 
-def _serve(conn: multiprocessing.connection.Connection, root: bytes) -> None:
+class WorkerSetupError(Exception):
+    """The worker's set-up (its mount, in the unprivileged mode) failed."""
+
+
+def _serve(
+    conn: multiprocessing.connection.Connection,
+    root: bytes,
+    setup: Callable[[], None] | None,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner handles ^C and cleans up
+    try:
+        if setup is not None:
+            setup()
+    except Exception as e:  # noqa: BLE001 - reported to the runner
+        conn.send(("setup-failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
     fds: dict[int, int] = {}
     while True:
         try:
@@ -56,17 +72,30 @@ def _serve(conn: multiprocessing.connection.Connection, root: bytes) -> None:
 
 
 class Worker:
-    """Handle on one forked worker serving the mount at *root*."""
+    """Handle on one forked worker serving the mount at *root*.
 
-    def __init__(self, root: bytes, timeout: float):
+    *setup* runs in the worker first (the unprivileged mode mounts the kernel
+    overlay there, in the worker's own namespaces); ``WorkerSetupError`` says
+    why it failed.
+    """
+
+    def __init__(self, root: bytes, timeout: float, setup: Callable[[], None] | None = None):
         self.root = root
         self.timeout = timeout
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, root), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, root, setup), daemon=True)
         self.proc.start()
         child.close()
         self.dead = False
+        if not self.conn.poll(timeout):
+            self.stop()
+            raise WorkerSetupError("the worker did not start")
+        state, detail = self.conn.recv()
+        if state != "ready":
+            self.dead = True
+            self.stop()
+            raise WorkerSetupError(detail)
 
     def call(self, cmd: str, arg: Any = None, timeout: float | None = None) -> Any:
         if self.dead:

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 
 from unionfs.errors import UsageError
 from unionfs.options import Options
+from unionfs.overlay import markers
 from unionfs.overlay.idmap import IdMapper, IdTable
+from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
 
 if TYPE_CHECKING:
@@ -131,6 +133,11 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             raise UsageError(f"{kind} {path} is inside mountpoint {mnt}")
 
     check_fuse_device()
+    unprivileged = os.geteuid() != 0
+    if unprivileged and upper is not None:
+        _check_owned("upperdir", upper)
+    if unprivileged and ("allow_other" in opts.fuse or "allow_root" in opts.fuse):
+        _check_user_allow_other("allow_other" if "allow_other" in opts.fuse else "allow_root")
 
     locks: list[int] = []
     try:
@@ -139,13 +146,14 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
                 if not opts.readonly:
                     _check_writable(kind, path)
                 locks.append(_lock(kind, path))
+        xattrs = _xattr_namespace(opts, work)
     except BaseException:
         for fd in locks:
             os.close(fd)
         raise
 
     fuse = {"fsname=unionfs", "subtype=unionfs", "default_permissions"}
-    if os.geteuid() == 0:
+    if not unprivileged:
         # Like the kernel overlay: other users and setuid binaries in a container work.
         fuse |= {"allow_other", "suid", "dev"}
     fuse |= opts.fuse
@@ -173,6 +181,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         fsync=opts.fsync,
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
+        xattrs=xattrs,
         ids=IdMapper(
             IdTable(
                 opts.uid_map,
@@ -243,6 +252,51 @@ def check_fuse_device() -> None:
         raise UsageError("/dev/fuse: not the FUSE device (expected character device 10:229)")
 
 
+def _xattr_namespace(opts: Options, work: Path | None) -> XattrNamespace:
+    """``user.overlay.*`` when asked (``-o userxattr``) or when ``trusted.*`` cannot be
+    written (an ordinary user, root in a user namespace), as the kernel's
+    ``userxattr`` option does; otherwise ``trusted.overlay.*``."""
+    if opts.userxattr:
+        return USER
+    if work is None or opts.readonly:
+        return TRUSTED if os.geteuid() == 0 else USER
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        writable = markers.trusted_xattrs_writable(fd)
+    except OSError as e:
+        raise UsageError(f"workdir {work}: cannot set xattrs: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if not writable:
+        log.info("trusted.* xattrs cannot be written here: markers go in user.overlay.*")
+    return TRUSTED if writable else USER
+
+
+def _check_owned(kind: str, path: Path) -> None:
+    """An unprivileged mount must own its upper: copy-up and chmod of what it holds
+    would fail half-way in one owned by someone else."""
+    uid = os.stat(path).st_uid
+    if uid != os.geteuid():
+        raise UsageError(f"{kind} {path}: owned by uid {uid}; an unprivileged mount needs its own")
+
+
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def _check_user_allow_other(option: str) -> None:
+    """fusermount3 refuses allow_other/allow_root to ordinary users unless the
+    administrator allowed it; say so before anything is mounted."""
+    try:
+        with open(FUSE_CONF) as f:
+            allowed = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise UsageError(
+            f"{option}: not allowed for unprivileged users without user_allow_other in {FUSE_CONF}"
+        )
+
+
 def _check_writable(kind: str, path: Path) -> None:
     if os.statvfs(path).f_flag & os.ST_RDONLY:
         raise UsageError(f"{kind} {path}: on a read-only filesystem")
@@ -275,7 +329,7 @@ def serve(
     """Mount, call *ready*, serve until unmounted or signalled; returns the exit status.
 
     *debug* logs every request and its errno."""
-    from unionfs.fuse import hook
+    from unionfs.fuse import hook, privileges
 
     fusehook = hook.load()  # before pyfuse3 is imported
     if setup.passthrough_note:
@@ -307,6 +361,7 @@ def serve(
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
         hook.check_bound(fusehook)
+        privileges.take_owner_rights()
         try:
             trio.run(_run, ops, ready, lambda: _check_init(ops, setup.passthrough, fusehook))
         finally:

@@ -44,15 +44,45 @@ class XattrNamespace:
     def opaque(self) -> bytes:
         return self.prefix + b"opaque"
 
+    @property
+    def userxattr(self) -> bool:
+        return self.prefix.startswith(b"user.")
+
 
 TRUSTED = XattrNamespace(b"trusted.overlay.")
 USER = XattrNamespace(b"user.overlay.")
 PRIVATE_PREFIXES = (TRUSTED.prefix, USER.prefix)
 
 
+def other(ns: XattrNamespace) -> XattrNamespace:
+    return USER if ns is TRUSTED else TRUSTED
+
+
 def is_private_xattr(name: bytes) -> bool:
-    """The overlay's own xattrs (either namespace): never shown, never settable."""
+    """The overlay's own xattrs, in either namespace: never shown through the mount
+    and never set through it, so no container can forge a marker that a later
+    mount (with or without ``userxattr``) would obey."""
     return name.startswith(PRIVATE_PREFIXES)
+
+
+def trusted_xattrs_writable(dirfd: int) -> bool:
+    """Whether ``trusted.*`` xattrs can be written in directory *dirfd* (the workdir).
+
+    Only a process with CAP_SYS_ADMIN in the filesystem's user namespace can:
+    not an ordinary user, and not root inside a rootless container's namespace.
+    There the overlay's markers go in ``user.overlay.*``, as the kernel's
+    ``userxattr`` option does.
+    """
+    probe = b"trusted.overlay.unionfs-probe"
+    try:
+        os.setxattr(fd_path(dirfd), probe, b"", follow_symlinks=True)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP):
+            return False
+        raise
+    with contextlib.suppress(OSError):
+        os.removexattr(fd_path(dirfd), probe, follow_symlinks=True)
+    return True
 
 
 # -- reading -------------------------------------------------------------------
@@ -81,14 +111,42 @@ def oci_whiteout_name(name: bytes) -> bytes:
     return OCI_PREFIX + name
 
 
-def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> bool:
-    """Whether the directory at *path* carries the kernel's opaque marker."""
+_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def overlay_xattr(
+    path: bytes, ns: XattrNamespace, suffix: bytes, follow: bool = False
+) -> bytes | None:
+    """The overlay xattr ``<namespace>.overlay.<suffix>`` of *path*, or None.
+
+    Both namespaces are read: the mount's own (*ns*) wins, as it is the only one
+    the kernel would read; the other is honoured when the mount's has no such
+    xattr, so an upper written with ``userxattr`` shows the same tree to a
+    mount without it. One ``listxattr`` answers the common case (no overlay
+    xattr at all) in one call.
+    """
     try:
-        return os.getxattr(path, ns.opaque, follow_symlinks=follow) == b"y"
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return False
+        if e.errno in _ABSENT:
+            return None
         raise
+    if not names:
+        return None
+    for space in (ns, other(ns)):
+        name = space.prefix + suffix
+        if os.fsdecode(name) in names:
+            try:
+                return os.getxattr(path, name, follow_symlinks=follow)
+            except OSError as e:
+                if e.errno not in _ABSENT:
+                    raise
+    return None
+
+
+def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> bool:
+    """Whether the directory at *path* carries the kernel's opaque marker (exactly ``y``)."""
+    return overlay_xattr(path, ns, b"opaque", follow) == b"y"
 
 
 # -- writing the kernel format ---------------------------------------------------

@@ -186,7 +186,7 @@ def _mkdir(
     os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=work)
     try:
         _set_owner(work, tmp, uid, gid, mode)
-        markers.set_opaque(work, tmp)
+        markers.set_opaque(work, tmp, union.config.xattrs)
         renameat2(work, tmp, dirfd, name, RENAME_EXCHANGE)
     except BaseException:
         remove_tree(work, tmp)
@@ -408,11 +408,11 @@ async def rename(
     sfd = upper.dirfd(sparent.path)
     dfd = upper.dirfd(dparent.path)
     if src.is_dir and dparent.lowers:
-        markers.set_opaque(sfd, sname)
+        markers.set_opaque(sfd, sname, union.config.xattrs)
     if swap:
         assert dst is not None
         if dst.is_dir and sparent.lowers:
-            markers.set_opaque(dfd, dname)
+            markers.set_opaque(dfd, dname, union.config.xattrs)
     moved_out: bytes | None = None
     if swap:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
@@ -456,7 +456,7 @@ def _rename_over(
         work, moved_out = union.work_fd, union.tmp_name()
         os.mkdir(moved_out, 0o700, dir_fd=work)
         try:
-            markers.set_opaque(work, moved_out)
+            markers.set_opaque(work, moved_out, union.config.xattrs)
             renameat2(work, moved_out, dfd, dname, RENAME_EXCHANGE)
         except BaseException:
             discard(work, moved_out)

@@ -26,7 +26,7 @@ from pathlib import Path
 from unionfs.overlay import markers
 from unionfs.overlay.idmap import IDENTITY, IdMapper
 from unionfs.overlay.layers import Layer, discard, stat_with
-from unionfs.overlay.markers import is_private_xattr, is_whiteout
+from unionfs.overlay.markers import TRUSTED, XattrNamespace, is_private_xattr, is_whiteout
 from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile
 from unionfs.overlay.syscalls import fd_path
 
@@ -49,6 +49,7 @@ class UnionConfig:
     static_nlink: bool = False  # report nlink 1 for every directory
     writeback: bool = False  # the kernel's write-back cache holds writes until it flushes
     ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
+    xattrs: XattrNamespace = TRUSTED  # where markers are written: user.overlay.* with userxattr
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -64,9 +65,9 @@ class Union:
         layers: list[Layer] = []
         try:
             if config.upper is not None:
-                layers.append(Layer(0, config.upper, writable=True))
+                layers.append(Layer(0, config.upper, writable=True, xattrs=config.xattrs))
             for path in config.lowers:
-                layers.append(Layer(len(layers), path, writable=False))
+                layers.append(Layer(len(layers), path, writable=False, xattrs=config.xattrs))
         except BaseException:
             for layer in layers:
                 layer.close()
