@@ -12,7 +12,7 @@ SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
 
-.PHONY: install system-deps test test-unit test-user test-engines demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines demo lint conformance bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -40,15 +40,30 @@ $(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) tools/venv.sh tools/bui
 
 install: system-deps $(STAMP)
 
-# Lint, the whole suite, the real-mount tests again with the C hook disabled (its
-# fallback must keep working), then the container engines.
+# Lint; the whole suite (on libfuse 3.17, where passthrough tests demand passthrough);
+# the safety suite and a conformance sample with -o passthrough=on; the real-mount
+# tests again with the C hook disabled and on the system's libfuse 3.14 (both
+# fallbacks must keep working); then as an ordinary user, and the container engines.
+EXPECT_PASSTHROUGH := $(if $(filter 3.17,$(LIBFUSE)),1,0)
 test: install lint
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench \
-		--ignore=tests/user
+	UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) $(PY) -m pytest -q -p no:cacheprovider tests \
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/user
+	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-passthrough-on)
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user
+	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-libfuse314)
 	$(MAKE) test-user
 	$(MAKE) test-engines
+
+# With -o passthrough=on: lower files opened read-only are read by the kernel too.
+test-passthrough-on: install
+	UNIONFS_TEST_OPTIONS=passthrough=on UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_safety.py tests/test_passthrough.py \
+		tests/conformance/test_unionfs.py
+
+# The real-mount tests on the system's libfuse 3.14, in a staged copy with its own venv.
+test-libfuse314:
+	bash tests/libfuse314/run.sh
 
 # The unit tier and the unprivileged real-mount tests, as an ordinary user.
 test-user:
@@ -87,4 +102,4 @@ install-system: install
 	ln -sf $(abspath $(VENV))/bin/unionfs /usr/local/sbin/unionfs
 
 clean:
-	rm -rf $(VENV) *.egg-info build
+	rm -rf $(VENV) *.egg-info build /var/tmp/unionfs-libfuse314

@@ -102,6 +102,10 @@ class _Run:
             self.out.stage, self.out.divergences = stage, remaining
             self.note_daemon_logs()
             return True
+        ending = [d.excluded_by for d in divs if d.excluded_by in exclusions.ENDS_CASE]
+        if ending:
+            self.out.notes.append(f"ended by name {ending[0]} at {stage}")
+            return True
         return False
 
     def note_daemon_logs(self) -> None:

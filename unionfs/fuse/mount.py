@@ -399,12 +399,20 @@ async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[
 
     initialized = trio.Event()
     ops.on_init = initialized.set
+    refused: UsageError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(_main, nursery.cancel_scope)
         await initialized.wait()
-        check_init()
-        ready()
+        try:
+            check_init()
+        except UsageError as e:
+            refused = e  # raised below, not as part of the nursery's exception group
+            nursery.cancel_scope.cancel()
+        else:
+            ready()
+    if refused is not None:
+        raise refused
 
 
 async def _main(scope: trio.CancelScope) -> None:
