@@ -93,6 +93,23 @@ def mounted_at(path: Path) -> str | None:
     return found
 
 
+def filesystem_types(paths: list[Path]) -> dict[Path, str]:
+    """The type of the filesystem each path is on, from mountinfo by device number."""
+    devs = {}
+    for path in paths:
+        st = os.stat(path)
+        devs[path] = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}".encode()
+    types: dict[bytes, str] = {}
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                types[fields[2]] = fields[fields.index(b"-") + 1].decode(errors="replace")
+    except OSError:
+        return {}
+    return {path: types[dev] for path, dev in devs.items() if dev in types}
+
+
 def _unescape_mountinfo(field: bytes) -> bytes:
     """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal."""
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
@@ -211,7 +228,7 @@ def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int, str]:
     over this one; ``auto`` keeps the mount stackable and turns passthrough off
     there, ``on`` takes the deeper stack.
     """
-    from unionfs.fuse.passthrough import stacked_layer
+    from unionfs.fuse.passthrough import STACKED_FILESYSTEMS
 
     mode = opts.passthrough
     if mode == "off":
@@ -225,7 +242,9 @@ def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int, str]:
         if mode == "on":
             raise UsageError(f"passthrough=on: not possible with {why}")
         return "off", 0, f"passthrough off: {why}"
-    stacked = stacked_layer(list(layers))
+    stacked = next(
+        (p for p, t in filesystem_types(layers).items() if t in STACKED_FILESYSTEMS), None
+    )
     if stacked is None:
         return mode, 0, ""
     if mode == "on":
@@ -341,10 +360,12 @@ def serve(
     import pyfuse3
     import trio
 
+    from unionfs import startup
     from unionfs.fuse import operations
     from unionfs.fuse.operations import Operations
     from unionfs.overlay.union import Union
 
+    startup.mark("libraries")
     operations.DEBUG = debug
     os.umask(0)  # modes of new files are computed per request (caller's umask)
     raise_fd_limit()
@@ -354,12 +375,14 @@ def serve(
         union = Union(setup.config)
     except OSError as e:
         raise UsageError(f"cannot open layers: {e}") from None
+    startup.mark("layers")
     try:
         ops = Operations(union, fusehook, setup.passthrough)
         try:
             pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
+        startup.mark("mount")
         hook.check_bound(fusehook)
         privileges.take_owner_rights()
         try:
@@ -397,6 +420,8 @@ async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[
     *check_init* (the kernel sends INIT as soon as it mounts)."""
     import trio
 
+    from unionfs import startup
+
     initialized = trio.Event()
     ops.on_init = initialized.set
     refused: UsageError | None = None
@@ -410,6 +435,8 @@ async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[
             refused = e  # raised below, not as part of the nursery's exception group
             nursery.cancel_scope.cancel()
         else:
+            startup.mark("init")
+            startup.write()
             ready()
     if refused is not None:
         raise refused

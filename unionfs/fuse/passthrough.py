@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -52,11 +51,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
 
-# Filesystems that stack on others: a backing file there needs the mount to allow
-# one more level of stacking, after which nothing could stack over this mount.
-OVERLAYFS_MAGIC = 0x794C7630
-ECRYPTFS_MAGIC = 0xF15F
-STACKED_FILESYSTEMS = {OVERLAYFS_MAGIC, ECRYPTFS_MAGIC}
+# Filesystems that stack on others (mountinfo names): a backing file there needs the
+# mount to allow one more level of stacking, after which nothing could stack over it.
+STACKED_FILESYSTEMS = {"overlay", "ecryptfs"}
 
 PASSTHROUGH, CACHED = "passthrough", "cached"
 
@@ -83,33 +80,6 @@ class _InodeIO:
         self.passthrough = 0
         self.backing = 0  # backing id while passthrough > 0
         self.layer: Layer | None = None  # where that backing file is
-
-
-def stacked_layer(paths: list[os.PathLike[str] | str]) -> str | None:
-    """The first layer path on a stacking filesystem (overlayfs, ecryptfs), or None."""
-    for path in paths:
-        try:
-            if _fs_type(path) in STACKED_FILESYSTEMS:
-                return os.fspath(path)
-        except OSError:
-            continue
-    return None
-
-
-def _fs_type(path: os.PathLike[str] | str) -> int:
-    """statfs(2) f_type, which os.statvfs does not give."""
-    import ctypes
-    import ctypes.util
-
-    class Statfs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    buf = Statfs()
-    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), os.fspath(path))
-    return int(buf.f_type) & 0xFFFFFFFF
 
 
 class Passthrough:
