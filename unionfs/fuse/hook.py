@@ -73,3 +73,24 @@ def passthrough_state(hook: ModuleType | None) -> dict[str, bool]:
 def killpriv_active(hook: ModuleType | None) -> bool:
     """Whether the kernel leaves dropping setuid/setgid to the daemon (KILLPRIV_V2)."""
     return hook is not None and bool(hook.killpriv_active())
+
+
+# FUSE opcode numbers (linux/fuse.h), for the request counts.
+OPCODES = {
+    1: "lookup", 2: "forget", 3: "getattr", 4: "setattr", 5: "readlink", 6: "symlink",
+    8: "mknod", 9: "mkdir", 10: "unlink", 11: "rmdir", 12: "rename", 13: "link", 14: "open",
+    15: "read", 16: "write", 17: "statfs", 18: "release", 20: "fsync", 21: "setxattr",
+    22: "getxattr", 23: "listxattr", 24: "removexattr", 25: "flush", 26: "init",
+    27: "opendir", 28: "readdir", 29: "releasedir", 30: "fsyncdir", 31: "getlk", 32: "setlk",
+    33: "setlkw", 34: "access", 35: "create", 36: "interrupt", 37: "bmap", 38: "destroy",
+    39: "ioctl", 40: "poll", 42: "batch_forget", 43: "fallocate", 44: "readdirplus",
+    45: "rename2", 46: "lseek", 47: "copy_file_range", 50: "syncfs", 51: "tmpfile", 52: "statx",
+}  # fmt: skip
+
+
+def request_counts(hook: ModuleType | None) -> dict[str, int]:
+    """Requests received so far by name (csrc/requests.c); empty without the hook."""
+    if hook is None:
+        return {}
+    counts: dict[int, int] = hook.request_counts()
+    return {OPCODES.get(op, str(op)): n for op, n in sorted(counts.items())}

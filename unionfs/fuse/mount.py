@@ -392,6 +392,9 @@ def serve(
     finally:
         union.close()
         setup.release()
+    counts = hook.request_counts(fusehook)
+    if counts:  # make bench reads this line (daemon CPU per request)
+        log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
     log.info("unmounted %s", setup.mountpoint)
     return 0
 

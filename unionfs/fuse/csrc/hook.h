@@ -39,6 +39,7 @@ struct hook_feature {
 extern const struct hook_feature listing_feature;
 extern const struct hook_feature passthrough_feature; /* passthrough.c */
 extern const struct hook_feature killpriv_feature;    /* killpriv.c */
+extern const struct hook_feature requests_feature;    /* requests.c */
 
 /* The session pyfuse3 created through the hook (NULL before, or if it did not). */
 struct fuse_session *hook_session(void);

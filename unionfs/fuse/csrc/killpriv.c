@@ -13,9 +13,8 @@
  * backing filesystem removes it on any write or truncate, whoever writes.
  *
  * libfuse passes none of these flags on (up to 3.17 at least), so this file
- * also defines fuse_session_process_buf, which pyfuse3 calls with each raw
- * request (see session.c for how the binding works), and notes them before
- * libfuse dispatches the request. pyfuse3 then runs the handler up to its
+ * reads them from each raw request through the request tap (requests.c)
+ * before libfuse dispatches it. pyfuse3 then runs the handler up to its
  * first real suspension point in the same task, before it reads the next
  * request: the handler must ask for the flag right at its start
  * (request_kill). For that, requests must arrive in memory, not in a
@@ -27,18 +26,17 @@
  * probing, as before.
  */
 #include "hook.h"
+#include "requests.h"
 
-#include <dlfcn.h>
 #include <linux/fuse.h>
 #include <stdint.h>
 
-typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
-
-static int wanted;           /* configure_killpriv(True) before the mount */
-static int active;           /* negotiated in INIT */
-static int last_kill;        /* the request being dispatched asks for the kill */
+static int wanted;                  /* configure_killpriv(True) before the mount */
+static int active;                  /* negotiated in INIT */
+static int last_kill;               /* the request being dispatched asks for the kill */
 static uint32_t last_gid, last_pid; /* and who sent it */
-static process_buf_fn next_process_buf;
+
+static void peek(const struct fuse_buf *buf) __attribute__((unused)); /* with 3.17 only */
 
 #ifdef FUSE_CAP_HANDLE_KILLPRIV_V2
 
@@ -46,6 +44,8 @@ static process_buf_fn next_process_buf;
 static void before_init(struct fuse_conn_info *conn)
 {
     active = wanted && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV_V2);
+    if (active)
+        requests_peek = peek;
 }
 
 static void after_init(struct fuse_conn_info *conn)
@@ -93,23 +93,14 @@ static int kills_suidgid(const struct fuse_buf *buf)
     }
 }
 
-void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
-    __asm__("fuse_session_process_buf") __attribute__((visibility("default")));
-
-void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+static void peek(const struct fuse_buf *buf)
 {
-    if (next_process_buf == NULL) {
-        void *fn = dlvsym(RTLD_NEXT, "fuse_session_process_buf", "FUSE_3.0");
-        next_process_buf = (process_buf_fn)(fn != NULL ? fn : dlsym(RTLD_NEXT,
-                                                                    "fuse_session_process_buf"));
-    }
-    last_kill = active && kills_suidgid(buf);
+    last_kill = kills_suidgid(buf);
     if (last_kill) {
         const struct fuse_in_header *in = buf->mem;
         last_gid = in->gid;
         last_pid = in->pid;
     }
-    next_process_buf(se, buf);
 }
 
 static PyObject *configure_killpriv(PyObject *self, PyObject *arg)
