@@ -68,7 +68,7 @@ def test_a_lower_file_open_read_only_follows_a_copy_up(stack: Stack, mounted) ->
     """The kernel overlay's rule, kept by default: served by the daemon, the reader
     sees the upper copy's new data; once it is closed, opens pass through."""
     write(stack.lowers[1] / "f", b"lower")
-    um = mounted(args=["-d"])
+    um = mounted(args=["-d"], extra_options="passthrough=auto")
     with open(stack.mnt / "f", "rb", buffering=0) as reader:
         assert reader.read() == b"lower"
         with open(stack.mnt / "f", "ab") as w:  # copy-up, and an open that must not fail
@@ -139,7 +139,7 @@ def test_opens_of_one_file_in_every_order_all_succeed(stack: Stack, mounted) -> 
     """The kernel fails an open whose kind (passthrough or not, which backing file)
     conflicts with the inode's other open files; every order here must work."""
     write(stack.lowers[1] / "f", b"0123456789")
-    mounted()
+    mounted(extra_options="passthrough=auto")
     m = stack.mnt / "f"
     r1 = os.open(m, os.O_RDONLY)  # a lower file read-only: through the daemon
     w1 = os.open(m, os.O_WRONLY)  # copy-up; must join r1's kind
@@ -183,7 +183,7 @@ def test_data_written_through_passthrough_is_never_shown_stale(stack: Stack, mou
     """Pages an earlier open through the daemon cached are dropped when the file was
     written through passthrough since."""
     write(stack.lowers[1] / "f", b"A" * 8192)
-    mounted()
+    mounted(extra_options="passthrough=auto")
     m = stack.mnt / "f"
     r1 = os.open(m, os.O_RDONLY)  # lower: through the daemon and the page cache
     assert os.pread(r1, 8192, 0) == b"A" * 8192
