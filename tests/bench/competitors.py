@@ -11,8 +11,10 @@ failed clean unmount falls back to a lazy unmount plus SIGKILL of the PID
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -76,6 +78,85 @@ class Competitor:
         raise NotImplementedError
         yield  # pragma: no cover
 
+    # -- mount latency: the real command, as a container engine runs it ----------
+
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        """The command that mounts and returns once the mount is ready (None: no mount)."""
+        return None
+
+    def cycle_env(self, times_file: Path) -> dict[str, str]:
+        return dict(os.environ)
+
+    def unmount_command(self, mnt: Path) -> list[str]:
+        return ["fusermount3", "-u", os.fspath(mnt)]
+
+    def mount_cycles(
+        self, lowers: list[Path], trial_dir: Path, cycles: int
+    ) -> tuple[dict[str, float], dict[str, object]]:
+        """Mount and unmount *cycles* times with fresh dirs; medians of exec -> the
+        command returned (ready) and exec -> the first stat answered, in ms, and
+        (unionfs) the median time of each start-up phase."""
+        mount_ms: list[float] = []
+        stat_ms: list[float] = []
+        phases: dict[str, list[tuple[float, float]]] = {}
+        for i in range(cycles):
+            upper, work, mnt = _trial_dirs(trial_dir / f"c{i}")
+            times_file = trial_dir / f"c{i}" / "startup.json"
+            cmd = self.cycle_command(overlay_options(lowers, upper, work), mnt)
+            if cmd is None:
+                return {}, {}
+            t0 = time.time()
+            p0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, env=self.cycle_env(times_file))
+            p1 = time.perf_counter()
+            try:
+                if res.returncode != 0:
+                    raise RuntimeError(f"{cmd[0]} exited {res.returncode}: {res.stderr[-500:]!r}")
+                os.stat(mnt)
+                p2 = time.perf_counter()
+            finally:
+                if mount_type(mnt) is not None:
+                    done = subprocess.run(self.unmount_command(mnt), capture_output=True)
+                    if done.returncode != 0:
+                        lazy_unmount(mnt)
+            mount_ms.append((p1 - p0) * 1000)
+            stat_ms.append((p2 - p0) * 1000)
+            for name, wall, cpu in _startup_phases(times_file, t0, t0 + (p1 - p0)):
+                phases.setdefault(name, []).append((wall, cpu))
+            time.sleep(0.05)  # let the daemon exit before the next cycle
+        facts: dict[str, object] = {
+            "startup_phases_ms": {
+                name: [
+                    round(statistics.median(w for w, _ in v), 1),
+                    round(statistics.median(c for _, c in v), 1),
+                ]
+                for name, v in phases.items()
+            }  # fmt: skip
+        }
+        metrics = {
+            "mount_ms": statistics.median(mount_ms),
+            "mount_stat_ms": statistics.median(stat_ms),
+        }
+        return metrics, facts if phases else {}
+
+
+def _startup_phases(path: Path, t0: float, t_end: float) -> list[tuple[str, float, float]]:
+    """unionfs's start-up marks (unionfs/startup.py) as (phase, wall ms, CPU ms), plus
+    the parent's return after the last mark; empty when there are none."""
+    try:
+        marks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    prev, prev_cpu = t0, 0.0
+    for name, wall, cpu in marks:
+        out.append(
+            (name, (wall - prev) * 1000, ((cpu - prev_cpu) if cpu >= prev_cpu else cpu) * 1000)
+        )
+        prev, prev_cpu = wall, cpu
+    out.append(("return", (t_end - prev) * 1000, 0.0))
+    return out
+
 
 class Plain(Competitor):
     """The native baseline: the merged tree as a plain copy on the same ext4."""
@@ -98,6 +179,12 @@ class KernelOverlay(Competitor):
 
     def version(self) -> str:
         return os.uname().release
+
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        return ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)]
+
+    def unmount_command(self, mnt: Path) -> list[str]:
+        return ["umount", os.fspath(mnt)]
 
     @contextmanager
     def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
@@ -180,6 +267,9 @@ class FuseOverlayfs(FuseDaemon):
     def command(self, opts: str, mnt: Path) -> list[str]:
         return ["fuse-overlayfs", "-f", "-o", opts, os.fspath(mnt)]
 
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        return ["fuse-overlayfs", "-o", opts, os.fspath(mnt)]
+
 
 class Unionfs(FuseDaemon):
     """The daemon under test, run as ``python -m unionfs -f``.
@@ -228,12 +318,28 @@ class Unionfs(FuseDaemon):
             opts += "," + self.extra_options
         return [self.python, "-m", "unionfs", "-f", "-o", opts, os.fspath(mnt)]
 
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        """What the installed ``unionfs`` command runs (its console script), in its
+        daemon mode: it returns once the mount is ready."""
+        if self.extra_options:
+            opts += "," + self.extra_options
+        script = "import sys; from unionfs.cli import main; sys.exit(main())"
+        return [self.python, "-c", script, "-o", opts, os.fspath(mnt)]
 
-def snapshot_unionfs(dest: Path) -> Path:
-    """Copy the repo's ``unionfs`` package to *dest*/unionfs; returns *dest*."""
+    def cycle_env(self, times_file: Path) -> dict[str, str]:
+        env = self.env()
+        env["UNIONFS_STARTUP_TIMES"] = os.fspath(times_file)
+        return env
+
+
+def snapshot_unionfs(dest: Path, python: str = sys.executable) -> Path:
+    """Copy the repo's ``unionfs`` package to *dest*/unionfs and compile its bytecode,
+    as an installed package has it (this environment may forbid writing it at run
+    time, which would add the compilation to every mount); returns *dest*."""
     shutil.copytree(
         REPO / "unionfs", dest / "unionfs", ignore=shutil.ignore_patterns("__pycache__")
     )
+    subprocess.run([python, "-m", "compileall", "-q", os.fspath(dest / "unionfs")], check=True)
     return dest
 
 
