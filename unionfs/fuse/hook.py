@@ -29,6 +29,10 @@ def load() -> ModuleType | None:
     if "pyfuse3" in sys.modules:
         log.warning("C hook not loaded: pyfuse3 was imported first; listings stay uncached")
         return None
+    mismatch = _libfuse_mismatch()
+    if mismatch:
+        log.warning("C hook not loaded: %s; listings and symlinks stay uncached", mismatch)
+        return None
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
@@ -40,6 +44,43 @@ def load() -> ModuleType | None:
         sys.setdlopenflags(flags)
     module: ModuleType = _fusehook
     return module
+
+
+def _libfuse_mismatch() -> str:
+    """Why the hook and pyfuse3 would not share one libfuse ('' when they would).
+
+    The hook stands in for some of libfuse's functions in the whole process and
+    passes calls on to the libfuse it was built against; if pyfuse3 was built
+    against another one (libfuse3.so.3 is 3.14, .so.4 is 3.17), two libraries
+    would serve one session. Read from the sonames each extension names, without
+    loading either.
+    """
+    import importlib.util
+
+    names = {}
+    for module in ("unionfs.fuse._fusehook", "pyfuse3"):
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            return ""  # the import itself will say what is missing
+        names[module] = _libfuse_soname(spec.origin)
+    hook, pyfuse3 = names["unionfs.fuse._fusehook"], names["pyfuse3"]
+    if hook and pyfuse3 and hook != pyfuse3:
+        return f"it was built against {hook}, pyfuse3 against {pyfuse3} (make install)"
+    return ""
+
+
+def _libfuse_soname(path: str) -> str:
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            at = m.find(b"libfuse3.so.")
+            name = m[at : at + 16] if at >= 0 else b""
+    except (OSError, ValueError):
+        return ""
+    digits = name[len(b"libfuse3.so.") :]
+    n = len(digits) - len(digits.lstrip(b"0123456789"))
+    return name[: len(b"libfuse3.so.") + n].decode() if n else ""
 
 
 def check_bound(hook: ModuleType | None) -> None:
