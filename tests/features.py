@@ -30,15 +30,18 @@ def libfuse_wanted() -> str:
     return str(info.get("wanted", "3.17"))
 
 
-def libfuse317_expected() -> bool:
-    """Whether the daemon must run with libfuse >= 3.17 and its C hook: KILLPRIV_V2,
-    and passthrough unless ``passthrough=off``."""
-    if not hook_enabled():
-        return False
+def libfuse317_installed() -> bool:
+    """Whether pyfuse3 and the C hook must be built against libfuse >= 3.17."""
     env = os.environ.get("UNIONFS_EXPECT_PASSTHROUGH", "")
     if env in ("0", "1"):
         return env == "1"
     return libfuse_wanted() == "3.17"
+
+
+def libfuse317_expected() -> bool:
+    """Whether the daemon must run with libfuse >= 3.17 and its C hook: KILLPRIV_V2,
+    and passthrough unless ``passthrough=off``."""
+    return hook_enabled() and libfuse317_installed()
 
 
 def test_options() -> str:

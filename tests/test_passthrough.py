@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack
-from tests.features import libfuse317_expected, libfuse_wanted
+from tests.features import libfuse317_expected, libfuse317_installed, libfuse_wanted
 from tests.mounting import UnionMount, kernel_overlay, start_unionfs, unionfs_command
 from tests.test_merge import write
 
@@ -46,6 +46,23 @@ def test_the_install_has_the_libfuse_it_asked_for() -> None:
             assert info["libfuse"].startswith("3.1") and info["libfuse"] >= "3.17", (
                 f"libfuse 3.17 was asked for, the install fell back: {info}"
             )
+
+
+def test_the_hook_and_pyfuse3_link_one_libfuse() -> None:
+    from unionfs.fuse import hook
+
+    assert hook._libfuse_mismatch() == ""
+    assert hook._libfuse_soname(pyfuse3_path()) == (
+        "libfuse3.so.4" if EXPECTED else "libfuse3.so.3"
+    )
+
+
+def pyfuse3_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyfuse3")
+    assert spec is not None and spec.origin is not None
+    return spec.origin
 
 
 def test_upper_files_are_read_and_written_by_the_kernel(stack: Stack, mounted) -> None:
