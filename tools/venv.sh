@@ -84,6 +84,10 @@ else
 		LDFLAGS="-L$prefix/lib -Wl,-rpath,$prefix/lib" $pip install -q -e '.[dev]')
 fi
 
+# Bytecode now, as an installed package has it: where the environment forbids writing it at
+# run time (PYTHONDONTWRITEBYTECODE), every mount would compile the package again.
+"$venv/bin/python" -m compileall -q "$repo/unionfs" >/dev/null
+
 "$venv/bin/python" - "$venv/libfuse.json" "$wanted" "$got" "$why" <<'EOF'
 import json, sys
 path, wanted, got, why = sys.argv[1:]
