@@ -384,6 +384,10 @@ def serve(
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
         startup.mark("mount")
         hook.check_bound(fusehook)
+        if fusehook is not None and fusehook.bound():
+            from unionfs.fuse import loop
+
+            loop.install(pyfuse3)
         privileges.take_owner_rights()
         try:
             trio.run(_run, ops, ready, lambda: _check_init(ops, setup.passthrough, fusehook))

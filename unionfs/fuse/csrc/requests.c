@@ -7,6 +7,11 @@
  *
  * The counts cost one increment per request; the daemon logs them at unmount
  * and make bench divides its CPU time by them.
+ *
+ * It also defines fuse_session_receive_buf, to turn EAGAIN into EINTR: the
+ * Python side's request loop (unionfs/fuse/loop.py) makes the device
+ * non-blocking and may let two tasks read for one request; the one that finds
+ * nothing then waits again, as pyfuse3 does after EINTR, instead of failing.
  */
 #include "hook.h"
 #include "requests.h"
@@ -14,12 +19,16 @@
 #include <dlfcn.h>
 #include <linux/fuse.h>
 
+#include <errno.h>
+
 typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
 
 #define N_OPCODES 64 /* FUSE opcodes are below this (CUSE_INIT aside) */
 
 void (*requests_peek)(const struct fuse_buf *buf);
 static process_buf_fn next_process_buf;
+static receive_buf_fn next_receive_buf;
 static unsigned long long counts[N_OPCODES];
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
@@ -39,6 +48,21 @@ void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
     if (requests_peek != NULL)
         requests_peek(buf);
     next_process_buf(se, buf);
+}
+
+int unionfs_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+    __asm__("fuse_session_receive_buf") __attribute__((visibility("default")));
+
+int unionfs_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    int res;
+    if (next_receive_buf == NULL) {
+        void *fn = dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
+        next_receive_buf =
+            (receive_buf_fn)(fn != NULL ? fn : dlsym(RTLD_NEXT, "fuse_session_receive_buf"));
+    }
+    res = next_receive_buf(se, buf);
+    return res == -EAGAIN ? -EINTR : res;
 }
 
 static PyObject *request_counts(PyObject *self, PyObject *unused)
