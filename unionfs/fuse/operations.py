@@ -423,7 +423,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if wants_write(flags) and self.passthrough.write_blocked(node):
             raise FUSEError(errno.ETXTBSY)
-        fd = await self.files.open(node, flags, kill=kill)
+        fd = await self.files.open_fd(node, flags, kill=kill)
         return self._opened(node, fd, flags)
 
     def _opened(self, node: Node, fd: int, flags: int) -> FileInfo:

@@ -99,8 +99,12 @@ class Files:
     # -- open and close ------------------------------------------------------
 
     async def open(self, node: Node, flags: int, kill: Kill | None = None) -> int:
+        """Open *node* as the kernel asks; returns the file handle (see ``open_fd``)."""
+        return self.add(node, await self.open_fd(node, flags, kill), flags)
+
+    async def open_fd(self, node: Node, flags: int, kill: Kill | None = None) -> int:
         """Open *node*'s real file as the kernel asks, copying it up first when *flags*
-        write; returns the real fd (see ``add``). The fd is in ``node.layer`` as it is
+        write; returns the real fd, for ``add``. The fd is in ``node.layer`` as it is
         on return (nothing awaits after the open).
 
         *kill*: the caller lacks CAP_FSETID, so an O_TRUNC open drops privilege bits
