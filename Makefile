@@ -12,7 +12,7 @@ SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
 
-.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines test-images demo lint conformance bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -43,17 +43,20 @@ install: system-deps $(STAMP)
 # Lint; the whole suite (on libfuse 3.17, where passthrough tests demand passthrough);
 # the safety suite and a conformance sample with -o passthrough=on; the real-mount
 # tests again with the C hook disabled and on the system's libfuse 3.14 (both
-# fallbacks must keep working); then as an ordinary user, and the container engines.
+# fallbacks must keep working); then as an ordinary user, the container engines and
+# the image tools.
 EXPECT_PASSTHROUGH := $(if $(filter 3.17,$(LIBFUSE)),1,0)
 test: install lint
 	UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) $(PY) -m pytest -q -p no:cacheprovider tests \
-		--ignore=tests/engines --ignore=tests/bench --ignore=tests/user
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/user --ignore=tests/image_tools
 	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-passthrough-on)
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
-		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
+		--ignore=tests/image --ignore=tests/image_tools
 	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-libfuse314)
 	$(MAKE) test-user
 	$(MAKE) test-engines
+	$(MAKE) test-images
 
 # With -o passthrough=on: lower files opened read-only are read by the kernel too.
 test-passthrough-on: install
@@ -74,6 +77,11 @@ test-engines: install
 	bash tests/engines/install-deps.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests/engines
 
+# The image tools (unionfs image/diff/commit) against real podman, skopeo and umoci.
+test-images: install
+	bash tests/image_tools/install-deps.sh
+	$(PY) -m pytest -q -p no:cacheprovider tests/image_tools
+
 # The core on plain directories: no mount, no root, a few seconds.
 test-unit: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
@@ -91,6 +99,7 @@ conformance: install
 
 bench: install
 	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+	$(PY) tests/bench/images.py $(if $(QUICK),--quick,)
 
 # Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install

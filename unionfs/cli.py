@@ -74,7 +74,12 @@ def _fuse_versions() -> str:
 
 
 # Subcommand -> the module that implements it (``main(argv)``).
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "image": "unionfs.image.cli",
+    "layer": "unionfs.image.cli",
+    "diff": "unionfs.image.cli",
+    "commit": "unionfs.image.cli",
+}
 
 
 def _subcommand(argv: list[str]) -> str | None:
@@ -113,10 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
-    if args.debug or args.foreground:
-        _log_to_stderr(logging.DEBUG if args.debug else logging.INFO)
-        return _serve(setup, lambda: None, opts.timeout, debug=args.debug)
-    return _daemonize(setup, opts.timeout)
+    return run_mount(setup, opts.timeout, foreground=args.foreground, debug=args.debug)
+
+
+def run_mount(
+    setup: Setup, timeout: float | None, foreground: bool = False, debug: bool = False
+) -> int:
+    """Serve a checked set-up: in the foreground with ``foreground``/``debug``, else as a
+    daemon, returning once the mount is ready (the other tools that mount call this too)."""
+    if debug or foreground:
+        _log_to_stderr(logging.DEBUG if debug else logging.INFO)
+        return _serve(setup, lambda: None, timeout, debug=debug)
+    return _daemonize(setup, timeout)
 
 
 def _log_to_stderr(level: int) -> None:

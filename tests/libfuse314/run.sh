@@ -29,7 +29,8 @@ ln -s "$STAGE/venv" "$STAGE/src/.venv"
 cd "$STAGE/src"
 if [ $# -eq 0 ]; then
     set -- tests --ignore=tests/engines --ignore=tests/bench --ignore=tests/user \
-        --ignore=tests/unit --ignore=tests/conformance/test_selfcheck.py
+        --ignore=tests/unit --ignore=tests/conformance/test_selfcheck.py \
+        --ignore=tests/image --ignore=tests/image_tools
 fi
 exec env UNIONFS_EXPECT_PASSTHROUGH=0 "$STAGE/venv/bin/python" -m pytest -q -p no:cacheprovider \
     --basetemp="$STAGE/tmp/pytest" "$@"

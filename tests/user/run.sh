@@ -27,7 +27,7 @@ fi
 bash tests/user/setup-user.sh
 rm -rf "$STAGE"
 mkdir -p "$STAGE/src" "$STAGE/tmp"
-tar --exclude=./.venv --exclude=./.git --exclude='*.so' --exclude=__pycache__ \
+tar --exclude=./.venv --exclude=./.git --exclude=./.bench-cache --exclude=./bench-results --exclude='*.so' --exclude=__pycache__ \
     --exclude=./build --exclude='*.egg-info' -cf - . | tar -xf - -C "$STAGE/src"
 $SYS_PYTHON -m venv "$STAGE/venv"
 "$STAGE/venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true

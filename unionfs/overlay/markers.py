@@ -280,3 +280,57 @@ def make_oci_opaque(dirfd: int) -> None:
         dir_fd=dirfd,
     )
     os.close(fd)
+
+
+# -- reading one directory of a layer, in either format ------------------------------
+
+OCI_META_PREFIX = b".wh..wh."  # aufs bookkeeping (``.wh..wh.plnk``...): not an entry
+
+
+def is_oci_meta(name: bytes) -> bool:
+    """An aufs bookkeeping name other than the opaque marker: ignored, never an entry."""
+    return name.startswith(OCI_META_PREFIX) and name != OCI_OPAQUE
+
+
+@dataclass
+class LayerDir:
+    """What one directory of a layer says, whatever the format it is written in."""
+
+    names: list[bytes]  # its entries, sorted, marker files and kernel whiteouts left out
+    deleted: list[bytes]  # the names its whiteouts delete in the layers below, sorted
+    opaque: bool  # the layers below stop merging into it
+
+
+def read_layer_dir(fd: int) -> LayerDir:
+    """Read the directory *fd* (any fd of it, ``O_PATH`` too) of a layer in the kernel
+    format, the OCI format, or a mix: char 0/0 devices and ``.wh.NAME`` files are
+    whiteouts; the opaque xattr (either namespace) or ``.wh..wh..opq`` makes it opaque.
+
+    A name that is both present and whited out keeps its entry: in the OCI format
+    a whiteout deletes only what the layers below have.
+    """
+    names: list[bytes] = []
+    deleted: set[bytes] = set()
+    opaque = False
+    with os.scandir(fd_path(fd)) as it:
+        for dent in it:
+            name = dent.name
+            if name.startswith(OCI_PREFIX):
+                if name == OCI_OPAQUE:
+                    opaque = True
+                elif not is_oci_meta(name):
+                    deleted.add(name[len(OCI_PREFIX) :])
+                continue
+            if (
+                not dent.is_dir(follow_symlinks=False)
+                and not dent.is_file(follow_symlinks=False)
+                and not dent.is_symlink()
+                and is_whiteout(dent.stat(follow_symlinks=False))
+            ):
+                deleted.add(name)
+                continue
+            names.append(name)
+    if not opaque:
+        opaque = has_opaque_xattr(fd_path(fd), TRUSTED, follow=True)
+    names.sort()
+    return LayerDir(names, sorted(deleted.difference(names)), opaque)

@@ -1,0 +1,293 @@
+"""The hostile-input corpus: layer tars that must be refused, each with the one line
+that says why, and nothing written outside the target directory.
+
+Every case runs through the same path as ``image mount`` (``unpack_blob``: the
+decompressor, both digests, the tar reader, the entry checks) on plain
+directories; the last test runs one through the command line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.image.builders import Tar
+from tests.mounting import REPO, unionfs_command
+from unionfs.image.cache import unpack_blob
+from unionfs.image.digest import ImageError
+from unionfs.image.unpack import Limits
+
+L = "evil"  # the layer's label in every message
+
+
+def _gnu_sparse(size: int) -> bytes:
+    """A GNU sparse member claiming *size* bytes, with one byte of data (made by GNU tar)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d, "sparse")
+        with open(f, "wb") as fh:
+            fh.truncate(size)
+            fh.seek(size - 1)
+            fh.write(b"x")
+        out = Path(d, "t.tar")
+        subprocess.run(
+            ["tar", "--sparse", "--format=gnu", "-cf", os.fspath(out), "-C", d, "sparse"],
+            check=True,
+        )
+        return out.read_bytes()
+
+
+def _zeros_after_end(n: int) -> bytes:
+    """A valid small tar followed by *n* zero bytes, gzip-compressed: tiny on the
+    wire, huge when expanded (a decompression bomb that no header announces)."""
+    return gzip.compress(Tar().file("a", b"x").bytes() + bytes(n), mtime=0)
+
+
+def _truncated() -> bytes:
+    data = Tar().file("big", b"y" * 5000).bytes()
+    return data[:1024]
+
+
+def _bad_gzip() -> bytes:
+    blob = gzip.compress(Tar().file("a", b"x" * 1000).bytes(), mtime=0)
+    return blob[:20] + bytes(20) + blob[40:]
+
+
+# name -> (blob, limits, root, expected error line)
+Case = tuple[Callable[[], bytes], Limits | None, bool, str]
+CASES: dict[str, Case] = {
+    "absolute name": (
+        lambda: Tar().file("/etc/evil", b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry '/etc/evil': absolute path: refused",
+    ),
+    "dot-dot": (
+        lambda: Tar().file("../escape", b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry '../escape': path leaves the layer through '..'",
+    ),
+    "dot-dot inside": (
+        lambda: Tar().dir("a").file("a/../../escape", b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'a/../../escape': path leaves the layer through '..'",
+    ),
+    "through a planted symlink": (
+        lambda: Tar().symlink("etc", "/etc").file("etc/evil", b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'etc/evil': 'etc' on the way is a symlink",
+    ),
+    "through a planted relative symlink": (
+        lambda: Tar().symlink("up", "..").file("up/escape", b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'up/escape': 'up' on the way is a symlink",
+    ),
+    "through a planted symlink, deeper": (
+        lambda: Tar().dir("a").symlink("a/b", "/tmp").file("a/b/c/evil", b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'a/b/c/evil': 'a/b' on the way is a symlink",
+    ),
+    "hard link to an absolute path": (
+        lambda: Tar().hardlink("passwd", "/etc/passwd").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'passwd': absolute hard link target: refused",
+    ),
+    "hard link out through dot-dot": (
+        lambda: Tar().hardlink("passwd", "../../etc/passwd").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'passwd': hard link target leaves the layer through '..'",
+    ),
+    "hard link through a planted symlink": (
+        lambda: Tar().symlink("etc", "/etc").hardlink("passwd", "etc/passwd").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'passwd': hard link to 'etc/passwd', which is not earlier in this layer",
+    ),
+    "hard link to nothing": (
+        lambda: Tar().hardlink("h", "missing").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'h': hard link to 'missing', which is not earlier in this layer",
+    ),
+    "hard link to a directory": (
+        lambda: Tar().dir("d").hardlink("h", "d").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'h': hard link to the directory 'd'",
+    ),
+    "hard link to a whiteout": (
+        lambda: Tar().whiteout("gone").hardlink("h", "gone").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'h': hard link to 'gone', which is not a file of this layer",
+    ),
+    "file below a file": (
+        lambda: Tar().file("f", b"x").file("f/g", b"y").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'f/g': 'f' on the way is not a directory",
+    ),
+    "device node without root": (
+        lambda: Tar().device("dev/sda", tarfile.BLKTYPE, 8, 0).bytes(),
+        None,
+        False,
+        f"layer {L}: entry 'dev/sda': device nodes need root",
+    ),
+    "char device 0/0": (
+        lambda: Tar().device("x", tarfile.CHRTYPE, 0, 0).bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'x': a character device 0/0 is a kernel whiteout; "
+        "layers mark deletions with .wh. files",
+    ),
+    "overlay xattr": (
+        lambda: Tar().dir("d", xattrs={"trusted.overlay.redirect": b"/etc"}).bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'd': the overlay's own xattr 'trusted.overlay.redirect' is not allowed",
+    ),
+    "user overlay xattr": (
+        lambda: Tar().file("f", xattrs={"user.overlay.opaque": b"y"}).bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'f': the overlay's own xattr 'user.overlay.opaque' is not allowed",
+    ),
+    "whiteout of nothing": (
+        lambda: Tar().file("a/.wh.").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'a/.wh.': whiteout of no name",
+    ),
+    "whiteout of dot-dot": (
+        lambda: Tar().dir("a").file("a/.wh...").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'a/.wh...': whiteout of no name",
+    ),
+    "name too long": (
+        lambda: Tar().file("d/" + "n" * 300, b"x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'd/{'n' * 300}': path too long",
+    ),
+    "unsupported type": (
+        lambda: Tar().raw("label", b"V").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'label': unsupported entry type b'V'",
+    ),
+    "too many entries": (
+        lambda: _many(20),
+        Limits(max_entries=10),
+        True,
+        f"layer {L}: entry 'f10': more than 10 entries",
+    ),
+    "files too big": (
+        lambda: Tar().file("a", b"x" * 600).file("b", b"y" * 600).bytes(),
+        Limits(max_bytes=1000),
+        True,
+        f"layer {L}: entry 'b': the layer's files add up to more than 1000 bytes",
+    ),
+    "huge sparse claim": (
+        lambda: _gnu_sparse(1 << 40),
+        None,
+        True,
+        f"layer {L}: entry 'sparse': the layer's files add up to more than 68719476736 bytes",
+    ),
+    "decompression bomb": (
+        lambda: _zeros_after_end(8 << 20),
+        Limits(max_bytes=1 << 20),
+        True,
+        f"layer {L}: expands to more than {(1 << 20) + (1 << 20)} bytes",
+    ),
+    "truncated tar": (
+        _truncated,
+        None,
+        True,
+        f"layer {L}: the tar archive is truncated",
+    ),
+    "not a tar": (
+        lambda: b"this is not a tar archive at all\n" * 40,
+        None,
+        True,
+        f"layer {L}: not a valid tar archive: invalid header",
+    ),
+    "empty blob": (
+        lambda: b"",
+        None,
+        True,
+        f"layer {L}: not a tar archive (empty)",
+    ),
+    "corrupt gzip": (
+        _bad_gzip,
+        None,
+        True,
+        f"layer {L}: corrupt gzip data: Error -3 while decompressing data: invalid code -- missing end-of-block",
+    ),
+}
+
+
+def _many(n: int) -> bytes:
+    t = Tar()
+    for i in range(n):
+        t.file(f"f{i}", b"")
+    return t.bytes()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_layer_is_refused_with_one_line(case: str, tmp_path: Path) -> None:
+    make, limits, root, expected = CASES[case]
+    if root and os.geteuid() != 0:
+        pytest.fail("the corpus runs as root (the suite does): root-only checks come first")
+    # The target sits next to things a hostile tar would like to reach.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    target = tmp_path / "layer"
+    target.mkdir()
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(ImageError) as e:
+            unpack_blob(io.BytesIO(make()), fd, L, limits, root=root)
+    finally:
+        os.close(fd)
+    assert str(e.value) == expected
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(outside)) == ["keep"]
+    assert sorted(os.listdir(tmp_path)) == ["layer", "outside"]
+
+
+def test_cli_refusal_is_one_line_and_leaves_no_directory(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(Tar().file("ok", b"1").file("../../escape", b"x").bytes())
+    dest = tmp_path / "dest"
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    res = subprocess.run(
+        [*unionfs_command(), "layer", "import", os.fspath(bad), os.fspath(dest)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    assert (
+        res.stderr
+        == "unionfs: layer bad.tar: entry '../../escape': path leaves the layer through '..'\n"
+    )
+    assert not dest.exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad.tar"]  # the temporary directory is gone too

@@ -1,0 +1,228 @@
+"""The layer cache: each layer unpacked once, under the digest of its uncompressed tar.
+
+``CACHE/layers/sha256/HEX`` is the kernel-format directory of the layer whose
+diff_id is ``sha256:HEX``. A layer is unpacked into ``CACHE/tmp`` while both of
+its digests are computed from the stream, and renamed into place only when
+both match and the data is on disk: a half-unpacked or unverified layer never
+enters the cache, whatever happens. Two processes unpacking the same layer at
+once both finish; the first rename wins and the other copy is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded
+from unionfs.image.layout import LayerRef
+from unionfs.image.progress import Progress
+from unionfs.image.unpack import Limits, UnpackError, unpack_tar
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def default_cache_dir() -> Path:
+    """``/var/cache/unionfs`` as root, else ``$XDG_CACHE_HOME/unionfs`` (``~/.cache``)."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/unionfs")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "unionfs"
+
+
+def layer_label(layer: LayerRef, count: int) -> str:
+    """How errors and progress name a layer: its position and blob digest."""
+    return f"{layer.index + 1}/{count} {(layer.digest or layer.diff_id).short}"
+
+
+@dataclass
+class Unpacked:
+    digest: Digest  # of the blob as read
+    size: int  # of the blob
+    diff_id: Digest  # of the uncompressed tar
+    entries: int
+    compression: str
+
+
+def unpack_blob(
+    raw: BinaryIO,
+    dest_fd: int,
+    label: str,
+    limits: Limits | None = None,
+    progress: Progress | None = None,
+    total: int = -1,
+    algorithm: str = "sha256",
+    root: bool | None = None,
+) -> Unpacked:
+    """Unpack the layer blob *raw* (compressed or not) into the empty directory
+    *dest_fd*, hashing the blob and the uncompressed tar as they stream past."""
+    limits = limits or Limits()
+    decoder = Decoder(raw, algorithm, limit=limits.max_bytes + (1 << 20))
+
+    def tick() -> None:
+        if progress is not None:
+            progress.update(f"unpacking layer {label}", decoder.blob.count, total)
+
+    try:
+        count = unpack_tar(decoder, dest_fd, label, limits, root, tick)
+        diff_id = decoder.finish()
+    except ImportError:
+        raise ImageError(
+            f"layer {label}: zstd-compressed, and the zstandard module is not installed"
+        ) from None
+    except LimitExceeded as e:
+        raise UnpackError(f"layer {label}: expands to more than {e.limit} bytes") from None
+    except (zlib.error, EOFError) as e:
+        raise UnpackError(f"layer {label}: corrupt {decoder.kind} data: {e}") from None
+    except UnpackError:
+        raise
+    except OSError as e:
+        raise ImageError(f"layer {label}: {e.strerror or e}") from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise UnpackError(f"layer {label}: corrupt zstd data: {e}") from None
+        raise
+    finally:
+        decoder.close()
+        if progress is not None:
+            progress.done()
+    blob = decoder.blob
+    return Unpacked(blob.digest(), blob.count, diff_id, count, decoder.kind)
+
+
+def unpack_layer(
+    layer: LayerRef,
+    dest_fd: int,
+    label: str,
+    limits: Limits | None = None,
+    progress: Progress | None = None,
+) -> Unpacked:
+    """Unpack an image's layer, checking its blob digest and size (the manifest's)
+    and its diff_id (the config's). Raises ``ImageError`` on any mismatch; the
+    caller discards the directory."""
+    try:
+        raw = layer.open()
+    except OSError as e:
+        raise ImageError(f"layer {label}: {e.strerror}") from None
+    with raw:
+        algorithm = layer.digest.algorithm if layer.digest else "sha256"
+        got = unpack_blob(raw, dest_fd, label, limits, progress, layer.size, algorithm)
+    if layer.digest is not None and got.digest != layer.digest:
+        raise ImageError(
+            f"layer {label}: blob digest mismatch: expected {layer.digest}, content is {got.digest}"
+        )
+    if layer.size >= 0 and got.size != layer.size:
+        raise ImageError(
+            f"layer {label}: blob size mismatch: expected {layer.size} bytes, read {got.size}"
+        )
+    if got.diff_id != layer.diff_id:
+        raise ImageError(
+            f"layer {label}: diff_id mismatch: the config says {layer.diff_id}, "
+            f"the uncompressed tar is {got.diff_id}"
+        )
+    return got
+
+
+def syncfs(fd: int) -> None:
+    """Flush the filesystem holding *fd*: the unpacked data is on disk before the
+    rename that publishes it."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def discard_tree(path: str | Path) -> None:
+    """Remove an unpacked tree, read-only directories included (their modes were
+    applied from the tar); symlinks are never followed."""
+    with contextlib.suppress(FileNotFoundError):
+        for dirpath, dirnames, _ in os.walk(path):
+            for d in dirnames:
+                with contextlib.suppress(OSError):
+                    full = os.path.join(dirpath, d)
+                    if not os.path.islink(full):
+                        os.chmod(full, 0o700)
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+        shutil.rmtree(path)
+
+
+def publish(tmp: str, final: Path) -> bool:
+    """Rename the finished directory *tmp* to *final*; False when another process
+    got there first (its copy is as good: same digest)."""
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
+class LayerCache:
+    def __init__(self, root: Path, limits: Limits | None = None) -> None:
+        self.root = root
+        self.limits = limits or Limits()
+        try:
+            (root / "tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
+            (root / "layers" / "sha256").mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as e:
+            raise ImageError(f"cache {root}: {e.strerror}") from None
+
+    def path(self, diff_id: Digest) -> Path:
+        return self.root / "layers" / diff_id.algorithm / diff_id.hex
+
+    def empty_dir(self) -> Path:
+        """An empty directory: a neutral bottom layer where one is needed."""
+        path = self.root / "empty"
+        path.mkdir(mode=0o755, exist_ok=True)
+        return path
+
+    def has(self, diff_id: Digest) -> bool:
+        return self.path(diff_id).is_dir()
+
+    def ensure(self, layer: LayerRef, count: int, progress: Progress | None = None) -> Path:
+        """The cached directory of *layer*, unpacked and verified first if needed."""
+        final = self.path(layer.diff_id)
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.clean_stale()
+        tmp = tempfile.mkdtemp(
+            dir=self.root / "tmp", prefix=f"{layer.diff_id.hex[:16]}.{os.getpid()}."
+        )
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                unpack_layer(layer, fd, layer_label(layer, count), self.limits, progress)
+                syncfs(fd)
+            finally:
+                os.close(fd)
+            if not publish(tmp, final):
+                discard_tree(tmp)
+        except BaseException:
+            discard_tree(tmp)
+            raise
+        return final
+
+    def clean_stale(self) -> None:
+        """Drop what an unpack that died (its process is gone) left in ``tmp``."""
+        for name in os.listdir(self.root / "tmp"):
+            parts = name.split(".")
+            if len(parts) < 3 or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                discard_tree(self.root / "tmp" / name)
+            except PermissionError:
+                pass  # alive, someone else's

@@ -1,0 +1,549 @@
+"""``unionfs image|layer|diff|commit ...``: the image tools' command lines.
+
+Each command is a thin layer over the modules of this package; errors a user
+can fix are one line on stderr (``ImageError``/``UsageError``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unionfs.errors import UsageError
+from unionfs.image.digest import ImageError
+from unionfs.image.unpack import Limits
+
+if TYPE_CHECKING:
+    from unionfs.image.cache import LayerCache
+
+PROG = "unionfs"
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    handlers: dict[str, Callable[[list[str]], int]] = {
+        "image": _image,
+        "layer": _layer,
+        "diff": _diff,
+        "commit": _commit,
+    }
+    try:
+        return handlers[command](rest)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+# -- shared options ------------------------------------------------------------------
+
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B?)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``123``, ``64K``, ``10M``, ``2G``, ``1T`` (powers of 1024)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    return int(m.group(1)) << shift
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    d = Limits()
+    p.add_argument(
+        "--max-layer-size",
+        type=parse_size,
+        default=d.max_bytes,
+        metavar="SIZE",
+        help="refuse a layer whose files add up to more (default: 64G)",
+    )
+    p.add_argument(
+        "--max-entries",
+        type=int,
+        default=d.max_entries,
+        metavar="N",
+        help=f"refuse a layer with more entries (default: {d.max_entries})",
+    )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(args.max_layer_size, args.max_entries)
+
+
+def _cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="the layer cache (default: $XDG_CACHE_HOME/unionfs, /var/cache/unionfs as root)",
+    )
+
+
+def _cache(args: argparse.Namespace) -> LayerCache:
+    from unionfs.image.cache import LayerCache, default_cache_dir
+
+    root = Path(os.path.abspath(args.cache)) if args.cache else default_cache_dir()
+    return LayerCache(root, _limits(args))
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"{PROG} {prog}", description=description)
+
+
+def _print_json(obj: object) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _fsdisplay(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+# -- unionfs image ... ---------------------------------------------------------------
+
+
+def _image(argv: list[str]) -> int:
+    p = _parser("image", "Mount, unpack or inspect an OCI image.")
+    sub = p.add_subparsers(dest="action", metavar="{mount,unpack,layers}", required=True)
+
+    m = sub.add_parser(
+        "mount",
+        help="mount an image (read-only, or writable with --upper/--work)",
+        description="Mount IMAGE at MNT: its layers, unpacked once into the layer cache, "
+        "are the lower layers. IMAGE is an OCI layout directory (DIR or DIR:TAG), "
+        "an OCI archive or a docker archive.",
+    )
+    m.add_argument("image", metavar="IMAGE")
+    m.add_argument("mountpoint", metavar="MNT")
+    m.add_argument("--upper", metavar="DIR", help="a writable container layer")
+    m.add_argument("--work", metavar="DIR", help="the workdir that goes with --upper")
+    _cache_option(m)
+    m.add_argument(
+        "--print-kernel-mount",
+        action="store_true",
+        help="print the equivalent mount -t overlay command instead of mounting",
+    )
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    m.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    _limit_options(m)
+
+    u = sub.add_parser(
+        "unpack",
+        help="unpack an image's layers into kernel-format layer directories",
+        description="Unpack every layer of IMAGE into DIR/001, DIR/002, ... (bottom first) "
+        "and print the lowerdir= value that stacks them.",
+    )
+    u.add_argument("image", metavar="IMAGE")
+    u.add_argument("dest", metavar="DIR")
+    _limit_options(u)
+
+    la = sub.add_parser(
+        "layers",
+        help="one row per layer: digest, size, history, files added/changed/deleted, "
+        "bytes hidden by higher layers",
+    )
+    la.add_argument("image", metavar="IMAGE")
+    la.add_argument("--json", action="store_true", help="the same data as JSON")
+    _cache_option(la)
+    _limit_options(la)
+
+    args = p.parse_args(argv)
+    if args.action == "mount":
+        return _image_mount(args)
+    if args.action == "unpack":
+        return _image_unpack(args)
+    return _image_layers(args)
+
+
+def _image_unpack(args: argparse.Namespace) -> int:
+    from unionfs.image.cache import layer_label, unpack_layer
+    from unionfs.image.layout import LayerRef, open_image
+    from unionfs.image.progress import Progress
+
+    dest = Path(os.path.abspath(args.dest))
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ImageError(f"{args.dest}: exists and is not an empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    with open_image(args.image) as image:
+        n = len(image.layers)
+        dirs = []
+        for layer in image.layers:
+            final = dest / f"{layer.index + 1:03d}"
+
+            def unpack(fd: int, layer: LayerRef = layer) -> object:
+                return unpack_layer(layer, fd, layer_label(layer, n), _limits(args), progress)
+
+            _unpack_atomically(final, unpack)
+            dirs.append(final)
+    print("lowerdir=" + ":".join(_escape(os.fspath(d)) for d in reversed(dirs)))
+    return 0
+
+
+def _unpack_atomically(final: Path, unpack: Callable[[int], object]) -> object:
+    """Unpack into a temporary sibling of *final*, then rename it into place."""
+    import tempfile
+
+    from unionfs.image.cache import discard_tree, syncfs
+
+    tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.")
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            result = unpack(fd)
+            syncfs(fd)
+        finally:
+            os.close(fd)
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        os.rename(tmp, final)
+    except BaseException:
+        discard_tree(tmp)
+        raise
+    return result
+
+
+def _escape(path: str) -> str:
+    """A path inside a lowerdir= value: colons and commas escaped."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _image_mount(args: argparse.Namespace) -> int:
+    """The image's cached layers as the lower layers of a plain unionfs mount: the
+    same checks, the same daemon, the same code as ``unionfs -o lowerdir=...``."""
+    from unionfs.cli import run_mount
+    from unionfs.fuse.mount import check_setup
+    from unionfs.options import parse_options
+
+    if (args.upper is None) != (args.work is None):
+        given, missing = ("--upper", "--work") if args.work is None else ("--work", "--upper")
+        raise UsageError(f"{given} needs {missing} too")
+    opts = parse_options(args.options)
+    if opts.lowers or opts.upper or opts.work:
+        raise UsageError("-o: the image gives the lower layers, --upper/--work the upper")
+    lowers = [os.fspath(d) for d in reversed(_cached_layers(args))]
+    if args.print_kernel_mount:
+        print(_kernel_mount(args, lowers))
+        return 0
+    opts.lowers, opts.upper, opts.work = lowers, args.upper, args.work
+    setup = check_setup(opts, args.mountpoint)
+    return run_mount(setup, opts.timeout, foreground=args.foreground, debug=args.debug)
+
+
+def _cached_layers(args: argparse.Namespace) -> list[Path]:
+    """Every layer of the image in the cache (unpacked first when missing), bottom first."""
+    from unionfs.image.layout import open_image
+    from unionfs.image.progress import Progress
+
+    cache = _cache(args)
+    progress = Progress()
+    with open_image(args.image) as image:
+        if not image.layers:
+            raise ImageError(f"{args.image}: the image has no layers")
+        return [cache.ensure(layer, len(image.layers), progress) for layer in image.layers]
+
+
+def _kernel_mount(args: argparse.Namespace, lowers: list[str]) -> str:
+    """The ``mount -t overlay`` command that mounts the same stack with the kernel."""
+    import shlex
+
+    if args.upper is None and len(lowers) == 1:
+        # The kernel wants two lowers for a read-only overlay; an empty one adds nothing.
+        lowers = [*lowers, os.fspath(_cache(args).empty_dir())]
+    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
+    if args.upper is not None:
+        opts += f",upperdir={_escape(os.path.abspath(args.upper))}"
+        opts += f",workdir={_escape(os.path.abspath(args.work))}"
+    if os.geteuid() != 0:
+        opts += ",userxattr"  # unpacked without root: opaque markers are user.overlay.*
+    return shlex.join(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, os.path.abspath(args.mountpoint)]
+    )
+
+
+def _image_layers(args: argparse.Namespace) -> int:
+    from unionfs.image.layout import open_image
+    from unionfs.image.progress import Progress
+    from unionfs.image.stats import layer_stats
+
+    cache = _cache(args)
+    progress = Progress()
+    with open_image(args.image) as image:
+        layers = image.layers
+        dirs = [cache.ensure(layer, len(layers), progress) for layer in layers]
+    stats = layer_stats(dirs)
+    rows = [
+        {
+            "index": layer.index + 1,
+            "digest": str(layer.digest) if layer.digest else None,
+            "diff_id": str(layer.diff_id),
+            "size": layer.size,
+            "media_type": layer.media_type,
+            "created_by": layer.created_by,
+            "added": s.added,
+            "changed": s.changed,
+            "deleted": s.deleted,
+            "hidden_bytes": s.hidden_bytes,
+        }
+        for layer, s in zip(layers, stats, strict=True)
+    ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    head = ("LAYER", "DIGEST", "SIZE", "ADDED", "CHANGED", "DELETED", "HIDDEN", "CREATED BY")
+    table = [head]
+    for r, layer in zip(rows, layers, strict=True):
+        table.append(
+            (
+                str(r["index"]),
+                (layer.digest or layer.diff_id).short,
+                _human(layer.size),
+                str(r["added"]),
+                str(r["changed"]),
+                str(r["deleted"]),
+                _human(int(str(r["hidden_bytes"]))),
+                " ".join(layer.created_by.split())[:60],
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        cells = [
+            c.rjust(w) if 2 <= i <= 6 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))
+        ]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    return 0
+
+
+def _human(n: int) -> str:
+    if n < 0:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+# -- unionfs layer import ------------------------------------------------------------
+
+
+def _layer(argv: list[str]) -> int:
+    p = _parser("layer", "Layer tarballs.")
+    sub = p.add_subparsers(dest="action", metavar="{import}", required=True)
+    i = sub.add_parser(
+        "import",
+        help="unpack a layer tar into a kernel-format layer directory",
+        description="Unpack LAYER (a tar, gzip or zstd compressed or not) into DIR, "
+        "OCI whiteouts converted to the kernel's format; print its diff_id and digest.",
+    )
+    i.add_argument("layer", metavar="LAYER")
+    i.add_argument("dest", metavar="DIR")
+    i.add_argument("--json", action="store_true")
+    _limit_options(i)
+    args = p.parse_args(argv)
+    return _layer_import(args)
+
+
+def _layer_import(args: argparse.Namespace) -> int:
+    from unionfs.image.cache import Unpacked, unpack_blob
+    from unionfs.image.progress import Progress
+
+    dest = Path(os.path.abspath(args.dest))
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ImageError(f"{args.dest}: exists and is not an empty directory")
+    if not dest.parent.is_dir():
+        raise ImageError(f"{args.dest}: no such parent directory")
+    try:
+        f = open(args.layer, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ImageError(f"{args.layer}: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        label = os.path.basename(args.layer)
+        got = _unpack_atomically(
+            dest, lambda fd: unpack_blob(f, fd, label, _limits(args), Progress(), size)
+        )
+    assert isinstance(got, Unpacked)
+    if args.json:
+        _print_json(
+            {
+                "diff_id": str(got.diff_id),
+                "digest": str(got.digest),
+                "size": got.size,
+                "entries": got.entries,
+            }
+        )
+    else:
+        print(f"diff_id {got.diff_id}")
+        print(f"digest  {got.digest}")
+    return 0
+
+
+# -- unionfs diff / commit -----------------------------------------------------------
+
+
+def _lowers(values: list[str]) -> list[Path]:
+    """``--lower`` values, each a colon-separated list (top first, ``\\:`` escapes a colon)."""
+    from unionfs.options import split_path_list
+
+    out = []
+    for value in values:
+        for p in split_path_list(value):
+            path = Path(os.path.abspath(p))
+            if not path.is_dir():
+                raise UsageError(f"lower layer {p}: not a directory")
+            out.append(path)
+    return out
+
+
+def _upper(value: str) -> Path:
+    path = Path(os.path.abspath(value))
+    if not path.is_dir():
+        raise UsageError(f"{value}: not a directory")
+    return path
+
+
+def _diff(argv: list[str]) -> int:
+    p = _parser(
+        "diff",
+        "List what an upper directory changes, in docker diff's format: A (added), "
+        "C (changed), D (deleted). The upper may be in the kernel's or the OCI format.",
+    )
+    p.add_argument("upper", metavar="UPPER")
+    p.add_argument(
+        "--lower",
+        action="append",
+        default=[],
+        metavar="L1:L2...",
+        help="the lower layers, top first: tells C from A, and lists what an opaque "
+        "directory hides as D",
+    )
+    p.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="take the lower layers from this image (its cached layers) instead of --lower",
+    )
+    _cache_option(p)
+    _limit_options(p)
+    p.add_argument("--json", action="store_true", help="a JSON list of {kind, path}")
+    args = p.parse_args(argv)
+    from unionfs.image.diff import changes
+
+    if args.image is not None and args.lower:
+        raise UsageError("--image and --lower: give one of them")
+    upper = _upper(args.upper)
+    lowers = _lowers(args.lower) if args.image is None else _cached_layers(args)[::-1]
+    found = changes(upper, lowers)
+    if args.json:
+        _print_json([c.as_json() for c in found])
+    else:
+        out = sys.stdout.buffer
+        for c in found:
+            out.write(c.line() + b"\n")
+        out.flush()
+    return 0
+
+
+def _commit(argv: list[str]) -> int:
+    p = _parser(
+        "commit",
+        "Write an upper directory as an OCI layer tar (reproducibly), print its diff_id "
+        "and digest, and optionally add it to an OCI image layout as a new image.",
+    )
+    p.add_argument("upper", metavar="UPPER")
+    p.add_argument("--lower", action="append", default=[], metavar="L1:L2...",
+                   help="the lower layers, top first: markers that hide nothing there are left out")  # fmt: skip
+    p.add_argument("-o", "--output", metavar="LAYER.tar[.gz|.zst]",
+                   help="the layer file; its name sets the compression")  # fmt: skip
+    p.add_argument("--compression", choices=("gzip", "zstd", "none"),
+                   help="override the compression the file name asks for")  # fmt: skip
+    p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
+                   default=_env_epoch(),
+                   help="clamp mtimes (and date the image) to this time "
+                   "(default: $SOURCE_DATE_EPOCH)")  # fmt: skip
+    p.add_argument("--image", metavar="DIR[:BASE]",
+                   help="an OCI image layout to add the layer to, on top of its image BASE "
+                   "(or its only image; a new layout starts from scratch)")  # fmt: skip
+    p.add_argument("--tag", metavar="NEW", help="the new image's tag in the layout")
+    p.add_argument("--message", "-m", default="", help="the history entry's comment")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if (args.image is None) != (args.tag is None):
+        raise UsageError("--image and --tag go together")
+    if args.output is None and args.image is None:
+        raise UsageError("nowhere to write the layer: give -o LAYER.tar or --image DIR --tag NEW")
+    from unionfs.image.writer import write_layer
+
+    upper = _upper(args.upper)
+    lowers = _lowers(args.lower)
+    tmpdir = None
+    if args.output is None:
+        import tempfile
+
+        tmpdir = tempfile.mkdtemp(prefix="unionfs-commit.")
+        output = Path(tmpdir) / "layer.tar.gz"
+    else:
+        output = Path(os.path.abspath(args.output))
+        if not output.parent.is_dir():
+            raise UsageError(f"{args.output}: no such directory")
+    try:
+        written = write_layer(upper, output, lowers, args.compression, args.source_date_epoch)
+        result: dict[str, object] = {
+            "diff_id": str(written.diff_id),
+            "digest": str(written.digest),
+            "size": written.size,
+        }
+        if args.output is not None:
+            result["file"] = os.fspath(output)
+        if args.image is not None:
+            from unionfs.image.layout import append_layer, rfc3339
+
+            manifest = append_layer(
+                args.image,
+                os.fspath(output),
+                written.diff_id,
+                written.digest,
+                written.size,
+                written.compression,
+                args.tag,
+                args.message,
+                rfc3339(args.source_date_epoch),
+            )
+            result["manifest"] = str(manifest)
+            result["tag"] = args.tag
+    finally:
+        if tmpdir is not None:
+            import shutil
+
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    if args.json:
+        _print_json(result)
+    else:
+        for key in ("diff_id", "digest", "manifest"):
+            if key in result:
+                print(f"{key:8} {result[key]}")
+    return 0
+
+
+def _env_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH={value!r}: not a number of seconds") from None

@@ -1,0 +1,579 @@
+"""Unpacking a layer tar into a kernel-format layer directory, safely.
+
+Layer tars come from the internet. Every entry is checked before anything is
+written, and nothing is ever written outside the target:
+
+- names are plain relative paths: absolute names and ``..`` are refused;
+- each directory on the way is opened with ``O_NOFOLLOW`` from its parent's fd,
+  so a symlink planted by an earlier entry is never followed;
+- a hard link must name an entry already unpacked in this layer;
+- device nodes, setuid/setgid bits, ownership and ``trusted.*``/``security.*``
+  xattrs only when running as root; the overlay's own xattrs never;
+- the entry count and the total size are limited (a tar bomb or a huge sparse
+  claim fails cleanly).
+
+OCI whiteouts become the kernel's: ``.wh.NAME`` a char 0/0 whiteout, and
+``.wh..wh..opq`` the opaque xattr (written through ``unionfs.overlay.markers``),
+so the result mounts with ``mount -t overlay`` as well as with unionfs. A
+duplicate entry replaces the earlier one (the OCI rule: the last one wins).
+
+Every refusal is an ``UnpackError`` naming the layer and the entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import tarfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from unionfs.image.digest import CHUNK, ImageError, Readable
+from unionfs.overlay import markers
+from unionfs.overlay.layers import remove_tree
+from unionfs.overlay.syscalls import fd_path
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SCHILY = "SCHILY.xattr."
+# tarfile's stream reader copies the rest of its buffer on every read (each 512-byte
+# header): a large buffer makes that quadratic, a small one costs more reads.
+_TAR_BUFFER = 64 << 10
+PATH_MAX = 4095
+NAME_MAX = 255
+
+
+class UnpackError(ImageError):
+    """A layer entry refused (or a layer that cannot be read): one line."""
+
+
+@dataclass
+class Limits:
+    """Bounds on what one layer may unpack to."""
+
+    max_bytes: int = 64 << 30  # file data, and the uncompressed tar stream
+    max_entries: int = 2_000_000
+
+
+@dataclass
+class _DirMeta:
+    mode: int
+    uid: int = -1
+    gid: int = -1
+    mtime_ns: int | None = None
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def privileged() -> bool:
+    return os.geteuid() == 0
+
+
+def unpack_tar(
+    stream: Readable,
+    dest_fd: int,
+    layer: str,
+    limits: Limits | None = None,
+    root: bool | None = None,
+    tick: Callable[[], None] | None = None,
+) -> int:
+    """Unpack the uncompressed tar *stream* into the (empty) directory *dest_fd*.
+
+    *layer* names the layer in errors. *root* (default: running as root) allows
+    what only root may do. Returns the number of entries.
+    """
+    u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
+    umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
+    try:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tf:  # type: ignore[call-overload]
+                for member in tf:
+                    u.entry(member, tf)
+                    if tick is not None:
+                        tick()
+        except tarfile.ReadError as e:
+            text = str(e)
+            if text.startswith("zlib error: "):  # tarfile's wrapping of the stream's error
+                raise zlib.error(text[len("zlib error: ") :]) from None
+            if u.count == 0 and "empty" in text:
+                raise UnpackError(f"layer {layer}: not a tar archive (empty)") from None
+            if "unexpected end of data" in text:
+                raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
+            raise UnpackError(f"layer {layer}: not a valid tar archive: {text}") from None
+        except EOFError:
+            raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
+        u.finish()
+    finally:
+        os.umask(umask)
+        u.close()
+    return u.count
+
+
+class _Unpacker:
+    def __init__(self, root_fd: int, layer: str, limits: Limits, root: bool) -> None:
+        self.root_fd = root_fd
+        self.layer = layer
+        self.limits = limits
+        self.root = root
+        self.count = 0
+        self.total = 0
+        self.path = ""  # the entry being unpacked, for errors
+        self.dirfds: OrderedDict[bytes, int] = OrderedDict()
+        self.whiteouts: set[bytes] = set()  # whiteouts made here from .wh. files
+        self.opaque: set[bytes] = set()
+        self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
+        self.dropped_bits = False
+        # What a new entry is owned by already (not so below a setgid directory).
+        setgid = os.fstat(root_fd).st_mode & stat.S_ISGID
+        self.ids = (-2, -2) if setgid else (os.geteuid(), os.getegid())
+
+    # -- errors ------------------------------------------------------------------
+
+    def fail(self, why: str) -> UnpackError:
+        return UnpackError(f"layer {self.layer}: entry {self.path!r}: {why}")
+
+    # -- directories -------------------------------------------------------------
+
+    def close(self) -> None:
+        for fd in self.dirfds.values():
+            os.close(fd)
+        self.dirfds.clear()
+
+    def dirfd(self, path: bytes, create: bool = True) -> int:
+        """An ``O_PATH`` fd of directory *path* in the layer, made (mode 0755) when it is
+        missing and *create*. Each component is opened from its parent with
+        ``O_NOFOLLOW``: a symlink on the way is an error, never followed."""
+        if not path:
+            return self.root_fd
+        fd = self.dirfds.get(path)
+        if fd is not None:
+            self.dirfds.move_to_end(path)
+            return fd
+        # Down from the nearest directory already open (iteratively: a tar may nest
+        # directories thousands deep).
+        parts = path.split(b"/")
+        i = len(parts) - 1
+        while i > 0 and b"/".join(parts[:i]) not in self.dirfds:
+            i -= 1
+        pfd = self.dirfds[b"/".join(parts[:i])] if i > 0 else self.root_fd
+        for j in range(i, len(parts)):
+            sub = b"/".join(parts[: j + 1])
+            pfd = self._open_dir(pfd, sub, parts[j], create)
+            self.dirfds[sub] = pfd
+        while len(self.dirfds) > 256:  # the newest (this path's) stay open
+            os.close(self.dirfds.popitem(last=False)[1])
+        return pfd
+
+    def _open_dir(self, pfd: int, path: bytes, name: bytes, create: bool) -> int:
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.mkdir(name, 0o700, dir_fd=pfd)
+            self.dirs[path] = _DirMeta(0o755)
+            return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            if path in self.whiteouts and create:
+                # Deleted earlier in this layer, now a directory: one that hides the
+                # layers below, as the whiteout did.
+                os.unlink(name, dir_fd=pfd)
+                self.whiteouts.discard(path)
+                os.mkdir(name, 0o700, dir_fd=pfd)
+                self.dirs[path] = _DirMeta(0o755)
+                self.opaque.add(path)
+                return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise self.fail(f"{os.fsdecode(path)!r} on the way is {what}") from None
+
+    def forget(self, path: bytes) -> None:
+        """*path* was removed: drop what is known of it and everything below it."""
+        prefix = path + b"/"
+        for table in (self.dirfds, self.dirs):
+            for p in [p for p in table if p == path or p.startswith(prefix)]:
+                v = table.pop(p)
+                if isinstance(v, int):
+                    os.close(v)
+        for s in (self.whiteouts, self.opaque):
+            s.difference_update([p for p in s if p == path or p.startswith(prefix)])
+
+    # -- names -------------------------------------------------------------------
+
+    def clean(self, name: str, what: str = "path") -> bytes:
+        raw = os.fsencode(name)
+        if b"\0" in raw:
+            raise self.fail(f"{what} contains a NUL byte")
+        if raw.startswith(b"/"):
+            raise self.fail(f"absolute {what}: refused")
+        parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+        if b".." in parts:
+            raise self.fail(f"{what} leaves the layer through '..'")
+        path = b"/".join(parts)
+        if len(path) > PATH_MAX or any(len(p) > NAME_MAX for p in parts):
+            raise self.fail(f"{what} too long")
+        return path
+
+    # -- entries -----------------------------------------------------------------
+
+    def entry(self, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        self.path = m.name
+        self.count += 1
+        if self.count > self.limits.max_entries:
+            raise self.fail(f"more than {self.limits.max_entries} entries")
+        path = self.clean(m.name)
+        if m.isreg():
+            self.total += m.size
+            if self.total > self.limits.max_bytes:
+                raise self.fail(
+                    f"the layer's files add up to more than {self.limits.max_bytes} bytes"
+                )
+        try:
+            self._entry(path, m, tf)
+        except UnpackError:
+            raise
+        except OSError as e:
+            raise self.fail(e.strerror or str(e)) from None
+        except (OverflowError, ValueError) as e:
+            raise self.fail(f"bad header value: {e}") from None
+        except RecursionError:
+            raise self.fail("the directory tree it replaces is too deep") from None
+
+    def _entry(self, path: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        if not path:
+            if not m.isdir():
+                raise self.fail("the layer's root must be a directory")
+            self.dirs[b""] = self._dir_meta(m)
+            return
+        parent, _, name = path.rpartition(b"/")
+        if b"/.wh..wh." in b"/" + parent:  # inside aufs bookkeeping (.wh..wh.plnk/...)
+            return
+        if markers.is_oci_name(name):
+            self._marker(parent, name)
+            return
+        if m.type not in _KNOWN_TYPES:
+            raise self.fail(f"unsupported entry type {m.type!r}")
+        if m.ischr() and m.devmajor == 0 and m.devminor == 0:
+            raise self.fail(
+                "a character device 0/0 is a kernel whiteout; layers mark deletions with .wh. files"
+            )
+        if m.isdev() and not self.root:
+            raise self.fail("device nodes need root")
+        if m.islnk():
+            self._hardlink(path, parent, name, m)
+            return
+        pfd = self.dirfd(parent)
+        try:
+            self._create(pfd, name, m, tf)
+        except FileExistsError:
+            # Rare: a duplicate entry. Make room by the OCI rule, then create it again.
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) and m.isdir():
+                self.dirs[path] = self._dir_meta(m)  # the same directory again
+                return
+            self._remove(path, pfd, name, st, m.isdir())
+            self._create(pfd, name, m, tf)
+        if m.isdir():
+            self.dirs[path] = self._dir_meta(m)
+
+    def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        """Make the entry (which must not exist: EEXIST otherwise), with its mode from
+        the start where it can be (the umask is 0 while unpacking), so most entries
+        need no chmod and, owned by the unpacker, no chown."""
+        mode = self._mode(m) & 0o777
+        if m.isdir():
+            os.mkdir(name, 0o700, dir_fd=pfd)  # its own mode once its entries are in
+        elif m.isreg():
+            self._file(pfd, name, m, tf, mode)
+        elif m.issym():
+            os.symlink(os.fsencode(m.linkname), name, dir_fd=pfd)
+            self._meta(pfd, name, m, symlink=True)
+        elif m.isfifo():
+            os.mkfifo(name, mode, dir_fd=pfd)
+            self._meta(pfd, name, m, created_mode=mode)
+        else:  # a device node (root only, checked above)
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            os.mknod(name, kind | mode, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            self._meta(pfd, name, m, created_mode=mode)
+
+    def _remove(self, path: bytes, pfd: int, name: bytes, st: os.stat_result, isdir: bool) -> None:
+        """Make room for a later entry of the same name: the last one wins."""
+        if path in self.whiteouts:
+            self.whiteouts.discard(path)
+            if isdir:
+                self.opaque.add(path)  # the whiteout's deletion of the layers below stays
+            os.unlink(name, dir_fd=pfd)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.forget(path)
+            remove_tree(pfd, name)
+        else:
+            os.unlink(name, dir_fd=pfd)
+
+    def _marker(self, parent: bytes, name: bytes) -> None:
+        if name == markers.OCI_OPAQUE:
+            self.dirfd(parent)  # the directory exists, even if no entry made it
+            if parent:
+                self.opaque.add(parent)
+            return
+        deleted = markers.oci_deleted(name)
+        if deleted is None or markers.is_oci_meta(name):
+            return  # aufs bookkeeping: nothing to unpack
+        if deleted in (b"", b".", b".."):
+            raise self.fail("whiteout of no name")
+        pfd = self.dirfd(parent)
+        target = parent + b"/" + deleted if parent else deleted
+        st = _lstat(pfd, deleted)
+        if st is None:
+            try:
+                markers.make_device_whiteout(pfd, deleted)
+            except PermissionError:
+                # No unprivileged whiteouts on this kernel or filesystem: keep the OCI
+                # file, which unionfs reads in a lower layer just the same.
+                markers.make_oci_whiteout(pfd, deleted)
+                return
+            self.whiteouts.add(target)
+        elif stat.S_ISDIR(st.st_mode) and target not in self.whiteouts:
+            # The layers below lose theirs; this layer's own directory stays.
+            self.opaque.add(target)
+        # A non-directory of this layer already hides what is below it.
+
+    def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: tarfile.TarInfo) -> None:
+        """A second name for an entry unpacked earlier in this layer, found the same
+        careful way (so never anything outside it)."""
+        target = self.clean(m.linkname, "hard link target")
+        if target == path:
+            raise self.fail("hard link to itself")
+        if not target or target in self.whiteouts:
+            raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
+        tparent, _, tname = target.rpartition(b"/")
+        try:
+            # A copy: opening the link's own directory below may evict the cached one.
+            tfd = os.dup(self.dirfd(tparent, create=False))
+        except (FileNotFoundError, UnpackError):
+            raise self.fail(
+                f"hard link to {m.linkname!r}, which is not earlier in this layer"
+            ) from None
+        try:
+            tst = _lstat(tfd, tname)
+            if tst is None:
+                raise self.fail(f"hard link to {m.linkname!r}, which is not earlier in this layer")
+            if stat.S_ISDIR(tst.st_mode):
+                raise self.fail(f"hard link to the directory {m.linkname!r}")
+            pfd = self.dirfd(parent)
+            st = _lstat(pfd, name)
+            if st is not None:
+                if st.st_ino == tst.st_ino and st.st_dev == tst.st_dev:
+                    return  # already that file
+                self._remove(path, pfd, name, st, False)
+            os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(tfd)
+
+    def _file(
+        self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile, mode: int
+    ) -> None:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            mode,
+            dir_fd=pfd,
+        )
+        try:
+            if m.sparse is not None:
+                _copy_sparse(tf, m, fd)
+            elif m.size:
+                src = tf.extractfile(m)
+                assert src is not None
+                _copy(src, fd, m.size)
+            self._meta(pfd, name, m, fd=fd, created_mode=mode)
+        finally:
+            os.close(fd)
+
+    # -- metadata ----------------------------------------------------------------
+
+    def _mode(self, m: tarfile.TarInfo) -> int:
+        mode = m.mode & 0o7777
+        if not self.root and mode & (stat.S_ISUID | stat.S_ISGID):
+            if not self.dropped_bits:
+                log.warning(
+                    "layer %s: setuid/setgid bits dropped (not running as root)", self.layer
+                )
+                self.dropped_bits = True
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        return mode
+
+    def _xattrs(self, m: tarfile.TarInfo) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for key, value in m.pax_headers.items():
+            if not key.startswith(_SCHILY):
+                continue
+            name = key[len(_SCHILY) :].encode("utf-8", "surrogateescape")
+            if markers.is_private_xattr(name):
+                raise self.fail(f"the overlay's own xattr {os.fsdecode(name)!r} is not allowed")
+            if not self.root and name.startswith((b"trusted.", b"security.")):
+                continue
+            out[name] = value.encode("utf-8", "surrogateescape")
+        return out
+
+    def _dir_meta(self, m: tarfile.TarInfo) -> _DirMeta:
+        return _DirMeta(
+            self._mode(m),
+            m.uid if self.root else -1,
+            m.gid if self.root else -1,
+            _mtime_ns(m),
+            self._xattrs(m),
+        )
+
+    def _meta(
+        self,
+        pfd: int,
+        name: bytes,
+        m: tarfile.TarInfo,
+        fd: int = -1,
+        symlink: bool = False,
+        created_mode: int = -1,
+    ) -> None:
+        """Owner, mode, xattrs, times, in that order: chown clears setuid bits and
+        file capabilities, so it goes first. Each only when it changes something."""
+        target: int | bytes = fd if fd >= 0 else fd_path(pfd, name)
+        if self.root and (m.uid, m.gid) != self.ids:
+            if fd >= 0:
+                os.fchown(fd, m.uid, m.gid)
+            else:
+                os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        mode = self._mode(m)
+        if not symlink and mode != created_mode:
+            if fd >= 0:
+                os.fchmod(fd, mode)
+            else:
+                os.chmod(name, mode, dir_fd=pfd)
+        for key, value in self._xattrs(m).items():
+            self._setxattr(target, key, value)
+        ns = _mtime_ns(m)
+        if fd >= 0:
+            os.utime(fd, ns=(ns, ns))
+        else:
+            os.utime(name, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
+
+    def _set_opaque(self, pfd: int, name: bytes) -> None:
+        """The kernel's opaque xattr: ``trusted.overlay.opaque`` as root, else
+        ``user.overlay.opaque`` (what the kernel reads with ``userxattr``, and unionfs
+        always); on a filesystem without user xattrs, the OCI marker file, which
+        unionfs reads in a lower layer just the same."""
+        if self.root:
+            markers.set_opaque(pfd, name)
+            return
+        try:
+            markers.set_opaque(pfd, name, markers.USER)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            markers.make_oci_opaque(fd)
+        finally:
+            os.close(fd)
+
+    def _setxattr(self, target: int | bytes, key: bytes, value: bytes) -> None:
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as e:
+            raise self.fail(f"cannot set xattr {os.fsdecode(key)!r}: {e.strerror}") from None
+
+    def finish(self) -> None:
+        """Directories last, deepest first: their modes may forbid writing into them,
+        and every entry made inside changed their mtimes."""
+        self.path = "(directories)"
+        for path in sorted(self.dirs, key=lambda p: p.count(b"/") + (1 if p else 0), reverse=True):
+            meta = self.dirs[path]
+            parent, _, name = path.rpartition(b"/")
+            if path:
+                pfd = self.dirfd(parent, create=False)
+                target = fd_path(pfd, name)
+                follow = False
+            else:
+                target, follow = fd_path(self.root_fd), True
+            self.path = os.fsdecode(path) or "."
+            if path in self.opaque:
+                self._set_opaque(pfd, name)
+            if meta.uid >= 0:
+                os.chown(target, meta.uid, meta.gid, follow_symlinks=follow)
+            os.chmod(target, meta.mode, follow_symlinks=follow)
+            for key, value in meta.xattrs.items():
+                self._setxattr(target if not follow else self.root_fd, key, value)
+            if meta.mtime_ns is not None:
+                os.utime(target, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=follow)
+
+
+_KNOWN_TYPES = {
+    tarfile.REGTYPE,
+    tarfile.AREGTYPE,
+    tarfile.CONTTYPE,
+    tarfile.GNUTYPE_SPARSE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+}
+
+
+def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    return int(round(float(m.mtime) * 1e9))
+
+
+def _copy(src: Readable, fd: int, size: int) -> None:
+    """Write *size* bytes of *src* to *fd*."""
+    left = size
+    while left > 0:
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            raise EOFError
+        left -= len(chunk)
+        _write_all(fd, chunk)
+
+
+def _copy_sparse(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
+    """A sparse entry: its data regions, stored one after the other from
+    ``offset_data``, are written where the map puts them; the rest stays holes
+    (never a stream of zeros as long as the size the entry claims)."""
+    src: Any = tf.fileobj
+    src.seek(m.offset_data)
+    regions: Any = m.sparse  # (offset, length) pairs; typeshed has it as bytes
+    for offset, length in regions:
+        os.lseek(fd, offset, os.SEEK_SET)
+        left = length
+        while left > 0:
+            chunk = src.read(min(CHUNK, left))
+            if not chunk:
+                raise EOFError
+            left -= len(chunk)
+            _write_all(fd, chunk)
+    os.ftruncate(fd, m.size)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
