@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="instead of the comparison: py-spy profile of unionfs on walk,untar,rmrf",
     )
+    ap.add_argument(
+        "--count",
+        action="store_true",
+        help="instead of the comparison: FUSE requests per untar file, random write and exec",
+    )
     ap.add_argument("--build-only", action="store_true", help="build/cache the data set and exit")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results")
     return ap.parse_args(argv)
@@ -330,6 +335,19 @@ def _run(
     t_start: float,
 ) -> int:
     """The profile mode or the comparison proper, once everything is prepared."""
+
+    if args.count:
+        from requests import count_requests
+
+        uf = Unionfs(unionfs_python(), args.unionfs_options, code)
+        try:
+            text = count_requests(ds, uf, run_root, log)
+        finally:
+            sweep_stale_mounts(run_root, ds.root)
+        out = args.out / f"{stamp}-count.md"
+        out.write_text(text + "\n")
+        print(text)
+        return 0
 
     if args.profile:
         from pyspy_profile import profile_unionfs

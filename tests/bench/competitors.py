@@ -254,6 +254,9 @@ class FuseOverlayfs(FuseDaemon):
     name = "fuse-overlayfs"
     fstype = "fuse.fuse-overlayfs"
 
+    def __init__(self, debug: bool = False) -> None:
+        self.debug = debug  # -d: libfuse logs every request (bench.py --count)
+
     def available(self) -> str | None:
         return None if _which("fuse-overlayfs") else "fuse-overlayfs not installed"
 
@@ -265,7 +268,7 @@ class FuseOverlayfs(FuseDaemon):
         return "?"
 
     def command(self, opts: str, mnt: Path) -> list[str]:
-        return ["fuse-overlayfs", "-f", "-o", opts, os.fspath(mnt)]
+        return ["fuse-overlayfs", "-d" if self.debug else "-f", "-o", opts, os.fspath(mnt)]
 
     def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
         return ["fuse-overlayfs", "-o", opts, os.fspath(mnt)]
