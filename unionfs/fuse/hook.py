@@ -135,3 +135,16 @@ def request_counts(hook: ModuleType | None) -> dict[str, int]:
         return {}
     counts: dict[int, int] = hook.request_counts()
     return {OPCODES.get(op, str(op)): n for op, n in sorted(counts.items())}
+
+
+def release_deferred(hook: ModuleType | None) -> bool:
+    """Whether RELEASE is answered in C and queued for ``take_released`` (csrc/release.c)."""
+    return hook is not None and hook.bound() and "release" in hook.features()
+
+
+def take_released(hook: ModuleType | None) -> list[int]:
+    """The file handles released since the last call (already answered)."""
+    if hook is None:
+        return []
+    fhs: list[int] = hook.take_released()
+    return fhs

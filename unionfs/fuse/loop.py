@@ -96,12 +96,17 @@ class _Trio(types.ModuleType):
         return getattr(trio, name)
 
 
-PLAIN_ENV = "UNIONFS_PLAIN_LOOP"  # =1: pyfuse3's own loop (to compare, or to rule this out)
+# =1: pyfuse3's own loop, every RELEASE through Python too (to compare, or to rule these out).
+PLAIN_ENV = "UNIONFS_PLAIN_LOOP"
+
+
+def plain() -> bool:
+    return os.environ.get(PLAIN_ENV, "") not in ("", "0")
 
 
 def install(pyfuse3: types.ModuleType) -> None:
     """Give pyfuse3 the stand-in; call before ``pyfuse3.main`` and only with the C hook
     loaded (its request tap turns a lost race's EAGAIN into EINTR)."""
-    if os.environ.get(PLAIN_ENV, "") not in ("", "0"):
+    if plain():
         return
     pyfuse3.trio = _Trio()  # type: ignore[attr-defined]

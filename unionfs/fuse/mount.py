@@ -356,6 +356,10 @@ def serve(
     hook.configure(
         fusehook, setup.passthrough != "off", setup.stack_depth, killpriv=not setup.config.readonly
     )
+    from unionfs.fuse import loop
+
+    if fusehook is not None and loop.plain():
+        fusehook.configure_release(False)
 
     import pyfuse3
     import trio
@@ -385,14 +389,13 @@ def serve(
         startup.mark("mount")
         hook.check_bound(fusehook)
         if fusehook is not None and fusehook.bound():
-            from unionfs.fuse import loop
-
             loop.install(pyfuse3)
         privileges.take_owner_rights()
         try:
             trio.run(_run, ops, ready, lambda: _check_init(ops, setup.passthrough, fusehook))
         finally:
             pyfuse3.close(unmount=True)
+            ops.release_queued()
     finally:
         union.close()
         setup.release()
@@ -435,6 +438,7 @@ async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(_main, nursery.cancel_scope)
+        nursery.start_soon(_release_now_and_then, ops)
         await initialized.wait()
         try:
             check_init()
@@ -447,6 +451,15 @@ async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[
             ready()
     if refused is not None:
         raise refused
+
+
+async def _release_now_and_then(ops: Operations) -> None:
+    """Released handles are mostly closed at the next open; this catches the rest."""
+    import trio
+
+    while True:
+        await trio.sleep(1.0)
+        ops.release_queued()
 
 
 async def _main(scope: trio.CancelScope) -> None:

@@ -170,6 +170,8 @@ class Operations(pyfuse3.Operations):
         # Which opens the kernel serves by itself (unionfs.fuse.passthrough).
         self.passthrough = Passthrough(fusehook, passthrough, copy_up_possible=not union.readonly)
         self.on_init: Callable[[], None] | None = None  # called once INIT is handled
+        # RELEASE answered in C (csrc/release.c): the handles it queued are closed here.
+        self._release_deferred = False
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
         self.union = union
@@ -193,6 +195,7 @@ class Operations(pyfuse3.Operations):
             assert self._hook is not None
             self._request_kill = self._hook.request_kill
         self.passthrough.start(hook.passthrough_state(self._hook)["active"])
+        self._release_deferred = hook.release_deferred(self._hook)
         log.debug(
             "killpriv_v2 %s, passthrough %s",
             "on" if self._killpriv else "off",
@@ -417,9 +420,21 @@ class Operations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------
 
+    def release_queued(self) -> None:
+        """Close what the handles the kernel released (answered in C) still hold: at
+        each open, now and then, and at unmount."""
+        if not self._release_deferred:
+            return
+        for fh in hook.take_released(self._hook):
+            try:
+                self._release(fh)
+            except Exception:
+                log.exception("releasing file handle %d", fh)
+
     @boundary
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         kill = self._kill(ctx)  # before any await: it describes this request
+        self.release_queued()
         node = self._node(inode)
         if wants_write(flags) and self.passthrough.write_blocked(node):
             raise FUSEError(errno.ETXTBSY)
@@ -443,6 +458,7 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
+        self.release_queued()
         parent = self._node(parent_inode)
         with self._names_change(parent):
             node, fd = await namespace.create_file(

@@ -46,7 +46,8 @@ typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *,
 #endif
 
 static const struct hook_feature *const features[] = {&listing_feature, &passthrough_feature,
-                                                      &killpriv_feature, &requests_feature};
+                                                      &killpriv_feature, &requests_feature,
+                                                      &release_feature};
 #define N_FEATURES (sizeof(features) / sizeof(features[0]))
 
 static struct fuse_lowlevel_ops hooked_ops;
