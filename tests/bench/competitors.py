@@ -52,12 +52,15 @@ class Mounted:
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
                     self.facts["daemon_peak_rss_kib"] = int(line.split()[1])
-            stat_fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            # fields 14/15 (utime/stime) are indexes 11/12 after the ")".
-            cpu = (int(stat_fields[11]) + int(stat_fields[12])) / CLK_TCK
-            self.facts["daemon_cpu_s"] = round(cpu, 3)
+            self.facts["daemon_cpu_s"] = _cpu_seconds(self.pid)
         except (OSError, IndexError, ValueError):
             pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* (fields 14/15 of /proc/PID/stat, indexes 11/12 after ")")."""
+    stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round((int(stat_fields[11]) + int(stat_fields[12])) / CLK_TCK, 3)
 
 
 class Competitor:
@@ -245,6 +248,7 @@ class FuseDaemon(Competitor):
                     raise RuntimeError(f"{self.name} did not mount within 30 s")
                 time.sleep(0.005)
             m = Mounted(mnt, time.perf_counter() - t0, pid=proc.pid, upper=upper)
+            m.facts["daemon_cpu_ready_s"] = _cpu_seconds(proc.pid)  # start-up, not workload
             yield m
         finally:
             _stop_fuse(proc, mnt)
