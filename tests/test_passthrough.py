@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack
-from tests.features import libfuse317_expected, libfuse317_installed, libfuse_wanted
+from tests.features import hook_enabled, libfuse317_expected, libfuse317_installed, libfuse_wanted
 from tests.mounting import UnionMount, kernel_overlay, start_unionfs, unionfs_command
 from tests.test_merge import write
 
@@ -102,6 +102,26 @@ def test_a_read_only_mount_passes_lower_files_through(stack: Stack, mounted) -> 
     um = mounted(readonly=True, args=["-d"])
     assert (stack.mnt / "f").read_bytes() == b"x" * 100_000
     assert _requests(um, "read") == (0 if EXPECTED else 1)
+
+
+def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted) -> None:
+    """The daemon (and the C hook, csrc/caps.c) remember that a file has no
+    security.capability, so the kernel's many questions cost one answer from the file;
+    a capability set through the mount is seen at once."""
+    from tests.test_safety import CAPABILITY
+
+    write(stack.lowers[1] / "prog", b"#!/bin/sh\n")
+    um = mounted(args=["-d"])
+    for _ in range(3):
+        with pytest.raises(OSError) as e:
+            os.getxattr(stack.mnt / "prog", "security.capability")
+        assert e.value.errno == errno.ENODATA
+    asked = len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", um.log()))
+    assert asked == (1 if hook_enabled() else 3)
+    os.setxattr(stack.mnt / "prog", "security.capability", CAPABILITY)
+    assert os.getxattr(stack.mnt / "prog", "security.capability") == CAPABILITY
+    os.rename(stack.mnt / "prog", stack.mnt / "moved")
+    assert os.getxattr(stack.mnt / "moved", "security.capability") == CAPABILITY
 
 
 def test_passthrough_off_serves_everything(stack: Stack, mounted) -> None:

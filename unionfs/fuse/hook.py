@@ -137,9 +137,14 @@ def request_counts(hook: ModuleType | None) -> dict[str, int]:
     return {OPCODES.get(op, str(op)): n for op, n in sorted(counts.items())}
 
 
+def feature_active(hook: ModuleType | None, name: str) -> bool:
+    """Whether the feature *name* wrapped pyfuse3's table (valid once the session exists)."""
+    return hook is not None and hook.bound() and name in hook.features()
+
+
 def release_deferred(hook: ModuleType | None) -> bool:
     """Whether RELEASE is answered in C and queued for ``take_released`` (csrc/release.c)."""
-    return hook is not None and hook.bound() and "release" in hook.features()
+    return feature_active(hook, "release")
 
 
 def take_released(hook: ModuleType | None) -> list[int]:

@@ -195,6 +195,8 @@ class Operations(pyfuse3.Operations):
             assert self._hook is not None
             self._request_kill = self._hook.request_kill
         self.passthrough.start(hook.passthrough_state(self._hook)["active"])
+        if self._hook is not None and hook.feature_active(self._hook, "caps"):
+            self.union.on_caps_known = self._hook.caps_known
         self._release_deferred = hook.release_deferred(self._hook)
         log.debug(
             "killpriv_v2 %s, passthrough %s",

@@ -299,7 +299,7 @@ class Files:
         if self.union.readonly:
             raise readonly_error()
         await copy_up(self.union, node)
-        node.no_caps = False
+        self.union.caps_unknown(node)
         path, follow = self.union.real_path(node)
         os.setxattr(path, name, value, follow_symlinks=follow)
 
