@@ -12,7 +12,7 @@ SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
 
-.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines test-images demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines test-images demo lint conformance explain-oracle bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -52,7 +52,7 @@ test: install lint
 	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-passthrough-on)
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
-		--ignore=tests/image --ignore=tests/image_tools
+		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py
 	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-libfuse314)
 	$(MAKE) test-user
 	$(MAKE) test-engines
@@ -92,14 +92,19 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check unionfs tests examples
 	$(VENV)/bin/ruff format --check unionfs tests examples
-	$(VENV)/bin/mypy unionfs
+	$(VENV)/bin/mypy unionfs tests examples
 
 conformance: install
 	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED)
 
 bench: install
-	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,) $(if $(TRACE),--trace,) $(if $(BENCH_GROUPS),--groups $(BENCH_GROUPS),)
 	$(PY) tests/bench/images.py $(if $(QUICK),--quick,)
+
+# unionfs explain against the kernel overlay over more generated cases than make test runs.
+explain-oracle: install
+	UNIONFS_EXPLAIN_ORACLE_CASES=$(CASES) UNIONFS_EXPLAIN_ORACLE_SEED=$(SEED) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/inspect/test_explain_oracle.py
 
 # Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install

@@ -14,7 +14,8 @@ from tests.conftest import Stack
 from tests.mounting import REPO, mount_type, start_unionfs, unionfs_command
 from tests.test_merge import write
 from unionfs.errors import UsageError
-from unionfs.options import IdMap, parse_options, split_options
+from unionfs.options import parse_options, split_options
+from unionfs.overlay.idmap import IdMap
 
 
 def run(
@@ -236,10 +237,10 @@ def test_make_install_is_idempotent() -> None:
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
+    q = subprocess.run(
         ["make", "-q", os.fspath(REPO / ".venv" / ".installed")], cwd=REPO, check=False
     )
-    assert r.returncode == 0  # nothing left to do
+    assert q.returncode == 0  # nothing left to do
 
 
 def test_mount_t_fuse_unionfs_through_mount_fuse3(stack: Stack) -> None:

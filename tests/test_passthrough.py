@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.features import hook_enabled, libfuse317_expected, libfuse317_installed, libfuse_wanted
 from tests.mounting import UnionMount, kernel_overlay, start_unionfs, unionfs_command
 from tests.test_merge import write
@@ -64,7 +64,7 @@ def pyfuse3_path() -> str:
     return spec.origin
 
 
-def test_upper_files_are_read_and_written_by_the_kernel(stack: Stack, mounted) -> None:
+def test_upper_files_are_read_and_written_by_the_kernel(stack: Stack, mounted: Mounted) -> None:
     um = mounted(args=["-d"])
     data = os.urandom(1 << 20)
     with open(stack.mnt / "new", "wb") as f:
@@ -80,7 +80,7 @@ def test_upper_files_are_read_and_written_by_the_kernel(stack: Stack, mounted) -
         assert writes >= 1 and reads >= 1
 
 
-def test_a_lower_file_open_read_only_follows_a_copy_up(stack: Stack, mounted) -> None:
+def test_a_lower_file_open_read_only_follows_a_copy_up(stack: Stack, mounted: Mounted) -> None:
     """The kernel overlay's rule, kept by default: served by the daemon, the reader
     sees the upper copy's new data; once it is closed, opens pass through."""
     write(stack.lowers[1] / "f", b"lower")
@@ -97,14 +97,14 @@ def test_a_lower_file_open_read_only_follows_a_copy_up(stack: Stack, mounted) ->
         assert _requests(um, "read") == served
 
 
-def test_a_read_only_mount_passes_lower_files_through(stack: Stack, mounted) -> None:
+def test_a_read_only_mount_passes_lower_files_through(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[1] / "f", b"x" * 100_000)
     um = mounted(readonly=True, args=["-d"])
     assert (stack.mnt / "f").read_bytes() == b"x" * 100_000
     assert _requests(um, "read") == (0 if EXPECTED else 1)
 
 
-def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted) -> None:
+def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted: Mounted) -> None:
     """The daemon (and the C hook, csrc/caps.c) remember that a file has no
     security.capability, so the kernel's many questions cost one answer from the file;
     a capability set through the mount is seen at once."""
@@ -124,14 +124,14 @@ def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted) -> No
     assert os.getxattr(stack.mnt / "moved", "security.capability") == CAPABILITY
 
 
-def test_passthrough_off_serves_everything(stack: Stack, mounted) -> None:
+def test_passthrough_off_serves_everything(stack: Stack, mounted: Mounted) -> None:
     um = mounted(extra_options="passthrough=off", args=["-d"])
     (stack.mnt / "new").write_bytes(b"data")
     assert (stack.mnt / "new").read_bytes() == b"data"
     assert _requests(um, "write") == 1 and _requests(um, "read") == 1
 
 
-def test_writes_need_no_capability_probe_under_killpriv_v2(stack: Stack, mounted) -> None:
+def test_writes_need_no_capability_probe_under_killpriv_v2(stack: Stack, mounted: Mounted) -> None:
     """Without KILLPRIV_V2 the kernel asks for security.capability before every write."""
     um = mounted(extra_options="passthrough=off", args=["-d"])
     fd = os.open(stack.mnt / "f", os.O_CREAT | os.O_WRONLY, 0o644)
@@ -149,7 +149,7 @@ def test_writes_need_no_capability_probe_under_killpriv_v2(stack: Stack, mounted
 
 @pytest.mark.skipif(not EXPECTED, reason="needs passthrough (libfuse 3.17)")
 def test_passthrough_on_passes_lower_files_through_and_refuses_their_writes_meanwhile(
-    stack: Stack, mounted
+    stack: Stack, mounted: Mounted
 ) -> None:
     write(stack.lowers[1] / "f", b"lower")
     um = mounted(extra_options="passthrough=on", args=["-d"])
@@ -171,7 +171,7 @@ def test_passthrough_on_passes_lower_files_through_and_refuses_their_writes_mean
     assert (stack.lowers[1] / "f").read_bytes() == b"lower"
 
 
-def test_opens_of_one_file_in_every_order_all_succeed(stack: Stack, mounted) -> None:
+def test_opens_of_one_file_in_every_order_all_succeed(stack: Stack, mounted: Mounted) -> None:
     """The kernel fails an open whose kind (passthrough or not, which backing file)
     conflicts with the inode's other open files; every order here must work."""
     write(stack.lowers[1] / "f", b"0123456789")
@@ -193,7 +193,7 @@ def test_opens_of_one_file_in_every_order_all_succeed(stack: Stack, mounted) -> 
     assert (stack.upper / "f").read_bytes() == b"abcd456789"
 
 
-def test_hard_links_share_one_backing_file(stack: Stack, mounted) -> None:
+def test_hard_links_share_one_backing_file(stack: Stack, mounted: Mounted) -> None:
     mounted()
     (stack.mnt / "a").write_bytes(b"0000")
     os.link(stack.mnt / "a", stack.mnt / "b")
@@ -202,7 +202,7 @@ def test_hard_links_share_one_backing_file(stack: Stack, mounted) -> None:
         assert b.read() == b"1100"
 
 
-def test_shared_mappings_and_reads_agree(stack: Stack, mounted) -> None:
+def test_shared_mappings_and_reads_agree(stack: Stack, mounted: Mounted) -> None:
     mounted()
     (stack.mnt / "m").write_bytes(b"\0" * 8192)
     with open(stack.mnt / "m", "r+b") as f:
@@ -215,7 +215,9 @@ def test_shared_mappings_and_reads_agree(stack: Stack, mounted) -> None:
     assert (stack.upper / "m").read_bytes()[4096:4101] == b"hello"
 
 
-def test_data_written_through_passthrough_is_never_shown_stale(stack: Stack, mounted) -> None:
+def test_data_written_through_passthrough_is_never_shown_stale(
+    stack: Stack, mounted: Mounted
+) -> None:
     """Pages an earlier open through the daemon cached are dropped when the file was
     written through passthrough since."""
     write(stack.lowers[1] / "f", b"A" * 8192)

@@ -79,20 +79,36 @@ SUBCOMMANDS: dict[str, str] = {
     "layer": "unionfs.image.cli",
     "diff": "unionfs.image.cli",
     "commit": "unionfs.image.cli",
+    "explain": "unionfs.inspect.cli",
+    "trace": "unionfs.inspect.cli",
+    "check": "unionfs.inspect.cli",
+    "convert": "unionfs.inspect.cli",
 }
 
 
 def _subcommand(argv: list[str]) -> str | None:
     """The module for ``unionfs COMMAND ...``, or None for the plain mount command line.
 
-    mount(8) calls ``unionfs SOURCE MOUNTPOINT -o ...`` with any SOURCE, even one
-    spelled like a command: a command line that gives ``lowerdir=`` is a mount.
+    mount(8) calls ``unionfs SOURCE MOUNTPOINT -o rw,...`` (or ``ro,...``) with any
+    SOURCE, even one spelled like a command: that form is always a mount. The
+    inspection tools take the layers as ``-o lowerdir=...`` too, so nothing
+    else in the command line tells a mount from them.
     """
     if not argv or argv[0] not in SUBCOMMANDS:
         return None
-    if any("lowerdir=" in a for a in argv):
+    if _mount_helper_form(argv):
         return None
     return SUBCOMMANDS[argv[0]]
+
+
+def _mount_helper_form(argv: list[str]) -> bool:
+    """``SOURCE MOUNTPOINT -o OPTIONS``, OPTIONS starting with rw or ro, as mount.fuse3 writes it."""
+    return (
+        len(argv) == 4
+        and argv[2] == "-o"
+        and argv[3].split(",", 1)[0] in ("rw", "ro")
+        and "lowerdir=" in argv[3]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ class Options:
     static_nlink: bool = False
     userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
+    trace: str | None = None  # -o trace=FILE: the overlay's decisions as JSON lines
     uid_map: list[IdMap] = field(default_factory=list)
     gid_map: list[IdMap] = field(default_factory=list)
     squash_root: bool = False
@@ -234,6 +235,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         if mode not in ("auto", "on", "off"):
             raise UsageError(f"passthrough: expected auto, on or off, got {value!r}")
         opts.passthrough = mode
+    elif key == "trace":
+        opts.trace = unescape(need())
     elif key == "static_nlink":
         opts.static_nlink = True
     elif key == "userxattr" and value is None:

@@ -47,6 +47,7 @@ from competitors import (  # noqa: E402
     FuseOverlayfs,
     KernelOverlay,
     Plain,
+    TracedUnionfs,
     Unionfs,
     snapshot_unionfs,
     sweep_stale_mounts,
@@ -104,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fio-runtime", type=int, help="seconds per fio job (default 5, quick 1)")
     ap.add_argument("--unionfs-options", default="", help="extra -o options for unionfs")
     ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="also run unionfs with -o trace=FILE (competitor unionfs+trace): the cost of tracing",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="instead of the comparison: py-spy profile of unionfs on walk,untar,rmrf",
@@ -133,7 +139,10 @@ def make_competitors(
         "kernel": KernelOverlay(),
         "fuse-overlayfs": FuseOverlayfs(),
         "unionfs": Unionfs(unionfs_python(), args.unionfs_options, code),
+        "unionfs+trace": TracedUnionfs(unionfs_python(), args.unionfs_options, code),
     }
+    if args.trace and "unionfs" in names and "unionfs+trace" not in names:
+        names = [*names, "unionfs+trace"]
     chosen = []
     for n in names:
         if n not in table:

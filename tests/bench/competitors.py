@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 if os.fspath(REPO) not in sys.path:
     sys.path.insert(0, os.fspath(REPO))
 
-from tests.mounting import lazy_unmount, mount_type, overlay_options  # noqa: E402
+from tests.mounting import escape_path, lazy_unmount, mount_type, overlay_options  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -337,6 +337,16 @@ class Unionfs(FuseDaemon):
         env = self.env()
         env["UNIONFS_STARTUP_TIMES"] = os.fspath(times_file)
         return env
+
+
+class TracedUnionfs(Unionfs):
+    """unionfs with ``-o trace=FILE`` (in the trial's scratch dir): what tracing costs."""
+
+    name = "unionfs+trace"
+
+    def command(self, opts: str, mnt: Path) -> list[str]:
+        trace = escape_path(mnt.parent / "trace.jsonl")
+        return super().command(f"{opts},trace={trace}", mnt)
 
 
 def snapshot_unionfs(dest: Path, python: str = sys.executable) -> Path:

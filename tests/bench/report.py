@@ -79,7 +79,11 @@ def results_table(
     the pair-by-pair slowdown of *subject* against fuse-overlayfs and the kernel."""
     by = _by(trials)
     refs = [c for c in ("fuse-overlayfs", "kernel") if c in competitors and subject in competitors]
-    head = ["workload", "unit", *competitors, *[f"{subject} ÷ {r}" for r in refs]]
+    pairs: list[tuple[str, str]] = [(subject, r) for r in refs]
+    traced = f"{subject}+trace"  # the cost of tracing: against the same daemon without it
+    if traced in competitors and subject in competitors:
+        pairs.append((traced, subject))
+    head = ["workload", "unit", *competitors, *[f"{a} ÷ {b}" for a, b in pairs]]
     rows = [head, ["---"] * len(head)]
     for g in groups:
         for metric in g.metrics:
@@ -91,8 +95,8 @@ def results_table(
                     if metric.key in t["metrics"]
                 ]
                 row.append(spread(vals))
-            for r in refs:
-                ours, theirs = by.get((subject, g.name), {}), by.get((r, g.name), {})
+            for a_name, r in pairs:
+                ours, theirs = by.get((a_name, g.name), {}), by.get((r, g.name), {})
                 ratios = []
                 for rep in sorted(set(ours) & set(theirs)):
                     a = ours[rep]["metrics"].get(metric.key)

@@ -33,7 +33,7 @@ def _untar(m: Mounted, ds: Dataset) -> int:
     target.mkdir()
     timed(["tar", "-C", os.fspath(target), "-xf", os.fspath(ds.tarball)])
     subprocess.run(["sync"], check=True)
-    return ds.spec.untar_files
+    return int(ds.spec.untar_files)
 
 
 def _random_writes(m: Mounted, ds: Dataset) -> int:
@@ -104,4 +104,4 @@ def count_requests(
             top = ", ".join(f"{k.lower()} {fmt_num(v / n)}" for k, v in counts.most_common(5))
             rows.append([f"{name} (per {unit})", comp.name, fmt_num(total / n), top])
             log(f"count: {name} on {comp.name}: {total} requests for {n} {unit}s")
-    return _md(rows)
+    return str(_md(rows))

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import trio
 
     from unionfs.fuse.operations import Operations
+    from unionfs.overlay.union import Union
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,16 @@ class Setup:
     passthrough: str = "off"  # auto | on | off, as resolved for this mount (see _passthrough)
     stack_depth: int = 0  # how deep backing files may be stacked (0: on a plain filesystem)
     passthrough_note: str = ""  # why passthrough is off or limited, logged once serving
+    trace_path: Path | None = None  # -o trace=FILE, opened (append) before the mount
+    trace_fd: int | None = None
 
     def release(self) -> None:
         for fd in self.lock_fds:
             os.close(fd)
         self.lock_fds.clear()
+        if self.trace_fd is not None:
+            os.close(self.trace_fd)
+            self.trace_fd = None
 
 
 def _resolve_dir(kind: str, raw: str) -> Path:
@@ -149,6 +155,8 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         if _inside(path, mnt):
             raise UsageError(f"{kind} {path} is inside mountpoint {mnt}")
 
+    trace = _trace_path(opts.trace, mnt, named) if opts.trace is not None else None
+
     check_fuse_device()
     unprivileged = os.geteuid() != 0
     if unprivileged and upper is not None:
@@ -199,22 +207,46 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
         xattrs=xattrs,
-        ids=IdMapper(
-            IdTable(
-                opts.uid_map,
-                opts.squash_uid
-                if opts.squash_uid is not None
-                else (0 if opts.squash_root else None),
-            ),
-            IdTable(
-                opts.gid_map,
-                opts.squash_gid
-                if opts.squash_gid is not None
-                else (0 if opts.squash_root else None),
-            ),
-        ),
+        ids=id_mapper(opts),
     )
-    return Setup(config, mnt, fuse, locks, passthrough, depth, note)
+    setup = Setup(config, mnt, fuse, locks, passthrough, depth, note)
+    if trace is not None:
+        try:
+            setup.trace_fd = os.open(
+                trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            setup.release()
+            raise UsageError(f"trace file {trace}: {e.strerror}") from None
+        setup.trace_path = trace
+    return setup
+
+
+def id_mapper(opts: Options) -> IdMapper:
+    """The owner mapping that ``uidmapping``/``gidmapping``/``squash_*`` ask for."""
+    squash_uid = (
+        opts.squash_uid if opts.squash_uid is not None else (0 if opts.squash_root else None)
+    )
+    squash_gid = (
+        opts.squash_gid if opts.squash_gid is not None else (0 if opts.squash_root else None)
+    )
+    return IdMapper(IdTable(opts.uid_map, squash_uid), IdTable(opts.gid_map, squash_gid))
+
+
+def _trace_path(raw: str, mnt: Path, named: list[tuple[str, Path]]) -> Path:
+    """The trace file's absolute path: outside the mount (writing it would wait on
+    the daemon itself) and outside every layer (it would change what they show)."""
+    path = Path(os.path.abspath(raw))
+    parent = Path(os.path.realpath(path.parent))
+    if not parent.is_dir():
+        raise UsageError(f"trace file {raw}: no such directory {path.parent}")
+    path = parent / path.name
+    if path.is_dir():
+        raise UsageError(f"trace file {raw}: is a directory")
+    for kind, where in [("mountpoint", mnt), *named]:
+        if _inside(path, where):
+            raise UsageError(f"trace file {path} is inside {kind} {where}")
+    return path
 
 
 def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int, str]:
@@ -392,7 +424,14 @@ def serve(
             loop.install(pyfuse3)
         privileges.take_owner_rights()
         try:
-            trio.run(_run, ops, ready, lambda: _check_init(ops, setup.passthrough, fusehook))
+            trio.run(
+                _run,
+                ops,
+                ready,
+                lambda: _check_init(ops, setup.passthrough, fusehook),
+                union,
+                setup,
+            )
         finally:
             pyfuse3.close(unmount=True)
             ops.release_queued()
@@ -425,18 +464,27 @@ def _check_init(ops: Operations, passthrough: str, fusehook: ModuleType | None) 
         raise UsageError(f"passthrough=on: FUSE passthrough is not available: {why}")
 
 
-async def _run(ops: Operations, ready: Callable[[], None], check_init: Callable[[], None]) -> None:
+async def _run(
+    ops: Operations,
+    ready: Callable[[], None],
+    check_init: Callable[[], None],
+    union: Union,
+    setup: Setup,
+) -> None:
     """Serve requests; call *ready* once the kernel's INIT is handled and passes
     *check_init* (the kernel sends INIT as soon as it mounts)."""
     import trio
 
     from unionfs import startup
+    from unionfs.fuse import tracing
 
+    trace_fd, setup.trace_fd = setup.trace_fd, None  # the tracer closes it
     initialized = trio.Event()
     ops.on_init = initialized.set
     refused: UsageError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
+        await nursery.start(tracing.control, union, setup.mountpoint, setup.trace_path, trace_fd)
         nursery.start_soon(_main, nursery.cancel_scope)
         nursery.start_soon(_release_now_and_then, ops)
         await initialized.wait()

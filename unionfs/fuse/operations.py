@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
-from unionfs.fuse import hook
+from unionfs.fuse import hook, tracing
 from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
 from unionfs.fuse.passthrough import Passthrough
 from unionfs.overlay import namespace
@@ -70,6 +70,8 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
     async def wrapper(*args: Any) -> Any:
         if DEBUG:
             log.debug("%s%r", name, args[1:])
+        tracer = tracing.active  # None unless someone traces the mount
+        token = tracing.enter(args[0], name, args) if tracer is not None else None
         try:
             return await fn(*args)
         except FUSEError:
@@ -77,6 +79,8 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
                 return None
             raise
         except OSError as e:
+            if tracer is not None:
+                tracer.failed(e)
             if not answer:
                 log.warning("%s%r failed: %s", name, args[1:], e)
                 return None
@@ -92,6 +96,9 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
                 return None
             log.exception("unexpected error in %s%r; answering EIO", name, args[1:])
             raise FUSEError(errno.EIO) from None
+        finally:
+            if token is not None:
+                tracing.CURRENT.reset(token)
 
     return wrapper
 

@@ -13,14 +13,16 @@ import errno
 import logging
 import os
 import stat
+import time
 
 import trio
 
+from unionfs.overlay.events import COPY_UP, PRIVILEGE_DROPPED, Refused
 from unionfs.overlay.layers import discard, open_noatime, stat_with
 from unionfs.overlay.markers import is_private_xattr
 from unionfs.overlay.nodes import Node
 from unionfs.overlay.syscalls import RENAME_NOREPLACE, clone_or_copy, fd_path, renameat2
-from unionfs.overlay.union import Union
+from unionfs.overlay.union import Union, join
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,29 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 1 << 20
 
 
-def readonly_error() -> OSError:
-    return OSError(errno.EROFS, "read-only union")
+def readonly_error(path: bytes = b"") -> OSError:
+    return Refused(errno.EROFS, "the mount is read-only (no upperdir, or -o ro)", path)
+
+
+def check_copy_up(union: Union) -> None:
+    """What refuses every copy-up: a mount without a writable upper."""
+    if union.readonly or union.upper is None:
+        raise readonly_error()
+
+
+def pending_copy_ups(union: Union, node: Node) -> list[Node]:
+    """What ``copy_up(node)`` would copy, the outermost parent first (``unionfs
+    explain``); raises what it would refuse with."""
+    chain: list[Node] = []
+    cur: Node | None = node
+    while cur is not None and not cur.layer.writable:
+        check_copy_up(union)
+        if cur.parent is None:
+            raise FileExistsError(errno.EEXIST, "removed; its name is taken", cur.name)
+        chain.append(cur)
+        cur = cur.parent
+    chain.reverse()
+    return chain
 
 
 async def wait_for_copy_up(node: Node) -> None:
@@ -51,8 +74,7 @@ async def copy_up(union: Union, node: Node, size: int | None = None) -> None:
     """
     if node.layer.writable:
         return
-    if union.readonly or union.upper is None:
-        raise readonly_error()
+    check_copy_up(union)
     if node.lock is None:
         node.lock = trio.Lock()
     async with node.lock:  # concurrent writers of one file: one copy-up
@@ -73,15 +95,24 @@ async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None)
     src_layer = node.layer
     ppath = parent.path
     src_dir = src_layer.dirfd(ppath)
+    started = time.monotonic()
     st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
     if src_layer.nosuid and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         st = stat_with(st, mode=st.st_mode & ~(stat.S_ISUID | stat.S_ISGID))
+        union.tell(
+            PRIVILEGE_DROPPED,
+            join(ppath, node.name),
+            bits="setuid/setgid",
+            why=f"layer {src_layer.index} is on a nosuid filesystem",
+        )
     work = union.work_fd
     tmp = union.tmp_name()
     kind = stat.S_IFMT(st.st_mode)
+    copied, method = 0, "metadata"
     try:
         if kind == stat.S_IFREG:
-            await _copy_file(src_dir, node.name, work, tmp, st, size)
+            copied = st.st_size if size is None else min(size, st.st_size)
+            method = await _copy_file(src_dir, node.name, work, tmp, st, size)
         else:
             if kind == stat.S_IFDIR:
                 os.mkdir(tmp, 0o700, dir_fd=work)
@@ -113,25 +144,36 @@ async def _copy_up_one(union: Union, node: Node, parent: Node, size: int | None)
         union.follow_copy_up(node)
         union.attr_changed(node)  # nlink of a split hard link, blocks of a sparse copy
     log.debug("copied up %r", node)
+    if union.events is not None:
+        union.events.emit(
+            COPY_UP,
+            join(ppath, node.name),
+            layer=src_layer.index,
+            bytes=copied,
+            method=method,
+            duration_s=round(time.monotonic() - started, 6),
+        )
 
 
 async def _copy_file(
     src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_result, size: int | None
-) -> None:
+) -> str:
+    """Copy the data and metadata; returns how the data was copied (``clone_or_copy``)."""
     length = st.st_size if size is None else min(size, st.st_size)
     src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, src_dir)
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
             if length > THREAD_THRESHOLD:
-                await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
+                method = await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
             else:
-                clone_or_copy(src, dst, length)
+                method = clone_or_copy(src, dst, length)
             copy_metadata(fd_path(src_dir, name), dst, st, src_fd=src)
         finally:
             os.close(dst)
     finally:
         os.close(src)
+    return method
 
 
 def copy_metadata(

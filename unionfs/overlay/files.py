@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import trio
 
 from unionfs.overlay.copyup import copy_up, readonly_error
+from unionfs.overlay.events import PRIVILEGE_DROPPED, Refused
 from unionfs.overlay.markers import is_private_xattr
 from unionfs.overlay.nodes import Node, OpenFile
-from unionfs.overlay.union import Union
+from unionfs.overlay.union import CAPS_XATTR, Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
 # (creation, truncation) or computes the offsets itself (append).
@@ -40,6 +41,14 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     if writeback and flags & os.O_ACCMODE == os.O_WRONLY:
         return (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags
+
+
+def check_setxattr(union: Union, name: bytes) -> None:
+    """What refuses a setxattr before anything changes."""
+    if is_private_xattr(name):
+        raise Refused(errno.EOPNOTSUPP, "the overlay's private xattrs cannot be set", name)
+    if union.readonly:
+        raise readonly_error()
 
 
 def _in_every_group(gid: int) -> bool:
@@ -117,6 +126,12 @@ class Files:
         fd = self._open_for_kernel(node, flags)
         if flags & os.O_TRUNC and kill is not None and kill_setid(fd, kill):
             self.union.attr_changed(node)
+            self.union.tell(
+                PRIVILEGE_DROPPED,
+                node.path,
+                bits="setuid/setgid",
+                why="O_TRUNC by a caller without CAP_FSETID",
+            )
         return fd
 
     def _open_real(self, node: Node, flags: int) -> int:
@@ -191,6 +206,9 @@ class Files:
         f = self.handles[fh]
         if kill is not None and kill_setid(f.fd, kill):
             self.union.attr_changed(f.node)
+            if self.union.events is not None and not f.node.unlinked:
+                why = "a write by a caller without CAP_FSETID"
+                self.union.tell(PRIVILEGE_DROPPED, f.node.path, bits="setuid/setgid", why=why)
         return os.pwrite(f.fd, data, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -221,6 +239,7 @@ class Files:
         if union.readonly:
             raise readonly_error()
         await copy_up(union, node, size=change.size)
+        before = self._privileges(node) if union.events is not None else None
         if change.size is not None:
             if fh is not None and fh in self.handles:
                 os.ftruncate(self._fd(fh), change.size)
@@ -254,6 +273,41 @@ class Files:
                 atime = st.st_atime_ns if atime is None else atime
                 mtime = st.st_mtime_ns if mtime is None else mtime
             os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
+        if before is not None:
+            self._tell_dropped(node, change, before)
+
+    def _privileges(self, node: Node) -> tuple[int, bool]:
+        """The setuid/setgid bits and whether file capabilities are set (tracing only)."""
+        path, follow = self.union.real_path(node)
+        try:
+            mode = os.stat(path, follow_symlinks=follow).st_mode
+            caps = CAPS_XATTR in (
+                os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)
+            )
+        except OSError:
+            return 0, False
+        return mode & (stat.S_ISUID | stat.S_ISGID), caps
+
+    def _tell_dropped(self, node: Node, change: Change, before: tuple[int, bool]) -> None:
+        """Report setuid/setgid bits or capabilities that a change cleared: a chown
+        clears them, and the kernel asks for a mode without them after a write by
+        someone other than the owner."""
+        bits, caps = self._privileges(node)
+        lost = [
+            name
+            for flag, name in ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"))
+            if before[0] & flag and not bits & flag
+        ]
+        if before[1] and not caps:
+            lost.append("capabilities")
+        if lost:
+            if change.uid is not None or change.gid is not None:
+                why = "chown"
+            elif change.mode is not None:
+                why = "mode change"
+            else:
+                why = "a write or truncate by a caller without CAP_FSETID"
+            self.union.tell(PRIVILEGE_DROPPED, node.path, bits="/".join(lost), why=why)
 
     def _kill_setid(self, node: Node, fh: int | None, kill: Kill) -> None:
         if fh is not None and fh in self.handles:
@@ -294,10 +348,7 @@ class Files:
     # -- extended attributes (writing) ---------------------------------------
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
-        if is_private_xattr(name):
-            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
-        if self.union.readonly:
-            raise readonly_error()
+        check_setxattr(self.union, name)
         await copy_up(self.union, node)
         self.union.caps_unknown(node)
         path, follow = self.union.real_path(node)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from unionfs.overlay import markers
 from unionfs.overlay.copyup import copy_up, readonly_error, wait_for_copy_up
+from unionfs.overlay.events import OPAQUE, WHITEOUT, Refused
 from unionfs.overlay.files import readable_for_writeback
 from unionfs.overlay.layers import discard, remove_tree
 from unionfs.overlay.markers import is_whiteout
@@ -29,6 +30,8 @@ from unionfs.overlay.union import Union, join
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+MOVED_INTO_MERGED = "a directory moved into a merged directory"
+MERGED_DIR_RENAME = "a directory with lower parts cannot move without redirect_dir"
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,12 @@ class Caller:
     groups: frozenset[int] = frozenset()
 
 
-def check_new_name(name: bytes) -> None:
+def check_new_name(name: bytes, parent: bytes = b"") -> None:
+    """A name that may be created in the upper (*parent* only names it in errors)."""
     if markers.is_oci_name(name):
-        raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", name)
+        raise Refused(
+            errno.EINVAL, "a name starting with .wh. is reserved for whiteouts", join(parent, name)
+        )
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
@@ -74,12 +80,18 @@ def _writable(union: Union) -> None:
         raise readonly_error()
 
 
-async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bool]:
-    """Copy the parent up and say whether *name* is a whiteout there now."""
+def check_create(union: Union, parent: Node, name: bytes) -> None:
+    """What refuses a new *name* in *parent* before anything changes (create, mkdir,
+    mknod, symlink, and the new name of a link)."""
     _writable(union)
-    check_new_name(name)
+    check_new_name(name, parent.path)
     if union.lookup(parent, name) is not None:
         raise FileExistsError(errno.EEXIST, "exists", name)
+
+
+async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bool]:
+    """Copy the parent up and say whether *name* is a whiteout there now."""
+    check_create(union, parent, name)
     await copy_up(union, parent)
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
@@ -148,12 +160,16 @@ async def create_node(
 ) -> Node:
     """mkdir, mknod and symlink: a new entry owned by *caller*."""
     if stat.S_ISCHR(mode) and rdev == 0:
-        raise PermissionError(errno.EPERM, "a 0/0 character device is a whiteout", name)
+        raise Refused(errno.EPERM, "a 0/0 character device is a whiteout", join(parent.path, name))
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     uid, gid, mode = new_owner(os.stat(dirfd), caller, mode)
 
     if stat.S_ISDIR(mode):
         _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode)
+        if over_whiteout:
+            path = join(parent.path, name)
+            union.tell(WHITEOUT, path, outcome="removed", why="replaced by a new directory")
+            union.tell(OPAQUE, path, outcome="created", why="a directory made over a whiteout")
     else:
 
         def make(fd: int, n: bytes) -> None:
@@ -164,9 +180,17 @@ async def create_node(
             _set_owner(fd, n, uid, gid, mode)
 
         _place(union, dirfd, name, over_whiteout, make)
+        _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(
         union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
     )
+
+
+def _replaced_whiteout(union: Union, parent: Node, name: bytes, over_whiteout: bool) -> None:
+    if over_whiteout:
+        union.tell(
+            WHITEOUT, join(parent.path, name), outcome="removed", why="replaced by a new entry"
+        )
 
 
 def _mkdir(
@@ -222,15 +246,13 @@ async def create_file(
         for f in fds:
             os.close(f)
         raise
+    _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(union, parent, name, os.fstat(fds[0])), fds[0]
 
 
 async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     """A hard link: the file is copied up first, then linked inside the upper."""
-    _writable(union)
-    check_new_name(name)
-    if union.lookup(parent, name) is not None:
-        raise FileExistsError(errno.EEXIST, "exists", name)
+    check_create(union, parent, name)
     await copy_up(union, node)
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     src_parent = node.parent
@@ -244,6 +266,7 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
         os.link(node.name, n, src_dir_fd=src_dir, dst_dir_fd=fd, follow_symlinks=False)
 
     _place(union, dirfd, name, over_whiteout, make)
+    _replaced_whiteout(union, parent, name, over_whiteout)
     union.add_alias(node, parent, name)
     return node
 
@@ -272,20 +295,29 @@ def _created(union: Union, parent: Node, name: bytes, st: os.stat_result | None 
 # -- removing ---------------------------------------------------------------
 
 
-async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
-    """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
+def check_remove(
+    union: Union, parent: Node, name: bytes, want_dir: bool
+) -> tuple[Node, os.stat_result]:
+    """What refuses unlink (rmdir with *want_dir*) before anything changes; the node
+    to remove and its stat otherwise."""
     _writable(union)
     found = union.lookup(parent, name)
     if found is None or found[1] is None:  # no stat: "." or "..", which the VFS never removes
         raise FileNotFoundError(errno.ENOENT, "no such entry", name)
     node, st = found[0], found[1]
-    layer = node.layer
     if want_dir and not node.is_dir:
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", name)
     if not want_dir and node.is_dir:
         raise IsADirectoryError(errno.EISDIR, "is a directory", name)
     if want_dir and not union.is_empty(node):
         raise OSError(errno.ENOTEMPTY, "directory not empty", name)
+    return node, st
+
+
+async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
+    """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
+    node, st = check_remove(union, parent, name, want_dir)
+    layer = node.layer
     await copy_up(union, parent)
     await wait_for_copy_up(node)  # the last await: what follows is one step
     if node.layer is not layer:  # copied up meanwhile: the stat from lookup is stale
@@ -312,6 +344,8 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
             union.inos.upper_gone(st.st_ino)
     else:
         markers.make_whiteout(dirfd, name, union.work_fd)
+    if needs_whiteout or not node.layer.writable:
+        union.tell(WHITEOUT, path, outcome="created", why="a lower layer has the name")
     # Committed: the table follows, and only then the clean-up, which cannot fail
     # the request any more.
     if want_dir:
@@ -347,24 +381,20 @@ def _has_lower_parts(node: Node) -> bool:
     return bool(node.lowers) or not node.layer.writable
 
 
-async def rename(
+def check_rename(
     union: Union, sparent: Node, sname: bytes, dparent: Node, dname: bytes, flags: int
-) -> None:
-    """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, by the kernel overlay's rules.
-
-    A directory that has lower parts cannot move (EXDEV, like the kernel
-    without redirect_dir), so ``mv`` falls back to copying. Anything else is
-    copied up and renamed inside the upper; the old name gets a whiteout when
-    a lower layer still has it, and a directory moved into a merged directory
-    becomes opaque so a lower namesake cannot leak into it.
-    """
+) -> tuple[Node, Node | None]:
+    """What refuses a rename before anything changes; the source and the target
+    (None: no target) otherwise. The same node twice means there is nothing to do."""
     _writable(union)
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-        raise OSError(errno.EINVAL, "unsupported rename flags")
+        raise Refused(
+            errno.EINVAL, "an overlay supports no rename flag but NOREPLACE and EXCHANGE", sname
+        )
     swap = bool(flags & RENAME_EXCHANGE)
-    check_new_name(dname)
+    check_new_name(dname, dparent.path)
     if swap:
-        check_new_name(sname)
+        check_new_name(sname, sparent.path)
     src = _node(union.lookup(sparent, sname))
     if src is None:
         raise FileNotFoundError(errno.ENOENT, "no such entry", sname)
@@ -374,7 +404,7 @@ async def rename(
     if dst is not None and flags & RENAME_NOREPLACE:
         raise FileExistsError(errno.EEXIST, "exists", dname)
     if dst is src:
-        return
+        return src, dst
     if src.is_dir and dparent.is_under(src):
         raise OSError(errno.EINVAL, "cannot move a directory into itself", sname)
     if swap and dst is not None and dst.is_dir and sparent.is_under(dst):
@@ -387,12 +417,29 @@ async def rename(
         if not src.is_dir and dst.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory", dname)
     if src.is_dir and _has_lower_parts(src):
-        raise OSError(errno.EXDEV, "directory has lower layers", sname)
+        raise Refused(errno.EXDEV, MERGED_DIR_RENAME, join(sparent.path, sname))
     if swap and dst is not None and dst.is_dir and _has_lower_parts(dst):
-        raise OSError(errno.EXDEV, "directory has lower layers", dname)
+        raise Refused(errno.EXDEV, MERGED_DIR_RENAME, join(dparent.path, dname))
     if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
         raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
+    return src, dst
 
+
+async def rename(
+    union: Union, sparent: Node, sname: bytes, dparent: Node, dname: bytes, flags: int
+) -> None:
+    """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, by the kernel overlay's rules.
+
+    A directory that has lower parts cannot move (EXDEV, like the kernel
+    without redirect_dir), so ``mv`` falls back to copying. Anything else is
+    copied up and renamed inside the upper; the old name gets a whiteout when
+    a lower layer still has it, and a directory moved into a merged directory
+    becomes opaque so a lower namesake cannot leak into it.
+    """
+    src, dst = check_rename(union, sparent, sname, dparent, dname, flags)
+    if dst is src:
+        return
+    swap = bool(flags & RENAME_EXCHANGE)
     await copy_up(union, src)
     if swap and dst is not None:
         await copy_up(union, dst)
@@ -409,15 +456,17 @@ async def rename(
     dfd = upper.dirfd(dparent.path)
     if src.is_dir and dparent.lowers:
         markers.set_opaque(sfd, sname, union.config.xattrs)
+        union.tell(OPAQUE, dpath, outcome="created", why=MOVED_INTO_MERGED)
     if swap:
         assert dst is not None
         if dst.is_dir and sparent.lowers:
             markers.set_opaque(dfd, dname, union.config.xattrs)
+            union.tell(OPAQUE, spath, outcome="created", why=MOVED_INTO_MERGED)
     moved_out: bytes | None = None
     if swap:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
     else:
-        moved_out = _rename_over(union, src, sparent, sname, sfd, dst, dname, dfd)
+        moved_out = _rename_over(union, src, sparent, sname, sfd, dst, dpath, dfd)
     # Committed: the table follows, then the clean-up.
     upper.forget_dirs(spath)
     upper.forget_dirs(dpath)
@@ -433,11 +482,13 @@ def _rename_over(
     sname: bytes,
     sfd: int,
     dst: Node | None,
-    dname: bytes,
+    dpath: bytes,
     dfd: int,
 ) -> bytes | None:
     """Rename without exchange; returns what it moved into the workdir, if anything,
     for the caller to remove once the change is complete."""
+    dname = dpath.rpartition(b"/")[2]
+    spath = join(sparent.path, sname)
     src_whiteout = union.lower_has_name(sparent, sname)
     try:
         d_up: os.stat_result | None = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
@@ -468,6 +519,9 @@ def _rename_over(
         # then is dropped unless the old name needs one anyway.
         keep = src_whiteout or src.is_dir
         markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=keep)
+        union.tell(WHITEOUT, dpath, outcome="removed", why="replaced by a renamed entry")
+        if src_whiteout:
+            union.tell(WHITEOUT, spath, outcome="created", why="a lower layer has the old name")
         if keep and not src_whiteout:
             try:
                 os.unlink(sname, dir_fd=sfd)
@@ -485,6 +539,7 @@ def _rename_over(
         union.inos.upper_gone(d_up.st_ino)
     if src_whiteout:
         markers.rename_leaving_whiteout(sfd, sname, dfd, dname)
+        union.tell(WHITEOUT, spath, outcome="created", why="a lower layer has the old name")
     else:
         renameat2(sfd, sname, dfd, dname)
     return moved_out

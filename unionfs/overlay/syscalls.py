@@ -109,8 +109,9 @@ def _walk_beneath(dirfd: int, path: bytes, flags: int) -> int:
             os.close(cur)
 
 
-def clone_or_copy(src: int, dst: int, size: int) -> None:
-    """Copy *size* bytes from *src* to *dst* keeping holes as holes.
+def clone_or_copy(src: int, dst: int, size: int) -> str:
+    """Copy *size* bytes from *src* to *dst* keeping holes as holes; returns how:
+    ``reflink``, ``copy_file_range``, ``read/write`` (or ``none``: only holes).
 
     A reflink (``FICLONE``) shares the blocks when the filesystem allows it;
     otherwise each data extent found with ``SEEK_DATA``/``SEEK_HOLE`` is copied
@@ -119,9 +120,10 @@ def clone_or_copy(src: int, dst: int, size: int) -> None:
     """
     try:
         fcntl.ioctl(dst, FICLONE, src)
-        return
+        return "reflink"
     except OSError:
         pass
+    method = "none"  # until some data is copied: an empty or all-hole file
     off = 0
     while off < size:
         try:
@@ -131,12 +133,17 @@ def clone_or_copy(src: int, dst: int, size: int) -> None:
                 break
             raise
         hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-        _copy_range(src, dst, data, hole - data)
+        if not _copy_range(src, dst, data, hole - data):
+            method = "read/write"
+        elif method == "none":
+            method = "copy_file_range"
         off = hole
     os.ftruncate(dst, size)
+    return method
 
 
-def _copy_range(src: int, dst: int, off: int, count: int) -> None:
+def _copy_range(src: int, dst: int, off: int, count: int) -> bool:
+    """Copy with ``copy_file_range``; False when it fell back to read/write."""
     end = off + count
     while off < end:
         try:
@@ -145,10 +152,11 @@ def _copy_range(src: int, dst: int, off: int, count: int) -> None:
             if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
             _copy_range_slow(src, dst, off, end - off)
-            return
+            return False
         if n == 0:  # the source shrank under us
-            return
+            return True
         off += n
+    return True
 
 
 def _copy_range_slow(src: int, dst: int, off: int, count: int) -> None:

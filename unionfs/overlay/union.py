@@ -22,8 +22,10 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from unionfs.overlay import markers
+from unionfs.overlay.events import Sink
 from unionfs.overlay.idmap import IDENTITY, IdMapper
 from unionfs.overlay.layers import Layer, discard, stat_with
 from unionfs.overlay.markers import TRUSTED, XattrNamespace, is_private_xattr, is_whiteout
@@ -35,6 +37,18 @@ log = logging.getLogger(__name__)
 CAPS_XATTR = b"security.capability"
 WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
 _NO_STAT = os.stat_result((0,) * 10)  # placeholder in name-only entries
+
+# What ``resolve`` found in each layer it looked at, told to its *why* recorder
+# (``unionfs explain``): one call per layer, top first, with the rule applied.
+ABSENT = "absent"  # nothing here: the search goes on below
+PROVIDES = "provides"  # the topmost entry, not a directory: nothing below shows
+DIRECTORY = "directory"  # a directory: the topmost, or one merging into it
+OPAQUE = "opaque"  # a directory marked opaque: nothing below merges into it
+WHITEOUT = "whiteout"  # a kernel whiteout: hides the name in every layer below
+OCI_WHITEOUT = "oci-whiteout"  # a .wh.NAME file beside it: hides the name below
+ENDS_MERGE = "ends-merge"  # not a directory, under a directory above: the merge stops
+RESERVED = "reserved"  # an OCI marker's name, never shown from a lower layer
+Why = Callable[[Layer, os.stat_result | None, str], None]
 
 
 @dataclass
@@ -95,6 +109,8 @@ class Union:
         # without the daemon (csrc/caps.c).
         self.on_caps_known: Callable[[int, bool], None] | None = None
         self.table.on_drop = self._forget_caps
+        # Set by the FUSE adapter while someone traces the mount (see ``events``).
+        self.events: Sink | None = None
 
     def close(self) -> None:
         for layer in self.layers:
@@ -119,12 +135,13 @@ class Union:
                 break
         return out
 
-    def resolve(self, parent: Node, name: bytes) -> Entry | None:
+    def resolve(self, parent: Node, name: bytes, why: Why | None = None) -> Entry | None:
         """Find *name* in *parent*: the topmost layer that has it, its stat, and the
         lower layers that merge into it when it is a directory.
 
         Whiteouts end the search; a non-directory hides everything below it;
-        directories merge until one of them is opaque.
+        directories merge until one of them is opaque. *why*, when given, is told
+        the rule applied in each layer looked at (``unionfs explain``).
         """
         path = parent.path
         stack = parent.stack
@@ -135,23 +152,37 @@ class Union:
         oci_marker = markers.is_oci_name(name)  # invisible in lower layers
         for i, layer in enumerate(stack):
             if oci_marker and not layer.writable:
+                if why is not None:
+                    why(layer, None, RESERVED)
                 break
             st = layer.lstat(path, name)
             if st is None:
                 if i < last and layer.has_oci_whiteout(path, name):
+                    if why is not None:
+                        why(layer, None, OCI_WHITEOUT)
                     break  # deleted below this layer, the OCI way: ends a merge too
+                if why is not None:
+                    why(layer, None, ABSENT)
                 continue
             if is_whiteout(st):
+                if why is not None:
+                    why(layer, st, WHITEOUT)
                 break
             if not stat.S_ISDIR(st.st_mode):
                 if top is None:
                     top, top_st = layer, st
+                if why is not None:
+                    why(layer, st, PROVIDES if top is layer else ENDS_MERGE)
                 break
             if top is None:
                 top, top_st = layer, st
             dirs.append(layer)
             if i < last and layer.is_opaque(join(path, name)):
+                if why is not None:
+                    why(layer, st, OPAQUE)
                 break
+            if why is not None:
+                why(layer, st, DIRECTORY)
         if top is None or top_st is None:
             return None
         return Entry(name, top, top_st, tuple(dirs[1:]))
@@ -196,6 +227,11 @@ class Union:
             else:
                 self.add_alias(node, parent, name)  # another hard link in the upper
         return node
+
+    def tell(self, kind: str, path: bytes, **fields: Any) -> None:
+        """Report a decision to whoever traces the mount; nothing when nobody does."""
+        if self.events is not None:
+            self.events.emit(kind, path, **fields)
 
     def attr_changed(self, node: Node) -> None:
         """Tell the kernel that *node*'s attributes changed behind its back."""
