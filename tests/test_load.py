@@ -154,3 +154,25 @@ def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted: Mounted) ->
         f"RSS {_rss_kib(um.pid)} KiB, peak {_hwm_kib(um.pid)} KiB"
     )
     assert fds < 1200  # bounded by the per-layer directory fd cache, not by the tree
+
+
+def test_closed_files_are_closed_by_the_daemon_too(stack: Stack, mounted: Mounted) -> None:
+    """The kernel's RELEASE is answered in C and the daemon closes what the handles held
+    in batches (unionfs/fuse/csrc/release.c): at the next open, and within a second when
+    none comes. Either way no fd of a closed file stays behind."""
+    for i in range(500):
+        (stack.lowers[0] / f"f{i}").write_bytes(b"x")
+    um = mounted()
+    baseline = len(os.listdir(f"/proc/{um.pid}/fd"))
+    for i in range(500):
+        fd = os.open(stack.mnt / f"f{i}", os.O_RDONLY)
+        os.read(fd, 1)
+        os.close(fd)
+    assert len(os.listdir(f"/proc/{um.pid}/fd")) < baseline + 20  # closed at each open
+    keep = [os.open(stack.mnt / f"f{i}", os.O_RDONLY) for i in range(50)]
+    for fd in keep:
+        os.close(fd)  # the last closes: no open follows
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{um.pid}/fd")) > baseline + 5:
+        assert time.monotonic() < deadline, "released handles still hold their fds"
+        time.sleep(0.1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mounted, Stack, staged
+from tests.features import libfuse317_expected
 from tests.mounting import (
     REPO,
     kernel_overlay,
@@ -145,6 +146,83 @@ def test_copy_up_keeps_the_owner_of_a_setuid_file(stack: Stack, mounted: Mounted
     os.close(os.open(stack.mnt / "userprog", os.O_WRONLY))  # copy-up as root
     st = os.stat(stack.upper / "userprog")
     assert (st.st_uid, st.st_mode & 0o7777) == (1000, 0o4755)  # never a setuid-root binary
+
+
+WRITES_SCRIPT = r"""
+import json, os, sys
+m = sys.argv[1]
+def as_user(fn):
+    pid = os.fork()
+    if pid == 0:
+        os.setgroups([]); os.setgid(1000); os.setuid(1000)
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+def append(name):
+    with open(m + "/" + name, "ab") as f:
+        f.write(b"x")
+def handed_over(name):
+    fd = os.open(m + "/" + name, os.O_WRONLY | os.O_APPEND)  # opened by root
+    as_user(lambda: os.write(fd, b"x"))
+    os.close(fd)
+os.chmod(m + "/upper-user", 0o6777)  # a copy-up first: the file is in the upper
+as_user(lambda: append("user"))
+as_user(lambda: append("upper-user"))
+as_user(lambda: append("sgid-no-gx"))
+append("root")
+handed_over("handed")
+print(json.dumps({n: oct(os.stat(m + "/" + n).st_mode & 0o7777) for n in sorted(os.listdir(m))}))
+"""
+
+
+def test_writes_drop_privilege_bits_as_on_the_kernel_overlay(stack: Stack, tmp_path: Path) -> None:
+    """Another user's write drops setuid, and setgid with group-exec; root's keeps them.
+    Whoever opened the file: the writer's own privileges count, as on the kernel
+    overlay, also when the kernel writes the file itself (FUSE passthrough)."""
+    let_others_in(stack)
+    for name, mode in (
+        ("user", 0o6777),
+        ("upper-user", 0o6777),
+        ("sgid-no-gx", 0o2766),
+        ("root", 0o6777),
+        ("handed", 0o4777),
+    ):
+        write(stack.lowers[1] / name, b"#!/bin/sh\n")
+        os.chmod(stack.lowers[1] / name, mode)
+    twin = tmp_path / "twin"
+    twin.mkdir(mode=0o755)
+    subprocess.run(["cp", "-a", os.fspath(stack.lowers[1]), os.fspath(twin / "l2")], check=True)
+    for n in ("l1", "upper", "work", "mnt"):
+        (twin / n).mkdir()
+
+    def run(mnt: Path) -> dict[str, str]:
+        r = subprocess.run(
+            [sys.executable, "-c", WRITES_SCRIPT, os.fspath(mnt)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        modes: dict[str, str] = json.loads(r.stdout)
+        return modes
+
+    with kernel_overlay([twin / "l1", twin / "l2"], twin / "mnt", twin / "upper", twin / "work"):
+        expected = run(twin / "mnt")
+    um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
+    try:
+        got = run(stack.mnt)
+    finally:
+        um.unmount()
+    if not libfuse317_expected():
+        # Without KILLPRIV_V2 the kernel's FUSE layer drops setgid only with group-exec.
+        assert got.pop("sgid-no-gx") == oct(0o2766)
+        expected.pop("sgid-no-gx")
+    assert got == expected
+    assert expected["user"] == expected["handed"] == oct(0o777)
+    assert expected["root"] == oct(0o6777)
+    for name, shown in got.items():  # what unionfs showed is what it stored
+        assert oct(os.stat(stack.upper / name).st_mode & 0o7777) == shown
 
 
 def test_a_nosuid_lower_cannot_gain_setuid_through_the_mount(stack: Stack, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ class Options:
     readonly: bool = False
     fsync: bool = True
     writeback: bool = False
+    passthrough: str = "auto"  # auto | on | off: FUSE passthrough (unionfs.fuse.passthrough)
     static_nlink: bool = False
     userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
@@ -229,6 +230,11 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.fsync = _bool(key, need())
     elif key == "writeback":
         opts.writeback = _bool(key, need())
+    elif key == "passthrough":
+        mode = need()
+        if mode not in ("auto", "on", "off"):
+            raise UsageError(f"passthrough: expected auto, on or off, got {value!r}")
+        opts.passthrough = mode
     elif key == "trace":
         opts.trace = unescape(need())
     elif key == "static_nlink":

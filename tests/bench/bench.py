@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--groups",
         help="comma list of trial types (default: all): "
-        "walk,tar,seqread,copyup,untar,rmrf,fio,chroot",
+        "walk,tar,seqread,copyup,untar,rmrf,fio,parallel,chroot,mount",
     )
     ap.add_argument(
         "--data",
@@ -113,6 +113,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="instead of the comparison: py-spy profile of unionfs on walk,untar,rmrf",
+    )
+    ap.add_argument(
+        "--count",
+        action="store_true",
+        help="instead of the comparison: FUSE requests per untar file, random write and exec",
     )
     ap.add_argument("--build-only", action="store_true", help="build/cache the data set and exit")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results")
@@ -168,13 +173,20 @@ def run_trial(
     }  # fmt: skip
     t0 = time.perf_counter()
     try:
-        with comp.mount(ds.lowers, trial_dir) as m:
-            rec["mount_latency_s"] = m.mount_latency_s
-            try:
-                rec["metrics"] = group.run(m, ds, cfg)
-            finally:
-                m.sample_daemon()
-                rec.update(m.facts)
+        if group.name == "mount":
+            metrics, facts = comp.mount_cycles(ds.lowers, trial_dir, cfg.mount_cycles)
+            if not metrics:
+                raise RuntimeError("no mount to time (the plain copy)")
+            rec["metrics"] = metrics
+            rec.update(facts)
+        else:
+            with comp.mount(ds.lowers, trial_dir) as m:
+                rec["mount_latency_s"] = m.mount_latency_s
+                try:
+                    rec["metrics"] = group.run(m, ds, cfg)
+                finally:
+                    m.sample_daemon()
+                    rec.update(m.facts)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a failing competitor must not stop the others
@@ -183,6 +195,9 @@ def run_trial(
         mnt = trial_dir / "mnt"
         from tests.mounting import mount_type
 
+        requests = _daemon_requests(trial_dir / "daemon.log")
+        if requests:
+            rec["daemon_requests"] = requests
         if mnt.exists() and mount_type(mnt) is not None:
             rec["error"] = str(rec.get("error", "")) + " [mount still present; kept scratch dir]"
         elif trial_dir.exists():
@@ -195,6 +210,19 @@ def run_trial(
             subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(trial_dir)], check=False)
     rec["wall_s"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def _daemon_requests(log_path: Path) -> dict[str, int]:
+    """unionfs's request counts, from the line it logs at unmount (csrc/requests.c)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return {}
+    for line in reversed(text.splitlines()):
+        if " requests: " in line:
+            pairs = (item.split("=") for item in line.split(" requests: ", 1)[1].split())
+            return {k: int(v) for k, v in pairs}
+    return {}
 
 
 def code_digest(code: Path) -> str:
@@ -263,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         fio_runtime=args.fio_runtime or (1 if args.quick else 5),
         chroot_loops=10,
         sh_execs=100,
+        mount_cycles=5 if args.quick else 10,
     )
     ensure_tools()
     t_start = time.perf_counter()
@@ -296,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     # One frozen copy of the unionfs code for the whole run (see Unionfs).
-    code = snapshot_unionfs(cache_root(REPO) / f"code-{stamp}-{os.getpid()}")
+    code = snapshot_unionfs(cache_root(REPO) / f"code-{stamp}-{os.getpid()}", unionfs_python())
     try:
         return _run(args, ds, cfg, all_groups, group_list, run_root, stamp, code, t_start)
     finally:
@@ -315,6 +344,19 @@ def _run(
     t_start: float,
 ) -> int:
     """The profile mode or the comparison proper, once everything is prepared."""
+
+    if args.count:
+        from requests import count_requests
+
+        uf = Unionfs(unionfs_python(), args.unionfs_options, code)
+        try:
+            text = count_requests(ds, uf, run_root, log)
+        finally:
+            sweep_stale_mounts(run_root, ds.root)
+        out = args.out / f"{stamp}-count.md"
+        out.write_text(text + "\n")
+        print(text)
+        return 0
 
     if args.profile:
         from pyspy_profile import profile_unionfs
@@ -349,6 +391,8 @@ def _run(
                 log(f"repetition {rep + 1}/{args.reps}: order {' '.join(c.name for c in order)}")
                 for g in group_list:
                     for slot, comp in enumerate(order):
+                        if g.name == "mount" and comp.name == "plain":
+                            continue  # nothing to mount
                         rec = run_trial(comp, g, ds, cfg, run_root, rep, slot, log_dir)
                         trials.append(rec)
                         out.write(json.dumps(rec) + "\n")
@@ -376,6 +420,13 @@ def _run(
         s for s in (
             header,
             report.results_table(trials, group_list, names),
+            "Goals (issue 15): median of the per-repetition ratios, with their range:",
+            report.goals_table(trials),
+            report.scaling_note(trials, names),
+            "unionfs start-up, exec to ready, by phase (median ms, wall / CPU):",
+            report.startup_table(trials),
+            "Daemon requests and CPU per request (unionfs counts its own; per trial):",
+            report.requests_table(trials, group_list),
             "Per trial: mount latency, daemon peak RSS (VmHWM) and CPU seconds (utime+stime):",
             report.daemon_table(trials, group_list, names),
             report.consistency_notes(trials),

@@ -12,6 +12,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -50,16 +51,30 @@ def check_setxattr(union: Union, name: bytes) -> None:
         raise readonly_error()
 
 
-def kill_setid(fd: int) -> bool:
-    """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate.
+def _in_every_group(gid: int) -> bool:
+    return True
 
-    Returns whether the mode changed.
-    """
-    mode = os.fstat(fd).st_mode
-    new = mode & ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        new &= ~stat.S_ISGID
-    if new == mode:
+
+@dataclass(frozen=True)
+class Kill:
+    """A write or truncate by a caller without CAP_FSETID, which drops privilege bits
+    as the VFS does: setuid always; setgid when group-exec is set, or when the caller
+    is not in the file's group (*in_group*, given the file's stored gid)."""
+
+    in_group: Callable[[int], bool] = _in_every_group
+
+    def mode_after(self, mode: int, gid: int) -> int:
+        new = mode & ~stat.S_ISUID
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not self.in_group(gid)):
+            new &= ~stat.S_ISGID
+        return new
+
+
+def kill_setid(fd: int, kill: Kill) -> bool:
+    """Drop what *kill* drops from the open file's mode; returns whether it changed."""
+    st = os.fstat(fd)
+    new = kill.mode_after(st.st_mode, st.st_gid)
+    if new == st.st_mode:
         return False
     os.fchmod(fd, stat.S_IMODE(new))
     return True
@@ -75,6 +90,11 @@ class Change:
     gid: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    # Drop privilege bits after the changes: the kernel asks for that under
+    # KILLPRIV_V2 with a truncate by a caller without CAP_FSETID, and with an
+    # otherwise empty setattr before such a caller's write through passthrough (a
+    # chown drops them by itself).
+    kill: Kill | None = None
 
 
 class Files:
@@ -87,24 +107,32 @@ class Files:
 
     # -- open and close ------------------------------------------------------
 
-    async def open(self, node: Node, flags: int, privileged: bool = True) -> int:
-        """Open *node*; *privileged* callers (CAP_FSETID) keep setuid bits on O_TRUNC."""
+    async def open(self, node: Node, flags: int, kill: Kill | None = None) -> int:
+        """Open *node* as the kernel asks; returns the file handle (see ``open_fd``)."""
+        return self.add(node, await self.open_fd(node, flags, kill), flags)
+
+    async def open_fd(self, node: Node, flags: int, kill: Kill | None = None) -> int:
+        """Open *node*'s real file as the kernel asks, copying it up first when *flags*
+        write; returns the real fd, for ``add``. The fd is in ``node.layer`` as it is
+        on return (nothing awaits after the open).
+
+        *kill*: the caller lacks CAP_FSETID, so an O_TRUNC open drops privilege bits
+        as truncate(2) would (the kernel leaves that to us).
+        """
         if wants_write(flags):
             if self.union.readonly:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
         fd = self._open_for_kernel(node, flags)
-        # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
-        # filesystem to drop the privilege bits, as truncate(2) would.
-        if flags & os.O_TRUNC and not privileged and kill_setid(fd):
+        if flags & os.O_TRUNC and kill is not None and kill_setid(fd, kill):
             self.union.attr_changed(node)
             self.union.tell(
                 PRIVILEGE_DROPPED,
                 node.path,
                 bits="setuid/setgid",
-                why="O_TRUNC by a non-root caller",
+                why="O_TRUNC by a caller without CAP_FSETID",
             )
-        return self.add(node, fd, flags)
+        return fd
 
     def _open_real(self, node: Node, flags: int) -> int:
         return self.union.open_real(node, flags & ~_DROP_FLAGS)
@@ -118,8 +146,14 @@ class Files:
                 pass  # no CAP_DAC_OVERRIDE over this file: a partial-page write may fail
         return self._open_real(node, flags)
 
-    def add(self, node: Node, fd: int, flags: int) -> int:
-        fh = next(self._next_fh)
+    def add(self, node: Node, fd: int, flags: int, tag: int = 0) -> int:
+        """Register an open of *node* on its real *fd*; returns the file handle.
+
+        The handle's low 32 bits number it; *tag* goes into its high 32 bits (the
+        FUSE adapter carries a passthrough backing id there)."""
+        fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
+        while fh in self.handles:  # only after 2**32 opens, with an old one still open
+            fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
         f = OpenFile(fd, node, node.layer, flags & ~(_DROP_FLAGS | os.O_TRUNC))
         self.handles[fh] = f
         self.union.table.hold(node)
@@ -165,8 +199,17 @@ class Files:
                 os.close(fd)
         return memoryview(buf)[:n]
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
-        return os.pwrite(self._fd(fh), data, off)
+    def write(self, fh: int, off: int, data: bytes, kill: Kill | None = None) -> int:
+        """pwrite; *kill*: the writer lacks CAP_FSETID, so privilege bits go first, as
+        on a local filesystem (security.capability goes by itself: the upper's
+        filesystem drops it on any write)."""
+        f = self.handles[fh]
+        if kill is not None and kill_setid(f.fd, kill):
+            self.union.attr_changed(f.node)
+            if self.union.events is not None and not f.node.unlinked:
+                why = "a write by a caller without CAP_FSETID"
+                self.union.tell(PRIVILEGE_DROPPED, f.node.path, bits="setuid/setgid", why=why)
+        return os.pwrite(f.fd, data, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """In a worker thread: a slow disk must not hold up every other request. On a
@@ -209,6 +252,8 @@ class Files:
         if node.unlinked:
             self._setattr_open(node, change)
             return
+        if change.kill is not None and node.kind == stat.S_IFREG:
+            self._kill_setid(node, fh, change.kill)
         # The root has no parent: reach it through its own fd (following that
         # magic link is safe, it is the directory itself). Anything else is
         # named in its parent and never followed.
@@ -256,8 +301,23 @@ class Files:
         if before[1] and not caps:
             lost.append("capabilities")
         if lost:
-            why = "chown" if change.uid is not None or change.gid is not None else "mode change"
+            if change.uid is not None or change.gid is not None:
+                why = "chown"
+            elif change.mode is not None:
+                why = "mode change"
+            else:
+                why = "a write or truncate by a caller without CAP_FSETID"
             self.union.tell(PRIVILEGE_DROPPED, node.path, bits="/".join(lost), why=why)
+
+    def _kill_setid(self, node: Node, fh: int | None, kill: Kill) -> None:
+        if fh is not None and fh in self.handles:
+            kill_setid(self._fd(fh), kill)
+            return
+        path, follow = self.union.real_path(node)
+        st = os.stat(path, follow_symlinks=follow)
+        new = kill.mode_after(st.st_mode, st.st_gid)
+        if new != st.st_mode:
+            os.chmod(path, stat.S_IMODE(new), follow_symlinks=follow)
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
@@ -265,6 +325,8 @@ class Files:
         if not files:
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         fd = files[0].fd
+        if change.kill is not None and node.kind == stat.S_IFREG:
+            kill_setid(fd, change.kill)
         if change.uid is not None or change.gid is not None:
             os.fchown(
                 fd,
@@ -288,7 +350,7 @@ class Files:
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         check_setxattr(self.union, name)
         await copy_up(self.union, node)
-        node.no_caps = False
+        self.union.caps_unknown(node)
         path, follow = self.union.real_path(node)
         os.setxattr(path, name, value, follow_symlinks=follow)
 

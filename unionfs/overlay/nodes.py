@@ -18,7 +18,7 @@ import errno
 import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -187,6 +187,8 @@ class NodeTable:
 
     def __init__(self, root: Node) -> None:
         self._nodes: dict[int, Node] = {ROOT_INO: root}
+        # Told each inode number that leaves the table (it may come to mean another file).
+        self.on_drop: Callable[[int], None] | None = None
         root.refs = 1  # the root is never dropped
         self.root = root
 
@@ -245,6 +247,8 @@ class NodeTable:
         while cur is not None and cur.refs <= 0 and cur.children <= 0 and cur.ino != ROOT_INO:
             if self._nodes.get(cur.ino) is cur:
                 del self._nodes[cur.ino]
+                if self.on_drop is not None:
+                    self.on_drop(cur.ino)
             if cur.aliases:  # other hard-link names hold their parents too
                 aliases, cur.aliases = cur.aliases, None
                 for alias_parent, _ in aliases:

@@ -105,6 +105,11 @@ class Union:
         self.open_files: dict[int, list[OpenFile]] = {}
         # Set by the FUSE adapter: drops the kernel's cached attributes of an inode.
         self.on_attr_change: Callable[[int], None] | None = None
+        # Set by the FUSE adapter: told when a node is known to have no file capability
+        # (True) and when that may no longer hold (False), so the answer can be given
+        # without the daemon (csrc/caps.c).
+        self.on_caps_known: Callable[[int, bool], None] | None = None
+        self.table.on_drop = self._forget_caps
         # Set by the FUSE adapter while someone traces the mount (see ``events``).
         self.events: Sink | None = None
 
@@ -216,7 +221,7 @@ class Union:
                 node.generation += 1
                 node.gone_st = None
                 node.listing = None
-                node.no_caps = False
+                self.caps_unknown(node)
                 self.table.set_parent(node, parent, name)
             elif node.is_dir or not top.writable:
                 self.table.set_parent(node, parent, name)
@@ -438,7 +443,18 @@ class Union:
         except OSError as e:
             if caps and e.errno == errno.ENODATA:
                 node.no_caps = True
+                if self.on_caps_known is not None:
+                    self.on_caps_known(node.ino, True)
             raise
+
+    def caps_unknown(self, node: Node) -> None:
+        """*node* may have gained a file capability (or become another file)."""
+        node.no_caps = False
+        self._forget_caps(node.ino)
+
+    def _forget_caps(self, ino: int) -> None:
+        if self.on_caps_known is not None:
+            self.on_caps_known(ino, False)
 
     def listxattr(self, node: Node) -> list[bytes]:
         path, follow = self.real_path(node)

@@ -37,5 +37,13 @@ struct hook_feature {
 
 /* The features, in the order they wrap (listing.c, ...). */
 extern const struct hook_feature listing_feature;
+extern const struct hook_feature passthrough_feature; /* passthrough.c */
+extern const struct hook_feature killpriv_feature;    /* killpriv.c */
+extern const struct hook_feature requests_feature;    /* requests.c */
+extern const struct hook_feature release_feature;     /* release.c */
+extern const struct hook_feature caps_feature;        /* caps.c */
+
+/* The session pyfuse3 created through the hook (NULL before, or if it did not). */
+struct fuse_session *hook_session(void);
 
 #endif
