@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.unit.conftest import ME, Layers, is_whiteout, node, visible, write
-from unionfs.overlay import markers, namespace
+from unionfs.overlay import markers, namespace, syscalls
 
 
 class Killed(BaseException):
@@ -58,7 +58,7 @@ async def test_a_directory_renamed_over_an_emptied_merged_one_never_shows_anothe
     os.setxattr(layers.lowers[0] / "d", "user.k", b"v")
     (layers.upper / "fresh").mkdir()
     modes: list[tuple[int, bytes]] = []
-    real = namespace.renameat2
+    real = syscalls.renameat2
 
     def renameat2(*a: Any) -> None:
         up = layers.upper / "d"
