@@ -1,5 +1,8 @@
 # unionfs — every target installs what it needs first.
 PYTHON  ?= python3
+# 3.17: libfuse 3.17 built from Debian trixie's source into .venv/libfuse (FUSE
+# passthrough), falling back to the system's with one message; system: Debian 12's 3.14.
+LIBFUSE ?= 3.17
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -8,8 +11,9 @@ CASES   ?= 200
 SEED    ?= 1
 DURATION ?= 60
 STRESS_FILES ?= 100000
+KILLS   ?= 100
 
-.PHONY: install system-deps test test-unit test-user test-engines test-images demo lint conformance bench stress install-system clean
+.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines test-images demo lint conformance explain-oracle crash bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -18,6 +22,11 @@ system-deps:
 	pkg-config --exists fuse3 2>/dev/null || missing="$$missing libfuse3-dev pkg-config"; \
 	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	if [ "$(LIBFUSE)" = 3.17 ]; then \
+		command -v meson >/dev/null 2>&1 || missing="$$missing meson"; \
+		command -v ninja >/dev/null 2>&1 || missing="$$missing ninja-build"; \
+		command -v dpkg-source >/dev/null 2>&1 || missing="$$missing dpkg-dev"; \
+	fi; \
 	$(PYTHON) -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")))' \
 		|| missing="$$missing python3-dev"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -26,25 +35,40 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) | system-deps
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml $(wildcard unionfs/fuse/csrc/*) tools/venv.sh tools/build-libfuse.sh | system-deps
+	PYTHON=$(PYTHON) tools/venv.sh $(VENV) $(LIBFUSE)
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
 
-# Lint, the whole suite, the real-mount tests again with the C hook disabled (its
-# fallback must keep working), then the container engines and the image tools.
+# Lint; the whole suite (on libfuse 3.17, where passthrough tests demand passthrough);
+# the safety suite and a conformance sample with -o passthrough=on; the real-mount
+# tests again with the C hook disabled and on the system's libfuse 3.14 (both
+# fallbacks must keep working); then as an ordinary user, the container engines and
+# the image tools.
+EXPECT_PASSTHROUGH := $(if $(filter 3.17,$(LIBFUSE)),1,0)
 test: install lint
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/bench \
-		--ignore=tests/user --ignore=tests/image_tools
+	UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) $(PY) -m pytest -q -p no:cacheprovider tests \
+		--ignore=tests/engines --ignore=tests/bench --ignore=tests/user --ignore=tests/image_tools
+	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-passthrough-on)
 	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
-		--ignore=tests/image --ignore=tests/image_tools
+		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py \
+		--ignore=tests/crash
+	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-libfuse314)
 	$(MAKE) test-user
 	$(MAKE) test-engines
 	$(MAKE) test-images
+
+# With -o passthrough=on: lower files opened read-only are read by the kernel too.
+test-passthrough-on: install
+	UNIONFS_TEST_OPTIONS=passthrough=on UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_safety.py tests/test_passthrough.py \
+		tests/conformance/test_unionfs.py
+
+# The real-mount tests on the system's libfuse 3.14, in a staged copy with its own venv.
+test-libfuse314:
+	bash tests/libfuse314/run.sh
 
 # The unit tier and the unprivileged real-mount tests, as an ordinary user.
 test-user:
@@ -70,15 +94,24 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check unionfs tests examples
 	$(VENV)/bin/ruff format --check unionfs tests examples
-	$(VENV)/bin/mypy unionfs
+	$(VENV)/bin/mypy unionfs tests examples
 
 # MODE=redirect_dir=on or MODE=metacopy=on: both sides mounted with that option.
 conformance: install
 	$(PY) -m tests.conformance --cases $(CASES) --seed $(SEED) $(if $(MODE),--mode $(MODE),)
 
+# kill -9 of the daemon at KILLS points of a mixed workload; prints every inconsistency.
+crash: install
+	$(PY) -m tests.crash --kills $(KILLS) --seed $(SEED)
+
 bench: install
-	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,)
+	$(PY) tests/bench/bench.py $(if $(QUICK),--quick,) $(if $(TRACE),--trace,) $(if $(BENCH_GROUPS),--groups $(BENCH_GROUPS),)
 	$(PY) tests/bench/images.py $(if $(QUICK),--quick,)
+
+# unionfs explain against the kernel overlay over more generated cases than make test runs.
+explain-oracle: install
+	UNIONFS_EXPLAIN_ORACLE_CASES=$(CASES) UNIONFS_EXPLAIN_ORACLE_SEED=$(SEED) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/inspect/test_explain_oracle.py
 
 # Load tests, long and big: prints operation counts, errors (must be 0) and the daemon's RSS.
 stress: install
@@ -90,4 +123,4 @@ install-system: install
 	ln -sf $(abspath $(VENV))/bin/unionfs /usr/local/sbin/unionfs
 
 clean:
-	rm -rf $(VENV) *.egg-info build
+	rm -rf $(VENV) *.egg-info build /var/tmp/unionfs-libfuse314

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,18 +54,13 @@ class Stack:
     work: Path
     mnt: Path
 
-    def mount(self, readonly: bool = False, extra_options: str = "", **kw: object) -> UnionMount:
+    def mount(self, readonly: bool = False, extra_options: str = "", **kw: Any) -> UnionMount:
         if not FUSE_USABLE:
             pytest.fail("/dev/fuse is not usable: the suite needs real FUSE mounts")
         if readonly:
-            return start_unionfs(self.lowers, self.mnt, extra_options=extra_options, **kw)  # type: ignore[arg-type]
+            return start_unionfs(self.lowers, self.mnt, extra_options=extra_options, **kw)
         return start_unionfs(
-            self.lowers,
-            self.mnt,
-            self.upper,
-            self.work,  # type: ignore[arg-type]
-            extra_options=extra_options,
-            **kw,
+            self.lowers, self.mnt, self.upper, self.work, extra_options=extra_options, **kw
         )
 
 
@@ -75,13 +72,17 @@ def stack(tmp_path: Path) -> Stack:
     return Stack(tmp_path, [d["l1"], d["l2"]], d["upper"], d["work"], d["mnt"])
 
 
+Mounted = Callable[..., UnionMount]  # the ``mounted`` fixture
+KernelMount = Callable[..., AbstractContextManager[Path]]  # the ``kernel`` fixture
+
+
 @pytest.fixture
-def mounted(stack: Stack) -> Iterator[Callable[..., UnionMount]]:
+def mounted(stack: Stack) -> Iterator[Mounted]:
     """``mounted()`` mounts the stack (after the test filled its lowers); unmounts at the end."""
     mounts: list[UnionMount] = []
 
-    def mount(**kw: object) -> UnionMount:
-        um = stack.mount(**kw)  # type: ignore[arg-type]
+    def mount(**kw: Any) -> UnionMount:
+        um = stack.mount(**kw)
         mounts.append(um)
         return um
 
@@ -93,10 +94,12 @@ def mounted(stack: Stack) -> Iterator[Callable[..., UnionMount]]:
 
 
 @pytest.fixture
-def kernel(tmp_path: Path) -> Callable[..., object]:
+def kernel(tmp_path: Path) -> KernelMount:
     """``kernel(lowers, upper)``: a kernel overlay over the given dirs, as a context manager."""
 
-    def make(lowers: list[Path], upper: Path | None = None, name: str = "k") -> object:
+    def make(
+        lowers: list[Path], upper: Path | None = None, name: str = "k"
+    ) -> AbstractContextManager[Path]:
         mnt = tmp_path / f"{name}-mnt"
         mnt.mkdir(exist_ok=True)
         work = None

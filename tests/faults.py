@@ -6,13 +6,16 @@ ordinary command line after patching the core in this process only:
 - ``lookup=NAME``: looking up NAME raises a bug (not an OSError);
 - ``forget``: every release of a kernel reference raises a bug;
 - ``hide=NAME``: listings leave out every entry named NAME (a planted bug of the
-  shape an exclusion must not cover; see ``tests/conformance/test_selfcheck.py``).
+  shape an exclusion must not cover; see ``tests/conformance/test_selfcheck.py``);
+- ``eio=NAME``: looking up NAME fails with EIO, as a failing layer would;
+- ``trace_capacity=N``: the trace holds N events between flushes (0: drops them all).
 
 Production code has no hook for this; the faults are planted from here.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any
 
@@ -34,7 +37,7 @@ def plant(spec: str) -> None:
                     raise RuntimeError(f"injected fault on lookup of {n!r}")
                 return _real(self, parent, n)
 
-            Union.lookup = lookup  # type: ignore[method-assign]
+            Union.lookup = lookup  # type: ignore[method-assign,assignment]
         elif kind == "hide":
             hidden = arg.encode()
             real_names = Union.names
@@ -43,6 +46,22 @@ def plant(spec: str) -> None:
                 return [n for n in _real(self, node) if n != _h]
 
             Union.names = names  # type: ignore[method-assign]
+        elif kind == "eio":
+            bad = arg.encode()
+            real = Union.lookup
+
+            def failing(
+                self: Union, parent: Any, n: bytes, _real: Any = real, _bad: bytes = bad
+            ) -> Any:
+                if n == _bad:
+                    raise OSError(errno.EIO, "injected I/O error", n)
+                return _real(self, parent, n)
+
+            Union.lookup = failing  # type: ignore[method-assign,assignment]
+        elif kind == "trace_capacity":
+            from unionfs.fuse import tracing
+
+            tracing.CAPACITY = int(arg)
         elif kind == "forget":
 
             def release_ino(self: NodeTable, ino: int, count: int) -> None:

@@ -194,11 +194,12 @@ def start_unionfs(
     """Start ``unionfs -f`` and return once the mount is visible in mountinfo."""
     mnt = Path(mountpoint)
     opts = overlay_options(lowers, upper, work)
-    if extra_options:
-        opts += "," + extra_options
-    # ``make test`` runs part of the suite again with the kernel's write-back cache on.
+    # ``make test`` runs parts of the suite again with other options (passthrough=on);
+    # a test's own options come after them, and so win.
     if os.environ.get("UNIONFS_TEST_OPTIONS"):
         opts += "," + os.environ["UNIONFS_TEST_OPTIONS"]
+    if extra_options:
+        opts += "," + extra_options
     log = Path(log_path) if log_path else mnt.parent / f".{mnt.name}.unionfs.log"
     cmd = [*(command or unionfs_command()), "-f", *args, "-o", opts, os.fspath(mnt)]
     full_env = dict(os.environ)

@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Stack
+from tests.conftest import KernelMount, Mounted, Stack
 from tests.mounting import UnionMount
 from tests.test_merge import write as _write
 
@@ -51,7 +51,7 @@ def _opendirs(um: UnionMount) -> int:
 
 
 def test_a_listing_read_twice_is_served_by_the_kernel_the_second_time(
-    stack: Stack, mounted
+    stack: Stack, mounted: Mounted
 ) -> None:
     for i in range(50):
         write(stack.lowers[1] / "d" / f"f{i}", b"x")
@@ -116,7 +116,7 @@ def _steps(m: Path) -> list[Callable[[], None]]:
 
 
 def test_listings_after_each_change_match_the_kernel_overlay(
-    stack: Stack, mounted, kernel, tmp_path: Path
+    stack: Stack, mounted: Mounted, kernel: KernelMount, tmp_path: Path
 ) -> None:
     """Every listing is read (and so cached) before each change, then compared."""
     _fill(stack)
@@ -126,15 +126,15 @@ def test_listings_after_each_change_match_the_kernel_overlay(
     _fill(Stack(tmp_path, k_lowers, k_upper, tmp_path / "unused", tmp_path / "unused"))
     mounted()
     with kernel(k_lowers, k_upper) as kmnt:
-        ours_steps, kernel_steps = _steps(stack.mnt), _steps(Path(kmnt))  # type: ignore[arg-type]
-        assert _tree(stack.mnt) == _tree(Path(kmnt))  # type: ignore[arg-type]
+        ours_steps, kernel_steps = _steps(stack.mnt), _steps(Path(kmnt))
+        assert _tree(stack.mnt) == _tree(Path(kmnt))
         for i, (ours, theirs) in enumerate(zip(ours_steps, kernel_steps, strict=True)):
             ours()
             theirs()
-            assert _tree(stack.mnt) == _tree(Path(kmnt)), f"after step {i}"  # type: ignore[arg-type]
+            assert _tree(stack.mnt) == _tree(Path(kmnt)), f"after step {i}"
 
 
-def test_offsets_stay_valid_when_names_change_during_a_read(stack: Stack, mounted) -> None:
+def test_offsets_stay_valid_when_names_change_during_a_read(stack: Stack, mounted: Mounted) -> None:
     """Names that exist for the whole read are returned exactly once, however the
     directory changes in between (POSIX leaves only added and removed names open)."""
     names = [f"entry-{i:04d}" for i in range(400)]
@@ -165,7 +165,7 @@ def test_offsets_stay_valid_when_names_change_during_a_read(stack: Stack, mounte
         names = sorted(now)
 
 
-def test_symlink_targets_are_cached_and_never_stale(stack: Stack, mounted) -> None:
+def test_symlink_targets_are_cached_and_never_stale(stack: Stack, mounted: Mounted) -> None:
     os.symlink("lower-target", stack.lowers[1] / "ln")
     um = mounted(args=["-d"])
     link = stack.mnt / "ln"
@@ -188,7 +188,7 @@ def test_symlink_targets_are_cached_and_never_stale(stack: Stack, mounted) -> No
     assert os.readlink(link) == "t19"
 
 
-def test_a_read_spanning_a_change_leaves_the_cache_usable(stack: Stack, mounted) -> None:
+def test_a_read_spanning_a_change_leaves_the_cache_usable(stack: Stack, mounted: Mounted) -> None:
     for i in range(600):
         write(stack.lowers[1] / "d" / f"n{i:04d}", b"")
     um = mounted(args=["-d"])
@@ -209,7 +209,7 @@ def test_a_read_spanning_a_change_leaves_the_cache_usable(stack: Stack, mounted)
     _served_by_kernel(um, before, _readdirs(um))  # and the next listing is served from it
 
 
-def test_a_filesystem_root_inside_a_layer_lists(stack: Stack, mounted) -> None:
+def test_a_filesystem_root_inside_a_layer_lists(stack: Stack, mounted: Mounted) -> None:
     """A mount inside a layer has inode 1 at its root, which unionfs renumbers high."""
     t = stack.lowers[1] / "t"
     t.mkdir()

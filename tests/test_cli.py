@@ -14,7 +14,8 @@ from tests.conftest import Stack
 from tests.mounting import REPO, mount_type, start_unionfs, unionfs_command
 from tests.test_merge import write
 from unionfs.errors import UsageError
-from unionfs.options import IdMap, parse_options, split_options
+from unionfs.options import parse_options, split_options
+from unionfs.overlay.idmap import IdMap
 
 
 def run(
@@ -202,6 +203,24 @@ def test_stopping_unmounts_cleanly_with_status_0(stack: Stack, how: str) -> None
     assert (stack.upper / "f").read_bytes() == b"kept"
 
 
+def test_sigterm_after_parallel_load_stops_every_worker(stack: Stack) -> None:
+    """Parallel requests leave several of pyfuse3's worker tasks waiting for the next one
+    (unionfs/fuse/loop.py); a signal must end them all, not only the one on the device."""
+    for i in range(200):
+        write(stack.lowers[0] / f"f{i}", b"x" * 100)
+    um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
+    try:
+        script = f"for f in {stack.mnt}/f*; do cat $f >/dev/null; done"
+        readers = [subprocess.Popen(["sh", "-c", script]) for _ in range(6)]
+        for r in readers:
+            assert r.wait(timeout=120) == 0
+        os.kill(um.pid, signal.SIGTERM)
+        assert um.proc.wait(timeout=15) == 0
+        assert mount_type(stack.mnt) is None
+    finally:
+        um.unmount()
+
+
 def test_the_package_runs_as_a_module_and_a_command() -> None:
     exe = REPO / ".venv" / "bin" / "unionfs"
     r = subprocess.run([os.fspath(exe), "--version"], capture_output=True, text=True, check=False)
@@ -218,10 +237,10 @@ def test_make_install_is_idempotent() -> None:
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
+    q = subprocess.run(
         ["make", "-q", os.fspath(REPO / ".venv" / ".installed")], cwd=REPO, check=False
     )
-    assert r.returncode == 0  # nothing left to do
+    assert q.returncode == 0  # nothing left to do
 
 
 def test_mount_t_fuse_unionfs_through_mount_fuse3(stack: Stack) -> None:

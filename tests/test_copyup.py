@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Stack, staged
+from tests.conftest import Mounted, Stack, staged
 from tests.test_merge import write
 
 MTIME = 1_600_000_000_000_000_000
@@ -51,7 +51,7 @@ TRIGGERS: dict[str, Callable[[str], None]] = {
 
 
 @pytest.mark.parametrize("trigger", TRIGGERS)
-def test_operations_that_copy_up(stack: Stack, mounted, trigger: str) -> None:
+def test_operations_that_copy_up(stack: Stack, mounted: Mounted, trigger: str) -> None:
     make_lower_file(stack)
     mounted()
     TRIGGERS[trigger](os.fspath(stack.mnt / "dir" / "f"))
@@ -60,7 +60,7 @@ def test_operations_that_copy_up(stack: Stack, mounted, trigger: str) -> None:
     assert (stack.lowers[0] / "dir" / "f").read_bytes() == b"lower data"
 
 
-def test_read_only_access_does_not_copy_up(stack: Stack, mounted) -> None:
+def test_read_only_access_does_not_copy_up(stack: Stack, mounted: Mounted) -> None:
     make_lower_file(stack)
     mounted()
     f = stack.mnt / "dir" / "f"
@@ -70,7 +70,7 @@ def test_read_only_access_does_not_copy_up(stack: Stack, mounted) -> None:
     assert os.listdir(stack.upper) == []
 
 
-def test_copy_up_keeps_mode_owner_times_xattrs(stack: Stack, mounted) -> None:
+def test_copy_up_keeps_mode_owner_times_xattrs(stack: Stack, mounted: Mounted) -> None:
     make_lower_file(stack)
     mounted()
     f = stack.mnt / "dir" / "f"
@@ -88,7 +88,7 @@ def test_copy_up_keeps_mode_owner_times_xattrs(stack: Stack, mounted) -> None:
     assert after.st_mtime_ns == MTIME
 
 
-def test_copy_up_of_parents_keeps_their_metadata_and_mtimes(stack: Stack, mounted) -> None:
+def test_copy_up_of_parents_keeps_their_metadata_and_mtimes(stack: Stack, mounted: Mounted) -> None:
     l1 = stack.lowers[0]
     (l1 / "a" / "b").mkdir(parents=True)
     write(l1 / "a" / "b" / "f")
@@ -109,7 +109,7 @@ def test_copy_up_of_parents_keeps_their_metadata_and_mtimes(stack: Stack, mounte
     assert os.stat(stack.upper).st_mtime_ns == root_mtime
 
 
-def test_copy_up_keeps_holes_and_symlink_targets(stack: Stack, mounted) -> None:
+def test_copy_up_keeps_holes_and_symlink_targets(stack: Stack, mounted: Mounted) -> None:
     l1 = stack.lowers[0]
     with open(l1 / "sparse", "wb") as f:
         f.truncate(64 << 20)
@@ -131,7 +131,7 @@ def test_copy_up_keeps_holes_and_symlink_targets(stack: Stack, mounted) -> None:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "chr", "socket"])
-def test_copy_up_of_special_files(stack: Stack, mounted, kind: str) -> None:
+def test_copy_up_of_special_files(stack: Stack, mounted: Mounted, kind: str) -> None:
     p = stack.lowers[0] / "node"
     if kind == "fifo":
         os.mkfifo(p, 0o640)
@@ -148,7 +148,7 @@ def test_copy_up_of_special_files(stack: Stack, mounted, kind: str) -> None:
     assert (st.st_uid, st.st_gid) == (3, 4)
 
 
-def test_workdir_leftovers_are_cleared_at_mount(stack: Stack, mounted) -> None:
+def test_workdir_leftovers_are_cleared_at_mount(stack: Stack, mounted: Mounted) -> None:
     (stack.work / "work" / "#half").mkdir(parents=True)
     write(stack.work / "work" / "#half" / "partial", b"trunc")
     write(stack.work / "work" / "#file", b"partial copy")
@@ -156,7 +156,7 @@ def test_workdir_leftovers_are_cleared_at_mount(stack: Stack, mounted) -> None:
     assert staged(stack.work / "work") == []
 
 
-def test_a_large_copy_up_does_not_stall_other_requests(stack: Stack, mounted) -> None:
+def test_a_large_copy_up_does_not_stall_other_requests(stack: Stack, mounted: Mounted) -> None:
     """While a 512 MiB file is copied up, other requests are answered.
 
     The check is about order, not speed: stats of another file must complete
@@ -164,9 +164,9 @@ def test_a_large_copy_up_does_not_stall_other_requests(stack: Stack, mounted) ->
     """
     big = stack.lowers[0] / "big"
     chunk = os.urandom(1 << 20)
-    with open(big, "wb") as f:
+    with open(big, "wb") as out:
         for _ in range(512):
-            f.write(chunk)
+            out.write(chunk)
     write(stack.lowers[0] / "small")
     mounted()
     done = threading.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.test_merge import write
 from tests.test_namespace import as_user, let_others_in
 
@@ -17,7 +17,7 @@ def _owned(stack: Stack) -> None:
         os.chown(stack.lowers[0] / name, owner, owner)
 
 
-def test_ids_are_shown_mapped_and_stored_unmapped(stack: Stack, mounted) -> None:
+def test_ids_are_shown_mapped_and_stored_unmapped(stack: Stack, mounted: Mounted) -> None:
     _owned(stack)
     let_others_in(stack)
     os.chmod(stack.upper, 0o777)
@@ -41,7 +41,7 @@ def test_ids_are_shown_mapped_and_stored_unmapped(stack: Stack, mounted) -> None
         assert e.errno == 22
 
 
-def test_squash_options_show_one_owner(stack: Stack, mounted) -> None:
+def test_squash_options_show_one_owner(stack: Stack, mounted: Mounted) -> None:
     _owned(stack)
     mounted(extra_options="squash_to_uid=5,squash_to_root")
     for name in ("root", "one", "unmapped"):

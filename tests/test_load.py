@@ -11,16 +11,17 @@ import multiprocessing as mp
 import os
 import random
 import time
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.test_merge import write
 
 SECONDS = float(os.environ.get("UNIONFS_STRESS_SECONDS", "3"))
 FILES = int(os.environ.get("UNIONFS_STRESS_FILES", "20000"))
 
 
-def _writer(path: str, index: int, barrier: mp.synchronize.Barrier) -> None:  # type: ignore[name-defined]
+def _writer(path: str, index: int, barrier: Barrier) -> None:
     barrier.wait()
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -29,7 +30,7 @@ def _writer(path: str, index: int, barrier: mp.synchronize.Barrier) -> None:  # 
         os.close(fd)
 
 
-def test_eight_writers_at_once_make_one_copy_up(stack: Stack, mounted) -> None:
+def test_eight_writers_at_once_make_one_copy_up(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "shared", b"." * 8 + b"lower tail" * 100_000)
     um = mounted(args=["-d"])
     barrier = mp.Barrier(8)
@@ -83,7 +84,7 @@ def _churn(mnt: str, worker: int, seconds: float, out: mp.Queue) -> None:  # typ
     out.put((worker, sorted(alive), ops, errors))
 
 
-def test_parallel_namespace_churn(stack: Stack, mounted) -> None:
+def test_parallel_namespace_churn(stack: Stack, mounted: Mounted) -> None:
     for i in range(50):  # some lower names to whiteout along the way
         write(stack.lowers[0] / f"lower-{i}")
     um = mounted()
@@ -127,7 +128,7 @@ def _hwm_kib(pid: int) -> int:
     return -1
 
 
-def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted) -> None:
+def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted: Mounted) -> None:
     per_dir = 100
     dirs = max(1, FILES // per_dir)
     for d in range(dirs):
@@ -153,3 +154,25 @@ def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted) -> None:
         f"RSS {_rss_kib(um.pid)} KiB, peak {_hwm_kib(um.pid)} KiB"
     )
     assert fds < 1200  # bounded by the per-layer directory fd cache, not by the tree
+
+
+def test_closed_files_are_closed_by_the_daemon_too(stack: Stack, mounted: Mounted) -> None:
+    """The kernel's RELEASE is answered in C and the daemon closes what the handles held
+    in batches (unionfs/fuse/csrc/release.c): at the next open, and within a second when
+    none comes. Either way no fd of a closed file stays behind."""
+    for i in range(500):
+        (stack.lowers[0] / f"f{i}").write_bytes(b"x")
+    um = mounted()
+    baseline = len(os.listdir(f"/proc/{um.pid}/fd"))
+    for i in range(500):
+        fd = os.open(stack.mnt / f"f{i}", os.O_RDONLY)
+        os.read(fd, 1)
+        os.close(fd)
+    assert len(os.listdir(f"/proc/{um.pid}/fd")) < baseline + 20  # closed at each open
+    keep = [os.open(stack.mnt / f"f{i}", os.O_RDONLY) for i in range(50)]
+    for fd in keep:
+        os.close(fd)  # the last closes: no open follows
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{um.pid}/fd")) > baseline + 5:
+        assert time.monotonic() < deadline, "released handles still hold their fds"
+        time.sleep(0.1)

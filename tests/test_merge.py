@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import KernelMount, Mounted, Stack
 from tests.treesnap import diff, snapshot
 
 
@@ -19,7 +19,7 @@ def write(path: os.PathLike[str] | str, data: bytes = b"x") -> None:
         f.write(data)
 
 
-def test_upper_name_hides_lower_and_directories_merge(stack: Stack, mounted) -> None:
+def test_upper_name_hides_lower_and_directories_merge(stack: Stack, mounted: Mounted) -> None:
     l1, l2 = stack.lowers
     write(l2 / "f", b"bottom")
     write(l1 / "f", b"top")
@@ -38,7 +38,9 @@ def test_upper_name_hides_lower_and_directories_merge(stack: Stack, mounted) -> 
     assert (m / "x").read_bytes() == b"file"
 
 
-def test_merged_directory_metadata_and_xattrs_come_from_the_top(stack: Stack, mounted) -> None:
+def test_merged_directory_metadata_and_xattrs_come_from_the_top(
+    stack: Stack, mounted: Mounted
+) -> None:
     l1, l2 = stack.lowers
     (l1 / "d").mkdir(mode=0o750)
     (l2 / "d").mkdir(mode=0o700)
@@ -56,7 +58,7 @@ def test_merged_directory_metadata_and_xattrs_come_from_the_top(stack: Stack, mo
     assert st.st_nlink == 1  # a merged directory, as the kernel overlay reports it
 
 
-def test_readdir_lists_each_name_once_with_its_type(stack: Stack, mounted) -> None:
+def test_readdir_lists_each_name_once_with_its_type(stack: Stack, mounted: Mounted) -> None:
     l1, l2 = stack.lowers
     for layer in (l1, l2):
         (layer / "dir").mkdir()
@@ -75,7 +77,7 @@ def test_readdir_lists_each_name_once_with_its_type(stack: Stack, mounted) -> No
     assert stat.S_ISFIFO(entries["fifo"].stat(follow_symlinks=False).st_mode)
 
 
-def test_whiteout_hides_everything_below_and_is_invisible(stack: Stack, mounted) -> None:
+def test_whiteout_hides_everything_below_and_is_invisible(stack: Stack, mounted: Mounted) -> None:
     l1, l2 = stack.lowers
     (l2 / "d").mkdir()
     write(l2 / "d" / "inner")
@@ -87,7 +89,7 @@ def test_whiteout_hides_everything_below_and_is_invisible(stack: Stack, mounted)
         os.stat(stack.mnt / "d" / "inner")
 
 
-def test_opaque_directory_hides_directories_below(stack: Stack, mounted) -> None:
+def test_opaque_directory_hides_directories_below(stack: Stack, mounted: Mounted) -> None:
     l1, l2 = stack.lowers
     (l1 / "d").mkdir()
     (l2 / "d").mkdir()
@@ -99,7 +101,7 @@ def test_opaque_directory_hides_directories_below(stack: Stack, mounted) -> None
     assert "trusted.overlay.opaque" not in os.listxattr(stack.mnt / "d")
 
 
-def test_every_file_type_works_through_the_mount(stack: Stack, mounted) -> None:
+def test_every_file_type_works_through_the_mount(stack: Stack, mounted: Mounted) -> None:
     mounted()
     m = stack.mnt
     write(m / "reg", b"data")
@@ -136,13 +138,15 @@ def test_every_file_type_works_through_the_mount(stack: Stack, mounted) -> None:
     assert kinds == {n: stat.S_IFMT(os.lstat(stack.upper / n).st_mode) for n in kinds}
 
 
-def test_a_0_0_char_device_cannot_be_created(stack: Stack, mounted) -> None:
+def test_a_0_0_char_device_cannot_be_created(stack: Stack, mounted: Mounted) -> None:
     mounted()
     with pytest.raises(PermissionError):
         os.mknod(stack.mnt / "wh", stat.S_IFCHR | 0o600, 0)
 
 
-def test_the_tree_matches_the_kernel_overlay(stack: Stack, mounted, kernel) -> None:
+def test_the_tree_matches_the_kernel_overlay(
+    stack: Stack, mounted: Mounted, kernel: KernelMount
+) -> None:
     """A mixed stack read through both: the same names, types, modes, contents."""
     l1, l2 = stack.lowers
     for layer, tag in ((l1, b"1"), (l2, b"2")):
@@ -161,14 +165,14 @@ def test_the_tree_matches_the_kernel_overlay(stack: Stack, mounted, kernel) -> N
     assert diff(snapshot(stack.mnt), expected) == []
 
 
-def test_lookup_of_a_missing_name_is_enoent(stack: Stack, mounted) -> None:
+def test_lookup_of_a_missing_name_is_enoent(stack: Stack, mounted: Mounted) -> None:
     mounted()
     with pytest.raises(OSError) as e:
         os.stat(stack.mnt / "nope")
     assert e.value.errno == errno.ENOENT
 
 
-def test_listings_have_dot_and_dotdot(stack: Stack, mounted) -> None:
+def test_listings_have_dot_and_dotdot(stack: Stack, mounted: Mounted) -> None:
     (stack.lowers[0] / "d").mkdir()
     mounted()
     out = subprocess.run(
@@ -177,7 +181,7 @@ def test_listings_have_dot_and_dotdot(stack: Stack, mounted) -> None:
     assert out == [".", ".."]
 
 
-def test_oci_whiteout_files_in_lower_layers_are_honoured(stack: Stack, mounted) -> None:
+def test_oci_whiteout_files_in_lower_layers_are_honoured(stack: Stack, mounted: Mounted) -> None:
     """containers-storage keeps a mount program's layers in the OCI format:
     ``.wh.NAME`` deletes NAME below, ``.wh..wh..opq`` makes its directory opaque."""
     l1, l2 = stack.lowers
@@ -205,7 +209,7 @@ def test_oci_whiteout_files_in_lower_layers_are_honoured(stack: Stack, mounted) 
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def test_mkdir_over_an_oci_deleted_directory_is_empty(stack: Stack, mounted) -> None:
+def test_mkdir_over_an_oci_deleted_directory_is_empty(stack: Stack, mounted: Mounted) -> None:
     (stack.lowers[1] / "d").mkdir()
     write(stack.lowers[1] / "d" / "secret")
     write(stack.lowers[0] / ".wh.d")

@@ -7,18 +7,19 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.mounting import faulty_command, kernel_overlay, start_unionfs
 from tests.test_merge import write
 from tests.test_namespace import is_whiteout
 from tests.treesnap import diff, snapshot
 
 
-def test_user_trusted_and_security_xattrs_work(stack: Stack, mounted) -> None:
+def test_user_trusted_and_security_xattrs_work(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f")
     mounted()
     f = stack.mnt / "f"
@@ -33,7 +34,7 @@ def test_user_trusted_and_security_xattrs_work(stack: Stack, mounted) -> None:
     assert os.getxattr(stack.upper / "f", "trusted.b") == b"v-trusted.b"
 
 
-def test_private_overlay_xattrs_are_hidden_and_refused(stack: Stack, mounted) -> None:
+def test_private_overlay_xattrs_are_hidden_and_refused(stack: Stack, mounted: Mounted) -> None:
     (stack.lowers[0] / "d").mkdir()
     os.setxattr(stack.lowers[0] / "d", "trusted.overlay.opaque", b"y")
     os.setxattr(stack.lowers[0] / "d", "trusted.overlay.other", b"z")
@@ -50,7 +51,7 @@ def test_private_overlay_xattrs_are_hidden_and_refused(stack: Stack, mounted) ->
     assert os.getxattr(stack.lowers[0] / "d", "trusted.overlay.other") == b"z"
 
 
-def test_removing_a_missing_xattr_does_not_copy_up(stack: Stack, mounted) -> None:
+def test_removing_a_missing_xattr_does_not_copy_up(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f")
     mounted()
     with pytest.raises(OSError) as e:
@@ -59,21 +60,21 @@ def test_removing_a_missing_xattr_does_not_copy_up(stack: Stack, mounted) -> Non
     assert os.listdir(stack.upper) == []
 
 
-def test_statfs_reports_the_upper_filesystem(stack: Stack, mounted) -> None:
+def test_statfs_reports_the_upper_filesystem(stack: Stack, mounted: Mounted) -> None:
     mounted()
     a, b = os.statvfs(stack.mnt), os.statvfs(stack.upper)
     assert (a.f_bsize, a.f_blocks, a.f_files) == (b.f_bsize, b.f_blocks, b.f_files)
     assert not a.f_flag & os.ST_RDONLY
 
 
-def test_a_mount_without_upper_is_read_only(stack: Stack, mounted) -> None:
+def test_a_mount_without_upper_is_read_only(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f", b"data")
     (stack.lowers[0] / "d").mkdir()
     mounted(readonly=True)
     m = stack.mnt
     assert os.statvfs(m).f_flag & os.ST_RDONLY
     assert (m / "f").read_bytes() == b"data"
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: open(m / "f", "ab"),
         lambda: open(m / "new", "wb"),
         lambda: os.mkdir(m / "x"),
@@ -91,7 +92,7 @@ def test_a_mount_without_upper_is_read_only(stack: Stack, mounted) -> None:
         assert e.value.errno == errno.EROFS
 
 
-def test_fsync_and_fsyncdir_reach_the_upper(stack: Stack, mounted) -> None:
+def test_fsync_and_fsyncdir_reach_the_upper(stack: Stack, mounted: Mounted) -> None:
     mounted()
     fd = os.open(stack.mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -108,7 +109,7 @@ def test_fsync_and_fsyncdir_reach_the_upper(stack: Stack, mounted) -> None:
     assert (stack.upper / "f").read_bytes() == b"durable"
 
 
-def test_files_over_4_gib_work(stack: Stack, mounted) -> None:
+def test_files_over_4_gib_work(stack: Stack, mounted: Mounted) -> None:
     with open(stack.lowers[0] / "huge", "wb") as f:
         f.truncate(5 << 30)
         f.seek((4 << 30) + 123)
@@ -130,7 +131,7 @@ NAMES = [b"caf\xe9-latin1", b"x" * 255, b"-leading dash", b"with space", "snow\u
 
 
 @pytest.mark.parametrize("name", NAMES, ids=["latin1", "255", "dash", "space", "utf8"])
-def test_names_are_bytes_everywhere(stack: Stack, mounted, name: bytes) -> None:
+def test_names_are_bytes_everywhere(stack: Stack, mounted: Mounted, name: bytes) -> None:
     lower = os.fsencode(stack.lowers[0])
     with open(os.path.join(lower, name), "wb") as f:
         f.write(b"lower")
@@ -147,7 +148,7 @@ def test_names_are_bytes_everywhere(stack: Stack, mounted, name: bytes) -> None:
     assert os.listdir(os.path.join(mnt, name[:200] + b".d")) == [name]
 
 
-def test_names_reserved_for_whiteouts_are_refused(stack: Stack, mounted) -> None:
+def test_names_reserved_for_whiteouts_are_refused(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f")
     mounted()
     m = stack.mnt
@@ -191,7 +192,7 @@ def test_workdir_on_another_filesystem_is_refused(stack: Stack, tmp_path: Path) 
 
 
 def test_a_second_mount_over_the_same_upper_is_refused(
-    stack: Stack, mounted, tmp_path: Path
+    stack: Stack, mounted: Mounted, tmp_path: Path
 ) -> None:
     mounted()
     other = tmp_path / "mnt2"
@@ -280,7 +281,9 @@ def test_unionfs_shows_what_the_kernel_wrote(stack: Stack, tmp_path: Path) -> No
 # -- the error boundary ---------------------------------------------------------
 
 
-def test_a_handler_exception_becomes_eio_and_the_mount_goes_on(stack: Stack, mounted) -> None:
+def test_a_handler_exception_becomes_eio_and_the_mount_goes_on(
+    stack: Stack, mounted: Mounted
+) -> None:
     write(stack.lowers[0] / "fine", b"ok")
     um = mounted(command=faulty_command("lookup=boom"))
     with pytest.raises(OSError) as e:
@@ -290,7 +293,9 @@ def test_a_handler_exception_becomes_eio_and_the_mount_goes_on(stack: Stack, mou
     assert "Traceback" in um.log() and "injected fault" in um.log()
 
 
-def test_an_exception_in_forget_is_logged_and_the_mount_goes_on(stack: Stack, mounted) -> None:
+def test_an_exception_in_forget_is_logged_and_the_mount_goes_on(
+    stack: Stack, mounted: Mounted
+) -> None:
     for i in range(50):
         write(stack.lowers[0] / f"f{i}", b"ok")
     um = mounted(command=faulty_command("forget"))
@@ -307,7 +312,9 @@ def test_an_exception_in_forget_is_logged_and_the_mount_goes_on(stack: Stack, mo
     assert (stack.mnt / "f0").read_bytes() == b"ok"
 
 
-def test_ro_with_an_upper_shows_the_upper_and_refuses_writes(stack: Stack, mounted) -> None:
+def test_ro_with_an_upper_shows_the_upper_and_refuses_writes(
+    stack: Stack, mounted: Mounted
+) -> None:
     write(stack.lowers[0] / "below", b"lower")
     write(stack.upper / "changed", b"upper")
     os.mknod(stack.upper / "below", stat.S_IFCHR, 0)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import Stack, staged
+from tests.conftest import Mounted, Stack, staged
 from tests.test_merge import write
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -23,7 +23,7 @@ def renameat2(old: os.PathLike[str], new: os.PathLike[str], flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def is_whiteout(path: os.PathLike[str]) -> bool:
+def is_whiteout(path: str | bytes | os.PathLike[str]) -> bool:
     st = os.lstat(path)
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -60,7 +60,7 @@ def as_user(
 # -- deletes -----------------------------------------------------------------
 
 
-def test_unlink_of_a_lower_file_leaves_a_whiteout(stack: Stack, mounted) -> None:
+def test_unlink_of_a_lower_file_leaves_a_whiteout(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[1] / "f")
     mounted()
     os.unlink(stack.mnt / "f")
@@ -69,14 +69,14 @@ def test_unlink_of_a_lower_file_leaves_a_whiteout(stack: Stack, mounted) -> None
     assert (stack.lowers[1] / "f").exists()
 
 
-def test_unlink_of_an_upper_only_file_leaves_nothing(stack: Stack, mounted) -> None:
+def test_unlink_of_an_upper_only_file_leaves_nothing(stack: Stack, mounted: Mounted) -> None:
     mounted()
     write(stack.mnt / "f")
     os.unlink(stack.mnt / "f")
     assert os.listdir(stack.upper) == []
 
 
-def test_unlink_of_a_copied_up_file_leaves_a_whiteout(stack: Stack, mounted) -> None:
+def test_unlink_of_a_copied_up_file_leaves_a_whiteout(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f", b"lower")
     mounted()
     write(stack.mnt / "f", b"changed")
@@ -85,7 +85,7 @@ def test_unlink_of_a_copied_up_file_leaves_a_whiteout(stack: Stack, mounted) -> 
     assert staged(stack.work / "work") == []
 
 
-def test_rmdir_needs_the_merged_directory_empty(stack: Stack, mounted) -> None:
+def test_rmdir_needs_the_merged_directory_empty(stack: Stack, mounted: Mounted) -> None:
     l1, l2 = stack.lowers
     (l1 / "d").mkdir()
     (l2 / "d").mkdir()
@@ -100,7 +100,7 @@ def test_rmdir_needs_the_merged_directory_empty(stack: Stack, mounted) -> None:
     assert not os.path.lexists(stack.mnt / "d")
 
 
-def test_creating_over_a_whiteout_replaces_it(stack: Stack, mounted) -> None:
+def test_creating_over_a_whiteout_replaces_it(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f", b"old")
     mounted()
     os.unlink(stack.mnt / "f")
@@ -111,7 +111,7 @@ def test_creating_over_a_whiteout_replaces_it(stack: Stack, mounted) -> None:
     assert os.readlink(stack.upper / "f") == "target"
 
 
-def test_mkdir_over_a_whiteout_makes_an_opaque_directory(stack: Stack, mounted) -> None:
+def test_mkdir_over_a_whiteout_makes_an_opaque_directory(stack: Stack, mounted: Mounted) -> None:
     (stack.lowers[0] / "d").mkdir()
     write(stack.lowers[0] / "d" / "old")
     mounted()
@@ -124,7 +124,9 @@ def test_mkdir_over_a_whiteout_makes_an_opaque_directory(stack: Stack, mounted) 
 # -- rename ------------------------------------------------------------------
 
 
-def test_rename_of_a_lower_file_copies_up_and_whiteouts_the_source(stack: Stack, mounted) -> None:
+def test_rename_of_a_lower_file_copies_up_and_whiteouts_the_source(
+    stack: Stack, mounted: Mounted
+) -> None:
     (stack.lowers[0] / "d").mkdir()
     write(stack.lowers[0] / "d" / "f", b"content")
     mounted()
@@ -135,7 +137,7 @@ def test_rename_of_a_lower_file_copies_up_and_whiteouts_the_source(stack: Stack,
     assert (stack.upper / "g").read_bytes() == b"content"
 
 
-def test_rename_noreplace_and_exchange(stack: Stack, mounted) -> None:
+def test_rename_noreplace_and_exchange(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "a", b"A")
     write(stack.lowers[1] / "b", b"B")
     mounted()
@@ -151,7 +153,7 @@ def test_rename_noreplace_and_exchange(stack: Stack, mounted) -> None:
     assert e.value.errno == errno.EINVAL
 
 
-def test_an_upper_only_directory_can_be_renamed(stack: Stack, mounted) -> None:
+def test_an_upper_only_directory_can_be_renamed(stack: Stack, mounted: Mounted) -> None:
     mounted()
     os.makedirs(stack.mnt / "new" / "sub")
     write(stack.mnt / "new" / "sub" / "f", b"deep")
@@ -161,7 +163,7 @@ def test_an_upper_only_directory_can_be_renamed(stack: Stack, mounted) -> None:
     assert sorted(os.listdir(stack.upper / "moved" / "sub")) == ["f", "g"]
 
 
-def test_a_directory_with_lower_parts_cannot_be_renamed(stack: Stack, mounted) -> None:
+def test_a_directory_with_lower_parts_cannot_be_renamed(stack: Stack, mounted: Mounted) -> None:
     (stack.lowers[0] / "d").mkdir()
     write(stack.lowers[0] / "d" / "f", b"x")
     mounted()
@@ -173,7 +175,9 @@ def test_a_directory_with_lower_parts_cannot_be_renamed(stack: Stack, mounted) -
     assert not os.path.lexists(stack.mnt / "d")
 
 
-def test_a_directory_moved_into_a_merged_directory_becomes_opaque(stack: Stack, mounted) -> None:
+def test_a_directory_moved_into_a_merged_directory_becomes_opaque(
+    stack: Stack, mounted: Mounted
+) -> None:
     (stack.lowers[0] / "m").mkdir()
     (stack.lowers[0] / "m" / "x").mkdir()
     write(stack.lowers[0] / "m" / "x" / "lower-file")
@@ -187,7 +191,7 @@ def test_a_directory_moved_into_a_merged_directory_becomes_opaque(stack: Stack, 
 # -- inodes and hard links -----------------------------------------------------
 
 
-def test_hard_links_share_st_ino_and_count(stack: Stack, mounted) -> None:
+def test_hard_links_share_st_ino_and_count(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f")
     mounted()
     os.link(stack.mnt / "f", stack.mnt / "g")
@@ -198,7 +202,7 @@ def test_hard_links_share_st_ino_and_count(stack: Stack, mounted) -> None:
     assert os.stat(stack.mnt / "g").st_nlink == 1
 
 
-def test_st_ino_stays_across_copy_up_and_rename(stack: Stack, mounted) -> None:
+def test_st_ino_stays_across_copy_up_and_rename(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f")
     mounted()
     ino = os.stat(stack.mnt / "f").st_ino
@@ -208,7 +212,9 @@ def test_st_ino_stays_across_copy_up_and_rename(stack: Stack, mounted) -> None:
     assert os.stat(stack.mnt / "g").st_ino == ino
 
 
-def test_an_unlinked_open_file_shows_nlink_0_and_stays_readable(stack: Stack, mounted) -> None:
+def test_an_unlinked_open_file_shows_nlink_0_and_stays_readable(
+    stack: Stack, mounted: Mounted
+) -> None:
     mounted()
     write(stack.mnt / "f", b"still here")
     with open(stack.mnt / "f", "rb") as f:
@@ -220,7 +226,7 @@ def test_an_unlinked_open_file_shows_nlink_0_and_stays_readable(stack: Stack, mo
 # -- ownership and permissions -------------------------------------------------
 
 
-def test_new_files_belong_to_the_caller_and_honour_umask(stack: Stack, mounted) -> None:
+def test_new_files_belong_to_the_caller_and_honour_umask(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     os.chmod(stack.upper, 0o1777)  # the merged root shows the upper root
     mounted()
@@ -231,7 +237,7 @@ def test_new_files_belong_to_the_caller_and_honour_umask(stack: Stack, mounted) 
     assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1000, 1000, 0o750)
 
 
-def test_setgid_directories_pass_on_their_group(stack: Stack, mounted) -> None:
+def test_setgid_directories_pass_on_their_group(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     (stack.lowers[0] / "shared").mkdir()
     os.chown(stack.lowers[0] / "shared", 0, 777)
@@ -244,7 +250,7 @@ def test_setgid_directories_pass_on_their_group(stack: Stack, mounted) -> None:
     assert d.st_mode & stat.S_ISGID
 
 
-def test_the_kernel_enforces_modes_for_other_users(stack: Stack, mounted) -> None:
+def test_the_kernel_enforces_modes_for_other_users(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     write(stack.lowers[0] / "secret", b"root only")
     os.chmod(stack.lowers[0] / "secret", 0o600)
@@ -254,7 +260,7 @@ def test_the_kernel_enforces_modes_for_other_users(stack: Stack, mounted) -> Non
     assert not os.path.lexists(stack.upper / "nope")
 
 
-def test_a_write_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted) -> None:
+def test_a_write_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     write(stack.lowers[0] / "prog", b"#!/bin/sh\n")
     os.chmod(stack.lowers[0] / "prog", 0o6777)
@@ -264,7 +270,7 @@ def test_a_write_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted) 
     assert stat.S_IMODE(os.stat(stack.mnt / "prog").st_mode) & 0o6000 == 0
 
 
-def test_the_mount_root_can_be_chowned_chmodded_and_touched(stack: Stack, mounted) -> None:
+def test_the_mount_root_can_be_chowned_chmodded_and_touched(stack: Stack, mounted: Mounted) -> None:
     """Container engines chown the root of every container's mount."""
     mounted()
     os.chown(stack.mnt, 123, 456)

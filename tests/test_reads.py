@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.test_merge import write
 
 
@@ -27,7 +27,9 @@ def _sha(path: Path, chunk: int) -> str:
     return h.hexdigest()
 
 
-def test_cold_partly_cached_and_short_reads_return_exact_data(stack: Stack, mounted) -> None:
+def test_cold_partly_cached_and_short_reads_return_exact_data(
+    stack: Stack, mounted: Mounted
+) -> None:
     data = os.urandom(8 << 20) + b"tail-not-page-aligned"
     big = stack.lowers[1] / "big"
     write(big, data)
@@ -48,7 +50,7 @@ def test_cold_partly_cached_and_short_reads_return_exact_data(stack: Stack, moun
         assert os.pread(f.fileno(), 100, len(data) + 10) == b""
 
 
-def test_a_read_racing_a_copy_up_of_its_file_stays_exact(stack: Stack, mounted) -> None:
+def test_a_read_racing_a_copy_up_of_its_file_stays_exact(stack: Stack, mounted: Mounted) -> None:
     data = os.urandom(16 << 20)
     write(stack.lowers[1] / "f", data)
     _evict(stack.lowers[1] / "f")

@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,7 +104,7 @@ def _redirect(path: Path, value: bytes) -> None:
 @pytest.mark.parametrize("mode", ["redirect_dir=nofollow", "redirect_dir=follow"])
 def test_nofollow_refuses_redirects_as_the_kernel(tmp_path: Path, mode: str) -> None:
     u, k = twins(tmp_path, _crafted)
-    seen = {}
+    seen: dict[str, list[Any]] = {}
     for t in (u, k):
         _redirect(t.upper / "dirA", b"/src")
         _redirect(t.upper / "bad", b"a/b")  # invalid: EINVAL in any mode

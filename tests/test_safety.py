@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack, staged
+from tests.conftest import Mounted, Stack, staged
+from tests.features import libfuse317_expected
 from tests.mounting import (
     REPO,
     kernel_overlay,
@@ -29,7 +30,7 @@ from tests.test_namespace import as_user, let_others_in
 # -- containment ------------------------------------------------------------------
 
 
-def test_a_host_symlink_in_a_lower_never_exposes_the_host(stack: Stack, mounted) -> None:
+def test_a_host_symlink_in_a_lower_never_exposes_the_host(stack: Stack, mounted: Mounted) -> None:
     """Lower ``etc -> /etc`` under a real upper ``etc/``: the host's passwd must not show."""
     os.symlink("/etc", stack.lowers[0] / "etc")
     (stack.lowers[1] / "etc").mkdir()
@@ -45,7 +46,7 @@ def test_a_host_symlink_in_a_lower_never_exposes_the_host(stack: Stack, mounted)
 
 
 def test_an_escaping_relative_symlink_is_never_followed_by_the_daemon(
-    stack: Stack, mounted
+    stack: Stack, mounted: Mounted
 ) -> None:
     os.symlink("../../../../../../..", stack.lowers[1] / "x")
     (stack.lowers[0] / "x").mkdir()  # a directory above the symlink: the two do not merge
@@ -60,7 +61,7 @@ def test_an_escaping_relative_symlink_is_never_followed_by_the_daemon(
     assert (stack.upper / "x" / "new").exists()
 
 
-def test_metadata_calls_on_a_symlink_change_only_the_link(stack: Stack, mounted) -> None:
+def test_metadata_calls_on_a_symlink_change_only_the_link(stack: Stack, mounted: Mounted) -> None:
     target = stack.lowers[0] / "target"
     write(target, b"t")
     os.chmod(target, 0o640)
@@ -109,7 +110,7 @@ def _setid_file(stack: Stack, name: str, caps: bool = False) -> Path:
     return p
 
 
-def test_truncate_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted) -> None:
+def test_truncate_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     _setid_file(stack, "prog")
     mounted()
@@ -118,7 +119,7 @@ def test_truncate_by_a_non_owner_clears_setuid_and_setgid(stack: Stack, mounted)
     assert os.stat(stack.mnt / "prog").st_mode & 0o6000 == 0
 
 
-def test_a_write_removes_file_capabilities(stack: Stack, mounted) -> None:
+def test_a_write_removes_file_capabilities(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     _setid_file(stack, "capped", caps=True)
     mounted()
@@ -128,7 +129,7 @@ def test_a_write_removes_file_capabilities(stack: Stack, mounted) -> None:
     assert "security.capability" not in os.listxattr(stack.mnt / "capped")
 
 
-def test_chown_clears_setid_bits_and_capabilities(stack: Stack, mounted) -> None:
+def test_chown_clears_setid_bits_and_capabilities(stack: Stack, mounted: Mounted) -> None:
     _setid_file(stack, "prog", caps=True)
     mounted()
     os.chown(stack.mnt / "prog", 1000, 1000)
@@ -136,7 +137,7 @@ def test_chown_clears_setid_bits_and_capabilities(stack: Stack, mounted) -> None
     assert "security.capability" not in os.listxattr(stack.mnt / "prog")
 
 
-def test_copy_up_keeps_the_owner_of_a_setuid_file(stack: Stack, mounted) -> None:
+def test_copy_up_keeps_the_owner_of_a_setuid_file(stack: Stack, mounted: Mounted) -> None:
     p = stack.lowers[0] / "userprog"
     write(p)
     os.chown(p, 1000, 1000)
@@ -145,6 +146,83 @@ def test_copy_up_keeps_the_owner_of_a_setuid_file(stack: Stack, mounted) -> None
     os.close(os.open(stack.mnt / "userprog", os.O_WRONLY))  # copy-up as root
     st = os.stat(stack.upper / "userprog")
     assert (st.st_uid, st.st_mode & 0o7777) == (1000, 0o4755)  # never a setuid-root binary
+
+
+WRITES_SCRIPT = r"""
+import json, os, sys
+m = sys.argv[1]
+def as_user(fn):
+    pid = os.fork()
+    if pid == 0:
+        os.setgroups([]); os.setgid(1000); os.setuid(1000)
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+def append(name):
+    with open(m + "/" + name, "ab") as f:
+        f.write(b"x")
+def handed_over(name):
+    fd = os.open(m + "/" + name, os.O_WRONLY | os.O_APPEND)  # opened by root
+    as_user(lambda: os.write(fd, b"x"))
+    os.close(fd)
+os.chmod(m + "/upper-user", 0o6777)  # a copy-up first: the file is in the upper
+as_user(lambda: append("user"))
+as_user(lambda: append("upper-user"))
+as_user(lambda: append("sgid-no-gx"))
+append("root")
+handed_over("handed")
+print(json.dumps({n: oct(os.stat(m + "/" + n).st_mode & 0o7777) for n in sorted(os.listdir(m))}))
+"""
+
+
+def test_writes_drop_privilege_bits_as_on_the_kernel_overlay(stack: Stack, tmp_path: Path) -> None:
+    """Another user's write drops setuid, and setgid with group-exec; root's keeps them.
+    Whoever opened the file: the writer's own privileges count, as on the kernel
+    overlay, also when the kernel writes the file itself (FUSE passthrough)."""
+    let_others_in(stack)
+    for name, mode in (
+        ("user", 0o6777),
+        ("upper-user", 0o6777),
+        ("sgid-no-gx", 0o2766),
+        ("root", 0o6777),
+        ("handed", 0o4777),
+    ):
+        write(stack.lowers[1] / name, b"#!/bin/sh\n")
+        os.chmod(stack.lowers[1] / name, mode)
+    twin = tmp_path / "twin"
+    twin.mkdir(mode=0o755)
+    subprocess.run(["cp", "-a", os.fspath(stack.lowers[1]), os.fspath(twin / "l2")], check=True)
+    for n in ("l1", "upper", "work", "mnt"):
+        (twin / n).mkdir()
+
+    def run(mnt: Path) -> dict[str, str]:
+        r = subprocess.run(
+            [sys.executable, "-c", WRITES_SCRIPT, os.fspath(mnt)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        modes: dict[str, str] = json.loads(r.stdout)
+        return modes
+
+    with kernel_overlay([twin / "l1", twin / "l2"], twin / "mnt", twin / "upper", twin / "work"):
+        expected = run(twin / "mnt")
+    um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
+    try:
+        got = run(stack.mnt)
+    finally:
+        um.unmount()
+    if not libfuse317_expected():
+        # Without KILLPRIV_V2 the kernel's FUSE layer drops setgid only with group-exec.
+        assert got.pop("sgid-no-gx") == oct(0o2766)
+        expected.pop("sgid-no-gx")
+    assert got == expected
+    assert expected["user"] == expected["handed"] == oct(0o777)
+    assert expected["root"] == oct(0o6777)
+    for name, shown in got.items():  # what unionfs showed is what it stored
+        assert oct(os.stat(stack.upper / name).st_mode & 0o7777) == shown
 
 
 def test_a_nosuid_lower_cannot_gain_setuid_through_the_mount(stack: Stack, tmp_path: Path) -> None:
@@ -243,7 +321,8 @@ def test_other_users_see_the_kernel_overlays_errnos(stack: Stack, tmp_path: Path
             text=True,
             check=True,
         )
-        return json.loads(r.stdout)
+        result: dict[str, str] = json.loads(r.stdout)
+        return result
 
     with kernel_overlay([twin / "l1", twin / "l2"], twin / "mnt", twin / "upper", twin / "work"):
         expected = run_as_user(twin / "mnt")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.mounting import kernel_overlay, overlay_options, unionfs_mounted
 from tests.test_merge import write as _write
 from tests.treesnap import diff, snapshot
@@ -47,7 +47,7 @@ def _changes(m: Path) -> None:
     os.unlink(m / "f")
 
 
-def test_userxattr_writes_user_overlay_markers_only(stack: Stack, mounted) -> None:
+def test_userxattr_writes_user_overlay_markers_only(stack: Stack, mounted: Mounted) -> None:
     _lower_tree(stack.lowers[0])
     mounted(extra_options="userxattr")
     _changes(stack.mnt)
@@ -57,7 +57,7 @@ def test_userxattr_writes_user_overlay_markers_only(stack: Stack, mounted) -> No
     assert not os.path.lexists(stack.mnt / "f")
 
 
-def test_user_overlay_xattrs_are_hidden_and_cannot_be_set(stack: Stack, mounted) -> None:
+def test_user_overlay_xattrs_are_hidden_and_cannot_be_set(stack: Stack, mounted: Mounted) -> None:
     _lower_tree(stack.lowers[0])
     mounted(extra_options="userxattr")
     _changes(stack.mnt)
@@ -74,7 +74,7 @@ def test_user_overlay_xattrs_are_hidden_and_cannot_be_set(stack: Stack, mounted)
 
 
 def test_an_upper_written_with_userxattr_mounts_with_the_kernel_userxattr(
-    stack: Stack, mounted, tmp_path: Path
+    stack: Stack, mounted: Mounted, tmp_path: Path
 ) -> None:
     _lower_tree(stack.lowers[0])
     um = mounted(extra_options="userxattr")
@@ -114,7 +114,7 @@ def test_an_upper_the_kernel_wrote_with_userxattr_shows_the_same_tree(tmp_path: 
             assert diff(snapshot(mnt), theirs) == [], extra
 
 
-def test_the_mount_s_own_namespace_wins(stack: Stack, mounted) -> None:
+def test_the_mount_s_own_namespace_wins(stack: Stack, mounted: Mounted) -> None:
     """trusted says not opaque, user says opaque: a trusted mount merges, a userxattr
     mount does not (each reads its own namespace first, as the kernel does)."""
     write(stack.lowers[0] / "d" / "below", b"x")
@@ -128,7 +128,9 @@ def test_the_mount_s_own_namespace_wins(stack: Stack, mounted) -> None:
     assert os.listdir(stack.mnt / "d") == []
 
 
-def test_kernel_with_userxattr_agrees_on_the_same_upper(stack: Stack, mounted, tmp_path) -> None:
+def test_kernel_with_userxattr_agrees_on_the_same_upper(
+    stack: Stack, mounted: Mounted, tmp_path: Path
+) -> None:
     """The oracle for the previous rule's userxattr half."""
     write(stack.lowers[0] / "d" / "below", b"x")
     (stack.upper / "d").mkdir()

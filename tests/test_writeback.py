@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.conftest import Stack
+from tests.conftest import KernelMount, Mounted, Stack
 from tests.test_merge import write
 from tests.test_namespace import as_user, let_others_in
 
@@ -48,7 +48,9 @@ def _fill(lower: Path) -> None:
     write(lower / "grow", b"g")
 
 
-def test_data_and_sizes_match_the_kernel_overlay(stack: Stack, mounted, kernel, tmp_path) -> None:
+def test_data_and_sizes_match_the_kernel_overlay(
+    stack: Stack, mounted: Mounted, kernel: KernelMount, tmp_path: Path
+) -> None:
     _fill(stack.lowers[0])
     k_lower, k_upper = tmp_path / "k-lower", tmp_path / "k-upper"
     k_upper.mkdir()
@@ -57,9 +59,9 @@ def test_data_and_sizes_match_the_kernel_overlay(stack: Stack, mounted, kernel, 
     um = mounted(extra_options=WB)
     with kernel([k_lower], k_upper) as kmnt:
         _same_ops(stack.mnt)
-        _same_ops(Path(kmnt))  # type: ignore[arg-type]
+        _same_ops(Path(kmnt))
         for name in ("big", "log", "shrink", "grow"):
-            ours, theirs = stack.mnt / name, Path(kmnt) / name  # type: ignore[arg-type]
+            ours, theirs = stack.mnt / name, Path(kmnt) / name
             assert ours.read_bytes() == theirs.read_bytes(), name
             assert os.stat(ours).st_size == os.stat(theirs).st_size, name
     shown = {n: (stack.mnt / n).read_bytes() for n in ("big", "log", "shrink", "grow")}
@@ -68,7 +70,7 @@ def test_data_and_sizes_match_the_kernel_overlay(stack: Stack, mounted, kernel, 
         assert (stack.upper / name).read_bytes() == data, name
 
 
-def test_mtime_shown_is_the_mtime_stored(stack: Stack, mounted) -> None:
+def test_mtime_shown_is_the_mtime_stored(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f", b"old")
     os.utime(stack.lowers[0] / "f", (1_000_000_000, 1_000_000_000))
     um = mounted(extra_options=WB)
@@ -89,7 +91,7 @@ def test_mtime_shown_is_the_mtime_stored(stack: Stack, mounted) -> None:
     assert p.read_bytes() == b"new data"
 
 
-def test_explicit_utime_after_writes_wins(stack: Stack, mounted) -> None:
+def test_explicit_utime_after_writes_wins(stack: Stack, mounted: Mounted) -> None:
     write(stack.lowers[0] / "f", b"x")
     um = mounted(extra_options=WB)
     p = stack.mnt / "f"
@@ -102,7 +104,7 @@ def test_explicit_utime_after_writes_wins(stack: Stack, mounted) -> None:
     assert (stack.upper / "f").read_bytes() == b"xmore"
 
 
-def test_an_unprivileged_write_still_clears_setuid(stack: Stack, mounted) -> None:
+def test_an_unprivileged_write_still_clears_setuid(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     p = stack.lowers[0] / "prog"
     write(p, b"#!/bin/sh\n")
@@ -114,7 +116,7 @@ def test_an_unprivileged_write_still_clears_setuid(stack: Stack, mounted) -> Non
     assert (stack.mnt / "prog").read_bytes() == b"#!/bin/sh\nx\n"
 
 
-def test_writes_through_mmap_reach_the_upper(stack: Stack, mounted) -> None:
+def test_writes_through_mmap_reach_the_upper(stack: Stack, mounted: Mounted) -> None:
     import mmap
 
     write(stack.lowers[0] / "m", b"a" * 8192)

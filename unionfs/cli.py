@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from unionfs import __version__
+from unionfs import __version__, startup
 from unionfs.errors import UsageError
 from unionfs.fuse.mount import Setup, check_setup, serve
 from unionfs.options import parse_options
@@ -50,14 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-d", "--debug", action="store_true", help="log every request to stderr (implies -f)"
     )
-    p.add_argument(
-        "-V",
-        "--version",
-        action="version",
-        version=f"unionfs version {__version__}\n{_fuse_versions()}",
-    )
+    p.add_argument("-V", "--version", action=_Version, nargs=0, help="print the version and exit")
     p.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
     return p
+
+
+class _Version(argparse.Action):
+    """-V: the versions are looked up only when asked for (importlib.metadata reads
+    every installed package's metadata: tens of ms on every mount otherwise)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"unionfs version {__version__}\n{_fuse_versions()}")
+        parser.exit()
 
 
 def _fuse_versions() -> str:
@@ -75,23 +79,40 @@ SUBCOMMANDS: dict[str, str] = {
     "layer": "unionfs.image.cli",
     "diff": "unionfs.image.cli",
     "commit": "unionfs.image.cli",
+    "explain": "unionfs.inspect.cli",
+    "trace": "unionfs.inspect.cli",
+    "check": "unionfs.inspect.cli",
+    "convert": "unionfs.inspect.cli",
 }
 
 
 def _subcommand(argv: list[str]) -> str | None:
     """The module for ``unionfs COMMAND ...``, or None for the plain mount command line.
 
-    mount(8) calls ``unionfs SOURCE MOUNTPOINT -o ...`` with any SOURCE, even one
-    spelled like a command: a command line that gives ``lowerdir=`` is a mount.
+    mount(8) calls ``unionfs SOURCE MOUNTPOINT -o rw,...`` (or ``ro,...``) with any
+    SOURCE, even one spelled like a command: that form is always a mount. The
+    inspection tools take the layers as ``-o lowerdir=...`` too, so nothing
+    else in the command line tells a mount from them.
     """
     if not argv or argv[0] not in SUBCOMMANDS:
         return None
-    if any("lowerdir=" in a for a in argv):
+    if _mount_helper_form(argv):
         return None
     return SUBCOMMANDS[argv[0]]
 
 
+def _mount_helper_form(argv: list[str]) -> bool:
+    """``SOURCE MOUNTPOINT -o OPTIONS``, OPTIONS starting with rw or ro, as mount.fuse3 writes it."""
+    return (
+        len(argv) == 4
+        and argv[2] == "-o"
+        and argv[3].split(",", 1)[0] in ("rw", "ro")
+        and "lowerdir=" in argv[3]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    startup.mark("imports")
     if argv is None:
         argv = sys.argv[1:]
     module = _subcommand(argv)
@@ -109,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if "debug" in opts.ignored:
             args.debug = True
         setup = check_setup(opts, mountpoint)
+        startup.mark("checks")
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
@@ -158,7 +180,10 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
         with os.fdopen(rfd, "rb") as r:
             answer = r.read()
         if answer == b"ok":
-            return 0
+            # Done: no interpreter teardown (tens of ms) between the mount and the caller.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         os.waitpid(pid, 0)
         msg = (
             answer.decode(errors="replace").strip()
@@ -171,6 +196,7 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     os.setsid()
     os.chdir("/")
     _log_to_syslog()
+    startup.mark("fork")
 
     def ready() -> None:
         devnull = os.open(os.devnull, os.O_RDWR)

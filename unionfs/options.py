@@ -21,9 +21,11 @@ class Options:
     readonly: bool = False
     fsync: bool = True
     writeback: bool = False
+    passthrough: str = "auto"  # auto | on | off: FUSE passthrough (unionfs.fuse.passthrough)
     static_nlink: bool = False
     userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
+    trace: str | None = None  # -o trace=FILE: the overlay's decisions as JSON lines
     uid_map: list[IdMap] = field(default_factory=list)
     gid_map: list[IdMap] = field(default_factory=list)
     squash_root: bool = False
@@ -238,6 +240,13 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.fsync = _bool(key, need())
     elif key == "writeback":
         opts.writeback = _bool(key, need())
+    elif key == "passthrough":
+        mode = need()
+        if mode not in ("auto", "on", "off"):
+            raise UsageError(f"passthrough: expected auto, on or off, got {value!r}")
+        opts.passthrough = mode
+    elif key == "trace":
+        opts.trace = unescape(need())
     elif key == "static_nlink":
         opts.static_nlink = True
     elif key == "userxattr" and value is None:
@@ -254,10 +263,10 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
     elif key == "gidmapping":
         opts.gid_map = parse_idmap(key, need())
     elif key == "redirect_dir":
-        mode = REDIRECT_MODES.get(need())
-        if mode is None:
+        redirect = REDIRECT_MODES.get(need())
+        if redirect is None:
             raise UsageError(f"redirect_dir: expected on, follow, nofollow or off, got {value!r}")
-        opts.redirect = mode
+        opts.redirect = redirect
     elif key == "metacopy":
         if need() not in ("on", "off"):
             raise UsageError(f"metacopy: expected on or off, got {value!r}")

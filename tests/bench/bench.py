@@ -47,6 +47,7 @@ from competitors import (  # noqa: E402
     FuseOverlayfs,
     KernelOverlay,
     Plain,
+    TracedUnionfs,
     Unionfs,
     snapshot_unionfs,
     sweep_stale_mounts,
@@ -54,7 +55,7 @@ from competitors import (  # noqa: E402
 from dataset import FULL, QUICK, Dataset, build_dataset, cache_root  # noqa: E402
 from workloads import Config, Group, groups, perl_modules_present  # noqa: E402
 
-# The metacopy variants run the chown group only (W10: chown -R with metacopy=on).
+# The metacopy variants run the chown group only (W11: chown -R with metacopy=on).
 ALL_COMPETITORS = [
     "plain",
     "kernel",
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--groups",
         help="comma list of trial types (default: all): "
-        "walk,tar,seqread,copyup,untar,rmrf,fio,chown,chroot",
+        "walk,tar,seqread,copyup,untar,rmrf,fio,parallel,chown,chroot,mount",
     )
     ap.add_argument(
         "--data",
@@ -112,9 +113,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fio-runtime", type=int, help="seconds per fio job (default 5, quick 1)")
     ap.add_argument("--unionfs-options", default="", help="extra -o options for unionfs")
     ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="also run unionfs with -o trace=FILE (competitor unionfs+trace): the cost of tracing",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="instead of the comparison: py-spy profile of unionfs on walk,untar,rmrf",
+    )
+    ap.add_argument(
+        "--count",
+        action="store_true",
+        help="instead of the comparison: FUSE requests per untar file, random write and exec",
     )
     ap.add_argument("--build-only", action="store_true", help="build/cache the data set and exit")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results")
@@ -143,9 +154,12 @@ def make_competitors(
             code,
             "unionfs-metacopy",
         ),
+        "unionfs+trace": TracedUnionfs(unionfs_python(), args.unionfs_options, code),
     }
     for variant in ("kernel-metacopy", "unionfs-metacopy"):
         table[variant].only_groups = ("chown",)
+    if args.trace and "unionfs" in names and "unionfs+trace" not in names:
+        names = [*names, "unionfs+trace"]
     chosen = []
     for n in names:
         if n not in table:
@@ -176,13 +190,20 @@ def run_trial(
     }  # fmt: skip
     t0 = time.perf_counter()
     try:
-        with comp.mount(ds.lowers, trial_dir) as m:
-            rec["mount_latency_s"] = m.mount_latency_s
-            try:
-                rec["metrics"] = group.run(m, ds, cfg)
-            finally:
-                m.sample_daemon()
-                rec.update(m.facts)
+        if group.name == "mount":
+            metrics, facts = comp.mount_cycles(ds.lowers, trial_dir, cfg.mount_cycles)
+            if not metrics:
+                raise RuntimeError("no mount to time (the plain copy)")
+            rec["metrics"] = metrics
+            rec.update(facts)
+        else:
+            with comp.mount(ds.lowers, trial_dir) as m:
+                rec["mount_latency_s"] = m.mount_latency_s
+                try:
+                    rec["metrics"] = group.run(m, ds, cfg)
+                finally:
+                    m.sample_daemon()
+                    rec.update(m.facts)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a failing competitor must not stop the others
@@ -191,6 +212,9 @@ def run_trial(
         mnt = trial_dir / "mnt"
         from tests.mounting import mount_type
 
+        requests = _daemon_requests(trial_dir / "daemon.log")
+        if requests:
+            rec["daemon_requests"] = requests
         if mnt.exists() and mount_type(mnt) is not None:
             rec["error"] = str(rec.get("error", "")) + " [mount still present; kept scratch dir]"
         elif trial_dir.exists():
@@ -203,6 +227,19 @@ def run_trial(
             subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(trial_dir)], check=False)
     rec["wall_s"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def _daemon_requests(log_path: Path) -> dict[str, int]:
+    """unionfs's request counts, from the line it logs at unmount (csrc/requests.c)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return {}
+    for line in reversed(text.splitlines()):
+        if " requests: " in line:
+            pairs = (item.split("=") for item in line.split(" requests: ", 1)[1].split())
+            return {k: int(v) for k, v in pairs}
+    return {}
 
 
 def code_digest(code: Path) -> str:
@@ -271,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         fio_runtime=args.fio_runtime or (1 if args.quick else 5),
         chroot_loops=10,
         sh_execs=100,
+        mount_cycles=5 if args.quick else 10,
     )
     ensure_tools()
     t_start = time.perf_counter()
@@ -304,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     # One frozen copy of the unionfs code for the whole run (see Unionfs).
-    code = snapshot_unionfs(cache_root(REPO) / f"code-{stamp}-{os.getpid()}")
+    code = snapshot_unionfs(cache_root(REPO) / f"code-{stamp}-{os.getpid()}", unionfs_python())
     try:
         return _run(args, ds, cfg, all_groups, group_list, run_root, stamp, code, t_start)
     finally:
@@ -323,6 +361,19 @@ def _run(
     t_start: float,
 ) -> int:
     """The profile mode or the comparison proper, once everything is prepared."""
+
+    if args.count:
+        from requests import count_requests
+
+        uf = Unionfs(unionfs_python(), args.unionfs_options, code)
+        try:
+            text = count_requests(ds, uf, run_root, log)
+        finally:
+            sweep_stale_mounts(run_root, ds.root)
+        out = args.out / f"{stamp}-count.md"
+        out.write_text(text + "\n")
+        print(text)
+        return 0
 
     if args.profile:
         from pyspy_profile import profile_unionfs
@@ -359,6 +410,8 @@ def _run(
                     for slot, comp in enumerate(order):
                         if comp.only_groups is not None and g.name not in comp.only_groups:
                             continue
+                        if g.name == "mount" and comp.name == "plain":
+                            continue  # nothing to mount
                         rec = run_trial(comp, g, ds, cfg, run_root, rep, slot, log_dir)
                         trials.append(rec)
                         out.write(json.dumps(rec) + "\n")
@@ -386,6 +439,13 @@ def _run(
         s for s in (
             header,
             report.results_table(trials, group_list, names),
+            "Goals (issue 15): median of the per-repetition ratios, with their range:",
+            report.goals_table(trials),
+            report.scaling_note(trials, names),
+            "unionfs start-up, exec to ready, by phase (median ms, wall / CPU):",
+            report.startup_table(trials),
+            "Daemon requests and CPU per request (unionfs counts its own; per trial):",
+            report.requests_table(trials, group_list),
             "Per trial: mount latency, daemon peak RSS (VmHWM) and CPU seconds (utime+stime):",
             report.daemon_table(trials, group_list, names),
             report.consistency_notes(trials),

@@ -11,8 +11,10 @@ failed clean unmount falls back to a lazy unmount plus SIGKILL of the PID
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 if os.fspath(REPO) not in sys.path:
     sys.path.insert(0, os.fspath(REPO))
 
-from tests.mounting import lazy_unmount, mount_type, overlay_options  # noqa: E402
+from tests.mounting import escape_path, lazy_unmount, mount_type, overlay_options  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -50,12 +52,15 @@ class Mounted:
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
                     self.facts["daemon_peak_rss_kib"] = int(line.split()[1])
-            stat_fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            # fields 14/15 (utime/stime) are indexes 11/12 after the ")".
-            cpu = (int(stat_fields[11]) + int(stat_fields[12])) / CLK_TCK
-            self.facts["daemon_cpu_s"] = round(cpu, 3)
+            self.facts["daemon_cpu_s"] = _cpu_seconds(self.pid)
         except (OSError, IndexError, ValueError):
             pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* (fields 14/15 of /proc/PID/stat, indexes 11/12 after ")")."""
+    stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round((int(stat_fields[11]) + int(stat_fields[12])) / CLK_TCK, 3)
 
 
 class Competitor:
@@ -77,6 +82,85 @@ class Competitor:
     def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
         raise NotImplementedError
         yield  # pragma: no cover
+
+    # -- mount latency: the real command, as a container engine runs it ----------
+
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        """The command that mounts and returns once the mount is ready (None: no mount)."""
+        return None
+
+    def cycle_env(self, times_file: Path) -> dict[str, str]:
+        return dict(os.environ)
+
+    def unmount_command(self, mnt: Path) -> list[str]:
+        return ["fusermount3", "-u", os.fspath(mnt)]
+
+    def mount_cycles(
+        self, lowers: list[Path], trial_dir: Path, cycles: int
+    ) -> tuple[dict[str, float], dict[str, object]]:
+        """Mount and unmount *cycles* times with fresh dirs; medians of exec -> the
+        command returned (ready) and exec -> the first stat answered, in ms, and
+        (unionfs) the median time of each start-up phase."""
+        mount_ms: list[float] = []
+        stat_ms: list[float] = []
+        phases: dict[str, list[tuple[float, float]]] = {}
+        for i in range(cycles):
+            upper, work, mnt = _trial_dirs(trial_dir / f"c{i}")
+            times_file = trial_dir / f"c{i}" / "startup.json"
+            cmd = self.cycle_command(overlay_options(lowers, upper, work), mnt)
+            if cmd is None:
+                return {}, {}
+            t0 = time.time()
+            p0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, env=self.cycle_env(times_file))
+            p1 = time.perf_counter()
+            try:
+                if res.returncode != 0:
+                    raise RuntimeError(f"{cmd[0]} exited {res.returncode}: {res.stderr[-500:]!r}")
+                os.stat(mnt)
+                p2 = time.perf_counter()
+            finally:
+                if mount_type(mnt) is not None:
+                    done = subprocess.run(self.unmount_command(mnt), capture_output=True)
+                    if done.returncode != 0:
+                        lazy_unmount(mnt)
+            mount_ms.append((p1 - p0) * 1000)
+            stat_ms.append((p2 - p0) * 1000)
+            for name, wall, cpu in _startup_phases(times_file, t0, t0 + (p1 - p0)):
+                phases.setdefault(name, []).append((wall, cpu))
+            time.sleep(0.05)  # let the daemon exit before the next cycle
+        facts: dict[str, object] = {
+            "startup_phases_ms": {
+                name: [
+                    round(statistics.median(w for w, _ in v), 1),
+                    round(statistics.median(c for _, c in v), 1),
+                ]
+                for name, v in phases.items()
+            }  # fmt: skip
+        }
+        metrics = {
+            "mount_ms": statistics.median(mount_ms),
+            "mount_stat_ms": statistics.median(stat_ms),
+        }
+        return metrics, facts if phases else {}
+
+
+def _startup_phases(path: Path, t0: float, t_end: float) -> list[tuple[str, float, float]]:
+    """unionfs's start-up marks (unionfs/startup.py) as (phase, wall ms, CPU ms), plus
+    the parent's return after the last mark; empty when there are none."""
+    try:
+        marks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    prev, prev_cpu = t0, 0.0
+    for name, wall, cpu in marks:
+        out.append(
+            (name, (wall - prev) * 1000, ((cpu - prev_cpu) if cpu >= prev_cpu else cpu) * 1000)
+        )
+        prev, prev_cpu = wall, cpu
+    out.append(("return", (t_end - prev) * 1000, 0.0))
+    return out
 
 
 class Plain(Competitor):
@@ -104,6 +188,12 @@ class KernelOverlay(Competitor):
 
     def version(self) -> str:
         return os.uname().release
+
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        return ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)]
+
+    def unmount_command(self, mnt: Path) -> list[str]:
+        return ["umount", os.fspath(mnt)]
 
     @contextmanager
     def mount(self, lowers: list[Path], trial_dir: Path) -> Iterator[Mounted]:
@@ -164,6 +254,7 @@ class FuseDaemon(Competitor):
                     raise RuntimeError(f"{self.name} did not mount within 30 s")
                 time.sleep(0.005)
             m = Mounted(mnt, time.perf_counter() - t0, pid=proc.pid, upper=upper)
+            m.facts["daemon_cpu_ready_s"] = _cpu_seconds(proc.pid)  # start-up, not workload
             yield m
         finally:
             _stop_fuse(proc, mnt)
@@ -172,6 +263,9 @@ class FuseDaemon(Competitor):
 class FuseOverlayfs(FuseDaemon):
     name = "fuse-overlayfs"
     fstype = "fuse.fuse-overlayfs"
+
+    def __init__(self, debug: bool = False) -> None:
+        self.debug = debug  # -d: libfuse logs every request (bench.py --count)
 
     def available(self) -> str | None:
         return None if _which("fuse-overlayfs") else "fuse-overlayfs not installed"
@@ -184,7 +278,10 @@ class FuseOverlayfs(FuseDaemon):
         return "?"
 
     def command(self, opts: str, mnt: Path) -> list[str]:
-        return ["fuse-overlayfs", "-f", "-o", opts, os.fspath(mnt)]
+        return ["fuse-overlayfs", "-d" if self.debug else "-f", "-o", opts, os.fspath(mnt)]
+
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        return ["fuse-overlayfs", "-o", opts, os.fspath(mnt)]
 
 
 class Unionfs(FuseDaemon):
@@ -237,12 +334,38 @@ class Unionfs(FuseDaemon):
             opts += "," + self.extra_options
         return [self.python, "-m", "unionfs", "-f", "-o", opts, os.fspath(mnt)]
 
+    def cycle_command(self, opts: str, mnt: Path) -> list[str] | None:
+        """What the installed ``unionfs`` command runs (its console script), in its
+        daemon mode: it returns once the mount is ready."""
+        if self.extra_options:
+            opts += "," + self.extra_options
+        script = "import sys; from unionfs.cli import main; sys.exit(main())"
+        return [self.python, "-c", script, "-o", opts, os.fspath(mnt)]
 
-def snapshot_unionfs(dest: Path) -> Path:
-    """Copy the repo's ``unionfs`` package to *dest*/unionfs; returns *dest*."""
+    def cycle_env(self, times_file: Path) -> dict[str, str]:
+        env = self.env()
+        env["UNIONFS_STARTUP_TIMES"] = os.fspath(times_file)
+        return env
+
+
+class TracedUnionfs(Unionfs):
+    """unionfs with ``-o trace=FILE`` (in the trial's scratch dir): what tracing costs."""
+
+    name = "unionfs+trace"
+
+    def command(self, opts: str, mnt: Path) -> list[str]:
+        trace = escape_path(mnt.parent / "trace.jsonl")
+        return super().command(f"{opts},trace={trace}", mnt)
+
+
+def snapshot_unionfs(dest: Path, python: str = sys.executable) -> Path:
+    """Copy the repo's ``unionfs`` package to *dest*/unionfs and compile its bytecode,
+    as an installed package has it (this environment may forbid writing it at run
+    time, which would add the compilation to every mount); returns *dest*."""
     shutil.copytree(
         REPO / "unionfs", dest / "unionfs", ignore=shutil.ignore_patterns("__pycache__")
     )
+    subprocess.run([python, "-m", "compileall", "-q", os.fspath(dest / "unionfs")], check=True)
     return dest
 
 

@@ -43,6 +43,7 @@ class Config:
     fio_runtime: int  # seconds per fio job
     chroot_loops: int  # dpkg -l / perl start-ups per W9 trial
     sh_execs: int  # /bin/true execs inside the chroot shell loop
+    mount_cycles: int = 10  # mounts per mount-latency trial
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,11 @@ def rm_rf(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
     return {"rmrf_s": dt}
 
 
-# --------------------------------------------------------------------- W10
+# --------------------------------------------------------------------- W11
 
 
 def chown_r(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
-    """W10: ``chown -R`` of the whole tree (a container build's ``chown -R app /``),
+    """W11: ``chown -R`` of the whole tree (a container build's ``chown -R app /``),
     and how much the upper holds afterwards: with metacopy=on the data stays below."""
     owners: list[tuple[str, int, int]] = []
     if m.plain:  # restored afterwards, untimed
@@ -241,6 +242,34 @@ def fio_random(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
     os.utime(path)  # copy-up now, so the write run measures writes, not copy-up (W5 does)
     rw = _fio(path, "randwrite", size, cfg.fio_runtime, ["--invalidate=0", "--end_fsync=1"])
     return {"randread_iops": rr, "randwrite_iops": rw}
+
+
+# --------------------------------------------------------------------- W10
+
+READERS = (1, 4, 8)
+
+
+def parallel_readers(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
+    """W10: 1, 4 and 8 concurrent ``tar cf - usr | cat`` of the same tree, warm.
+
+    Several processes using one mount at once (builds, CI runners, containers
+    on one host): a daemon that works on one core saturates it. Timed from the
+    start of the first reader to the end of the last; one untimed pass first.
+    """
+    sub = "usr" if (m.root / "usr").is_dir() else "."
+    exclude = "--exclude=./bench-big" if sub == "." else ""
+    script = f"set -o pipefail; tar -C {_q(m.root)} {exclude} -cf - {sub} | cat >/dev/null"
+    timed(["bash", "-c", script], ok=(0, 1))  # warm-up
+    out: Metrics = {}
+    for n in READERS:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(["bash", "-c", script], stderr=subprocess.PIPE) for _ in range(n)]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode not in (0, 1):
+                raise RuntimeError(f"tar reader exited {p.returncode}: {err.decode()[-300:]}")
+        out[f"par{n}_s"] = time.perf_counter() - t0
+    return out
 
 
 # ---------------------------------------------------------------------- W9
@@ -345,13 +374,28 @@ def groups(cfg: Config, ds: Dataset) -> list[Group]:
             Metric("randread_iops", f"W8 fio 4k randread {ds.spec.fio_size >> 20} MiB", "IOPS", True),
             Metric("randwrite_iops", f"W8 fio 4k randwrite {ds.spec.fio_size >> 20} MiB", "IOPS", True),
         ), fio_random),
+        Group("parallel", tuple(
+            Metric(f"par{n}_s", f"W10 {n} parallel readers (tar usr | cat), warm", "s")
+            for n in READERS
+        ), parallel_readers),
         Group("chown", (
-            Metric("chown_s", "W10 chown -R of the whole tree", "s"),
-            Metric("chown_upper_MB", "W10 upper size after chown -R", "MB"),
+            Metric("chown_s", "W11 chown -R of the whole tree", "s"),
+            Metric("chown_upper_MB", "W11 upper size after chown -R", "MB"),
         ), chown_r),
         Group("chroot", (
             Metric("dpkg_l_s", f"W9 chroot dpkg -l x{n}", "s"),
             Metric("perl_mods_s", f"W9 chroot perl -M<mods> x{n}", "s"),
             Metric("sh_exec_s", f"W9 chroot sh: /bin/true x{k}", "s"),
         ), chroot_startup, needs_rootfs=True),
+        Group("mount", (
+            Metric("mount_ms", "mount latency: exec to ready, median", "ms"),
+            Metric("mount_stat_ms", "mount latency: exec to first stat answered, median", "ms"),
+        ), mount_latency),
     ]  # fmt: skip
+
+
+def mount_latency(m: Mounted, ds: Dataset, cfg: Config) -> Metrics:
+    """Mount latency, exec to ready, as a container engine sees it: the command in its
+    daemon mode, returning once the mount is usable (bench.py runs this group with the
+    competitor's own cycles, see ``Competitor.mount_cycles``)."""
+    raise NotImplementedError("run through Competitor.mount_cycles")

@@ -115,6 +115,11 @@ class _Run:
         ctx = exclusions.Context(self.case.spec, self.history, self.kinds, snaps)
         remaining = exclusions.label_in(divs, ctx)
         self.out.excluded.extend(d for d in divs if d.excluded_by)
+        ending = [d.excluded_by for d in divs if d.excluded_by in exclusions.ENDS_CASE]
+        if ending:
+            # The rest of this op's divergences follow from the one that ends the case.
+            self.out.notes.append(f"ended by name {ending[0]} at {stage}")
+            return True
         if remaining:
             self.out.stage, self.out.divergences = stage, remaining
             self.note_daemon_logs()

@@ -275,3 +275,32 @@ def test_a_planted_bug_next_to_an_excused_whiteout_is_reported() -> None:
     assert [d.paths for d in out.divergences] == [frozenset({b"e/w"})], out
     clean = run_case(case, KU)
     assert not clean.diverged, clean
+
+
+def test_the_passthrough_exclusion_stays_narrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = spec([F(b"f")])
+    reads = [(op("open", 0, b"f", "O_RDONLY", 0o644), _ok(), _ok())]
+
+    def excused(o: Op, b: object = ("err", "ETXTBSY"), after: int = 0, kinds=KU) -> bool:  # type: ignore[no-untyped-def]
+        """Whether unionfs's result *b* for *o* (the kernel's: success) is excused,
+        with *after* more ops run since."""
+        history = [*reads, (o, _ok(), b)]
+        d = Divergence("result", f"op#{len(history) - 1} {o}", "", frozenset({b"f"}), a=_ok(), b=b)
+        history += [(op("stat", b"f"), _ok(), _ok())] * after
+        return _excused(d, layers, history, kinds=kinds)
+
+    write = op("open", 1, b"f", "O_WRONLY", 0o644)
+    monkeypatch.setenv("UNIONFS_TEST_OPTIONS", "passthrough=on")
+    assert excused(write)
+    assert excused(op("truncate", b"f", 0))
+    # a read-only open refused so is a bug
+    assert not excused(op("open", 1, b"f", "O_RDONLY", 0o644))
+    # another error
+    assert not excused(write, b=("err", "EIO"))
+    # an earlier op's result, not the last one's
+    assert not excused(write, after=1)
+    # two kernels never need it
+    assert not excused(write, kinds=KK)
+    # and without -o passthrough=on it never applies
+    monkeypatch.setenv("UNIONFS_TEST_OPTIONS", "")
+    assert not excused(write)

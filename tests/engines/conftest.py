@@ -1,17 +1,23 @@
 """Fixtures that drive real podman/buildah with unionfs as containers-storage's mount_program.
 
 Everything lives in one private temporary directory per session: storage.conf,
-containers.conf, graphroots, runroots, tmp dirs and the CNI config dir, so the
-machine's own container storage is never read or touched.  Two stores are made:
+containers.conf, graphroots, runroots, tmp dirs, lock files and the CNI config
+dir, so the machine's own container storage is never read or touched and a
+machine that never ran podman behaves like one that did.  No test needs the
+network or a registry: the base image is a static busybox imported from a tar.
+The stores:
 
 * ``fuse_store``: overlay driver with ``mount_program`` = a logging wrapper that
   records how podman invokes the program, then execs the real unionfs;
 * ``native_store``: the same overlay driver without a mount program, i.e. the
-  kernel's overlayfs.  It is the reference the unionfs results are compared to.
+  kernel's overlayfs.  It is the reference the unionfs results are compared to;
+* in ``test_rootless.py``, the same for an ordinary user, against ``vfs``.
 
-Teardown removes every container and image, runs ``podman system reset`` for
-each private config, lazily unmounts whatever is still mounted under the temp
-dir and fails loudly if anything had been left behind.
+Tests find their own mount-program runs in the wrapper's log by content (the
+merged dir of a container they created), never by time.  Teardown removes every
+container and image, runs ``podman system reset`` for each private config,
+lazily unmounts whatever is still mounted under the temp dir and fails loudly
+if anything had been left behind.
 
 Environment knobs:
 
@@ -37,6 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +66,9 @@ BASE_IMAGE = "localhost/unionfs-test/busybox:latest"
 # Every podman call gets a deadline so a hung mount (e.g. a daemon that keeps
 # podman's stderr pipe open) fails the test instead of the whole run.
 PODMAN_TIMEOUT = 180
+# How long a mount daemon may take to exit once its mount is gone before it
+# counts as hung: generous, as a loaded machine is slow, never a time window.
+DAEMON_EXIT_SECONDS = 60
 
 
 def _missing_tools() -> list[str]:
@@ -86,15 +96,19 @@ def _is_static(path: Path) -> bool:
     return True
 
 
-def fuse_mounts_under(root: Path, all_types: bool = False) -> list[tuple[str, str]]:
+def fuse_mounts_under(
+    root: Path, all_types: bool = False, mountinfo: str = "/proc/self/mountinfo"
+) -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every FUSE or overlay mount below *root*.
 
     With *all_types*, every mount: containers-storage also makes bind mounts
     (``graphroot/overlay`` onto itself, id-mapped lowers), which must go too.
+    *mountinfo* may name another process's table (rootless podman mounts in
+    its own mount namespace).
     """
     found = []
     prefix = os.path.realpath(root) + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
@@ -148,23 +162,110 @@ def mount_daemons(graphroot: Path) -> dict[int, list[str]]:
     }
 
 
-# A mount-program wrapper: logs argv, cwd and open fds (as inherited from
-# podman, before anything else is opened) as one JSON line, then execs the
-# real program so podman sees the real exit status, output and daemon.
+# A mount-program wrapper: logs argv, cwd, open fds (as inherited from podman,
+# before anything else is opened), the calling command line and, for a mount,
+# the owner of each lower directory as one JSON line, then execs the real
+# program so podman sees the real exit status, output and daemon.  Tests pick
+# their own invocations out of the log by content (the mountpoint of their
+# container), never by time: podman also runs the program for `--version`.
 WRAPPER = """#!/usr/bin/python3 -I
-import json, os, sys, time
+import json, os, sys
 fds = {}
 for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
     try:
         fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         pass  # the fd listdir itself used, already closed
+try:
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        caller = [a.decode(errors="replace") for a in f.read().split(b"\\0") if a]
+except OSError:
+    caller = []
+lower_owners = {}
+if len(sys.argv) == 4 and sys.argv[1] == "-o":
+    for opt in sys.argv[2].split(","):
+        if opt.startswith("lowerdir="):
+            for lower in opt[len("lowerdir="):].split(":"):
+                try:
+                    st = os.stat(lower)
+                    lower_owners[lower] = [st.st_uid, st.st_gid]
+                except OSError as e:
+                    lower_owners[lower] = str(e)
 rec = {"argv": sys.argv[1:], "cwd": os.getcwd(), "fds": fds, "pid": os.getpid(),
-       "time": time.time()}
+       "caller": caller, "lower_owners": lower_owners}
 with open(LOG, "a") as f:
     f.write(json.dumps(rec) + "\\n")
 os.execv(PROGRAM, [PROGRAM] + sys.argv[1:])
 """
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One run of the mount program (or of the fusermount3 stand-in), as logged."""
+
+    argv: list[str]
+    cwd: str
+    fds: dict[str, str]
+    caller: list[str]
+    lower_owners: dict[str, object]
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Invocation:
+        return cls(
+            argv=[str(a) for a in rec["argv"]],
+            cwd=str(rec["cwd"]),
+            fds={str(k): str(v) for k, v in rec["fds"].items()},
+            caller=[str(a) for a in rec.get("caller", [])],
+            lower_owners=dict(rec.get("lower_owners", {})),
+        )
+
+    @property
+    def is_mount(self) -> bool:
+        """``-o OPTIONS MOUNTPOINT``, the only form containers-storage mounts with."""
+        return len(self.argv) == 3 and self.argv[0] == "-o"
+
+    @property
+    def options(self) -> str:
+        assert self.is_mount, self.argv
+        return self.argv[1]
+
+    @property
+    def mountpoint(self) -> str:
+        assert self.is_mount, self.argv
+        return self.argv[2]
+
+    def option(self, name: str) -> str | None:
+        """The value of ``name=`` in the options (the last one given), or None."""
+        found = None
+        for opt in self.options.split(","):
+            key, eq, value = opt.partition("=")
+            if eq and key == name:
+                found = value
+        return found
+
+    @property
+    def lowerdirs(self) -> list[str]:
+        value = self.option("lowerdir")
+        return value.split(":") if value else []
+
+    def describe(self) -> str:
+        return f"  by {' '.join(self.caller[:4]) or '?'}: cwd={self.cwd} argv={self.argv}"
+
+
+@dataclass(frozen=True)
+class Container:
+    """A created container and where containers-storage mounts its root."""
+
+    name: str
+    layer_dir: Path  # GRAPHROOT/overlay/<the container's layer id>
+
+    @property
+    def merged(self) -> str:
+        return str(self.layer_dir / "merged")
+
+    @property
+    def upper(self) -> str:
+        return str(self.layer_dir / "diff")
 
 
 def write_wrapper(path: Path, log: Path, program: Path, prelude: str = "") -> Path:
@@ -179,17 +280,37 @@ def write_wrapper(path: Path, log: Path, program: Path, prelude: str = "") -> Pa
 
 @dataclass
 class Store:
-    """One private containers-storage + libpod configuration and a podman runner."""
+    """One private containers-storage + libpod configuration and a podman runner.
+
+    With *user*, podman runs rootless as that user (``runuser``), with nothing
+    but ``env`` in its environment: HOME, XDG dirs and the config files all
+    point inside *root*, so neither the user's nor the machine's own container
+    storage is read or touched.
+    """
 
     name: str
     root: Path
     mount_program: Path | None
     env: dict[str, str] = field(default_factory=dict)
     argv_log: Path | None = None
+    user: str | None = None
+    driver: str = "overlay"
+    # Rootless: XDG_RUNTIME_DIR, which holds the runroot; see ``runroot``.
+    runtime_dir: Path | None = None
 
     @property
     def graphroot(self) -> Path:
         return self.root / "graph"
+
+    @property
+    def runroot(self) -> Path:
+        """podman refuses a ``--runroot`` longer than 50 characters, and passes one to
+        the clean-up command conmon runs when a container exits: with a longer one
+        that clean-up fails unseen and the container stays mounted. Rootless podman
+        puts it in XDG_RUNTIME_DIR, which gets a short path of its own."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir / "containers"
+        return self.root / "run"
 
     @property
     def storage_conf(self) -> Path:
@@ -199,21 +320,27 @@ class Store:
     def containers_conf(self) -> Path:
         return self.root / "containers.conf"
 
-    def write_config(self, mountopt: str = "nodev") -> None:
-        for d in ("graph", "run", "tmp", "net"):
+    def write_config(self, mountopt: str | None = "nodev") -> None:
+        for d in ("graph", "run", "tmp", "net", "home"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        if self.user is not None and self.runtime_dir is None:
+            self.runtime_dir = Path(tempfile.mkdtemp(prefix="unionfs-", dir="/tmp"))
+        assert len(str(self.runroot)) <= 50, f"runroot {self.runroot} is too long for podman"
         lines = [
             "[storage]",
-            'driver = "overlay"',
+            f'driver = "{self.driver}"',
             f'graphroot = "{self.graphroot}"',
-            f'runroot = "{self.root / "run"}"',
-            "",
-            "[storage.options.overlay]",
-            # mountopt is prepended to the options podman hands the program.
-            f'mountopt = "{mountopt}"',
+            f'runroot = "{self.runroot}"',
         ]
-        if self.mount_program is not None:
-            lines.append(f'mount_program = "{self.mount_program}"')
+        if self.user is not None:
+            lines.append(f'rootless_storage_path = "{self.graphroot}"')
+        if self.driver == "overlay":
+            lines += ["", "[storage.options.overlay]"]
+            if mountopt is not None:
+                # mountopt is prepended to the options podman hands the program.
+                lines.append(f'mountopt = "{mountopt}"')
+            if self.mount_program is not None:
+                lines.append(f'mount_program = "{self.mount_program}"')
         self.storage_conf.write_text("\n".join(lines) + "\n")
         hard_nofile = _hard_limit("-n")
         hard_nproc = _hard_limit("-u")
@@ -233,18 +360,41 @@ network_config_dir = "{self.root / "net"}"
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+# File locks in tmp_dir, not the machine-wide /dev/shm/libpod_lock.
+lock_type = "file"
 tmp_dir = "{self.root / "tmp"}"
 volume_path = "{self.root / "graph" / "volumes"}"
 """
         )
+        (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
         self.env = {
-            **os.environ,
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
             # No registries are reachable; make sure nothing tries one.
             "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf"),
+            # podman and buildah put temporary copies of images in TMPDIR
+            # (default /var/tmp): keep those private too.
+            "TMPDIR": str(self.root / "tmp"),
         }
-        (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
+        if self.user is None:
+            self.env = {**os.environ, **self.env}
+        else:
+            home = self.root / "home"
+            self.env |= {
+                "HOME": str(home),
+                "XDG_CONFIG_HOME": str(home / ".config"),
+                "XDG_DATA_HOME": str(home / ".local" / "share"),
+                "XDG_RUNTIME_DIR": str(self.runtime_dir),
+                "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+                "LANG": "C.UTF-8",
+            }
+
+    def command(self, *args: str) -> list[str]:
+        """The command line that runs ``podman ARGS`` for this store."""
+        if self.user is None:
+            return ["podman", *args]
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        return ["runuser", "-u", self.user, "--", "env", "-i", *env, "podman", *args]
 
     def podman(
         self,
@@ -253,12 +403,12 @@ volume_path = "{self.root / "graph" / "volumes"}"
         timeout: float = PODMAN_TIMEOUT,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = ["podman", *args]
-        start = time.time()
+        cmd = self.command(*args)
+        mark = len(self.invocations())
         try:
             res = subprocess.run(
                 cmd,
-                env=self.env,
+                env=self.env if self.user is None else None,
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -268,50 +418,84 @@ volume_path = "{self.root / "graph" / "volumes"}"
             )
         except subprocess.TimeoutExpired as e:
             raise AssertionError(
-                f"[{self.name}] {' '.join(cmd)} did not finish within {timeout}s\n"
-                f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}\n{self.argv_since(start)}"
+                f"[{self.name}] podman {' '.join(args)} did not finish within {timeout}s\n"
+                f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}\n{self.describe_calls(mark)}"
             ) from None
         if check and res.returncode != 0:
             raise AssertionError(
-                f"[{self.name}] {' '.join(cmd)} exited {res.returncode}\n"
-                f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n{self.argv_since(start)}"
+                f"[{self.name}] podman {' '.join(args)} exited {res.returncode}\n"
+                f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n{self.describe_calls(mark)}"
             )
         return res
 
-    def invocations(self) -> list[dict[str, object]]:
+    def invocations(self) -> list[Invocation]:
         """Every recorded mount-program invocation, oldest first."""
-        if self.argv_log is None or not self.argv_log.exists():
-            return []
-        return [json.loads(line) for line in self.argv_log.read_text().splitlines() if line]
+        return _read_log(self.argv_log)
 
-    def argv_since(self, start: float) -> str:
-        calls = [c for c in self.invocations() if float(c["time"]) >= start - 1]  # type: ignore[arg-type]
+    def unmount_calls(self) -> list[Invocation]:
+        """`fusermount3` runs by podman, recorded by the PATH stand-in."""
+        return _read_log(self.root / "fusermount3.jsonl")
+
+    def describe_calls(self, first: int) -> str:
+        calls = self.invocations()[first:]
         if not calls:
             return "(no mount program invocations recorded)"
-        return "mount program invocations:\n" + "\n".join(
-            f"  cwd={c['cwd']} argv={c['argv']}" for c in calls
-        )
+        return "mount program invocations:\n" + "\n".join(c.describe() for c in calls)
+
+    def create(self, name: str, *args: str) -> Container:
+        """`podman create --name NAME ARGS...`; the container's layer is known from then on,
+        so its mounts can be told apart from every other run of the program."""
+        assert self.driver == "overlay", "only the overlay driver has a merged dir"
+        self.podman("create", "--name", name, *args)
+        upper = self.podman("inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", name).stdout
+        layer_dir = Path(upper.strip()).parent
+        assert layer_dir.parent == self.graphroot / "overlay", upper
+        return Container(name=name, layer_dir=layer_dir)
+
+    def mounts_of(self, container: Container) -> list[Invocation]:
+        """The mount program's runs that mounted *container*'s root, oldest first."""
+        calls = [c for c in self.invocations() if c.is_mount and c.mountpoint == container.merged]
+        for call in calls:
+            assert call.option("upperdir") == container.upper, call.describe()
+        return calls
+
+    def unmounts_of(self, container: Container) -> list[Invocation]:
+        return [c for c in self.unmount_calls() if c.argv[-1:] == [container.merged]]
+
+    def pause_pid(self) -> int | None:
+        """Rootless podman's pause process, which holds its user and mount namespaces
+        and outlives every podman command (started by this store, so ours to stop)."""
+        try:
+            pid = int((self.root / "tmp" / "pause.pid").read_text())
+            is_podman = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"podman"
+        except (OSError, ValueError):
+            return None
+        return pid if is_podman and alive(pid) else None
 
     def cleanup(self) -> list[str]:
         """Remove everything this store made; return a description of any leftovers."""
         problems = []
-        for args in (
-            ("rm", "-af", "-t", "0"),
-            ("image", "umount", "-a", "-f"),
-            ("rmi", "-af"),
-            ("system", "reset", "-f"),
-        ):
+        pause = self.pause_pid()
+        umount: tuple[str, ...] = ("image", "umount", "-a", "-f")
+        if self.user is not None:
+            umount = ("unshare", "podman", *umount)  # rootless mounts need the namespace
+        for args in (("rm", "-af", "-t", "0"), umount, ("rmi", "-af"), ("system", "reset", "-f")):
             res = self.podman(*args, check=False, timeout=120)
             if res.returncode != 0:
                 problems.append(f"podman {' '.join(args)} exited {res.returncode}: {res.stderr}")
-        leftovers = fuse_mounts_under(self.root, all_types=True)
-        if leftovers:
-            problems.append(f"still mounted after podman system reset: {leftovers}")
-            for point, _ in reversed(leftovers):
-                lazy_unmount(point)
+        if self.user is None:
+            leftovers = fuse_mounts_under(self.root, all_types=True)
+            if leftovers:
+                problems.append(f"still mounted after podman system reset: {leftovers}")
+                for point, _ in reversed(leftovers):
+                    lazy_unmount(point)
+        elif pause is not None and alive(pause):
+            leftovers = fuse_mounts_under(self.root, True, f"/proc/{pause}/mountinfo")
+            if leftovers:
+                problems.append(f"still mounted after podman system reset: {leftovers}")
         # A daemon whose mount is gone must have exited; anything left was
         # started (through podman) by this test run, so stop it by PID.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + DAEMON_EXIT_SECONDS
         daemons = mount_daemons(self.graphroot)
         while daemons and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -321,7 +505,22 @@ volume_path = "{self.root / "graph" / "volumes"}"
             for pid in daemons:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        if pause is not None and alive(pause):
+            # Not a leftover of the tests: podman keeps it until told otherwise.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pause, signal.SIGKILL)
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return problems
+
+
+def alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _hard_limit(flag: str) -> int:
@@ -371,7 +570,8 @@ def engines_dir() -> Iterator[Path]:
         )
     if os.geteuid() != 0:
         pytest.skip("the engine tests drive rootful podman and need root")
-    d = Path(tempfile.mkdtemp(prefix="unionfs-engines-"))
+    # Under /tmp whatever TMPDIR says: podman limits the runroot path (Store.runroot).
+    d = Path(tempfile.mkdtemp(prefix="unionfs-engines-", dir="/tmp"))
     try:
         yield d
     finally:
@@ -383,6 +583,12 @@ def engines_dir() -> Iterator[Path]:
         else:
             print(f"\nengine test files kept in {d}", file=sys.stderr)
         assert not leftovers, f"mounts left under {d}: {leftovers}"
+
+
+def fresh_dir(engines_dir: Path, name: str) -> Path:
+    """A new directory in the session dir: a fixture set up again (its module's
+    tests interleaved with others) must not find what its last run left."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=engines_dir))
 
 
 @pytest.fixture(scope="session")
@@ -408,10 +614,16 @@ def mount_program() -> Path:
 
 
 def _make_store(
-    root: Path, name: str, base_tar: Path, program: Path | None, mountopt: str
+    root: Path,
+    name: str,
+    base_tar: Path,
+    program: Path | None,
+    mountopt: str | None,
+    user: str | None = None,
+    driver: str = "overlay",
 ) -> Store:
     root.mkdir(parents=True, exist_ok=True)
-    store = Store(name=name, root=root, mount_program=None)
+    store = Store(name=name, root=root, mount_program=None, user=user, driver=driver)
     if program is not None:
         store.argv_log = root / "mount-program-argv.jsonl"
         store.mount_program = write_wrapper(root / "mount-program", store.argv_log, program)
@@ -424,6 +636,10 @@ def _make_store(
         real = shutil.which("fusermount3") or "/usr/bin/fusermount3"
         write_wrapper(shim_dir / "fusermount3", root / "fusermount3.jsonl", Path(real))
         store.env["PATH"] = f"{shim_dir}:{store.env.get('PATH', '/usr/bin:/bin')}"
+    if user is not None:
+        assert store.runtime_dir is not None
+        for path in (root, store.runtime_dir):
+            subprocess.run(["chown", "-R", f"{user}:", str(path)], check=True)
     store.podman("import", str(base_tar), BASE_IMAGE)
     return store
 
@@ -464,32 +680,33 @@ def argv_shapes(store: Store) -> list[str]:
     shapes: dict[str, int] = {}
     overlay = f"{store.graphroot}/overlay"
     for call in store.invocations():
-        argv = [str(a) for a in call["argv"]]  # type: ignore[union-attr]
-        text = " ".join(argv)
+        text = " ".join(call.argv)
         text = text.replace(overlay, "<G>")
         text = re.sub(r"[0-9a-f]{64}", "<id>", text)
         text = re.sub(r"/l/[A-Z0-9]{26}", "/l/<link>", text)
         text = re.sub(r"(<G>/l/<link>:)+", "<G>/l/<link>:...:", text)
-        cwd = str(call["cwd"]).replace(overlay, "<G>").replace(str(store.root), "<T>")
+        cwd = call.cwd.replace(overlay, "<G>").replace(str(store.root), "<T>")
         fds = ",".join(f"{fd}={target}" for fd, target in sorted(
-            call["fds"].items(), key=lambda kv: int(kv[0])))  # type: ignore[union-attr]  # fmt: skip
+            call.fds.items(), key=lambda kv: int(kv[0])))  # fmt: skip
         fds = re.sub(r"pipe:\[\d+\]", "pipe", fds)
         key = f"cwd={cwd} fds[{fds}]\n      argv: {text}"
+        if not call.is_mount:
+            key += f"  (run by: {' '.join(call.caller[:3])})"
         shapes[key] = shapes.get(key, 0) + 1
     unmounts: dict[str, int] = {}
-    for call in unmount_calls(store):
-        text = " ".join(str(a) for a in call["argv"]).replace(overlay, "<G>")  # type: ignore[union-attr]
+    for call in store.unmount_calls():
+        text = " ".join(call.argv).replace(overlay, "<G>")
         text = "fusermount3 " + re.sub(r"[0-9a-f]{64}", "<id>", text)
         unmounts[text] = unmounts.get(text, 0) + 1
     return [f"{n}x {k}" for k, n in (shapes | unmounts).items()]
 
 
-def unmount_calls(store: Store) -> list[dict[str, object]]:
-    """`fusermount3` runs by podman, recorded by the PATH stand-in."""
-    log = store.root / "fusermount3.jsonl"
-    if not log.exists():
+def _read_log(log: Path | None) -> list[Invocation]:
+    if log is None or not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line]
+    return [
+        Invocation.from_record(json.loads(line)) for line in log.read_text().splitlines() if line
+    ]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -510,64 +727,3 @@ def write_context(dest: Path, containerfile: str, files: Sequence[tuple[str, byt
     for name, data in files:
         (dest / name).write_bytes(data)
     return dest
-
-
-def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
-    """Describe every entry below *root* by what an image must preserve.
-
-    Name, type, permission bits (with setuid/setgid/sticky), owner, content
-    hash, symlink target and user-visible xattr names.  Timestamps and inode
-    numbers differ between any two builds and are left out; hard links are
-    compared separately (see :func:`hardlink_groups`).
-    """
-    import hashlib
-    import stat
-
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
-            kind = stat.S_IFMT(st.st_mode)
-            extra: object = None
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    extra = (st.st_size, hashlib.sha256(f.read()).hexdigest())
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(path)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            try:
-                xattrs = tuple(sorted(os.listxattr(path, follow_symlinks=False)))
-            except OSError as e:
-                xattrs = (f"<listxattr failed: {e.strerror}>",)
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, extra, xattrs)
-    return out
-
-
-def hardlink_groups(root: Path) -> set[frozenset[str]]:
-    """Sets of paths below *root* that are the same (non-directory) inode."""
-    by_inode: dict[tuple[int, int], set[str]] = {}
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            by_inode.setdefault((st.st_dev, st.st_ino), set()).add(os.path.relpath(path, root))
-    return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}
-
-
-def diff_snapshots(
-    got: dict[str, tuple[object, ...]], want: dict[str, tuple[object, ...]]
-) -> list[str]:
-    """Human-readable differences, 'got' being the unionfs side."""
-    lines = []
-    for path in sorted(set(got) | set(want)):
-        if path not in got:
-            lines.append(f"missing in unionfs image: {path} {want[path]}")
-        elif path not in want:
-            lines.append(f"extra in unionfs image:   {path} {got[path]}")
-        elif got[path] != want[path]:
-            lines.append(f"differs: {path}\n   unionfs: {got[path]}\n   kernel:  {want[path]}")
-    return lines

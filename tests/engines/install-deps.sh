@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the container engines that tests/engines drives: podman, buildah,
-# runc and busybox-static (for the offline base image).
+# runc, busybox-static (for the offline base image) and uidmap (newuidmap and
+# newgidmap, for rootless podman).
 #
 # Always exits 0: if installation is impossible (no network, no root, not
 # Debian), the pytest session skips with a message naming what is missing
@@ -13,6 +14,7 @@ missing=""
 command -v podman  >/dev/null 2>&1 || missing="$missing podman"
 command -v buildah >/dev/null 2>&1 || missing="$missing buildah"
 command -v runc    >/dev/null 2>&1 || missing="$missing runc"
+command -v newuidmap >/dev/null 2>&1 || missing="$missing uidmap"
 # busybox-static ships /bin/busybox as a static binary; a dynamic busybox would
 # not run inside an image that has no libc.
 if ! dpkg -s busybox-static >/dev/null 2>&1 || [ ! -x /bin/busybox ]; then
@@ -23,7 +25,7 @@ fi
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 
 if [ -z "$missing" ]; then
-    echo "install-deps: podman, buildah, runc, busybox-static already installed"
+    echo "install-deps: podman, buildah, runc, busybox-static, uidmap already installed"
     exit 0
 fi
 
@@ -41,8 +43,8 @@ if ! apt-get $APT_OPTS update -qq; then
     echo "install-deps: apt-get update failed; engine tests may skip" >&2
 fi
 # --no-install-recommends keeps it small, but podman needs a few of its
-# recommends to work offline here (conmon is a hard dependency; catatonit,
-# slirp4netns, uidmap are not needed with netns=none as root).
+# recommends to work offline here (conmon is a hard dependency; catatonit and
+# slirp4netns are not needed with netns=none, rootless or not).
 if ! apt-get $APT_OPTS install -y -qq --no-install-recommends $missing; then
     echo "install-deps: apt-get install$missing failed; engine tests will skip" >&2
 fi

@@ -20,7 +20,10 @@ from pathlib import Path
 
 from tests.engines.conftest import (
     BASE_IMAGE,
+    DAEMON_EXIT_SECONDS,
     Store,
+    alive,
+    fresh_dir,
     mount_options,
     processes_mentioning,
     write_wrapper,
@@ -78,7 +81,7 @@ def test_program_returns_once_mounted_and_closes_stderr(
     """Invoked exactly like containers-storage does, the program returns promptly
     (stderr reaches EOF), the mount is there when it returns, and the daemon
     exits after `fusermount3 -u`."""
-    base = engines_dir / "direct"
+    base = fresh_dir(engines_dir, "direct")
     dirs = {n: base / n for n in ("l/LOWER1", "l/LOWER2", "id/diff", "id/work", "id/merged")}
     for d in dirs.values():
         d.mkdir(parents=True)
@@ -109,7 +112,7 @@ def test_program_returns_once_mounted_and_closes_stderr(
                 f"podman would hang; mounted: {mount_type(merged)}"
             ) from None
         assert proc.returncode == 0, err.decode(errors="replace")
-        assert mount_type(merged) is not None and mount_type(merged).startswith("fuse")  # type: ignore[union-attr]
+        assert (mount_type(merged) or "").startswith("fuse"), mount_type(merged)
         print(f"mount options: {mount_options(merged)}; stderr: {err!r}")
         assert sorted(os.listdir(merged)) == ["bottom", "top"]
         (merged / "new").write_text("new\n")
@@ -121,22 +124,16 @@ def test_program_returns_once_mounted_and_closes_stderr(
         ]
         res = subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in daemons):
+        deadline = time.monotonic() + DAEMON_EXIT_SECONDS
+        while time.monotonic() < deadline and any(alive(p) for p in daemons):
             time.sleep(0.1)
-        alive = [p for p in daemons if _alive(p)]
-        assert not alive, f"daemon(s) {alive} still running 15s after fusermount3 -u"
+        running = [p for p in daemons if alive(p)]
+        assert not running, (
+            f"daemon(s) {running} still running {DAEMON_EXIT_SECONDS}s after fusermount3 -u"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if mount_type(merged) is not None:
             lazy_unmount(merged)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

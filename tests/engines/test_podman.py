@@ -8,65 +8,31 @@ import errno
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from tests.engines.conftest import (
     BASE_IMAGE,
+    DAEMON_EXIT_SECONDS,
     Store,
-    diff_snapshots,
+    alive,
+    fresh_dir,
     fuse_mounts_under,
-    hardlink_groups,
     mount_daemons,
     mount_options,
-    snapshot_tree,
-    unmount_calls,
+    processes_mentioning,
     write_context,
 )
-
-# Every step changes what earlier layers made, so the image is only right if
-# copy-up, whiteouts, opaque directories and the upper-dir format that
-# containers-storage diffs into layers all are.
-CONTAINERFILE = f"""\
-FROM {BASE_IMAGE}
-# 1: files for later steps to change, and a user for the su step.
-RUN set -e; \\
-    mkdir -p /data/keep /data/gone/deep /data/opaque/sub /data/dir-to-move/inner; \\
-    echo one > /data/keep/a; echo two > /data/gone/deep/b; \\
-    echo old > /data/opaque/sub/old; echo old2 > /data/opaque/old2; \\
-    echo inner > /data/dir-to-move/inner/f; echo file > /data/file-to-dir; \\
-    echo 'someuser:x:1000:1000:Some User:/home/someuser:/bin/sh' >> /etc/passwd; \\
-    echo 'someuser:x:1000:' >> /etc/group; \\
-    mkdir -p /home/someuser; chown 1000:1000 /home/someuser; chmod 0750 /home/someuser
-# 2: modify and delete earlier files, hard links (also to a base-image file),
-#    a fifo, setuid/setgid files, a directory rename, a file replaced by a dir.
-RUN set -e; \\
-    echo modified >> /data/keep/a; \\
-    rm -rf /data/gone; \\
-    ln /data/keep/a /data/keep/hard; \\
-    ln /bin/busybox /data/busybox-link; \\
-    mkfifo -m 0640 /data/fifo; \\
-    cp /bin/busybox /data/suid; chmod 4755 /data/suid; \\
-    cp /bin/busybox /data/sgid; chmod 2711 /data/sgid; \\
-    rm /bin/vi; \\
-    mv /data/dir-to-move /data/dir-moved; \\
-    rm /data/file-to-dir; mkdir /data/file-to-dir; echo now-a-dir > /data/file-to-dir/x; \\
-    dd if=/bin/busybox of=/data/big bs=4096 count=300 2>/dev/null
-# 3: an opaque directory (rm -rf then recreate), rename of a hard-linked file,
-#    metadata-only changes to lower files, truncation.
-RUN set -e; \\
-    rm -rf /data/opaque; mkdir /data/opaque; echo new > /data/opaque/new; \\
-    mv /data/keep/a /data/keep/renamed; \\
-    chmod 0700 /data/keep; chown 1000:1000 /data/opaque/new; \\
-    ln -s ../keep/renamed /data/opaque/link; \\
-    truncate -s 100000 /data/big; \\
-    echo linked > /data/linked1; ln /data/linked1 /data/linked2; \\
-    chmod 0600 /data/dir-moved/inner/f
-# 4: a step running as another user (needs allow_other on a FUSE mount).
-RUN su someuser -c 'echo hello > /home/someuser/by-su && id -u > /home/someuser/uid && ls /data/opaque > /home/someuser/opaque-listing'
-"""
+from tests.engines.treeview import diff_snapshots, hardlink_groups, snapshot_tree
+from tests.engines.workloads import (
+    BUILT_EXPECTED,
+    BUILT_SCRIPT,
+    CONTAINERFILE,
+    RUN_EXPECTED,
+    RUN_SCRIPT,
+)
 
 FUSE_TAG = "localhost/unionfs-test/built:latest"
 NATIVE_TAG = "localhost/unionfs-test/built-native:latest"
@@ -76,7 +42,7 @@ LOADED_TAG = "localhost/unionfs-test/built:latest"  # as loaded into the native 
 @pytest.fixture(scope="module")
 def built(fuse_store: Store, native_store: Store, engines_dir: Path) -> dict[str, str]:
     """The same Containerfile built with unionfs and with the kernel overlay."""
-    ctx = write_context(engines_dir / "build-context", CONTAINERFILE)
+    ctx = write_context(fresh_dir(engines_dir, "build-context"), CONTAINERFILE)
     out = {}
     for store, tag in ((fuse_store, FUSE_TAG), (native_store, NATIVE_TAG)):
         start = time.monotonic()
@@ -86,8 +52,11 @@ def built(fuse_store: Store, native_store: Store, engines_dir: Path) -> dict[str
     return out
 
 
+ImageMount = Callable[[Store, str], Path]
+
+
 @pytest.fixture
-def image_mount(request: pytest.FixtureRequest) -> Iterator[object]:
+def image_mount() -> Iterator[ImageMount]:
     """``mount(store, image) -> Path``; every image mounted is unmounted afterwards."""
     mounted: list[tuple[Store, str]] = []
 
@@ -107,38 +76,8 @@ def _no_container_mounts(store: Store) -> list[tuple[str, str]]:
 
 def test_run_write_delete_rename(fuse_store: Store) -> None:
     """Files written, deleted and renamed inside a container give the right results."""
-    script = r"""
-set -e
-echo data > /tmp/new; cat /tmp/new
-mv /tmp/new /tmp/renamed; test ! -e /tmp/new; cat /tmp/renamed
-rm /tmp/renamed; test ! -e /tmp/renamed
-# lower-layer files: modify, rename, delete
-echo extra >> /etc/passwd; tail -n 1 /etc/passwd
-mv /etc/group /etc/group.moved; test ! -e /etc/group; cat /etc/group.moved
-rm /bin/ls; test ! -e /bin/ls; echo ls-gone
-# a lower directory renamed and deleted, then recreated
-mkdir -p /x/y; echo z > /x/y/z
-mv /x /x2; cat /x2/y/z
-rm -rf /root; test ! -e /root; mkdir /root; ls -A /root | wc -l
-# hard link, symlink and fifo inside the container
-ln /etc/passwd /etc/passwd.hard; stat -c %h /etc/passwd
-ln -s /etc/group.moved /g; cat /g
-mkfifo /f; test -p /f; echo fifo-ok
-"""
-    res = fuse_store.podman("run", "--rm", BASE_IMAGE, "sh", "-c", script)
-    assert res.stdout.split("\n") == [
-        "data",
-        "data",
-        "extra",
-        "root:x:0:",
-        "ls-gone",
-        "z",
-        "0",
-        "2",
-        "root:x:0:",
-        "fifo-ok",
-        "",
-    ], res.stdout + res.stderr
+    res = fuse_store.podman("run", "--rm", BASE_IMAGE, "sh", "-c", RUN_SCRIPT)
+    assert res.stdout.split("\n") == RUN_EXPECTED, res.stdout + res.stderr
     # --rm unmounts; nothing of the container may stay mounted or running.
     assert _no_container_mounts(fuse_store) == []
     # The next container starts from the pristine image again.
@@ -149,60 +88,46 @@ mkfifo /f; test -p /f; echo fifo-ok
 
 
 def test_daemon_exits_after_unmount(fuse_store: Store) -> None:
-    """After `podman run --rm` no mount daemon for the store is left running."""
-    start = time.time()
-    fuse_store.podman("run", "--rm", BASE_IMAGE, "true")
-    deadline = time.monotonic() + 10
-    while mount_daemons(fuse_store.graphroot) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mount_daemons(fuse_store.graphroot) == {}
-    assert _no_container_mounts(fuse_store) == []
-    # containers-storage unmounted it with `fusermount3 -u <merged>`.
-    calls = [c["argv"] for c in unmount_calls(fuse_store) if float(c["time"]) >= start - 1]  # type: ignore[arg-type]
-    assert any(argv[:1] == ["-u"] and str(argv[-1]).endswith("/merged") for argv in calls), calls  # type: ignore[index]
+    """A container's mount has one daemon of its own; `podman stop` of a `--rm`
+    container unmounts it with `fusermount3 -u` and the daemon then exits."""
+    name = "unionfs-daemon-exit"
+    try:
+        ctr = fuse_store.create(name, "--rm", BASE_IMAGE, "sleep", "600")
+        fuse_store.podman("start", name)
+        daemons = daemons_serving(ctr.merged)
+        assert len(daemons) == 1, (ctr.merged, daemons)
+        fuse_store.podman("stop", "-t", "0", name)
+        deadline = time.monotonic() + DAEMON_EXIT_SECONDS
+        while _alive_pids(daemons) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive_pids(daemons), (
+            f"daemon still running {DAEMON_EXIT_SECONDS}s after stop: {daemons}"
+        )
+        assert mount_options(ctr.merged) is None
+        assert [c.argv[:1] for c in fuse_store.unmounts_of(ctr)] == [["-u"]], (
+            fuse_store.unmount_calls()
+        )
+    finally:
+        fuse_store.podman("rm", "-f", "-t", "0", name, check=False)
+
+
+def daemons_serving(mountpoint: str) -> dict[int, list[str]]:
+    """Mount-program daemons whose command line names *mountpoint* as the mountpoint."""
+    return {
+        pid: argv
+        for pid, argv in processes_mentioning(mountpoint).items()
+        if argv[-1:] == [mountpoint] and any("lowerdir=" in a for a in argv)
+    }
+
+
+def _alive_pids(pids: dict[int, list[str]]) -> list[int]:
+    return [pid for pid in pids if alive(pid)]
 
 
 def test_build_steps_ran(built: dict[str, str], fuse_store: Store) -> None:
     """Spot checks of the unionfs-built image from inside a container."""
-    script = r"""
-cat /data/keep/renamed; stat -c '%h %a %U' /data/keep/renamed
-test ! -e /data/keep/a && echo a-gone
-test ! -e /data/gone && echo gone-gone
-ls -A /data/opaque
-test -p /data/fifo && echo fifo
-stat -c '%a' /data/suid /data/sgid
-test ! -e /bin/vi && echo vi-gone
-cat /data/dir-moved/inner/f; test ! -e /data/dir-to-move && echo moved
-cat /data/file-to-dir/x
-stat -c %s /data/big
-cat /home/someuser/by-su /home/someuser/uid
-stat -c '%U %G' /home/someuser/by-su
-cat /home/someuser/opaque-listing
-"""
-    res = fuse_store.podman("run", "--rm", FUSE_TAG, "sh", "-c", script)
-    assert res.stdout.split("\n") == [
-        "one",
-        "modified",
-        "1 644 root",  # the rename copied it up: the kernel breaks the link too
-        "a-gone",
-        "gone-gone",
-        "link",
-        "new",
-        "fifo",
-        "4755",
-        "2711",
-        "vi-gone",
-        "inner",
-        "moved",
-        "now-a-dir",
-        "100000",
-        "hello",
-        "1000",
-        "someuser someuser",
-        "link",
-        "new",
-        "",
-    ], res.stdout + res.stderr
+    res = fuse_store.podman("run", "--rm", FUSE_TAG, "sh", "-c", BUILT_SCRIPT)
+    assert res.stdout.split("\n") == BUILT_EXPECTED, res.stdout + res.stderr
 
 
 def test_su_step_and_user_containers(built: dict[str, str], fuse_store: Store) -> None:
@@ -225,11 +150,11 @@ def test_su_step_and_user_containers(built: dict[str, str], fuse_store: Store) -
 
 
 def test_build_matches_kernel_overlay(
-    built: dict[str, str], fuse_store: Store, native_store: Store, image_mount: object
+    built: dict[str, str], fuse_store: Store, native_store: Store, image_mount: ImageMount
 ) -> None:
     """The unionfs-built image's tree equals the kernel-overlay-built one."""
-    got_root = image_mount(fuse_store, FUSE_TAG)  # type: ignore[operator]
-    want_root = image_mount(native_store, NATIVE_TAG)  # type: ignore[operator]
+    got_root = image_mount(fuse_store, FUSE_TAG)
+    want_root = image_mount(native_store, NATIVE_TAG)
     got, want = snapshot_tree(got_root), snapshot_tree(want_root)
     assert len(want) > 300  # busybox applets and the build's files
     diffs = diff_snapshots(got, want)
@@ -244,7 +169,7 @@ def test_saved_layers_match_kernel_overlay(
     fuse_store: Store,
     native_store: Store,
     engines_dir: Path,
-    image_mount: object,
+    image_mount: ImageMount,
 ) -> None:
     """The layers containers-storage diffed out of unionfs's upper dirs are right.
 
@@ -257,8 +182,8 @@ def test_saved_layers_match_kernel_overlay(
     fuse_store.podman("save", "-o", str(archive), FUSE_TAG)
     native_store.podman("load", "-i", str(archive))
     archive.unlink()
-    got_root = image_mount(native_store, LOADED_TAG)  # type: ignore[operator]
-    want_root = image_mount(native_store, NATIVE_TAG)  # type: ignore[operator]
+    got_root = image_mount(native_store, LOADED_TAG)
+    want_root = image_mount(native_store, NATIVE_TAG)
     diffs = diff_snapshots(snapshot_tree(got_root), snapshot_tree(want_root))
     assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
     # A hard link made within one step is stored as a link.  (One made to a
@@ -271,12 +196,12 @@ def test_saved_layers_match_kernel_overlay(
 
 
 def test_image_mount_is_read_only(
-    built: dict[str, str], fuse_store: Store, image_mount: object
+    built: dict[str, str], fuse_store: Store, image_mount: ImageMount
 ) -> None:
-    root = image_mount(fuse_store, FUSE_TAG)  # type: ignore[operator]
+    root = image_mount(fuse_store, FUSE_TAG)
     assert (root / "data" / "opaque" / "new").read_text() == "new\n"
     before = snapshot_tree(root / "data")
-    attempts = {
+    attempts: dict[str, Callable[[], None]] = {
         "create": lambda: os.close(os.open(root / "newfile", os.O_CREAT | os.O_WRONLY, 0o644)),
         "write": lambda: os.close(os.open(root / "etc" / "passwd", os.O_WRONLY | os.O_APPEND)),
         "unlink": lambda: os.unlink(root / "data" / "opaque" / "new"),
@@ -371,12 +296,15 @@ def test_mount_options_of_container_mount(fuse_store: Store) -> None:
 
 def test_volatile_option_reaches_program(fuse_store: Store) -> None:
     """`--rm` containers get `volatile` appended to the options."""
-    start = time.time()
-    fuse_store.podman("run", "--rm", BASE_IMAGE, "true")
-    calls = [c for c in fuse_store.invocations() if float(c["time"]) >= start - 1]  # type: ignore[arg-type]
-    assert calls, "mount program was not invoked"
-    opts = calls[-1]["argv"][1]  # type: ignore[index]
-    assert re.search(r",volatile$", opts), opts
+    name = "unionfs-volatile"
+    try:
+        ctr = fuse_store.create(name, "--rm", BASE_IMAGE, "true")
+        fuse_store.podman("start", "-a", name)
+    finally:
+        fuse_store.podman("rm", "-f", "-t", "0", name, check=False)
+    mounts = fuse_store.mounts_of(ctr)
+    assert len(mounts) == 1, fuse_store.describe_calls(0)
+    assert re.search(r",volatile$", mounts[0].options), mounts[0].options
 
 
 def test_without_mountopt_empty_fields(fuse_store: Store) -> None:
@@ -395,50 +323,81 @@ def test_without_mountopt_empty_fields(fuse_store: Store) -> None:
     plain = dataclasses.replace(
         fuse_store, env={**fuse_store.env, "CONTAINERS_STORAGE_CONF": str(conf)}
     )
-    start = time.time()
-    res = plain.podman("run", "--rm", BASE_IMAGE, "sh", "-c", "echo x > /y && cat /y")
-    assert res.stdout == "x\n"
-    name = "unionfs-no-mountopt"
+    names = ["unionfs-no-mountopt-rm", "unionfs-no-mountopt-kept"]
     try:
-        res = plain.podman("run", "--name", name, BASE_IMAGE, "sh", "-c", "echo kept > /k")
-        assert plain.podman("start", "-a", name).returncode == 0
+        removed = plain.create(names[0], "--rm", BASE_IMAGE, "sh", "-c", "echo x > /y && cat /y")
+        assert plain.podman("start", "-a", names[0]).stdout == "x\n"
+        kept = plain.create(names[1], BASE_IMAGE, "sh", "-c", "echo kept >> /k && cat /k")
+        assert plain.podman("start", "-a", names[1]).stdout == "kept\n"
+        assert plain.podman("start", "-a", names[1]).stdout == "kept\nkept\n"
     finally:
-        plain.podman("rm", "-f", "-t", "0", name, check=False)
-    opts = [
-        str(c["argv"][1])  # type: ignore[index]
-        for c in fuse_store.invocations()
-        if float(c["time"]) >= start - 1  # type: ignore[arg-type]
-    ]
-    assert any(o.endswith(",,volatile") for o in opts), opts
-    assert any(o.endswith(",") for o in opts), opts
+        plain.podman("rm", "-f", "-t", "0", *names, check=False)
+    opts = [c.options for c in plain.mounts_of(removed)]
+    assert len(opts) == 1 and opts[0].endswith(",,volatile"), opts
+    opts = [c.options for c in plain.mounts_of(kept)]
+    assert len(opts) == 2 and all(o.endswith(",") for o in opts), opts
+
+
+# The one known way a container with --uidmap fails (see the test below): runc
+# cannot open, inside the merged dir, the target of a file podman bind-mounts
+# from the container's userdata dir (/etc/hosts, /etc/hostname, /run/.containerenv
+# ...; which one it tries first varies from run to run).
+DOUBLE_SHIFT_SYMPTOM = re.compile(
+    r'error mounting "\S+/userdata/[^"/]+" to rootfs at "(?P<target>/[^"]+)": '
+    r"open \S+/merged(?P=target): permission denied"
+)
 
 
 def test_uidmap_options_reach_program(fuse_store: Store) -> None:
     """`--uidmap/--gidmap` make podman append `uidmapping=`/`gidmapping=`.
 
-    The mount program must accept them; whether the container then runs is
-    reported (xfail) rather than required: with the reference fuse-overlayfs
-    1.10 it fails too (runc gets EACCES creating /etc/hostname).
+    The mount program must accept them, and the container must run, except in
+    one known case that is reported as an expected failure: podman 4.3 on a
+    kernel with id-mapped mounts hands over lower layers it has already shifted
+    (``.../mapped/0/...``, owned by host uid 100000) *and* asks for the same
+    shift again with ``uidmapping=``; files then show as owned by the overflow
+    id and runc gets EACCES opening the first file podman bind-mounts into the
+    root (/etc/hosts, /etc/hostname, /run/.containerenv: the order varies), as
+    fuse-overlayfs 1.10 does.  Anything else (another error, other lowers, other
+    owners) fails.
     """
-    start = time.time()
-    res = fuse_store.podman(
-        "run", "--rm", "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
-        BASE_IMAGE, "sh", "-c", "id -u; stat -c %u /bin/busybox; echo x > /tmp/x; cat /tmp/x",
-        check=False,
-    )  # fmt: skip
-    opts = [
-        str(c["argv"][1])  # type: ignore[index]
-        for c in fuse_store.invocations()
-        if float(c["time"]) >= start - 1  # type: ignore[arg-type]
-    ]
-    assert any("uidmapping=" in o and "gidmapping=" in o for o in opts), opts
+    name = "unionfs-uidmap"
+    try:
+        ctr = fuse_store.create(
+            name, "--rm", "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+            BASE_IMAGE, "sh", "-c", "id -u; stat -c %u /bin/busybox; echo x > /tmp/x; cat /tmp/x",
+        )  # fmt: skip
+        res = fuse_store.podman("start", "-a", name, check=False)
+    finally:
+        fuse_store.podman("rm", "-f", "-t", "0", name, check=False)
+    mounts = fuse_store.mounts_of(ctr)
+    assert len(mounts) == 1, fuse_store.describe_calls(0)
+    call = mounts[0]
+    assert call.option("uidmapping") == ":0:100000:65536", call.describe()
+    assert call.option("gidmapping") == ":0:100000:65536", call.describe()
     assert "using mount program" not in res.stderr, res.stderr
-    if res.returncode != 0:
-        pytest.xfail(f"container with --uidmap failed: {res.stderr.strip()}")
-    assert res.stdout == "0\n0\nx\n", res.stdout
+    if res.returncode == 0:
+        assert res.stdout == "0\n0\nx\n", res.stdout
+        return
+    shifted_lowers = bool(call.lowerdirs) and all(
+        lower.startswith(f"{ctr.layer_dir}/mapped/0/")
+        and call.lower_owners.get(lower) == [100000, 100000]
+        for lower in call.lowerdirs
+    )
+    symptom = DOUBLE_SHIFT_SYMPTOM.search(res.stderr)
+    if shifted_lowers and symptom:
+        pytest.xfail(
+            "known: podman 4.3 passes shifted lowers and uidmapping= (double shift); "
+            f"EACCES on {symptom.group('target')}"
+        )
+    pytest.fail(
+        f"container with --uidmap failed (exit {res.returncode}), and not in the known "
+        f"double-shift way:\n{res.stderr}\nmount call:\n{call.describe()}\n"
+        f"lower owners: {call.lower_owners}"
+    )
 
 
-def _layer_tar(entries: list[tuple[str, str | bytes | None, int]]) -> bytes:
+def _layer_tar(entries: Sequence[tuple[str, str | bytes | None, int]]) -> bytes:
     """An uncompressed layer tar from (name, content, mode) entries: bytes make a
     file, None a directory, a str a symlink to that target."""
     import io
@@ -498,7 +457,7 @@ def make_docker_archive(dest: Path, tag: str, layers: list[bytes]) -> None:
 
 
 def test_pulled_layers_with_whiteouts_and_opaque_marker(
-    fuse_store: Store, native_store: Store, engines_dir: Path, image_mount: object
+    fuse_store: Store, native_store: Store, engines_dir: Path, image_mount: ImageMount
 ) -> None:
     """Layers as a registry delivers them: `.wh.<name>` deletes, `.wh..wh..opq`
     makes a directory opaque.  With a mount_program, containers-storage keeps
@@ -538,7 +497,7 @@ def test_pulled_layers_with_whiteouts_and_opaque_marker(
     assert native_store.podman("run", "--rm", tag, "sh", "-c", script).stdout == want
     got = fuse_store.podman("run", "--rm", tag, "sh", "-c", script).stdout
     assert got == want, "whiteout/opaque markers of pulled layers not honoured"
-    got_tree = snapshot_tree(image_mount(fuse_store, tag))  # type: ignore[operator]
-    want_tree = snapshot_tree(image_mount(native_store, tag))  # type: ignore[operator]
+    got_tree = snapshot_tree(image_mount(fuse_store, tag))
+    want_tree = snapshot_tree(image_mount(native_store, tag))
     diffs = diff_snapshots(got_tree, want_tree)
     assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)

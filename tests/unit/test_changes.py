@@ -40,6 +40,20 @@ async def test_copy_up_keeps_data_mode_times_and_number(layers: Layers) -> None:
         assert staged(layers) == []
 
 
+@pytest.mark.parametrize("size", [3, 9000])
+async def test_a_copy_up_for_a_truncate_is_the_truncated_file(layers: Layers, size: int) -> None:
+    """What a kill between the copy-up and the truncate leaves must already be the
+    truncated file with new times, never the cut data under the old mtime."""
+    f = layers.lowers[0] / "f"
+    write(f, b"data" * 1000)
+    os.utime(f, ns=(10**9, 2 * 10**9))
+    with layers.open() as u:
+        await copy_up(u, node(u, "f"), size=size)
+    up = layers.upper / "f"
+    assert up.read_bytes() == (b"data" * 1000)[:size].ljust(size, b"\0")
+    assert os.lstat(up).st_mtime_ns > 2 * 10**9
+
+
 async def test_an_open_file_follows_its_copy_up(layers: Layers) -> None:
     write(layers.lowers[0] / "f", b"lower")
     with layers.open() as u:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 from tests.unit.conftest import Layers, node, opaque, visible, whiteout, write
 
@@ -90,7 +91,7 @@ def test_a_node_keeps_its_number_and_identity(layers: Layers) -> None:
         assert u.lookup(d, b"..") == (root, None)
 
 
-def test_symlinks_inside_a_layer_are_never_followed(layers: Layers, tmp_path) -> None:
+def test_symlinks_inside_a_layer_are_never_followed(layers: Layers, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     write(outside / "secret")
     layers.lowers[0].joinpath("esc").symlink_to(outside)

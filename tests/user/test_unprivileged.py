@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Mounted, Stack
 from tests.mounting import REPO, overlay_options, unionfs_command
 from tests.test_merge import write as _write
 from tests.treesnap import diff, snapshot
@@ -45,7 +45,7 @@ def _change(m: Path) -> None:
     os.unlink(m / "ln")  # a whiteout, a char 0/0 device made by an ordinary user
 
 
-def test_copy_up_whiteouts_and_opaque_directories_work(stack: Stack, mounted) -> None:
+def test_copy_up_whiteouts_and_opaque_directories_work(stack: Stack, mounted: Mounted) -> None:
     _fill(stack.lowers[0])
     mounted()
     _change(stack.mnt)
@@ -93,7 +93,7 @@ def _kernel_snapshot(
 
 
 def test_the_upper_mounts_with_the_kernel_overlay_userxattr(
-    stack: Stack, mounted, tmp_path: Path
+    stack: Stack, mounted: Mounted, tmp_path: Path
 ) -> None:
     _fill(stack.lowers[0])
     um = mounted()
@@ -107,7 +107,9 @@ def test_the_upper_mounts_with_the_kernel_overlay_userxattr(
     assert diff(ours, theirs) == []
 
 
-def test_the_snapshot_comparison_sees_a_difference(stack: Stack, mounted, tmp_path: Path) -> None:
+def test_the_snapshot_comparison_sees_a_difference(
+    stack: Stack, mounted: Mounted, tmp_path: Path
+) -> None:
     """Negative control for the previous test: a marker lost from the upper shows."""
     _fill(stack.lowers[0])
     um = mounted()

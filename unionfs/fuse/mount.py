@@ -18,6 +18,8 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from unionfs.errors import UsageError
 from unionfs.options import Options
@@ -25,6 +27,12 @@ from unionfs.overlay import markers
 from unionfs.overlay.idmap import IdMapper, IdTable
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
+
+if TYPE_CHECKING:
+    import trio
+
+    from unionfs.fuse.operations import Operations
+    from unionfs.overlay.union import Union
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +47,19 @@ class Setup:
     mountpoint: Path
     fuse_options: set[str]
     lock_fds: list[int]
+    passthrough: str = "off"  # auto | on | off, as resolved for this mount (see _passthrough)
+    stack_depth: int = 0  # how deep backing files may be stacked (0: on a plain filesystem)
+    passthrough_note: str = ""  # why passthrough is off or limited, logged once serving
+    trace_path: Path | None = None  # -o trace=FILE, opened (append) before the mount
+    trace_fd: int | None = None
 
     def release(self) -> None:
         for fd in self.lock_fds:
             os.close(fd)
         self.lock_fds.clear()
+        if self.trace_fd is not None:
+            os.close(self.trace_fd)
+            self.trace_fd = None
 
 
 def _resolve_dir(kind: str, raw: str) -> Path:
@@ -81,6 +97,23 @@ def mounted_at(path: Path) -> str | None:
     except OSError:
         return None
     return found
+
+
+def filesystem_types(paths: list[Path]) -> dict[Path, str]:
+    """The type of the filesystem each path is on, from mountinfo by device number."""
+    devs = {}
+    for path in paths:
+        st = os.stat(path)
+        devs[path] = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}".encode()
+    types: dict[bytes, str] = {}
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                types[fields[2]] = fields[fields.index(b"-") + 1].decode(errors="replace")
+    except OSError:
+        return {}
+    return {path: types[dev] for path, dev in devs.items() if dev in types}
 
 
 def _unescape_mountinfo(field: bytes) -> bytes:
@@ -122,6 +155,8 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         if _inside(path, mnt):
             raise UsageError(f"{kind} {path} is inside mountpoint {mnt}")
 
+    trace = _trace_path(opts.trace, mnt, named) if opts.trace is not None else None
+
     check_fuse_device()
     unprivileged = os.geteuid() != 0
     if unprivileged and upper is not None:
@@ -160,6 +195,9 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     readonly = opts.readonly or upper is None
     if readonly:
         fuse.add("ro")
+    passthrough, depth, note = _passthrough(
+        opts, [*lowers, *([upper] if upper is not None else [])]
+    )
     config = UnionConfig(
         lowers=lowers,
         upper=upper,
@@ -171,22 +209,85 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         xattrs=xattrs,
         redirect=_redirect_mode(opts, xattrs),
         metacopy=opts.metacopy,
-        ids=IdMapper(
-            IdTable(
-                opts.uid_map,
-                opts.squash_uid
-                if opts.squash_uid is not None
-                else (0 if opts.squash_root else None),
-            ),
-            IdTable(
-                opts.gid_map,
-                opts.squash_gid
-                if opts.squash_gid is not None
-                else (0 if opts.squash_root else None),
-            ),
-        ),
+        ids=id_mapper(opts),
     )
-    return Setup(config, mnt, fuse, locks)
+    setup = Setup(config, mnt, fuse, locks, passthrough, depth, note)
+    if trace is not None:
+        try:
+            setup.trace_fd = os.open(
+                trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            setup.release()
+            raise UsageError(f"trace file {trace}: {e.strerror}") from None
+        setup.trace_path = trace
+    return setup
+
+
+def id_mapper(opts: Options) -> IdMapper:
+    """The owner mapping that ``uidmapping``/``gidmapping``/``squash_*`` ask for."""
+    squash_uid = (
+        opts.squash_uid if opts.squash_uid is not None else (0 if opts.squash_root else None)
+    )
+    squash_gid = (
+        opts.squash_gid if opts.squash_gid is not None else (0 if opts.squash_root else None)
+    )
+    return IdMapper(IdTable(opts.uid_map, squash_uid), IdTable(opts.gid_map, squash_gid))
+
+
+def _trace_path(raw: str, mnt: Path, named: list[tuple[str, Path]]) -> Path:
+    """The trace file's absolute path: outside the mount (writing it would wait on
+    the daemon itself) and outside every layer (it would change what they show)."""
+    path = Path(os.path.abspath(raw))
+    parent = Path(os.path.realpath(path.parent))
+    if not parent.is_dir():
+        raise UsageError(f"trace file {raw}: no such directory {path.parent}")
+    path = parent / path.name
+    if path.is_dir():
+        raise UsageError(f"trace file {raw}: is a directory")
+    for kind, where in [("mountpoint", mnt), *named]:
+        if _inside(path, where):
+            raise UsageError(f"trace file {path} is inside {kind} {where}")
+    return path
+
+
+def _passthrough(opts: Options, layers: list[Path]) -> tuple[str, int, str]:
+    """The passthrough mode this mount can have, the stacking depth it needs, and
+    what to log about it.
+
+    Registering backing files needs CAP_SYS_ADMIN, and the kernel does not pass
+    files through under its write-back cache. A backing file on a stacking
+    filesystem (a layer on overlayfs: the nested-container case) needs the mount
+    to declare one more level of stacking, after which no overlay can be mounted
+    over this one; ``auto`` keeps the mount stackable and turns passthrough off
+    there, ``on`` takes the deeper stack.
+    """
+    from unionfs.fuse.passthrough import STACKED_FILESYSTEMS
+
+    mode = opts.passthrough
+    if mode == "off":
+        return "off", 0, ""
+    why = None
+    if opts.writeback:
+        why = "writeback=1 (the kernel does not pass files through under its write-back cache)"
+    elif os.geteuid() != 0:
+        why = "not running as root (backing files need CAP_SYS_ADMIN)"
+    if why is not None:
+        if mode == "on":
+            raise UsageError(f"passthrough=on: not possible with {why}")
+        return "off", 0, f"passthrough off: {why}"
+    stacked = next(
+        (p for p, t in filesystem_types(layers).items() if t in STACKED_FILESYSTEMS), None
+    )
+    if stacked is None:
+        return mode, 0, ""
+    if mode == "on":
+        return (
+            "on",
+            1,
+            f"layer {stacked} is on a stacked filesystem: nothing can stack over this mount",
+        )
+    return "off", 0, f"passthrough off: layer {stacked} is on a stacked filesystem (on allows it)"
 
 
 FUSE_DEVICE = os.makedev(10, 229)
@@ -299,14 +400,25 @@ def serve(
     from unionfs.fuse import hook, privileges
 
     fusehook = hook.load()  # before pyfuse3 is imported
+    if setup.passthrough_note:
+        log.info("%s", setup.passthrough_note)
+    hook.configure(
+        fusehook, setup.passthrough != "off", setup.stack_depth, killpriv=not setup.config.readonly
+    )
+    from unionfs.fuse import loop
+
+    if fusehook is not None and loop.plain():
+        fusehook.configure_release(False)
 
     import pyfuse3
     import trio
 
+    from unionfs import startup
     from unionfs.fuse import operations
     from unionfs.fuse.operations import Operations
     from unionfs.overlay.union import Union
 
+    startup.mark("libraries")
     operations.DEBUG = debug
     os.umask(0)  # modes of new files are computed per request (caller's umask)
     raise_fd_limit()
@@ -316,34 +428,111 @@ def serve(
         union = Union(setup.config)
     except OSError as e:
         raise UsageError(f"cannot open layers: {e}") from None
+    startup.mark("layers")
     try:
-        ops = Operations(union, fusehook)
+        ops = Operations(union, fusehook, setup.passthrough)
         try:
             pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
+        startup.mark("mount")
         hook.check_bound(fusehook)
+        if fusehook is not None and fusehook.bound():
+            loop.install(pyfuse3)
         privileges.take_owner_rights()
         try:
-            trio.run(_run, ready)
+            trio.run(
+                _run,
+                ops,
+                ready,
+                lambda: _check_init(ops, setup.passthrough, fusehook),
+                union,
+                setup,
+            )
         finally:
             pyfuse3.close(unmount=True)
+            ops.release_queued()
     finally:
         union.close()
         setup.release()
+    counts = hook.request_counts(fusehook)
+    if counts:  # make bench reads this line (daemon CPU per request)
+        log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
     log.info("unmounted %s", setup.mountpoint)
     return 0
 
 
-async def _run(ready: Callable[[], None]) -> None:
-    import pyfuse3
+def _check_init(ops: Operations, passthrough: str, fusehook: ModuleType | None) -> None:
+    """Once the kernel's INIT is handled: refuse a mount that lacks what was demanded."""
+    from unionfs.fuse import hook
+
+    if passthrough == "on" and not ops.passthrough.active:
+        state = hook.passthrough_state(fusehook)
+        if fusehook is None:
+            why = "the C hook is not loaded"
+        elif not state["built"]:
+            why = "unionfs was built against libfuse < 3.17 (make install LIBFUSE=3.17)"
+        elif not state["capable"]:
+            why = (
+                "the kernel does not offer it (it needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
+            )
+        else:
+            why = "it was not negotiated"
+        raise UsageError(f"passthrough=on: FUSE passthrough is not available: {why}")
+
+
+async def _run(
+    ops: Operations,
+    ready: Callable[[], None],
+    check_init: Callable[[], None],
+    union: Union,
+    setup: Setup,
+) -> None:
+    """Serve requests; call *ready* once the kernel's INIT is handled and passes
+    *check_init* (the kernel sends INIT as soon as it mounts)."""
     import trio
 
+    from unionfs import startup
+    from unionfs.fuse import tracing
+
+    trace_fd, setup.trace_fd = setup.trace_fd, None  # the tracer closes it
+    initialized = trio.Event()
+    ops.on_init = initialized.set
+    refused: UsageError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
-        ready()
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+        await nursery.start(tracing.control, union, setup.mountpoint, setup.trace_path, trace_fd)
+        nursery.start_soon(_main, nursery.cancel_scope)
+        nursery.start_soon(_release_now_and_then, ops)
+        await initialized.wait()
+        try:
+            check_init()
+        except UsageError as e:
+            refused = e  # raised below, not as part of the nursery's exception group
+            nursery.cancel_scope.cancel()
+        else:
+            startup.mark("init")
+            startup.write()
+            ready()
+    if refused is not None:
+        raise refused
+
+
+async def _release_now_and_then(ops: Operations) -> None:
+    """Released handles are mostly closed at the next open; this catches the rest."""
+    import trio
+
+    while True:
+        await trio.sleep(1.0)
+        ops.release_queued()
+
+
+async def _main(scope: trio.CancelScope) -> None:
+    """pyfuse3's request loop; when it ends (unmounted), so does everything else."""
+    import pyfuse3
+
+    await pyfuse3.main()
+    scope.cancel()
 
 
 async def _stop_on_signals() -> None:

@@ -27,10 +27,11 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
-from unionfs.fuse import hook
+from unionfs.fuse import hook, tracing
 from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
+from unionfs.fuse.passthrough import Passthrough
 from unionfs.overlay import namespace
-from unionfs.overlay.files import Change, Files
+from unionfs.overlay.files import Change, Files, Kill, wants_write
 from unionfs.overlay.idmap import IdMapper
 from unionfs.overlay.namespace import Caller
 from unionfs.overlay.nodes import Node
@@ -77,6 +78,8 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
     async def wrapper(*args: Any) -> Any:
         if DEBUG:
             log.debug("%s%r", name, args[1:])
+        tracer = tracing.active  # None unless someone traces the mount
+        token = tracing.enter(args[0], name, args) if tracer is not None else None
         try:
             return await fn(*args)
         except FUSEError:
@@ -84,6 +87,8 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
                 return None
             raise
         except OSError as e:
+            if tracer is not None:
+                tracer.failed(e)
             if not answer:
                 log.warning("%s%r failed: %s", name, args[1:], e)
                 return None
@@ -99,6 +104,9 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
                 return None
             log.exception("unexpected error in %s%r; answering EIO", name, args[1:])
             raise FUSEError(errno.EIO) from None
+        finally:
+            if token is not None:
+                tracing.CURRENT.reset(token)
 
     return wrapper
 
@@ -126,6 +134,24 @@ def caller(ctx: RequestContext, ids: IdMapper, mode: int = 0) -> Caller:
     )
 
 
+def _no_kill() -> None:
+    return None
+
+
+def _only_kills(fields: pyfuse3.SetattrFields) -> bool:
+    """A setattr that changes nothing: under KILLPRIV_V2 the kernel sends one when it
+    wants setuid/setgid dropped and has nothing to pass the wish on with (a write
+    through passthrough by a caller without CAP_FSETID, chown(-1, -1))."""
+    return not (
+        fields.update_size
+        or fields.update_mode
+        or fields.update_uid
+        or fields.update_gid
+        or fields.update_atime
+        or fields.update_mtime
+    )
+
+
 def _invalidate_data(ino: int) -> None:
     """Drop the kernel's cached pages of *ino* (for a directory: its cached listing)."""
     with contextlib.suppress(OSError):
@@ -141,12 +167,26 @@ def _invalidate_attrs(ino: int) -> None:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, union: Union, fusehook: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        union: Union,
+        fusehook: ModuleType | None = None,
+        passthrough: str = "off",
+    ) -> None:
         super().__init__()
         # Whether the kernel serves directories without opendir (csrc/listing.c):
         # asked once the kernel's INIT is handled; then READDIR carries the inode.
         self._hook = fusehook
         self._by_inode = False
+        # Whether the kernel leaves dropping setuid/setgid to us (csrc/killpriv.c),
+        # and then how to learn that the request being handled asks for it.
+        self._killpriv = False
+        self._request_kill: Callable[[], tuple[int, int] | None] = _no_kill
+        # Which opens the kernel serves by itself (unionfs.fuse.passthrough).
+        self.passthrough = Passthrough(fusehook, passthrough, copy_up_possible=not union.readonly)
+        self.on_init: Callable[[], None] | None = None  # called once INIT is handled
+        # RELEASE answered in C (csrc/release.c): the handles it queued are closed here.
+        self._release_deferred = False
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
         self.union = union
@@ -168,7 +208,7 @@ class Operations(pyfuse3.Operations):
         if hook.ino_reporting(fusehook):
             assert fusehook is not None
             self._set_ino = fusehook.set_ino
-            self.table.on_drop = self._dropped
+            self.table.on_drop.append(self._dropped)
         if hook.ops_active(fusehook):
             assert fusehook is not None
             set_fd = fusehook.set_fd
@@ -183,6 +223,49 @@ class Operations(pyfuse3.Operations):
             log.debug("directory listings are cached by the kernel (no opendir)")
         else:
             log.debug("directory listings go through opendir handles (listing hook not active)")
+        self._killpriv = hook.killpriv_active(self._hook)
+        if self._killpriv:
+            assert self._hook is not None
+            self._request_kill = self._hook.request_kill
+        self.passthrough.start(hook.passthrough_state(self._hook)["active"])
+        if self._hook is not None and hook.feature_active(self._hook, "caps"):
+            self.union.on_caps_known = self._hook.caps_known
+        self._release_deferred = hook.release_deferred(self._hook)
+        log.debug(
+            "killpriv_v2 %s, passthrough %s",
+            "on" if self._killpriv else "off",
+            "on" if self.passthrough.active else "off",
+        )
+        if self.on_init is not None:
+            self.on_init()
+
+    def _kill(self, ctx: RequestContext | None = None) -> Kill | None:
+        """The privilege bits this request's truncate or write must drop: the kernel
+        says so under KILLPRIV_V2 (a caller without CAP_FSETID); without it, an
+        O_TRUNC open by a caller other than root. Ask before the handler's first await.
+        """
+        if self._killpriv:
+            sender = self._request_kill()
+            return None if sender is None else self._kill_by(*sender)
+        if ctx is not None and ctx.uid != 0:
+            return self._kill_by(ctx.gid, ctx.pid)
+        return None
+
+    def _kill_by(self, gid: int, pid: int, root: bool = False) -> Kill:
+        """A kill by the caller with *gid* and *pid*: setgid without group-exec goes
+        only if that caller is not in the file's group (and is not root)."""
+        ids = self.ids
+
+        def in_group(file_gid: int) -> bool:
+            if root:
+                return True
+            try:
+                groups = {gid, *pyfuse3.get_sup_groups(pid)}
+            except OSError:
+                groups = {gid}  # the caller is gone: count only its own group
+            return file_gid in {ids.gids.stored_or_overflow(g) for g in groups}
+
+        return Kill(in_group)
 
     # -- helpers -------------------------------------------------------------
 
@@ -291,7 +374,11 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: RequestContext,
     ) -> EntryAttributes:
+        kill = self._kill() if self._killpriv else None  # before any await
+        if kill is None and self._killpriv and _only_kills(fields):
+            kill = self._kill_by(ctx.gid, ctx.pid, root=ctx.uid == 0)
         change = Change(
+            kill=kill,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=self.ids.uids.stored(attr.st_uid) if fields.update_uid else None,
@@ -300,6 +387,8 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         node = self._node(inode)
+        if change.size is not None and self.passthrough.write_blocked(node):
+            raise FUSEError(errno.ETXTBSY)
         await self.files.setattr(node, change, fh)
         return self._entry(node)
 
@@ -384,15 +473,45 @@ class Operations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------
 
+    def release_queued(self) -> None:
+        """Close what the handles the kernel released (answered in C) still hold: at
+        each open, now and then, and at unmount."""
+        if not self._release_deferred:
+            return
+        for fh in hook.take_released(self._hook):
+            try:
+                self._release(fh)
+            except Exception:
+                log.exception("releasing file handle %d", fh)
+
     @boundary
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        fh = await self.files.open(self._node(inode), flags, privileged=ctx.uid == 0)
-        return FileInfo(fh=fh, keep_cache=True)
+        kill = self._kill(ctx)  # before any await: it describes this request
+        self.release_queued()
+        node = self._node(inode)
+        if wants_write(flags) and self.passthrough.write_blocked(node):
+            raise FUSEError(errno.ETXTBSY)
+        fd = await self.files.open_fd(node, flags, kill=kill)
+        return self._opened(node, fd, flags)
+
+    def _opened(self, node: Node, fd: int, flags: int) -> FileInfo:
+        """The reply to an open or create of *node* on its real *fd* (in ``node.layer``):
+        the handle, and whether the kernel serves it by itself (passthrough)."""
+        plan = self.passthrough.plan(node, node.layer, fd)
+        try:
+            fh = self.files.add(node, fd, flags, tag=plan.tag)
+        except BaseException:
+            self.passthrough.not_opened(node, plan)
+            os.close(fd)
+            raise
+        self.passthrough.opened(fh, node, plan)
+        return FileInfo(fh=fh, keep_cache=plan.keep_cache)
 
     @boundary
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
+        self.release_queued()
         parent = self._node(parent_inode)
         if name == TMPFILE_NAME:  # O_TMPFILE, handed over by the C hook (csrc/ops.c)
             node, fd = await namespace.create_tmpfile(
@@ -403,11 +522,11 @@ class Operations(pyfuse3.Operations):
                 node, fd = await namespace.create_file(
                     self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
                 )
-        fh = self.files.add(node, fd, flags)
+        info = self._opened(node, fd, flags)
         try:
-            return FileInfo(fh=fh, keep_cache=True), self._reply_entry(node)
+            return info, self._reply_entry(node)
         except BaseException:
-            self.files.release(fh)  # the kernel never learns of this open
+            self._release(info.fh)  # the kernel never learns of this open
             raise
 
     @boundary
@@ -418,11 +537,15 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.files.write(fh, off, buf)
+        return self.files.write(fh, off, buf, self._kill() if self._killpriv else None)
 
     @boundary
     async def release(self, fh: int) -> None:
+        self._release(fh)
+
+    def _release(self, fh: int) -> None:
         self.files.release(fh)
+        self.passthrough.released(fh)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

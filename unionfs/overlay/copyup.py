@@ -13,11 +13,13 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 
 import trio
 
 from unionfs.overlay import markers
+from unionfs.overlay.events import COPY_UP, PRIVILEGE_DROPPED, Refused
 from unionfs.overlay.layers import discard, stat_with
 from unionfs.overlay.markers import is_private_xattr
 from unionfs.overlay.nodes import Node, Place
@@ -28,7 +30,7 @@ from unionfs.overlay.syscalls import (
     fd_path,
     renameat2,
 )
-from unionfs.overlay.union import CAPS_XATTR, Union
+from unionfs.overlay.union import CAPS_XATTR, Union, join
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,29 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 1 << 20
 
 
-def readonly_error() -> OSError:
-    return OSError(errno.EROFS, "read-only union")
+def readonly_error(path: bytes = b"") -> OSError:
+    return Refused(errno.EROFS, "the mount is read-only (no upperdir, or -o ro)", path)
+
+
+def check_copy_up(union: Union) -> None:
+    """What refuses every copy-up: a mount without a writable upper."""
+    if union.readonly or union.upper is None:
+        raise readonly_error()
+
+
+def pending_copy_ups(union: Union, node: Node) -> list[Node]:
+    """What ``copy_up(node)`` would copy, the outermost parent first (``unionfs
+    explain``); raises what it would refuse with."""
+    chain: list[Node] = []
+    cur: Node | None = node
+    while cur is not None and not cur.layer.writable:
+        check_copy_up(union)
+        if cur.parent is None:
+            raise FileExistsError(errno.EEXIST, "removed; its name is taken", cur.name)
+        chain.append(cur)
+        cur = cur.parent
+    chain.reverse()
+    return chain
 
 
 async def wait_for_copy_up(node: Node) -> None:
@@ -54,16 +77,18 @@ async def wait_for_copy_up(node: Node) -> None:
 async def copy_up(union: Union, node: Node, size: int | None = None, data: bool = True) -> None:
     """Make sure *node* lives in the upper layer.
 
-    *size* limits how much data is copied, for a copy-up that a truncate
-    triggered: bytes about to be cut off are not worth copying. Without *data*
+    *size* is given by a truncate (or ``O_TRUNC``) that triggered the copy-up:
+    the copy is made at that size (bytes about to be cut off are not worth
+    copying) and with new times, since the truncate changes them. The copy put in
+    place is then already the truncated file, so a crash before the truncate
+    itself shows the file as it was or as it is after, never a mix. Without *data*
     (a change of metadata only: chmod, chown, utimes, xattrs, rename, link) a
     regular file is copied up without its data when the mount has
     ``metacopy=on``; its data is copied when a later open for writing needs it.
     """
     if node.layer.writable and not (data and node.metacopy):
         return
-    if union.readonly or union.upper is None:
-        raise readonly_error()
+    check_copy_up(union)
     if node.lock is None:
         node.lock = trio.Lock()
     async with node.lock:  # concurrent writers of one file: one copy-up
@@ -91,23 +116,33 @@ async def _copy_up_one(
     src = node.place
     src_parent, src_name = src.split()
     src_dir = src.layer.dirfd(src_parent)
+    started = time.monotonic()
     st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+    ppath = parent.path
     if src.layer.nosuid and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         st = stat_with(st, mode=st.st_mode & ~(stat.S_ISUID | stat.S_ISGID))
+        union.tell(
+            PRIVILEGE_DROPPED,
+            join(ppath, node.name),
+            bits="setuid/setgid",
+            why=f"layer {src.layer.index} is on a nosuid filesystem",
+        )
     kind = stat.S_IFMT(st.st_mode)
     # The kernel records where a copy came from, except for a lower hard link,
     # whose names copy-up splits into separate files (index=off).
     keeps_origin = kind == stat.S_IFDIR or st.st_nlink == 1
     origin = union.origin_of(src) if keeps_origin else None
-    ppath = parent.path
     pstat = os.stat(upper.dirfd(ppath))
     markers.set_impure(upper.dirfd(ppath), ns)  # it now holds a copied-up entry
     work = union.work_fd
     tmp = union.tmp_name()
+    copied, method = 0, "metadata"
     try:
+        if kind == stat.S_IFREG and not meta:
+            copied = st.st_size if size is None else min(size, st.st_size)
         if kind == stat.S_IFREG:
             data = union.data_place(node)
-            await _copy_file(data, work, tmp, st, size, meta)
+            method = await _copy_file(data, work, tmp, st, size, meta)
         elif kind == stat.S_IFDIR:
             os.mkdir(tmp, 0o700, dir_fd=work)
         elif kind == stat.S_IFLNK:
@@ -120,7 +155,9 @@ async def _copy_up_one(
         if meta:
             markers.set_metacopy(tmp_path, ns)
         src_dir = src.layer.dirfd(src_parent)
-        copy_metadata(fd_path(src_dir, src_name), tmp_path, st)
+        # A truncate's copy gets new times: the truncate changes them.
+        times = not (kind == stat.S_IFREG and size is not None)
+        copy_metadata(fd_path(src_dir, src_name), tmp_path, st, times=times)
         # No await from here on: the rename, the parent's times and the node
         # update happen as one step as far as other requests can tell.
         up_dir = upper.dirfd(ppath)
@@ -153,6 +190,15 @@ async def _copy_up_one(
     # nlink and st_ino of a split hard link, blocks of a copy, a merged directory's nlink
     union.attr_changed(node)
     log.debug("copied up %r%s", node, " (metadata only)" if meta else "")
+    if union.events is not None:
+        union.events.emit(
+            COPY_UP,
+            join(ppath, node.name),
+            layer=src.layer.index,
+            bytes=copied,
+            method=method,
+            duration_s=round(time.monotonic() - started, 6),
+        )
 
 
 async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
@@ -176,14 +222,15 @@ async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
     except OSError:
         caps = None
     count = st.st_size if size is None else min(size, st.st_size)
+    started = time.monotonic()
     src = data.layer.open_file(*data.split(), os.O_RDONLY)
     try:
         dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=up_dir)
         try:
             if count > THREAD_THRESHOLD:
-                await trio.to_thread.run_sync(copy_range_in_place, src, dst, count)
+                method = await trio.to_thread.run_sync(copy_range_in_place, src, dst, count)
             else:
-                copy_range_in_place(src, dst, count)
+                method = copy_range_in_place(src, dst, count)
             if caps is not None:
                 os.setxattr(dst, CAPS_XATTR, caps)
             # The times are not put back: the kernel's copy leaves the mtime of its
@@ -199,6 +246,16 @@ async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
     union.follow_copy_up(node)
     union.attr_changed(node)
     log.debug("copied up the data of %r", node)
+    if union.events is not None:
+        union.events.emit(
+            COPY_UP,
+            place.path,
+            layer=data.layer.index,
+            bytes=count,
+            method=method,
+            duration_s=round(time.monotonic() - started, 6),
+            data_only=True,
+        )
 
 
 def _set_marker(setter: Callable[..., None], *args: object) -> None:
@@ -213,35 +270,43 @@ def _set_marker(setter: Callable[..., None], *args: object) -> None:
 
 async def _copy_file(
     data: Place, work: int, tmp: bytes, st: os.stat_result, size: int | None, meta: bool
-) -> None:
-    """The copy of a regular file in the workdir: its data (up to *size*), or with
-    *meta* none of it, only its length (a sparse file, as the kernel makes)."""
+) -> str:
+    """The copy of a regular file in the workdir: its data (up to *size*, and at that
+    size), or with *meta* none of it, only its length (a sparse file, as the kernel
+    makes); returns how the data was copied (``clone_or_copy``)."""
     if meta:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
             os.ftruncate(dst, st.st_size)
         finally:
             os.close(dst)
-        return
+        return "metadata"
     length = st.st_size if size is None else min(size, st.st_size)
     src = data.layer.open_file(*data.split(), os.O_RDONLY)
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
             if length > THREAD_THRESHOLD:
-                await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
+                method = await trio.to_thread.run_sync(clone_or_copy, src, dst, length)
             else:
-                clone_or_copy(src, dst, length)
+                method = clone_or_copy(src, dst, length)
+            if size is not None and size > length:
+                os.ftruncate(dst, size)
         finally:
             os.close(dst)
     finally:
         os.close(src)
+    return method
 
 
 def copy_metadata(
-    src_path: bytes, dst: bytes | int, st: os.stat_result, src_fd: int | None = None
+    src_path: bytes,
+    dst: bytes | int,
+    st: os.stat_result,
+    src_fd: int | None = None,
+    times: bool = True,
 ) -> None:
-    """Owner, xattrs, mode and times, in the order that keeps each one.
+    """Owner, xattrs, mode and times (unless not *times*), in the order that keeps each one.
 
     chown clears setuid/setgid and ``security.capability``, so it goes first;
     the mode (with its special bits) and the xattrs follow; the times go last
@@ -256,6 +321,8 @@ def copy_metadata(
     copy_xattrs(src_path if src_fd is None else src_fd, dst)
     if not is_link:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
+    if not times:
+        return
     if is_fd:
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:

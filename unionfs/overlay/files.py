@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import trio
 
 from unionfs.overlay.copyup import copy_up, readonly_error
+from unionfs.overlay.events import PRIVILEGE_DROPPED, Refused
 from unionfs.overlay.markers import is_private_xattr
 from unionfs.overlay.nodes import Node, OpenFile
 from unionfs.overlay.syscalls import fd_path
-from unionfs.overlay.union import Union
+from unionfs.overlay.union import CAPS_XATTR, Union
 
 # Flags that make no sense on the real fd: the kernel already did their part
 # (creation, truncation) or computes the offsets itself (append).
@@ -43,16 +44,38 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     return flags
 
 
-def kill_setid(fd: int) -> bool:
-    """Clear setuid, and setgid when group-exec is set, as the VFS does on write/truncate.
+def check_setxattr(union: Union, name: bytes) -> None:
+    """What refuses a setxattr before anything changes."""
+    if is_private_xattr(name):
+        raise Refused(errno.EOPNOTSUPP, "the overlay's private xattrs cannot be set", name)
+    if union.readonly:
+        raise readonly_error()
 
-    Returns whether the mode changed.
-    """
-    mode = os.fstat(fd).st_mode
-    new = mode & ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        new &= ~stat.S_ISGID
-    if new == mode:
+
+def _in_every_group(gid: int) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Kill:
+    """A write or truncate by a caller without CAP_FSETID, which drops privilege bits
+    as the VFS does: setuid always; setgid when group-exec is set, or when the caller
+    is not in the file's group (*in_group*, given the file's stored gid)."""
+
+    in_group: Callable[[int], bool] = _in_every_group
+
+    def mode_after(self, mode: int, gid: int) -> int:
+        new = mode & ~stat.S_ISUID
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not self.in_group(gid)):
+            new &= ~stat.S_ISGID
+        return new
+
+
+def kill_setid(fd: int, kill: Kill) -> bool:
+    """Drop what *kill* drops from the open file's mode; returns whether it changed."""
+    st = os.fstat(fd)
+    new = kill.mode_after(st.st_mode, st.st_gid)
+    if new == st.st_mode:
         return False
     os.fchmod(fd, stat.S_IMODE(new))
     return True
@@ -68,6 +91,11 @@ class Change:
     gid: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    # Drop privilege bits after the changes: the kernel asks for that under
+    # KILLPRIV_V2 with a truncate by a caller without CAP_FSETID, and with an
+    # otherwise empty setattr before such a caller's write through passthrough (a
+    # chown drops them by itself).
+    kill: Kill | None = None
 
 
 class Files:
@@ -83,18 +111,32 @@ class Files:
 
     # -- open and close ------------------------------------------------------
 
-    async def open(self, node: Node, flags: int, privileged: bool = True) -> int:
-        """Open *node*; *privileged* callers (CAP_FSETID) keep setuid bits on O_TRUNC."""
+    async def open(self, node: Node, flags: int, kill: Kill | None = None) -> int:
+        """Open *node* as the kernel asks; returns the file handle (see ``open_fd``)."""
+        return self.add(node, await self.open_fd(node, flags, kill), flags)
+
+    async def open_fd(self, node: Node, flags: int, kill: Kill | None = None) -> int:
+        """Open *node*'s real file as the kernel asks, copying it up first when *flags*
+        write; returns the real fd, for ``add``. The fd is in ``node.layer`` as it is
+        on return (nothing awaits after the open).
+
+        *kill*: the caller lacks CAP_FSETID, so an O_TRUNC open drops privilege bits
+        as truncate(2) would (the kernel leaves that to us).
+        """
         if wants_write(flags):
             if self.union.readonly:
                 raise readonly_error()
             await copy_up(self.union, node, size=0 if flags & os.O_TRUNC else None)
         fd = self._open_for_kernel(node, flags)
-        # The kernel hands O_TRUNC to open (atomic_o_trunc) and leaves it to the
-        # filesystem to drop the privilege bits, as truncate(2) would.
-        if flags & os.O_TRUNC and not privileged and kill_setid(fd):
+        if flags & os.O_TRUNC and kill is not None and kill_setid(fd, kill):
             self.union.attr_changed(node)
-        return self.add(node, fd, flags)
+            self.union.tell(
+                PRIVILEGE_DROPPED,
+                node.path,
+                bits="setuid/setgid",
+                why="O_TRUNC by a caller without CAP_FSETID",
+            )
+        return fd
 
     def _open_real(self, node: Node, flags: int) -> int:
         return self.union.open_data(node, flags & ~_DROP_FLAGS)
@@ -108,8 +150,14 @@ class Files:
                 pass  # no CAP_DAC_OVERRIDE over this file: a partial-page write may fail
         return self._open_real(node, flags)
 
-    def add(self, node: Node, fd: int, flags: int) -> int:
-        fh = next(self._next_fh)
+    def add(self, node: Node, fd: int, flags: int, tag: int = 0) -> int:
+        """Register an open of *node* on its real *fd*; returns the file handle.
+
+        The handle's low 32 bits number it; *tag* goes into its high 32 bits (the
+        FUSE adapter carries a passthrough backing id there)."""
+        fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
+        while fh in self.handles:  # only after 2**32 opens, with an old one still open
+            fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
         f = OpenFile(fd, node, self.union.data_layer(node), flags & ~(_DROP_FLAGS | os.O_TRUNC))
         f.fh = fh
         if node.metacopy:
@@ -166,8 +214,17 @@ class Files:
                 os.close(fd)
         return memoryview(buf)[:n]
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
-        return os.pwrite(self._fd(fh), data, off)
+    def write(self, fh: int, off: int, data: bytes, kill: Kill | None = None) -> int:
+        """pwrite; *kill*: the writer lacks CAP_FSETID, so privilege bits go first, as
+        on a local filesystem (security.capability goes by itself: the upper's
+        filesystem drops it on any write)."""
+        f = self.handles[fh]
+        if kill is not None and kill_setid(f.fd, kill):
+            self.union.attr_changed(f.node)
+            if self.union.events is not None and not f.node.unlinked:
+                why = "a write by a caller without CAP_FSETID"
+                self.union.tell(PRIVILEGE_DROPPED, f.node.path, bits="setuid/setgid", why=why)
+        return os.pwrite(f.fd, data, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """In a worker thread: a slow disk must not hold up every other request. On a
@@ -197,6 +254,7 @@ class Files:
         if union.readonly:
             raise readonly_error()
         await copy_up(union, node, size=change.size, data=change.size is not None)
+        before = self._privileges(node) if union.events is not None else None
         if change.size is not None:
             if fh is not None and fh in self.handles:
                 os.ftruncate(self._fd(fh), change.size)
@@ -209,6 +267,8 @@ class Files:
         if node.unlinked:
             self._setattr_open(node, change)
             return
+        if change.kill is not None and node.kind == stat.S_IFREG:
+            self._kill_setid(node, fh, change.kill)
         # The root has no parent: reach it through its own fd (following that
         # magic link is safe, it is the directory itself). Anything else is
         # named in its parent and never followed.
@@ -232,6 +292,51 @@ class Files:
             # chown(path, -1, -1) and the like change nothing but the ctime, as on
             # any filesystem (and the kernel overlay's copy-up is done above).
             os.chown(target, -1, -1, follow_symlinks=follow)
+        if before is not None:
+            self._tell_dropped(node, change, before)
+
+    def _privileges(self, node: Node) -> tuple[int, bool]:
+        """The setuid/setgid bits and whether file capabilities are set (tracing only)."""
+        path, follow = self.union.real_path(node)
+        try:
+            mode = os.stat(path, follow_symlinks=follow).st_mode
+            caps = CAPS_XATTR in (
+                os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)
+            )
+        except OSError:
+            return 0, False
+        return mode & (stat.S_ISUID | stat.S_ISGID), caps
+
+    def _tell_dropped(self, node: Node, change: Change, before: tuple[int, bool]) -> None:
+        """Report setuid/setgid bits or capabilities that a change cleared: a chown
+        clears them, and the kernel asks for a mode without them after a write by
+        someone other than the owner."""
+        bits, caps = self._privileges(node)
+        lost = [
+            name
+            for flag, name in ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"))
+            if before[0] & flag and not bits & flag
+        ]
+        if before[1] and not caps:
+            lost.append("capabilities")
+        if lost:
+            if change.uid is not None or change.gid is not None:
+                why = "chown"
+            elif change.mode is not None:
+                why = "mode change"
+            else:
+                why = "a write or truncate by a caller without CAP_FSETID"
+            self.union.tell(PRIVILEGE_DROPPED, node.path, bits="/".join(lost), why=why)
+
+    def _kill_setid(self, node: Node, fh: int | None, kill: Kill) -> None:
+        if fh is not None and fh in self.handles:
+            kill_setid(self._fd(fh), kill)
+            return
+        path, follow = self.union.real_path(node)
+        st = os.stat(path, follow_symlinks=follow)
+        new = kill.mode_after(st.st_mode, st.st_gid)
+        if new != st.st_mode:
+            os.chmod(path, stat.S_IMODE(new), follow_symlinks=follow)
 
     def _setattr_open(self, node: Node, change: Change) -> None:
         """fchmod/fchown/futimens on a file that is open but has no name left."""
@@ -242,6 +347,14 @@ class Files:
         # The upper inode: the fd itself, or for a metadata-only copy its O_PATH fd
         # (reached through its /proc link: fchmod refuses an O_PATH fd).
         fd: int | bytes = f.fd if f.meta_fd < 0 else fd_path(f.meta_fd)
+        if change.kill is not None and node.kind == stat.S_IFREG:
+            if isinstance(fd, int):
+                kill_setid(fd, change.kill)
+            else:
+                st = os.stat(fd)
+                new = change.kill.mode_after(st.st_mode, st.st_gid)
+                if new != st.st_mode:
+                    os.chmod(fd, stat.S_IMODE(new))
         if change.uid is not None or change.gid is not None or change == Change():
             os.chown(
                 fd,
@@ -265,12 +378,9 @@ class Files:
     async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         """setxattr(2); with XATTR_CREATE/XATTR_REPLACE the kernel overlay copies up
         first and lets the upper filesystem fail, so a failing call leaves a copy."""
-        if is_private_xattr(name):
-            raise OSError(errno.EOPNOTSUPP, "overlay private xattr", name)
-        if self.union.readonly:
-            raise readonly_error()
+        check_setxattr(self.union, name)
         await copy_up(self.union, node, data=False)
-        node.no_caps = False
+        self.union.caps_unknown(node)
         path, follow = self.union.real_path(node)
         os.setxattr(path, name, value, flags, follow_symlinks=follow)
 

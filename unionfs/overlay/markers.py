@@ -29,7 +29,13 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from unionfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, fd_path, renameat2
+from unionfs.overlay.syscalls import (
+    RENAME_EXCHANGE,
+    RENAME_WHITEOUT,
+    fd_path,
+    open_beneath,
+    renameat2,
+)
 
 WHITEOUT_MODE = stat.S_IFCHR  # mode 0000 and device 0/0, like the kernel's own whiteouts
 SHARED_WHITEOUT = b"#whiteout"  # in WORKDIR/work, like the kernel's
@@ -399,12 +405,67 @@ def rename_onto_whiteout(sfd: int, sname: bytes, dfd: int, dname: bytes, keep: b
     """Rename *sname* onto the whiteout at *dname*.
 
     With *keep* the whiteout is not dropped but moves to *sname* (one exchange),
-    for a source name that needs one anyway.
+    for a source name that needs one anyway. A directory whose name needs none
+    moves with :func:`swap_dir_onto_whiteout`.
     """
     if keep:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
     else:
         renameat2(sfd, sname, dfd, dname)
+
+
+# A symlink in WORKDIR/work whose name ends so, and whose target is a path in the
+# upper: a whiteout there hides nothing and is removed by the next mount.
+DROP_NOTE = b".drop"
+
+
+def swap_dir_onto_whiteout(
+    sfd: int, sname: bytes, dfd: int, dname: bytes, workfd: int, note: bytes, path: bytes
+) -> None:
+    """Move the directory *sname* (at *path* in the upper) onto the whiteout at *dname*,
+    when *sname* needs no whiteout; *note* ends with :data:`DROP_NOTE`.
+
+    A directory cannot replace a device, so the two swap places, as in the kernel,
+    and the whiteout left at *sname* is for the caller to drop at once
+    (:func:`drop_swapped_whiteout`). A kill in between would leave it hiding
+    nothing, which is not harmless: the kernel overlay lists such a whiteout in a
+    directory without lower part and cannot remove that directory. So *note* in
+    the workdir names it first, and the next mount drops it
+    (:func:`drop_noted_whiteout`).
+    """
+    os.symlink(path, note, dir_fd=workfd)
+    try:
+        renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
+    except BaseException:
+        os.unlink(note, dir_fd=workfd)
+        raise
+
+
+def drop_swapped_whiteout(sfd: int, sname: bytes, workfd: int, note: bytes) -> None:
+    os.unlink(sname, dir_fd=sfd)
+    os.unlink(note, dir_fd=workfd)
+
+
+def drop_noted_whiteout(workfd: int, note: bytes, upper_fd: int) -> None:
+    """At mount: remove the whiteout a note in the workdir names, if it is still there
+    (a kill may have come before the swap, or after the whiteout was dropped)."""
+    path = os.readlink(note, dir_fd=workfd)
+    parent, _, name = path.rpartition(b"/")
+    try:
+        fd = open_beneath(upper_fd, parent, os.O_PATH | os.O_DIRECTORY) if parent else -1
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        dirfd = fd if parent else upper_fd
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if is_whiteout(st):
+            os.unlink(name, dir_fd=dirfd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def set_opaque(dirfd: int, name: bytes, ns: XattrNamespace = TRUSTED) -> None:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unionfs.overlay import markers
-from unionfs.overlay.copyup import copy_up, readonly_error, wait_for_copy_up
+from unionfs.overlay.copyup import copy_metadata, copy_up, readonly_error, wait_for_copy_up
+from unionfs.overlay.events import OPAQUE, WHITEOUT, Refused
 from unionfs.overlay.files import readable_for_writeback
 from unionfs.overlay.layers import discard, remove_tree
 from unionfs.overlay.markers import is_whiteout
@@ -30,6 +31,8 @@ from unionfs.overlay.union import Union, join
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+MOVED_INTO_MERGED = "a directory moved into a merged directory"
+MERGED_DIR_RENAME = "a directory with lower parts cannot move without redirect_dir"
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,12 @@ class Caller:
     groups: frozenset[int] = frozenset()
 
 
-def check_new_name(name: bytes) -> None:
+def check_new_name(name: bytes, parent: bytes = b"") -> None:
+    """A name that may be created in the upper (*parent* only names it in errors)."""
     if markers.is_oci_name(name):
-        raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", name)
+        raise Refused(
+            errno.EINVAL, "a name starting with .wh. is reserved for whiteouts", join(parent, name)
+        )
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
@@ -75,12 +81,18 @@ def _writable(union: Union) -> None:
         raise readonly_error()
 
 
-async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bool]:
-    """Copy the parent up and say whether *name* is a whiteout there now."""
+def check_create(union: Union, parent: Node, name: bytes) -> None:
+    """What refuses a new *name* in *parent* before anything changes (create, mkdir,
+    mknod, symlink, and the new name of a link)."""
     _writable(union)
-    check_new_name(name)
+    check_new_name(name, parent.path)
     if union.lookup(parent, name) is not None:
         raise FileExistsError(errno.EEXIST, "exists", name)
+
+
+async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bool]:
+    """Copy the parent up and say whether *name* is a whiteout there now."""
+    check_create(union, parent, name)
     await copy_up(union, parent)
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
@@ -106,16 +118,20 @@ def _place(
     over_whiteout: bool,
     make: Callable[[int, bytes], None],
     finish: Callable[[int, bytes], None] = lambda fd, n: None,
+    setid: bool = False,
 ) -> None:
     """Create an entry with *make* and give it its owner with *finish*: directly,
-    or, over a whiteout, in the workdir and renamed in. A failure after *make*
-    removes what it made, so no half-made entry stays behind."""
-    if over_whiteout:
+    or in the workdir and renamed in: over a whiteout, and for a *setid* file
+    (chown clears setuid/setgid, which then are set again: a crash in between
+    must not leave the file without them). A failure after *make* removes what
+    it made, so no half-made entry stays behind."""
+    if over_whiteout or setid:
         work, tmp = union.work_fd, union.tmp_name()
         try:
             make(work, tmp)
             finish(work, tmp)
-            renameat2(work, tmp, dirfd, name)  # atomically replaces the whiteout
+            # Over a whiteout this replaces it in one step.
+            renameat2(work, tmp, dirfd, name, 0 if over_whiteout else RENAME_NOREPLACE)
         except BaseException:
             discard(work, tmp)
             raise
@@ -126,6 +142,10 @@ def _place(
     except BaseException:
         discard(dirfd, name)
         raise
+
+
+def _setid(mode: int) -> bool:
+    return bool(mode & (stat.S_ISUID | stat.S_ISGID))
 
 
 def _clean_up(union: Union, tmp: bytes) -> None:
@@ -149,7 +169,7 @@ async def create_node(
 ) -> Node:
     """mkdir, mknod and symlink: a new entry owned by *caller*."""
     if stat.S_ISCHR(mode) and rdev == 0:
-        raise PermissionError(errno.EPERM, "a 0/0 character device is a whiteout", name)
+        raise Refused(errno.EPERM, "a 0/0 character device is a whiteout", join(parent.path, name))
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     uid, gid, mode = new_owner(os.stat(dirfd), caller, mode)
 
@@ -161,6 +181,10 @@ async def create_node(
             # directory moved here later by a redirect cannot show through).
             with contextlib.suppress(OSError):
                 markers.set_opaque(dirfd, name, union.ns)
+        if over_whiteout:
+            path = join(parent.path, name)
+            union.tell(WHITEOUT, path, outcome="removed", why="replaced by a new directory")
+            union.tell(OPAQUE, path, outcome="created", why="a directory made over a whiteout")
     else:
 
         def make(fd: int, n: bytes) -> None:
@@ -170,10 +194,18 @@ async def create_node(
                 os.mknod(n, mode, rdev, dir_fd=fd)
             _set_owner(fd, n, uid, gid, mode)
 
-        _place(union, dirfd, name, over_whiteout, make)
+        _place(union, dirfd, name, over_whiteout, make, setid=_setid(mode))
+        _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(
         union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
     )
+
+
+def _replaced_whiteout(union: Union, parent: Node, name: bytes, over_whiteout: bool) -> None:
+    if over_whiteout:
+        union.tell(
+            WHITEOUT, join(parent.path, name), outcome="removed", why="replaced by a new entry"
+        )
 
 
 def _mkdir(
@@ -224,11 +256,12 @@ async def create_file(
             os.fchmod(fds[0], stat.S_IMODE(mode))
 
     try:
-        _place(union, dirfd, name, over_whiteout, make, finish)
+        _place(union, dirfd, name, over_whiteout, make, finish, setid=_setid(mode))
     except BaseException:
         for f in fds:
             os.close(f)
         raise
+    _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(union, parent, name, os.fstat(fds[0])), fds[0]
 
 
@@ -264,10 +297,7 @@ async def create_tmpfile(
 
 async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
     """A hard link: the file is copied up first, then linked inside the upper."""
-    _writable(union)
-    check_new_name(name)
-    if union.lookup(parent, name) is not None:
-        raise FileExistsError(errno.EEXIST, "exists", name)
+    check_create(union, parent, name)
     if node.parent is None:
         return await _link_unnamed(union, node, parent, name)
     await copy_up(union, node, data=False)
@@ -291,6 +321,7 @@ async def link(union: Union, node: Node, parent: Node, name: bytes) -> Node:
         os.link(node.name, n, src_dir_fd=src_dir, dst_dir_fd=fd, follow_symlinks=False)
 
     _place(union, dirfd, name, over_whiteout, make)
+    _replaced_whiteout(union, parent, name, over_whiteout)
     union.add_alias(node, parent, name)
     return node
 
@@ -336,20 +367,29 @@ def _created(union: Union, parent: Node, name: bytes, st: os.stat_result | None 
 # -- removing ---------------------------------------------------------------
 
 
-async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
-    """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
+def check_remove(
+    union: Union, parent: Node, name: bytes, want_dir: bool
+) -> tuple[Node, os.stat_result]:
+    """What refuses unlink (rmdir with *want_dir*) before anything changes; the node
+    to remove and its stat otherwise."""
     _writable(union)
     found = union.lookup(parent, name)
     if found is None or found[1] is None:  # no stat: "." or "..", which the VFS never removes
         raise FileNotFoundError(errno.ENOENT, "no such entry", name)
     node, st = found[0], found[1]
-    layer = node.layer
     if want_dir and not node.is_dir:
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", name)
     if not want_dir and node.is_dir:
         raise IsADirectoryError(errno.EISDIR, "is a directory", name)
     if want_dir and not union.is_empty(node):
         raise OSError(errno.ENOTEMPTY, "directory not empty", name)
+    return node, st
+
+
+async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> None:
+    """unlink and rmdir: delete in the upper, and whiteout what a lower still has."""
+    node, st = check_remove(union, parent, name, want_dir)
+    layer = node.layer
     await copy_up(union, parent)
     await wait_for_copy_up(node)  # the last await: what follows is one step
     if node.layer is not layer:  # copied up meanwhile: the stat from lookup is stale
@@ -376,6 +416,8 @@ async def remove(union: Union, parent: Node, name: bytes, want_dir: bool) -> Non
             union.inos.upper_gone(st.st_ino)
     else:
         markers.make_whiteout(dirfd, name, union.work_fd)
+    if needs_whiteout or not node.layer.writable:
+        union.tell(WHITEOUT, path, outcome="created", why="a lower layer has the name")
     # Committed: the table follows, and only then the clean-up, which cannot fail
     # the request any more.
     if want_dir:
@@ -410,6 +452,51 @@ def _node(found: tuple[Node, os.stat_result | None] | None) -> Node | None:
 REDIRECT_MAX = 256  # the kernel's default redirect_max: longest redirect it writes
 
 
+def check_rename(
+    union: Union, sparent: Node, sname: bytes, dparent: Node, dname: bytes, flags: int
+) -> tuple[Node, Node | None]:
+    """What refuses a rename before anything changes; the source and the target
+    (None: no target) otherwise. The same node twice means there is nothing to do."""
+    _writable(union)
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise Refused(
+            errno.EINVAL, "an overlay supports no rename flag but NOREPLACE and EXCHANGE", sname
+        )
+    swap = bool(flags & RENAME_EXCHANGE)
+    check_new_name(dname, dparent.path)
+    if swap:
+        check_new_name(sname, sparent.path)
+    src = _node(union.lookup(sparent, sname))
+    if src is None:
+        raise FileNotFoundError(errno.ENOENT, "no such entry", sname)
+    dst = _node(union.lookup(dparent, dname))
+    if swap and dst is None:
+        raise FileNotFoundError(errno.ENOENT, "no such entry", dname)
+    if dst is not None and flags & RENAME_NOREPLACE:
+        raise FileExistsError(errno.EEXIST, "exists", dname)
+    if dst is src:
+        return src, dst
+    if src.is_dir and dparent.is_under(src):
+        raise OSError(errno.EINVAL, "cannot move a directory into itself", sname)
+    if swap and dst is not None and dst.is_dir and sparent.is_under(dst):
+        raise OSError(errno.EINVAL, "cannot move a directory into itself", dname)
+    # The order of the checks is the kernel's: types (in the VFS), then EXDEV,
+    # then emptiness of the directory being replaced.
+    if dst is not None and not swap:
+        if src.is_dir and not dst.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", dname)
+        if not src.is_dir and dst.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", dname)
+    redirects = union.config.redirect == "on"
+    if src.is_dir and src.has_lower and not redirects:
+        raise Refused(errno.EXDEV, MERGED_DIR_RENAME, join(sparent.path, sname))
+    if swap and dst is not None and dst.is_dir and dst.has_lower and not redirects:
+        raise Refused(errno.EXDEV, MERGED_DIR_RENAME, join(dparent.path, dname))
+    if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
+        raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
+    return src, dst
+
+
 async def rename(
     union: Union, sparent: Node, sname: bytes, dparent: Node, dname: bytes, flags: int
 ) -> None:
@@ -424,42 +511,10 @@ async def rename(
     a directory of the upper only moved into a merged directory becomes opaque
     so a lower namesake cannot leak into it.
     """
-    _writable(union)
-    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-        raise OSError(errno.EINVAL, "unsupported rename flags")
-    swap = bool(flags & RENAME_EXCHANGE)
-    check_new_name(dname)
-    if swap:
-        check_new_name(sname)
-    src = _node(union.lookup(sparent, sname))
-    if src is None:
-        raise FileNotFoundError(errno.ENOENT, "no such entry", sname)
-    dst = _node(union.lookup(dparent, dname))
-    if swap and dst is None:
-        raise FileNotFoundError(errno.ENOENT, "no such entry", dname)
-    if dst is not None and flags & RENAME_NOREPLACE:
-        raise FileExistsError(errno.EEXIST, "exists", dname)
+    src, dst = check_rename(union, sparent, sname, dparent, dname, flags)
     if dst is src:
         return
-    if src.is_dir and dparent.is_under(src):
-        raise OSError(errno.EINVAL, "cannot move a directory into itself", sname)
-    if swap and dst is not None and dst.is_dir and sparent.is_under(dst):
-        raise OSError(errno.EINVAL, "cannot move a directory into itself", dname)
-    # The order of the checks is the kernel's: types (in the VFS), then EXDEV,
-    # then emptiness of the directory being replaced.
-    if dst is not None and not swap:
-        if src.is_dir and not dst.is_dir:
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", dname)
-        if not src.is_dir and dst.is_dir:
-            raise IsADirectoryError(errno.EISDIR, "is a directory", dname)
-    redirects = union.config.redirect == "on"
-    if src.is_dir and src.has_lower and not redirects:
-        raise OSError(errno.EXDEV, "directory has lower layers", sname)
-    if swap and dst is not None and dst.is_dir and dst.has_lower and not redirects:
-        raise OSError(errno.EXDEV, "directory has lower layers", dname)
-    if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
-        raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
-
+    swap = bool(flags & RENAME_EXCHANGE)
     await copy_up(union, src, data=False)
     await copy_up(union, dparent)
     if swap and dst is not None:
@@ -481,15 +536,15 @@ async def rename(
             markers.set_impure(dfd, union.ns)
         if swap and dst is not None and _has_origin(union, dfd, dname, dst):
             markers.set_impure(sfd, union.ns)
-    _keep_lower_parts(union, src, sfd, sname, samedir, dparent)
+    _keep_lower_parts(union, src, sfd, sname, samedir, dparent, dpath)
     if swap:
         assert dst is not None
-        _keep_lower_parts(union, dst, dfd, dname, samedir, sparent)
+        _keep_lower_parts(union, dst, dfd, dname, samedir, sparent, spath)
     moved_out: bytes | None = None
     if swap:
         renameat2(sfd, sname, dfd, dname, RENAME_EXCHANGE)
     else:
-        moved_out = _rename_over(union, src, sparent, sname, sfd, dst, dname, dfd)
+        moved_out = _rename_over(union, src, sparent, sname, sfd, dst, dpath, dfd)
     # Committed: the table follows, then the clean-up.
     upper.forget_dirs(spath)
     upper.forget_dirs(dpath)
@@ -499,7 +554,13 @@ async def rename(
 
 
 def _keep_lower_parts(
-    union: Union, node: Node, dirfd: int, name: bytes, samedir: bool, new_parent: Node
+    union: Union,
+    node: Node,
+    dirfd: int,
+    name: bytes,
+    samedir: bool,
+    new_parent: Node,
+    new_path: bytes,
 ) -> None:
     """Before *node* moves from *name* in *dirfd* to *new_parent*: a node with lower
     parts records where they are (a redirect); a directory of the upper only that
@@ -510,6 +571,7 @@ def _keep_lower_parts(
             set_redirect(union, node, dirfd, name, samedir)
         elif node.is_dir and new_parent.lowers and not _is_opaque(union, dirfd, name):
             markers.set_opaque(dirfd, name, union.ns)
+            union.tell(OPAQUE, new_path, outcome="created", why=MOVED_INTO_MERGED)
     except OSError as e:
         if e.errno == errno.EXDEV:
             raise
@@ -579,11 +641,13 @@ def _rename_over(
     sname: bytes,
     sfd: int,
     dst: Node | None,
-    dname: bytes,
+    dpath: bytes,
     dfd: int,
 ) -> bytes | None:
     """Rename without exchange; returns what it moved into the workdir, if anything,
     for the caller to remove once the change is complete."""
+    dname = dpath.rpartition(b"/")[2]
+    spath = join(sparent.path, sname)
     src_whiteout = union.lower_has_name(sparent, sname)
     try:
         d_up: os.stat_result | None = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
@@ -598,10 +662,13 @@ def _rename_over(
     ):
         # The target's upper part still holds whiteouts: swap in an empty
         # opaque directory first so the rename below can replace it. The view does
-        # not change (the target was empty and stays so).
+        # not change, also if a crash comes before that rename: the target was
+        # empty and stays so, and the new directory has its mode, owner, xattrs
+        # and times (as the kernel's).
         work, moved_out = union.work_fd, union.tmp_name()
         os.mkdir(moved_out, 0o700, dir_fd=work)
         try:
+            copy_metadata(fd_path(dfd, dname), fd_path(work, moved_out), d_up)
             markers.set_opaque(work, moved_out, union.ns)
             renameat2(work, moved_out, dfd, dname, RENAME_EXCHANGE)
         except BaseException:
@@ -610,15 +677,20 @@ def _rename_over(
     else:
         moved_out = None
     if d_up is not None and is_whiteout(d_up):
-        # A directory cannot replace a device: it swaps with the whiteout, which
-        # then is dropped unless the old name needs one anyway.
-        keep = src_whiteout or src.is_dir
-        markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=keep)
-        if keep and not src_whiteout:
+        if src.is_dir and not src_whiteout:
+            # A directory cannot replace a device: it swaps with the whiteout, which
+            # then is dropped (or, after a crash, by the next mount).
+            note = union.tmp_name(markers.DROP_NOTE)
+            markers.swap_dir_onto_whiteout(sfd, sname, dfd, dname, union.work_fd, note, spath)
             try:
-                os.unlink(sname, dir_fd=sfd)
-            except OSError as e:  # it hides nothing: the view is right either way
+                markers.drop_swapped_whiteout(sfd, sname, union.work_fd, note)
+            except OSError as e:  # it hides nothing; the next mount drops it
                 log.warning("could not remove the whiteout left at %r: %s", sname, e)
+        else:
+            markers.rename_onto_whiteout(sfd, sname, dfd, dname, keep=src_whiteout)
+        union.tell(WHITEOUT, dpath, outcome="removed", why="replaced by a renamed entry")
+        if src_whiteout:
+            union.tell(WHITEOUT, spath, outcome="created", why="a lower layer has the old name")
         return moved_out
     # The replaced upper inode is freed (a directory, or a file's last link): its
     # number may come back for a new file, which must not inherit its identity.
@@ -631,6 +703,7 @@ def _rename_over(
         union.inos.upper_gone(d_up.st_ino)
     if src_whiteout:
         markers.rename_leaving_whiteout(sfd, sname, dfd, dname)
+        union.tell(WHITEOUT, spath, outcome="created", why="a lower layer has the old name")
     else:
         renameat2(sfd, sname, dfd, dname)
     return moved_out

@@ -261,8 +261,9 @@ class NodeTable:
         self._nodes: dict[int, Node] = {ROOT_INO: root}
         root.refs = 1  # the root is never dropped
         self.root = root
-        # Set by the FUSE adapter: told of each node that leaves the table.
-        self.on_drop: Callable[[Node], None] | None = None
+        # Told of each node that leaves the table (its number may come to mean another
+        # file): the union's caches, and the FUSE adapter's reported st_ino.
+        self.on_drop: list[Callable[[Node], None]] = []
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -319,8 +320,8 @@ class NodeTable:
         while cur is not None and cur.refs <= 0 and cur.children <= 0 and cur.ino != ROOT_INO:
             if self._nodes.get(cur.ino) is cur:
                 del self._nodes[cur.ino]
-                if self.on_drop is not None:
-                    self.on_drop(cur)
+                for told in self.on_drop:
+                    told(cur)
             if cur.aliases:  # other hard-link names hold their parents too
                 aliases, cur.aliases = cur.aliases, None
                 for alias_parent, _ in aliases:

@@ -112,8 +112,10 @@ def _walk_beneath(dirfd: int, path: bytes, flags: int) -> int:
 COPY_CHUNK = 1 << 20  # the kernel overlay's copy-up chunk (OVL_COPY_UP_CHUNK_SIZE)
 
 
-def clone_or_copy(src: int, dst: int, size: int) -> None:
-    """Copy *size* bytes from *src* to *dst* as the kernel overlay's copy-up does.
+def clone_or_copy(src: int, dst: int, size: int) -> str:
+    """Copy *size* bytes from *src* to *dst* as the kernel overlay's copy-up does;
+    returns how: ``reflink``, ``copy_file_range``, ``read/write`` (or ``none``: only
+    holes).
 
     A reflink (``FICLONE``) shares the blocks when the filesystem allows it.
     Otherwise the data is copied in the kernel (``copy_file_range``) in 1 MiB
@@ -122,19 +124,21 @@ def clone_or_copy(src: int, dst: int, size: int) -> None:
     ``SEEK_HOLE`` find the same holes on either. No byte passes through Python
     unless the filesystem refuses both.
     """
-    copy_range_in_place(src, dst, size)
+    method = copy_range_in_place(src, dst, size)
     os.ftruncate(dst, size)
+    return method
 
 
-def copy_range_in_place(src: int, dst: int, size: int) -> None:
+def copy_range_in_place(src: int, dst: int, size: int) -> str:
     """``clone_or_copy`` into a file that already has its length: only what the
     copy writes below *size* is written, the rest of *dst* is left as it is."""
     if size >= os.fstat(src).st_size:
         try:
             fcntl.ioctl(dst, FICLONE, src)
-            return
+            return "reflink"
         except OSError:
             pass
+    method = "none"  # until some data is copied: an empty or all-hole file
     off = 0
     data = -1
     skip_holes = True
@@ -151,13 +155,20 @@ def copy_range_in_place(src: int, dst: int, size: int) -> None:
                     off = data  # past the hole
                     continue
         count = min(COPY_CHUNK, size - off)
-        if _copy_range(src, dst, off, count) == 0:
+        copied, fast = _copy_range(src, dst, off, count)
+        if not fast:
+            method = "read/write"
+        elif method == "none":
+            method = "copy_file_range"
+        if copied == 0:
             break  # the source shrank under us
         off += count
+    return method
 
 
-def _copy_range(src: int, dst: int, off: int, count: int) -> int:
-    """Copy *count* bytes at *off*; returns how many there were (less at the end)."""
+def _copy_range(src: int, dst: int, off: int, count: int) -> tuple[int, bool]:
+    """Copy *count* bytes at *off*: how many there were (less at the end), and
+    whether ``copy_file_range`` did it (False: it fell back to read/write)."""
     end = off + count
     start = off
     while off < end:
@@ -166,11 +177,11 @@ def _copy_range(src: int, dst: int, off: int, count: int) -> int:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            return off - start + _copy_range_slow(src, dst, off, end - off)
+            return off - start + _copy_range_slow(src, dst, off, end - off), False
         if n == 0:  # the source shrank under us
             break
         off += n
-    return off - start
+    return off - start, True
 
 
 def _copy_range_slow(src: int, dst: int, off: int, count: int) -> int:

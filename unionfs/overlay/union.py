@@ -22,8 +22,10 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from unionfs.overlay import markers
+from unionfs.overlay.events import Sink
 from unionfs.overlay.idmap import IDENTITY, IdMapper
 from unionfs.overlay.layers import Layer, discard, stat_with
 from unionfs.overlay.markers import TRUSTED, XattrNamespace, is_private_xattr, is_whiteout
@@ -35,6 +37,21 @@ log = logging.getLogger(__name__)
 CAPS_XATTR = b"security.capability"
 WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
 _NO_STAT = os.stat_result((0,) * 10)  # placeholder in name-only entries
+
+# What ``resolve`` found in each layer it looked at, told to its *why* recorder
+# (``unionfs explain``): one call per layer, top first, with the rule applied.
+ABSENT = "absent"  # nothing here: the search goes on below
+PROVIDES = "provides"  # the topmost entry, not a directory: nothing below shows
+DIRECTORY = "directory"  # a directory: the topmost, or one merging into it
+OPAQUE = "opaque"  # a directory marked opaque: nothing below merges into it
+WHITEOUT = "whiteout"  # a kernel whiteout: hides the name in every layer below
+OCI_WHITEOUT = "oci-whiteout"  # a .wh.NAME file beside it: hides the name below
+ENDS_MERGE = "ends-merge"  # not a directory, under a directory above: the merge stops
+RESERVED = "reserved"  # an OCI marker's name, never shown from a lower layer
+REDIRECT = "redirect"  # a directory whose redirect renames what the layers below are asked
+METACOPY = "metacopy"  # a metadata-only copy: the data comes from a file below
+DATA = "data"  # the file that holds the data of the metadata-only copy above
+Why = Callable[[Layer, os.stat_result | None, str], None]
 
 
 def is_name_only(entry: Entry) -> bool:
@@ -76,6 +93,8 @@ class _Lookup:
     last: bool = False  # the bottom layer: its markers are not read
     redirect: bytes | None = None  # the name a redirect made, once one was followed
     metacopy: bool = False  # the last file found is a metadata-only copy
+    rule: str = ABSENT  # what the last layer looked at did (see ``resolve``'s *why*)
+    st: os.stat_result | None = None  # and what it had there
 
 
 class Union:
@@ -102,7 +121,8 @@ class Union:
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = -1
         if config.work is not None and not self.readonly:
-            self.work_fd = _prepare_workdir(config.work)
+            assert self.upper is not None
+            self.work_fd = _prepare_workdir(config.work, self.upper.root_fd)
         self.ns = layers[0].xattrs
         self._decodable: dict[int, bool] = {}  # st_dev -> file handles can be opened
         self.inos = InodeNumbers()
@@ -121,6 +141,13 @@ class Union:
         self.open_files: dict[int, list[OpenFile]] = {}
         # Set by the FUSE adapter: drops the kernel's cached attributes of an inode.
         self.on_attr_change: Callable[[int], None] | None = None
+        # Set by the FUSE adapter: told when a node is known to have no file capability
+        # (True) and when that may no longer hold (False), so the answer can be given
+        # without the daemon (csrc/caps.c).
+        self.on_caps_known: Callable[[int, bool], None] | None = None
+        self.table.on_drop.append(lambda node: self._forget_caps(node.ino))
+        # Set by the FUSE adapter while someone traces the mount (see ``events``).
+        self.events: Sink | None = None
         # Set by the FUSE adapter: an open file's real fd was replaced (copy-up).
         self.on_fd_change: Callable[[OpenFile], None] | None = None
 
@@ -135,8 +162,8 @@ class Union:
     def node(self, ino: int) -> Node:
         return self.table.get(ino)
 
-    def tmp_name(self) -> bytes:
-        return b"#%x.%d" % (next(self._tmp_names), os.getpid())
+    def tmp_name(self, suffix: bytes = b"") -> bytes:
+        return b"#%x.%d%s" % (next(self._tmp_names), os.getpid(), suffix)
 
     def _cut_at_opaque(self, path: bytes, layers: list[Layer] | tuple[Layer, ...]) -> list[Layer]:
         """The layers that merge into directory *path*: stop below the first opaque one."""
@@ -147,7 +174,7 @@ class Union:
                 break
         return out
 
-    def resolve(self, parent: Node, name: bytes) -> Entry | None:
+    def resolve(self, parent: Node, name: bytes, why: Why | None = None) -> Entry | None:
         """Find *name* in *parent*, by the kernel overlay's lookup (``ovl_lookup``).
 
         The upper is asked for the name as it is; each lower directory below the
@@ -161,6 +188,9 @@ class Union:
         Errors, as the kernel's: EINVAL for an invalid redirect, EPERM for a
         redirect with ``redirect_dir=nofollow`` or a metadata-only copy without
         ``metacopy=on``, EIO for a metadata-only copy whose data is missing.
+
+        *why*, when given, is told the rule applied in each layer looked at
+        (``unionfs explain``).
         """
         follow = self.config.redirect != "nofollow"
         stack = parent.stack
@@ -174,6 +204,8 @@ class Union:
         if upper is not None:
             d.last = False if follow else not poe
             top = self._lookup_layer(upper, d)
+            if why is not None:
+                why(upper.layer, d.st, d.rule)
             upper_redirect = d.redirect
             if d.redirect is not None and d.name.startswith(b"/"):
                 poe = roots
@@ -189,6 +221,8 @@ class Union:
                 raise PermissionError(errno.EPERM, "refusing to follow redirect", name)
             d.last = base.layer is bottom if follow else i == len(poe) - 1
             this = self._lookup_layer(base, d)
+            if why is not None:
+                why(base.layer, d.st, d.rule)
             if this is None:
                 i += 1
                 continue
@@ -268,15 +302,20 @@ class Union:
         lower = not layer.writable
         if lower and markers.is_oci_name(comp):
             d.stop = True  # OCI markers are never names in a lower layer
+            d.rule, d.st = RESERVED, None
             return None
-        st = layer.lstat(base.path, comp)
+        st = d.st = layer.lstat(base.path, comp)
         if st is None:
+            d.rule = ABSENT
             if lower and layer.has_oci_whiteout(base.path, comp):
                 d.stop = d.opaque = True
+                d.rule = OCI_WHITEOUT
             return None
         if is_whiteout(st):
             d.stop = d.opaque = True
+            d.rule = WHITEOUT
             return None
+        d.rule = ENDS_MERGE
         if last_element and d.metacopy and not stat.S_ISREG(st.st_mode):
             d.stop = True
             return None
@@ -291,15 +330,18 @@ class Union:
             if d.is_dir or not last_element:
                 d.stop = True
                 return None
+            below_metacopy = d.metacopy
             d.metacopy = stat.S_ISREG(st.st_mode) and markers.parse_metacopy(
                 xattrs.get(b"metacopy")
             )
             d.stop = not d.metacopy
+            d.rule = METACOPY if d.metacopy else DATA if below_metacopy else PROVIDES
             if not d.metacopy or d.last:
                 return here
         else:
             if last_element:
                 d.is_dir = True
+            d.rule = DIRECTORY
             if d.last:
                 return here
             opaque = markers.parse_opaque(xattrs.get(b"opaque"))
@@ -309,9 +351,12 @@ class Union:
                 d.stop = True
                 if last_element:
                     d.opaque = True
+                d.rule = OPAQUE
                 return here
         redirect = markers.parse_redirect(xattrs.get(b"redirect"))
         if redirect is not None:
+            if is_dir:
+                d.rule = REDIRECT
             if markers.is_absolute_redirect(redirect):
                 # An absolute redirect reaches the lower layers even below an opaque parent.
                 d.stop = False
@@ -414,13 +459,18 @@ class Union:
                 node.generation += 1
                 node.gone_st = None
                 node.listing = None
-                node.no_caps = False
+                self.caps_unknown(node)
                 self.table.set_parent(node, parent, name)
             elif node.is_dir or not top.writable:
                 self.table.set_parent(node, parent, name)
             else:
                 self.add_alias(node, parent, name)  # another hard link in the upper
         return node
+
+    def tell(self, kind: str, path: bytes, **fields: Any) -> None:
+        """Report a decision to whoever traces the mount; nothing when nobody does."""
+        if self.events is not None:
+            self.events.emit(kind, path, **fields)
 
     def unnamed_node(self, layer: Layer, st: os.stat_result) -> Node:
         """The node of a file with no name yet (O_TMPFILE) in *layer*."""
@@ -757,7 +807,18 @@ class Union:
         except OSError as e:
             if caps and e.errno == errno.ENODATA:
                 node.no_caps = True
+                if self.on_caps_known is not None:
+                    self.on_caps_known(node.ino, True)
             raise
+
+    def caps_unknown(self, node: Node) -> None:
+        """*node* may have gained a file capability (or become another file)."""
+        node.no_caps = False
+        self._forget_caps(node.ino)
+
+    def _forget_caps(self, ino: int) -> None:
+        if self.on_caps_known is not None:
+            self.on_caps_known(ino, False)
 
     def listxattr(self, node: Node) -> list[bytes]:
         path, follow = self.real_path(node)
@@ -765,8 +826,9 @@ class Union:
         return [n for b in names if not is_private_xattr(n := os.fsencode(b))]
 
 
-def _prepare_workdir(work: Path) -> int:
-    """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it."""
+def _prepare_workdir(work: Path, upper_fd: int) -> int:
+    """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it,
+    finishing the changes that left a note there first."""
     wfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with contextlib.suppress(FileExistsError):
@@ -778,6 +840,11 @@ def _prepare_workdir(work: Path) -> int:
         os.close(wfd)
     leftovers = os.listdir(fd_path(fd))
     for name in leftovers:
+        if name.endswith(markers.DROP_NOTE):
+            try:
+                markers.drop_noted_whiteout(fd, name, upper_fd)
+            except OSError as e:
+                log.warning("could not drop the whiteout noted by %r: %s", name, e)
         log.info("removing leftover %r from the workdir", name)
         discard(fd, name)
     markers.new_shared_whiteout(fd)

@@ -39,5 +39,18 @@ struct hook_feature {
 extern const struct hook_feature listing_feature;
 extern const struct hook_feature ino_feature; /* ino.c */
 extern const struct hook_feature ops_feature; /* ops.c */
+extern const struct hook_feature passthrough_feature; /* passthrough.c */
+extern const struct hook_feature killpriv_feature;    /* killpriv.c */
+extern const struct hook_feature requests_feature;    /* requests.c */
+extern const struct hook_feature release_feature;     /* release.c */
+extern const struct hook_feature caps_feature;        /* caps.c */
+
+/* The session pyfuse3 created through the hook (NULL before, or if it did not). */
+struct fuse_session *hook_session(void);
+
+/* passthrough.c: the file info a reply to OPEN or CREATE carries: fi, or a copy
+   with the backing id the Python side put in the handle's upper half. */
+const struct fuse_file_info *passthrough_reply_info(const struct fuse_file_info *fi,
+                                                    struct fuse_file_info *copy);
 
 #endif

@@ -70,11 +70,12 @@ EXPORT int fuse_reply_create(fuse_req_t req, const struct fuse_entry_param *e,
 {
     static int (*real)(fuse_req_t, const struct fuse_entry_param *, const struct fuse_file_info *);
     struct fuse_entry_param copy = *e;
+    struct fuse_file_info fi_copy;
     if (real == NULL)
         real = (int (*)(fuse_req_t, const struct fuse_entry_param *,
                         const struct fuse_file_info *))next_fn("fuse_reply_create");
     fix_entry(&copy);
-    return real(req, &copy, fi);
+    return real(req, &copy, passthrough_reply_info(fi, &fi_copy)); /* passthrough.c */
 }
 
 EXPORT int fuse_reply_attr(fuse_req_t req, const struct stat *attr, double attr_timeout)

@@ -1,0 +1,101 @@
+/*
+ * The raw request tap: pyfuse3 hands every request from the kernel to
+ * fuse_session_process_buf, which this file defines (bound in place of
+ * libfuse's like fuse_session_new, see session.c). It counts requests by
+ * opcode, lets a feature read what libfuse would drop (requests_peek:
+ * killpriv.c's kill flags), and passes the request on unchanged.
+ *
+ * The counts cost one increment per request; the daemon logs them at unmount
+ * and make bench divides its CPU time by them.
+ *
+ * It also defines fuse_session_receive_buf, to turn EAGAIN into EINTR: the
+ * Python side's request loop (unionfs/fuse/loop.py) makes the device
+ * non-blocking and may let two tasks read for one request; the one that finds
+ * nothing then waits again, as pyfuse3 does after EINTR, instead of failing.
+ */
+#include "hook.h"
+#include "requests.h"
+
+#include <dlfcn.h>
+#include <linux/fuse.h>
+
+#include <errno.h>
+
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+
+#define N_OPCODES 64 /* FUSE opcodes are below this (CUSE_INIT aside) */
+
+void (*requests_peek)(const struct fuse_buf *buf);
+static process_buf_fn next_process_buf;
+static receive_buf_fn next_receive_buf;
+static unsigned long long counts[N_OPCODES];
+
+void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+    __asm__("fuse_session_process_buf") __attribute__((visibility("default")));
+
+void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    if (next_process_buf == NULL) {
+        void *fn = dlvsym(RTLD_NEXT, "fuse_session_process_buf", "FUSE_3.0");
+        next_process_buf =
+            (process_buf_fn)(fn != NULL ? fn : dlsym(RTLD_NEXT, "fuse_session_process_buf"));
+    }
+    if (!(buf->flags & FUSE_BUF_IS_FD) && buf->size >= sizeof(struct fuse_in_header)) {
+        uint32_t opcode = ((const struct fuse_in_header *)buf->mem)->opcode;
+        counts[opcode < N_OPCODES ? opcode : 0]++;
+    }
+    if (requests_peek != NULL)
+        requests_peek(buf);
+    next_process_buf(se, buf);
+}
+
+int unionfs_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+    __asm__("fuse_session_receive_buf") __attribute__((visibility("default")));
+
+int unionfs_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    int res;
+    if (next_receive_buf == NULL) {
+        void *fn = dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
+        next_receive_buf =
+            (receive_buf_fn)(fn != NULL ? fn : dlsym(RTLD_NEXT, "fuse_session_receive_buf"));
+    }
+    res = next_receive_buf(se, buf);
+    return res == -EAGAIN ? -EINTR : res;
+}
+
+static PyObject *request_counts(PyObject *self, PyObject *unused)
+{
+    PyObject *out = PyDict_New();
+    int op;
+    (void)self;
+    (void)unused;
+    if (out == NULL)
+        return NULL;
+    for (op = 0; op < N_OPCODES; op++) {
+        PyObject *key, *value;
+        if (counts[op] == 0)
+            continue;
+        key = PyLong_FromLong(op);
+        value = PyLong_FromUnsignedLongLong(counts[op]);
+        if (key == NULL || value == NULL || PyDict_SetItem(out, key, value) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"request_counts", request_counts, METH_NOARGS,
+     "{opcode: requests received} (requests spliced into a pipe are not counted; "
+     "none are once KILLPRIV_V2 is on)."},
+    {NULL, NULL, 0, NULL},
+};
+
+const struct hook_feature requests_feature = {"requests", NULL, NULL, NULL, methods};

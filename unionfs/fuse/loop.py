@@ -1,0 +1,112 @@
+"""A cheaper request loop for pyfuse3, still on trio.
+
+pyfuse3's loop runs in worker tasks; each, before reading a request, takes a
+lock (one task waits on the device at a time: trio allows no two) and parks in
+``trio.lowlevel.wait_readable`` until the kernel has one. So every request costs
+a trip through trio's scheduler and epoll, and a lock hand-off between the
+task that just replied and the one that waited meanwhile, even when the next
+request is already there (the kernel sends RELEASE in the background, so after
+a close the next open is usually queued behind it). That trip was most of the
+daemon's time per request.
+
+pyfuse3 reaches trio only through its module attribute ``pyfuse3.trio`` (its
+own asyncio mode swaps it the same way), so ``install`` puts a stand-in there
+that is trio in everything but two points:
+
+- ``Lock`` (pyfuse3 uses one only for that turn to read) takes no turn at all;
+- ``lowlevel.wait_readable`` returns at once when the device already has a
+  request (a ``poll`` with no timeout), up to ``BATCH`` times in a row, and only
+  otherwise parks in trio's own ``wait_readable``, one task at a time.
+
+The worker that just replied thus reads on while requests are queued, and the
+others still take over whenever a request waits for a worker thread (a large
+copy-up, a cold read), as before. Two tasks may now both find the device
+readable and both read it; the device is made non-blocking, so the one that
+finds nothing gets EAGAIN, which the C hook's request tap turns into the EINTR
+that makes pyfuse3 simply wait again (``csrc/requests.c``). Without the hook
+nothing is installed. After ``BATCH`` requests in a row the worker parks
+properly once, so trio's other tasks (signals, the replies of worker threads)
+keep their turn.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import types
+from typing import Any
+
+import trio
+
+BATCH = 32  # requests read back to back before the worker yields to trio's scheduler
+
+
+class _NoTurn:
+    """pyfuse3's read lock, reduced to nothing: the wait below serializes itself."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _Lowlevel:
+    """``trio.lowlevel`` with a ``wait_readable`` that does not wait for what is there."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._poll = select.poll()
+        self._budget = BATCH
+        self._parked = trio.Lock()  # trio lets one task at a time wait on an fd
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio.lowlevel, name)
+
+    async def wait_readable(self, fd: int) -> None:
+        if fd != self._fd:
+            os.set_blocking(fd, False)  # a lost race reads EAGAIN, never blocks
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+            self._fd = fd
+        if self._budget > 0 and self._poll.poll(0):
+            self._budget -= 1
+            return
+        self._budget = BATCH
+        async with self._parked:
+            if self._closing:  # terminate() woke the one waiting; the others stop here
+                raise trio.ClosedResourceError("the FUSE session is ending")
+            await trio.lowlevel.wait_readable(fd)
+
+    def notify_closing(self, fd: int) -> None:
+        self._closing = True
+        trio.lowlevel.notify_closing(fd)
+
+
+class _Trio(types.ModuleType):
+    """The stand-in for the trio module as pyfuse3 sees it."""
+
+    def __init__(self) -> None:
+        super().__init__("trio")
+        self.lowlevel = _Lowlevel()
+        self.Lock = _NoTurn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+
+# =1: pyfuse3's own loop, every RELEASE through Python too (to compare, or to rule these out).
+PLAIN_ENV = "UNIONFS_PLAIN_LOOP"
+
+
+def plain() -> bool:
+    return os.environ.get(PLAIN_ENV, "") not in ("", "0")
+
+
+def install(pyfuse3: types.ModuleType) -> None:
+    """Give pyfuse3 the stand-in; call before ``pyfuse3.main`` and only with the C hook
+    loaded (its request tap turns a lost race's EAGAIN into EINTR)."""
+    if plain():
+        return
+    pyfuse3.trio = _Trio()  # type: ignore[attr-defined]

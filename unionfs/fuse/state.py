@@ -1,0 +1,215 @@
+"""What a running mount publishes about itself: its layers, its trace file, its socket.
+
+FUSE mounts show no options of their own in ``/proc/self/mountinfo``, so the
+daemon writes ``RUNDIR/MAJ:MIN.json`` once mounted (``MAJ:MIN`` being the
+mount's device number, which mountinfo does show) and removes it when it
+exits. ``unionfs explain PATH`` and ``unionfs trace MNT`` find a mount's layers
+there. A file left by a daemon that was killed is recognised (its pid is gone,
+or the device is no longer a unionfs mount) and ignored or replaced.
+
+``RUNDIR`` is ``$UNIONFS_RUNTIME_DIR`` if set, ``/run/unionfs`` for root,
+``$XDG_RUNTIME_DIR/unionfs`` otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unionfs.overlay.idmap import IdMap, IdMapper, IdTable
+from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
+from unionfs.overlay.union import UnionConfig
+
+FSTYPE = "fuse.unionfs"
+RUNDIR_ENV = "UNIONFS_RUNTIME_DIR"
+
+
+def runtime_dir() -> Path:
+    env = os.environ.get(RUNDIR_ENV)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/unionfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "unionfs"
+    return Path(tempfile.gettempdir()) / f"unionfs-{os.geteuid()}"
+
+
+# -- mountinfo ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: bytes
+    device: str  # "MAJ:MIN"
+    fstype: str
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def mountinfo() -> list[MountEntry]:
+    out: list[MountEntry] = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index(b"-") + 1].decode(errors="replace")
+            out.append(MountEntry(_unescape(fields[4]), fields[2].decode(), fstype))
+    return out
+
+
+def device_of(mountpoint: Path) -> str | None:
+    """The device number of the unionfs mounted at *mountpoint* (the last one mounted)."""
+    target = os.fsencode(mountpoint)
+    found = None
+    for m in mountinfo():
+        if m.mountpoint == target and m.fstype == FSTYPE:
+            found = m.device
+    return found
+
+
+# -- the state file ------------------------------------------------------------------
+
+
+@dataclass
+class MountState:
+    pid: int
+    mountpoint: str
+    device: str
+    config: dict[str, Any]  # UnionConfig's plain fields (paths as strings)
+    ids: dict[str, Any]  # the owner mapping (``ids_to_json``)
+    trace: str | None = None  # the -o trace= file
+    socket: str | None = None  # where ``unionfs trace --follow`` connects
+
+    def union_config(self) -> UnionConfig:
+        return config_from_json(self.config, ids_from_json(self.ids))
+
+
+def ids_to_json(ids: IdMapper) -> dict[str, Any]:
+    return {
+        name: {"ranges": [[r.inside, r.outside, r.count] for r in t.ranges], "squash": t.squash}
+        for name, t in (("uids", ids.uids), ("gids", ids.gids))
+    }
+
+
+def ids_from_json(data: dict[str, Any]) -> IdMapper:
+    def table(d: dict[str, Any]) -> IdTable:
+        return IdTable([IdMap(*r) for r in d.get("ranges", [])], d.get("squash"))
+
+    return IdMapper(table(data.get("uids", {})), table(data.get("gids", {})))
+
+
+def config_to_json(config: UnionConfig) -> dict[str, Any]:
+    """UnionConfig's fields that are plain data; paths as (surrogate-escaped) strings."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            out[f.name] = os.fspath(value)
+        elif isinstance(value, XattrNamespace):
+            out[f.name] = value.prefix.decode()
+        elif isinstance(value, list) and all(isinstance(v, Path) for v in value):
+            out[f.name] = [os.fspath(v) for v in value]
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[f.name] = value
+    return out
+
+
+def config_from_json(data: dict[str, Any], ids: IdMapper) -> UnionConfig:
+    hints = typing.get_type_hints(UnionConfig)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(UnionConfig):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = str(hints.get(f.name, ""))
+        if "Path" in hint and value is not None:
+            value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
+        elif "XattrNamespace" in hint:
+            value = USER if value == USER.prefix.decode() else TRUSTED
+        kwargs[f.name] = value
+    kwargs["ids"] = ids
+    return UnionConfig(**kwargs)
+
+
+def state_path(device: str) -> Path:
+    return runtime_dir() / f"{device}.json"
+
+
+def publish(state: MountState) -> Path:
+    """Write the state file atomically; returns its path."""
+    d = runtime_dir()
+    d.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path = state_path(state.device)
+    tmp = d / f".{state.device}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(state), indent=1) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def withdraw(path: Path, pid: int) -> None:
+    """Remove the state file at *path* if it is still the one of *pid*."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(device: str) -> MountState | None:
+    """The state of the live mount with this device number, or None."""
+    try:
+        data = json.loads(state_path(device).read_text())
+        state = MountState(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    if state.device != device or not _alive(state.pid):
+        return None
+    return state
+
+
+def sweep() -> None:
+    """Remove state files of daemons that are gone (killed without cleaning up)."""
+    d = runtime_dir()
+    live = {m.device for m in mountinfo() if m.fstype == FSTYPE}
+    with contextlib.suppress(OSError):
+        for f in [*d.glob("*.json"), *d.glob("*.sock")]:
+            if _stale(f.name.rpartition(".")[0], live):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+
+def _stale(device: str, live: set[str]) -> bool:
+    """Left by a daemon that is gone: its device is not mounted, or its pid is dead.
+    A mount whose state file is not written yet is not stale."""
+    if device not in live:
+        return True
+    try:
+        pid = json.loads(state_path(device).read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not _alive(pid)
+
+
+def socket_path(device: str) -> Path:
+    return runtime_dir() / f"{device}.sock"

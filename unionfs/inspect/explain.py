@@ -1,0 +1,538 @@
+"""``unionfs explain PATH``: why a path in the merged view looks the way it does.
+
+The verdict is the mount's own: each component of the path is resolved with
+``Union.resolve`` (the function every lookup of the mount runs), which tells
+its *why* recorder the rule it applied in each layer. This module only adds
+the reporting: what each layer holds at the path, in which marker format,
+why a layer was never looked at, and what the mount shows.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from unionfs.inspect import markerinfo
+from unionfs.inspect.stack import Stack
+from unionfs.overlay import union as resolution
+from unionfs.overlay.layers import Layer
+from unionfs.overlay.markers import is_whiteout
+from unionfs.overlay.nodes import Entry, Node
+from unionfs.overlay.union import Union, join
+
+KINDS = {
+    stat.S_IFREG: "regular file",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def kind_of(st: os.stat_result) -> str:
+    if is_whiteout(st):
+        return "whiteout"
+    return KINDS.get(stat.S_IFMT(st.st_mode), "unknown")
+
+
+def layer_name(layer: Layer) -> str:
+    return "the upper" if layer.writable else f"layer {layer.index}"
+
+
+def show(path: bytes) -> str:
+    return os.fsdecode(path) if path else "/"
+
+
+@dataclass
+class Step:
+    """What resolution did in one layer (told by ``Union.resolve``)."""
+
+    layer: Layer
+    st: os.stat_result | None
+    rule: str
+
+
+@dataclass
+class Component:
+    """One name of the path, resolved in its parent."""
+
+    parent: Node
+    name: bytes
+    steps: list[Step]
+    entry: Entry | None
+
+    @property
+    def path(self) -> bytes:
+        return join(self.parent.path, self.name)
+
+
+def resolve_traced(union: Union, parent: Node, name: bytes) -> Component:
+    steps: list[Step] = []
+    entry = union.resolve(parent, name, why=lambda la, st, rule: steps.append(Step(la, st, rule)))
+    return Component(parent, name, steps, entry)
+
+
+@dataclass
+class Walk:
+    """A path resolved component by component, as the mount's lookups do."""
+
+    components: list[Component]
+    node: Node | None  # the final node, when the whole path is visible
+    blocked: str | None = None  # why the walk stopped before the last component
+
+    @property
+    def last(self) -> Component | None:
+        return self.components[-1] if self.components else None
+
+
+def walk(union: Union, relpath: bytes) -> Walk:
+    parts = [p for p in relpath.split(b"/") if p]
+    node = union.table.root
+    comps: list[Component] = []
+    for i, name in enumerate(parts):
+        comp = resolve_traced(union, node, name)
+        comps.append(comp)
+        entry = comp.entry
+        if entry is None:
+            if i < len(parts) - 1:
+                return Walk(comps, None, f"{show(comp.path)} is not visible: {hidden_reason(comp)}")
+            return Walk(comps, None)
+        child = union.node_for(node, entry)
+        if i < len(parts) - 1 and not stat.S_ISDIR(entry.st.st_mode):
+            what = kind_of(entry.st)
+            if stat.S_ISLNK(entry.st.st_mode):
+                target = os.fsdecode(union.readlink(child))
+                what = f"symlink to {target} (explain follows no symlink; the kernel would)"
+            return Walk(comps, None, f"{show(comp.path)} is a {what}, not a directory")
+        node = child
+    return Walk(comps, node)
+
+
+# -- the verdict, from the rules resolution applied --------------------------------
+
+
+def _format(layer: Layer, comp_path: bytes, rule: str) -> str:
+    """The marker format behind an opaque or whiteout rule, in words."""
+    if rule == resolution.WHITEOUT:
+        return "kernel format: a character device 0/0"
+    if rule == resolution.OCI_WHITEOUT:
+        return "OCI format: a .wh. file beside it"
+    if rule == resolution.OPAQUE:
+        found = markerinfo.opaque_markers(layer, comp_path)
+        return ", ".join(m.detail for m in found) or "opaque"
+    return ""
+
+
+def hidden_reason(comp: Component) -> str:
+    """Why resolution found nothing (``comp.entry`` is None)."""
+    last = comp.steps[-1] if comp.steps else None
+    if last is None:
+        return "no layer has it"
+    where = layer_name(last.layer)
+    if last.rule == resolution.WHITEOUT:
+        return f"hidden by a whiteout in {where} ({_format(last.layer, comp.path, last.rule)})"
+    if last.rule == resolution.OCI_WHITEOUT:
+        return f"hidden by an OCI whiteout .wh.{os.fsdecode(comp.name)} in {where}"
+    if last.rule == resolution.RESERVED:
+        return (
+            "a name starting with .wh. is an OCI marker: no lower layer shows it, "
+            "and the upper has none"
+        )
+    if comp.parent.path:
+        return f"no layer that merges into {show(comp.parent.path)} has it"
+    return "no layer has it"
+
+
+def _stop(comp: Component) -> str:
+    """What ended a directory's merge, if anything did."""
+    last = comp.steps[-1]
+    where = layer_name(last.layer)
+    if last.rule == resolution.OPAQUE:
+        return (
+            f"{where}'s opaque marker ({_format(last.layer, comp.path, last.rule)}) stops the merge"
+        )
+    if last.rule in (resolution.WHITEOUT, resolution.OCI_WHITEOUT):
+        fmt = _format(last.layer, comp.path, last.rule)
+        return f"a whiteout in {where} ({fmt}) ends the merge"
+    if last.rule == resolution.ENDS_MERGE and last.st is not None:
+        return f"{where} has a {kind_of(last.st)} there, which ends the merge"
+    return ""
+
+
+def _names(layers: list[Layer]) -> str:
+    names = [layer_name(la) for la in layers]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def verdict(comp: Component) -> str:
+    entry = comp.entry
+    if entry is None:
+        return "not visible: " + hidden_reason(comp)
+    if not stat.S_ISDIR(entry.st.st_mode):
+        return (
+            f"a {kind_of(entry.st)} from {layer_name(entry.layer)}: the topmost layer that has "
+            "the name; a non-directory hides whatever the layers below have"
+        )
+    merged = [s.layer for s in comp.steps if s.rule in (resolution.DIRECTORY, resolution.OPAQUE)]
+    stop = _stop(comp)
+    if len(merged) == 1:
+        text = f"a directory from {layer_name(merged[0])} only"
+    else:
+        text = f"a merged directory: the directories in {_names(merged)} merge"
+    return text + ("; " + stop if stop else "")
+
+
+# -- what each layer holds -----------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    index: int
+    role: str
+    root: str
+    entry: str | None  # the kind of what is at the path, None: nothing
+    size: int | None = None
+    markers: list[markerinfo.Marker] = field(default_factory=list)
+    rule: str = ""  # what resolution did here, or why it never looked here
+    note: str = ""
+
+
+def stopped_by(step: Step | None) -> str:
+    """What the layer at which resolution stopped did, as the reason for those below."""
+    if step is None:
+        return "not looked at"
+    where = layer_name(step.layer)
+    rule = step.rule
+    if rule == resolution.OPAQUE:
+        return f"below {where}'s opaque directory"
+    if rule in (resolution.WHITEOUT, resolution.OCI_WHITEOUT):
+        return f"hidden by {where}'s whiteout"
+    if rule == resolution.RESERVED:
+        return "a .wh. name is never looked up in a lower layer"
+    if step.st is not None:
+        return f"hidden by {where}'s {kind_of(step.st)}"
+    return f"not looked at (resolution stopped at {where})"
+
+
+def _cut(walked: Walk, layer: Layer, relpath: bytes) -> str:
+    """Why resolution never looked at *layer* for *relpath*."""
+    for comp in walked.components:
+        final = comp.path == relpath
+        mine = [s for s in comp.steps if s.layer is layer]
+        if not mine:
+            stop = stopped_by(comp.steps[-1] if comp.steps else None)
+            if final:
+                return "not looked at: " + stop
+            return f"cut off at {show(comp.path)}: {stop}"
+        step = mine[0]
+        if final or step.rule in (resolution.DIRECTORY, resolution.OPAQUE):
+            continue
+        if step.rule == resolution.ABSENT:
+            return f"has no directory {show(comp.path)}"
+        if step.rule in (resolution.WHITEOUT, resolution.OCI_WHITEOUT):
+            return f"cut off: {show(comp.path)} is deleted here"
+        if step.st is not None:
+            return f"cut off: {show(comp.path)} is a {kind_of(step.st)} here"
+        return f"cut off at {show(comp.path)}"
+    last = walked.last
+    if last is not None and last.path != relpath:
+        return f"not reached: the path is not visible past {show(last.path)}"
+    return ""
+
+
+def _root_note(union: Union, layer: Layer) -> str:
+    stack = [p.layer for p in union.table.root.stack]
+    if layer in stack:
+        if layer is stack[-1] and layer is not union.layers[-1]:
+            return "a directory: merges; it is opaque, so nothing below merges"
+        return "a directory: merges"
+    return "cut off: a higher layer's root directory is opaque"
+
+
+_RULE_NOTES = {
+    resolution.ABSENT: "nothing here; resolution looks further down",
+    resolution.PROVIDES: "provides the name: the topmost layer that has it",
+    resolution.DIRECTORY: "a directory: merges",
+    resolution.OPAQUE: "an opaque directory: merges, and nothing below merges into it",
+    resolution.WHITEOUT: "a whiteout: hides the name in every layer below",
+    resolution.OCI_WHITEOUT: "an OCI whiteout beside it: hides the name in every layer below",
+    resolution.ENDS_MERGE: "not a directory: ends the merge of the directories above",
+    resolution.RESERVED: "a .wh. name: an OCI marker, never shown from a lower layer",
+    resolution.REDIRECT: "a directory with a redirect: the layers below are asked for the "
+    "path it names instead",
+    resolution.METACOPY: "a metadata-only copy: provides the attributes; the data comes from below",
+    resolution.DATA: "holds the data of the metadata-only copy above",
+}
+
+
+def layer_reports(union: Union, walked: Walk, relpath: bytes) -> list[LayerReport]:
+    parent, _, name = relpath.rpartition(b"/")
+    last = walked.last
+    final = last is not None and last.path == relpath
+    steps = {s.layer.index: s for s in last.steps} if last is not None and final else {}
+    bottom = union.layers[-1]
+    out: list[LayerReport] = []
+    for layer in union.layers:
+        st = layer.lstat(parent, name) if name else os.stat(layer.root_fd)
+        rep = LayerReport(
+            layer.index,
+            "upper" if layer.writable else "lower",
+            os.fspath(layer.path),
+            kind_of(st) if st is not None else None,
+        )
+        if st is not None and stat.S_ISREG(st.st_mode):
+            rep.size = st.st_size
+        if name:
+            rep.markers = markerinfo.markers_at(layer, parent, name, st, union, layer is bottom)
+        step = steps.get(layer.index)
+        if step is not None:
+            rep.rule = step.rule
+            rep.note = _RULE_NOTES.get(step.rule, "")
+        elif name:
+            rep.rule = "not-looked-at"
+            rep.note = _cut(walked, layer, relpath)
+        else:
+            rep.rule = "root"
+            rep.note = _root_note(union, layer)
+        out.append(rep)
+    return out
+
+
+# -- the whole explanation -------------------------------------------------------------
+
+
+@dataclass
+class Explanation:
+    path: bytes
+    visible: bool
+    kind: str | None
+    layer: int | None  # the layer that provides the path
+    verdict: str
+    layers: list[LayerReport]
+    merge: list[int] = field(default_factory=list)  # a directory's merging layers
+    entries: dict[int, int] = field(default_factory=dict)  # names each layer provides
+    copy_up: dict[str, Any] | None = None
+    shown: dict[str, Any] | None = None  # what the mount shows (computed)
+    mount: str | None = None  # the live mount's path
+    mount_shows: dict[str, Any] | None = None  # what the live mount answered
+    prediction: dict[str, Any] | None = None  # --op
+    node: Node | None = None
+
+
+def explain(union: Union, relpath: bytes, stack: Stack | None = None) -> Explanation:
+    walked = walk(union, relpath)
+    node = walked.node
+    last = walked.last
+    if not relpath:
+        root = union.table.root
+        merged = [p.layer for p in root.stack]
+        text = (
+            f"the root: the directories in {_names(merged)} merge"
+            if len(merged) > 1
+            else f"the root of {layer_name(merged[0])}"
+        )
+        exp = Explanation(relpath, True, "directory", root.layer.index, text, [], node=root)
+        exp.layers = layer_reports(union, walked, relpath)
+    elif walked.blocked is not None:
+        exp = Explanation(relpath, False, None, None, "not visible: " + walked.blocked, [])
+        exp.layers = layer_reports(union, walked, relpath)
+    else:
+        assert last is not None
+        entry = last.entry
+        exp = Explanation(
+            relpath,
+            entry is not None,
+            kind_of(entry.st) if entry is not None else None,
+            entry.layer.index if entry is not None else None,
+            verdict(last),
+            layer_reports(union, walked, relpath),
+            node=node,
+        )
+    if not exp.visible:
+        for r in exp.layers:
+            cut = r.note.startswith("cut off")  # (those below the deciding layer are said)
+            if r.entry is not None and r.entry != "whiteout" and cut:
+                name = "the upper" if r.role == "upper" else f"layer {r.index}"
+                exp.verdict += f"; {name} has a {r.entry} there ({r.note})"
+    if node is not None:
+        if node.is_dir:
+            exp.merge = [p.layer.index for p in node.stack]
+            exp.entries = contributions(union, node)
+        exp.shown = shown(union, node)
+        if node.layer.writable and stack is not None and relpath:
+            exp.copy_up = provenance(union, stack, node, relpath)
+    return exp
+
+
+def contributions(union: Union, node: Node) -> dict[int, int]:
+    """How many of a directory's names each layer provides (resolved by the core)."""
+    counts: dict[int, int] = {}
+    for name in union.names(node):
+        entry = union.resolve(node, name)
+        if entry is not None:
+            counts[entry.layer.index] = counts.get(entry.layer.index, 0) + 1
+    return counts
+
+
+def shown(union: Union, node: Node) -> dict[str, Any]:
+    """The stat and xattrs the mount shows for *node*, computed as the mount does."""
+    st = union.stat(node)
+    ids = union.config.ids
+    out: dict[str, Any] = {
+        "type": kind_of(st),
+        "mode": stat.filemode(st.st_mode),
+        "uid": ids.uids.shown(st.st_uid),
+        "gid": ids.gids.shown(st.st_gid),
+        "nlink": union.shown_nlink(node, st),
+        "mtime": _iso(st.st_mtime_ns),
+        "mtime_ns": st.st_mtime_ns,
+    }
+    if not node.is_dir:
+        out["size"] = st.st_size
+    if stat.S_ISLNK(st.st_mode):
+        out["target"] = union.readlink(node)
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        out["rdev"] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    xattrs: dict[str, bytes] = {}
+    try:
+        for name in union.listxattr(node):
+            try:
+                xattrs[os.fsdecode(name)] = union.getxattr(node, name)
+            except OSError as e:
+                xattrs[os.fsdecode(name)] = f"<{errno.errorcode.get(e.errno or 0, '?')}>".encode()
+    except OSError:
+        pass
+    out["xattrs"] = xattrs
+    return out
+
+
+def mount_shows(mountpoint: str, relpath: bytes) -> dict[str, Any]:
+    """What the live mount answers for the path (an lstat and its xattrs)."""
+    path = os.path.join(os.fsencode(mountpoint), relpath) if relpath else os.fsencode(mountpoint)
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return {"error": errno.errorcode.get(e.errno or 0, "?")}
+    out: dict[str, Any] = {
+        "type": kind_of(st),
+        "mode": stat.filemode(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "nlink": st.st_nlink,
+        "mtime": _iso(st.st_mtime_ns),
+        "mtime_ns": st.st_mtime_ns,
+    }
+    if not stat.S_ISDIR(st.st_mode):
+        out["size"] = st.st_size
+    if stat.S_ISLNK(st.st_mode):
+        out["target"] = os.readlink(path)
+    return out
+
+
+SAME_FIELDS = ("type", "mode", "uid", "gid", "size", "mtime_ns", "target")
+
+
+def disagreements(exp: Explanation) -> list[str]:
+    """Where the live mount's answer differs from the computed one."""
+    live = exp.mount_shows
+    if live is None:
+        return []
+    if exp.shown is None:
+        return [] if "error" in live else ["the mount shows the path, explain found it not visible"]
+    if "error" in live:
+        return [f"the mount answers {live['error']}"]
+    out = []
+    for key in SAME_FIELDS:
+        if exp.shown.get(key) != live.get(key):
+            out.append(f"{key}: mount {live.get(key)!r}, computed {exp.shown.get(key)!r}")
+    return out
+
+
+def _iso(ns: int) -> str:
+    sec = ns // 10**9
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec)) + f".{ns % 10**9:09d}Z"
+
+
+# -- where an upper copy came from ----------------------------------------------------
+
+
+def provenance(union: Union, stack: Stack, node: Node, relpath: bytes) -> dict[str, Any] | None:
+    """For a path the upper provides: the lower entry it replaces, and whether it is a
+    copy-up of it, when that is known (the kernel's origin xattr, the mount's trace)."""
+    lowers_only = stack.open_lowers() if stack.config.lowers else None
+    if lowers_only is None:
+        return None
+    try:
+        below = walk(lowers_only, relpath)
+        comp = below.last
+        if below.node is None or comp is None or comp.entry is None:
+            return {"note": "new in the upper: no lower layer shows this path"}
+        entry = comp.entry
+        index = entry.layer.index + 1  # the same layer in the full stack
+        lower_st = entry.st
+        upper_st = union.stat(node)
+        out: dict[str, Any] = {"from": index}
+        if node.is_dir:
+            out["note"] = (
+                f"the upper part of a directory that {layer_name(union.layers[index])} "
+                "has too: made when something inside it changed"
+            )
+            return out
+        origin = markerinfo.origin_matches(union, node, entry.layer, comp.parent.path, comp.name)
+        traced = _traced_copy_up(stack, relpath)
+        if origin is True:
+            out["known"] = "origin"
+            out["note"] = (
+                f"a copy-up of {layer_name(union.layers[index])}'s {kind_of(lower_st)}: "
+                "its origin xattr is that file's handle"
+            ) + (f"; {traced}" if traced is not None else "")
+            return out
+        if traced is not None:
+            out["known"] = "trace"
+            out["note"] = traced
+            return out
+        if origin is False:
+            out["note"] = (
+                "its origin xattr names another file: copied up from elsewhere, then moved"
+            )
+        elif stat.S_IFMT(upper_st.st_mode) != stat.S_IFMT(lower_st.st_mode):
+            out["note"] = f"replaces {layer_name(union.layers[index])}'s {kind_of(lower_st)}"
+        elif upper_st.st_mtime_ns == lower_st.st_mtime_ns and upper_st.st_size == lower_st.st_size:
+            out["known"] = "guess"
+            out["note"] = (
+                f"probably a copy-up of {layer_name(union.layers[index])}'s file: same size "
+                "and mtime (a copy-up keeps both; no record says so)"
+            )
+        else:
+            out["note"] = (
+                f"replaces {layer_name(union.layers[index])}'s file: a copy-up changed since, "
+                "or a new file (no record says which)"
+            )
+        return out
+    finally:
+        lowers_only.close()
+
+
+def _traced_copy_up(stack: Stack, relpath: bytes) -> str | None:
+    """The last copy-up of *relpath* in the live mount's trace file, in words."""
+    trace = stack.live.trace if stack.live is not None else None
+    if trace is None:
+        return None
+    from unionfs.inspect.trace import last_copy_up
+
+    rec = last_copy_up(trace, relpath)
+    if rec is None:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("time", 0)))
+    who = f" by pid {rec['pid']}" if rec.get("pid") is not None else ""
+    why = f" ({rec['request']})" if rec.get("request") else ""
+    return (
+        f"copied up from layer {rec.get('layer')} at {when}{who}{why}, "
+        f"{rec.get('bytes', 0):,} bytes by {rec.get('method')} (the mount's trace)"
+    )

@@ -1,0 +1,319 @@
+"""``unionfs explain PATH --op OP``: what the mount will do with a change, and why.
+
+Each prediction runs the mount's own checks (``namespace.check_rename``,
+``check_remove``, ``check_create``, ``copyup.pending_copy_ups``,
+``files.check_setxattr``) on the layers, then describes the change those
+checks let through with the core's own helpers (``lower_has_name``: will a
+whiteout be left; ``pending_copy_ups``: what will be copied up). Nothing is
+changed. What the kernel's VFS checks before a request reaches the overlay
+(permissions, a name over 255 bytes) is not predicted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from unionfs.overlay import copyup, files, namespace
+from unionfs.overlay.events import Refused, errno_name
+from unionfs.overlay.markers import is_whiteout
+from unionfs.overlay.nodes import Node
+from unionfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from unionfs.overlay.union import Union, join
+
+OPS = (
+    "rename",
+    "link",
+    "unlink",
+    "rmdir",
+    "create",
+    "mkdir",
+    "symlink",
+    "write",
+    "truncate",
+    "chmod",
+    "chown",
+    "utimes",
+    "setxattr",
+)
+NEEDS_TO = ("rename", "link")
+
+
+@dataclass
+class Prediction:
+    op: str
+    path: bytes
+    to: bytes | None = None
+    errno: str | None = None  # None: the change goes through
+    why: str = ""
+    by_overlay: bool = False  # refused by an overlay rule (not by the VFS's usual checks)
+    effects: list[str] = field(default_factory=list)
+    copy_up_bytes: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "path": os.fsdecode(self.path),
+            "to": os.fsdecode(self.to) if self.to is not None else None,
+            "result": self.errno or "ok",
+            "why": self.why,
+            "overlay_rule": self.by_overlay,
+            "effects": self.effects,
+            "copy_up_bytes": self.copy_up_bytes,
+        }
+
+
+def _lookup_dir(union: Union, relpath: bytes) -> Node:
+    """The node of directory *relpath*, as the VFS walks to it (ENOENT/ENOTDIR)."""
+    node = union.table.root
+    for name in [p for p in relpath.split(b"/") if p]:
+        found = union.lookup(node, name)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", join(node.path, name))
+        node = found[0]
+        if not node.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", node.path)
+    return node
+
+
+def _split(relpath: bytes) -> tuple[bytes, bytes]:
+    parent, _, name = relpath.rpartition(b"/")
+    return parent, name
+
+
+def _node(union: Union, relpath: bytes) -> Node:
+    parent, name = _split(relpath)
+    pnode = _lookup_dir(union, parent)
+    if not name:
+        return pnode
+    found = union.lookup(pnode, name)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "no such entry", relpath)
+    return found[0]
+
+
+def _layer(union: Union, node: Node) -> str:
+    return "the upper" if node.layer.writable else f"layer {node.layer.index}"
+
+
+def _copy_ups(
+    union: Union,
+    node: Node,
+    pred: Prediction,
+    why: str,
+    size: int | None = None,
+    data: bool = True,
+) -> None:
+    """Describe what ``copy_up(node, size, data)`` will copy (parents first)."""
+    if data and node.metacopy:
+        st = union.stat(node)
+        nbytes = st.st_size if size is None else min(size, st.st_size)
+        pred.copy_up_bytes += nbytes
+        pred.effects.append(
+            f"copies the data of the metadata-only copy {os.fsdecode(node.path)} up: "
+            f"{nbytes:,} bytes; {why}"
+        )
+    for n in copyup.pending_copy_ups(union, node):
+        st = union.stat(n)
+        if n is node and not data and union.config.metacopy and stat.S_ISREG(st.st_mode):
+            what = "its metadata only (metacopy=on)"
+        elif stat.S_ISREG(st.st_mode):
+            nbytes = st.st_size if n is not node or size is None else min(size, st.st_size)
+            pred.copy_up_bytes += nbytes
+            what = f"{nbytes:,} bytes of data"
+        elif stat.S_ISDIR(st.st_mode):
+            what = "a directory: its metadata only"
+        else:
+            what = "metadata"
+        if n is node:
+            pred.effects.append(
+                f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}: {what}; {why}"
+            )
+        else:
+            pred.effects.append(
+                f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}: {what} "
+                f"(a parent of {os.fsdecode(node.path)}, which the upper needs first)"
+            )
+
+
+def predict(
+    union: Union,
+    op: str,
+    relpath: bytes,
+    to: bytes | None = None,
+    flags: int = 0,
+    xattr: bytes = b"user.x",
+    size: int = 0,
+) -> Prediction:
+    pred = Prediction(op, relpath, to)
+    try:
+        _predict(union, pred, op, relpath, to, flags, xattr, size)
+    except OSError as e:
+        pred.errno = errno_name(e.errno)
+        pred.why = e.strerror or ""
+        pred.by_overlay = isinstance(e, Refused)
+        pred.effects = []
+        pred.copy_up_bytes = 0
+    return pred
+
+
+def _predict(
+    union: Union,
+    pred: Prediction,
+    op: str,
+    relpath: bytes,
+    to: bytes | None,
+    flags: int,
+    xattr: bytes,
+    size: int,
+) -> None:
+    parent_path, name = _split(relpath)
+    if op == "rename":
+        assert to is not None
+        _rename(union, pred, relpath, to, flags)
+    elif op in ("unlink", "rmdir"):
+        parent = _lookup_dir(union, parent_path)
+        node, _ = namespace.check_remove(union, parent, name, want_dir=op == "rmdir")
+        _copy_ups(union, parent, pred, "the upper needs the parent to change it")
+        if not node.layer.writable or union.lower_has_name(parent, name):
+            pred.effects.append(
+                f"leaves a whiteout at {os.fsdecode(relpath)} in the upper: a lower layer has the name"
+            )
+        else:
+            pred.effects.append(
+                f"removes {os.fsdecode(relpath)} from the upper; nothing below shows"
+            )
+    elif op in ("create", "mkdir", "symlink"):
+        parent = _lookup_dir(union, parent_path)
+        namespace.check_create(union, parent, name)
+        _new_name(union, pred, parent, name, op == "mkdir")
+    elif op == "link":
+        assert to is not None
+        node = _node(union, relpath)
+        dparent_path, dname = _split(to)
+        dparent = _lookup_dir(union, dparent_path)
+        namespace.check_create(union, dparent, dname)
+        if node.is_dir:
+            raise PermissionError(errno.EPERM, "hard links to directories are not allowed", relpath)
+        _copy_ups(union, node, pred, "both names must share the upper inode")
+        _new_name(union, pred, dparent, dname, False)
+    elif op == "setxattr":
+        node = _node(union, relpath)
+        files.check_setxattr(union, xattr)
+        _copy_ups(union, node, pred, f"the xattr {os.fsdecode(xattr)} is set on the upper copy")
+    else:  # write, truncate, chmod, chown, utimes
+        node = _node(union, relpath)
+        copyup.check_copy_up(union)
+        if op == "write" and node.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", relpath)
+        data = (
+            "metadata only (metacopy=on): the data stays below until written"
+            if union.config.metacopy and node.kind == stat.S_IFREG
+            else "data included (no metacopy=on)"
+        )
+        reason = {
+            "write": "an open for writing copies the whole file first",
+            "truncate": f"truncate copies only the first {size:,} bytes",
+            "chmod": f"a mode change needs an upper copy, {data}",
+            "chown": f"an owner change needs an upper copy, {data}",
+            "utimes": f"a time change needs an upper copy, {data}",
+        }[op]
+        _copy_ups(
+            union,
+            node,
+            pred,
+            reason,
+            size if op == "truncate" else None,
+            data=op in ("write", "truncate"),
+        )
+        if not pred.effects:
+            pred.effects.append(f"changes {os.fsdecode(relpath)} in the upper: no copy-up")
+
+
+def _new_name(union: Union, pred: Prediction, parent: Node, name: bytes, is_dir: bool) -> None:
+    _copy_ups(union, parent, pred, "the new name is made in the upper copy of its parent")
+    path = os.fsdecode(join(parent.path, name))
+    upper = union.upper
+    # As in namespace._prepare_new: only the upper's own whiteout is replaced.
+    st = upper.lstat(parent.path, name) if upper is not None and parent.layer.writable else None
+    if st is not None and is_whiteout(st):
+        pred.effects.append(f"replaces the whiteout at {path} in the upper")
+        if is_dir:
+            pred.effects.append(
+                f"marks {path} opaque: the deleted directory below must stay hidden"
+            )
+    else:
+        pred.effects.append(f"creates {path} in the upper")
+
+
+def _rename(union: Union, pred: Prediction, relpath: bytes, to: bytes, flags: int) -> None:
+    sparent_path, sname = _split(relpath)
+    dparent_path, dname = _split(to)
+    sparent = _lookup_dir(union, sparent_path)
+    dparent = _lookup_dir(union, dparent_path)
+    try:
+        src, dst = namespace.check_rename(union, sparent, sname, dparent, dname, flags)
+    except Refused as e:
+        if e.errno == errno.EXDEV:
+            found = union.lookup(sparent, sname)
+            node = found[0] if found is not None else None
+            if node is not None:
+                e.strerror = (e.strerror or "") + _exdev_detail(union, node)
+        raise
+    if dst is src:
+        pred.effects.append("nothing to do: both names are the same file")
+        return
+    swap = bool(flags & RENAME_EXCHANGE)
+    _copy_ups(union, src, pred, "a rename happens in the upper")
+    if swap and dst is not None:
+        _copy_ups(union, dst, pred, "an exchange happens in the upper")
+    _copy_ups(union, sparent, pred, "the old name's parent changes")
+    _copy_ups(union, dparent, pred, "the new name's parent changes")
+    if not swap and union.lower_has_name(sparent, sname):
+        pred.effects.append(
+            f"leaves a whiteout at {os.fsdecode(relpath)}: a lower layer has the old name"
+        )
+    if src.is_dir and dparent.lowers:
+        pred.effects.append(
+            f"marks {os.fsdecode(to)} opaque: it moves into a merged directory, "
+            "where a lower namesake must not leak into it"
+        )
+    if dst is not None and not swap:
+        pred.effects.append(f"replaces {os.fsdecode(to)}")
+
+
+def _exdev_detail(union: Union, node: Node) -> str:
+    """Where the directory's parts are, and what ``mv``'s fallback will copy."""
+    parts = ", ".join(
+        "the upper" if p.layer.writable else f"layer {p.layer.index}" for p in node.stack
+    )
+    files_n, nbytes = _tree_size(union, node)
+    return (
+        f" (its parts are in {parts}); mv falls back to copying the tree "
+        f"({files_n:,} entries, {nbytes:,} bytes) and deleting the original"
+    )
+
+
+def _tree_size(union: Union, node: Node, limit: int = 100_000) -> tuple[int, int]:
+    """Entries and bytes of the merged tree below *node* (as the mount lists them)."""
+    count, total = 0, 0
+    todo = [node]
+    while todo and count < limit:
+        d = todo.pop()
+        for name in union.names(d):
+            entry = union.resolve(d, name)
+            if entry is None:
+                continue
+            count += 1
+            if stat.S_ISDIR(entry.st.st_mode):
+                todo.append(union.node_for(d, entry))
+            elif stat.S_ISREG(entry.st.st_mode):
+                total += entry.st.st_size
+    return count, total
+
+
+def rename_flags(noreplace: bool, exchange: bool) -> int:
+    return (RENAME_NOREPLACE if noreplace else 0) | (RENAME_EXCHANGE if exchange else 0)
