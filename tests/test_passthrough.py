@@ -303,3 +303,26 @@ def test_a_layer_on_an_overlay_keeps_the_mount_stackable_unless_on(
                 um.unmount()
             said = "passthrough off" if mode == "auto" else "nothing can stack over this mount"
             assert "is on a stacked filesystem" in um.log() and said in um.log()
+
+
+def test_extents_and_fallocate_reach_a_passed_through_file(stack: Stack, mounted: Mounted) -> None:
+    """lseek(SEEK_DATA/SEEK_HOLE) and fallocate of a file the kernel reads by itself still
+    reach the real file (csrc/ops.c finds it by the handle's low half, under the backing id)."""
+    um = mounted(args=["-d"])
+    path = stack.mnt / "sparse"
+    with open(path, "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"x" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.read(fd, 1) == b"\0"
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 1 << 20
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        os.posix_fallocate(fd, 0, 4096)
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+    finally:
+        os.close(fd)
+    with open(stack.upper / "sparse", "rb") as real:
+        assert os.lseek(real.fileno(), 0, os.SEEK_DATA) == 0
+    if EXPECTED:
+        assert _requests(um, "read") == 0  # the kernel read it: passed through

@@ -282,6 +282,7 @@ static PyObject *set_fd(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "Ki", &fh, &fd))
         return NULL;
+    fh &= 0xffffffffULL; /* keyed by the low half, as fd_of looks it up */
     if (fd < 0)
         u64map_del(&fds, fh);
     else if (u64map_put(&fds, fh, (uint64_t)fd + 1) < 0)
