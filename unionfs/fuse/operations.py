@@ -497,7 +497,8 @@ class Operations(pyfuse3.Operations):
     def _opened(self, node: Node, fd: int, flags: int) -> FileInfo:
         """The reply to an open or create of *node* on its real *fd* (in ``node.layer``):
         the handle, and whether the kernel serves it by itself (passthrough)."""
-        plan = self.passthrough.plan(node, node.layer, fd)
+        # *fd* is in the layer with the data: a lower one for a metadata-only copy.
+        plan = self.passthrough.plan(node, self.union.data_layer(node), fd)
         try:
             fh = self.files.add(node, fd, flags, tag=plan.tag)
         except BaseException:

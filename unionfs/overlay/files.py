@@ -97,6 +97,11 @@ class Change:
     # chown drops them by itself).
     kill: Kill | None = None
 
+    @property
+    def touches_ctime_only(self) -> bool:
+        """Nothing but the ctime changes (``chown(path, -1, -1)``), whatever is killed."""
+        return self == Change(kill=self.kill)
+
 
 class Files:
     """The table of open file handles."""
@@ -288,7 +293,7 @@ class Files:
                 atime = st.st_atime_ns if atime is None else atime
                 mtime = st.st_mtime_ns if mtime is None else mtime
             os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
-        if change == Change():
+        if change.touches_ctime_only:
             # chown(path, -1, -1) and the like change nothing but the ctime, as on
             # any filesystem (and the kernel overlay's copy-up is done above).
             os.chown(target, -1, -1, follow_symlinks=follow)
@@ -355,7 +360,7 @@ class Files:
                 new = change.kill.mode_after(st.st_mode, st.st_gid)
                 if new != st.st_mode:
                     os.chmod(fd, stat.S_IMODE(new))
-        if change.uid is not None or change.gid is not None or change == Change():
+        if change.uid is not None or change.gid is not None or change.touches_ctime_only:
             os.chown(
                 fd,
                 -1 if change.uid is None else change.uid,
