@@ -60,9 +60,14 @@ def unpack_blob(
     total: int = -1,
     algorithm: str = "sha256",
     root: bool | None = None,
+    expect: Digest | None = None,
 ) -> Unpacked:
     """Unpack the layer blob *raw* (compressed or not) into the empty directory
-    *dest_fd*, hashing the blob and the uncompressed tar as they stream past."""
+    *dest_fd*, hashing the blob and the uncompressed tar as they stream past.
+
+    When the unpack fails and the blob's digest should be *expect*, a blob that is
+    not that one is reported as such: the error that matters (a corrupt download),
+    rather than what the corruption happened to break in the tar."""
     limits = limits or Limits()
     decoder = Decoder(raw, algorithm, limit=limits.max_bytes + (1 << 20))
 
@@ -71,23 +76,28 @@ def unpack_blob(
             progress.update(f"unpacking layer {label}", decoder.blob.count, total)
 
     try:
-        count = unpack_tar(decoder, dest_fd, label, limits, root, tick)
-        diff_id = decoder.finish()
-    except ImportError:
-        raise ImageError(
-            f"layer {label}: zstd-compressed, and the zstandard module is not installed"
-        ) from None
-    except LimitExceeded as e:
-        raise UnpackError(f"layer {label}: expands to more than {e.limit} bytes") from None
-    except (zlib.error, EOFError) as e:
-        raise UnpackError(f"layer {label}: corrupt {decoder.kind} data: {e}") from None
-    except UnpackError:
-        raise
-    except OSError as e:
-        raise ImageError(f"layer {label}: {e.strerror or e}") from None
-    except Exception as e:
-        if type(e).__name__ == "ZstdError":
-            raise UnpackError(f"layer {label}: corrupt zstd data: {e}") from None
+        try:
+            count = unpack_tar(decoder, dest_fd, label, limits, root, tick)
+            diff_id = decoder.finish()
+        except ImportError:
+            raise ImageError(
+                f"layer {label}: zstd-compressed, and the zstandard module is not installed"
+            ) from None
+        except LimitExceeded as e:
+            raise UnpackError(f"layer {label}: expands to more than {e.limit} bytes") from None
+        except (zlib.error, EOFError) as e:
+            raise UnpackError(f"layer {label}: corrupt {decoder.kind} data: {e}") from None
+        except UnpackError:
+            raise
+        except OSError as e:
+            raise ImageError(f"layer {label}: {e.strerror or e}") from None
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise UnpackError(f"layer {label}: corrupt zstd data: {e}") from None
+            raise
+    except ImageError:
+        if expect is not None:
+            _check_blob_digest(decoder, expect, label)
         raise
     finally:
         decoder.close()
@@ -95,6 +105,21 @@ def unpack_blob(
             progress.done()
     blob = decoder.blob
     return Unpacked(blob.digest(), blob.count, diff_id, count, decoder.kind)
+
+
+def _check_blob_digest(decoder: Decoder, expect: Digest, label: str) -> None:
+    """After a failed unpack: the blob read to its end, and refused when its digest is
+    not *expect*."""
+    decoder.close()
+    try:
+        decoder.blob.drain()
+    except (OSError, ImageError):
+        return  # the first error stands
+    got = decoder.blob.digest()
+    if got != expect:
+        raise ImageError(
+            f"layer {label}: blob digest mismatch: expected {expect}, content is {got}"
+        ) from None
 
 
 def unpack_layer(
@@ -113,7 +138,9 @@ def unpack_layer(
         raise ImageError(f"layer {label}: {e.strerror}") from None
     with raw:
         algorithm = layer.digest.algorithm if layer.digest else "sha256"
-        got = unpack_blob(raw, dest_fd, label, limits, progress, layer.size, algorithm)
+        got = unpack_blob(
+            raw, dest_fd, label, limits, progress, layer.size, algorithm, expect=layer.digest
+        )
     if layer.digest is not None and got.digest != layer.digest:
         raise ImageError(
             f"layer {label}: blob digest mismatch: expected {layer.digest}, content is {got.digest}"

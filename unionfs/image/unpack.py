@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from unionfs.image import tarreader
 from unionfs.image.digest import CHUNK, ImageError, Readable
 from unionfs.overlay import markers
 from unionfs.overlay.layers import remove_tree
@@ -91,11 +92,13 @@ def unpack_tar(
     umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tf:  # type: ignore[call-overload]
-                for member in tf:
+            with tarreader.open_stream(stream, _TAR_BUFFER) as tf:
+                for member in tarreader.entries(tf):
                     u.entry(member, tf)
                     if tick is not None:
                         tick()
+        except tarreader.TarFormatError as e:
+            raise UnpackError(f"layer {layer}: {e} {u.where()}") from None
         except tarfile.ReadError as e:
             text = str(e)
             if text.startswith("zlib error: "):  # tarfile's wrapping of the stream's error
@@ -105,6 +108,8 @@ def unpack_tar(
             if "unexpected end of data" in text:
                 raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
             raise UnpackError(f"layer {layer}: not a valid tar archive: {text}") from None
+        except (tarfile.TarError, ValueError) as e:  # whatever else tarfile refuses
+            raise UnpackError(f"layer {layer}: not a valid tar archive: {e} {u.where()}") from None
         except EOFError:
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
         u.finish()
@@ -136,6 +141,10 @@ class _Unpacker:
 
     def fail(self, why: str) -> UnpackError:
         return UnpackError(f"layer {self.layer}: entry {self.path!r}: {why}")
+
+    def where(self) -> str:
+        """Where the reader is, for an error in the archive itself."""
+        return f"after entry {self.path!r}" if self.count else "before the first entry"
 
     # -- directories -------------------------------------------------------------
 
