@@ -390,6 +390,19 @@ CASES: dict[str, Case] = {
         True,
         f"layer {L}: a sparse map larger than the data stored before the first entry",
     ),
+    # -- header values the unpacker cannot apply ------------------------------------
+    "mtime out of range": (
+        lambda: Tar().dir("d", pax_headers={"mtime": "1e20"}).bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'd': mtime 1e+20 out of range",
+    ),
+    "owner out of range": (
+        lambda: Tar().dir("d", pax_headers={"uid": "99999999999999"}).bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'd': owner 99999999999999:0 out of range",
+    ),
     "corrupt gzip": (
         _bad_gzip,
         None,

@@ -22,6 +22,7 @@ Every refusal is an ``UnpackError`` naming the layer and the entry.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,7 +30,7 @@ import stat
 import tarfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ _SCHILY = "SCHILY.xattr."
 # header): a large buffer makes that quadratic, a small one costs more reads.
 _TAR_BUFFER = 64 << 10
 PATH_MAX = 4095
+_TIME_MIN, _TIME_MAX = -(1 << 63), 1 << 63  # seconds (a time_t)
+_ID_MAX = (1 << 32) - 1  # uid_t; -1 (all ones) means "unchanged" to chown
 NAME_MAX = 255
 
 
@@ -244,8 +247,18 @@ class _Unpacker:
                 raise self.fail(
                     f"the layer's files add up to more than {self.limits.max_bytes} bytes"
                 )
-        try:
+        if not _TIME_MIN <= m.mtime < _TIME_MAX:
+            raise self.fail(f"mtime {m.mtime} out of range")
+        if not (0 <= m.uid < _ID_MAX and 0 <= m.gid < _ID_MAX):
+            raise self.fail(f"owner {m.uid}:{m.gid} out of range")
+        with self.failures():
             self._entry(path, m, tf)
+
+    @contextlib.contextmanager
+    def failures(self) -> Iterator[None]:
+        """What making the entry ``self.path`` raised, as one line naming it."""
+        try:
+            yield
         except UnpackError:
             raise
         except OSError as e:
@@ -505,6 +518,10 @@ class _Unpacker:
         """Directories last, deepest first: their modes may forbid writing into them,
         and every entry made inside changed their mtimes."""
         self.path = "(directories)"
+        with self.failures():
+            self._finish()
+
+    def _finish(self) -> None:
         for path in sorted(self.dirs, key=lambda p: p.count(b"/") + (1 if p else 0), reverse=True):
             meta = self.dirs[path]
             parent, _, name = path.rpartition(b"/")
