@@ -403,6 +403,25 @@ CASES: dict[str, Case] = {
         True,
         f"layer {L}: entry 'd': owner 99999999999999:0 out of range",
     ),
+    # -- names that mean one thing to unionfs and another to the kernel -------------
+    "entry below a whiteout's name": (
+        lambda: Tar().file(".wh.foo/bar", b"1").bytes(),
+        None,
+        True,
+        f"layer {L}: entry '.wh.foo/bar': '.wh.foo' on the way is a whiteout's name",
+    ),
+    "entry below the opaque marker": (
+        lambda: Tar().dir("a").file("a/.wh..wh..opq/x", b"1").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'a/.wh..wh..opq/x': 'a/.wh..wh..opq' on the way is a whiteout's name",
+    ),
+    "hard link to a whiteout file": (
+        lambda: Tar().file("x", b"1").whiteout("x").hardlink("h", ".wh.x").bytes(),
+        None,
+        True,
+        f"layer {L}: entry 'h': hard link to '.wh.x', which is not a file of this layer",
+    ),
     "corrupt gzip": (
         _bad_gzip,
         None,

@@ -275,7 +275,7 @@ class _Unpacker:
             self.dirs[b""] = self._dir_meta(m)
             return
         parent, _, name = path.rpartition(b"/")
-        if b"/.wh..wh." in b"/" + parent:  # inside aufs bookkeeping (.wh..wh.plnk/...)
+        if b"/.wh." in b"/" + parent and self._in_bookkeeping(parent):
             return
         if markers.is_oci_name(name):
             self._marker(parent, name)
@@ -304,6 +304,19 @@ class _Unpacker:
             self._create(pfd, name, m, tf)
         if m.isdir():
             self.dirs[path] = self._dir_meta(m)
+
+    def _in_bookkeeping(self, parent: bytes) -> bool:
+        """Whether *parent*, which has a ``.wh.`` component, is inside aufs bookkeeping
+        (``.wh..wh.plnk/...``: skipped). Any other ``.wh.`` directory is refused: the
+        kernel would show it as a directory, unionfs as a whiteout."""
+        parts = parent.split(b"/")
+        for i, part in enumerate(parts):
+            if markers.is_oci_meta(part):
+                return True
+            if markers.is_oci_name(part):
+                way = os.fsdecode(b"/".join(parts[: i + 1]))
+                raise self.fail(f"{way!r} on the way is a whiteout's name")
+        return False
 
     def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
         """Make the entry (which must not exist: EEXIST otherwise), with its mode from
@@ -373,9 +386,9 @@ class _Unpacker:
         target = self.clean(m.linkname, "hard link target")
         if target == path:
             raise self.fail("hard link to itself")
-        if not target or target in self.whiteouts:
-            raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
         tparent, _, tname = target.rpartition(b"/")
+        if not target or target in self.whiteouts or markers.is_oci_name(tname):
+            raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
         try:
             # A copy: opening the link's own directory below may evict the cached one.
             tfd = os.dup(self.dirfd(tparent, create=False))
