@@ -234,3 +234,40 @@ def remove_deep(top: Path) -> None:
             os.rename(top / "next", top / "d")
         else:
             shutil.rmtree(top / "d")
+
+
+def test_whiteouts_kept_as_oci_files_still_give_way(tmp_path: Path) -> None:
+    """On a filesystem that refuses kernel whiteouts (mknod 0/0 fails with EPERM:
+    here the kernel's overlayfs itself), a whiteout stays an OCI ``.wh.`` file, and
+    an entry of the same name later in the layer still replaces it: a directory
+    then hides the layers below by being opaque, as it does over a kernel
+    whiteout."""
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    t = (
+        Tar()
+        .whiteout("d").file("d/x", b"1")
+        .whiteout("e").dir("e")
+        .whiteout("f").file("f", b"new")
+        .whiteout("g").whiteout("g")
+        .file("target", b"t").whiteout("h").hardlink("h", "target")
+    )  # fmt: skip
+    with kernel_overlay(
+        [tmp_path / "lower"], tmp_path / "mnt", tmp_path / "upper", tmp_path / "work"
+    ):
+        with pytest.raises(PermissionError):
+            os.mknod(tmp_path / "mnt/probe", stat.S_IFCHR | 0o600, 0)
+        unpack(t.bytes(), tmp_path / "mnt/l", root=False)
+    layer = tmp_path / "upper/l"
+    names = sorted(os.listdir(layer))
+    assert names == [".wh.g", "d", "e", "f", "h", "target"]
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        top = markers.read_layer_dir(fd)
+    finally:
+        os.close(fd)
+    assert (top.names, top.deleted) == ([b"d", b"e", b"f", b"h", b"target"], [b"g"])
+    for d in ("d", "e"):
+        assert os.getxattr(layer / d, "user.overlay.opaque") == b"y", d
+    assert (layer / "f").read_bytes() == b"new"
+    assert os.lstat(layer / "h").st_ino == os.lstat(layer / "target").st_ino

@@ -133,6 +133,7 @@ class _Unpacker:
         self.path = ""  # the entry being unpacked, for errors
         self.dirfds: OrderedDict[bytes, int] = OrderedDict()
         self.whiteouts: set[bytes] = set()  # whiteouts made here from .wh. files
+        self.oci_whiteouts: set[bytes] = set()  # those kept as .wh. files (no mknod)
         self.opaque: set[bytes] = set()
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
         self.dropped_bits = False
@@ -187,6 +188,7 @@ class _Unpacker:
         except FileNotFoundError:
             if not create:
                 raise
+            self._give_way(pfd, path, name, isdir=True)
             os.mkdir(name, 0o700, dir_fd=pfd)
             self.dirs[path] = _DirMeta(0o755)
             return os.open(name, _DIR_FLAGS, dir_fd=pfd)
@@ -214,7 +216,7 @@ class _Unpacker:
                 v = table.pop(p)
                 if isinstance(v, int):
                     os.close(v)
-        for s in (self.whiteouts, self.opaque):
+        for s in (self.whiteouts, self.oci_whiteouts, self.opaque):
             s.difference_update([p for p in s if p == path or p.startswith(prefix)])
 
     # -- names -------------------------------------------------------------------
@@ -292,6 +294,7 @@ class _Unpacker:
             self._hardlink(path, parent, name, m)
             return
         pfd = self.dirfd(parent)
+        self._give_way(pfd, path, name, m.isdir())
         try:
             self._create(pfd, name, m, tf)
         except FileExistsError:
@@ -352,6 +355,16 @@ class _Unpacker:
         else:
             os.unlink(name, dir_fd=pfd)
 
+    def _give_way(self, pfd: int, path: bytes, name: bytes, isdir: bool) -> None:
+        """An entry is made at *path*: a whiteout kept as an OCI file there goes, as a
+        kernel whiteout would be replaced (a directory stays opaque, hiding the
+        layers below as the whiteout did)."""
+        if self.oci_whiteouts and path in self.oci_whiteouts:
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+            self.oci_whiteouts.discard(path)
+            if isdir:
+                self.opaque.add(path)
+
     def _marker(self, parent: bytes, name: bytes) -> None:
         if name == markers.OCI_OPAQUE:
             self.dirfd(parent)  # the directory exists, even if no entry made it
@@ -365,6 +378,8 @@ class _Unpacker:
             raise self.fail("whiteout of no name")
         pfd = self.dirfd(parent)
         target = parent + b"/" + deleted if parent else deleted
+        if target in self.oci_whiteouts:
+            return  # deleted already
         st = _lstat(pfd, deleted)
         if st is None:
             try:
@@ -373,6 +388,7 @@ class _Unpacker:
                 # No unprivileged whiteouts on this kernel or filesystem: keep the OCI
                 # file, which unionfs reads in a lower layer just the same.
                 markers.make_oci_whiteout(pfd, deleted)
+                self.oci_whiteouts.add(target)
                 return
             self.whiteouts.add(target)
         elif stat.S_ISDIR(st.st_mode) and target not in self.whiteouts:
@@ -408,6 +424,7 @@ class _Unpacker:
                 if st.st_ino == tst.st_ino and st.st_dev == tst.st_dev:
                     return  # already that file
                 self._remove(path, pfd, name, st, False)
+            self._give_way(pfd, path, name, False)
             os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(tfd)
