@@ -271,3 +271,18 @@ def test_whiteouts_kept_as_oci_files_still_give_way(tmp_path: Path) -> None:
         assert os.getxattr(layer / d, "user.overlay.opaque") == b"y", d
     assert (layer / "f").read_bytes() == b"new"
     assert os.lstat(layer / "h").st_ino == os.lstat(layer / "target").st_ino
+
+
+def test_gnu_tar_naming_a_file_twice(tmp_path: Path) -> None:
+    """``tar -cf t.tar a a`` stores a, then a hard link from a to itself: GNU tar
+    extracts it, and so does the unpacker."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"once")
+    tar = tmp_path / "t.tar"
+    subprocess.run(["tar", "--format=posix", "-cf", tar, "-C", src, "a", "a"], check=True)
+    with tarfile.open(tar) as tf:
+        assert [(m.name, m.type) for m in tf] == [("a", tarfile.REGTYPE), ("a", tarfile.LNKTYPE)]
+    unpack(tar.read_bytes(), tmp_path / "l")
+    assert os.listdir(tmp_path / "l") == ["a"]
+    assert (tmp_path / "l/a").read_bytes() == b"once"

@@ -400,8 +400,6 @@ class _Unpacker:
         """A second name for an entry unpacked earlier in this layer, found the same
         careful way (so never anything outside it)."""
         target = self.clean(m.linkname, "hard link target")
-        if target == path:
-            raise self.fail("hard link to itself")
         tparent, _, tname = target.rpartition(b"/")
         if not target or target in self.whiteouts or markers.is_oci_name(tname):
             raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
