@@ -286,3 +286,23 @@ def test_gnu_tar_naming_a_file_twice(tmp_path: Path) -> None:
     unpack(tar.read_bytes(), tmp_path / "l")
     assert os.listdir(tmp_path / "l") == ["a"]
     assert (tmp_path / "l/a").read_bytes() == b"once"
+
+
+def test_device_nodes_are_skipped_without_root(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As unprivileged engines do: the layer unpacks without its device nodes (and
+    the hard links to them), with one warning."""
+    t = (
+        Tar()
+        .device("dev/null", tarfile.CHRTYPE, 1, 3)
+        .device("dev/sda", tarfile.BLKTYPE, 8, 0)
+        .hardlink("dev/null2", "dev/null")
+        .file("dev/README", b"r")
+    )
+    with caplog.at_level("WARNING", logger="unionfs.image.unpack"):
+        unpack(t.bytes(), tmp_path / "l", root=False)
+    assert os.listdir(tmp_path / "l/dev") == ["README"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "layer test: device nodes skipped (not running as root)"
+    ]

@@ -8,7 +8,8 @@ written, and nothing is ever written outside the target:
   so a symlink planted by an earlier entry is never followed;
 - a hard link must name an entry already unpacked in this layer;
 - device nodes, setuid/setgid bits, ownership and ``trusted.*``/``security.*``
-  xattrs only when running as root; the overlay's own xattrs never;
+  xattrs only when running as root (else left out, device nodes and the bits with
+  a warning); the overlay's own xattrs never;
 - the entry count and the total size are limited (a tar bomb or a huge sparse
   claim fails cleanly).
 
@@ -137,6 +138,8 @@ class _Unpacker:
         self.opaque: set[bytes] = set()
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
         self.dropped_bits = False
+        self.skipped: set[bytes] = set()  # device nodes left out (not root)
+        self.skipped_devices = False
         # What a new entry is owned by already (not so below a setgid directory).
         setgid = os.fstat(root_fd).st_mode & stat.S_ISGID
         self.ids = (-2, -2) if setgid else (os.geteuid(), os.getegid())
@@ -216,7 +219,7 @@ class _Unpacker:
                 v = table.pop(p)
                 if isinstance(v, int):
                     os.close(v)
-        for s in (self.whiteouts, self.oci_whiteouts, self.opaque):
+        for s in (self.whiteouts, self.oci_whiteouts, self.opaque, self.skipped):
             s.difference_update([p for p in s if p == path or p.startswith(prefix)])
 
     # -- names -------------------------------------------------------------------
@@ -289,7 +292,8 @@ class _Unpacker:
                 "a character device 0/0 is a kernel whiteout; layers mark deletions with .wh. files"
             )
         if m.isdev() and not self.root:
-            raise self.fail("device nodes need root")
+            self._skip_device(path)
+            return
         if m.islnk():
             self._hardlink(path, parent, name, m)
             return
@@ -355,6 +359,14 @@ class _Unpacker:
         else:
             os.unlink(name, dir_fd=pfd)
 
+    def _skip_device(self, path: bytes) -> None:
+        """A device node without root: left out, as unprivileged engines do, with one
+        warning for the layer (hard links to it are left out too)."""
+        if not self.skipped_devices:
+            log.warning("layer %s: device nodes skipped (not running as root)", self.layer)
+            self.skipped_devices = True
+        self.skipped.add(path)
+
     def _give_way(self, pfd: int, path: bytes, name: bytes, isdir: bool) -> None:
         """An entry is made at *path*: a whiteout kept as an OCI file there goes, as a
         kernel whiteout would be replaced (a directory stays opaque, hiding the
@@ -400,6 +412,9 @@ class _Unpacker:
         """A second name for an entry unpacked earlier in this layer, found the same
         careful way (so never anything outside it)."""
         target = self.clean(m.linkname, "hard link target")
+        if target in self.skipped:
+            self.skipped.add(path)
+            return
         tparent, _, tname = target.rpartition(b"/")
         if not target or target in self.whiteouts or markers.is_oci_name(tname):
             raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
