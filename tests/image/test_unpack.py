@@ -10,12 +10,15 @@ import shutil
 import stat
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.image.builders import Tar
 from tests.mounting import kernel_overlay
+from unionfs.image import unpack as unpack_module
 from unionfs.image.unpack import unpack_tar
 from unionfs.overlay import markers
 
@@ -306,3 +309,37 @@ def test_device_nodes_are_skipped_without_root(
     assert [r.getMessage() for r in caplog.records] == [
         "layer test: device nodes skipped (not running as root)"
     ]
+
+
+class _CountingDict(dict[bytes, Any]):
+    walks = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        _CountingDict.walks += 1
+        return super().__iter__()
+
+
+def test_replacing_trees_does_not_walk_every_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tree a later entry replaces is forgotten by walking that tree only, not
+    every directory of the layer (quadratic: 20,000 replaced directories took 211 s).
+    Counted rather than timed: the table of directories is walked once, by the
+    final pass that sets their modes, however many trees go."""
+    init = unpack_module._Unpacker.__init__
+
+    def counting(self: Any, *args: Any) -> None:
+        init(self, *args)
+        self.dirs = _CountingDict(self.dirs)
+
+    monkeypatch.setattr(unpack_module._Unpacker, "__init__", counting)
+    t = Tar()
+    for i in range(300):
+        t.dir(f"d{i}").dir(f"d{i}/sub").file(f"d{i}/sub/f", b"x")
+    for i in range(300):
+        t.file(f"d{i}", b"now a file")
+    _CountingDict.walks = 0
+    unpack(t.bytes(), tmp_path / "l")
+    assert _CountingDict.walks == 1
+    assert len(os.listdir(tmp_path / "l")) == 300
+    assert (tmp_path / "l/d7").read_bytes() == b"now a file"

@@ -137,6 +137,7 @@ class _Unpacker:
         self.oci_whiteouts: set[bytes] = set()  # those kept as .wh. files (no mknod)
         self.opaque: set[bytes] = set()
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
+        self.children: dict[bytes, set[bytes]] = {}  # what forget() must find
         self.dropped_bits = False
         self.skipped: set[bytes] = set()  # device nodes left out (not root)
         self.skipped_devices = False
@@ -194,6 +195,7 @@ class _Unpacker:
             self._give_way(pfd, path, name, isdir=True)
             os.mkdir(name, 0o700, dir_fd=pfd)
             self.dirs[path] = _DirMeta(0o755)
+            self._note(path)
             return os.open(name, _DIR_FLAGS, dir_fd=pfd)
         except OSError as e:
             if e.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -205,22 +207,41 @@ class _Unpacker:
                 self.whiteouts.discard(path)
                 os.mkdir(name, 0o700, dir_fd=pfd)
                 self.dirs[path] = _DirMeta(0o755)
+                self._note(path)
                 self.opaque.add(path)
+                self._note(path)
                 return os.open(name, _DIR_FLAGS, dir_fd=pfd)
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
             raise self.fail(f"{os.fsdecode(path)!r} on the way is {what}") from None
 
+    def _note(self, path: bytes) -> None:
+        """Index *path* (and its directories) under its parent, for ``forget``: every
+        path the tables below hold is in this tree."""
+        while path:
+            parent = path.rpartition(b"/")[0]
+            kids = self.children.get(parent)
+            if kids is None:
+                kids = self.children[parent] = set()
+            elif path in kids:
+                return
+            kids.add(path)
+            path = parent
+
     def forget(self, path: bytes) -> None:
-        """*path* was removed: drop what is known of it and everything below it."""
+        """*path* was removed: drop what is known of it and everything below it, in
+        time proportional to what that is (a layer may replace thousands of trees)."""
+        self.children.get(path.rpartition(b"/")[0], set()).discard(path)
         prefix = path + b"/"
-        for table in (self.dirfds, self.dirs):
-            for p in [p for p in table if p == path or p.startswith(prefix)]:
-                v = table.pop(p)
-                if isinstance(v, int):
-                    os.close(v)
-        for s in (self.whiteouts, self.oci_whiteouts, self.opaque, self.skipped):
-            s.difference_update([p for p in s if p == path or p.startswith(prefix)])
+        for p in [p for p in self.dirfds if p == path or p.startswith(prefix)]:
+            os.close(self.dirfds.pop(p))  # at most 256 of them
+        stack = [path]
+        while stack:
+            p = stack.pop()
+            self.dirs.pop(p, None)
+            for s in (self.whiteouts, self.oci_whiteouts, self.opaque, self.skipped):
+                s.discard(p)
+            stack.extend(self.children.pop(p, ()))
 
     # -- names -------------------------------------------------------------------
 
@@ -311,6 +332,7 @@ class _Unpacker:
             self._create(pfd, name, m, tf)
         if m.isdir():
             self.dirs[path] = self._dir_meta(m)
+            self._note(path)
 
     def _in_bookkeeping(self, parent: bytes) -> bool:
         """Whether *parent*, which has a ``.wh.`` component, is inside aufs bookkeeping
@@ -351,6 +373,7 @@ class _Unpacker:
             self.whiteouts.discard(path)
             if isdir:
                 self.opaque.add(path)  # the whiteout's deletion of the layers below stays
+                self._note(path)
             os.unlink(name, dir_fd=pfd)
             return
         if stat.S_ISDIR(st.st_mode):
@@ -366,6 +389,7 @@ class _Unpacker:
             log.warning("layer %s: device nodes skipped (not running as root)", self.layer)
             self.skipped_devices = True
         self.skipped.add(path)
+        self._note(path)
 
     def _give_way(self, pfd: int, path: bytes, name: bytes, isdir: bool) -> None:
         """An entry is made at *path*: a whiteout kept as an OCI file there goes, as a
@@ -376,12 +400,14 @@ class _Unpacker:
             self.oci_whiteouts.discard(path)
             if isdir:
                 self.opaque.add(path)
+                self._note(path)
 
     def _marker(self, parent: bytes, name: bytes) -> None:
         if name == markers.OCI_OPAQUE:
             self.dirfd(parent)  # the directory exists, even if no entry made it
             if parent:
                 self.opaque.add(parent)
+                self._note(parent)
             return
         deleted = markers.oci_deleted(name)
         if deleted is None or markers.is_oci_meta(name):
@@ -401,11 +427,14 @@ class _Unpacker:
                 # file, which unionfs reads in a lower layer just the same.
                 markers.make_oci_whiteout(pfd, deleted)
                 self.oci_whiteouts.add(target)
+                self._note(target)
                 return
             self.whiteouts.add(target)
+            self._note(target)
         elif stat.S_ISDIR(st.st_mode) and target not in self.whiteouts:
             # The layers below lose theirs; this layer's own directory stays.
             self.opaque.add(target)
+            self._note(target)
         # A non-directory of this layer already hides what is below it.
 
     def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: tarfile.TarInfo) -> None:
@@ -414,6 +443,7 @@ class _Unpacker:
         target = self.clean(m.linkname, "hard link target")
         if target in self.skipped:
             self.skipped.add(path)
+            self._note(path)
             return
         tparent, _, tname = target.rpartition(b"/")
         if not target or target in self.whiteouts or markers.is_oci_name(tname):
