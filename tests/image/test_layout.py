@@ -3,6 +3,7 @@ and the layer cache that keeps only verified, completely unpacked layers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from tests.image.builders import (
     Layer,
     Tar,
     config_for,
+    gz,
     sha256,
     write_docker_archive,
     write_oci_archive,
@@ -118,6 +120,34 @@ def test_blob_digest_mismatch_is_refused_and_nothing_cached(tmp_path: Path) -> N
     # The first layer is fine and stays; the bad one left nothing behind.
     assert os.listdir(tmp_path / "cache/layers/sha256") == [built.diff_ids[0].split(":")[1]]
     assert os.listdir(tmp_path / "cache/tmp") == []
+
+
+def test_a_blob_larger_than_its_descriptor_is_not_read_past_it(tmp_path: Path) -> None:
+    layers = two_layers()
+    real = layers[1].blob
+    # Valid gzip of a valid tar, much larger than the descriptor says: refused once
+    # the reader passes the descriptor's size, before the large file is unpacked.
+    layers[1].blob_override = gz(Tar().file("big", os.urandom(4 << 20)).bytes())
+    built = write_oci_layout(tmp_path / "img", layers)
+    with pytest.raises(ImageError) as e:
+        fill_cache(os.fspath(built.path), tmp_path / "cache")
+    assert str(e.value) == (
+        f"layer 2/2 {built.layer_digests[1][:19]}: blob size mismatch: "
+        f"expected {len(real)} bytes, the blob is larger"
+    )
+    assert os.listdir(tmp_path / "cache/layers/sha256") == [built.diff_ids[0].split(":")[1]]
+    assert os.listdir(tmp_path / "cache/tmp") == []
+
+
+def test_sha512_diff_ids_are_checked_with_sha512(tmp_path: Path) -> None:
+    layers = two_layers("none")
+    diff_ids = [f"sha512:{hashlib.sha512(x.tar).hexdigest()}" for x in layers]
+    built = write_oci_layout(tmp_path / "img", layers, config=config_for(layers, diff_ids))
+    paths = fill_cache(os.fspath(built.path), tmp_path / "cache")
+    assert [(p.parent.name, p.name) for p in paths] == [
+        ("sha512", d.split(":")[1]) for d in diff_ids
+    ]
+    assert (paths[1] / "etc/c").read_bytes() == b"C"
 
 
 def test_diff_id_mismatch_is_refused(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded
+from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded, Readable
 from unionfs.image.layout import LayerRef
 from unionfs.image.progress import Progress
 from unionfs.image.unpack import Limits, UnpackError, unpack_tar
@@ -52,7 +52,7 @@ class Unpacked:
 
 
 def unpack_blob(
-    raw: BinaryIO,
+    raw: Readable,
     dest_fd: int,
     label: str,
     limits: Limits | None = None,
@@ -61,6 +61,7 @@ def unpack_blob(
     algorithm: str = "sha256",
     root: bool | None = None,
     expect: Digest | None = None,
+    diff_algorithm: str = "sha256",
 ) -> Unpacked:
     """Unpack the layer blob *raw* (compressed or not) into the empty directory
     *dest_fd*, hashing the blob and the uncompressed tar as they stream past.
@@ -69,7 +70,7 @@ def unpack_blob(
     not that one is reported as such: the error that matters (a corrupt download),
     rather than what the corruption happened to break in the tar."""
     limits = limits or Limits()
-    decoder = Decoder(raw, algorithm, limit=limits.max_bytes + (1 << 20))
+    decoder = Decoder(raw, algorithm, limits.max_bytes + (1 << 20), diff_algorithm)
 
     def tick() -> None:
         if progress is not None:
@@ -107,6 +108,28 @@ def unpack_blob(
     return Unpacked(blob.digest(), blob.count, diff_id, count, decoder.kind)
 
 
+class _Capped:
+    """A blob as its descriptor gives its size: a byte more is an error at once,
+    not after a larger blob has been unpacked whole."""
+
+    def __init__(self, raw: BinaryIO, size: int, label: str) -> None:
+        self.raw = raw
+        self.size = size
+        self.left = size
+        self.label = label
+
+    def read(self, n: int = -1, /) -> bytes:
+        want = self.left + 1 if n is None or n < 0 else min(n, self.left + 1)
+        data = self.raw.read(want)
+        self.left -= len(data)
+        if self.left < 0:
+            raise ImageError(
+                f"layer {self.label}: blob size mismatch: expected {self.size} bytes, "
+                "the blob is larger"
+            )
+        return data
+
+
 def _check_blob_digest(decoder: Decoder, expect: Digest, label: str) -> None:
     """After a failed unpack: the blob read to its end, and refused when its digest is
     not *expect*."""
@@ -139,7 +162,15 @@ def unpack_layer(
     with raw:
         algorithm = layer.digest.algorithm if layer.digest else "sha256"
         got = unpack_blob(
-            raw, dest_fd, label, limits, progress, layer.size, algorithm, expect=layer.digest
+            raw if layer.size < 0 else _Capped(raw, layer.size, label),
+            dest_fd,
+            label,
+            limits,
+            progress,
+            layer.size,
+            algorithm,
+            expect=layer.digest,
+            diff_algorithm=layer.diff_id.algorithm,
         )
     if layer.digest is not None and got.digest != layer.digest:
         raise ImageError(
