@@ -3,6 +3,7 @@ and the layer cache that keeps only verified, completely unpacked layers."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from tests.image.builders import (
     write_oci_layout,
 )
 from tests.mounting import REPO, unionfs_command
-from unionfs.image.cache import LayerCache
+from unionfs.image.cache import LayerCache, clean_stale, publish
 from unionfs.image.digest import ImageError
 from unionfs.image.layout import open_image
 
@@ -216,6 +217,41 @@ def test_stale_temporary_unpack_is_cleaned(tmp_path: Path) -> None:
     (stale / "half").mkdir(parents=True)
     fill_cache(os.fspath(built.path), tmp_path / "cache")
     assert not stale.exists()
+
+
+def test_a_live_unpack_is_not_cleaned_whatever_its_pid_says(tmp_path: Path) -> None:
+    """An unpack in another pid namespace has a pid this one cannot see (or sees
+    as some other process): its temporary directory is told live by its lock."""
+    built = write_oci_layout(tmp_path / "img", two_layers())
+    LayerCache(tmp_path / "cache")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    live = tmp_path / "cache/tmp" / f"0123456789abcdef.{proc.pid}.xyz"
+    (live / "half").mkdir(parents=True)
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what unpack_into holds while it works
+        fill_cache(os.fspath(built.path), tmp_path / "cache")
+        assert (live / "half").is_dir()
+    finally:
+        os.close(fd)
+    clean_stale(tmp_path / "cache/tmp")
+    assert os.listdir(tmp_path / "cache/tmp") == []
+
+
+def test_publishing_never_replaces_a_layer_already_there(tmp_path: Path) -> None:
+    """A layer with no entries is an empty directory: a second unpack of it must not
+    rename over the first, which a mount may be using."""
+    final = tmp_path / "layer"
+    final.mkdir()
+    ino = os.stat(final).st_ino
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    assert not publish(os.fspath(tmp), final)
+    assert os.stat(final).st_ino == ino and tmp.is_dir()
+    os.rmdir(final)
+    assert publish(os.fspath(tmp), final)
+    assert not tmp.exists()
 
 
 def test_zstd_needs_no_media_type_to_be_told(tmp_path: Path) -> None:

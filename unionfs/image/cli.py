@@ -13,11 +13,13 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from unionfs.errors import UsageError
 from unionfs.image.digest import ImageError
 from unionfs.image.unpack import Limits
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from unionfs.image.cache import LayerCache
@@ -192,26 +194,14 @@ def _image_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unpack_atomically(final: Path, unpack: Callable[[int], object]) -> object:
-    """Unpack into a temporary sibling of *final*, then rename it into place."""
-    import tempfile
+def _unpack_atomically(final: Path, unpack: Callable[[int], T]) -> T:
+    """Unpack into a temporary sibling of *final* (which may be an empty directory),
+    then rename it into place."""
+    from unionfs.image.cache import unpack_into
 
-    from unionfs.image.cache import discard_tree, syncfs
-
-    tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.")
-    try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            result = unpack(fd)
-            syncfs(fd)
-        finally:
-            os.close(fd)
-        if final.is_dir() and not any(final.iterdir()):
-            final.rmdir()
-        os.rename(tmp, final)
-    except BaseException:
-        discard_tree(tmp)
-        raise
+    result, published = unpack_into(final, final.parent, f".{final.name}.", unpack, True)
+    if not published:
+        raise ImageError(f"{final}: made by someone else while unpacking")
     return result
 
 
@@ -359,7 +349,7 @@ def _layer(argv: list[str]) -> int:
 
 
 def _layer_import(args: argparse.Namespace) -> int:
-    from unionfs.image.cache import Unpacked, unpack_blob
+    from unionfs.image.cache import unpack_blob
     from unionfs.image.progress import Progress
 
     dest = Path(os.path.abspath(args.dest))
@@ -377,7 +367,6 @@ def _layer_import(args: argparse.Namespace) -> int:
         got = _unpack_atomically(
             dest, lambda fd: unpack_blob(f, fd, label, _limits(args), Progress(), size)
         )
-    assert isinstance(got, Unpacked)
     if args.json:
         _print_json(
             {
