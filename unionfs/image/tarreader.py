@@ -28,6 +28,7 @@ from typing import Any
 _tar: Any = tarfile  # what the stubs leave out: the header errors, nti/nts, members
 
 BLOCK = tarfile.BLOCKSIZE
+_ZEROS = bytes(BLOCK)
 MAX_HEADER = 1 << 20  # the data of one PAX or GNU long-name header
 MAX_GLOBAL = 64 << 10  # the records of the PAX global headers, all together
 MAX_GLOBAL_KEYS = 64
@@ -52,12 +53,13 @@ class SafeTarInfo(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile, depth: int = 0) -> SafeTarInfo:
         buf = tf.fileobj.read(BLOCK)
-        if depth == 0 and tf.offset > 0 and not buf.strip(b"\0"):
+        if len(buf) == BLOCK:
+            if buf == _ZEROS:
+                raise _tar.EOFHeaderError("end of file header")
+        elif depth == 0 and tf.offset > 0 and buf.count(0) == len(buf):
             # The end: zero blocks, or none at all (GNU tar and Go accept both).
             raise _tar.EOFHeaderError("end of file header")
-        if len(buf) == BLOCK and not buf.strip(b"\0"):
-            raise _tar.EOFHeaderError("end of file header")
-        if 0 < len(buf) < BLOCK and (depth > 0 or tf.offset > 0):
+        elif buf and (depth > 0 or tf.offset > 0):
             raise TarFormatError("the archive ends inside a header")
         try:
             obj = cls.frombuf(buf, tf.encoding, tf.errors)
