@@ -152,6 +152,12 @@ def split_path_list(value: str) -> list[str]:
     return parts
 
 
+def escape_path(path: str) -> str:
+    """A path as one item of a ``lowerdir`` value (``split_path_list`` reads it back):
+    backslashes, colons and commas escaped."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
 def unescape(value: str) -> str:
     """Drop the backslash of every escape: ``\\,`` is a comma, ``\\\\`` a backslash."""
     out: list[str] = []

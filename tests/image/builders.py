@@ -252,3 +252,55 @@ def write_docker_archive(
         ]
         add("manifest.json", json.dumps(manifest).encode())
     return built
+
+
+# -- raw tar blocks: headers no tar writer would make ----------------------------------
+
+END = bytes(1024)  # the end-of-archive marker
+
+
+def padded(data: bytes) -> bytes:
+    """*data* padded with zeros to a whole number of 512-byte blocks."""
+    return data + bytes(-len(data) % 512)
+
+
+def raw_header(
+    name: bytes,
+    size: int = 0,
+    type_: bytes = b"0",
+    *,
+    size_field: bytes | None = None,
+    mode: int = 0o644,
+) -> bytes:
+    """One ustar header block with a valid checksum; *size_field* replaces the
+    encoded size (a base-256 negative number, say)."""
+    b = bytearray(512)
+    b[0 : len(name)] = name
+    b[100:108] = b"%07o\0" % mode
+    b[108:116] = b"0000000\0"
+    b[116:124] = b"0000000\0"
+    b[124:136] = size_field if size_field is not None else b"%011o\0" % size
+    b[136:148] = b"00000001750\0"
+    b[156:157] = type_
+    b[257:265] = b"ustar\x0000"
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def raw_file(name: bytes, data: bytes = b"") -> bytes:
+    return raw_header(name, len(data)) + padded(data)
+
+
+def pax_record(key: bytes, value: bytes) -> bytes:
+    """``LENGTH KEY=VALUE\\n``, LENGTH counting itself."""
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def pax_header(body: bytes, type_: bytes = b"x") -> bytes:
+    """A PAX extended (``x``) or global (``g``) header whose data is *body*, as is."""
+    return raw_header(b"././@PaxHeader", len(body), type_) + padded(body)

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def test_uppers_that_cannot_be_a_layer(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["upper"]  # no layer file, not even a temporary one
     with pytest.raises(ImageError, match="inside the upper"):
         write_layer(upper, upper / "l.tar")
+
+
+def test_an_output_inside_the_upper_by_another_name_is_refused(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "sub").mkdir(parents=True)
+    (tmp_path / "ln").symlink_to("upper")
+    (tmp_path / "bound").mkdir()
+    for out in (tmp_path / "ln/l.tar", tmp_path / "ln/sub/l.tar", tmp_path / "bound/l.tar"):
+        if out.parent.name == "bound":
+            subprocess.run(["mount", "--bind", upper, tmp_path / "bound"], check=True)
+        try:
+            with pytest.raises(ImageError, match="inside the upper"):
+                write_layer(upper, out)
+        finally:
+            if out.parent.name == "bound":
+                subprocess.run(["umount", "-l", tmp_path / "bound"], check=True)
+    assert sorted(os.listdir(upper)) == ["sub"]
+    write_layer(upper, tmp_path / "l.tar")  # beside it is fine

@@ -3,6 +3,8 @@ and the layer cache that keeps only verified, completely unpacked layers."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -15,13 +17,14 @@ from tests.image.builders import (
     Layer,
     Tar,
     config_for,
+    gz,
     sha256,
     write_docker_archive,
     write_oci_archive,
     write_oci_layout,
 )
 from tests.mounting import REPO, unionfs_command
-from unionfs.image.cache import LayerCache
+from unionfs.image.cache import LayerCache, clean_stale, publish
 from unionfs.image.digest import ImageError
 from unionfs.image.layout import open_image
 
@@ -120,6 +123,34 @@ def test_blob_digest_mismatch_is_refused_and_nothing_cached(tmp_path: Path) -> N
     assert os.listdir(tmp_path / "cache/tmp") == []
 
 
+def test_a_blob_larger_than_its_descriptor_is_not_read_past_it(tmp_path: Path) -> None:
+    layers = two_layers()
+    real = layers[1].blob
+    # Valid gzip of a valid tar, much larger than the descriptor says: refused once
+    # the reader passes the descriptor's size, before the large file is unpacked.
+    layers[1].blob_override = gz(Tar().file("big", os.urandom(4 << 20)).bytes())
+    built = write_oci_layout(tmp_path / "img", layers)
+    with pytest.raises(ImageError) as e:
+        fill_cache(os.fspath(built.path), tmp_path / "cache")
+    assert str(e.value) == (
+        f"layer 2/2 {built.layer_digests[1][:19]}: blob size mismatch: "
+        f"expected {len(real)} bytes, the blob is larger"
+    )
+    assert os.listdir(tmp_path / "cache/layers/sha256") == [built.diff_ids[0].split(":")[1]]
+    assert os.listdir(tmp_path / "cache/tmp") == []
+
+
+def test_sha512_diff_ids_are_checked_with_sha512(tmp_path: Path) -> None:
+    layers = two_layers("none")
+    diff_ids = [f"sha512:{hashlib.sha512(x.tar).hexdigest()}" for x in layers]
+    built = write_oci_layout(tmp_path / "img", layers, config=config_for(layers, diff_ids))
+    paths = fill_cache(os.fspath(built.path), tmp_path / "cache")
+    assert [(p.parent.name, p.name) for p in paths] == [
+        ("sha512", d.split(":")[1]) for d in diff_ids
+    ]
+    assert (paths[1] / "etc/c").read_bytes() == b"C"
+
+
 def test_diff_id_mismatch_is_refused(tmp_path: Path) -> None:
     layers = two_layers()
     wrong = sha256(b"something else")
@@ -186,6 +217,41 @@ def test_stale_temporary_unpack_is_cleaned(tmp_path: Path) -> None:
     (stale / "half").mkdir(parents=True)
     fill_cache(os.fspath(built.path), tmp_path / "cache")
     assert not stale.exists()
+
+
+def test_a_live_unpack_is_not_cleaned_whatever_its_pid_says(tmp_path: Path) -> None:
+    """An unpack in another pid namespace has a pid this one cannot see (or sees
+    as some other process): its temporary directory is told live by its lock."""
+    built = write_oci_layout(tmp_path / "img", two_layers())
+    LayerCache(tmp_path / "cache")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    live = tmp_path / "cache/tmp" / f"0123456789abcdef.{proc.pid}.xyz"
+    (live / "half").mkdir(parents=True)
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what unpack_into holds while it works
+        fill_cache(os.fspath(built.path), tmp_path / "cache")
+        assert (live / "half").is_dir()
+    finally:
+        os.close(fd)
+    clean_stale(tmp_path / "cache/tmp")
+    assert os.listdir(tmp_path / "cache/tmp") == []
+
+
+def test_publishing_never_replaces_a_layer_already_there(tmp_path: Path) -> None:
+    """A layer with no entries is an empty directory: a second unpack of it must not
+    rename over the first, which a mount may be using."""
+    final = tmp_path / "layer"
+    final.mkdir()
+    ino = os.stat(final).st_ino
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    assert not publish(os.fspath(tmp), final)
+    assert os.stat(final).st_ino == ino and tmp.is_dir()
+    os.rmdir(final)
+    assert publish(os.fspath(tmp), final)
+    assert not tmp.exists()
 
 
 def test_zstd_needs_no_media_type_to_be_told(tmp_path: Path) -> None:

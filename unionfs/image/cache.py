@@ -13,20 +13,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded
+from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded, Readable
 from unionfs.image.layout import LayerRef
 from unionfs.image.progress import Progress
 from unionfs.image.unpack import Limits, UnpackError, unpack_tar
+from unionfs.overlay.syscalls import RENAME_NOREPLACE, renameat2
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def default_cache_dir() -> Path:
@@ -52,7 +57,7 @@ class Unpacked:
 
 
 def unpack_blob(
-    raw: BinaryIO,
+    raw: Readable,
     dest_fd: int,
     label: str,
     limits: Limits | None = None,
@@ -60,34 +65,45 @@ def unpack_blob(
     total: int = -1,
     algorithm: str = "sha256",
     root: bool | None = None,
+    expect: Digest | None = None,
+    diff_algorithm: str = "sha256",
 ) -> Unpacked:
     """Unpack the layer blob *raw* (compressed or not) into the empty directory
-    *dest_fd*, hashing the blob and the uncompressed tar as they stream past."""
+    *dest_fd*, hashing the blob and the uncompressed tar as they stream past.
+
+    When the unpack fails and the blob's digest should be *expect*, a blob that is
+    not that one is reported as such: the error that matters (a corrupt download),
+    rather than what the corruption happened to break in the tar."""
     limits = limits or Limits()
-    decoder = Decoder(raw, algorithm, limit=limits.max_bytes + (1 << 20))
+    decoder = Decoder(raw, algorithm, limits.max_bytes + (1 << 20), diff_algorithm)
 
     def tick() -> None:
         if progress is not None:
             progress.update(f"unpacking layer {label}", decoder.blob.count, total)
 
     try:
-        count = unpack_tar(decoder, dest_fd, label, limits, root, tick)
-        diff_id = decoder.finish()
-    except ImportError:
-        raise ImageError(
-            f"layer {label}: zstd-compressed, and the zstandard module is not installed"
-        ) from None
-    except LimitExceeded as e:
-        raise UnpackError(f"layer {label}: expands to more than {e.limit} bytes") from None
-    except (zlib.error, EOFError) as e:
-        raise UnpackError(f"layer {label}: corrupt {decoder.kind} data: {e}") from None
-    except UnpackError:
-        raise
-    except OSError as e:
-        raise ImageError(f"layer {label}: {e.strerror or e}") from None
-    except Exception as e:
-        if type(e).__name__ == "ZstdError":
-            raise UnpackError(f"layer {label}: corrupt zstd data: {e}") from None
+        try:
+            count = unpack_tar(decoder, dest_fd, label, limits, root, tick)
+            diff_id = decoder.finish()
+        except ImportError:
+            raise ImageError(
+                f"layer {label}: zstd-compressed, and the zstandard module is not installed"
+            ) from None
+        except LimitExceeded as e:
+            raise UnpackError(f"layer {label}: expands to more than {e.limit} bytes") from None
+        except (zlib.error, EOFError) as e:
+            raise UnpackError(f"layer {label}: corrupt {decoder.kind} data: {e}") from None
+        except UnpackError:
+            raise
+        except OSError as e:
+            raise ImageError(f"layer {label}: {e.strerror or e}") from None
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise UnpackError(f"layer {label}: corrupt zstd data: {e}") from None
+            raise
+    except ImageError:
+        if expect is not None:
+            _check_blob_digest(decoder, expect, label)
         raise
     finally:
         decoder.close()
@@ -95,6 +111,43 @@ def unpack_blob(
             progress.done()
     blob = decoder.blob
     return Unpacked(blob.digest(), blob.count, diff_id, count, decoder.kind)
+
+
+class _Capped:
+    """A blob as its descriptor gives its size: a byte more is an error at once,
+    not after a larger blob has been unpacked whole."""
+
+    def __init__(self, raw: BinaryIO, size: int, label: str) -> None:
+        self.raw = raw
+        self.size = size
+        self.left = size
+        self.label = label
+
+    def read(self, n: int = -1, /) -> bytes:
+        want = self.left + 1 if n is None or n < 0 else min(n, self.left + 1)
+        data = self.raw.read(want)
+        self.left -= len(data)
+        if self.left < 0:
+            raise ImageError(
+                f"layer {self.label}: blob size mismatch: expected {self.size} bytes, "
+                "the blob is larger"
+            )
+        return data
+
+
+def _check_blob_digest(decoder: Decoder, expect: Digest, label: str) -> None:
+    """After a failed unpack: the blob read to its end, and refused when its digest is
+    not *expect*."""
+    decoder.close()
+    try:
+        decoder.blob.drain()
+    except (OSError, ImageError):
+        return  # the first error stands
+    got = decoder.blob.digest()
+    if got != expect:
+        raise ImageError(
+            f"layer {label}: blob digest mismatch: expected {expect}, content is {got}"
+        ) from None
 
 
 def unpack_layer(
@@ -113,7 +166,17 @@ def unpack_layer(
         raise ImageError(f"layer {label}: {e.strerror}") from None
     with raw:
         algorithm = layer.digest.algorithm if layer.digest else "sha256"
-        got = unpack_blob(raw, dest_fd, label, limits, progress, layer.size, algorithm)
+        got = unpack_blob(
+            raw if layer.size < 0 else _Capped(raw, layer.size, label),
+            dest_fd,
+            label,
+            limits,
+            progress,
+            layer.size,
+            algorithm,
+            expect=layer.digest,
+            diff_algorithm=layer.diff_id.algorithm,
+        )
     if layer.digest is not None and got.digest != layer.digest:
         raise ImageError(
             f"layer {label}: blob digest mismatch: expected {layer.digest}, content is {got.digest}"
@@ -154,15 +217,85 @@ def discard_tree(path: str | Path) -> None:
 
 
 def publish(tmp: str, final: Path) -> bool:
-    """Rename the finished directory *tmp* to *final*; False when another process
-    got there first (its copy is as good: same digest)."""
+    """Rename the finished directory *tmp* to *final*; False when *final* exists
+    already (another process got there first: its copy is as good, same digest).
+    Never replaces it, even empty: a mount may be using it."""
     try:
-        os.rename(tmp, final)
+        renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(final), RENAME_NOREPLACE)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
             return False
         raise
     return True
+
+
+T = TypeVar("T")
+
+
+def unpack_into(
+    final: Path,
+    tmpdir: Path,
+    prefix: str,
+    unpack: Callable[[int], T],
+    replace_empty: bool = False,
+) -> tuple[T, bool]:
+    """Run *unpack* on a new directory in *tmpdir*, then sync it and publish it as
+    *final*; or drop it when *final* exists by then (see ``publish``; with
+    *replace_empty*, an empty *final* is removed first). Returns what *unpack*
+    returned and whether it was published. The directory is locked (``flock``)
+    while in use: that is how ``clean_stale`` tells a live unpack from a dead one's
+    leftovers, whatever pid namespace either runs in."""
+    parent = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # Shared: made and locked before clean_stale (exclusive) can look at it.
+        fcntl.flock(parent, fcntl.LOCK_SH)
+        tmp = tempfile.mkdtemp(dir=tmpdir, prefix=prefix)
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            discard_tree(tmp)
+            raise
+    finally:
+        os.close(parent)  # the shared lock goes with it
+    try:
+        try:
+            result = unpack(fd)
+            syncfs(fd)
+            if replace_empty:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rmdir(final)  # only if empty
+            published = publish(tmp, final)
+        finally:
+            os.close(fd)
+        if not published:
+            discard_tree(tmp)
+    except BaseException:
+        discard_tree(tmp)
+        raise
+    return result, published
+
+
+def clean_stale(tmpdir: Path) -> None:
+    """Drop what unpacks that died left in *tmpdir*: the directories nobody holds
+    locked (see ``unpack_into``)."""
+    parent = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(parent, fcntl.LOCK_EX)
+        for name in os.listdir(parent):
+            try:
+                fd = os.open(name, _DIR_NOFOLLOW, dir_fd=parent)
+            except OSError:
+                continue  # not a directory, or gone
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live unpack
+            finally:
+                os.close(fd)
+            discard_tree(tmpdir / name)
+    finally:
+        os.close(parent)
 
 
 class LayerCache:
@@ -193,6 +326,14 @@ class LayerCache:
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.root / "tmp")
+
+        def unpack(fd: int) -> None:
+            unpack_layer(layer, fd, layer_label(layer, count), self.limits, progress)
+
+        unpack_into(final, self.root / "tmp", f"{layer.diff_id.hex[:16]}.{os.getpid()}.", unpack)
+        return final
+        final.parent.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
         tmp = tempfile.mkdtemp(
             dir=self.root / "tmp", prefix=f"{layer.diff_id.hex[:16]}.{os.getpid()}."
@@ -210,19 +351,3 @@ class LayerCache:
             discard_tree(tmp)
             raise
         return final
-
-    def clean_stale(self) -> None:
-        """Drop what an unpack that died (its process is gone) left in ``tmp``."""
-        for name in os.listdir(self.root / "tmp"):
-            parts = name.split(".")
-            if len(parts) < 3 or not parts[1].isdigit():
-                continue
-            pid = int(parts[1])
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                discard_tree(self.root / "tmp" / name)
-            except PermissionError:
-                pass  # alive, someone else's

@@ -13,11 +13,14 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from unionfs.errors import UsageError
 from unionfs.image.digest import ImageError
 from unionfs.image.unpack import Limits
+from unionfs.options import escape_path
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from unionfs.image.cache import LayerCache
@@ -48,15 +51,16 @@ def main(argv: list[str]) -> int:
 # -- shared options ------------------------------------------------------------------
 
 
-_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B?)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)(?:([KMGT])(?:i?B)?|B)?", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """``123``, ``64K``, ``10M``, ``2G``, ``1T`` (powers of 1024)."""
+    """``123``, ``123B``, ``64K``, ``10M``, ``2G``, ``1T`` (powers of 1024; ``KB`` and
+    ``KiB`` are ``K``)."""
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[(m.group(2) or "").upper()]
     return int(m.group(1)) << shift
 
 
@@ -104,10 +108,6 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def _print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def _fsdisplay(path: bytes) -> str:
-    return os.fsdecode(path)
 
 
 # -- unionfs image ... ---------------------------------------------------------------
@@ -188,36 +188,19 @@ def _image_unpack(args: argparse.Namespace) -> int:
 
             _unpack_atomically(final, unpack)
             dirs.append(final)
-    print("lowerdir=" + ":".join(_escape(os.fspath(d)) for d in reversed(dirs)))
+    print("lowerdir=" + ":".join(escape_path(os.fspath(d)) for d in reversed(dirs)))
     return 0
 
 
-def _unpack_atomically(final: Path, unpack: Callable[[int], object]) -> object:
-    """Unpack into a temporary sibling of *final*, then rename it into place."""
-    import tempfile
+def _unpack_atomically(final: Path, unpack: Callable[[int], T]) -> T:
+    """Unpack into a temporary sibling of *final* (which may be an empty directory),
+    then rename it into place."""
+    from unionfs.image.cache import unpack_into
 
-    from unionfs.image.cache import discard_tree, syncfs
-
-    tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.")
-    try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            result = unpack(fd)
-            syncfs(fd)
-        finally:
-            os.close(fd)
-        if final.is_dir() and not any(final.iterdir()):
-            final.rmdir()
-        os.rename(tmp, final)
-    except BaseException:
-        discard_tree(tmp)
-        raise
+    result, published = unpack_into(final, final.parent, f".{final.name}.", unpack, True)
+    if not published:
+        raise ImageError(f"{final}: made by someone else while unpacking")
     return result
-
-
-def _escape(path: str) -> str:
-    """A path inside a lowerdir= value: colons and commas escaped."""
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
 def _image_mount(args: argparse.Namespace) -> int:
@@ -262,10 +245,10 @@ def _kernel_mount(args: argparse.Namespace, lowers: list[str]) -> str:
     if args.upper is None and len(lowers) == 1:
         # The kernel wants two lowers for a read-only overlay; an empty one adds nothing.
         lowers = [*lowers, os.fspath(_cache(args).empty_dir())]
-    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
+    opts = "lowerdir=" + ":".join(escape_path(p) for p in lowers)
     if args.upper is not None:
-        opts += f",upperdir={_escape(os.path.abspath(args.upper))}"
-        opts += f",workdir={_escape(os.path.abspath(args.work))}"
+        opts += f",upperdir={escape_path(os.path.abspath(args.upper))}"
+        opts += f",workdir={escape_path(os.path.abspath(args.work))}"
     if os.geteuid() != 0:
         opts += ",userxattr"  # unpacked without root: opaque markers are user.overlay.*
     return shlex.join(
@@ -330,12 +313,14 @@ def _image_layers(args: argparse.Namespace) -> int:
 def _human(n: int) -> str:
     if n < 0:
         return "?"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    return f"{n} B"
+    return f"{size:.1f} GiB"
 
 
 # -- unionfs layer import ------------------------------------------------------------
@@ -359,7 +344,7 @@ def _layer(argv: list[str]) -> int:
 
 
 def _layer_import(args: argparse.Namespace) -> int:
-    from unionfs.image.cache import Unpacked, unpack_blob
+    from unionfs.image.cache import unpack_blob
     from unionfs.image.progress import Progress
 
     dest = Path(os.path.abspath(args.dest))
@@ -377,7 +362,6 @@ def _layer_import(args: argparse.Namespace) -> int:
         got = _unpack_atomically(
             dest, lambda fd: unpack_blob(f, fd, label, _limits(args), Progress(), size)
         )
-    assert isinstance(got, Unpacked)
     if args.json:
         _print_json(
             {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +130,7 @@ class _Walk:
         if was is None:
             self.out.append(Change(p, "A"))
             if stat.S_ISDIR(st.st_mode):
-                for child in _subdir(fd, name):
+                with _opened(fd, name) as child:
                     self.added(child, p)
             return
         if not stat.S_ISDIR(st.st_mode):
@@ -151,7 +150,7 @@ class _Walk:
             p = join(path, name)
             self.out.append(Change(p, "A"))
             if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                for child in _subdir(fd, name):
+                with _opened(fd, name) as child:
                     self.added(child, p)
 
 
@@ -171,8 +170,3 @@ class _opened:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
-
-
-def _subdir(dirfd: int, name: bytes) -> Iterator[int]:
-    with _opened(dirfd, name) as fd:
-        yield fd

@@ -201,12 +201,19 @@ class Decoder:
 
     _QUEUE = 8  # chunks of CHUNK bytes in flight at most
 
-    def __init__(self, raw: Readable, algorithm: str = "sha256", limit: int | None = None) -> None:
+    def __init__(
+        self,
+        raw: Readable,
+        algorithm: str = "sha256",
+        limit: int | None = None,
+        tar_algorithm: str = "sha256",
+    ) -> None:
         import queue
         import threading
 
         self.blob = HashingReader(raw, algorithm)
         self.algorithm = algorithm
+        self.tar_algorithm = tar_algorithm  # the diff_id's
         self.limit = limit
         self.kind = "none"
         self.tar_count = 0
@@ -224,8 +231,8 @@ class Decoder:
     def _work(self) -> None:
         try:
             data, self.kind = decompressed(self.blob)
-            shared = self.kind == "none" and self.algorithm == "sha256"
-            tar_hash = None if shared else hashlib.sha256()
+            shared = self.kind == "none" and self.algorithm == self.tar_algorithm
+            tar_hash = None if shared else hashlib.new(self.tar_algorithm)
             while not self._stop.is_set():
                 chunk = data.read(CHUNK)
                 if not chunk:
@@ -238,7 +245,9 @@ class Decoder:
                 self._put(chunk)
             self.blob.drain()  # trailing bytes after the compressed stream count too
             self._tar_digest = (
-                self.blob.digest() if tar_hash is None else Digest("sha256", tar_hash.hexdigest())
+                self.blob.digest()
+                if tar_hash is None
+                else Digest(self.tar_algorithm, tar_hash.hexdigest())
             )
             self._put(None)
         except BaseException as e:  # handed to the reader, which raises it

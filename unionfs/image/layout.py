@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from unionfs.image import tarreader
 from unionfs.image.digest import Digest, ImageError, hash_file
 from unionfs.overlay.syscalls import open_beneath
 
@@ -157,7 +158,7 @@ class _TarStore(_Store):
     def __init__(self, path: str, name: str) -> None:
         self.name = name
         try:
-            self.tar = tarfile.open(path, "r:")  # noqa: SIM115 - kept open, closed by close()
+            self.tar = tarreader.open_archive(path)  # kept open, closed by close()
         except (tarfile.TarError, OSError) as e:
             raise ImageError(f"{name}: not an uncompressed tar archive: {e}") from None
         self.members: dict[str, tarfile.TarInfo] = {}

@@ -8,7 +8,8 @@ written, and nothing is ever written outside the target:
   so a symlink planted by an earlier entry is never followed;
 - a hard link must name an entry already unpacked in this layer;
 - device nodes, setuid/setgid bits, ownership and ``trusted.*``/``security.*``
-  xattrs only when running as root; the overlay's own xattrs never;
+  xattrs only when running as root (else left out, device nodes and the bits with
+  a warning); the overlay's own xattrs never;
 - the entry count and the total size are limited (a tar bomb or a huge sparse
   claim fails cleanly).
 
@@ -22,6 +23,7 @@ Every refusal is an ``UnpackError`` naming the layer and the entry.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,10 +31,11 @@ import stat
 import tarfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from unionfs.image import tarreader
 from unionfs.image.digest import CHUNK, ImageError, Readable
 from unionfs.overlay import markers
 from unionfs.overlay.layers import remove_tree
@@ -46,6 +49,8 @@ _SCHILY = "SCHILY.xattr."
 # header): a large buffer makes that quadratic, a small one costs more reads.
 _TAR_BUFFER = 64 << 10
 PATH_MAX = 4095
+_TIME_MIN, _TIME_MAX = -(1 << 63), 1 << 63  # seconds (a time_t)
+_ID_MAX = (1 << 32) - 1  # uid_t; -1 (all ones) means "unchanged" to chown
 NAME_MAX = 255
 
 
@@ -91,11 +96,13 @@ def unpack_tar(
     umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tf:  # type: ignore[call-overload]
-                for member in tf:
+            with tarreader.open_stream(stream, _TAR_BUFFER) as tf:
+                for member in tarreader.entries(tf):
                     u.entry(member, tf)
                     if tick is not None:
                         tick()
+        except tarreader.TarFormatError as e:
+            raise UnpackError(f"layer {layer}: {e} {u.where()}") from None
         except tarfile.ReadError as e:
             text = str(e)
             if text.startswith("zlib error: "):  # tarfile's wrapping of the stream's error
@@ -105,6 +112,8 @@ def unpack_tar(
             if "unexpected end of data" in text:
                 raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
             raise UnpackError(f"layer {layer}: not a valid tar archive: {text}") from None
+        except (tarfile.TarError, ValueError) as e:  # whatever else tarfile refuses
+            raise UnpackError(f"layer {layer}: not a valid tar archive: {e} {u.where()}") from None
         except EOFError:
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
         u.finish()
@@ -125,9 +134,13 @@ class _Unpacker:
         self.path = ""  # the entry being unpacked, for errors
         self.dirfds: OrderedDict[bytes, int] = OrderedDict()
         self.whiteouts: set[bytes] = set()  # whiteouts made here from .wh. files
+        self.oci_whiteouts: set[bytes] = set()  # those kept as .wh. files (no mknod)
         self.opaque: set[bytes] = set()
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
+        self.children: dict[bytes, set[bytes]] = {}  # what forget() must find
         self.dropped_bits = False
+        self.skipped: set[bytes] = set()  # device nodes left out (not root)
+        self.skipped_devices = False
         # What a new entry is owned by already (not so below a setgid directory).
         setgid = os.fstat(root_fd).st_mode & stat.S_ISGID
         self.ids = (-2, -2) if setgid else (os.geteuid(), os.getegid())
@@ -136,6 +149,10 @@ class _Unpacker:
 
     def fail(self, why: str) -> UnpackError:
         return UnpackError(f"layer {self.layer}: entry {self.path!r}: {why}")
+
+    def where(self) -> str:
+        """Where the reader is, for an error in the archive itself."""
+        return f"after entry {self.path!r}" if self.count else "before the first entry"
 
     # -- directories -------------------------------------------------------------
 
@@ -175,8 +192,10 @@ class _Unpacker:
         except FileNotFoundError:
             if not create:
                 raise
+            self._give_way(pfd, path, name, isdir=True)
             os.mkdir(name, 0o700, dir_fd=pfd)
             self.dirs[path] = _DirMeta(0o755)
+            self._note(path)
             return os.open(name, _DIR_FLAGS, dir_fd=pfd)
         except OSError as e:
             if e.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -188,22 +207,41 @@ class _Unpacker:
                 self.whiteouts.discard(path)
                 os.mkdir(name, 0o700, dir_fd=pfd)
                 self.dirs[path] = _DirMeta(0o755)
+                self._note(path)
                 self.opaque.add(path)
+                self._note(path)
                 return os.open(name, _DIR_FLAGS, dir_fd=pfd)
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
             raise self.fail(f"{os.fsdecode(path)!r} on the way is {what}") from None
 
+    def _note(self, path: bytes) -> None:
+        """Index *path* (and its directories) under its parent, for ``forget``: every
+        path the tables below hold is in this tree."""
+        while path:
+            parent = path.rpartition(b"/")[0]
+            kids = self.children.get(parent)
+            if kids is None:
+                kids = self.children[parent] = set()
+            elif path in kids:
+                return
+            kids.add(path)
+            path = parent
+
     def forget(self, path: bytes) -> None:
-        """*path* was removed: drop what is known of it and everything below it."""
+        """*path* was removed: drop what is known of it and everything below it, in
+        time proportional to what that is (a layer may replace thousands of trees)."""
+        self.children.get(path.rpartition(b"/")[0], set()).discard(path)
         prefix = path + b"/"
-        for table in (self.dirfds, self.dirs):
-            for p in [p for p in table if p == path or p.startswith(prefix)]:
-                v = table.pop(p)
-                if isinstance(v, int):
-                    os.close(v)
-        for s in (self.whiteouts, self.opaque):
-            s.difference_update([p for p in s if p == path or p.startswith(prefix)])
+        for p in [p for p in self.dirfds if p == path or p.startswith(prefix)]:
+            os.close(self.dirfds.pop(p))  # at most 256 of them
+        stack = [path]
+        while stack:
+            p = stack.pop()
+            self.dirs.pop(p, None)
+            for s in (self.whiteouts, self.oci_whiteouts, self.opaque, self.skipped):
+                s.discard(p)
+            stack.extend(self.children.pop(p, ()))
 
     # -- names -------------------------------------------------------------------
 
@@ -235,8 +273,18 @@ class _Unpacker:
                 raise self.fail(
                     f"the layer's files add up to more than {self.limits.max_bytes} bytes"
                 )
-        try:
+        if not _TIME_MIN <= m.mtime < _TIME_MAX:
+            raise self.fail(f"mtime {m.mtime} out of range")
+        if not (0 <= m.uid < _ID_MAX and 0 <= m.gid < _ID_MAX):
+            raise self.fail(f"owner {m.uid}:{m.gid} out of range")
+        with self.failures():
             self._entry(path, m, tf)
+
+    @contextlib.contextmanager
+    def failures(self) -> Iterator[None]:
+        """What making the entry ``self.path`` raised, as one line naming it."""
+        try:
+            yield
         except UnpackError:
             raise
         except OSError as e:
@@ -253,7 +301,7 @@ class _Unpacker:
             self.dirs[b""] = self._dir_meta(m)
             return
         parent, _, name = path.rpartition(b"/")
-        if b"/.wh..wh." in b"/" + parent:  # inside aufs bookkeeping (.wh..wh.plnk/...)
+        if b"/.wh." in b"/" + parent and self._in_bookkeeping(parent):
             return
         if markers.is_oci_name(name):
             self._marker(parent, name)
@@ -265,11 +313,13 @@ class _Unpacker:
                 "a character device 0/0 is a kernel whiteout; layers mark deletions with .wh. files"
             )
         if m.isdev() and not self.root:
-            raise self.fail("device nodes need root")
+            self._skip_device(path)
+            return
         if m.islnk():
             self._hardlink(path, parent, name, m)
             return
         pfd = self.dirfd(parent)
+        self._give_way(pfd, path, name, m.isdir())
         try:
             self._create(pfd, name, m, tf)
         except FileExistsError:
@@ -282,6 +332,20 @@ class _Unpacker:
             self._create(pfd, name, m, tf)
         if m.isdir():
             self.dirs[path] = self._dir_meta(m)
+            self._note(path)
+
+    def _in_bookkeeping(self, parent: bytes) -> bool:
+        """Whether *parent*, which has a ``.wh.`` component, is inside aufs bookkeeping
+        (``.wh..wh.plnk/...``: skipped). Any other ``.wh.`` directory is refused: the
+        kernel would show it as a directory, unionfs as a whiteout."""
+        parts = parent.split(b"/")
+        for i, part in enumerate(parts):
+            if markers.is_oci_meta(part):
+                return True
+            if markers.is_oci_name(part):
+                way = os.fsdecode(b"/".join(parts[: i + 1]))
+                raise self.fail(f"{way!r} on the way is a whiteout's name")
+        return False
 
     def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
         """Make the entry (which must not exist: EEXIST otherwise), with its mode from
@@ -309,6 +373,7 @@ class _Unpacker:
             self.whiteouts.discard(path)
             if isdir:
                 self.opaque.add(path)  # the whiteout's deletion of the layers below stays
+                self._note(path)
             os.unlink(name, dir_fd=pfd)
             return
         if stat.S_ISDIR(st.st_mode):
@@ -317,11 +382,32 @@ class _Unpacker:
         else:
             os.unlink(name, dir_fd=pfd)
 
+    def _skip_device(self, path: bytes) -> None:
+        """A device node without root: left out, as unprivileged engines do, with one
+        warning for the layer (hard links to it are left out too)."""
+        if not self.skipped_devices:
+            log.warning("layer %s: device nodes skipped (not running as root)", self.layer)
+            self.skipped_devices = True
+        self.skipped.add(path)
+        self._note(path)
+
+    def _give_way(self, pfd: int, path: bytes, name: bytes, isdir: bool) -> None:
+        """An entry is made at *path*: a whiteout kept as an OCI file there goes, as a
+        kernel whiteout would be replaced (a directory stays opaque, hiding the
+        layers below as the whiteout did)."""
+        if self.oci_whiteouts and path in self.oci_whiteouts:
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+            self.oci_whiteouts.discard(path)
+            if isdir:
+                self.opaque.add(path)
+                self._note(path)
+
     def _marker(self, parent: bytes, name: bytes) -> None:
         if name == markers.OCI_OPAQUE:
             self.dirfd(parent)  # the directory exists, even if no entry made it
             if parent:
                 self.opaque.add(parent)
+                self._note(parent)
             return
         deleted = markers.oci_deleted(name)
         if deleted is None or markers.is_oci_meta(name):
@@ -330,6 +416,8 @@ class _Unpacker:
             raise self.fail("whiteout of no name")
         pfd = self.dirfd(parent)
         target = parent + b"/" + deleted if parent else deleted
+        if target in self.oci_whiteouts:
+            return  # deleted already
         st = _lstat(pfd, deleted)
         if st is None:
             try:
@@ -338,22 +426,28 @@ class _Unpacker:
                 # No unprivileged whiteouts on this kernel or filesystem: keep the OCI
                 # file, which unionfs reads in a lower layer just the same.
                 markers.make_oci_whiteout(pfd, deleted)
+                self.oci_whiteouts.add(target)
+                self._note(target)
                 return
             self.whiteouts.add(target)
+            self._note(target)
         elif stat.S_ISDIR(st.st_mode) and target not in self.whiteouts:
             # The layers below lose theirs; this layer's own directory stays.
             self.opaque.add(target)
+            self._note(target)
         # A non-directory of this layer already hides what is below it.
 
     def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: tarfile.TarInfo) -> None:
         """A second name for an entry unpacked earlier in this layer, found the same
         careful way (so never anything outside it)."""
         target = self.clean(m.linkname, "hard link target")
-        if target == path:
-            raise self.fail("hard link to itself")
-        if not target or target in self.whiteouts:
-            raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
+        if target in self.skipped:
+            self.skipped.add(path)
+            self._note(path)
+            return
         tparent, _, tname = target.rpartition(b"/")
+        if not target or target in self.whiteouts or markers.is_oci_name(tname):
+            raise self.fail(f"hard link to {m.linkname!r}, which is not a file of this layer")
         try:
             # A copy: opening the link's own directory below may evict the cached one.
             tfd = os.dup(self.dirfd(tparent, create=False))
@@ -373,6 +467,7 @@ class _Unpacker:
                 if st.st_ino == tst.st_ino and st.st_dev == tst.st_dev:
                     return  # already that file
                 self._remove(path, pfd, name, st, False)
+            self._give_way(pfd, path, name, False)
             os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(tfd)
@@ -496,6 +591,10 @@ class _Unpacker:
         """Directories last, deepest first: their modes may forbid writing into them,
         and every entry made inside changed their mtimes."""
         self.path = "(directories)"
+        with self.failures():
+            self._finish()
+
+    def _finish(self) -> None:
         for path in sorted(self.dirs, key=lambda p: p.count(b"/") + (1 if p else 0), reverse=True):
             meta = self.dirs[path]
             parent, _, name = path.rpartition(b"/")

@@ -112,6 +112,27 @@ class _Compressor:
         return Digest("sha256", self.tar_hash.hexdigest())
 
 
+def _inside(directory: Path, upper: Path) -> bool:
+    """Whether *directory* is *upper* or below it, however either is named
+    (symlinks, bind mounts): its real path's directories compared by inode."""
+    try:
+        top = os.stat(upper)
+        here = os.path.realpath(directory)
+    except OSError:
+        return False  # the error comes when the upper or the output is opened
+    while True:
+        try:
+            st = os.stat(here)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == (top.st_dev, top.st_ino):
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent
+
+
 def write_layer(
     upper: Path,
     output: Path,
@@ -122,7 +143,7 @@ def write_layer(
     """Write *upper* as a layer tar to *output* (atomically: a temporary file renamed
     into place when complete)."""
     compression = compression or compression_for(os.fspath(output))
-    if upper == output.parent or upper in output.parents:
+    if _inside(output.parent, upper):
         raise ImageError(f"{output}: inside the upper {upper}, it would be part of the layer")
     fd = open_upper(upper)
     tmp_fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")

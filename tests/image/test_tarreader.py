@@ -1,0 +1,148 @@
+"""The bounded tar reader (``unionfs.image.tarreader``): what GNU tar writes still
+unpacks as ``tar -x`` unpacks it (the extended headers are parsed by our code, not
+``tarfile``'s), and what ``tarfile`` alone would do wrong with hostile input does
+not happen. The refusals themselves are in the hostile corpus (test_hostile.py)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.image.builders import END, Tar, pax_header, pax_record, raw_file
+from unionfs.image import tarreader
+from unionfs.image.unpack import unpack_tar
+
+
+def _unpack(tar: Path | bytes, dest: Path) -> None:
+    dest.mkdir()
+    data = tar if isinstance(tar, bytes) else tar.read_bytes()
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        unpack_tar(io.BytesIO(data), fd, "test", root=False)
+    finally:
+        os.close(fd)
+
+
+def _tree(top: Path) -> dict[str, tuple[str, int, bytes]]:
+    """Every entry below *top*: kind, size, content or symlink target."""
+    out: dict[str, tuple[str, int, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(top)):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.fsdecode(os.path.relpath(full, os.fsencode(top)))
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", 0, os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", 0, b"")
+            else:
+                with open(full, "rb") as f:
+                    out[rel] = ("file", st.st_size, f.read())
+    return out
+
+
+def _source(src: Path) -> None:
+    """Files that need every kind of extended header GNU tar writes."""
+    src.mkdir()
+    deep = src / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 150)).write_bytes(b"long name")
+    (src / "link").symlink_to("t" * 200)
+    (src / os.fsdecode(b"latin1-\xe9")).write_bytes(b"not utf-8")
+    (src / "unicode-é").write_bytes(b"utf-8")
+    with open(src / "sparse", "wb") as f:
+        f.truncate(3 << 20)
+        for offset in (0, 70_000, 1 << 20, (3 << 20) - 3):
+            f.seek(offset)
+            f.write(b"abc")
+    os.link(src / "sparse", src / "hard")
+    os.utime(src / "unicode-é", ns=(1_500_000_000_123_456_789, 1_500_000_000_123_456_789))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--format=gnu", "--sparse"],
+        ["--format=posix", "--sparse", "--sparse-version=0.0"],
+        ["--format=posix", "--sparse", "--sparse-version=0.1"],
+        ["--format=posix", "--sparse", "--sparse-version=1.0"],
+        ["--format=posix"],
+    ],
+    ids=["gnu-sparse", "posix-sparse-0.0", "posix-sparse-0.1", "posix-sparse-1.0", "posix"],
+)
+def test_gnu_tar_archives_unpack_as_tar_x_unpacks_them(tmp_path: Path, flags: list[str]) -> None:
+    src = tmp_path / "src"
+    _source(src)
+    tar = tmp_path / "t.tar"
+    subprocess.run(["tar", *flags, "-cf", tar, "-C", src, "."], check=True)
+    (tmp_path / "x").mkdir()
+    subprocess.run(["tar", "-xf", tar, "-C", tmp_path / "x"], check=True)
+    _unpack(tar, tmp_path / "u")
+    expected = _tree(tmp_path / "x")
+    assert len(expected) == 8
+    assert _tree(tmp_path / "u") == expected
+    u = tmp_path / "u"
+    got, want = (os.stat(d / "unicode-é").st_mtime_ns for d in (u, tmp_path / "x"))
+    assert abs(got - want) < 1000  # tarfile's times are floats
+    assert os.stat(u / "sparse").st_ino == os.stat(u / "hard").st_ino
+    if "--sparse" in flags:  # the holes stay holes
+        assert os.stat(u / "sparse").st_blocks * 512 < 1 << 20
+
+
+def test_global_headers_apply_to_the_entries_after_them(tmp_path: Path) -> None:
+    data = (
+        raw_file(b"before", b"1")
+        + pax_header(pax_record(b"mtime", b"1234567890.5"), b"g")
+        + raw_file(b"after", b"2")
+        + pax_header(pax_record(b"path", b"renamed"))
+        + raw_file(b"plain", b"3")
+        + END
+    )
+    _unpack(data, tmp_path / "u")
+    assert sorted(os.listdir(tmp_path / "u")) == ["after", "before", "renamed"]
+    assert os.stat(tmp_path / "u/after").st_mtime_ns == 1_234_567_890_500_000_000
+    assert os.stat(tmp_path / "u/renamed").st_mtime_ns == 1_234_567_890_500_000_000
+    assert os.stat(tmp_path / "u/before").st_mtime_ns != 1_234_567_890_500_000_000
+
+
+def test_a_record_of_a_million_digits_is_read_in_linear_time(tmp_path: Path) -> None:
+    """Well formed, so no check of the records' shape can refuse it: ``tarfile``'s
+    own parsing (CVE-2024-6232, unpatched before 3.11.10/3.12.6) searches it with a
+    backtracking regex for hours; ours reads it once."""
+    data = pax_header(pax_record(b"comment", b"7" * 1_000_000)) + raw_file(b"f", b"x") + END
+    _unpack(data, tmp_path / "u")
+    assert os.listdir(tmp_path / "u") == ["f"]
+
+
+def test_a_stream_forgets_the_entries_it_has_read(tmp_path: Path) -> None:
+    """``tarfile`` keeps every member it has read, even in stream mode: memory in
+    proportion to the entries of a layer (and to their PAX headers)."""
+    t = Tar()
+    for i in range(50):
+        t.file(f"f{i}", b"x", pax_headers={"comment": "c" * 1000})
+    tf = tarreader.open_stream(io.BytesIO(t.bytes()), 64 << 10)
+    with tf:
+        seen = 0
+        for _ in tarreader.entries(tf):
+            seen += 1
+            assert len(vars(tf)["members"]) <= 1
+    assert seen == 50
+
+
+def test_a_docker_archive_of_too_many_members_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.tar"
+    path.write_bytes(b"".join(raw_file(b"f%d" % i) for i in range(10)) + END)
+    with tarreader.open_archive(os.fspath(path)) as tf:
+        assert len(tf.getmembers()) == 10
+    limit = tarreader.MAX_MEMBERS
+    try:
+        tarreader.MAX_MEMBERS = 5
+        with pytest.raises(tarreader.TarFormatError, match="more than 5 members"):
+            tarreader.open_archive(os.fspath(path))
+    finally:
+        tarreader.MAX_MEMBERS = limit
