@@ -286,3 +286,40 @@ def test_an_upper_on_a_read_only_filesystem_is_refused(stack: Stack, tmp_path: P
         assert mount_type(stack.mnt) is None
     finally:
         subprocess.run(["umount", "-l", os.fspath(ro)], check=False)
+
+
+def test_an_upper_on_an_overlay_is_refused_by_name(tmp_path: Path) -> None:
+    """A container's root is a kernel overlay, which refuses whiteouts: an upper there
+    is named in one line, and nothing is mounted. A lower there is fine."""
+    from tests.mounting import kernel_overlay
+
+    for d in ("l", "u", "w", "root", "mnt"):
+        (tmp_path / d).mkdir()
+    write(tmp_path / "l" / "f", b"x")
+    with kernel_overlay([tmp_path / "l"], tmp_path / "root", tmp_path / "u", tmp_path / "w"):
+        root = tmp_path / "root"
+        for d in ("upper", "work", "lower"):
+            (root / d).mkdir()
+        r = run(
+            "-o", f"lowerdir={root / 'lower'},upperdir={root / 'upper'},workdir={root / 'work'}",
+            os.fspath(tmp_path / "mnt"),
+        )  # fmt: skip
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines() == [
+            f"unionfs: upperdir {root / 'upper'} is on an overlay filesystem, which refuses "
+            "whiteouts (character devices 0/0): put upperdir and workdir on a tmpfs or a volume"
+        ]
+        assert not (tmp_path / "mnt").is_mount()
+        # the same lower with an upper elsewhere mounts
+        for d in ("u2", "w2"):
+            (tmp_path / d).mkdir()
+        up, wk = tmp_path / "u2", tmp_path / "w2"
+        r = run(
+            "-o", f"lowerdir={root / 'lower'},upperdir={up},workdir={wk}",
+            os.fspath(tmp_path / "mnt"),
+        )  # fmt: skip
+        try:
+            assert r.returncode == 0, r.stderr
+            assert (tmp_path / "mnt").is_mount()
+        finally:
+            subprocess.run(["umount", os.fspath(tmp_path / "mnt")], check=False)

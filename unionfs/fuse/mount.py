@@ -427,7 +427,7 @@ def serve(
     try:
         union = Union(setup.config)
     except OSError as e:
-        raise UsageError(f"cannot open layers: {e}") from None
+        raise UsageError(_layers_error(setup.config, e)) from None
     startup.mark("layers")
     try:
         ops = Operations(union, fusehook, setup.passthrough)
@@ -544,3 +544,21 @@ async def _stop_on_signals() -> None:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+def _layers_error(config: UnionConfig, e: OSError) -> str:
+    """The one line for layers that cannot be opened: an upper on an overlay (a
+    container's own root) by name, since nothing in the errno says so."""
+    from unionfs.overlay.syscalls import OVERLAYFS_SUPER_MAGIC, fs_magic
+
+    if (
+        config.upper is not None
+        and not config.readonly
+        and e.errno in (errno.EPERM, errno.EINVAL)
+        and fs_magic(config.upper) == OVERLAYFS_SUPER_MAGIC
+    ):
+        return (
+            f"upperdir {config.upper} is on an overlay filesystem, which refuses whiteouts "
+            "(character devices 0/0): put upperdir and workdir on a tmpfs or a volume"
+        )
+    return f"cannot open layers: {e}"

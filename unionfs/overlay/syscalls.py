@@ -195,6 +195,17 @@ def _copy_range_slow(src: int, dst: int, off: int, count: int) -> int:
     return off - start
 
 
+OVERLAYFS_SUPER_MAGIC = 0x794C7630
+
+
+def fs_magic(path: str | bytes) -> int:
+    """The filesystem type of *path* (``statfs``'s ``f_type``), or 0 when unknown."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return int(ctypes.c_long.from_buffer(buf).value)
+
+
 # -- file handles (the overlay's origin records) -----------------------------------
 
 MAX_HANDLE_SZ = 128
