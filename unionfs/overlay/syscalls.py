@@ -198,7 +198,7 @@ def _copy_range_slow(src: int, dst: int, off: int, count: int) -> int:
 OVERLAYFS_SUPER_MAGIC = 0x794C7630
 
 
-def fs_magic(path: str | bytes) -> int:
+def fs_magic(path: str | bytes | os.PathLike[str]) -> int:
     """The filesystem type of *path* (``statfs``'s ``f_type``), or 0 when unknown."""
     buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
     if _libc.statfs(os.fsencode(path), buf) != 0:
