@@ -246,3 +246,25 @@ def test_o_tmpfile_where_libfuse_serves_it(tmp_path: Path) -> None:
         assert seen["unionfs"] == seen["kernel"]
     else:  # libfuse 3.14 does not implement FUSE_TMPFILE: the kernel answers for it
         assert seen["unionfs"] == ["ENOTSUP"]  # (errno.errorcode names EOPNOTSUPP so)
+
+
+def _setgid_owned(lowers: list[Path]) -> None:
+    for name in ("f", "g"):
+        write(lowers[0] / name, b"data")
+        os.chown(lowers[0] / name, 1000, 1000)
+    os.chmod(lowers[0] / "f", 0o2644)  # setgid without group-exec: kept by root's chown
+    os.chmod(lowers[0] / "g", 0o6755)  # setuid, and setgid with group-exec: both go
+
+
+def test_chown_by_root_drops_privilege_bits_as_the_kernel(tmp_path: Path) -> None:
+    u, k = twins(tmp_path, _setgid_owned)
+    seen = {}
+    for t in (u, k):
+        with t.mount():
+            for name in ("f", "g"):
+                os.chown(t.mnt / name, 1001, 100)
+            os.link(t.mnt / "f", t.mnt / "f2")  # and once more on a file with two names
+            os.chmod(t.mnt / "f2", 0o2644)
+            os.chown(t.mnt / "f2", 1002, 100)
+            seen[t.kind] = [oct(os.stat(t.mnt / n).st_mode) for n in ("f", "g", "f2")]
+    assert seen["unionfs"] == seen["kernel"] == [oct(0o102644), oct(0o100755), oct(0o102644)]

@@ -377,6 +377,10 @@ class Operations(pyfuse3.Operations):
         kill = self._kill() if self._killpriv else None  # before any await
         if kill is None and self._killpriv and _only_kills(fields):
             kill = self._kill_by(ctx.gid, ctx.pid, root=ctx.uid == 0)
+        elif kill is not None and (fields.update_uid or fields.update_gid):
+            # The kernel asks for a kill with every chown, whoever calls; as the VFS
+            # does, root keeps a setgid bit without group-exec.
+            kill = self._kill_by(ctx.gid, ctx.pid, root=ctx.uid == 0)
         change = Change(
             kill=kill,
             size=attr.st_size if fields.update_size else None,
