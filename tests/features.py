@@ -11,14 +11,34 @@ when set (``make test`` sets it); with the C hook disabled there is neither.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 
 def hook_enabled() -> bool:
     return os.environ.get("UNIONFS_NO_HOOK", "") in ("", "0")
+
+
+@functools.cache
+def libfuse_version() -> int:
+    """The libfuse the C hook runs with (317 for 3.17), 0 without the hook."""
+    if not hook_enabled():
+        return 0
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from unionfs.fuse import _fusehook as h; print(h.libfuse_version())",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
 
 
 def libfuse_wanted() -> str:

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNMOUNT_GRACE = 5.0  # how often an exiting daemon is checked on after its unmount
 
 
-def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
-    """The filesystem type mounted exactly at *mountpoint*, or None (bytes-exact)."""
+def _mountinfo(mountpoint: str | os.PathLike[str]) -> list[bytes] | None:
+    """The /proc/self/mountinfo fields of the last mount exactly at *mountpoint*."""
     # Only the parent is resolved: a stat of the mountpoint itself would hang on a
     # FUSE daemon that stopped answering.
     path = os.path.abspath(mountpoint)
@@ -35,23 +35,20 @@ def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
             fields = line.split()
             point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
             if point == target:
-                found = fields[fields.index(b"-") + 1].decode()  # the last mount wins
+                found = fields  # the last mount wins
     return found
+
+
+def mount_type(mountpoint: str | os.PathLike[str]) -> str | None:
+    """The filesystem type mounted exactly at *mountpoint*, or None (bytes-exact)."""
+    fields = _mountinfo(mountpoint)
+    return None if fields is None else fields[fields.index(b"-") + 1].decode()
 
 
 def mount_device(mountpoint: str | os.PathLike[str]) -> bytes | None:
     """The ``major:minor`` of the filesystem mounted exactly at *mountpoint*, or None."""
-    path = os.path.abspath(mountpoint)
-    parent, name = os.path.split(path)
-    target = os.fsencode(os.path.join(os.path.realpath(parent), name))
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            if point == target:
-                found = fields[2]
-    return found
+    fields = _mountinfo(mountpoint)
+    return None if fields is None else fields[2]
 
 
 def mounted_elsewhere(device: bytes) -> bool:

@@ -11,32 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conformance.snapshot import inode_index
+from tests.features import hook_enabled, libfuse_version
 from tests.mounting import start_unionfs
 
-HOOK = os.environ.get("UNIONFS_NO_HOOK", "") in ("", "0")  # `make test` runs both ways
+__all__ = ["HOOK", "libfuse_version"]
 
-
-def libfuse_version() -> int:
-    """The libfuse the C hook runs with (317 for 3.17), 0 without the hook."""
-    if not HOOK:
-        return 0
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from unionfs.fuse import _fusehook as h; print(h.libfuse_version())",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
+HOOK = hook_enabled()  # `make test` runs both ways
 
 
 def write(path: Path, data: bytes = b"x") -> None:

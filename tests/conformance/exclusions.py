@@ -13,16 +13,14 @@ registry only labels what they found. Excluded divergences are still printed
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tests.conformance.compare import Divergence
 from tests.conformance.layers import OPAQUE_XATTR, Entry, LayerSpec
+from tests.features import libfuse_version, passthrough_mode
 
 if TYPE_CHECKING:
     from tests.conformance.ops import Op
@@ -364,13 +362,8 @@ def _userns_names_of_a_linked_lower_file(d: Divergence, ctx: Context) -> bool:
     return any(d.paths <= family for family in _linked_lower_files(ctx.spec, ctx.history))
 
 
-def _passthrough_on() -> bool:
-    options = os.environ.get("UNIONFS_TEST_OPTIONS", "").split(",")
-    return "passthrough=on" in (o.strip() for o in options)
-
-
 def _write_refused_while_read_through_passthrough(d: Divergence, ctx: Context) -> bool:
-    if not _passthrough_on() or not ctx.kernel_vs_unionfs or d.kind != "result":
+    if passthrough_mode() != "on" or not ctx.kernel_vs_unionfs or d.kind != "result":
         return False
     if not ctx.history or _op_index(d) != len(ctx.history) - 1:
         return False
@@ -455,24 +448,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
 ENDS_CASE = {ex.name for ex in EXCLUSIONS if ex.ends_case}
 
 
-@functools.cache
-def _libfuse() -> int:
-    """The libfuse version unionfs's C hook runs with (317 for 3.17), 0 without it."""
-    if os.environ.get("UNIONFS_NO_HOOK", "") not in ("", "0"):
-        return 0
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from unionfs.fuse import _fusehook as h; print(h.libfuse_version())",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
-
-
 # Operations unionfs cannot serve at all, dropped by name from cases run on unionfs
 # (the kernel-against-kernel self-check still runs them).
 UNSUPPORTED_OPS: dict[str, tuple[str, Callable[[Op], bool]]] = {
@@ -480,7 +455,7 @@ UNSUPPORTED_OPS: dict[str, tuple[str, Callable[[Op], bool]]] = {
         "O_TMPFILE needs the FUSE_TMPFILE request, which libfuse 3.14 (Debian bookworm) "
         "does not implement, so the kernel answers EOPNOTSUPP for any FUSE filesystem "
         "there. Dropped only when the hook runs with a libfuse older than 3.17.",
-        lambda op: op.name == "open" and "TMPFILE" in str(op.args[2]) and _libfuse() < 317,
+        lambda op: op.name == "open" and "TMPFILE" in str(op.args[2]) and libfuse_version() < 317,
     ),
     "fallocate-collapse-insert-fuse": (
         "fallocate with FALLOC_FL_COLLAPSE_RANGE or FALLOC_FL_INSERT_RANGE: the kernel's "

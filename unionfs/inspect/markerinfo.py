@@ -9,7 +9,6 @@ up here with no change.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -19,7 +18,7 @@ from unionfs.overlay import markers
 from unionfs.overlay.layers import NOT_THERE, Layer
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.nodes import Node
-from unionfs.overlay.syscalls import fd_path
+from unionfs.overlay.syscalls import fd_path, name_to_handle
 from unionfs.overlay.union import Union, join
 
 # What each private xattr of the kernel overlay means (the part after the prefix).
@@ -226,36 +225,6 @@ def markers_at(
 
 _OVL_FB_HEADER = 21  # version, magic, len, flags, type, 16-byte uuid
 _OVL_FB_MAGIC = 0xFB
-_MAX_HANDLE_SZ = 128
-
-
-class _FileHandle(ctypes.Structure):
-    _fields_ = [
-        ("handle_bytes", ctypes.c_uint),
-        ("handle_type", ctypes.c_int),
-        ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ),
-    ]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def file_handle(dirfd: int, name: bytes) -> tuple[int, bytes] | None:
-    """``name_to_handle_at`` of *name* (not followed): the handle's type and bytes."""
-    fh = _FileHandle()
-    fh.handle_bytes = _MAX_HANDLE_SZ
-    mount_id = ctypes.c_int()
-    fn = _libc.name_to_handle_at
-    fn.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.POINTER(_FileHandle),
-        ctypes.POINTER(ctypes.c_int),
-        ctypes.c_int,
-    ]
-    if fn(dirfd, name, ctypes.byref(fh), ctypes.byref(mount_id), 0) != 0:
-        return None
-    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
 
 
 def origin_matches(
@@ -275,10 +244,7 @@ def origin_matches(
     if len(value) < _OVL_FB_HEADER or value[1] != _OVL_FB_MAGIC:
         return False
     try:
-        handle = file_handle(lower.dirfd(parent), name)
+        htype, hbytes = name_to_handle(lower.dirfd(parent), name)
     except OSError:
         return None
-    if handle is None:
-        return None
-    htype, hbytes = handle
     return value[4] == htype and value[_OVL_FB_HEADER : value[2]] == hbytes
