@@ -115,8 +115,12 @@ def test_other_tools_and_other_namespaces_xattrs(lay: list[Path]) -> None:
         ("other-namespace-xattr", "warning", "d"),
         ("redirect", "info", "d"),
         ("invalid-redirect", "error", "e"),
-        ("metacopy", "warning", "m"),
+        ("metacopy-without-metacopy", "error", "m"),
     }
+    # mounted with metacopy=on the copy is fine; with nofollow the redirect is refused
+    _, found = check("--metacopy", "--redirect-dir", "nofollow", *lay)
+    assert {("metacopy", "info", "m"), ("redirect-not-followed", "error", "d")} <= codes(found)
+    assert ("metacopy-without-metacopy", "error", "m") not in codes(found)
     status, found = check("--for", "kernel", *lay)
     assert ("other-namespace-xattr", "error", "d") in codes(found)
 

@@ -384,7 +384,10 @@ class Checker:
             elif key == self.ns.prefix + b"redirect":
                 try:
                     target = markers.parse_redirect(os.getxattr(path, key, follow_symlinks=False))
+                    valid = True
                 except OSError:
+                    target, valid = None, False
+                if not valid:
                     self.add(
                         ERROR,
                         "invalid-redirect",
@@ -394,6 +397,15 @@ class Checker:
                         "component: every lookup of this name fails with EINVAL (kernel and "
                         "unionfs alike)",
                     )
+                elif self.union.config.redirect == "nofollow":
+                    self.add(
+                        ERROR,
+                        "redirect-not-followed",
+                        layer,
+                        rel,
+                        "a redirect while redirect_dir=nofollow: every lookup of this name fails "
+                        "with EPERM (kernel and unionfs alike)",
+                    )
                 else:
                     shown = os.fsdecode(target or b"")
                     self.add(
@@ -401,19 +413,27 @@ class Checker:
                         "redirect",
                         layer,
                         rel,
-                        f"a redirect to {shown}: the layers below are asked for that path; "
-                        "followed by default, refused (EPERM) with redirect_dir=nofollow",
+                        f"a redirect to {shown}: the layers below are asked for that path "
+                        "(followed unless redirect_dir=nofollow)",
                     )
             elif key == self.ns.prefix + b"metacopy":
-                self.add(
-                    WARNING,
-                    "metacopy",
-                    layer,
-                    rel,
-                    "a metadata-only copy: its data is read from the lower file it came from; "
-                    "a mount without -o metacopy=on refuses to look it up (EPERM), in unionfs as "
-                    "in the kernel",
-                )
+                if self.union.config.metacopy:
+                    self.add(
+                        INFO,
+                        "metacopy",
+                        layer,
+                        rel,
+                        "a metadata-only copy: its data is read from the lower file it came from",
+                    )
+                else:
+                    self.add(
+                        ERROR,
+                        "metacopy-without-metacopy",
+                        layer,
+                        rel,
+                        "a metadata-only copy-up while metacopy is off: every lookup of it fails "
+                        "with EPERM, in unionfs as in the kernel (mount with -o metacopy=on)",
+                    )
 
     # -- across layers -------------------------------------------------------------
 
@@ -579,6 +599,8 @@ def run(
     userxattr: bool = False,
     as_json: bool = False,
     show_all: bool = False,
+    redirect: str = "follow",
+    metacopy: bool = False,
 ) -> int:
     lowers = [_directory("layer", p) for p in layers]
     up = _directory("upper", upper) if upper is not None else None
@@ -592,7 +614,16 @@ def run(
                 raise UsageError(f"layers {a} and {b} overlap")
     ns = USER if userxattr else TRUSTED
     try:
-        union = Union(UnionConfig(lowers=lowers, upper=up, readonly=True, xattrs=ns))
+        union = Union(
+            UnionConfig(
+                lowers=lowers,
+                upper=up,
+                readonly=True,
+                xattrs=ns,
+                redirect=redirect,
+                metacopy=metacopy,
+            )
+        )
     except OSError as e:
         raise UsageError(f"cannot open the layers: {e}") from None
     try:

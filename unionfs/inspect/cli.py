@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from unionfs.errors import UsageError
+from unionfs.options import REDIRECT_MODES
 
 USAGE_ERROR = 2
 
@@ -152,6 +153,13 @@ def _check_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--userxattr", action="store_true", help="the stack keeps markers in user.overlay.*"
     )
+    p.add_argument(
+        "--redirect-dir",
+        choices=("on", "follow", "nofollow", "off"),
+        default="follow",
+        help="the redirect_dir mode the stack is mounted with (off and on follow redirects too)",
+    )
+    p.add_argument("--metacopy", action="store_true", help="the stack is mounted with metacopy=on")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
         "--all", action="store_true", help="list every hidden file, not only the largest"
@@ -171,6 +179,8 @@ def check_main(argv: list[str]) -> int:
         userxattr=args.userxattr,
         as_json=args.json,
         show_all=args.all,
+        redirect=REDIRECT_MODES[args.redirect_dir],
+        metacopy=args.metacopy,
     )
 
 
