@@ -6,6 +6,7 @@ kernel overlay over a copy of the same layers and compares what they show.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -104,3 +105,29 @@ def test_each_kind_shows_the_tree_the_other_wrote_with_metacopy(
     with reader.mount():  # without metacopy=on the kernel refuses to follow them
         with pytest.raises(PermissionError):
             os.stat(reader.mnt / "lib" / "x" / "f0")
+
+
+def _broken(lowers: list[Path]) -> None:
+    write(lowers[0] / "bottom", b"data")
+    os.setxattr(lowers[0] / "bottom", b"trusted.overlay.metacopy", b"")  # nothing below it
+
+
+@pytest.mark.parametrize("mode", ["metacopy=off", "metacopy=on"])
+def test_broken_metadata_only_copies_fail_as_on_the_kernel(tmp_path: Path, mode: str) -> None:
+    """A metadata-only copy with no data below is EIO; found without metacopy=on,
+    EPERM, but only once something is found below it (as ovl_lookup orders them)."""
+    u, k = twins(tmp_path, _broken)
+    seen: dict[str, list[str]] = {}
+    for t in (u, k):
+        write(t.upper / "orphan", b"")
+        os.truncate(t.upper / "orphan", 4)
+        os.setxattr(t.upper / "orphan", b"trusted.overlay.metacopy", b"")
+        with t.mount(mode):
+            seen[t.kind] = []
+            for name in ("orphan", "bottom"):
+                try:
+                    os.stat(t.mnt / name)
+                    seen[t.kind].append("ok")
+                except OSError as e:
+                    seen[t.kind].append(errno.errorcode[e.errno or 0])
+    assert seen["unionfs"] == seen["kernel"]

@@ -121,6 +121,27 @@ def test_nofollow_refuses_redirects_as_the_kernel(tmp_path: Path, mode: str) -> 
     assert seen["unionfs"] == seen["kernel"]
 
 
+def _dot_layers(lowers: list[Path]) -> None:
+    for d in ("d1", "d2", "d3"):
+        (lowers[0] / d).mkdir()
+    write(lowers[0] / "a" / "f")
+    write(lowers[0] / "b" / "secret")
+
+
+def test_redirects_through_dot_or_dotdot_are_refused_as_the_kernel(tmp_path: Path) -> None:
+    """The kernel looks a redirect up one component at a time and refuses "." and ".."
+    (EACCES): a redirect cannot merge a layer's root, climb, or reach outside it."""
+    u, k = twins(tmp_path, _dot_layers)
+    seen: dict[str, list[Any]] = {}
+    for t in (u, k):
+        _redirect(t.upper / "d1", b".")
+        _redirect(t.upper / "d2", b"/a/../b")
+        _redirect(t.upper / "d3", b"..")
+        with t.mount():
+            seen[t.kind] = [_outcome(t.mnt / n) for n in ("d1", "d2", "d3")]
+    assert seen["unionfs"] == seen["kernel"] == ["EACCES"] * 3
+
+
 def _outcome(path: Path) -> object:
     try:
         return sorted(os.listdir(path))

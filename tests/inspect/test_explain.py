@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -292,3 +293,31 @@ def test_explain_on_the_same_layers_twice_changes_nothing(layers: Layers) -> Non
     after = sorted((p, p.stat().st_mtime_ns) for p in layers.upper.parent.rglob("*"))
     assert before == after
     assert errno.EEXIST  # (a reminder that errnos are compared by name above)
+
+
+def test_explain_takes_the_mode_options_and_predicts_redirects(tmp_path: Path) -> None:
+    """``-o ...,metacopy=on`` resolves metadata-only copies as that mount does, and a
+    rename there is predicted as the mount makes it: with a redirect, no copy."""
+    from tests.mounting import unionfs_mounted
+
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "d", lower / "m", upper, work, mnt):
+        d.mkdir(parents=True)
+    write(lower / "f", b"B" * 5000)
+    write(lower / "d" / "x", b"x")
+    write(lower / "m" / "y", b"y")
+    with unionfs_mounted([lower], mnt, upper, work, extra_options="metacopy=on") as um:
+        os.chmod(um.mountpoint / "f", 0o640)  # a metadata-only copy-up
+    o = f"lowerdir={lower},upperdir={upper},workdir={work},metacopy=on"
+    res = run("explain", "-o", o, "/f", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["visible"] is True
+    res = run("explain", "-o", o, "/d", "--op", "rename", "--to", "/m/d2")
+    assert res.returncode == 0, res.stderr
+    assert "rename to m/d2: succeeds" in res.stdout
+    assert "records in a redirect xattr on m/d2" in res.stdout and "opaque" not in res.stdout
+    res = run("explain", "-o", o, "/f", "--op", "link", "--to", "/m/f2", "--json")
+    assert json.loads(res.stdout)["prediction"]["copy_up_bytes"] == 0  # metadata only
+    # without the option the same layers are refused as the mount refuses them
+    res = run("explain", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", "/f")
+    assert res.returncode != 0 and "metacopy" in res.stderr

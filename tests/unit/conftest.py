@@ -57,7 +57,7 @@ class Layers:
     work: Path
 
     @contextlib.contextmanager
-    def open(self, readonly: bool = False) -> Iterator[Union]:
+    def open(self, readonly: bool = False, metacopy: bool = False) -> Iterator[Union]:
         """The union over these directories (fill them first), closed afterwards."""
         union = Union(
             UnionConfig(
@@ -65,6 +65,8 @@ class Layers:
                 upper=None if readonly else self.upper,
                 work=None if readonly else self.work,
                 xattrs=NS,
+                redirect="on" if metacopy else "follow",
+                metacopy=metacopy,
             )
         )
         try:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.unit.conftest import ME, Layers, is_whiteout, node, visible, write
 from unionfs.overlay import markers, namespace, syscalls
+from unionfs.overlay.files import Change, Files
 
 
 class Killed(BaseException):
@@ -104,3 +105,28 @@ async def test_a_whiteout_left_by_moving_a_directory_onto_one_goes_at_the_next_m
         assert staged(layers) == []
     inside = (layers.upper / ("w" if moved else "p/src") / "inside").read_bytes()
     assert inside == b"kept"
+
+
+async def test_a_metadata_only_copy_holds_all_its_data_before_its_marker_goes(
+    layers: Layers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncate of a metadata-only copy brings its data up first: all of it, so a
+    kill before the truncate shows the file as it was, never cut data with zeros."""
+    data = b"A" * 8192
+    write(layers.lowers[0] / "f", data)
+    seen: list[bytes] = []
+    real = markers.clear_metacopy
+
+    def clear_metacopy(path: bytes, ns: markers.XattrNamespace) -> None:
+        seen.append((layers.upper / "f").read_bytes())
+        real(path, ns)
+
+    with layers.open(metacopy=True) as u:
+        files = Files(u)
+        f = node(u, "f")
+        await files.setattr(f, Change(mode=0o600), None)  # metadata only
+        assert f.metacopy
+        monkeypatch.setattr(markers, "clear_metacopy", clear_metacopy)
+        await files.setattr(f, Change(size=100), None)
+    assert seen == [data]
+    assert (layers.upper / "f").read_bytes() == data[:100]

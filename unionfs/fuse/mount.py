@@ -207,7 +207,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
         xattrs=xattrs,
-        redirect=_redirect_mode(opts, xattrs),
+        redirect=redirect_mode(opts, xattrs),
         metacopy=opts.metacopy,
         ids=id_mapper(opts),
     )
@@ -305,7 +305,7 @@ def check_fuse_device() -> None:
         raise UsageError("/dev/fuse: not the FUSE device (expected character device 10:229)")
 
 
-def _redirect_mode(opts: Options, xattrs: XattrNamespace) -> str:
+def redirect_mode(opts: Options, xattrs: XattrNamespace) -> str:
     """The redirect_dir mode. As the kernel's ``userxattr``, markers in ``user.overlay.*``
     allow neither redirects nor metacopy: redirects found are refused (EPERM), and
     asking for either is an error."""

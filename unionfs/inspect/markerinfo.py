@@ -116,9 +116,8 @@ def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
                     )
                 elif key == b"metacopy":
                     effect = (
-                        "a metadata-only copy: the data is read from the lower file it came from "
-                        "(a lookup fails with EPERM unless mounted with metacopy=on, in unionfs "
-                        "as in the kernel)"
+                        "read from the lower file it came from (a lookup fails with EPERM "
+                        "unless mounted with metacopy=on, in unionfs as in the kernel)"
                     )
                 else:
                     effect = "bookkeeping; no effect on what the mount shows"

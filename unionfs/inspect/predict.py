@@ -198,7 +198,7 @@ def _predict(
         namespace.check_create(union, dparent, dname)
         if node.is_dir:
             raise PermissionError(errno.EPERM, "hard links to directories are not allowed", relpath)
-        _copy_ups(union, node, pred, "both names must share the upper inode")
+        _copy_ups(union, node, pred, "both names must share the upper inode", data=False)
         _new_name(union, pred, dparent, dname, False)
     elif op == "setxattr":
         node = _node(union, relpath)
@@ -267,22 +267,42 @@ def _rename(union: Union, pred: Prediction, relpath: bytes, to: bytes, flags: in
         pred.effects.append("nothing to do: both names are the same file")
         return
     swap = bool(flags & RENAME_EXCHANGE)
-    _copy_ups(union, src, pred, "a rename happens in the upper")
+    _copy_ups(union, src, pred, "a rename happens in the upper", data=False)
     if swap and dst is not None:
-        _copy_ups(union, dst, pred, "an exchange happens in the upper")
+        _copy_ups(union, dst, pred, "an exchange happens in the upper", data=False)
     _copy_ups(union, sparent, pred, "the old name's parent changes")
     _copy_ups(union, dparent, pred, "the new name's parent changes")
     if not swap and union.lower_has_name(sparent, sname):
         pred.effects.append(
             f"leaves a whiteout at {os.fsdecode(relpath)}: a lower layer has the old name"
         )
-    if src.is_dir and dparent.lowers:
-        pred.effects.append(
-            f"marks {os.fsdecode(to)} opaque: it moves into a merged directory, "
-            "where a lower namesake must not leak into it"
-        )
+    moves = [(src, dparent, to)]
+    if swap and dst is not None:
+        moves.append((dst, sparent, relpath))
+    for node, new_parent, new_path in moves:
+        if _keeps_lower_parts(union, node):
+            pred.effects.append(
+                f"records in a redirect xattr on {os.fsdecode(new_path)} where its lower parts "
+                "are, so they still show under the new name"
+            )
+        elif node.is_dir and new_parent.lowers:
+            pred.effects.append(
+                f"marks {os.fsdecode(new_path)} opaque: it moves into a merged directory, "
+                "where a lower namesake must not leak into it"
+            )
     if dst is not None and not swap:
         pred.effects.append(f"replaces {os.fsdecode(to)}")
+
+
+def _keeps_lower_parts(union: Union, node: Node) -> bool:
+    """Whether *node*, once copied up for a move, still has lower parts the move must
+    record (``namespace._keep_lower_parts``): a directory with lower parts, or a file
+    that is (or becomes, with metacopy=on) a metadata-only copy."""
+    if node.is_dir:
+        return node.has_lower
+    if node.metacopy:
+        return True
+    return not node.layer.writable and union.config.metacopy and node.kind == stat.S_IFREG
 
 
 def _exdev_detail(union: Union, node: Node) -> str:

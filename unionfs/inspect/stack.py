@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unionfs.errors import UsageError
 from unionfs.fuse import state
-from unionfs.fuse.mount import id_mapper
+from unionfs.fuse.mount import id_mapper, redirect_mode
 from unionfs.options import parse_options
 from unionfs.overlay.markers import TRUSTED, USER
 from unionfs.overlay.union import Union, UnionConfig
@@ -37,7 +37,11 @@ class Stack:
     def open_lowers(self) -> Union:
         """The same stack without its upper: what the lower layers alone show."""
         config = UnionConfig(
-            lowers=self.config.lowers, ids=self.config.ids, xattrs=self.config.xattrs
+            lowers=self.config.lowers,
+            ids=self.config.ids,
+            xattrs=self.config.xattrs,
+            redirect=self.config.redirect,
+            metacopy=self.config.metacopy,
         )
         return Union(config)
 
@@ -61,13 +65,16 @@ def from_options(option_strings: list[str]) -> Stack:
     lowers = [_directory("lowerdir", p) for p in opts.lowers]
     upper = _directory("upperdir", opts.upper) if opts.upper is not None else None
     work = _directory("workdir", opts.work) if opts.work is not None else None
+    xattrs = USER if opts.userxattr else TRUSTED
     config = UnionConfig(
         lowers=lowers,
         upper=upper,
         work=work,
         readonly=opts.readonly or upper is None,
         ids=id_mapper(opts),
-        xattrs=USER if opts.userxattr else TRUSTED,
+        xattrs=xattrs,
+        redirect=redirect_mode(opts, xattrs),
+        metacopy=opts.metacopy,
     )
     return Stack(config)
 

@@ -101,7 +101,10 @@ async def copy_up(union: Union, node: Node, size: int | None = None, data: bool 
             raise FileExistsError(errno.EEXIST, "removed; its name is taken", node.name)
         await copy_up(union, parent)
         if node.layer.writable:
-            await _copy_up_data(union, node, size)
+            # All of the data, whatever a truncate will cut: the marker goes only once the
+            # upper holds the whole file, so a crash shows it before the truncate (the
+            # kernel's ovl_copy_up_meta_inode_data ignores the new size too).
+            await _copy_up_data(union, node)
         else:
             meta = not data and union.config.metacopy and node.kind == stat.S_IFREG
             await _copy_up_one(union, node, parent, size, meta)
@@ -201,7 +204,7 @@ async def _copy_up_one(
         )
 
 
-async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
+async def _copy_up_data(union: Union, node: Node) -> None:
     """Give a metadata-only copy its data, in place (the kernel's
     ``ovl_copy_up_meta_inode_data``): the upper inode keeps its number, its
     ``security.capability`` survives the writes, and only then is the marker
@@ -221,7 +224,7 @@ async def _copy_up_data(union: Union, node: Node, size: int | None) -> None:
         caps: bytes | None = os.getxattr(path, CAPS_XATTR, follow_symlinks=False)
     except OSError:
         caps = None
-    count = st.st_size if size is None else min(size, st.st_size)
+    count = st.st_size
     started = time.monotonic()
     src = data.layer.open_file(*data.split(), os.O_RDONLY)
     try:

@@ -226,6 +226,10 @@ class Union:
             if this is None:
                 i += 1
                 continue
+            if (upper_metacopy or d.metacopy) and not self.config.metacopy:
+                # Also for a metadata-only copy found in the bottom layer (the kernel's
+                # answer there too, though nothing could be below it).
+                raise PermissionError(errno.EPERM, "refusing to follow metacopy origin", name)
             if not (d.metacopy and found):  # only the top-most metacopy and the data count
                 found.append(this)
             if d.stop:
@@ -300,6 +304,8 @@ class Union:
         layer = base.layer
         last_element = not post
         lower = not layer.writable
+        if comp in (b".", b".."):  # only a redirect can name them; lookup_one_len refuses
+            raise PermissionError(errno.EACCES, "invalid redirect component", comp)
         if lower and markers.is_oci_name(comp):
             d.stop = True  # OCI markers are never names in a lower layer
             d.rule, d.st = RESERVED, None

@@ -153,6 +153,8 @@ static struct job *new_job(fuse_req_t req, int fd, int fd_out)
     if ((fd >= 0 && job->fd < 0) || (fd_out >= 0 && job->fd_out < 0)) {
         if (job->fd >= 0)
             close(job->fd);
+        if (job->fd_out >= 0)
+            close(job->fd_out);
         free(job);
         return NULL;
     }
@@ -203,7 +205,10 @@ static void hook_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in
     }
     job->off = off_in;
     job->off_out = off_out;
-    job->len = len;
+    /* The reply's count is 32 bits (fuse_write_out.size): older kernels pass longer
+       requests on, and a count taken modulo 2^32 would read as a short copy or EOF. A
+       shorter copy is always allowed. */
+    job->len = len > 0xFFFFF000UL ? 0xFFFFF000UL : len;
     start(job, copy_job);
 }
 

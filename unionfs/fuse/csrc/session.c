@@ -128,7 +128,9 @@ struct fuse_session *unionfs_session_new(struct fuse_args *args,
     session_new_fn real = next_session_new();
     if (real == NULL)
         return no_next("libfuse's fuse_session_new was not found after the hook");
-    session = real(args, hook_table(op, op_size), op_size, userdata);
+    const struct fuse_lowlevel_ops *table = hook_table(op, op_size);
+    /* The wrapped table is whole: entries a feature set past pyfuse3's size count. */
+    session = real(args, table, table == &hooked_ops ? sizeof(hooked_ops) : op_size, userdata);
     return session;
 }
 
@@ -148,7 +150,9 @@ struct fuse_session *unionfs_session_new_versioned(struct fuse_args *args,
         (session_new_versioned_fn)dlvsym(RTLD_NEXT, "fuse_session_new_versioned", "FUSE_3.17");
     if (real == NULL)
         return no_next("libfuse's fuse_session_new_versioned was not found after the hook");
-    session = real(args, hook_table(op, op_size), op_size, version, userdata);
+    const struct fuse_lowlevel_ops *table = hook_table(op, op_size);
+    session = real(args, table, table == &hooked_ops ? sizeof(hooked_ops) : op_size, version,
+                   userdata);
     return session;
 }
 #endif
