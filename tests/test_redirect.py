@@ -142,6 +142,33 @@ def test_redirects_through_dot_or_dotdot_are_refused_as_the_kernel(tmp_path: Pat
     assert seen["unionfs"] == seen["kernel"] == ["EACCES"] * 3
 
 
+def _moved_lower(lowers: list[Path]) -> None:
+    write(lowers[0] / "x" / "dir" / "f")
+
+
+@pytest.mark.parametrize("mode", ["redirect_dir=on", "redirect_dir=follow"])
+def test_a_move_onto_a_full_upper_directory_fails_where_the_kernel_fails(
+    tmp_path: Path, mode: str
+) -> None:
+    """A target directory of the upper only is left to the upper's rename: with
+    redirect_dir=on the source is copied up (and keeps its redirect) before ENOTEMPTY,
+    as in the kernel; without it EXDEV comes first."""
+    u, k = twins(tmp_path, _moved_lower)
+    seen: dict[str, object] = {}
+    for t in (u, k):
+        write(t.upper / "c" / "dir" / "full")
+        with t.mount(mode):
+            try:
+                os.rename(t.mnt / "x" / "dir", t.mnt / "c" / "dir")
+                seen[t.kind] = "ok"
+            except OSError as e:
+                seen[t.kind] = errno.errorcode[e.errno or 0]
+    expected = "ENOTEMPTY" if mode == "redirect_dir=on" else "EXDEV"
+    assert seen["unionfs"] == seen["kernel"] == expected
+    assert sorted(os.listdir(u.upper)) == sorted(os.listdir(k.upper))
+    assert overlay_xattrs(u) == overlay_xattrs(k)
+
+
 def _outcome(path: Path) -> object:
     try:
         return sorted(os.listdir(path))

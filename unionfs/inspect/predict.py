@@ -267,6 +267,10 @@ def _rename(union: Union, pred: Prediction, relpath: bytes, to: bytes, flags: in
         pred.effects.append("nothing to do: both names are the same file")
         return
     swap = bool(flags & RENAME_EXCHANGE)
+    if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
+        # A target of the upper only: the upper's own rename refuses it (after the
+        # copy-ups, which stay; check_rename leaves it to the rename, as the kernel does).
+        raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
     _copy_ups(union, src, pred, "a rename happens in the upper", data=False)
     if swap and dst is not None:
         _copy_ups(union, dst, pred, "an exchange happens in the upper", data=False)

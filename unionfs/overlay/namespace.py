@@ -492,7 +492,9 @@ def check_rename(
         raise Refused(errno.EXDEV, MERGED_DIR_RENAME, join(sparent.path, sname))
     if swap and dst is not None and dst.is_dir and dst.has_lower and not redirects:
         raise Refused(errno.EXDEV, MERGED_DIR_RENAME, join(dparent.path, dname))
-    if dst is not None and not swap and dst.is_dir and not union.is_empty(dst):
+    if dst is not None and not swap and dst.is_dir and dst.has_lower and not union.is_empty(dst):
+        # The kernel checks a merged or lower target itself; a directory of the upper only
+        # is left to the upper's rename, which refuses it after the copy-ups (ENOTEMPTY).
         raise OSError(errno.ENOTEMPTY, "directory not empty", dname)
     return src, dst
 
