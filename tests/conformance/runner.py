@@ -335,7 +335,22 @@ class _Run:
         for side in self.sides.values():
             if side.mounted:
                 side.abort()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_tree(self.tmp)
+
+
+def remove_tree(path: bytes) -> None:
+    """Remove a case's directory, also what an ordinary user cannot list as it is: the
+    kernel overlay leaves its ``work/work`` with mode 0 (the unprivileged mode)."""
+
+    def unlock(func: Any, failed: Any, exc: Any) -> None:
+        try:
+            os.chmod(failed, 0o700)
+            shutil.rmtree(failed, ignore_errors=True)
+        except OSError:
+            pass
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=unlock)
 
 
 def run_case(
