@@ -250,7 +250,7 @@ __attribute__((visibility("default"))) void fuse_session_destroy(struct fuse_ses
 /* O_TMPFILE (FUSE_TMPFILE, served by libfuse 3.17): handed to pyfuse3's create
    handler under a name no real entry has (a slash), which the Python side knows
    (operations.TMPFILE_NAME); libfuse expects the same reply as for create. */
-#define HAVE_TMPFILE 1
+#define HOOK_HAS_TMPFILE 1
 static void (*inner_create)(fuse_req_t, fuse_ino_t, const char *, mode_t,
                             struct fuse_file_info *);
 
@@ -265,7 +265,7 @@ static int wrap(struct fuse_lowlevel_ops *ops)
 {
     if (ops->setxattr == NULL)
         return -1;
-#ifdef HAVE_TMPFILE
+#ifdef HOOK_HAS_TMPFILE
     if (ops->create != NULL) {
         inner_create = ops->create;
         ops->tmpfile = hook_tmpfile;
