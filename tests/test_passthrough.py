@@ -34,10 +34,6 @@ def _requests(um: UnionMount, name: str) -> int:
     return len(re.findall(rf"DEBUG: {name}\(", um.log()))
 
 
-def _caps_probes(um: UnionMount) -> int:
-    return len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", um.log()))
-
-
 def test_the_install_has_the_libfuse_it_asked_for() -> None:
     info_path = Path(sys.prefix) / "libfuse.json"
     if info_path.exists():
@@ -141,10 +137,15 @@ def test_writes_need_no_capability_probe_under_killpriv_v2(stack: Stack, mounted
     finally:
         os.close(fd)
     assert _requests(um, "write") == 50
+    # Counted as received (some are answered in C, unseen by the request log: csrc/caps.c).
+    um.unmount()
+    found = re.search(r"requests: (.*)", um.log())
+    assert found is not None, um.log()[-2000:]
+    counts = dict(kv.split("=") for kv in found.group(1).split())
     if EXPECTED:
-        assert _caps_probes(um) <= 1  # once per file, not per write
+        assert int(counts.get("getxattr", 0)) <= 1  # once per file, not per write
     else:
-        assert _caps_probes(um) >= 50
+        assert int(counts.get("getxattr", 0)) >= 50
 
 
 @pytest.mark.skipif(not EXPECTED, reason="needs passthrough (libfuse 3.17)")
