@@ -11,6 +11,7 @@ other's upper must show the other's final tree) and that no lower changed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -339,18 +340,19 @@ class _Run:
 
 
 def remove_tree(path: bytes) -> None:
-    """Remove a case's directory, also what an ordinary user cannot list as it is: the
-    kernel overlay leaves its ``work/work`` with mode 0 (the unprivileged mode)."""
-
-    def unlock(func: Any, failed: Any, exc: Any) -> None:
-        try:
-            os.chmod(failed, 0o700)
-            shutil.rmtree(failed, ignore_errors=True)
-        except OSError:
-            pass
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=unlock)
+    """Remove a case's directory, also what an ordinary user cannot remove at first: the
+    kernel overlay leaves its ``work/work`` with mode 0 (the unprivileged mode), and
+    layers have read-only directories."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for top, dirs, _ in os.walk(path):
+        for d in dirs:
+            sub = os.path.join(top, d)
+            if not os.path.islink(sub):
+                with contextlib.suppress(OSError):
+                    os.chmod(sub, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_case(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.conftest import ME, Layers, is_whiteout, node, visible, write
+from tests.unit.conftest import ME, NS, Layers, is_whiteout, node, visible, write
 from unionfs.overlay import markers, namespace, syscalls
 from unionfs.overlay.files import Change, Files
 
@@ -107,6 +107,9 @@ async def test_a_whiteout_left_by_moving_a_directory_onto_one_goes_at_the_next_m
     assert inside == b"kept"
 
 
+@pytest.mark.skipif(
+    NS is markers.USER, reason="metacopy needs trusted.* xattrs (refused with userxattr)"
+)
 async def test_a_metadata_only_copy_holds_all_its_data_before_its_marker_goes(
     layers: Layers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
