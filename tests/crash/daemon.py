@@ -1,9 +1,12 @@
 """The unionfs daemon that SIGKILLs itself at the N-th change it makes to its layers.
 
-``python -m tests.crash.daemon N[+] -- UNIONFS-ARGS...`` runs the ordinary command
-line after wrapping, in this process only, every system call that can change a
-directory or file (creating, removing, renaming, writing, setting attributes).
-Once the mount is set up (the workdir cleared), the calls are counted, and the
+``python -m tests.crash.daemon N[+] [--arm-file PATH] -- UNIONFS-ARGS...`` runs the
+ordinary command line after wrapping, in this process only, every system call that
+can change a directory or file (creating, removing, renaming, writing, setting
+attributes). Once the mount is set up (the workdir cleared), or with ``--arm-file``
+once PATH exists (the crash runner creates it when its workload starts, so that its
+own look at the tree, whose lookups may record origins, is no kill point), the
+calls are counted, and the
 process sends itself SIGKILL right before the N-th one, or right after it with
 ``N+``. A SIGKILL cannot be caught: this is the same death as a ``kill -9`` from
 outside, placed exactly between two system calls, so every window between the
@@ -57,16 +60,21 @@ OPEN_CHANGES = os.O_CREAT | os.O_TRUNC
 class Trigger:
     """Counts changes to the layers and dies at the chosen one."""
 
-    def __init__(self, at: int, after: bool) -> None:
+    def __init__(self, at: int, after: bool, arm_file: str | None = None) -> None:
         self.at = at
         self.after = after
         self.count = 0
         self.armed = False
+        self.arm_file = arm_file
         self.lock = threading.Lock()  # copy-up threads change the workdir too
 
     def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         if not self.armed:
             return fn(*args, **kw)
+        if self.arm_file is not None:
+            if not os.path.exists(self.arm_file):
+                return fn(*args, **kw)
+            self.arm_file = None
         with self.lock:
             self.count += 1
             hit = self.count == self.at
@@ -130,9 +138,12 @@ def plant_unsafe_remove() -> None:
 def main(argv: list[str]) -> int:
     sep = argv.index("--")
     spec, plants = argv[0], argv[1:sep]
+    arm_file = None
+    if plants[:1] == ["--arm-file"]:
+        arm_file, plants = plants[1], plants[2:]
     if spec != "-":
         at = int(spec.rstrip("+"))
-        _wrap(Trigger(at, after=spec.endswith("+")))
+        _wrap(Trigger(at, after=spec.endswith("+"), arm_file=arm_file))
     if plants == ["--plant", "unsafe-remove"]:
         plant_unsafe_remove()
     elif plants:

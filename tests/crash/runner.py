@@ -238,6 +238,7 @@ class Session:
         self.upper = self.dir / "upper"
         self.work = self.dir / "work"
         self.mnt = self.dir / "mnt"
+        self.arm_file = self.dir / "armed"  # a self-killing daemon counts once it exists
         self.log: list[Logged] = []
         self.replayed = 0  # log entries the kernel replay has been given
         self.replay_handles: dict[int, int] = {}
@@ -263,9 +264,13 @@ class Session:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_unionfs(self) -> None:
-        if self.um is not None:
-            self.um.unmount()
-            self.um = None
+        um, self.um = self.um, None
+        try:
+            if um is not None:
+                um.unmount()
+        finally:
+            if mount_type(self.mnt) is not None:  # whatever happened: nothing left behind
+                lazy_unmount(self.mnt)
 
     # -- segments ----------------------------------------------------------------
 
@@ -298,9 +303,12 @@ class Session:
     def _mount(self, plan: Plan | None) -> UnionMount:
         """unionfs; for a kill by its own hand, the daemon that counts its changes."""
         command = None
+        self.arm_file.unlink(missing_ok=True)  # armed when the workload starts (_segment)
         if (plan and plan.by == "self") or self.r.daemon_args:
             spec = plan.change if plan and plan.by == "self" else "-"
-            command = [sys.executable, "-m", "tests.crash.daemon", spec, *self.r.daemon_args, "--"]
+            arm = ["--arm-file", os.fspath(self.arm_file)]
+            command = [sys.executable, "-m", "tests.crash.daemon", spec, *arm]
+            command += [*self.r.daemon_args, "--"]
         return start_unionfs(
             self.r.lowers, self.mnt, self.upper, self.work, command=command, timeout=60
         )
@@ -328,6 +336,7 @@ class Session:
 
         watchdog = threading.Timer(SEGMENT_TIMEOUT, on_hang)
         watchdog.start()
+        self.arm_file.touch()
         timer: threading.Timer | None = None
         done = 0
         try:
