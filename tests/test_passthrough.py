@@ -139,13 +139,17 @@ def test_writes_need_no_capability_probe_under_killpriv_v2(stack: Stack, mounted
     assert _requests(um, "write") == 50
     # Counted as received (some are answered in C, unseen by the request log: csrc/caps.c).
     um.unmount()
-    found = re.search(r"requests: (.*)", um.log())
-    assert found is not None, um.log()[-2000:]
-    counts = dict(kv.split("=") for kv in found.group(1).split())
+    log = um.log()
+    found = re.search(r"requests: (.*)", log)
+    if found is not None:
+        probes = int(dict(kv.split("=") for kv in found.group(1).split()).get("getxattr", 0))
+    else:  # no C hook: every request reaches the Python side and its -d log
+        assert not hook_enabled(), log[-2000:]
+        probes = len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", log))
     if EXPECTED:
-        assert int(counts.get("getxattr", 0)) <= 1  # once per file, not per write
+        assert probes <= 1  # once per file, not per write
     else:
-        assert int(counts.get("getxattr", 0)) >= 50
+        assert probes >= 50
 
 
 @pytest.mark.skipif(not EXPECTED, reason="needs passthrough (libfuse 3.17)")
