@@ -571,17 +571,25 @@ def engines_dir() -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("the engine tests drive rootful podman and need root")
     # Under /tmp whatever TMPDIR says: podman limits the runroot path (Store.runroot).
-    d = Path(tempfile.mkdtemp(prefix="unionfs-engines-", dir="/tmp"))
+    with scratch_dir("unionfs-engines-", "UNIONFS_ENGINE_KEEP", "engine", parent="/tmp") as d:
+        yield d
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep_env: str, what: str, parent: str | None = None) -> Iterator[Path]:
+    """A fresh directory for a module's engine runs; afterwards whatever is still mounted
+    below it is detached (and fails the run), and it is removed unless *keep_env* is 1."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield d
     finally:
         leftovers = fuse_mounts_under(d, all_types=True)
         for point, _ in reversed(leftovers):
             lazy_unmount(point)
-        if os.environ.get("UNIONFS_ENGINE_KEEP") != "1" and not fuse_mounts_under(d, True):
+        if os.environ.get(keep_env) != "1" and not fuse_mounts_under(d, True):
             shutil.rmtree(d, ignore_errors=True)
         else:
-            print(f"\nengine test files kept in {d}", file=sys.stderr)
+            print(f"\n{what} test files kept in {d}", file=sys.stderr)
         assert not leftovers, f"mounts left under {d}: {leftovers}"
 
 

@@ -15,14 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.engines.conftest import Store, fuse_mounts_under, make_base_rootfs
-from tests.mounting import lazy_unmount
+from tests.engines.conftest import Store, make_base_rootfs, scratch_dir
 
 sys.modules.setdefault("tests.image_tools.conftest", sys.modules[__name__])
 
@@ -41,18 +39,8 @@ def tools_dir() -> Iterator[Path]:
         )
     if os.geteuid() != 0:
         pytest.skip("the image tool tests drive rootful podman and need root")
-    d = Path(tempfile.mkdtemp(prefix="unionfs-image-tools-"))
-    try:
+    with scratch_dir("unionfs-image-tools-", "UNIONFS_IMAGE_TOOLS_KEEP", "image tool") as d:
         yield d
-    finally:
-        leftovers = fuse_mounts_under(d, all_types=True)
-        for point, _ in reversed(leftovers):
-            lazy_unmount(point)
-        if os.environ.get("UNIONFS_IMAGE_TOOLS_KEEP") != "1" and not fuse_mounts_under(d, True):
-            shutil.rmtree(d, ignore_errors=True)
-        else:
-            print(f"\nimage tool test files kept in {d}", file=sys.stderr)
-        assert not leftovers, f"mounts left under {d}: {leftovers}"
 
 
 def _store(root: Path, name: str, driver: str) -> Store:
