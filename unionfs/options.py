@@ -291,3 +291,12 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.ignored.append(item)
     else:
         raise UsageError(f"unknown option: {item}")
+
+
+def human_size(n: float) -> str:
+    """A size as the command lines print it: 1023 B, 1.0 KiB, 256.0 MiB, ..."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 from unionfs.errors import UsageError
 from unionfs.image.digest import ImageError
 from unionfs.image.unpack import Limits
-from unionfs.options import escape_path
+from unionfs.options import escape_path, human_size
 
 T = TypeVar("T")
 
@@ -311,16 +311,7 @@ def _image_layers(args: argparse.Namespace) -> int:
 
 
 def _human(n: int) -> str:
-    if n < 0:
-        return "?"
-    if n < 1024:
-        return f"{n} B"
-    size = n / 1024
-    for unit in ("KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
+    return "?" if n < 0 else human_size(n)  # a size below 0: not known
 
 
 # -- unionfs layer import ------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from unionfs.errors import UsageError
 from unionfs.inspect import markerinfo
 from unionfs.inspect.explain import hidden_reason, resolve_traced, stopped_by
-from unionfs.inspect.render import human_size
+from unionfs.options import human_size
 from unionfs.overlay import markers
 from unionfs.overlay.layers import Layer
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace

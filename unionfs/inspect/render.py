@@ -7,15 +7,7 @@ from typing import Any
 
 from unionfs.inspect import markerinfo
 from unionfs.inspect.explain import Explanation, disagreements, show
-
-
-def human_size(n: float) -> str:
-    """1023 B, 1.0 KiB, 256.0 MiB, ..."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from unionfs.options import human_size
 
 
 def _jsonable(value: Any) -> Any:

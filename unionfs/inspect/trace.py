@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from unionfs.errors import UsageError
 from unionfs.inspect import stack as stacks
-from unionfs.inspect.render import human_size
+from unionfs.options import human_size
 
 POLL_INTERVAL = 0.2
 
