@@ -125,6 +125,17 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def is_whiteout_entry(dent: os.DirEntry[bytes]) -> bool:
+    """A kernel-format whiteout, from a listing: the common types (known from the
+    listing itself) are ruled out before anything is stat'ed."""
+    return (
+        not dent.is_file(follow_symlinks=False)
+        and not dent.is_dir(follow_symlinks=False)
+        and not dent.is_symlink()
+        and is_whiteout(dent.stat(follow_symlinks=False))
+    )
+
+
 def is_oci_name(name: bytes) -> bool:
     """A name the OCI format reserves for its markers."""
     return name.startswith(OCI_PREFIX)
@@ -599,12 +610,7 @@ def read_layer_dir(fd: int) -> LayerDir:
                 elif not is_oci_meta(name):
                     deleted.add(name[len(OCI_PREFIX) :])
                 continue
-            if (
-                not dent.is_dir(follow_symlinks=False)
-                and not dent.is_file(follow_symlinks=False)
-                and not dent.is_symlink()
-                and is_whiteout(dent.stat(follow_symlinks=False))
-            ):
+            if is_whiteout_entry(dent):
                 deleted.add(name)
                 continue
             names.append(name)

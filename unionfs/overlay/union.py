@@ -704,12 +704,7 @@ class Union:
                         if deleted is not None:  # the opaque marker already cut the stack
                             deleted_below.append(deleted)
                         continue
-                    if (
-                        not dent.is_file(follow_symlinks=False)
-                        and not dent.is_dir(follow_symlinks=False)
-                        and not dent.is_symlink()
-                        and is_whiteout(dent.stat(follow_symlinks=False))
-                    ):
+                    if markers.is_whiteout_entry(dent):
                         hidden.add(name)
                         continue
                     seen.add(name)
