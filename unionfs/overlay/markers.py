@@ -192,6 +192,20 @@ def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> b
     return overlay_xattr(path, ns, b"opaque", follow) == b"y"
 
 
+def may_be_metacopy(st: os.stat_result) -> bool:
+    """Whether the entry *st* could be a metadata-only copy, whose xattrs a lookup must
+    read: a regular file, unless its blocks hold all its size. A metadata-only copy
+    (the kernel's or unionfs's) is made sparse, with no data at all, so a file with
+    every byte allocated is taken for none without reading its xattrs (README: a
+    metacopy xattr set by hand on a file full of data is not followed)."""
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    return st.st_size == 0 or st.st_blocks * 512 < st.st_size
+
+
+_PREFIXES = {space.prefix: os.fsdecode(space.prefix) for space in (TRUSTED, USER)}
+
+
 def overlay_xattrs(path: bytes, ns: XattrNamespace, follow: bool = False) -> dict[bytes, bytes]:
     """All overlay xattrs of *path*, by suffix (``opaque``, ``redirect``, ...), read in
     one ``listxattr`` and a ``getxattr`` per overlay xattr found; as ``overlay_xattr``,
@@ -203,8 +217,10 @@ def overlay_xattrs(path: bytes, ns: XattrNamespace, follow: bool = False) -> dic
             return {}
         raise
     out: dict[bytes, bytes] = {}
+    if not names:
+        return out
     for space in (other(ns), ns):  # the mount's own last: it wins
-        prefix = os.fsdecode(space.prefix)
+        prefix = _PREFIXES[space.prefix]
         for name in names:
             if not name.startswith(prefix):
                 continue

@@ -328,7 +328,11 @@ class Union:
         path = join(base.path, comp)
         here = (Place(layer, path), st)
         is_dir = stat.S_ISDIR(st.st_mode)
-        if (not is_dir and (d.is_dir or not last_element)) or d.last and is_dir:
+        if (
+            (not is_dir and (d.is_dir or not last_element or not markers.may_be_metacopy(st)))
+            or d.last
+            and is_dir
+        ):
             xattrs: dict[bytes, bytes] = {}  # what follows reads none
         else:
             xattrs = markers.overlay_xattrs(fd_path(layer.dirfd(base.path), comp), self.ns)
