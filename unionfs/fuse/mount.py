@@ -437,6 +437,7 @@ def serve(
     counts = hook.request_counts(fusehook)
     if counts:  # make bench reads this line (daemon CPU per request)
         log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
+        log.info("reads answered in C: %d", hook.reads_served(fusehook))
     log.info("unmounted %s", setup.mountpoint)
     return 0
 

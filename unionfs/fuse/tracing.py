@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ LAYER_ERRNOS = frozenset(
 
 # The tracer the request boundary reports to; None while nobody listens.
 active: Tracer | None = None
+# Told whether anyone traces now (the C hook then leaves every READ to Python).
+on_change: Callable[[bool], None] | None = None
 
 
 class Request:
@@ -153,6 +155,8 @@ class Tracer:
         on = self.listening
         self.union.events = self if on else None
         active = self if on else None
+        if on_change is not None:
+            on_change(on)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber()
@@ -216,6 +220,8 @@ class Tracer:
         global active
         self.union.events = None
         active = None
+        if on_change is not None:
+            on_change(False)
         if self.trace_fd is not None:
             os.close(self.trace_fd)
             self.trace_fd = None
