@@ -132,30 +132,3 @@ def test_broken_metadata_only_copies_fail_as_on_the_kernel(tmp_path: Path, mode:
                 except OSError as e:
                     seen[t.kind].append(errno.errorcode[e.errno or 0])
     assert seen["unionfs"] == seen["kernel"]
-
-
-def _full(lowers: list[Path]) -> None:
-    write(lowers[0] / "full", b"data")  # every byte allocated: no metadata-only copy
-    os.setxattr(lowers[0] / "full", b"trusted.overlay.metacopy", b"")
-    write(lowers[0] / "sparse", b"")
-    os.truncate(lowers[0] / "sparse", 4)
-    os.setxattr(lowers[0] / "sparse", b"trusted.overlay.metacopy", b"")
-
-
-def test_a_metacopy_xattr_on_a_file_full_of_data_is_not_read(tmp_path: Path) -> None:
-    """The documented difference (README): a lookup reads a regular file's xattrs only
-    when its blocks do not hold all its size, so a metacopy xattr set by hand on a file
-    full of data is not followed (the kernel refuses it without metacopy=on). The
-    sparse one beside it, as the kernel and unionfs make them, is still refused."""
-    u, k = twins(tmp_path, _full)
-    seen: dict[str, list[str]] = {}
-    for t in (u, k):
-        with t.mount():
-            seen[t.kind] = []
-            for name in ("full", "sparse"):
-                try:
-                    os.stat(t.mnt / name)
-                    seen[t.kind].append("ok")
-                except OSError as e:
-                    seen[t.kind].append(errno.errorcode[e.errno or 0])
-    assert seen == {"unionfs": ["ok", "EPERM"], "kernel": ["EPERM", "EPERM"]}

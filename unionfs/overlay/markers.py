@@ -194,13 +194,9 @@ def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> b
 
 def may_be_metacopy(st: os.stat_result) -> bool:
     """Whether the entry *st* could be a metadata-only copy, whose xattrs a lookup must
-    read: a regular file, unless its blocks hold all its size. A metadata-only copy
-    (the kernel's or unionfs's) is made sparse, with no data at all, so a file with
-    every byte allocated is taken for none without reading its xattrs (README: a
-    metacopy xattr set by hand on a file full of data is not followed)."""
-    if not stat.S_ISREG(st.st_mode):
-        return False
-    return st.st_size == 0 or st.st_blocks * 512 < st.st_size
+    read: only a regular file can be. (Its blocks say nothing: a metadata-only copy has
+    no data, but a filesystem may count the blocks of its xattrs, as ext4 does.)"""
+    return stat.S_ISREG(st.st_mode)
 
 
 _PREFIXES = {space.prefix: os.fsdecode(space.prefix) for space in (TRUSTED, USER)}
