@@ -402,7 +402,7 @@ def serve(
     (``premount``), and *ready* is called then, unless ``passthrough=on`` may
     still refuse the mount once the kernel's INIT is answered."""
     from unionfs import startup
-    from unionfs.fuse import hook, premount
+    from unionfs.fuse import hook, premount, state
     from unionfs.overlay.union import Union
 
     os.umask(0)  # modes of new files are computed per request (caller's umask)
@@ -421,6 +421,7 @@ def serve(
             ready()
 
     fuse_fd: int | None = None
+    published: Path | None = None
     try:
         try:
             fuse_fd = premount.mount(setup.mountpoint, setup.fuse_options)
@@ -429,9 +430,14 @@ def serve(
         if fuse_fd is not None:
             startup.mark("mount")
             if setup.passthrough != "on":
+                # Published before the caller goes on, as when libfuse mounts: the
+                # inspection tools (and `unionfs convert`'s refusal) find the mount.
+                published = state.publish_mount(setup.config, setup.mountpoint, setup.trace_path)
                 ready_once()
         fusehook = _serve_mounted(setup, union, fuse_fd, ready_once, timeout, debug)
     finally:
+        if published is not None:
+            state.withdraw(published, os.getpid())
         union.close()
         setup.release()
     counts = hook.request_counts(fusehook)

@@ -372,25 +372,8 @@ async def control(
         ],
     }  # fmt: skip
     tracer = Tracer(union, header, trace_fd)
-    published: Path | None = None
-    device = state.device_of(mountpoint)
-    sock = os.fspath(state.socket_path(device)) if device is not None else None
-    if device is not None:
-        try:
-            state.sweep()
-            published = state.publish(
-                state.MountState(
-                    pid=os.getpid(),
-                    mountpoint=os.fspath(mountpoint),
-                    device=device,
-                    config=state.config_to_json(union.config),
-                    ids=state.ids_to_json(union.config.ids),
-                    trace=os.fspath(trace_path) if trace_path is not None else None,
-                    socket=sock,
-                )
-            )
-        except OSError as e:
-            log.warning("cannot publish the mount's state in %s: %s", state.runtime_dir(), e)
+    published = state.publish_mount(union.config, mountpoint, trace_path)
+    sock = os.fspath(state.socket_path(published.stem)) if published is not None else None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(tracer.run)
