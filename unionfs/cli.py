@@ -197,23 +197,32 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     connect_log = _log_to_syslog()
     startup.mark("fork")
 
+    told = False  # the parent has its answer and wfd is closed (its number may be reused)
+
     def ready() -> None:
+        nonlocal told
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        os.write(wfd, b"ok")
-        os.close(wfd)
+        told = True
+        try:
+            os.write(wfd, b"ok")
+        finally:
+            os.close(wfd)
         connect_log()
 
     code = 1
     try:
         code = serve(setup, ready, timeout)
     except UsageError as e:
-        _tell(wfd, str(e))
+        logging.getLogger(PROG).error("%s", e)
+        if not told:
+            _tell(wfd, str(e))
     except BaseException as e:  # pragma: no cover - reported to the waiting parent
         logging.getLogger(PROG).exception("daemon failed")
-        _tell(wfd, f"daemon failed: {e}")
+        if not told:
+            _tell(wfd, f"daemon failed: {e}")
     finally:
         connect_log()  # what was logged before a failure, too
         os._exit(code)

@@ -422,19 +422,29 @@ def serve(
 
     fuse_fd: int | None = None
     published: Path | None = None
+    # Until trio's handlers take over (_run), a stop signal is noted, not fatal: a
+    # premounted daemon killed while loading would leave a dead mount behind.
+    signals = _hold_signals()
     try:
         try:
             fuse_fd = premount.mount(setup.mountpoint, setup.fuse_options)
         except OSError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e.strerror}") from None
         if fuse_fd is not None:
-            startup.mark("mount")
-            if setup.passthrough != "on":
-                # Published before the caller goes on, as when libfuse mounts: the
-                # inspection tools (and `unionfs convert`'s refusal) find the mount.
-                published = state.publish_mount(setup.config, setup.mountpoint, setup.trace_path)
-                ready_once()
-        fusehook = _serve_mounted(setup, union, fuse_fd, ready_once, timeout, debug)
+            try:
+                startup.mark("mount")
+                if setup.passthrough != "on":
+                    # Published before the caller goes on, as when libfuse mounts: the
+                    # inspection tools (and `unionfs convert`'s refusal) find the mount.
+                    published = state.publish_mount(
+                        setup.config, setup.mountpoint, setup.trace_path
+                    )
+                    ready_once()
+            except BaseException:
+                premount.unmount(setup.mountpoint, fuse_fd)
+                os.close(fuse_fd)
+                raise
+        fusehook = _serve_mounted(setup, union, fuse_fd, ready_once, timeout, debug, signals)
     finally:
         if published is not None:
             state.withdraw(published, os.getpid())
@@ -455,6 +465,7 @@ def _serve_mounted(
     ready: Callable[[], None],
     timeout: float | None,
     debug: bool,
+    signals: list[int],
 ) -> ModuleType | None:
     """Load the libraries, hand libfuse the mount (made here when *fuse_fd* is
     None), serve until unmounted; returns the C hook (None without it)."""
@@ -490,7 +501,7 @@ def _serve_mounted(
         ops = Operations(union, fusehook, setup.passthrough)
         target = os.fspath(setup.mountpoint) if fuse_fd is None else f"/dev/fd/{fuse_fd}"
         try:
-            pyfuse3.init(ops, target, setup.fuse_options)
+            pyfuse3.init(ops, target, premount.for_libfuse(setup.fuse_options))
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
         taken = True
@@ -508,12 +519,15 @@ def _serve_mounted(
                 lambda: _check_init(ops, setup.passthrough, fusehook),
                 union,
                 setup,
+                signals,
             )
         finally:
-            if fuse_fd is not None:
-                premount.unmount(setup.mountpoint, fuse_fd)
-            pyfuse3.close(unmount=True)  # closes fuse_fd too
-            ops.release_queued()
+            try:
+                if fuse_fd is not None:
+                    premount.unmount(setup.mountpoint, fuse_fd)
+            finally:
+                pyfuse3.close(unmount=True)  # closes fuse_fd too
+                ops.release_queued()
     finally:
         if fuse_fd is not None and not taken:
             premount.unmount(setup.mountpoint, fuse_fd)
@@ -546,9 +560,11 @@ async def _run(
     check_init: Callable[[], None],
     union: Union,
     setup: Setup,
+    signals: list[int],
 ) -> None:
     """Serve requests; call *ready* once the kernel's INIT is handled and passes
-    *check_init* (the kernel sends INIT as soon as it mounts)."""
+    *check_init* (the kernel sends INIT as soon as it mounts). A stop signal noted
+    before trio took them over (*signals*) unmounts then."""
     import trio
 
     from unionfs import startup
@@ -573,8 +589,26 @@ async def _run(
             startup.mark("init")
             startup.write()
             ready()
+            if signals:
+                import pyfuse3
+
+                log.info("received %s while starting: unmounting", signal.Signals(signals[0]).name)
+                pyfuse3.terminate()
     if refused is not None:
         raise refused
+
+
+def _hold_signals() -> list[int]:
+    """Note SIGTERM, SIGINT and SIGHUP in the returned list instead of dying of them
+    (or raising KeyboardInterrupt), until trio's own handlers replace these."""
+    noted: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        noted.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note)
+    return noted
 
 
 async def _release_now_and_then(ops: Operations) -> None:

@@ -36,6 +36,8 @@ _MS_SYNCHRONOUS = 16
 _MS_DIRSYNC = 128
 _MS_NOATIME = 1024
 _MS_NODIRATIME = 2048
+_MS_RELATIME = 1 << 21
+_MS_STRICTATIME = 1 << 24
 _MNT_DETACH = 2
 
 # Option: (flag, set). libfuse starts from nosuid,nodev.
@@ -55,7 +57,21 @@ _FLAGS = {
     "noatime": (_MS_NOATIME, True),
     "diratime": (_MS_NODIRATIME, False),
     "nodiratime": (_MS_NODIRATIME, True),
+    "relatime": (_MS_RELATIME, True),
+    "strictatime": (_MS_STRICTATIME, True),
 }
+# Access-time options that libfuse's option parser refuses in one version or another
+# (3.14 knows none of these but atime; 3.17 knows nodiratime but not atime): they are
+# mount flags only, set by the premount and never handed to libfuse.
+ATIME_ONLY = frozenset({"atime", "relatime", "strictatime", "diratime", "nodiratime"})
+
+
+def for_libfuse(options: set[str]) -> set[str]:
+    """*options* without those libfuse may refuse (``ATIME_ONLY``): when libfuse mounts
+    (no premount) they are dropped, as fusermount3 would not pass them either."""
+    return options - ATIME_ONLY
+
+
 _KERNEL = ("default_permissions", "allow_other")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -91,7 +107,6 @@ def arguments(options: set[str]) -> tuple[bytes, bytes, int, str]:
                 kernel.append("allow_other")
         elif opt in _KERNEL:
             kernel.append(opt)
-        # Others (relatime, strictatime, ...) change nothing libfuse passes on.
     return os.fsencode(source), os.fsencode(fstype), flags, ",".join(kernel)
 
 
@@ -101,8 +116,8 @@ def mount(mountpoint: Path, options: set[str]) -> int | None:
     if os.environ.get(DISABLE_ENV, "") not in ("", "0") or os.geteuid() != 0:
         return None
     source, fstype, flags, kernel = arguments(options)
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     mode = stat.S_IFMT(os.stat(mountpoint).st_mode)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     data = f"fd={fd},rootmode={mode:o},user_id={os.getuid()},group_id={os.getgid()}"
     if kernel:
         data += "," + kernel
