@@ -47,9 +47,7 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SCHILY = "SCHILY.xattr."
-# tarfile's stream reader copies the rest of its buffer on every read (each 512-byte
-# header): a large buffer makes that quadratic, a small one costs more reads.
-_TAR_BUFFER = 64 << 10
+_TAR_BUFFER = CHUNK  # what the archive is read in
 # A regular file up to this size is read whole by the reading thread and handed to
 # the making thread with its entry; a larger one is copied from the stream in pieces.
 _WHOLE_MAX = CHUNK
@@ -668,6 +666,8 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
 
 
 def _mtime_ns(m: tarfile.TarInfo) -> int:
+    if type(m.mtime) is int:  # a plain header's: exact, and no float on the way
+        return m.mtime * 1_000_000_000
     return int(round(float(m.mtime) * 1e9))
 
 
