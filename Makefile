@@ -43,15 +43,15 @@ install: system-deps $(STAMP)
 
 # Lint; the whole suite (on libfuse 3.17, where passthrough tests demand passthrough);
 # the safety suite and a conformance sample with -o passthrough=on; the real-mount
-# tests again with the C hook disabled and on the system's libfuse 3.14 (both
-# fallbacks must keep working); then as an ordinary user, the container engines and
+# tests again with the C hook disabled and libfuse making the mount itself (no
+# premount), and on the system's libfuse 3.14 (every fallback must keep working); then as an ordinary user, the container engines and
 # the image tools.
 EXPECT_PASSTHROUGH := $(if $(filter 3.17,$(LIBFUSE)),1,0)
 test: install lint
 	UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/user --ignore=tests/image_tools
 	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-passthrough-on)
-	UNIONFS_NO_HOOK=1 $(PY) -m pytest -q -p no:cacheprovider tests \
+	UNIONFS_NO_HOOK=1 UNIONFS_NO_PREMOUNT=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
 		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py \
 		--ignore=tests/crash

@@ -120,6 +120,27 @@ def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted: Mount
     assert os.getxattr(stack.mnt / "moved", "security.capability") == CAPABILITY
 
 
+def test_a_file_created_through_the_mount_is_known_to_have_no_capability(
+    stack: Stack, mounted: Mounted
+) -> None:
+    """A new file has no security.capability: no question about it reaches the Python
+    side with the C hook (untar: one probe per file for chown, one for its first write),
+    and a capability set afterwards is seen at once."""
+    from tests.test_safety import CAPABILITY
+
+    um = mounted(args=["-d"])
+    fd = os.open(stack.mnt / "new", os.O_CREAT | os.O_WRONLY, 0o755)
+    os.close(fd)
+    for _ in range(3):
+        with pytest.raises(OSError) as e:
+            os.getxattr(stack.mnt / "new", "security.capability")
+        assert e.value.errno == errno.ENODATA
+    asked = len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", um.log()))
+    assert asked == (0 if hook_enabled() else 3)
+    os.setxattr(stack.mnt / "new", "security.capability", CAPABILITY)
+    assert os.getxattr(stack.mnt / "new", "security.capability") == CAPABILITY
+
+
 def test_passthrough_off_serves_everything(stack: Stack, mounted: Mounted) -> None:
     um = mounted(extra_options="passthrough=off", args=["-d"])
     (stack.mnt / "new").write_bytes(b"data")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.conftest import Mounted, Stack
+from tests.features import hook_enabled
 from tests.test_merge import write
 
 
@@ -66,3 +71,36 @@ def test_a_read_racing_a_copy_up_of_its_file_stays_exact(stack: Stack, mounted: 
         reader.close()
     assert head + rest in (data, data + b"!")
     assert (stack.upper / "f").read_bytes() == data + b"!"
+
+
+def _served_in_c(log: str) -> int | None:
+    found = re.search(r"reads answered in C: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.parametrize("how", ["plain", "debug", "traced"])
+def test_page_cached_reads_are_answered_in_c_unless_requests_are_watched(
+    stack: Stack, mounted: Mounted, tmp_path: Path, how: str
+) -> None:
+    """With the C hook, a READ of page-cached data never reaches Python (csrc/ops.c);
+    with -d or a trace every READ goes through Python, which logs or traces it."""
+    data = os.urandom(1 << 20)
+    write(stack.lowers[1] / "f", data)
+    kw: dict[str, Any] = {}
+    if how == "debug":
+        kw["args"] = ["-d"]
+    elif how == "traced":
+        kw["extra_options"] = f"trace={tmp_path / 'trace.jsonl'}"
+    um = mounted(**kw)
+    for _ in range(2):
+        with open(stack.mnt / "f", "rb", buffering=0) as f:
+            assert f.read() == data
+        _evict(stack.mnt / "f")  # the next open reads through the daemon again
+    assert um.unmount() == 0
+    served = _served_in_c(um.log())
+    if not hook_enabled():
+        assert served is None
+    elif how == "plain":
+        assert served is not None and served >= 2
+    else:
+        assert served == 0

@@ -75,13 +75,15 @@ if [ "$got" = system ]; then
 		# A pyfuse3 built earlier against the private libfuse must go.
 		$pip install -q --force-reinstall --no-deps "pyfuse3>=3.3"
 	fi
-	(cd "$repo" && $pip install -q -e '.[dev]')
+	# compat: the source tree as a plain path in a .pth; setuptools' default import-hook
+	# finder costs every start of the interpreter (and so every mount) about 25 ms.
+	(cd "$repo" && $pip install -q -e '.[dev]' --config-settings editable_mode=compat)
 	got=$(pkg-config --modversion fuse3)
 else
 	# The C hook against the same libfuse as pyfuse3: its headers first, its library
 	# first, and the rpath.
 	(cd "$repo" && CPPFLAGS="-I$prefix/include/fuse3" \
-		LDFLAGS="-L$prefix/lib -Wl,-rpath,$prefix/lib" $pip install -q -e '.[dev]')
+		LDFLAGS="-L$prefix/lib -Wl,-rpath,$prefix/lib" $pip install -q -e '.[dev]' --config-settings editable_mode=compat)
 fi
 
 # Bytecode now, as an installed package has it: where the environment forbids writing it at

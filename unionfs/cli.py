@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import sys
 from collections.abc import Callable
@@ -195,7 +194,7 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     os.close(rfd)
     os.setsid()
     os.chdir("/")
-    _log_to_syslog()
+    connect_log = _log_to_syslog()
     startup.mark("fork")
 
     def ready() -> None:
@@ -205,6 +204,7 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
         os.close(devnull)
         os.write(wfd, b"ok")
         os.close(wfd)
+        connect_log()
 
     code = 1
     try:
@@ -215,6 +215,7 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
         logging.getLogger(PROG).exception("daemon failed")
         _tell(wfd, f"daemon failed: {e}")
     finally:
+        connect_log()  # what was logged before a failure, too
         os._exit(code)
 
 
@@ -226,12 +227,41 @@ def _tell(wfd: int, message: str) -> None:
         pass  # already reported ready; the log has it
 
 
-def _log_to_syslog() -> None:
+class _Held(logging.Handler):
+    """Log records kept until the daemon's syslog handler is set up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _log_to_syslog() -> Callable[[], None]:
+    """Send the daemon's log to syslog, from when the returned function is called (once
+    the mount is ready: the handler's module costs start-up time); records logged
+    before then are kept and sent then."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    if os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("unionfs[%(process)d]: %(levelname)s %(message)s"))
-    else:
-        handler = logging.NullHandler()
-    root.addHandler(handler)
+    held = _Held()
+    root.addHandler(held)
+
+    def connect() -> None:
+        if held not in root.handlers:
+            return  # connected already
+        import logging.handlers
+
+        if os.path.exists("/dev/log"):
+            handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+            handler.setFormatter(
+                logging.Formatter("unionfs[%(process)d]: %(levelname)s %(message)s")
+            )
+        else:
+            handler = logging.NullHandler()
+        root.removeHandler(held)
+        root.addHandler(handler)
+        for record in held.records:
+            handler.handle(record)
+
+    return connect

@@ -137,6 +137,11 @@ def request_counts(hook: ModuleType | None) -> dict[str, int]:
     return {OPCODES.get(op, str(op)): n for op, n in sorted(counts.items())}
 
 
+def reads_served(hook: ModuleType | None) -> int:
+    """How many READs the hook answered itself (csrc/ops.c); 0 without it."""
+    return hook.reads_served() if hook is not None and hasattr(hook, "reads_served") else 0
+
+
 def feature_active(hook: ModuleType | None, name: str) -> bool:
     """Whether the feature *name* wrapped pyfuse3's table (valid once the session exists)."""
     return hook is not None and hook.bound() and name in hook.features()

@@ -396,46 +396,106 @@ def serve(
 ) -> int:
     """Mount, call *ready*, serve until unmounted or signalled; returns the exit status.
 
-    *debug* logs every request and its errno."""
-    from unionfs.fuse import hook, privileges
+    *debug* logs every request and its errno.
 
-    fusehook = hook.load()  # before pyfuse3 is imported
-    if setup.passthrough_note:
-        log.info("%s", setup.passthrough_note)
-    hook.configure(
-        fusehook, setup.passthrough != "off", setup.stack_depth, killpriv=not setup.config.readonly
-    )
-    from unionfs.fuse import loop
-
-    if fusehook is not None and loop.plain():
-        fusehook.configure_release(False)
-
-    import pyfuse3
-    import trio
-
+    As root the layers are opened and the mount made before the libraries load
+    (``premount``), and *ready* is called then, unless ``passthrough=on`` may
+    still refuse the mount once the kernel's INIT is answered."""
     from unionfs import startup
-    from unionfs.fuse import operations
-    from unionfs.fuse.operations import Operations
+    from unionfs.fuse import hook, premount, state
     from unionfs.overlay.union import Union
 
-    startup.mark("libraries")
-    operations.DEBUG = debug
     os.umask(0)  # modes of new files are computed per request (caller's umask)
     raise_fd_limit()
-    if timeout is not None:
-        operations.ENTRY_TIMEOUT = operations.ATTR_TIMEOUT = timeout
     try:
         union = Union(setup.config)
     except OSError as e:
         raise UsageError(_layers_error(setup.config, e)) from None
     startup.mark("layers")
+    told = False
+
+    def ready_once() -> None:
+        nonlocal told
+        if not told:
+            told = True
+            ready()
+
+    fuse_fd: int | None = None
+    published: Path | None = None
     try:
-        ops = Operations(union, fusehook, setup.passthrough)
         try:
-            pyfuse3.init(ops, os.fspath(setup.mountpoint), setup.fuse_options)
+            fuse_fd = premount.mount(setup.mountpoint, setup.fuse_options)
+        except OSError as e:
+            raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e.strerror}") from None
+        if fuse_fd is not None:
+            startup.mark("mount")
+            if setup.passthrough != "on":
+                # Published before the caller goes on, as when libfuse mounts: the
+                # inspection tools (and `unionfs convert`'s refusal) find the mount.
+                published = state.publish_mount(setup.config, setup.mountpoint, setup.trace_path)
+                ready_once()
+        fusehook = _serve_mounted(setup, union, fuse_fd, ready_once, timeout, debug)
+    finally:
+        if published is not None:
+            state.withdraw(published, os.getpid())
+        union.close()
+        setup.release()
+    counts = hook.request_counts(fusehook)
+    if counts:  # make bench reads this line (daemon CPU per request)
+        log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
+        log.info("reads answered in C: %d", hook.reads_served(fusehook))
+    log.info("unmounted %s", setup.mountpoint)
+    return 0
+
+
+def _serve_mounted(
+    setup: Setup,
+    union: Union,
+    fuse_fd: int | None,
+    ready: Callable[[], None],
+    timeout: float | None,
+    debug: bool,
+) -> ModuleType | None:
+    """Load the libraries, hand libfuse the mount (made here when *fuse_fd* is
+    None), serve until unmounted; returns the C hook (None without it)."""
+    from unionfs.fuse import hook, premount, privileges
+
+    taken = False  # whether libfuse holds fuse_fd (it closes it)
+    try:
+        fusehook = hook.load()  # before pyfuse3 is imported
+        if setup.passthrough_note:
+            log.info("%s", setup.passthrough_note)
+        hook.configure(
+            fusehook,
+            setup.passthrough != "off",
+            setup.stack_depth,
+            killpriv=not setup.config.readonly,
+        )
+        from unionfs.fuse import loop
+
+        if fusehook is not None and loop.plain():
+            fusehook.configure_release(False)
+
+        import pyfuse3
+        import trio
+
+        from unionfs import startup
+        from unionfs.fuse import operations
+        from unionfs.fuse.operations import Operations
+
+        startup.mark("libraries")
+        operations.DEBUG = debug
+        if timeout is not None:
+            operations.ENTRY_TIMEOUT = operations.ATTR_TIMEOUT = timeout
+        ops = Operations(union, fusehook, setup.passthrough)
+        target = os.fspath(setup.mountpoint) if fuse_fd is None else f"/dev/fd/{fuse_fd}"
+        try:
+            pyfuse3.init(ops, target, setup.fuse_options)
         except RuntimeError as e:
             raise UsageError(f"mountpoint {setup.mountpoint}: mount failed: {e}") from None
-        startup.mark("mount")
+        taken = True
+        if fuse_fd is None:
+            startup.mark("mount")
         hook.check_bound(fusehook)
         if fusehook is not None and fusehook.bound():
             loop.install(pyfuse3)
@@ -450,16 +510,15 @@ def serve(
                 setup,
             )
         finally:
-            pyfuse3.close(unmount=True)
+            if fuse_fd is not None:
+                premount.unmount(setup.mountpoint, fuse_fd)
+            pyfuse3.close(unmount=True)  # closes fuse_fd too
             ops.release_queued()
     finally:
-        union.close()
-        setup.release()
-    counts = hook.request_counts(fusehook)
-    if counts:  # make bench reads this line (daemon CPU per request)
-        log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
-    log.info("unmounted %s", setup.mountpoint)
-    return 0
+        if fuse_fd is not None and not taken:
+            premount.unmount(setup.mountpoint, fuse_fd)
+            os.close(fuse_fd)
+    return fusehook
 
 
 def _check_init(ops: Operations, passthrough: str, fusehook: ModuleType | None) -> None:

@@ -216,6 +216,10 @@ class Operations(pyfuse3.Operations):
             self.files.on_open = lambda fh, f: set_fd(fh, f.fd)
             self.files.on_close = lambda fh: set_fd(fh, -1)
             self.union.on_fd_change = lambda f: set_fd(f.fh, f.fd)
+            # READ of page-cached data in C too, unless every request is to be seen.
+            configure_reads = fusehook.configure_reads
+            configure_reads(not DEBUG and tracing.active is None)
+            tracing.on_change = lambda on: configure_reads(not DEBUG and not on)
         else:
             log.debug("no fallocate, SEEK_DATA or copy_file_range; setxattr flags unseen")
         self._by_inode = hook.listing_active(fusehook)

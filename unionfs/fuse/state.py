@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,8 @@ def runtime_dir() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "unionfs"
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"unionfs-{os.geteuid()}"
 
 
@@ -157,6 +158,35 @@ def publish(state: MountState) -> Path:
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = None) -> Path | None:
+    """Publish the state of this process's mount at *mountpoint* (with where its trace
+    socket will be); None when it is not mounted or cannot be published (that costs
+    only the inspection tools, never the mount: a warning says why)."""
+    import logging
+
+    device = device_of(mountpoint)
+    if device is None:
+        return None
+    try:
+        sweep()
+        return publish(
+            MountState(
+                pid=os.getpid(),
+                mountpoint=os.fspath(mountpoint),
+                device=device,
+                config=config_to_json(config),
+                ids=ids_to_json(config.ids),
+                trace=os.fspath(trace) if trace is not None else None,
+                socket=os.fspath(socket_path(device)),
+            )
+        )
+    except OSError as e:
+        logging.getLogger(__name__).warning(
+            "cannot publish the mount's state in %s: %s", runtime_dir(), e
+        )
+        return None
 
 
 def withdraw(path: Path, pid: int) -> None:

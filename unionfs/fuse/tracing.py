@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ LAYER_ERRNOS = frozenset(
 
 # The tracer the request boundary reports to; None while nobody listens.
 active: Tracer | None = None
+# Told whether anyone traces now (the C hook then leaves every READ to Python).
+on_change: Callable[[bool], None] | None = None
 
 
 class Request:
@@ -153,6 +155,8 @@ class Tracer:
         on = self.listening
         self.union.events = self if on else None
         active = self if on else None
+        if on_change is not None:
+            on_change(on)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber()
@@ -216,6 +220,8 @@ class Tracer:
         global active
         self.union.events = None
         active = None
+        if on_change is not None:
+            on_change(False)
         if self.trace_fd is not None:
             os.close(self.trace_fd)
             self.trace_fd = None
@@ -366,25 +372,8 @@ async def control(
         ],
     }  # fmt: skip
     tracer = Tracer(union, header, trace_fd)
-    published: Path | None = None
-    device = state.device_of(mountpoint)
-    sock = os.fspath(state.socket_path(device)) if device is not None else None
-    if device is not None:
-        try:
-            state.sweep()
-            published = state.publish(
-                state.MountState(
-                    pid=os.getpid(),
-                    mountpoint=os.fspath(mountpoint),
-                    device=device,
-                    config=state.config_to_json(union.config),
-                    ids=state.ids_to_json(union.config.ids),
-                    trace=os.fspath(trace_path) if trace_path is not None else None,
-                    socket=sock,
-                )
-            )
-        except OSError as e:
-            log.warning("cannot publish the mount's state in %s: %s", state.runtime_dir(), e)
+    published = state.publish_mount(union.config, mountpoint, trace_path)
+    sock = os.fspath(state.socket_path(published.stem)) if published is not None else None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(tracer.run)

@@ -192,6 +192,16 @@ def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> b
     return overlay_xattr(path, ns, b"opaque", follow) == b"y"
 
 
+def may_be_metacopy(st: os.stat_result) -> bool:
+    """Whether the entry *st* could be a metadata-only copy, whose xattrs a lookup must
+    read: only a regular file can be. (Its blocks say nothing: a metadata-only copy has
+    no data, but a filesystem may count the blocks of its xattrs, as ext4 does.)"""
+    return stat.S_ISREG(st.st_mode)
+
+
+_PREFIXES = {space.prefix: os.fsdecode(space.prefix) for space in (TRUSTED, USER)}
+
+
 def overlay_xattrs(path: bytes, ns: XattrNamespace, follow: bool = False) -> dict[bytes, bytes]:
     """All overlay xattrs of *path*, by suffix (``opaque``, ``redirect``, ...), read in
     one ``listxattr`` and a ``getxattr`` per overlay xattr found; as ``overlay_xattr``,
@@ -203,8 +213,10 @@ def overlay_xattrs(path: bytes, ns: XattrNamespace, follow: bool = False) -> dic
             return {}
         raise
     out: dict[bytes, bytes] = {}
+    if not names:
+        return out
     for space in (other(ns), ns):  # the mount's own last: it wins
-        prefix = os.fsdecode(space.prefix)
+        prefix = _PREFIXES[space.prefix]
         for name in names:
             if not name.startswith(prefix):
                 continue

@@ -262,7 +262,9 @@ async def create_file(
             os.close(f)
         raise
     _replaced_whiteout(union, parent, name, over_whiteout)
-    return _created(union, parent, name, os.fstat(fds[0])), fds[0]
+    node = _created(union, parent, name, os.fstat(fds[0]))
+    union.caps_absent(node)  # a file just made has no capability
+    return node, fds[0]
 
 
 async def create_tmpfile(
@@ -292,6 +294,7 @@ async def create_tmpfile(
     except BaseException:
         os.close(fd)
         raise
+    union.caps_absent(node)
     return node, fd
 
 

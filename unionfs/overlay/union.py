@@ -328,7 +328,11 @@ class Union:
         path = join(base.path, comp)
         here = (Place(layer, path), st)
         is_dir = stat.S_ISDIR(st.st_mode)
-        if (not is_dir and (d.is_dir or not last_element)) or d.last and is_dir:
+        if (
+            (not is_dir and (d.is_dir or not last_element or not markers.may_be_metacopy(st)))
+            or d.last
+            and is_dir
+        ):
             xattrs: dict[bytes, bytes] = {}  # what follows reads none
         else:
             xattrs = markers.overlay_xattrs(fd_path(layer.dirfd(base.path), comp), self.ns)
@@ -807,10 +811,16 @@ class Union:
             return os.getxattr(path, name, follow_symlinks=follow)
         except OSError as e:
             if caps and e.errno == errno.ENODATA:
-                node.no_caps = True
-                if self.on_caps_known is not None:
-                    self.on_caps_known(node.ino, True)
+                self.caps_absent(node)
             raise
+
+    def caps_absent(self, node: Node) -> None:
+        """*node* has no file capability (known, as for a file just created), so the
+        kernel's questions about it are answered without reading (with the C hook,
+        without a trip through Python)."""
+        node.no_caps = True
+        if self.on_caps_known is not None:
+            self.on_caps_known(node.ino, True)
 
     def caps_unknown(self, node: Node) -> None:
         """*node* may have gained a file capability (or become another file)."""

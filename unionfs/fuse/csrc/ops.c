@@ -12,6 +12,13 @@
  * event loop goes on and a release of the handle meanwhile does no harm;
  * fuse_session_destroy waits for them, so no reply outlives the session.
  *
+ * READ is served here too, from the same fd, when the data is in the page cache
+ * (preadv2 with RWF_NOWAIT) or the read ends at the end of the file: the same
+ * read the Python side would make (Files.read), without a trip through Python.
+ * Anything else (a read that needs the disk, an error) goes to Python as
+ * before, which reads what needs the disk in a worker thread. It is off while
+ * requests are logged (-d) or traced, so those see every read.
+ *
  * O_TMPFILE (libfuse 3.17 and later) goes to pyfuse3's create handler under a
  * name no real entry has (see hook_tmpfile).
  *
@@ -29,10 +36,17 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
 static struct u64map fds; /* file handle -> real fd + 1 */
+static void (*inner_read)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+static int reads_here; /* configure_reads(True) */
+static unsigned long long reads_served; /* READs answered here */
+static char *read_buf; /* the session loop is one thread: one buffer serves every read */
+static size_t read_buf_size;
 static void (*inner_setxattr)(fuse_req_t, fuse_ino_t, const char *, const char *, size_t, int);
 static int wrapped;
 
@@ -231,6 +245,39 @@ static void hook_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
         fuse_reply_lseek(req, res);
 }
 
+/* -- READ ---------------------------------------------------------------------------- */
+
+static int read_buffer(size_t size)
+{
+    char *buf;
+    if (size <= read_buf_size)
+        return 0;
+    buf = realloc(read_buf, size);
+    if (buf == NULL)
+        return -1;
+    read_buf = buf;
+    read_buf_size = size;
+    return 0;
+}
+
+static void hook_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                      struct fuse_file_info *fi)
+{
+    int fd = reads_here ? fd_of(fi) : -1;
+    if (fd >= 0 && read_buffer(size) == 0) {
+        struct iovec iov = {read_buf, size};
+        ssize_t n = preadv2(fd, &iov, 1, off, RWF_NOWAIT);
+        struct stat st;
+        /* All of it from the page cache, or all there is: as Files.read answers. */
+        if (n == (ssize_t)size || (n >= 0 && fstat(fd, &st) == 0 && off + n >= st.st_size)) {
+            fuse_reply_buf(req, read_buf, (size_t)n);
+            reads_served++;
+            return;
+        }
+    }
+    inner_read(req, ino, size, off, fi); /* the disk, an error, or reads not served here */
+}
+
 __attribute__((visibility("default"))) void fuse_session_destroy(struct fuse_session *se)
 {
     static void (*real)(struct fuse_session *);
@@ -273,6 +320,10 @@ static int wrap(struct fuse_lowlevel_ops *ops)
 #endif
     inner_setxattr = ops->setxattr;
     ops->setxattr = hook_setxattr;
+    if (ops->read != NULL) {
+        inner_read = ops->read;
+        ops->read = hook_read;
+    }
     ops->fallocate = hook_fallocate;
     ops->copy_file_range = hook_copy_file_range;
     ops->lseek = hook_lseek;
@@ -295,6 +346,23 @@ static PyObject *set_fd(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_reads(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    (void)self;
+    if (on < 0)
+        return NULL;
+    reads_here = on && inner_read != NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *reads_served_here(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(reads_served);
+}
+
 static PyObject *ops_active(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -305,6 +373,9 @@ static PyObject *ops_active(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"set_fd", set_fd, METH_VARARGS,
      "set_fd(fh, fd): the real fd of file handle fh (fd < 0: the handle is gone)."},
+    {"configure_reads", configure_reads, METH_O,
+     "configure_reads(on): serve READ of page-cached data here (off: every READ to Python)."},
+    {"reads_served", reads_served_here, METH_NOARGS, "How many READs were answered here."},
     {"ops_active", ops_active, METH_NOARGS,
      "Whether setxattr values carry their flags in front, and fallocate, lseek and "
      "copy_file_range are served from the fds given by set_fd."},

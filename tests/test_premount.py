@@ -1,0 +1,103 @@
+"""The mount made before the libraries load (``unionfs.fuse.premount``): the same
+mount as libfuse's, served as soon as the daemon is, and gone after it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Stack
+from tests.mounting import REPO, _mountinfo, mount_type, unionfs_command
+from tests.test_merge import write
+from unionfs.fuse import premount
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) needs root; see tests/user")
+
+
+def _options_seen(stack: Stack, options: str, premounting: bool) -> tuple[bytes, ...]:
+    """Mount options, type, source and super options of a mount made one way or the other."""
+    env = {premount.DISABLE_ENV: "0" if premounting else "1"}
+    um = stack.mount(extra_options=options, env=env) if options else stack.mount(env=env)
+    try:
+        assert (stack.mnt / "f").read_text() == "lower"  # and it is served
+        fields = _mountinfo(stack.mnt)
+        assert fields is not None
+        dash = fields.index(b"-")
+        return (fields[5], *fields[dash + 1 :])
+    finally:
+        assert um.unmount() == 0
+        assert mount_type(stack.mnt) is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["", "ro", "noexec,nosuid,nodev", "sync,dirsync,noatime,nodiratime", "allow_root"],
+)
+def test_the_premount_is_the_mount_libfuse_makes(stack: Stack, options: str) -> None:
+    write(stack.lowers[0] / "f", b"lower")
+    premounted = _options_seen(stack, options, premounting=True)
+    by_libfuse = _options_seen(stack, options, premounting=False)
+    assert premounted == by_libfuse
+    # Not the same by accident: the options asked for are there.
+    for flag in ("ro", "noexec", "nosuid", "nodev", "sync", "dirsync", "noatime"):
+        if flag in options.split(","):
+            shown = premounted[0].split(b",") + premounted[-1].split(b",")  # mount, super
+            assert flag.encode() in shown, (flag, premounted)
+
+
+def test_mount_options_follow_libfuse_defaults() -> None:
+    source, fstype, flags, kernel = premount.arguments(
+        {"fsname=unionfs", "subtype=unionfs", "default_permissions", "allow_other", "suid"}
+    )
+    assert (source, fstype, kernel) == (
+        b"unionfs",
+        b"fuse.unionfs",
+        "allow_other,default_permissions",
+    )
+    assert flags == 4  # nodev only: libfuse starts from nosuid,nodev, and suid was asked for
+
+
+def test_the_daemon_returns_before_it_serves_and_a_first_access_waits(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The command returns once the mount exists; whatever touches it first waits for
+    the daemon (no error, no empty directory); SIGTERM then removes the mount."""
+    (stack.lowers[0] / "d").mkdir()
+    write(stack.lowers[0] / "d/f", b"lower")
+    opts = (
+        f"lowerdir={stack.lowers[0]}:{stack.lowers[1]},upperdir={stack.upper},workdir={stack.work}"
+    )
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    res = subprocess.run(
+        [*unionfs_command(), "-o", opts, os.fspath(stack.mnt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stderr
+    pid = None
+    try:
+        assert mount_type(stack.mnt) == "fuse.unionfs"
+        assert (stack.mnt / "d/f").read_text() == "lower"
+        out = subprocess.run(["pgrep", "-f", f"upperdir={stack.upper},"], capture_output=True)
+        pids = [int(p) for p in out.stdout.split()]
+        assert len(pids) == 1, out
+        pid = pids[0]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while mount_type(stack.mnt) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mount_type(stack.mnt) is None
+        pid = None
+    finally:
+        if mount_type(stack.mnt) is not None:
+            subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
