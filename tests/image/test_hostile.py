@@ -222,6 +222,14 @@ CASES: dict[str, Case] = {
         True,
         f"layer {L}: the tar archive is truncated",
     ),
+    # Entries are made in a second thread while the next ones are read: an entry
+    # refused there is still the error, not what is wrong after it in the archive.
+    "refused entry, then a truncated tar": (
+        lambda: raw_file(b"/etc/evil", b"x") + _truncated(),
+        None,
+        True,
+        f"layer {L}: entry '/etc/evil': absolute path: refused",
+    ),
     "not a tar": (
         lambda: b"this is not a tar archive at all\n" * 40,
         None,

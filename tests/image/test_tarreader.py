@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,31 @@ def test_a_docker_archive_of_too_many_members_is_refused(tmp_path: Path) -> None
             tarreader.open_archive(os.fspath(path))
     finally:
         tarreader.MAX_MEMBERS = limit
+
+
+class _Trickle:
+    """A stream that gives at most *n* bytes a read, however many are asked for."""
+
+    def __init__(self, data: bytes, n: int) -> None:
+        self.data = io.BytesIO(data)
+        self.n = n
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self.data.read(min(self.n, size) if size >= 0 else self.n)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 512, 1 << 20])
+def test_the_forward_reader_reads_and_skips_across_pieces(piece: int) -> None:
+    """What the stream mode's reader did: reads of any size across the stream's
+    pieces, forward seeks that skip, the end where the data ends, no way back."""
+    data = bytes(range(256)) * 40  # 10240 bytes
+    r = tarreader.ForwardReader(_Trickle(data, piece), piece)
+    assert r.read(3) == data[:3] and r.tell() == 3
+    assert r.seek(1000) == 1000
+    assert r.read(2000) == data[1000:3000]
+    assert r.seek(3000) == 3000  # where it is already
+    with pytest.raises(tarfile.StreamError):
+        r.seek(2999)
+    assert r.seek(10000) == 10000
+    assert r.read(1000) == data[10000:] and r.tell() == len(data)
+    assert r.read(1) == b"" and r.seek(20000) == len(data)

@@ -17,8 +17,9 @@ import fcntl
 import os
 import shutil
 import tempfile
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -201,6 +202,31 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+@contextlib.contextmanager
+def writeback(fd: int, interval: float = 0.5) -> Iterator[None]:
+    """Flush the filesystem holding *fd* every *interval* seconds in a thread while
+    the body runs: the data goes to disk while more is unpacked, so the final
+    ``syncfs`` (which stays: nothing is published before its data is on disk) has
+    little left to wait for. The thread only waits, in the kernel; the flushing
+    itself is the kernel's writeback work."""
+    stop = threading.Event()
+
+    def flush() -> None:
+        while not stop.wait(interval):
+            try:
+                syncfs(fd)
+            except OSError:
+                return  # the final sync reports it
+
+    thread = threading.Thread(target=flush, name="layer-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def discard_tree(path: str | Path) -> None:
     """Remove an unpacked tree, read-only directories included (their modes were
     applied from the tar); symlinks are never followed."""
@@ -260,7 +286,8 @@ def unpack_into(
         os.close(parent)  # the shared lock goes with it
     try:
         try:
-            result = unpack(fd)
+            with writeback(fd):
+                result = unpack(fd)
             syncfs(fd)
             if replace_empty:
                 with contextlib.suppress(FileNotFoundError, OSError):
@@ -332,22 +359,4 @@ class LayerCache:
             unpack_layer(layer, fd, layer_label(layer, count), self.limits, progress)
 
         unpack_into(final, self.root / "tmp", f"{layer.diff_id.hex[:16]}.{os.getpid()}.", unpack)
-        return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.clean_stale()
-        tmp = tempfile.mkdtemp(
-            dir=self.root / "tmp", prefix=f"{layer.diff_id.hex[:16]}.{os.getpid()}."
-        )
-        try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                unpack_layer(layer, fd, layer_label(layer, count), self.limits, progress)
-                syncfs(fd)
-            finally:
-                os.close(fd)
-            if not publish(tmp, final):
-                discard_tree(tmp)
-        except BaseException:
-            discard_tree(tmp)
-            raise
         return final

@@ -266,26 +266,30 @@ class Decoder:
     # -- the reader ----------------------------------------------------------------
 
     def read(self, n: int = -1, /) -> bytes:
+        """Up to *n* bytes (all of them: -1), at most what is left of the worker's
+        current chunk, as a raw stream's read: a whole chunk is passed on as it
+        is, never copied (the tar reader asks for a chunk at a time)."""
+        if n == 0:
+            return b""
         if n is None or n < 0:
             n = 1 << 62
-        parts: list[bytes] = []
-        while n > 0:
-            if self._pos >= len(self._chunk):
-                if self._eof:
-                    break
-                item = self._queue.get()
-                if item is None:
-                    self._eof = True
-                    break
-                if isinstance(item, BaseException):
-                    self._eof = True
-                    raise item
-                self._chunk, self._pos = item, 0
+        while self._pos >= len(self._chunk):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if item is None:
+                self._eof = True
+                return b""
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            self._chunk, self._pos = item, 0
+        if self._pos == 0 and n >= len(self._chunk):
+            piece = self._chunk
+        else:
             piece = self._chunk[self._pos : self._pos + n]
-            self._pos += len(piece)
-            n -= len(piece)
-            parts.append(piece)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos += len(piece)
+        return piece
 
     def finish(self) -> Digest:
         """Read to the end (tar padding too) and return the diff_id."""

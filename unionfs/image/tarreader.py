@@ -320,12 +320,68 @@ def _tar_state(tf: tarfile.TarFile) -> dict[str, str]:
 # -- opening ---------------------------------------------------------------------------
 
 
+class ForwardReader:
+    """``read``, ``tell`` and a forward ``seek`` over a stream, for ``TarFile``.
+
+    What ``tarfile``'s own stream mode does, without its cost per read: it joins
+    and slices its whole buffer on every read (each 512-byte header), where this
+    keeps the stream's last piece and an index into it."""
+
+    def __init__(self, raw: Any, bufsize: int) -> None:
+        self.raw = raw
+        self.bufsize = bufsize
+        self.buf = b""
+        self.at = 0  # in buf
+        self.pos = 0  # in the stream
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        end = self.at + n
+        if end <= len(self.buf):  # the usual case: a header, a small file
+            out = self.buf[self.at : end]
+            self.at = end
+            self.pos += n
+            return out
+        parts = [self.buf[self.at :]]
+        got = len(parts[0])
+        self.buf, self.at = b"", 0
+        while got < n:
+            piece = self.raw.read(self.bufsize)
+            if not piece:
+                break
+            need = n - got
+            if len(piece) > need:
+                self.buf, self.at = piece, need
+                piece = piece[:need]
+            parts.append(piece)
+            got += len(piece)
+        self.pos += got
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        """Forward only (as ``tarfile``'s stream mode): up to *pos*, or the end."""
+        if whence != 0 or pos < self.pos:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        skip = pos - self.pos
+        while skip > len(self.buf) - self.at:  # past this piece: the next one
+            skip -= len(self.buf) - self.at
+            self.pos = pos - skip
+            self.buf, self.at = self.raw.read(self.bufsize), 0
+            if not self.buf:
+                return self.pos  # the end
+        self.at += skip
+        self.pos = pos
+        return pos
+
+
 def open_stream(stream: Any, bufsize: int) -> tarfile.TarFile:
     """An uncompressed tar *stream*, read once from start to end (see ``entries``)."""
-    tf: tarfile.TarFile = tarfile.open(  # noqa: SIM115 - the caller closes it
-        fileobj=stream, mode="r|", bufsize=bufsize, tarinfo=SafeTarInfo
-    )
-    return tf
+    reader: Any = ForwardReader(stream, bufsize)  # all TarFile reads with
+    return tarfile.TarFile(fileobj=reader, mode="r", tarinfo=SafeTarInfo)
 
 
 def entries(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

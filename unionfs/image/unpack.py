@@ -33,10 +33,12 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from unionfs.image import tarreader
 from unionfs.image.digest import CHUNK, ImageError, Readable
+from unionfs.image.inorder import InOrder
 from unionfs.overlay import markers
 from unionfs.overlay.layers import remove_tree
 from unionfs.overlay.syscalls import fd_path
@@ -45,9 +47,10 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SCHILY = "SCHILY.xattr."
-# tarfile's stream reader copies the rest of its buffer on every read (each 512-byte
-# header): a large buffer makes that quadratic, a small one costs more reads.
-_TAR_BUFFER = 64 << 10
+_TAR_BUFFER = CHUNK  # what the archive is read in
+# A regular file up to this size is read whole by the reading thread and handed to
+# the making thread with its entry; a larger one is copied from the stream in pieces.
+_WHOLE_MAX = CHUNK
 PATH_MAX = 4095
 _TIME_MIN, _TIME_MAX = -(1 << 63), 1 << 63  # seconds (a time_t)
 _ID_MAX = (1 << 32) - 1  # uid_t; -1 (all ones) means "unchanged" to chown
@@ -94,13 +97,20 @@ def unpack_tar(
     """
     u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
     umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
+    maker = InOrder("layer-entries")
     try:
         try:
-            with tarreader.open_stream(stream, _TAR_BUFFER) as tf:
-                for member in tarreader.entries(tf):
-                    u.entry(member, tf)
-                    if tick is not None:
-                        tick()
+            try:
+                with tarreader.open_stream(stream, _TAR_BUFFER) as tf:
+                    for member in tarreader.entries(tf):
+                        _dispatch(u, maker, member, tf)
+                        if tick is not None:
+                            tick()
+                maker.wait()
+                u.finish()
+            except BaseException:
+                maker.wait()  # an entry before this one failed: that error first
+                raise
         except tarreader.TarFormatError as e:
             raise UnpackError(f"layer {layer}: {e} {u.where()}") from None
         except tarfile.ReadError as e:
@@ -116,11 +126,24 @@ def unpack_tar(
             raise UnpackError(f"layer {layer}: not a valid tar archive: {e} {u.where()}") from None
         except EOFError:
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
-        u.finish()
     finally:
+        maker.close()  # before the unpacker's fds
         os.umask(umask)
         u.close()
     return u.count
+
+
+def _dispatch(u: _Unpacker, maker: InOrder, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    """Have entry *m* made in the making thread, in order, with its data read here;
+    or here, once that thread is idle, when its data is too large to hold (or sparse)."""
+    if not m.isreg():
+        maker.submit(partial(u.entry, m, None))
+    elif m.sparse is None and m.size <= _WHOLE_MAX:
+        data = _read_data(tf, m)
+        maker.submit(partial(u.entry, m, data), len(data))
+    else:
+        maker.wait()
+        u.entry(m, tf)
 
 
 class _Unpacker:
@@ -261,7 +284,9 @@ class _Unpacker:
 
     # -- entries -----------------------------------------------------------------
 
-    def entry(self, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    def entry(self, m: tarfile.TarInfo, src: _Source) -> None:
+        """Make entry *m*; *src* is a regular file's data, read already or to be
+        read from the archive (or None: no data)."""
         self.path = m.name
         self.count += 1
         if self.count > self.limits.max_entries:
@@ -278,7 +303,7 @@ class _Unpacker:
         if not (0 <= m.uid < _ID_MAX and 0 <= m.gid < _ID_MAX):
             raise self.fail(f"owner {m.uid}:{m.gid} out of range")
         with self.failures():
-            self._entry(path, m, tf)
+            self._entry(path, m, src)
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -294,7 +319,7 @@ class _Unpacker:
         except RecursionError:
             raise self.fail("the directory tree it replaces is too deep") from None
 
-    def _entry(self, path: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    def _entry(self, path: bytes, m: tarfile.TarInfo, src: _Source) -> None:
         if not path:
             if not m.isdir():
                 raise self.fail("the layer's root must be a directory")
@@ -321,7 +346,7 @@ class _Unpacker:
         pfd = self.dirfd(parent)
         self._give_way(pfd, path, name, m.isdir())
         try:
-            self._create(pfd, name, m, tf)
+            self._create(pfd, name, m, src)
         except FileExistsError:
             # Rare: a duplicate entry. Make room by the OCI rule, then create it again.
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -329,7 +354,7 @@ class _Unpacker:
                 self.dirs[path] = self._dir_meta(m)  # the same directory again
                 return
             self._remove(path, pfd, name, st, m.isdir())
-            self._create(pfd, name, m, tf)
+            self._create(pfd, name, m, src)
         if m.isdir():
             self.dirs[path] = self._dir_meta(m)
             self._note(path)
@@ -347,7 +372,7 @@ class _Unpacker:
                 raise self.fail(f"{way!r} on the way is a whiteout's name")
         return False
 
-    def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, src: _Source) -> None:
         """Make the entry (which must not exist: EEXIST otherwise), with its mode from
         the start where it can be (the umask is 0 while unpacking), so most entries
         need no chmod and, owned by the unpacker, no chown."""
@@ -355,7 +380,7 @@ class _Unpacker:
         if m.isdir():
             os.mkdir(name, 0o700, dir_fd=pfd)  # its own mode once its entries are in
         elif m.isreg():
-            self._file(pfd, name, m, tf, mode)
+            self._file(pfd, name, m, src, mode)
         elif m.issym():
             os.symlink(os.fsencode(m.linkname), name, dir_fd=pfd)
             self._meta(pfd, name, m, symlink=True)
@@ -472,9 +497,7 @@ class _Unpacker:
         finally:
             os.close(tfd)
 
-    def _file(
-        self, pfd: int, name: bytes, m: tarfile.TarInfo, tf: tarfile.TarFile, mode: int
-    ) -> None:
+    def _file(self, pfd: int, name: bytes, m: tarfile.TarInfo, src: _Source, mode: int) -> None:
         fd = os.open(
             name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -482,12 +505,15 @@ class _Unpacker:
             dir_fd=pfd,
         )
         try:
-            if m.sparse is not None:
-                _copy_sparse(tf, m, fd)
+            assert src is not None  # a regular file's data comes with it (_dispatch)
+            if isinstance(src, bytes):
+                _write_all(fd, src)
+            elif m.sparse is not None:
+                _copy_sparse(src, m, fd)
             elif m.size:
-                src = tf.extractfile(m)
-                assert src is not None
-                _copy(src, fd, m.size)
+                data = src.extractfile(m)
+                assert data is not None
+                _copy(data, fd, m.size)
             self._meta(pfd, name, m, fd=fd, created_mode=mode)
         finally:
             os.close(fd)
@@ -616,6 +642,8 @@ class _Unpacker:
                 os.utime(target, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=follow)
 
 
+_Source = bytes | tarfile.TarFile | None
+
 _KNOWN_TYPES = {
     tarfile.REGTYPE,
     tarfile.AREGTYPE,
@@ -638,7 +666,21 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
 
 
 def _mtime_ns(m: tarfile.TarInfo) -> int:
+    if type(m.mtime) is int:  # a plain header's: exact, and no float on the way
+        return m.mtime * 1_000_000_000
     return int(round(float(m.mtime) * 1e9))
+
+
+def _read_data(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    """The data of the (small, not sparse) regular file *m*, read whole from the
+    stream, where its header left it."""
+    src: Any = tf.fileobj
+    if src.tell() != m.offset_data:
+        src.seek(m.offset_data)
+    data: bytes = src.read(m.size)
+    if len(data) != m.size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
 
 
 def _copy(src: Readable, fd: int, size: int) -> None:
