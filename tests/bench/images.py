@@ -18,13 +18,15 @@ Usage (as root, from the repo; ``make bench`` runs it after the main bench)::
   ``unionfs -o lowerdir=...`` mount of the same cached directories.
 
 Trials are interleaved (the order rotates each repetition) and each unpacks
-into a fresh directory on the same filesystem; medians are reported with the
-min–max spread. Results go to ``bench-results/<stamp>-images.md``.
+into a new directory on the same filesystem, all kept until the last trial (so
+no tool writes where many files were just deleted); medians are reported with
+the min–max spread. Results go to ``bench-results/<stamp>-images.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -111,38 +113,44 @@ def unpack_trials(root: Path, tar: Path, tgz: Path, reps: int) -> dict[str, list
             assert layer.blob == blob.read_bytes()
             write_oci_layout(layout, [layer], tag="bench")
         layouts[kind] = layout
-    out = root / "out"
-    trials: dict[str, Callable[[], None]] = {
-        "tar -x (uncompressed)": lambda: run(
+    outs = root / "out"
+    fresh(outs)
+    trials: dict[str, Callable[[Path], None]] = {
+        "tar -x (uncompressed)": lambda out: run(
             "tar", "-xf", os.fspath(tar), "-C", os.fspath(mk(out))
         ),
-        "tar -x + sync -f (uncompressed)": lambda: tar_and_sync(tar, out),
-        "umoci unpack (uncompressed)": lambda: run(
+        "tar -x + sync -f (uncompressed)": lambda out: tar_and_sync(tar, out),
+        "umoci unpack (uncompressed)": lambda out: run(
             "umoci", "unpack", "--image", f"{layouts['tar']}:bench", os.fspath(out)
         ),
-        "unionfs layer import (uncompressed)": lambda: run(
+        "unionfs layer import (uncompressed)": lambda out: run(
             *UNIONFS, "layer", "import", os.fspath(tar), os.fspath(out)
         ),
-        "tar -xz (gzip)": lambda: run("tar", "-xzf", os.fspath(tgz), "-C", os.fspath(mk(out))),
-        "umoci unpack (gzip)": lambda: run(
+        "tar -xz (gzip)": lambda out: run("tar", "-xzf", os.fspath(tgz), "-C", os.fspath(mk(out))),
+        "umoci unpack (gzip)": lambda out: run(
             "umoci", "unpack", "--image", f"{layouts['gz']}:bench", os.fspath(out)
         ),
-        "unionfs layer import (gzip)": lambda: run(
+        "unionfs layer import (gzip)": lambda out: run(
             *UNIONFS, "layer", "import", os.fspath(tgz), os.fspath(out)
         ),
     }
     names = list(trials)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            fresh(out)
-            times[name].append(timed(trials[name]))
-            fresh(out)
-        log(
-            f"unpack repetition {rep + 1}/{reps}: "
-            + ", ".join(f"{n}={times[n][-1]:.2f}s" for n in names)
-        )
+    try:
+        for rep in range(reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for i, name in enumerate(order):
+                # A new directory each trial, every tree kept until the end: on ext4,
+                # files made where many were just deleted cost each tool far more
+                # (the allocator skips recently freed inodes), whatever it is.
+                out = outs / f"{rep}-{i}"
+                times[name].append(timed(functools.partial(trials[name], out)))
+            log(
+                f"unpack repetition {rep + 1}/{reps}: "
+                + ", ".join(f"{n}={times[n][-1]:.2f}s" for n in names)
+            )
+    finally:
+        fresh(outs)
     return times
 
 
