@@ -88,8 +88,12 @@ def test_the_state_file_goes_with_the_mount(
     assert published["pid"] == um.pid
     assert published["config"]["upper"] == os.fspath(stack.upper)
     assert um.unmount() == 0
-    assert not path.exists()
-    assert not state.socket_path(device).exists()
+    # Gone, or already another mount's: the device number is free for the next FUSE
+    # mount on this machine the moment this one ends (another test run, say).
+    with contextlib.suppress(FileNotFoundError):
+        assert json.loads(path.read_text())["mountpoint"] != os.fspath(um.mountpoint)
+    if state.socket_path(device).exists():
+        assert state.read_state(device) is not None  # a live mount's socket
 
 
 def _errno_of(action: Callable[[], object]) -> str:
