@@ -100,6 +100,16 @@ def test_a_read_only_mount_passes_lower_files_through(stack: Stack, mounted: Mou
     assert _requests(um, "read") == (0 if EXPECTED else 1)
 
 
+def _capability_probes(um: UnionMount, path: Path, times: int) -> int:
+    """Ask *times* for *path*'s security.capability (there is none: ENODATA each
+    time); how many of the questions reached the Python side (its -d log)."""
+    for _ in range(times):
+        with pytest.raises(OSError) as e:
+            os.getxattr(path, "security.capability")
+        assert e.value.errno == errno.ENODATA
+    return len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", um.log()))
+
+
 def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted: Mounted) -> None:
     """The daemon (and the C hook, csrc/caps.c) remember that a file has no
     security.capability, so the kernel's many questions cost one answer from the file;
@@ -108,11 +118,7 @@ def test_a_capability_found_absent_is_seen_once_set(stack: Stack, mounted: Mount
 
     write(stack.lowers[1] / "prog", b"#!/bin/sh\n")
     um = mounted(args=["-d"])
-    for _ in range(3):
-        with pytest.raises(OSError) as e:
-            os.getxattr(stack.mnt / "prog", "security.capability")
-        assert e.value.errno == errno.ENODATA
-    asked = len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", um.log()))
+    asked = _capability_probes(um, stack.mnt / "prog", times=3)
     assert asked == (1 if hook_enabled() else 3)
     os.setxattr(stack.mnt / "prog", "security.capability", CAPABILITY)
     assert os.getxattr(stack.mnt / "prog", "security.capability") == CAPABILITY
@@ -131,11 +137,7 @@ def test_a_file_created_through_the_mount_is_known_to_have_no_capability(
     um = mounted(args=["-d"])
     fd = os.open(stack.mnt / "new", os.O_CREAT | os.O_WRONLY, 0o755)
     os.close(fd)
-    for _ in range(3):
-        with pytest.raises(OSError) as e:
-            os.getxattr(stack.mnt / "new", "security.capability")
-        assert e.value.errno == errno.ENODATA
-    asked = len(re.findall(r"DEBUG: getxattr\(\d+, b'security.capability'", um.log()))
+    asked = _capability_probes(um, stack.mnt / "new", times=3)
     assert asked == (0 if hook_enabled() else 3)
     os.setxattr(stack.mnt / "new", "security.capability", CAPABILITY)
     assert os.getxattr(stack.mnt / "new", "security.capability") == CAPABILITY

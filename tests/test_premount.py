@@ -35,6 +35,26 @@ def _options_seen(stack: Stack, options: str, premounting: bool) -> tuple[bytes,
         assert mount_type(stack.mnt) is None
 
 
+def _mount_as_daemon(stack: Stack) -> int:
+    """Run the mount command in its daemon mode (it returns once the mount is ready);
+    the daemon's pid."""
+    lowers = ":".join(os.fspath(p) for p in stack.lowers)
+    opts = f"lowerdir={lowers},upperdir={stack.upper},workdir={stack.work}"
+    res = subprocess.run(
+        [*unionfs_command(), "-o", opts, os.fspath(stack.mnt)],
+        env=dict(os.environ, PYTHONPATH=os.fspath(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stderr
+    out = subprocess.run(["pgrep", "-f", f"upperdir={stack.upper},"], capture_output=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 1, out
+    return pids[0]
+
+
 @pytest.mark.parametrize(
     "options",
     ["", "ro", "noexec,nosuid,nodev", "sync,dirsync,noatime", "allow_root"],
@@ -70,27 +90,11 @@ def test_the_daemon_returns_before_it_serves_and_a_first_access_waits(
     the daemon (no error, no empty directory); SIGTERM then removes the mount."""
     (stack.lowers[0] / "d").mkdir()
     write(stack.lowers[0] / "d/f", b"lower")
-    opts = (
-        f"lowerdir={stack.lowers[0]}:{stack.lowers[1]},upperdir={stack.upper},workdir={stack.work}"
-    )
-    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
-    res = subprocess.run(
-        [*unionfs_command(), "-o", opts, os.fspath(stack.mnt)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert res.returncode == 0, res.stderr
-    pid = None
+    pid: int | None = _mount_as_daemon(stack)
     try:
         assert mount_type(stack.mnt) == "fuse.unionfs"
         assert (stack.mnt / "d/f").read_text() == "lower"
-        out = subprocess.run(["pgrep", "-f", f"upperdir={stack.upper},"], capture_output=True)
-        pids = [int(p) for p in out.stdout.split()]
-        assert len(pids) == 1, out
-        pid = pids[0]
+        assert pid is not None
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while mount_type(stack.mnt) is not None and time.monotonic() < deadline:
@@ -122,21 +126,8 @@ def test_a_stop_signal_while_the_daemon_loads_unmounts_cleanly(stack: Stack) -> 
     """The command returns before the daemon has loaded its libraries; a SIGTERM sent
     right then is held until the mount serves, and then unmounts it (no dead mount)."""
     write(stack.lowers[0] / "f", b"lower")
-    opts = f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={stack.work}"
-    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
-    res = subprocess.run(
-        [*unionfs_command(), "-o", opts, os.fspath(stack.mnt)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert res.returncode == 0, res.stderr
-    out = subprocess.run(["pgrep", "-f", f"upperdir={stack.upper}"], capture_output=True)
-    pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 1, out
-    os.kill(pids[0], signal.SIGTERM)
+    pid = _mount_as_daemon(stack)
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while mount_type(stack.mnt) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -147,4 +138,4 @@ def test_a_stop_signal_while_the_daemon_loads_unmounts_cleanly(stack: Stack) -> 
         if mount_type(stack.mnt) is not None:
             subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pids[0], signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)

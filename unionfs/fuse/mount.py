@@ -441,8 +441,7 @@ def serve(
                     )
                     ready_once()
             except BaseException:
-                premount.unmount(setup.mountpoint, fuse_fd)
-                os.close(fuse_fd)
+                premount.abandon(setup.mountpoint, fuse_fd)
                 raise
         fusehook = _serve_mounted(setup, union, fuse_fd, ready_once, timeout, debug, signals)
     finally:
@@ -530,8 +529,7 @@ def _serve_mounted(
                 ops.release_queued()
     finally:
         if fuse_fd is not None and not taken:
-            premount.unmount(setup.mountpoint, fuse_fd)
-            os.close(fuse_fd)
+            premount.abandon(setup.mountpoint, fuse_fd)
     return fusehook
 
 

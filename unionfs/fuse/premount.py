@@ -143,3 +143,11 @@ def unmount(mountpoint: Path, fd: int) -> None:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             raise OSError(err, os.strerror(err), os.fspath(mountpoint))
+
+
+def abandon(mountpoint: Path, fd: int) -> None:
+    """Give up a mount libfuse never took over: unmount it, close its device."""
+    try:
+        unmount(mountpoint, fd)
+    finally:
+        os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import typing
@@ -26,6 +27,8 @@ from typing import Any
 from unionfs.overlay.idmap import IdMap, IdMapper, IdTable
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
+
+log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.unionfs"
 RUNDIR_ENV = "UNIONFS_RUNTIME_DIR"
@@ -164,8 +167,6 @@ def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = No
     """Publish the state of this process's mount at *mountpoint* (with where its trace
     socket will be); None when it is not mounted or cannot be published (that costs
     only the inspection tools, never the mount: a warning says why)."""
-    import logging
-
     device = device_of(mountpoint)
     if device is None:
         return None
@@ -183,9 +184,7 @@ def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = No
             )
         )
     except OSError as e:
-        logging.getLogger(__name__).warning(
-            "cannot publish the mount's state in %s: %s", runtime_dir(), e
-        )
+        log.warning("cannot publish the mount's state in %s: %s", runtime_dir(), e)
         return None
 
 

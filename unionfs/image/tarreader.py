@@ -380,7 +380,7 @@ class ForwardReader:
 
 def open_stream(stream: Any, bufsize: int) -> tarfile.TarFile:
     """An uncompressed tar *stream*, read once from start to end (see ``entries``)."""
-    reader: Any = ForwardReader(stream, bufsize)  # all TarFile reads with
+    reader: Any = ForwardReader(stream, bufsize)  # read and forward seeks only: enough
     return tarfile.TarFile(fileobj=reader, mode="r", tarinfo=SafeTarInfo)
 
 

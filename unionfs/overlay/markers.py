@@ -192,13 +192,6 @@ def has_opaque_xattr(path: bytes, ns: XattrNamespace, follow: bool = False) -> b
     return overlay_xattr(path, ns, b"opaque", follow) == b"y"
 
 
-def may_be_metacopy(st: os.stat_result) -> bool:
-    """Whether the entry *st* could be a metadata-only copy, whose xattrs a lookup must
-    read: only a regular file can be. (Its blocks say nothing: a metadata-only copy has
-    no data, but a filesystem may count the blocks of its xattrs, as ext4 does.)"""
-    return stat.S_ISREG(st.st_mode)
-
-
 _PREFIXES = {space.prefix: os.fsdecode(space.prefix) for space in (TRUSTED, USER)}
 
 

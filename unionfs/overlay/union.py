@@ -328,8 +328,9 @@ class Union:
         path = join(base.path, comp)
         here = (Place(layer, path), st)
         is_dir = stat.S_ISDIR(st.st_mode)
+        # Only a regular file's xattrs matter for a non-directory (its metacopy marker).
         if (
-            (not is_dir and (d.is_dir or not last_element or not markers.may_be_metacopy(st)))
+            (not is_dir and (d.is_dir or not last_element or not stat.S_ISREG(st.st_mode)))
             or d.last
             and is_dir
         ):
