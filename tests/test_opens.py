@@ -29,6 +29,11 @@ def _opens_in_c(log: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _getattrs_in_c(log: str) -> int | None:
+    found = re.search(r"opens answered in C: \d+, getattrs: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
 def _fd(path: Path, flags: int = os.O_RDONLY) -> Iterator[int]:
     fd = os.open(path, flags)
@@ -57,14 +62,17 @@ def test_read_only_opens_of_lower_files_are_answered_in_c_unless_requests_are_wa
     for _ in range(20):
         with open(stack.mnt / "f", "rb") as f:
             assert f.read() == b"lower data"
+        _evict(stack.mnt / "f")  # the next read asks the daemon, then the kernel asks getattr
+        assert os.stat(stack.mnt / "f").st_size == 10
     assert um.unmount() == 0
-    served = _opens_in_c(um.log())
+    served, attrs = _opens_in_c(um.log()), _getattrs_in_c(um.log())
     if not hook_enabled():
         assert served is None
     elif how == "plain":
         assert served is not None and served >= 15  # all but the first, and the odd retry
+        assert attrs is not None and attrs >= 15
     else:
-        assert served == 0
+        assert served == 0 and attrs == 0
 
 
 def _follow_copy_up(mnt: Path) -> list[object]:
@@ -115,6 +123,23 @@ def _chmod_then_open(mnt: Path) -> list[object]:
         return [os.pread(fd, 100, 0), oct(os.fstat(fd).st_mode)]
 
 
+def _attributes(mnt: Path) -> list[object]:
+    """A stat after a read (which makes the kernel ask again), before and after a
+    copy-up: the same fields as the kernel's, inode numbers by what they stand for."""
+    out: list[object] = []
+    for _ in range(2):
+        _arm(mnt / "f")
+        with open(mnt / "f", "rb") as f:
+            f.read()
+        _evict(mnt / "f")
+        st = os.stat(mnt / "f")
+        lower = os.stat(mnt.parent / "l0" / "f")  # the twin's own (twins.py lays them out so)
+        times = (st.st_mtime_ns == lower.st_mtime_ns, st.st_atime_ns == lower.st_atime_ns)
+        out.append((oct(st.st_mode), st.st_nlink, st.st_uid, st.st_size, st.st_blocks, times))
+        os.chmod(mnt / "f", 0o600)  # copy-up: the next stat is the upper copy's
+    return out
+
+
 def _read_only_flags(mnt: Path) -> list[object]:
     """Opens the hook must leave alone or answer the same: O_TRUNC on a read-only open,
     O_NOATIME, O_DIRECTORY on a file, a write open."""
@@ -141,6 +166,7 @@ SCENARIOS: dict[str, Scenario] = {
     "replaced-by-rename": _replaced_by_rename,
     "chmod-then-open": _chmod_then_open,
     "read-only-flags": _read_only_flags,
+    "attributes": _attributes,
 }
 
 

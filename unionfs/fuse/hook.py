@@ -143,12 +143,12 @@ def reads_served(hook: ModuleType | None) -> int:
     return hook.reads_served() if hook is not None else 0
 
 
-def opens_served(hook: ModuleType | None) -> int:
-    """How many OPENs the hook answered itself (csrc/opens.c); 0 without it."""
+def opens_served(hook: ModuleType | None) -> tuple[int, int]:
+    """How many OPENs and GETATTRs the hook answered itself (csrc/opens.c)."""
     if hook is None or not feature_active(hook, "opens"):
-        return 0
-    served: int = hook.opens_served()
-    return served
+        return 0, 0
+    opens, attrs = hook.opens_served()
+    return int(opens), int(attrs)
 
 
 def feature_active(hook: ModuleType | None, name: str) -> bool:

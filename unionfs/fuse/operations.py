@@ -175,8 +175,10 @@ class _COpens:
         self.on = False
 
     def configure(self, on: bool) -> None:
+        # GETATTR of an armed inode too, when its attributes are the lower file's own.
+        attrs = self._ops.ids.identity
         self.claim_all()
-        self.on = bool(self._hook.configure_opens(on))
+        self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT))
 
     def change_starts(self) -> None:
         """A request that may change the layers starts (``changing`` counts it)."""

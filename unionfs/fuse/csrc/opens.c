@@ -26,6 +26,12 @@
  * the path was: openat2 refuses to follow one) goes to pyfuse3 as before, which
  * answers with the daemon's own errors.
  *
+ * GETATTR of an armed inode is answered here too when the owners are shown as
+ * stored (no id mapping): the daemon's answer is the lower file's own stat with
+ * the node id as st_ino (ino.c rewrites it as for the daemon's replies). The
+ * kernel asks again after every read from the daemon (the atime may have moved),
+ * so a tar or a program's start would otherwise send one to Python per file.
+ *
  * Handles made here have the top bit of their low half set; the daemon's never
  * do (unionfs.overlay.files), so the two never meet.
  */
@@ -37,6 +43,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -57,11 +64,14 @@ struct handle {
 };
 
 static void (*inner_open)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static void (*inner_getattr)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static int wrapped, on;
+static int attrs_here;      /* configure_opens(on, attr_timeout): GETATTR too */
+static double attr_timeout; /* what the daemon gives with its attributes */
 static struct u64map armed;   /* ino -> struct armed * */
 static struct u64map handles; /* fh -> struct handle *: answered here, not claimed */
 static uint64_t next_fh;
-static unsigned long long opens_served;
+static unsigned long long opens_served, attrs_served;
 
 static int open_armed(const struct armed *a, int flags)
 {
@@ -77,6 +87,34 @@ static int open_armed(const struct armed *a, int flags)
         return fd;
     how.flags &= ~(uint64_t)O_NOATIME;
     return (int)syscall(SYS_openat2, a->dirfd, a->path, &how, sizeof(how));
+}
+
+static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    const struct armed *a;
+    struct open_how how;
+    struct stat st;
+    int fd, res;
+    if (!on || !attrs_here ||
+        (a = (const struct armed *)(uintptr_t)u64map_get(&armed, ino, 0)) == NULL)
+        goto python;
+    memset(&how, 0, sizeof(how));
+    how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    fd = (int)syscall(SYS_openat2, a->dirfd, a->path, &how, sizeof(how));
+    if (fd < 0)
+        goto python;
+    res = fstat(fd, &st);
+    close(fd);
+    if (res < 0 || !S_ISREG(st.st_mode))
+        goto python;
+    st.st_ino = ino;
+    fuse_reply_attr(req, &st, attr_timeout);
+    requests_answered = 1;
+    attrs_served++;
+    return;
+python:
+    inner_getattr(req, ino, fi);
 }
 
 static uint64_t new_handle(void)
@@ -146,10 +184,12 @@ int opens_release(uint64_t fh)
 
 static int wrap(struct fuse_lowlevel_ops *ops)
 {
-    if (ops->open == NULL)
+    if (ops->open == NULL || ops->getattr == NULL)
         return -1;
     inner_open = ops->open;
     ops->open = hook_open;
+    inner_getattr = ops->getattr;
+    ops->getattr = hook_getattr;
     wrapped = 1;
     return 0;
 }
@@ -287,12 +327,15 @@ static PyObject *unclaimed(PyObject *self, PyObject *unused)
     return PyLong_FromSize_t(handles.used);
 }
 
-static PyObject *configure_opens(PyObject *self, PyObject *arg)
+static PyObject *configure_opens(PyObject *self, PyObject *args)
 {
-    int want = PyObject_IsTrue(arg);
+    int want, attrs;
+    double timeout;
     (void)self;
-    if (want < 0)
+    if (!PyArg_ParseTuple(args, "ppd", &want, &attrs, &timeout))
         return NULL;
+    attrs_here = attrs;
+    attr_timeout = timeout;
     on = want && wrapped;
     if (!on)
         drop_all();
@@ -303,7 +346,7 @@ static PyObject *opens_served_here(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyLong_FromUnsignedLongLong(opens_served);
+    return Py_BuildValue("(KK)", opens_served, attrs_served);
 }
 
 static PyMethodDef methods[] = {
@@ -318,10 +361,12 @@ static PyMethodDef methods[] = {
      "owns (its RELEASE then goes to it), or None."},
     {"claim_all", claim_all, METH_NOARGS, "claim() of every handle answered here."},
     {"unclaimed", unclaimed, METH_NOARGS, "How many handles answered here are not claimed."},
-    {"configure_opens", configure_opens, METH_O,
-     "configure_opens(on): answer opens of armed inodes here (off: disarm all); "
-     "returns whether they are."},
-    {"opens_served", opens_served_here, METH_NOARGS, "How many OPENs were answered here."},
+    {"configure_opens", configure_opens, METH_VARARGS,
+     "configure_opens(on, attrs, attr_timeout): answer opens of armed inodes here (off: "
+     "disarm all), and with attrs their GETATTR, valid for attr_timeout; returns whether "
+     "opens are."},
+    {"opens_served", opens_served_here, METH_NOARGS,
+     "How many OPENs and GETATTRs were answered here: (opens, getattrs)."},
     {NULL, NULL, 0, NULL},
 };
 
