@@ -138,6 +138,7 @@ def test_an_unusable_dev_fuse_is_refused(stack: Stack) -> None:
         ["-o", "lowerdir=/l,upperdir=/u,workdir=/w", "-f", "/m"],
         ["src", "/m", "-o", "rw,lowerdir=/l"],  # mount.fuse3's order
         ["-olowerdir=/l", "-o", "ro", "-d", "/m"],
+        ["-o=lowerdir=/l", "-o==x", "/m"],
         ["--debug", "/m", "-o", "x=-y"],  # a value may hold a dash after the start
         ["-f", "-f", "-o", "", "a b", "/m"],
     ],
@@ -200,6 +201,43 @@ print("ok")
         timeout=60,
     )
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_what_the_daemon_logs_before_ready_reaches_syslog_once_connected() -> None:
+    """Records logged before the mount is ready, through a lazy logger or through
+    ``logging`` itself once the daemon loads its libraries (``lazylog.load``), are held
+    and handed to the syslog handler when it connects (a stand-in handler here: the
+    machine may have no /dev/log)."""
+    code = """
+import os, sys
+from unionfs import cli, lazylog
+connect = cli._log_to_syslog()
+assert "logging" not in sys.modules
+lazylog.get("unionfs.fuse.mount").info("lazy, before ready")
+lazylog.load()
+import logging, logging.handlers
+got = []
+class Capture(logging.Handler):
+    def emit(self, record):
+        got.append(record.getMessage())
+logging.getLogger("unionfs.fuse.privileges").warning("plain, before ready")
+logging.handlers.SysLogHandler = lambda address: Capture()
+exists = os.path.exists
+os.path.exists = lambda p: p == "/dev/log" or exists(p)
+connect()
+logging.getLogger("unionfs.fuse.operations").info("after ready")
+print(got)
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.fspath(REPO)),
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(["lazy, before ready", "plain, before ready", "after ready"])
+    assert r.stderr == ""  # nothing went to the caller's stderr instead
 
 
 def test_version_and_help() -> None:

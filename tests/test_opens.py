@@ -8,6 +8,8 @@ import contextlib
 import errno
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,22 @@ def test_read_only_opens_of_lower_files_are_answered_in_c_unless_requests_are_wa
         assert attrs is not None and attrs >= 15
     else:
         assert served == 0 and attrs == 0
+
+
+def test_the_opens_that_run_a_program_are_answered_in_c(stack: Stack, mounted: Mounted) -> None:
+    """An exec opens its binary with a flag of the kernel's own, which openat2 refuses;
+    the hook leaves it out, as open(2) ignores it."""
+    (stack.lowers[1] / "bin").mkdir()
+    shutil.copy2("/bin/true", stack.lowers[1] / "bin/true")
+    um = mounted()
+    for _ in range(10):
+        subprocess.run([stack.mnt / "bin/true"], check=True, timeout=30)
+    assert um.unmount() == 0
+    served = _opens_in_c(um.log())
+    if hook_enabled():
+        assert served is not None and served >= 8
+    else:
+        assert served is None
 
 
 def _follow_copy_up(mnt: Path) -> list[object]:

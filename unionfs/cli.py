@@ -59,6 +59,8 @@ def _quick_parse(argv: list[str]) -> MountArgs | None:
             if value is None or value.startswith("-"):
                 return None
             args.options.append(value)
+        elif arg.startswith("-o="):
+            args.options.append(arg[3:])  # as argparse reads it
         elif arg.startswith("-o") and len(arg) > 2:
             args.options.append(arg[2:])
         elif arg == "-f":

@@ -45,6 +45,13 @@ class _Logger:
         return value
 
 
+def load() -> None:
+    """Import ``logging`` now, running the hook first if it has not run: from here on
+    records logged through ``logging`` directly (other modules, libraries) go where
+    the hook sends them too."""
+    get("unionfs").handlers  # noqa: B018  # the first use
+
+
 def get(name: str) -> logging.Logger:
     """``logging.getLogger(name)``, with ``logging`` imported at the first call on it."""
     return _Logger(name)  # type: ignore[return-value]

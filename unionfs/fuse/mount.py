@@ -473,6 +473,9 @@ def _serve_mounted(
 ) -> ModuleType | None:
     """Load the libraries, hand libfuse the mount (made here when *fuse_fd* is
     None), serve until unmounted; returns the C hook (None without it)."""
+    # From here modules and libraries log through logging itself: before the mount is
+    # ready (libfuse mounting), their records must be held for syslog too (cli.py).
+    lazylog.load()
     from unionfs.fuse import hook, premount, privileges
 
     taken = False  # whether libfuse holds fuse_fd (it closes it)

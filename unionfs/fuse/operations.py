@@ -111,11 +111,11 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
         changes = (
             c_opens is not None and not keeps and not (is_open and not opens_to_change(args[2]))
         )
-        if changes:
-            c_opens.change_starts()  # type: ignore[union-attr]
         tracer = tracing.active  # None unless someone traces the mount
         token = tracing.enter(args[0], name, args) if tracer is not None else None
         try:
+            if changes:
+                c_opens.change_starts()  # type: ignore[union-attr]
             return await fn(*args)
         except FUSEError:
             if not answer:
@@ -181,7 +181,8 @@ class _COpens:
         self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT))
 
     def change_starts(self) -> None:
-        """A request that may change the layers starts (``changing`` counts it)."""
+        """A request that may change the layers starts (``changing`` counts it; the
+        caller counts it down when the request ends, whatever happens here)."""
         self.changing += 1
         self._disarm_all()
         if self._unclaimed():
@@ -198,14 +199,17 @@ class _COpens:
             self._file(*found)
 
     def _file(self, fh: int, ino: int, fd: int, flags: int) -> None:
+        """File a handle taken over from the hook. Should that fail, the handle is
+        closed (the kernel then gets EBADF for it), never left on a stale fd."""
         ops = self._ops
         try:
             node = ops.table.get(ino)
-        except KeyError:  # cannot be: the kernel keeps an open file's inode
-            log.error("an open answered in C has no node (inode %d)", ino)
+            ops.files.adopt(node, fd, flags, fh)
+        except Exception:  # cannot be: the kernel keeps an open file's inode
+            log.exception("taking over a handle opened in C (inode %d)", ino)
+            self._hook.set_fd(fh, -1)
             os.close(fd)
             return
-        ops.files.adopt(node, fd, flags, fh)
         ops.passthrough.adopted(fh, node)
 
     def arm(self, node: Node, fd_layer_path: tuple[int, bytes]) -> None:

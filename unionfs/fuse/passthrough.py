@@ -203,6 +203,8 @@ class Passthrough:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 log.warning("closing backing file %d: %s", io.backing, e)
+        except RuntimeError:
+            pass  # the session has ended (unmount): the kernel dropped its backing files
         io.backing, io.layer = 0, None
 
     def _forget_if_idle(self, ino: int) -> None:

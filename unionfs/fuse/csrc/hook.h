@@ -46,8 +46,10 @@ extern const struct hook_feature release_feature;     /* release.c */
 extern const struct hook_feature caps_feature;        /* caps.c */
 extern const struct hook_feature opens_feature;       /* opens.c */
 
-/* The session pyfuse3 created through the hook (NULL before, or if it did not). */
+/* The session pyfuse3 created through the hook (NULL before, if it did not, or once
+   destroyed: hook_session_gone, called by ops.c's fuse_session_destroy). */
 struct fuse_session *hook_session(void);
+void hook_session_gone(struct fuse_session *se);
 
 /* passthrough.c: the file info a reply to OPEN or CREATE carries: fi, or a copy
    with the backing id the Python side put in the handle's upper half. */

@@ -52,6 +52,12 @@
 #define C_HANDLE 0x80000000ULL
 /* What the daemon leaves out of the flags it opens a real file with (files.py). */
 #define DROPPED (O_CREAT | O_EXCL | O_NOCTTY | O_APPEND | O_DIRECT)
+/* The flags open(2) knows. The kernel's FUSE module passes on bits of its own too
+   (0x20 for an exec); open(2) ignores those, openat2 refuses them (EINVAL). */
+#define OPEN_FLAGS                                                                           \
+    (O_ACCMODE | O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_NONBLOCK | O_DSYNC |  \
+     O_SYNC | FASYNC | O_DIRECT | O_LARGEFILE | O_DIRECTORY | O_NOFOLLOW | O_NOATIME |      \
+     O_CLOEXEC)
 
 struct armed {
     int dirfd;   /* the layer's root (O_PATH), owned by the Python side */
@@ -78,7 +84,7 @@ static int open_armed(const struct armed *a, int flags)
     struct open_how how;
     int fd;
     memset(&how, 0, sizeof(how));
-    how.flags = (uint64_t)((flags & ~DROPPED) | O_NOFOLLOW | O_CLOEXEC);
+    how.flags = (uint64_t)((flags & OPEN_FLAGS & ~DROPPED) | O_NOFOLLOW | O_CLOEXEC);
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     /* O_NOATIME needs ownership or CAP_FOWNER: without, just open (layers.py). */
     how.flags |= O_NOATIME;

@@ -292,6 +292,7 @@ __attribute__((visibility("default"))) void fuse_session_destroy(struct fuse_ses
     while (busy > 0)
         pthread_cond_wait(&busy_done, &busy_lock);
     pthread_mutex_unlock(&busy_lock);
+    hook_session_gone(se);
     real(se);
 }
 

@@ -88,11 +88,15 @@ void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
     process(se, buf);
     if (inline_on && nonblocking(se)) {
         int n;
-        for (n = 0; n < INLINE_MAX && requests_answered && !(buf->flags & FUSE_BUF_IS_FD); n++) {
-            struct fuse_buf more = *buf;
+        const struct fuse_buf *last = buf;
+        struct fuse_buf more;
+        for (n = 0; n < INLINE_MAX && requests_answered && !(last->flags & FUSE_BUF_IS_FD); n++) {
+            more = *buf;
+            more.flags = 0;
             if (next_receive_buf(se, &more) <= 0)
                 return; /* none queued (EAGAIN), or what pyfuse3's next read will see too */
             process(se, &more);
+            last = &more;
         }
     }
 }

@@ -62,6 +62,12 @@ struct fuse_session *hook_session(void)
     return session;
 }
 
+void hook_session_gone(struct fuse_session *se)
+{
+    if (se == session)
+        session = NULL;
+}
+
 static void hook_init(void *userdata, struct fuse_conn_info *conn)
 {
     size_t i;
