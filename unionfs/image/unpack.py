@@ -28,17 +28,15 @@ import errno
 import logging
 import os
 import stat
-import tarfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 from unionfs.image import tarreader
 from unionfs.image.digest import CHUNK, ImageError, Readable
 from unionfs.image.inorder import InOrder
+from unionfs.image.tarreader import Entry, TarReader
 from unionfs.overlay import markers
 from unionfs.overlay.layers import remove_tree
 from unionfs.overlay.syscalls import fd_path
@@ -101,29 +99,24 @@ def unpack_tar(
     try:
         try:
             try:
-                with tarreader.open_stream(stream, _TAR_BUFFER) as tf:
-                    for member in tarreader.entries(tf):
-                        _dispatch(u, maker, member, tf)
-                        if tick is not None:
-                            tick()
+                reader = tarreader.TarReader(stream, _TAR_BUFFER)
+                for member in reader:
+                    _dispatch(u, maker, member, reader)
+                    if tick is not None:
+                        tick()
                 maker.wait()
                 u.finish()
             except BaseException:
                 maker.wait()  # an entry before this one failed: that error first
                 raise
+        except tarreader.Truncated:
+            raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
+        except tarreader.NotATar as e:
+            if str(e) == "empty file":
+                raise UnpackError(f"layer {layer}: not a tar archive (empty)") from None
+            raise UnpackError(f"layer {layer}: not a valid tar archive: {e}") from None
         except tarreader.TarFormatError as e:
             raise UnpackError(f"layer {layer}: {e} {u.where()}") from None
-        except tarfile.ReadError as e:
-            text = str(e)
-            if text.startswith("zlib error: "):  # tarfile's wrapping of the stream's error
-                raise zlib.error(text[len("zlib error: ") :]) from None
-            if u.count == 0 and "empty" in text:
-                raise UnpackError(f"layer {layer}: not a tar archive (empty)") from None
-            if "unexpected end of data" in text:
-                raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
-            raise UnpackError(f"layer {layer}: not a valid tar archive: {text}") from None
-        except (tarfile.TarError, ValueError) as e:  # whatever else tarfile refuses
-            raise UnpackError(f"layer {layer}: not a valid tar archive: {e} {u.where()}") from None
         except EOFError:
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
     finally:
@@ -133,17 +126,17 @@ def unpack_tar(
     return u.count
 
 
-def _dispatch(u: _Unpacker, maker: InOrder, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+def _dispatch(u: _Unpacker, maker: InOrder, m: Entry, reader: TarReader) -> None:
     """Have entry *m* made in the making thread, in order, with its data read here;
     or here, once that thread is idle, when its data is too large to hold (or sparse)."""
     if not m.isreg():
         maker.submit(partial(u.entry, m, None))
     elif m.sparse is None and m.size <= _WHOLE_MAX:
-        data = _read_data(tf, m)
+        data = reader.read_data(m)
         maker.submit(partial(u.entry, m, data), len(data))
     else:
         maker.wait()
-        u.entry(m, tf)
+        u.entry(m, reader)
 
 
 class _Unpacker:
@@ -284,7 +277,7 @@ class _Unpacker:
 
     # -- entries -----------------------------------------------------------------
 
-    def entry(self, m: tarfile.TarInfo, src: _Source) -> None:
+    def entry(self, m: Entry, src: _Source) -> None:
         """Make entry *m*; *src* is a regular file's data, read already or to be
         read from the archive (or None: no data)."""
         self.path = m.name
@@ -319,7 +312,7 @@ class _Unpacker:
         except RecursionError:
             raise self.fail("the directory tree it replaces is too deep") from None
 
-    def _entry(self, path: bytes, m: tarfile.TarInfo, src: _Source) -> None:
+    def _entry(self, path: bytes, m: Entry, src: _Source) -> None:
         if not path:
             if not m.isdir():
                 raise self.fail("the layer's root must be a directory")
@@ -372,7 +365,7 @@ class _Unpacker:
                 raise self.fail(f"{way!r} on the way is a whiteout's name")
         return False
 
-    def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, src: _Source) -> None:
+    def _create(self, pfd: int, name: bytes, m: Entry, src: _Source) -> None:
         """Make the entry (which must not exist: EEXIST otherwise), with its mode from
         the start where it can be (the umask is 0 while unpacking), so most entries
         need no chmod and, owned by the unpacker, no chown."""
@@ -462,7 +455,7 @@ class _Unpacker:
             self._note(target)
         # A non-directory of this layer already hides what is below it.
 
-    def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: tarfile.TarInfo) -> None:
+    def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: Entry) -> None:
         """A second name for an entry unpacked earlier in this layer, found the same
         careful way (so never anything outside it)."""
         target = self.clean(m.linkname, "hard link target")
@@ -497,7 +490,7 @@ class _Unpacker:
         finally:
             os.close(tfd)
 
-    def _file(self, pfd: int, name: bytes, m: tarfile.TarInfo, src: _Source, mode: int) -> None:
+    def _file(self, pfd: int, name: bytes, m: Entry, src: _Source, mode: int) -> None:
         fd = os.open(
             name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -511,16 +504,14 @@ class _Unpacker:
             elif m.sparse is not None:
                 _copy_sparse(src, m, fd)
             elif m.size:
-                data = src.extractfile(m)
-                assert data is not None
-                _copy(data, fd, m.size)
+                _copy(src, m, fd)
             self._meta(pfd, name, m, fd=fd, created_mode=mode)
         finally:
             os.close(fd)
 
     # -- metadata ----------------------------------------------------------------
 
-    def _mode(self, m: tarfile.TarInfo) -> int:
+    def _mode(self, m: Entry) -> int:
         mode = m.mode & 0o7777
         if not self.root and mode & (stat.S_ISUID | stat.S_ISGID):
             if not self.dropped_bits:
@@ -531,7 +522,7 @@ class _Unpacker:
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
         return mode
 
-    def _xattrs(self, m: tarfile.TarInfo) -> dict[bytes, bytes]:
+    def _xattrs(self, m: Entry) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         for key, value in m.pax_headers.items():
             if not key.startswith(_SCHILY):
@@ -544,7 +535,7 @@ class _Unpacker:
             out[name] = value.encode("utf-8", "surrogateescape")
         return out
 
-    def _dir_meta(self, m: tarfile.TarInfo) -> _DirMeta:
+    def _dir_meta(self, m: Entry) -> _DirMeta:
         return _DirMeta(
             self._mode(m),
             m.uid if self.root else -1,
@@ -557,7 +548,7 @@ class _Unpacker:
         self,
         pfd: int,
         name: bytes,
-        m: tarfile.TarInfo,
+        m: Entry,
         fd: int = -1,
         symlink: bool = False,
         created_mode: int = -1,
@@ -642,19 +633,19 @@ class _Unpacker:
                 os.utime(target, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=follow)
 
 
-_Source = bytes | tarfile.TarFile | None
+_Source = bytes | TarReader | None
 
 _KNOWN_TYPES = {
-    tarfile.REGTYPE,
-    tarfile.AREGTYPE,
-    tarfile.CONTTYPE,
-    tarfile.GNUTYPE_SPARSE,
-    tarfile.DIRTYPE,
-    tarfile.SYMTYPE,
-    tarfile.LNKTYPE,
-    tarfile.CHRTYPE,
-    tarfile.BLKTYPE,
-    tarfile.FIFOTYPE,
+    tarreader.REGTYPE,
+    tarreader.AREGTYPE,
+    tarreader.CONTTYPE,
+    tarreader.GNU_SPARSE,
+    tarreader.DIRTYPE,
+    tarreader.SYMTYPE,
+    tarreader.LNKTYPE,
+    tarreader.CHRTYPE,
+    tarreader.BLKTYPE,
+    tarreader.FIFOTYPE,
 }
 
 
@@ -665,49 +656,33 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
+def _mtime_ns(m: Entry) -> int:
     if type(m.mtime) is int:  # a plain header's: exact, and no float on the way
         return m.mtime * 1_000_000_000
     return int(round(float(m.mtime) * 1e9))
 
 
-def _read_data(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
-    """The data of the (small, not sparse) regular file *m*, read whole from the
-    stream, where its header left it."""
-    src: Any = tf.fileobj
-    if src.tell() != m.offset_data:
-        src.seek(m.offset_data)
-    data: bytes = src.read(m.size)
-    if len(data) != m.size:
-        raise tarfile.ReadError("unexpected end of data")
-    return data
-
-
-def _copy(src: Readable, fd: int, size: int) -> None:
-    """Write *size* bytes of *src* to *fd*."""
-    left = size
+def _copy(src: TarReader, m: Entry, fd: int) -> None:
+    """The data of the regular file *m* written to *fd*, a piece at a time."""
+    src.skip_to(m.offset_data)
+    left = m.size
     while left > 0:
-        chunk = src.read(min(CHUNK, left))
-        if not chunk:
-            raise EOFError
+        chunk = src.read_exact(min(CHUNK, left))
         left -= len(chunk)
         _write_all(fd, chunk)
 
 
-def _copy_sparse(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
+def _copy_sparse(src: TarReader, m: Entry, fd: int) -> None:
     """A sparse entry: its data regions, stored one after the other from
     ``offset_data``, are written where the map puts them; the rest stays holes
     (never a stream of zeros as long as the size the entry claims)."""
-    src: Any = tf.fileobj
-    src.seek(m.offset_data)
-    regions: Any = m.sparse  # (offset, length) pairs; typeshed has it as bytes
-    for offset, length in regions:
+    src.skip_to(m.offset_data)
+    assert m.sparse is not None
+    for offset, length in m.sparse:
         os.lseek(fd, offset, os.SEEK_SET)
         left = length
         while left > 0:
-            chunk = src.read(min(CHUNK, left))
-            if not chunk:
-                raise EOFError
+            chunk = src.read_exact(min(CHUNK, left))
             left -= len(chunk)
             _write_all(fd, chunk)
     os.ftruncate(fd, m.size)
