@@ -49,6 +49,8 @@ _TAR_BUFFER = CHUNK  # what the archive is read in
 # A regular file up to this size is read whole by the reading thread and handed to
 # the making thread with its entry; a larger one is copied from the stream in pieces.
 _WHOLE_MAX = CHUNK
+_BATCH_ENTRIES = 64  # entries handed to the making thread at once, at most
+_BATCH_BYTES = 4 << 20  # and their data
 PATH_MAX = 4095
 _TIME_MIN, _TIME_MAX = -(1 << 63), 1 << 63  # seconds (a time_t)
 _ID_MAX = (1 << 32) - 1  # uid_t; -1 (all ones) means "unchanged" to chown
@@ -96,18 +98,28 @@ def unpack_tar(
     u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
     umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
     maker = InOrder("layer-entries")
+    u.writes = writes = _Writes(layer)
+    batch = _Batch(u, maker)
     try:
         try:
             try:
                 reader = tarreader.TarReader(stream, _TAR_BUFFER)
                 for member in reader:
-                    _dispatch(u, maker, member, reader)
+                    _dispatch(u, batch, member, reader)
                     if tick is not None:
                         tick()
+                batch.flush()
                 maker.wait()
+                writes.wait()
                 u.finish()
             except BaseException:
-                maker.wait()  # an entry before this one failed: that error first
+                # The entries before this error are made first, and an error in one
+                # of them is the one raised: the writes', then the making thread's.
+                try:
+                    batch.flush()
+                    maker.wait()
+                finally:
+                    writes.wait()
                 raise
         except tarreader.Truncated:
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
@@ -121,22 +133,48 @@ def unpack_tar(
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
     finally:
         maker.close()  # before the unpacker's fds
+        writes.close()
         os.umask(umask)
         u.close()
     return u.count
 
 
-def _dispatch(u: _Unpacker, maker: InOrder, m: Entry, reader: TarReader) -> None:
+def _dispatch(u: _Unpacker, batch: _Batch, m: Entry, reader: TarReader) -> None:
     """Have entry *m* made in the making thread, in order, with its data read here;
     or here, once that thread is idle, when its data is too large to hold (or sparse)."""
     if not m.isreg():
-        maker.submit(partial(u.entry, m, None))
+        batch.add(m, None)
     elif m.sparse is None and m.size <= _WHOLE_MAX:
-        data = reader.read_data(m)
-        maker.submit(partial(u.entry, m, data), len(data))
+        batch.add(m, reader.read_data(m))
     else:
-        maker.wait()
+        batch.flush()
+        batch.maker.wait()
         u.entry(m, reader)
+
+
+class _Batch:
+    """Entries handed to the making thread a batch at a time: each hand-over (a lock,
+    a wake-up, the GIL passed back and forth) costs more than parsing an entry, so
+    one per entry made the second thread a loss."""
+
+    def __init__(self, u: _Unpacker, maker: InOrder) -> None:
+        self.u = u
+        self.maker = maker
+        self.entries: list[tuple[Entry, bytes | None]] = []
+        self.size = 0
+
+    def add(self, m: Entry, data: bytes | None) -> None:
+        self.entries.append((m, data))
+        if data is not None:
+            self.size += len(data)
+        if len(self.entries) >= _BATCH_ENTRIES or self.size >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.entries:
+            self.maker.submit(partial(self.u.entries, self.entries), self.size)
+            self.entries = []
+            self.size = 0
 
 
 class _Unpacker:
@@ -155,6 +193,7 @@ class _Unpacker:
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
         self.children: dict[bytes, set[bytes]] = {}  # what forget() must find
         self.dropped_bits = False
+        self.writes: _Writes | None = None  # small files' data and metadata, written there
         self.skipped: set[bytes] = set()  # device nodes left out (not root)
         self.skipped_devices = False
         # What a new entry is owned by already (not so below a setgid directory).
@@ -276,6 +315,10 @@ class _Unpacker:
         return path
 
     # -- entries -----------------------------------------------------------------
+
+    def entries(self, batch: list[tuple[Entry, bytes | None]]) -> None:
+        for m, data in batch:
+            self.entry(m, data)
 
     def entry(self, m: Entry, src: _Source) -> None:
         """Make entry *m*; *src* is a regular file's data, read already or to be
@@ -497,6 +540,9 @@ class _Unpacker:
             mode,
             dir_fd=pfd,
         )
+        if isinstance(src, bytes) and self.writes is not None:
+            self.writes.add(fd, src, self._file_meta(m, mode), m.name)
+            return
         try:
             assert src is not None  # a regular file's data comes with it (_dispatch)
             if isinstance(src, bytes):
@@ -534,6 +580,13 @@ class _Unpacker:
                 continue
             out[name] = value.encode("utf-8", "surrogateescape")
         return out
+
+    def _file_meta(self, m: Entry, created_mode: int) -> _FileMeta:
+        """What ``_meta`` would apply to a new regular file, worked out (and checked)
+        here, in order, for the writer thread to apply."""
+        owner = (m.uid, m.gid) if self.root and (m.uid, m.gid) != self.ids else None
+        mode = self._mode(m)
+        return owner, -1 if mode == created_mode else mode, self._xattrs(m), _mtime_ns(m)
 
     def _dir_meta(self, m: Entry) -> _DirMeta:
         return _DirMeta(
@@ -634,6 +687,82 @@ class _Unpacker:
 
 
 _Source = bytes | TarReader | None
+# A new file's owner to set (or None), mode to set (or -1), xattrs, mtime in ns.
+_FileMeta = tuple[tuple[int, int] | None, int, dict[bytes, bytes], int]
+
+
+class _Writes:
+    """The data and metadata of small new files, written by a thread of their own.
+
+    Creating an entry (its checks, the ``open`` that makes it) stays in order in
+    the making thread; what follows on the open fd (``write``, ``fchown``,
+    ``fchmod``, ``fsetxattr``, ``futimens``, ``close``) changes only that file,
+    so it can go on in the kernel, the GIL free, while the next entries are made:
+    most of the kernel's work for a small file. Handed over a batch at a time;
+    ``wait`` before anything looks at the files (the directories' metadata last).
+    An error names its entry, as the making thread's do."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+        self.thread = InOrder("layer-writes", max_calls=8, max_bytes=16 << 20)
+        self.batch: list[tuple[int, bytes, _FileMeta, str] | None] = []
+        self.size = 0
+        self.sent: list[list[tuple[int, bytes, _FileMeta, str] | None]] = []
+
+    def add(self, fd: int, data: bytes, meta: _FileMeta, name: str) -> None:
+        self.batch.append((fd, data, meta, name))
+        self.size += len(data)
+        if len(self.batch) >= _BATCH_ENTRIES or self.size >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            batch, self.batch = self.batch, []
+            self.sent = [b for b in self.sent if any(b)]  # the ones not done
+            self.sent.append(batch)
+            self.thread.submit(partial(self._write, batch), self.size)
+            self.size = 0
+
+    def wait(self) -> None:
+        self.flush()
+        self.thread.wait()
+
+    def close(self) -> None:
+        """Stop the thread; the files it has not written are closed unwritten (after
+        an error: the layer is discarded)."""
+        self.thread.close()
+        for batch in [*self.sent, self.batch]:
+            for item in batch:
+                if item is not None:
+                    os.close(item[0])
+        self.sent = []
+        self.batch = []
+
+    def _write(self, batch: list[tuple[int, bytes, _FileMeta, str] | None]) -> None:
+        for i, item in enumerate(batch):
+            assert item is not None
+            fd, data, (owner, mode, xattrs, ns), name = item
+            batch[i] = None  # done, whatever happens: the fd is closed below
+            key = b""
+            try:
+                if data:
+                    _write_all(fd, data)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                if mode >= 0:
+                    os.fchmod(fd, mode)
+                for key, value in xattrs.items():
+                    os.setxattr(fd, key, value)
+                key = b""
+                os.utime(fd, ns=(ns, ns))
+            except OSError as e:
+                why = e.strerror or str(e)
+                if key:
+                    why = f"cannot set xattr {os.fsdecode(key)!r}: {why}"
+                raise UnpackError(f"layer {self.layer}: entry {name!r}: {why}") from None
+            finally:
+                os.close(fd)
+
 
 _KNOWN_TYPES = {
     tarreader.REGTYPE,
