@@ -17,7 +17,6 @@ import os
 import platform
 import posixpath
 import stat
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -159,7 +158,7 @@ class _TarStore(_Store):
         self.name = name
         try:
             self.tar = tarreader.open_archive(path)  # kept open, closed by close()
-        except (tarfile.TarError, OSError) as e:
+        except (tarreader.TarFormatError, OSError) as e:
             raise ImageError(f"{name}: not an uncompressed tar archive: {e}") from None
         self.members: dict[str, tarreader.Entry] = {}
         for m in self.tar.getmembers():

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ _WHOLE_MAX = CHUNK
 _BATCH_ENTRIES = 64  # entries handed to the making thread at once, at most
 _BATCH_BYTES = 4 << 20  # and their data
 PATH_MAX = 4095
+_FS_ENCODING = sys.getfilesystemencoding()
 _TIME_MIN, _TIME_MAX = -(1 << 63), 1 << 63  # seconds (a time_t)
 _ID_MAX = (1 << 32) - 1  # uid_t; -1 (all ones) means "unchanged" to chown
 NAME_MAX = 255
@@ -301,16 +303,19 @@ class _Unpacker:
     # -- names -------------------------------------------------------------------
 
     def clean(self, name: str, what: str = "path") -> bytes:
-        raw = os.fsencode(name)
+        raw = name.encode(_FS_ENCODING, "surrogateescape")  # os.fsencode
         if b"\0" in raw:
             raise self.fail(f"{what} contains a NUL byte")
         if raw.startswith(b"/"):
             raise self.fail(f"absolute {what}: refused")
-        parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+        parts = raw.split(b"/")
+        path = raw
+        if b"" in parts or b"." in parts:  # rare: only "a//b", "./a", "a/"
+            parts = [p for p in parts if p not in (b"", b".")]
+            path = b"/".join(parts)
         if b".." in parts:
             raise self.fail(f"{what} leaves the layer through '..'")
-        path = b"/".join(parts)
-        if len(path) > PATH_MAX or any(len(p) > NAME_MAX for p in parts):
+        if len(path) > PATH_MAX or max(map(len, parts), default=0) > NAME_MAX:
             raise self.fail(f"{what} too long")
         return path
 
@@ -338,8 +343,12 @@ class _Unpacker:
             raise self.fail(f"mtime {m.mtime} out of range")
         if not (0 <= m.uid < _ID_MAX and 0 <= m.gid < _ID_MAX):
             raise self.fail(f"owner {m.uid}:{m.gid} out of range")
-        with self.failures():
+        try:  # (what failures() does, without a context manager's cost per entry)
             self._entry(path, m, src)
+        except UnpackError:
+            raise
+        except (OSError, OverflowError, ValueError, RecursionError) as e:
+            raise self._failure(e) from None
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -348,12 +357,15 @@ class _Unpacker:
             yield
         except UnpackError:
             raise
-        except OSError as e:
-            raise self.fail(e.strerror or str(e)) from None
-        except (OverflowError, ValueError) as e:
-            raise self.fail(f"bad header value: {e}") from None
-        except RecursionError:
-            raise self.fail("the directory tree it replaces is too deep") from None
+        except (OSError, OverflowError, ValueError, RecursionError) as e:
+            raise self._failure(e) from None
+
+    def _failure(self, e: Exception) -> UnpackError:
+        if isinstance(e, OSError):
+            return self.fail(e.strerror or str(e))
+        if isinstance(e, RecursionError):
+            return self.fail("the directory tree it replaces is too deep")
+        return self.fail(f"bad header value: {e}")
 
     def _entry(self, path: bytes, m: Entry, src: _Source) -> None:
         if not path:
@@ -677,7 +689,7 @@ class _Unpacker:
             self.path = os.fsdecode(path) or "."
             if path in self.opaque:
                 self._set_opaque(pfd, name)
-            if meta.uid >= 0:
+            if meta.uid >= 0 and (meta.uid, meta.gid) != self.ids:  # made by us: ours
                 os.chown(target, meta.uid, meta.gid, follow_symlinks=follow)
             os.chmod(target, meta.mode, follow_symlinks=follow)
             for key, value in meta.xattrs.items():
