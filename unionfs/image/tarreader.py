@@ -215,11 +215,18 @@ def parse_header(buf: bytes) -> Entry:
     if t == AREGTYPE and name.endswith("/"):
         t = DIRTYPE  # the old V7 way to write a directory
     e.type = t
-    e.mode = number(buf[100:108])
-    e.uid = number(buf[108:116])
-    e.gid = number(buf[116:124])
-    e.size = number(buf[124:136])
-    e.mtime = number(buf[136:148])
+    try:  # the usual fields, in one go (see number)
+        e.mode = int(buf[100:108].rstrip(b"\0"), 8)
+        e.uid = int(buf[108:116].rstrip(b"\0"), 8)
+        e.gid = int(buf[116:124].rstrip(b"\0"), 8)
+        e.size = int(buf[124:136].rstrip(b"\0"), 8)
+        e.mtime = int(buf[136:148].rstrip(b"\0"), 8)
+    except ValueError:
+        e.mode = number(buf[100:108])
+        e.uid = number(buf[108:116])
+        e.gid = number(buf[116:124])
+        e.size = number(buf[124:136])
+        e.mtime = number(buf[136:148])
     e.linkname = _text(buf[157:257]) if buf[157] else ""
     if t in (CHRTYPE, BLKTYPE):
         e.devmajor = number(buf[329:337])
