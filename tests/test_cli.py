@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from tests.conftest import Stack
 from tests.mounting import REPO, mount_type, start_unionfs, unionfs_command
 from tests.test_merge import write
+from unionfs import cli
 from unionfs.errors import UsageError
 from unionfs.options import parse_options, split_options
 from unionfs.overlay.idmap import IdMap
@@ -127,6 +129,77 @@ def test_an_unusable_dev_fuse_is_refused(stack: Stack) -> None:
     )
     assert r.returncode not in (0, 77), r.stderr
     assert "/dev/fuse" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-o", "lowerdir=/l", "/m"],
+        ["-o", "lowerdir=/l,upperdir=/u,workdir=/w", "-f", "/m"],
+        ["src", "/m", "-o", "rw,lowerdir=/l"],  # mount.fuse3's order
+        ["-olowerdir=/l", "-o", "ro", "-d", "/m"],
+        ["--debug", "/m", "-o", "x=-y"],  # a value may hold a dash after the start
+        ["-f", "-f", "-o", "", "a b", "/m"],
+    ],
+)
+def test_the_quick_mount_parse_reads_what_argparse_reads(argv: list[str]) -> None:
+    """The forms the mount command reads without argparse give what argparse gives."""
+    quick = cli._quick_parse(argv)
+    assert quick is not None
+    full = cli._from_namespace(cli._parser().parse_intermixed_args(argv))
+    assert vars(quick) == vars(full)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["-o", "lowerdir=/l"],  # no mountpoint
+        ["-o"],
+        ["-o", "-f", "/m"],  # argparse: -o needs a value
+        ["-fd", "/m"],
+        ["-h"],
+        ["--version"],
+        ["--", "/m"],
+        ["-x", "/m"],
+        ["", "/m"],
+    ],
+)
+def test_every_other_command_line_goes_to_argparse(argv: list[str]) -> None:
+    assert cli._quick_parse(argv) is None
+
+
+def test_a_lazy_logger_imports_logging_at_first_use() -> None:
+    """``unionfs.lazylog``: no ``logging`` until a logger is used; the hook runs once,
+    first; then records reach the real logger's handlers."""
+    code = """
+import sys
+from unionfs import lazylog
+calls = []
+lazylog.before_first_use(lambda: calls.append("logging" in sys.modules))
+log = lazylog.get("unionfs.test")
+assert "logging" not in sys.modules
+import logging
+got = []
+class H(logging.Handler):
+    def emit(self, record):
+        got.append(record.getMessage())
+logging.getLogger("unionfs.test").addHandler(H())
+log.warning("one %d", 1)
+log.warning("two")
+assert calls == [True], calls
+assert got == ["one 1", "two"], got
+assert log.warning == logging.getLogger("unionfs.test").warning
+print("ok")
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.fspath(REPO)),
+        timeout=60,
+    )
+    assert r.stdout.strip() == "ok", r.stderr
 
 
 def test_version_and_help() -> None:

@@ -35,13 +35,19 @@ def _options_seen(stack: Stack, options: str, premounting: bool) -> tuple[bytes,
         assert mount_type(stack.mnt) is None
 
 
-def _mount_as_daemon(stack: Stack) -> int:
+def _mount_as_daemon(stack: Stack, python_flags: tuple[str, ...] = ()) -> int:
     """Run the mount command in its daemon mode (it returns once the mount is ready);
     the daemon's pid."""
+    return _run_as_daemon(stack, python_flags)[0]
+
+
+def _run_as_daemon(stack: Stack, python_flags: tuple[str, ...] = ()) -> tuple[int, str]:
+    """``_mount_as_daemon``, and what the command wrote to stderr."""
     lowers = ":".join(os.fspath(p) for p in stack.lowers)
     opts = f"lowerdir={lowers},upperdir={stack.upper},workdir={stack.work}"
+    python, *rest = unionfs_command()
     res = subprocess.run(
-        [*unionfs_command(), "-o", opts, os.fspath(stack.mnt)],
+        [python, *python_flags, *rest, "-o", opts, os.fspath(stack.mnt)],
         env=dict(os.environ, PYTHONPATH=os.fspath(REPO)),
         capture_output=True,
         text=True,
@@ -52,7 +58,7 @@ def _mount_as_daemon(stack: Stack) -> int:
     out = subprocess.run(["pgrep", "-f", f"upperdir={stack.upper},"], capture_output=True)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 1, out
-    return pids[0]
+    return pids[0], res.stderr
 
 
 @pytest.mark.parametrize(
@@ -139,3 +145,35 @@ def test_a_stop_signal_while_the_daemon_loads_unmounts_cleanly(stack: Stack) -> 
             subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# Costly to import, and not needed until the daemon serves (trio needs some of them
+# then): the command loads none of them before it says the mount is ready.
+LATER = ("argparse", "logging", "dataclasses", "inspect", "ast", "tokenize", "gettext")
+
+
+def test_the_mount_is_ready_before_the_costly_modules_load(stack: Stack) -> None:
+    """What the daemon-mode command imports before it returns, as ``-X importtime``
+    reports it (the daemon's stderr is the caller's until the mount is ready): none
+    of ``LATER``; then the mount serves, and the daemon has loaded them after all."""
+    write(stack.lowers[0] / "f", b"lower")
+    pid: int | None = None
+    try:
+        pid, stderr = _run_as_daemon(stack, ("-X", "importtime"))
+        before = {line.rpartition("|")[2].strip() for line in stderr.splitlines()}
+        assert "unionfs.fuse.premount" in before  # it did report the command's imports
+        assert not before & set(LATER), sorted(before & set(LATER))
+        assert (stack.mnt / "f").read_text() == "lower"
+        loaded = Path(f"/proc/{pid}/maps").read_text()
+        assert "pyfuse3" in loaded  # serving: the libraries are loaded now
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while mount_type(stack.mnt) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mount_type(stack.mnt) is None
+        pid = None
+    finally:
+        if mount_type(stack.mnt) is not None:
+            subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)

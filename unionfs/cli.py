@@ -11,16 +11,19 @@ plain mount pays nothing for them.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
-from collections.abc import Callable
 
-from unionfs import __version__, startup
+from unionfs import __version__, lazylog, startup
 from unionfs.errors import UsageError
 from unionfs.fuse.mount import Setup, check_setup, serve
 from unionfs.options import parse_options
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    import logging
+    from collections.abc import Callable
 
 PROG = "unionfs"
 USAGE = (
@@ -28,7 +31,62 @@ USAGE = (
 )
 
 
+class MountArgs:
+    """The plain mount command line, parsed."""
+
+    def __init__(self, options: list[str], foreground: bool, debug: bool, paths: list[str]):
+        self.options = options  # each -o's value, in order
+        self.foreground = foreground
+        self.debug = debug
+        self.paths = paths  # [SOURCE] MOUNTPOINT
+
+
+def parse_mount_args(argv: list[str]) -> MountArgs:
+    """The mount command line, as ``_parser`` reads it. The forms container engines
+    and mount(8) write (``-o X``, ``-oX``, ``-f``, ``-d``, paths) are read here;
+    anything else (help, version, a mistake) goes to argparse, which costs
+    milliseconds of every mount's start-up to import."""
+    return _quick_parse(argv) or _from_namespace(_parser().parse_intermixed_args(argv))
+
+
+def _quick_parse(argv: list[str]) -> MountArgs | None:
+    """The common forms only; None for anything else (``parse_mount_args``)."""
+    args = MountArgs([], False, False, [])
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            value = next(it, None)
+            if value is None or value.startswith("-"):
+                return None
+            args.options.append(value)
+        elif arg.startswith("-o") and len(arg) > 2:
+            args.options.append(arg[2:])
+        elif arg == "-f":
+            args.foreground = True
+        elif arg in ("-d", "--debug"):
+            args.debug = True
+        elif arg.startswith("-") or not arg:
+            return None
+        else:
+            args.paths.append(arg)
+    return args if args.paths else None
+
+
+def _from_namespace(ns: argparse.Namespace) -> MountArgs:
+    return MountArgs(ns.options, ns.foreground, ns.debug, ns.paths)
+
+
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class Version(argparse.Action):
+        """-V: the versions are looked up only when asked for (importlib.metadata reads
+        every installed package's metadata: tens of ms on every mount otherwise)."""
+
+        def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+            print(f"unionfs version {__version__}\n{_fuse_versions()}")
+            parser.exit()
+
     p = argparse.ArgumentParser(
         prog=PROG,
         usage=USAGE,
@@ -49,18 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-d", "--debug", action="store_true", help="log every request to stderr (implies -f)"
     )
-    p.add_argument("-V", "--version", action=_Version, nargs=0, help="print the version and exit")
+    p.add_argument("-V", "--version", action=Version, nargs=0, help="print the version and exit")
     p.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
     return p
-
-
-class _Version(argparse.Action):
-    """-V: the versions are looked up only when asked for (importlib.metadata reads
-    every installed package's metadata: tens of ms on every mount otherwise)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
-        print(f"unionfs version {__version__}\n{_fuse_versions()}")
-        parser.exit()
 
 
 def _fuse_versions() -> str:
@@ -120,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run: Callable[[list[str]], int] = importlib.import_module(module).main
         return run(argv)
-    args = _parser().parse_intermixed_args(argv)
+    args = parse_mount_args(argv)
     try:
         if len(args.paths) > 2:
             raise UsageError(f"too many arguments: {' '.join(args.paths)}")
@@ -142,12 +191,16 @@ def run_mount(
     """Serve a checked set-up: in the foreground with ``foreground``/``debug``, else as a
     daemon, returning once the mount is ready (the other tools that mount call this too)."""
     if debug or foreground:
+        import logging
+
         _log_to_stderr(logging.DEBUG if debug else logging.INFO)
         return _serve(setup, lambda: None, timeout, debug=debug)
     return _daemonize(setup, timeout)
 
 
 def _log_to_stderr(level: int) -> None:
+    import logging
+
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
     )
@@ -159,7 +212,7 @@ def _serve(
     try:
         return serve(setup, ready, timeout, debug)
     except UsageError as e:
-        logging.getLogger(PROG).error("%s", e)
+        lazylog.get(PROG).error("%s", e)
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
 
@@ -216,11 +269,11 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     try:
         code = serve(setup, ready, timeout)
     except UsageError as e:
-        logging.getLogger(PROG).error("%s", e)
+        lazylog.get(PROG).error("%s", e)
         if not told:
             _tell(wfd, str(e))
     except BaseException as e:  # pragma: no cover - reported to the waiting parent
-        logging.getLogger(PROG).exception("daemon failed")
+        lazylog.get(PROG).exception("daemon failed")
         if not told:
             _tell(wfd, f"daemon failed: {e}")
     finally:
@@ -236,31 +289,41 @@ def _tell(wfd: int, message: str) -> None:
         pass  # already reported ready; the log has it
 
 
-class _Held(logging.Handler):
-    """Log records kept until the daemon's syslog handler is set up."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def _log_to_syslog() -> Callable[[], None]:
     """Send the daemon's log to syslog, from when the returned function is called (once
-    the mount is ready: the handler's module costs start-up time); records logged
-    before then are kept and sent then."""
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    held = _Held()
-    root.addHandler(held)
+    the mount is ready: ``logging`` and the handler's module cost start-up time). Records
+    logged before then are kept and sent then."""
+    held: list[logging.LogRecord] = []
+    holder: list[logging.Handler] = []
+    connected = False
+
+    def hold() -> None:  # something logs before the mount is ready
+        import logging
+
+        class Held(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                held.append(record)
+
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        holder.append(Held())
+        root.addHandler(holder[0])
+
+    lazylog.before_first_use(hold)
 
     def connect() -> None:
-        if held not in root.handlers:
-            return  # connected already
+        nonlocal connected
+        if connected:
+            return
+        connected = True
+        lazylog.before_first_use(None)
+        import logging
         import logging.handlers
 
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        for h in holder:
+            root.removeHandler(h)
         if os.path.exists("/dev/log"):
             handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
             handler.setFormatter(
@@ -268,9 +331,8 @@ def _log_to_syslog() -> Callable[[], None]:
             )
         else:
             handler = logging.NullHandler()
-        root.removeHandler(held)
         root.addHandler(handler)
-        for record in held.records:
+        for record in held:
             handler.handle(record)
 
     return connect

@@ -7,15 +7,13 @@ in double quotes may contain commas (``context="a:b:c1,c2"``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from unionfs.errors import UsageError
 from unionfs.overlay.idmap import IdMap
 
 
-@dataclass
 class Options:
-    lowers: list[str] = field(default_factory=list)
+    """The mount options as given (``parse_options``); unset ones keep these defaults."""
+
     upper: str | None = None
     work: str | None = None
     readonly: bool = False
@@ -26,8 +24,6 @@ class Options:
     userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
     trace: str | None = None  # -o trace=FILE: the overlay's decisions as JSON lines
-    uid_map: list[IdMap] = field(default_factory=list)
-    gid_map: list[IdMap] = field(default_factory=list)
     squash_root: bool = False
     squash_uid: int | None = None  # wins over squash_root, whatever the order
     squash_gid: int | None = None
@@ -35,8 +31,13 @@ class Options:
     # "follow", as the kernel's with redirect_always_follow); metacopy=on implies "on".
     redirect: str | None = None
     metacopy: bool = False
-    fuse: set[str] = field(default_factory=set)  # passed on to the FUSE mount
-    ignored: list[str] = field(default_factory=list)  # accepted, documented no-ops
+
+    def __init__(self) -> None:
+        self.lowers: list[str] = []
+        self.uid_map: list[IdMap] = []
+        self.gid_map: list[IdMap] = []
+        self.fuse: set[str] = set()  # passed on to the FUSE mount
+        self.ignored: list[str] = []  # accepted, documented no-ops
 
 
 # Mount flags handed to the kernel as they are.

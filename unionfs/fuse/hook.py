@@ -11,12 +11,13 @@ One log line says which.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from types import ModuleType
 
-log = logging.getLogger(__name__)
+from unionfs import lazylog
+
+log = lazylog.get(__name__)
 
 DISABLE_ENV = "UNIONFS_NO_HOOK"
 

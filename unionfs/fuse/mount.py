@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
-import re
 import resource
 import signal
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from unionfs import lazylog
 from unionfs.errors import UsageError
+from unionfs.fuse.state import unescape_mountinfo
 from unionfs.options import Options
 from unionfs.overlay import markers
 from unionfs.overlay.idmap import IdMapper, IdTable
@@ -34,24 +33,34 @@ if TYPE_CHECKING:
     from unionfs.fuse.operations import Operations
     from unionfs.overlay.union import Union
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 FSTYPE = "fuse.unionfs"
 
 
-@dataclass
 class Setup:
     """A checked set-up: absolute, symlink-free paths and the locks that guard them."""
 
-    config: UnionConfig
-    mountpoint: Path
-    fuse_options: set[str]
-    lock_fds: list[int]
-    passthrough: str = "off"  # auto | on | off, as resolved for this mount (see _passthrough)
-    stack_depth: int = 0  # how deep backing files may be stacked (0: on a plain filesystem)
-    passthrough_note: str = ""  # why passthrough is off or limited, logged once serving
     trace_path: Path | None = None  # -o trace=FILE, opened (append) before the mount
     trace_fd: int | None = None
+
+    def __init__(
+        self,
+        config: UnionConfig,
+        mountpoint: Path,
+        fuse_options: set[str],
+        lock_fds: list[int],
+        passthrough: str = "off",
+        stack_depth: int = 0,
+        passthrough_note: str = "",
+    ) -> None:
+        self.config = config
+        self.mountpoint = mountpoint
+        self.fuse_options = fuse_options
+        self.lock_fds = lock_fds
+        self.passthrough = passthrough  # auto | on | off, as resolved (see _passthrough)
+        self.stack_depth = stack_depth  # how deep backing files may stack (0: plain fs)
+        self.passthrough_note = passthrough_note  # why passthrough is off or limited
 
     def release(self) -> None:
         for fd in self.lock_fds:
@@ -92,7 +101,7 @@ def mounted_at(path: Path) -> str | None:
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split()
-                if _unescape_mountinfo(fields[4]) == target:
+                if unescape_mountinfo(fields[4]) == target:
                     found = fields[fields.index(b"-") + 1].decode(errors="replace")
     except OSError:
         return None
@@ -114,11 +123,6 @@ def filesystem_types(paths: list[Path]) -> dict[Path, str]:
     except OSError:
         return {}
     return {path: types[dev] for path, dev in devs.items() if dev in types}
-
-
-def _unescape_mountinfo(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def check_setup(opts: Options, mountpoint: str) -> Setup:

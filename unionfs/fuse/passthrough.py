@@ -38,16 +38,16 @@ copy-up). Lower files never change: their pages are kept.
 from __future__ import annotations
 
 import errno
-import logging
-from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from unionfs import lazylog
 
 if TYPE_CHECKING:
     from unionfs.overlay.layers import Layer
     from unionfs.overlay.nodes import Node
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 MODES = ("auto", "on", "off")
 
@@ -58,8 +58,7 @@ STACKED_FILESYSTEMS = {"overlay", "ecryptfs"}
 PASSTHROUGH, CACHED = "passthrough", "cached"
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How one open is answered."""
 
     kind: str

@@ -14,21 +14,17 @@ or the device is no longer a unionfs mount) and ignored or replaced.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import logging
 import os
-import re
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from unionfs import lazylog
 from unionfs.overlay.idmap import IdMap, IdMapper, IdTable
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 FSTYPE = "fuse.unionfs"
 RUNDIR_ENV = "UNIONFS_RUNTIME_DIR"
@@ -51,16 +47,25 @@ def runtime_dir() -> Path:
 # -- mountinfo ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
     mountpoint: bytes
     device: str  # "MAJ:MIN"
     fstype: str
 
 
-def _unescape(field: bytes) -> bytes:
+def unescape_mountinfo(field: bytes) -> bytes:
     """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+    if b"\\" not in field:
+        return field
+    first, *rest = field.split(b"\\")
+    out = [first]
+    for part in rest:
+        code = part[:3]
+        if len(code) == 3 and all(0x30 <= c <= 0x37 for c in code):
+            out.append(bytes([int(code, 8)]) + part[3:])
+        else:
+            out.append(b"\\" + part)
+    return b"".join(out)
 
 
 def mountinfo() -> list[MountEntry]:
@@ -69,7 +74,7 @@ def mountinfo() -> list[MountEntry]:
         for line in f:
             fields = line.split()
             fstype = fields[fields.index(b"-") + 1].decode(errors="replace")
-            out.append(MountEntry(_unescape(fields[4]), fields[2].decode(), fstype))
+            out.append(MountEntry(unescape_mountinfo(fields[4]), fields[2].decode(), fstype))
     return out
 
 
@@ -86,8 +91,7 @@ def device_of(mountpoint: Path) -> str | None:
 # -- the state file ------------------------------------------------------------------
 
 
-@dataclass
-class MountState:
+class MountState(NamedTuple):
     pid: int
     mountpoint: str
     device: str
@@ -117,32 +121,30 @@ def ids_from_json(data: dict[str, Any]) -> IdMapper:
 def config_to_json(config: UnionConfig) -> dict[str, Any]:
     """UnionConfig's fields that are plain data; paths as (surrogate-escaped) strings."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
+    for name, value in vars(config).items():
         if isinstance(value, Path):
-            out[f.name] = os.fspath(value)
+            out[name] = os.fspath(value)
         elif isinstance(value, XattrNamespace):
-            out[f.name] = value.prefix.decode()
+            out[name] = value.prefix.decode()
         elif isinstance(value, list) and all(isinstance(v, Path) for v in value):
-            out[f.name] = [os.fspath(v) for v in value]
+            out[name] = [os.fspath(v) for v in value]
         elif value is None or isinstance(value, (bool, int, float, str)):
-            out[f.name] = value
+            out[name] = value
     return out
 
 
+_PATHS = ("upper", "work")  # UnionConfig's fields that hold one path (or None)
+
+
 def config_from_json(data: dict[str, Any], ids: IdMapper) -> UnionConfig:
-    hints = typing.get_type_hints(UnionConfig)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(UnionConfig):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        hint = str(hints.get(f.name, ""))
-        if "Path" in hint and value is not None:
-            value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
-        elif "XattrNamespace" in hint:
-            value = USER if value == USER.prefix.decode() else TRUSTED
-        kwargs[f.name] = value
+    known = vars(UnionConfig([]))  # its fields (a file of another version may differ)
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+    kwargs["lowers"] = [Path(v) for v in data.get("lowers", [])]
+    for name in _PATHS:
+        if kwargs.get(name) is not None:
+            kwargs[name] = Path(kwargs[name])
+    if "xattrs" in kwargs:
+        kwargs["xattrs"] = USER if kwargs["xattrs"] == USER.prefix.decode() else TRUSTED
     kwargs["ids"] = ids
     return UnionConfig(**kwargs)
 
@@ -157,7 +159,7 @@ def publish(state: MountState) -> Path:
     d.mkdir(mode=0o755, parents=True, exist_ok=True)
     path = state_path(state.device)
     tmp = d / f".{state.device}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(dataclasses.asdict(state), indent=1) + "\n")
+    tmp.write_text(json.dumps(state._asdict(), indent=1) + "\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path

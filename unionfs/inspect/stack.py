@@ -8,7 +8,6 @@ not be touched (opening one clears what is in it).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ class Stack:
     def open(self) -> Union:
         """The overlay over these layers, read-only in effect: no workdir, nothing written."""
         try:
-            return Union(dataclasses.replace(self.config, work=None))
+            return Union(self.config.replace(work=None))
         except OSError as e:
             raise UsageError(f"cannot open the layers: {e}") from None
 

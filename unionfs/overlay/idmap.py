@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 
-@dataclass
 class IdMap:
     """One ``uidmapping``/``gidmapping`` range: *count* ids from *inside* (stored
     in the layers) correspond to ids from *outside* (shown in the mount)."""
 
-    inside: int
-    outside: int
-    count: int
+    __slots__ = ("inside", "outside", "count")
+
+    def __init__(self, inside: int, outside: int, count: int) -> None:
+        self.inside = inside
+        self.outside = outside
+        self.count = count
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, IdMap):
+            return NotImplemented
+        return (self.inside, self.outside, self.count) == (other.inside, other.outside, other.count)
+
+    def __repr__(self) -> str:
+        return f"IdMap(inside={self.inside}, outside={self.outside}, count={self.count})"
 
 
 OVERFLOW_ID = 65534

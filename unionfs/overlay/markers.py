@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from unionfs.overlay.syscalls import (
     RENAME_EXCHANGE,
@@ -45,8 +45,7 @@ OCI_OPAQUE = b".wh..wh..opq"
 OCI_NAME_MAX = 255 - len(OCI_PREFIX)  # longest name an OCI whiteout can delete
 
 
-@dataclass(frozen=True)
-class XattrNamespace:
+class XattrNamespace(NamedTuple):
     """Where the overlay keeps its private xattrs: ``trusted.overlay.`` as root,
     ``user.overlay.`` with the kernel's ``userxattr`` option."""
 
@@ -290,8 +289,7 @@ _CPU_ENDIAN = FH_FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
 NULL_UUID = bytes(16)
 
 
-@dataclass(frozen=True)
-class FileHandle:
+class FileHandle(NamedTuple):
     """An origin: the kernel's ``struct ovl_fb``, a file handle of the lower inode a
     copy-up came from (``name_to_handle_at`` type and bytes) and the uuid of its
     filesystem. It is what keeps ``st_ino`` across mounts, for the kernel and unionfs."""
@@ -586,8 +584,7 @@ def is_oci_meta(name: bytes) -> bool:
     return name.startswith(OCI_META_PREFIX) and name != OCI_OPAQUE
 
 
-@dataclass
-class LayerDir:
+class LayerDir(NamedTuple):
     """What one directory of a layer says, whatever the format it is written in."""
 
     names: list[bytes]  # its entries, sorted, marker files and kernel whiteouts left out

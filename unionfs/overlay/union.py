@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unionfs import lazylog
 from unionfs.overlay import markers
 from unionfs.overlay.events import Sink
 from unionfs.overlay.idmap import IDENTITY, IdMapper
@@ -32,7 +31,7 @@ from unionfs.overlay.markers import TRUSTED, XattrNamespace, is_private_xattr, i
 from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile, Place
 from unionfs.overlay.syscalls import fd_path
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 CAPS_XATTR = b"security.capability"
 WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
@@ -59,42 +58,64 @@ def is_name_only(entry: Entry) -> bool:
     return entry.st is _NO_STAT
 
 
-@dataclass
 class UnionConfig:
     """What a mount is made of, already validated (see ``unionfs.fuse.mount``)."""
 
-    lowers: list[Path]  # top first
-    upper: Path | None = None
-    work: Path | None = None
-    readonly: bool = False  # -o ro: show the upper too, but refuse every change (EROFS)
-    fsync: bool = True  # False: fsync requests are acknowledged without syncing (volatile)
-    static_nlink: bool = False  # report nlink 1 for every directory
-    writeback: bool = False  # the kernel's write-back cache holds writes until it flushes
-    ids: IdMapper = IDENTITY  # owner mapping between the layers and the mount
-    xattrs: XattrNamespace = TRUSTED  # where markers are written: user.overlay.* with userxattr
-    # redirect_dir: "on" (renaming a directory with lower parts records a redirect),
-    # "follow" (redirects are followed, never made: EXDEV) or "nofollow" (EPERM).
-    redirect: str = "follow"
-    metacopy: bool = False  # chmod/chown/... copy up metadata only; needs redirect "on"
+    def __init__(
+        self,
+        lowers: list[Path],  # top first
+        upper: Path | None = None,
+        work: Path | None = None,
+        readonly: bool = False,  # -o ro: show the upper too, but refuse every change (EROFS)
+        fsync: bool = True,  # False: fsync requests are acknowledged without syncing (volatile)
+        static_nlink: bool = False,  # report nlink 1 for every directory
+        writeback: bool = False,  # the kernel's write-back cache holds writes until it flushes
+        ids: IdMapper = IDENTITY,  # owner mapping between the layers and the mount
+        xattrs: XattrNamespace = TRUSTED,  # markers' namespace: user.overlay.* with userxattr
+        # redirect_dir: "on" (renaming a directory with lower parts records a redirect),
+        # "follow" (redirects are followed, never made: EXDEV) or "nofollow" (EPERM).
+        redirect: str = "follow",
+        metacopy: bool = False,  # chmod/chown/... copy up metadata only; needs redirect "on"
+    ) -> None:
+        self.lowers = lowers
+        self.upper = upper
+        self.work = work
+        self.readonly = readonly
+        self.fsync = fsync
+        self.static_nlink = static_nlink
+        self.writeback = writeback
+        self.ids = ids
+        self.xattrs = xattrs
+        self.redirect = redirect
+        self.metacopy = metacopy
+
+    def replace(self, **changes: Any) -> UnionConfig:
+        """A copy with *changes* made (the fields by name)."""
+        return UnionConfig(**{**vars(self), **changes})
+
+    def __repr__(self) -> str:
+        return f"UnionConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
-@dataclass
 class _Lookup:
     """The state of one lookup through the layers (the kernel's ``ovl_lookup_data``)."""
 
-    name: bytes  # what the next layer is asked for: a name, or an absolute path
-    is_dir: bool = False
-    opaque: bool = False
-    stop: bool = False
-    last: bool = False  # the bottom layer: its markers are not read
-    redirect: bytes | None = None  # the name a redirect made, once one was followed
-    metacopy: bool = False  # the last file found is a metadata-only copy
-    rule: str = ABSENT  # what the last layer looked at did (see ``resolve``'s *why*)
-    st: os.stat_result | None = None  # and what it had there
+    __slots__ = ("name", "is_dir", "opaque", "stop", "last", "redirect", "metacopy", "rule", "st")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name  # what the next layer is asked for: a name, or an absolute path
+        self.is_dir = False
+        self.opaque = False
+        self.stop = False
+        self.last = False  # the bottom layer: its markers are not read
+        self.redirect: bytes | None = None  # the name a redirect made, once one was followed
+        self.metacopy = False  # the last file found is a metadata-only copy
+        self.rule = ABSENT  # what the last layer looked at did (see ``resolve``'s *why*)
+        self.st: os.stat_result | None = None  # and what it had there
 
 
 class Union:
