@@ -173,10 +173,12 @@ class _Batch:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the batch over (gone from here even when the thread's error is raised
+        instead: nothing after an error is made)."""
         if self.entries:
-            self.maker.submit(partial(self.u.entries, self.entries), self.size)
-            self.entries = []
-            self.size = 0
+            entries, size = self.entries, self.size
+            self.entries, self.size = [], 0
+            self.maker.submit(partial(self.u.entries, entries), size)
 
 
 class _Unpacker:
@@ -546,14 +548,17 @@ class _Unpacker:
             os.close(tfd)
 
     def _file(self, pfd: int, name: bytes, m: Entry, src: _Source, mode: int) -> None:
+        later = isinstance(src, bytes) and self.writes is not None
+        meta = self._file_meta(m, mode) if later else None  # (it checks the xattrs)
         fd = os.open(
             name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             mode,
             dir_fd=pfd,
         )
-        if isinstance(src, bytes) and self.writes is not None:
-            self.writes.add(fd, src, self._file_meta(m, mode), m.name)
+        if later:
+            assert self.writes is not None and isinstance(src, bytes) and meta is not None
+            self.writes.add(fd, src, meta, m.name)  # the fd is the writes' now
             return
         try:
             assert src is not None  # a regular file's data comes with it (_dispatch)
@@ -729,11 +734,11 @@ class _Writes:
 
     def flush(self) -> None:
         if self.batch:
-            batch, self.batch = self.batch, []
+            batch, size = self.batch, self.size
+            self.batch, self.size = [], 0
             self.sent = [b for b in self.sent if any(b)]  # the ones not done
-            self.sent.append(batch)
-            self.thread.submit(partial(self._write, batch), self.size)
-            self.size = 0
+            self.sent.append(batch)  # (its fds closed by close() if never written)
+            self.thread.submit(partial(self._write, batch), size)
 
     def wait(self) -> None:
         self.flush()
