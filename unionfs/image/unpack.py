@@ -721,7 +721,9 @@ class _Writes:
 
     def __init__(self, layer: str) -> None:
         self.layer = layer
-        self.thread = InOrder("layer-writes", max_calls=8, max_bytes=16 << 20)
+        self.thread = InOrder(
+            "layer-writes", max_calls=4, max_bytes=16 << 20
+        )  # 5 batches of files open at most
         self.batch: list[tuple[int, bytes, _FileMeta, str] | None] = []
         self.size = 0
         self.sent: list[list[tuple[int, bytes, _FileMeta, str] | None]] = []
