@@ -130,9 +130,6 @@ class Entry:
     def isreg(self) -> bool:
         return self.type in _REGULAR
 
-    def isfile(self) -> bool:
-        return self.type in _REGULAR
-
     def isdir(self) -> bool:
         return self.type == DIRTYPE
 
