@@ -143,6 +143,14 @@ def reads_served(hook: ModuleType | None) -> int:
     return hook.reads_served() if hook is not None else 0
 
 
+def opens_served(hook: ModuleType | None) -> tuple[int, int]:
+    """How many OPENs and GETATTRs the hook answered itself (csrc/opens.c)."""
+    if hook is None or not feature_active(hook, "opens"):
+        return 0, 0
+    opens, attrs = hook.opens_served()
+    return int(opens), int(attrs)
+
+
 def feature_active(hook: ModuleType | None, name: str) -> bool:
     """Whether the feature *name* wrapped pyfuse3's table (valid once the session exists)."""
     return hook is not None and hook.bound() and name in hook.features()

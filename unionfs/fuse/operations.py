@@ -29,7 +29,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
 from unionfs.fuse import hook, tracing
 from unionfs.fuse.listing import COOKIE_BITS, COOKIE_MASK, Cookied, Cookies, DirHandle, cookie_of
-from unionfs.fuse.passthrough import Passthrough
+from unionfs.fuse.passthrough import CACHED, Passthrough
 from unionfs.overlay import namespace
 from unionfs.overlay.files import Change, Files, Kill, wants_write
 from unionfs.overlay.idmap import IdMapper
@@ -69,15 +69,50 @@ def boundary(fn: F) -> F:
     return cast(F, _guard(fn, answer=True))
 
 
+# The requests that never change where a node's data is (the rest may: a copy-up, a
+# new whiteout, a name removed). An open is one when it only reads.
+_KEEPS_LAYERS = frozenset(
+    [
+        "lookup",
+        "forget",
+        "getattr",
+        "readlink",
+        "read",
+        "write",
+        "release",
+        "fsync",
+        "opendir",
+        "readdir",
+        "releasedir",
+        "fsyncdir",
+        "statfs",
+        "getxattr",
+        "listxattr",
+        "access",
+    ]
+)
+
+
 def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awaitable[Any]]:
     """The boundary around *fn*. Without *answer* (requests the kernel expects no
-    reply to, like forget) every error is only logged."""
+    reply to, like forget) every error is only logged.
+
+    It also keeps the C hook from answering opens while a request that may change
+    the layers is in progress, and takes over the handles it has (``_COpens``)."""
     name = fn.__name__
+    keeps = name in _KEEPS_LAYERS
+    is_open = name == "open"
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
         if DEBUG:
             log.debug("%s%r", name, args[1:])
+        c_opens: _COpens | None = args[0].c_opens
+        changes = (
+            c_opens is not None and not keeps and not (is_open and not opens_to_change(args[2]))
+        )
+        if changes:
+            c_opens.change_starts()  # type: ignore[union-attr]
         tracer = tracing.active  # None unless someone traces the mount
         token = tracing.enter(args[0], name, args) if tracer is not None else None
         try:
@@ -105,10 +140,78 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
             log.exception("unexpected error in %s%r; answering EIO", name, args[1:])
             raise FUSEError(errno.EIO) from None
         finally:
+            if changes:
+                c_opens.changing -= 1  # type: ignore[union-attr]
             if token is not None:
                 tracing.CURRENT.reset(token)
 
     return wrapper
+
+
+def opens_to_change(flags: int) -> bool:
+    """An open that writes or truncates (it copies the file up first)."""
+    return wants_write(flags) or bool(flags & os.O_TRUNC)
+
+
+class _COpens:
+    """Read-only opens of lower files answered by the C hook (csrc/opens.c).
+
+    Once the daemon has answered an open of a lower file for reading, it *arms* the
+    inode, and the hook answers the next such opens alike; their handles stay in C
+    (which also closes them at RELEASE) until the daemon needs one (``claim``). It
+    arms only while no request that may change the layers is in progress
+    (``changing``); when one starts it disarms every inode and claims every handle
+    (a copy-up moves the open files of its inode): an armed inode's data is where it
+    was armed. A node dropped is disarmed."""
+
+    def __init__(self, fusehook: ModuleType, ops: Operations) -> None:
+        self._hook = fusehook
+        self._ops = ops
+        self.changing = 0  # requests in progress that may change the layers
+        self.disarm = fusehook.disarm
+        self._disarm_all = fusehook.disarm_all
+        self._unclaimed = fusehook.unclaimed
+        self._arm = fusehook.arm
+        self.on = False
+
+    def configure(self, on: bool) -> None:
+        # GETATTR of an armed inode too, when its attributes are the lower file's own.
+        attrs = self._ops.ids.identity
+        self.claim_all()
+        self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT))
+
+    def change_starts(self) -> None:
+        """A request that may change the layers starts (``changing`` counts it)."""
+        self.changing += 1
+        self._disarm_all()
+        if self._unclaimed():
+            self.claim_all()
+
+    def claim(self, fh: int) -> None:
+        """Take over the handle *fh* if the hook answered its open (``Files.claim``)."""
+        found = self._hook.claim(fh)
+        if found is not None:
+            self._file(*found)
+
+    def claim_all(self) -> None:
+        for found in self._hook.claim_all():
+            self._file(*found)
+
+    def _file(self, fh: int, ino: int, fd: int, flags: int) -> None:
+        ops = self._ops
+        try:
+            node = ops.table.get(ino)
+        except KeyError:  # cannot be: the kernel keeps an open file's inode
+            log.error("an open answered in C has no node (inode %d)", ino)
+            os.close(fd)
+            return
+        ops.files.adopt(node, fd, flags, fh)
+        ops.passthrough.adopted(fh, node)
+
+    def arm(self, node: Node, fd_layer_path: tuple[int, bytes]) -> None:
+        """After the daemon answered a read-only open of the lower file of *node*."""
+        if self.on and self.changing == 0:
+            self._arm(node.ino, *fd_layer_path)
 
 
 def no_reply_boundary(fn: F) -> F:
@@ -187,6 +290,8 @@ class Operations(pyfuse3.Operations):
         self.on_init: Callable[[], None] | None = None  # called once INIT is handled
         # RELEASE answered in C (csrc/release.c): the handles it queued are closed here.
         self._release_deferred = False
+        # OPEN of lower files for reading answered in C (csrc/opens.c), once INIT is in.
+        self.c_opens: _COpens | None = None
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
         self.union = union
@@ -219,7 +324,18 @@ class Operations(pyfuse3.Operations):
             # READ of page-cached data in C too, unless every request is to be seen.
             configure_reads = fusehook.configure_reads
             configure_reads(not DEBUG and tracing.active is None)
-            tracing.on_change = lambda on: configure_reads(not DEBUG and not on)
+            if hook.feature_active(fusehook, "opens"):
+                c_opens = self.c_opens = _COpens(fusehook, self)
+                self.files.claim = c_opens.claim
+                c_opens.configure(not DEBUG and tracing.active is None)
+                self.table.on_drop.append(lambda node: c_opens.disarm(node.ino))
+
+            def traced(on: bool) -> None:  # every request is to be seen while traced
+                configure_reads(not DEBUG and not on)
+                if self.c_opens is not None:
+                    self.c_opens.configure(not DEBUG and not on)
+
+            tracing.on_change = traced
         else:
             log.debug("no fallocate, SEEK_DATA or copy_file_range; setxattr flags unseen")
         self._by_inode = hook.listing_active(fusehook)
@@ -514,6 +630,18 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
         self.passthrough.opened(fh, node, plan)
+        if (
+            self.c_opens is not None
+            and plan.kind == CACHED
+            and plan.keep_cache
+            and not node.layer.writable
+            and not node.metacopy
+            and not opens_to_change(flags)
+            and node.parent is not None
+        ):
+            # The next opens like this one are answered in C (csrc/opens.c).
+            place = node.place
+            self.c_opens.arm(node, (place.layer.root_fd, place.path))
         return FileInfo(fh=fh, keep_cache=plan.keep_cache)
 
     @boundary

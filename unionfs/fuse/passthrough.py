@@ -162,6 +162,17 @@ class Passthrough:
             io.cached += 1
         self._opens[fh] = (node.ino, plan.kind)
 
+    def adopted(self, fh: int, node: Node) -> None:
+        """The kernel got handle *fh* for a lower file opened without passthrough, by
+        the C hook (csrc/opens.c): what ``plan`` would have decided for it."""
+        if not self.active:
+            return
+        io = self._inodes.get(node.ino)
+        if io is None:
+            io = self._inodes[node.ino] = _InodeIO()
+        io.cached += 1
+        self._opens[fh] = (node.ino, CACHED)
+
     def not_opened(self, node: Node, plan: Plan) -> None:
         """*plan* was made, but the open failed before the kernel got a handle."""
         if not self.active:

@@ -113,6 +113,8 @@ class Files:
         # Set by the FUSE adapter, which hands each handle's real fd to the C hook.
         self.on_open: Callable[[int, OpenFile], None] | None = None
         self.on_close: Callable[[int], None] | None = None
+        # Set by the FUSE adapter: adopt the handle *fh* if its C hook has it (``adopt``).
+        self.claim: Callable[[int], None] | None = None
 
     # -- open and close ------------------------------------------------------
 
@@ -158,11 +160,18 @@ class Files:
     def add(self, node: Node, fd: int, flags: int, tag: int = 0) -> int:
         """Register an open of *node* on its real *fd*; returns the file handle.
 
-        The handle's low 32 bits number it; *tag* goes into its high 32 bits (the
-        FUSE adapter carries a passthrough backing id there)."""
-        fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
-        while fh in self.handles:  # only after 2**32 opens, with an old one still open
-            fh = (tag << 32) | (next(self._next_fh) & 0xFFFFFFFF)
+        The handle's low 31 bits number it (the FUSE adapter's C hook numbers the
+        opens it answers itself with the 32nd set); *tag* goes into its high 32 bits
+        (the adapter carries a passthrough backing id there)."""
+        fh = 0
+        while not fh & 0x7FFFFFFF or fh in self.handles:  # 0, or 2**31 opens later
+            fh = (tag << 32) | (next(self._next_fh) & 0x7FFFFFFF)
+        self.adopt(node, fd, flags, fh)
+        return fh
+
+    def adopt(self, node: Node, fd: int, flags: int, fh: int) -> None:
+        """Register an open of *node* on its real *fd* under the handle *fh* (``add``;
+        the FUSE adapter's C hook answers some opens itself and passes them on here)."""
         f = OpenFile(fd, node, self.union.data_layer(node), flags & ~(_DROP_FLAGS | os.O_TRUNC))
         f.fh = fh
         if node.metacopy:
@@ -174,10 +183,10 @@ class Files:
         self.union.open_files.setdefault(node.ino, []).append(f)
         if self.on_open is not None:
             self.on_open(fh, f)
-        return fh
 
     def release(self, fh: int) -> None:
-        f = self.handles.pop(fh)
+        f = self._file(fh)
+        del self.handles[fh]
         node = f.node
         files = self.union.open_files.get(node.ino)
         if files is not None:
@@ -191,8 +200,17 @@ class Files:
             self.on_close(fh)
         self.union.table.release(node)
 
+    def _file(self, fh: int) -> OpenFile:
+        f = self.handles.get(fh)
+        if f is None and self.claim is not None:
+            self.claim(fh)
+            f = self.handles.get(fh)
+        if f is None:
+            raise KeyError(fh)
+        return f
+
     def _fd(self, fh: int) -> int:
-        return self.handles[fh].fd
+        return self._file(fh).fd
 
     # -- data ----------------------------------------------------------------
 
@@ -223,7 +241,7 @@ class Files:
         """pwrite; *kill*: the writer lacks CAP_FSETID, so privilege bits go first, as
         on a local filesystem (security.capability goes by itself: the upper's
         filesystem drops it on any write)."""
-        f = self.handles[fh]
+        f = self._file(fh)
         if kill is not None and kill_setid(f.fd, kill):
             self.union.attr_changed(f.node)
             if self.union.events is not None and not f.node.unlinked:

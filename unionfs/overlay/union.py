@@ -670,10 +670,14 @@ class Union:
         return node.lowers[-1] if node.metacopy else node.place
 
     def open_data(self, node: Node, flags: int) -> int:
-        """Open the file that holds the node's data (for reading)."""
-        if node.parent is None:
-            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        """Open the file that holds the node's data (for reading).
+
+        A node whose name is gone (an open through ``/proc/PID/fd``) can still be
+        opened while its data is in a lower layer, which never changes; an upper
+        file's path may by now name another file."""
         place = self.data_place(node)
+        if node.parent is None and place.layer.writable:
+            raise FileNotFoundError(errno.ENOENT, "removed", node.name)
         return place.layer.open_file(*place.split(), flags)
 
     def follow_copy_up(self, node: Node) -> None:

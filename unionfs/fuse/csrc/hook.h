@@ -44,6 +44,7 @@ extern const struct hook_feature killpriv_feature;    /* killpriv.c */
 extern const struct hook_feature requests_feature;    /* requests.c */
 extern const struct hook_feature release_feature;     /* release.c */
 extern const struct hook_feature caps_feature;        /* caps.c */
+extern const struct hook_feature opens_feature;       /* opens.c */
 
 /* The session pyfuse3 created through the hook (NULL before, or if it did not). */
 struct fuse_session *hook_session(void);
@@ -52,5 +53,18 @@ struct fuse_session *hook_session(void);
    with the backing id the Python side put in the handle's upper half. */
 const struct fuse_file_info *passthrough_reply_info(const struct fuse_file_info *fi,
                                                     struct fuse_file_info *copy);
+
+/* ops.c: the real fd filed for a file handle (-1: none); file one (fd < 0: drop it),
+   returning -1 when out of memory. */
+int ops_fd_of(uint64_t fh);
+int ops_set_fd(uint64_t fh, int fd);
+
+/* requests.c: set by a feature that answered the request being processed itself,
+   at once, so that nothing of it is left for pyfuse3 (the next request may then be
+   read and processed right away, see requests.c). */
+extern int requests_answered;
+
+/* opens.c: close a handle answered there and not claimed; 0 when fh is not one. */
+int opens_release(uint64_t fh);
 
 #endif

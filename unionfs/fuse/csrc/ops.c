@@ -243,6 +243,7 @@ static void hook_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
         fuse_reply_err(req, errno);
     else
         fuse_reply_lseek(req, res);
+    requests_answered = 1;
 }
 
 /* -- READ ---------------------------------------------------------------------------- */
@@ -271,6 +272,7 @@ static void hook_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         /* All of it from the page cache, or all there is: as Files.read answers. */
         if (n == (ssize_t)size || (n >= 0 && fstat(fd, &st) == 0 && off + n >= st.st_size)) {
             fuse_reply_buf(req, read_buf, (size_t)n);
+            requests_answered = 1;
             reads_served++;
             return;
         }
@@ -331,6 +333,21 @@ static int wrap(struct fuse_lowlevel_ops *ops)
     return 0;
 }
 
+int ops_fd_of(uint64_t fh)
+{
+    return (int)u64map_get(&fds, fh & 0xffffffffULL, 0) - 1;
+}
+
+int ops_set_fd(uint64_t fh, int fd)
+{
+    fh &= 0xffffffffULL; /* keyed by the low half, as fd_of looks it up */
+    if (fd < 0) {
+        u64map_del(&fds, fh);
+        return 0;
+    }
+    return u64map_put(&fds, fh, (uint64_t)fd + 1);
+}
+
 static PyObject *set_fd(PyObject *self, PyObject *args)
 {
     unsigned long long fh;
@@ -338,10 +355,7 @@ static PyObject *set_fd(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "Ki", &fh, &fd))
         return NULL;
-    fh &= 0xffffffffULL; /* keyed by the low half, as fd_of looks it up */
-    if (fd < 0)
-        u64map_del(&fds, fh);
-    else if (u64map_put(&fds, fh, (uint64_t)fd + 1) < 0)
+    if (ops_set_fd(fh, fd) < 0)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }

@@ -8,6 +8,17 @@
  * The counts cost one increment per request; the daemon logs them at unmount
  * and make bench divides its CPU time by them.
  *
+ * A request a feature answers at once in C leaves nothing for pyfuse3 to await
+ * (requests_answered says so). The next one, if the kernel has it queued, is
+ * then read and processed right here, up to INLINE_MAX in a row, instead of
+ * after a trip through pyfuse3's loop and trio's scheduler for each: the opens
+ * and releases of a program's start, the cached reads of a tar, come in runs.
+ * The first request that goes to pyfuse3 ends the run (pyfuse3 awaits its
+ * handler once this function returns, one at a time); so does an empty queue.
+ * The run reads into the buffer pyfuse3 read the first request into, which is
+ * done with once a request is answered, and which libfuse sized for any
+ * request.
+ *
  * It also defines fuse_session_receive_buf, to turn EAGAIN into EINTR: the
  * Python side's request loop (unionfs/fuse/loop.py) makes the device
  * non-blocking and may let two tasks read for one request; the one that finds
@@ -20,6 +31,7 @@
 #include <linux/fuse.h>
 
 #include <errno.h>
+#include <fcntl.h>
 
 typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
@@ -30,9 +42,36 @@ void (*requests_peek)(const struct fuse_buf *buf);
 static process_buf_fn next_process_buf;
 static receive_buf_fn next_receive_buf;
 static unsigned long long counts[N_OPCODES];
+int requests_answered;
+static int inline_on; /* configure_inline(True): runs of requests answered here */
+#define INLINE_MAX 64     /* requests in a row before pyfuse3's loop gets its turn */
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
     __asm__("fuse_session_process_buf") __attribute__((visibility("default")));
+
+/* Whether reading the device returns at once when it has nothing (unionfs/fuse/loop.py
+   makes it so): a run must never wait for a request. */
+static int nonblocking(struct fuse_session *se)
+{
+    static int known = -1;
+    if (known < 0) {
+        int flags = fcntl(fuse_session_fd(se), F_GETFL);
+        known = flags >= 0 && (flags & O_NONBLOCK);
+    }
+    return known;
+}
+
+static void process(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    if (!(buf->flags & FUSE_BUF_IS_FD) && buf->size >= sizeof(struct fuse_in_header)) {
+        uint32_t opcode = ((const struct fuse_in_header *)buf->mem)->opcode;
+        counts[opcode < N_OPCODES ? opcode : 0]++;
+    }
+    if (requests_peek != NULL)
+        requests_peek(buf);
+    requests_answered = 0;
+    next_process_buf(se, buf);
+}
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
 {
@@ -41,13 +80,21 @@ void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
         next_process_buf =
             (process_buf_fn)(fn != NULL ? fn : dlsym(RTLD_NEXT, "fuse_session_process_buf"));
     }
-    if (!(buf->flags & FUSE_BUF_IS_FD) && buf->size >= sizeof(struct fuse_in_header)) {
-        uint32_t opcode = ((const struct fuse_in_header *)buf->mem)->opcode;
-        counts[opcode < N_OPCODES ? opcode : 0]++;
+    if (next_receive_buf == NULL) {
+        void *fn = dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
+        next_receive_buf =
+            (receive_buf_fn)(fn != NULL ? fn : dlsym(RTLD_NEXT, "fuse_session_receive_buf"));
     }
-    if (requests_peek != NULL)
-        requests_peek(buf);
-    next_process_buf(se, buf);
+    process(se, buf);
+    if (inline_on && nonblocking(se)) {
+        int n;
+        for (n = 0; n < INLINE_MAX && requests_answered && !(buf->flags & FUSE_BUF_IS_FD); n++) {
+            struct fuse_buf more = *buf;
+            if (next_receive_buf(se, &more) <= 0)
+                return; /* none queued (EAGAIN), or what pyfuse3's next read will see too */
+            process(se, &more);
+        }
+    }
 }
 
 int unionfs_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
@@ -91,7 +138,20 @@ static PyObject *request_counts(PyObject *self, PyObject *unused)
     return out;
 }
 
+static PyObject *configure_inline(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    (void)self;
+    if (on < 0)
+        return NULL;
+    inline_on = on;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"configure_inline", configure_inline, METH_O,
+     "configure_inline(on): after a request answered in C, process the next queued ones "
+     "right away while they are too."},
     {"request_counts", request_counts, METH_NOARGS,
      "{opcode: requests received} (requests spliced into a pipe are not counted; "
      "none are once KILLPRIV_V2 is on)."},

@@ -47,7 +47,7 @@ typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *,
 
 static const struct hook_feature *const features[] = {
     &listing_feature, &ino_feature,      &ops_feature,    &passthrough_feature,
-    &killpriv_feature, &requests_feature, &release_feature, &caps_feature};
+    &killpriv_feature, &requests_feature, &release_feature, &caps_feature, &opens_feature};
 #define N_FEATURES (sizeof(features) / sizeof(features[0]))
 
 static struct fuse_lowlevel_ops hooked_ops;

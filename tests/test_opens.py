@@ -1,0 +1,197 @@
+"""OPEN of lower files for reading answered in C (``csrc/opens.c``): the same files,
+the same errors and the same copy-up semantics as the daemon's own opens, the
+kernel overlay as the oracle."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Mounted, Stack
+from tests.features import hook_enabled
+from tests.test_merge import write
+from tests.test_reads import _evict
+from tests.twins import twins
+
+# What one open of each kind does (the second open of a file is the one the hook answers).
+Scenario = Callable[[Path], list[object]]
+
+
+def _opens_in_c(log: str) -> int | None:
+    found = re.search(r"opens answered in C: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def _getattrs_in_c(log: str) -> int | None:
+    found = re.search(r"opens answered in C: \d+, getattrs: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+@contextlib.contextmanager
+def _fd(path: Path, flags: int = os.O_RDONLY) -> Iterator[int]:
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _arm(path: Path) -> None:
+    """Open and close *path* once: the daemon answers that open, and arms the inode."""
+    os.close(os.open(path, os.O_RDONLY))
+
+
+@pytest.mark.parametrize("how", ["plain", "debug", "traced"])
+def test_read_only_opens_of_lower_files_are_answered_in_c_unless_requests_are_watched(
+    stack: Stack, mounted: Mounted, tmp_path: Path, how: str
+) -> None:
+    write(stack.lowers[1] / "f", b"lower data")
+    kw: dict[str, Any] = {}
+    if how == "debug":
+        kw["args"] = ["-d"]
+    elif how == "traced":
+        kw["extra_options"] = f"trace={tmp_path / 'trace.jsonl'}"
+    um = mounted(**kw)
+    for _ in range(20):
+        with open(stack.mnt / "f", "rb") as f:
+            assert f.read() == b"lower data"
+        _evict(stack.mnt / "f")  # the next read asks the daemon, then the kernel asks getattr
+        assert os.stat(stack.mnt / "f").st_size == 10
+    assert um.unmount() == 0
+    served, attrs = _opens_in_c(um.log()), _getattrs_in_c(um.log())
+    if not hook_enabled():
+        assert served is None
+    elif how == "plain":
+        assert served is not None and served >= 15  # all but the first, and the odd retry
+        assert attrs is not None and attrs >= 15
+    else:
+        assert served == 0 and attrs == 0
+
+
+def _follow_copy_up(mnt: Path) -> list[object]:
+    """A file opened for reading (by the hook) before a copy-up reads the upper copy."""
+    _arm(mnt / "f")
+    with _fd(mnt / "f") as before:
+        with open(mnt / "f", "ab") as w:  # copies f up
+            w.write(b"+appended")
+        seen = [os.pread(before, 100, 0)]
+        os.fchmod(before, 0o600)  # reaches the upper copy, never the lower file
+    return [*seen, oct(os.stat(mnt / "f").st_mode)]
+
+
+def _open_after_unlink(mnt: Path) -> list[object]:
+    """An open through /proc of a file whose name is gone, and one of a new file there."""
+    _arm(mnt / "f")
+    out: list[object] = []
+    with _fd(mnt / "f") as fd:
+        os.unlink(mnt / "f")
+        try:
+            with _fd(Path(f"/proc/self/fd/{fd}")) as again:
+                out.append(os.pread(again, 100, 0))
+        except OSError as e:
+            out.append(errno.errorcode[e.errno or 0])
+        write(mnt / "f", b"a new f")
+        with _fd(mnt / "f") as new:
+            out.append(os.pread(new, 100, 0))
+        out.append(os.pread(fd, 100, 0))
+    return out
+
+
+def _replaced_by_rename(mnt: Path) -> list[object]:
+    """A lower file renamed over, then opened again: the new one."""
+    _arm(mnt / "f")
+    _arm(mnt / "g")
+    os.rename(mnt / "g", mnt / "f")
+    with _fd(mnt / "f") as fd:
+        return [os.pread(fd, 100, 0), sorted(os.listdir(mnt))]
+
+
+def _chmod_then_open(mnt: Path) -> list[object]:
+    """A metadata change (a copy-up) between opens: the next open reads the upper copy."""
+    _arm(mnt / "f")
+    os.chmod(mnt / "f", 0o640)
+    with open(mnt / "f", "ab") as w:
+        w.write(b"!")
+    with _fd(mnt / "f") as fd:
+        return [os.pread(fd, 100, 0), oct(os.fstat(fd).st_mode)]
+
+
+def _attributes(mnt: Path) -> list[object]:
+    """A stat after a read (which makes the kernel ask again), before and after a
+    copy-up: the same fields as the kernel's, inode numbers by what they stand for."""
+    out: list[object] = []
+    for _ in range(2):
+        _arm(mnt / "f")
+        with open(mnt / "f", "rb") as f:
+            f.read()
+        _evict(mnt / "f")
+        st = os.stat(mnt / "f")
+        lower = os.stat(mnt.parent / "l0" / "f")  # the twin's own (twins.py lays them out so)
+        times = (st.st_mtime_ns == lower.st_mtime_ns, st.st_atime_ns == lower.st_atime_ns)
+        out.append((oct(st.st_mode), st.st_nlink, st.st_uid, st.st_size, st.st_blocks, times))
+        os.chmod(mnt / "f", 0o600)  # copy-up: the next stat is the upper copy's
+    return out
+
+
+def _read_only_flags(mnt: Path) -> list[object]:
+    """Opens the hook must leave alone or answer the same: O_TRUNC on a read-only open,
+    O_NOATIME, O_DIRECTORY on a file, a write open."""
+    _arm(mnt / "f")
+    out: list[object] = []
+    for flags in (
+        os.O_RDONLY | os.O_NOATIME,
+        os.O_RDONLY | os.O_DIRECTORY,
+        os.O_RDONLY | os.O_NOFOLLOW,
+        os.O_RDONLY | os.O_TRUNC,
+        os.O_WRONLY,
+    ):
+        try:
+            with _fd(mnt / "f", flags) as fd:
+                out.append(os.fstat(fd).st_size)
+        except OSError as e:
+            out.append(errno.errorcode[e.errno or 0])
+    return out
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "follow-copy-up": _follow_copy_up,
+    "open-after-unlink": _open_after_unlink,
+    "replaced-by-rename": _replaced_by_rename,
+    "chmod-then-open": _chmod_then_open,
+    "read-only-flags": _read_only_flags,
+    "attributes": _attributes,
+}
+
+
+def _fill(lowers: list[Path]) -> None:
+    write(lowers[0] / "f", b"lower f")
+    write(lowers[0] / "g", b"lower g")
+    os.chmod(lowers[0] / "f", 0o644)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_opens_answered_in_c_behave_as_on_the_kernel_overlay(tmp_path: Path, name: str) -> None:
+    u, k = twins(tmp_path, _fill)
+    results = {}
+    for twin in (u, k):
+        with twin.mount() as mnt:
+            results[twin.kind] = SCENARIOS[name](mnt)
+    assert results["unionfs"] == results["kernel"]
+
+
+def test_a_cold_read_of_a_file_opened_in_c_is_exact(stack: Stack, mounted: Mounted) -> None:
+    """The READ that needs the disk goes to the daemon, which takes the handle over."""
+    data = os.urandom(4 << 20)
+    write(stack.lowers[1] / "big", data)
+    mounted()
+    _arm(stack.mnt / "big")
+    with open(stack.mnt / "big", "rb", buffering=0) as f:
+        _evict(stack.lowers[1] / "big")
+        assert f.read() == data
