@@ -20,7 +20,9 @@ Usage (as root, from the repo; ``make bench`` runs it after the main bench)::
 Trials are interleaved (the order rotates each repetition) and each unpacks
 into a new directory on the same filesystem, all kept until the last trial (so
 no tool writes where many files were just deleted); medians are reported with
-the min–max spread. Results go to ``bench-results/<stamp>-images.md``.
+the min–max spread, and for each tool the median of its pairwise ratios to the
+``tar`` run of the same repetition (less sensitive to the machine's load, which
+changes from one repetition to the next). Results go to ``bench-results/<stamp>-images.md``.
 """
 
 from __future__ import annotations
@@ -241,13 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{size / (1 << 20):.0f} MiB of data ({tar.stat().st_size >> 20} MiB tar, "
         f"{tgz.stat().st_size >> 20} MiB gzip).",
         "",
-        "| unpack | time, median (min–max) | MiB/s of data | vs tar -x |",
-        "|---|---|---|---|",
+        "| unpack | time, median (min–max) | MiB/s of data | vs tar -x | pairwise vs tar -x |",
+        "|---|---|---|---|---|",
     ]
     for name, values in unpack.items():
-        base = med["tar -xz (gzip)"] if "gzip" in name else med["tar -x (uncompressed)"]
+        base_name = "tar -xz (gzip)" if "gzip" in name else "tar -x (uncompressed)"
+        # Each repetition's time over the tar run of the same repetition: what the
+        # machine's load at that moment did to both cancels out, mostly.
+        pairs = [v / b for v, b in zip(values, unpack[base_name], strict=True)]
         lines.append(
-            f"| {name} | {cell(values)} | {size / (1 << 20) / med[name]:.0f} | {med[name] / base:.2f}x |"
+            f"| {name} | {cell(values)} | {size / (1 << 20) / med[name]:.0f} "
+            f"| {med[name] / med[base_name]:.2f}x "
+            f"| {statistics.median(pairs):.2f}x ({min(pairs):.2f}–{max(pairs):.2f}) |"
         )
     lines += [
         "",

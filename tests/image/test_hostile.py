@@ -230,6 +230,20 @@ CASES: dict[str, Case] = {
         True,
         f"layer {L}: entry '/etc/evil': absolute path: refused",
     ),
+    # A small file's data and metadata are written in a third thread: its error is
+    # still the one raised, before a later entry's.
+    "xattr the kernel refuses, then a refused entry": (
+        lambda: (
+            Tar()
+            .file("ok", b"1")
+            .file("b", b"2", xattrs={"user.big": b"v" * 70_000})
+            .file("/etc/evil", b"x")
+            .bytes()
+        ),
+        None,
+        True,
+        f"layer {L}: entry 'b': cannot set xattr 'user.big': Argument list too long",
+    ),
     "not a tar": (
         lambda: b"this is not a tar archive at all\n" * 40,
         None,

@@ -17,7 +17,6 @@ import os
 import platform
 import posixpath
 import stat
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -159,13 +158,13 @@ class _TarStore(_Store):
         self.name = name
         try:
             self.tar = tarreader.open_archive(path)  # kept open, closed by close()
-        except (tarfile.TarError, OSError) as e:
+        except (tarreader.TarFormatError, OSError) as e:
             raise ImageError(f"{name}: not an uncompressed tar archive: {e}") from None
-        self.members: dict[str, tarfile.TarInfo] = {}
+        self.members: dict[str, tarreader.Entry] = {}
         for m in self.tar.getmembers():
             self.members[_norm(m.name)] = m  # the last of duplicates wins, as tar does
 
-    def _member(self, path: str) -> tarfile.TarInfo:
+    def _member(self, path: str) -> tarreader.Entry:
         name = _norm(path)
         for _ in range(8):
             m = self.members.get(name)
@@ -179,13 +178,13 @@ class _TarStore(_Store):
                 continue
             if not m.isreg():
                 raise ImageError(f"{self.name}: {path}: not a regular file in the archive")
+            if m.sparse is not None:
+                raise ImageError(f"{self.name}: {path}: a sparse file in the archive")
             return m
         raise ImageError(f"{self.name}: {path}: too many symlinks in the archive")
 
     def open(self, path: str) -> BinaryIO:
-        f = self.tar.extractfile(self._member(path))
-        assert f is not None
-        return f  # type: ignore[return-value]
+        return self.tar.extractfile(self._member(path))
 
     def exists(self, path: str) -> bool:
         return _norm(path) in self.members

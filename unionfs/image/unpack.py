@@ -28,17 +28,16 @@ import errno
 import logging
 import os
 import stat
-import tarfile
-import zlib
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 from unionfs.image import tarreader
 from unionfs.image.digest import CHUNK, ImageError, Readable
 from unionfs.image.inorder import InOrder
+from unionfs.image.tarreader import Entry, TarReader
 from unionfs.overlay import markers
 from unionfs.overlay.layers import remove_tree
 from unionfs.overlay.syscalls import fd_path
@@ -51,7 +50,10 @@ _TAR_BUFFER = CHUNK  # what the archive is read in
 # A regular file up to this size is read whole by the reading thread and handed to
 # the making thread with its entry; a larger one is copied from the stream in pieces.
 _WHOLE_MAX = CHUNK
+_BATCH_ENTRIES = 64  # entries handed to the making thread at once, at most
+_BATCH_BYTES = 4 << 20  # and their data
 PATH_MAX = 4095
+_FS_ENCODING = sys.getfilesystemencoding()
 _TIME_MIN, _TIME_MAX = -(1 << 63), 1 << 63  # seconds (a time_t)
 _ID_MAX = (1 << 32) - 1  # uid_t; -1 (all ones) means "unchanged" to chown
 NAME_MAX = 255
@@ -98,52 +100,85 @@ def unpack_tar(
     u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
     umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
     maker = InOrder("layer-entries")
+    u.writes = writes = _Writes(layer)
+    batch = _Batch(u, maker)
     try:
         try:
             try:
-                with tarreader.open_stream(stream, _TAR_BUFFER) as tf:
-                    for member in tarreader.entries(tf):
-                        _dispatch(u, maker, member, tf)
-                        if tick is not None:
-                            tick()
+                reader = tarreader.TarReader(stream, _TAR_BUFFER)
+                for member in reader:
+                    _dispatch(u, batch, member, reader)
+                    if tick is not None:
+                        tick()
+                batch.flush()
                 maker.wait()
+                writes.wait()
                 u.finish()
             except BaseException:
-                maker.wait()  # an entry before this one failed: that error first
+                # The entries before this error are made first, and an error in one
+                # of them is the one raised: the writes', then the making thread's.
+                try:
+                    batch.flush()
+                    maker.wait()
+                finally:
+                    writes.wait()
                 raise
+        except tarreader.Truncated:
+            raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
+        except tarreader.NotATar as e:
+            if str(e) == "empty file":
+                raise UnpackError(f"layer {layer}: not a tar archive (empty)") from None
+            raise UnpackError(f"layer {layer}: not a valid tar archive: {e}") from None
         except tarreader.TarFormatError as e:
             raise UnpackError(f"layer {layer}: {e} {u.where()}") from None
-        except tarfile.ReadError as e:
-            text = str(e)
-            if text.startswith("zlib error: "):  # tarfile's wrapping of the stream's error
-                raise zlib.error(text[len("zlib error: ") :]) from None
-            if u.count == 0 and "empty" in text:
-                raise UnpackError(f"layer {layer}: not a tar archive (empty)") from None
-            if "unexpected end of data" in text:
-                raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
-            raise UnpackError(f"layer {layer}: not a valid tar archive: {text}") from None
-        except (tarfile.TarError, ValueError) as e:  # whatever else tarfile refuses
-            raise UnpackError(f"layer {layer}: not a valid tar archive: {e} {u.where()}") from None
         except EOFError:
             raise UnpackError(f"layer {layer}: the tar archive is truncated") from None
     finally:
         maker.close()  # before the unpacker's fds
+        writes.close()
         os.umask(umask)
         u.close()
     return u.count
 
 
-def _dispatch(u: _Unpacker, maker: InOrder, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+def _dispatch(u: _Unpacker, batch: _Batch, m: Entry, reader: TarReader) -> None:
     """Have entry *m* made in the making thread, in order, with its data read here;
     or here, once that thread is idle, when its data is too large to hold (or sparse)."""
     if not m.isreg():
-        maker.submit(partial(u.entry, m, None))
+        batch.add(m, None)
     elif m.sparse is None and m.size <= _WHOLE_MAX:
-        data = _read_data(tf, m)
-        maker.submit(partial(u.entry, m, data), len(data))
+        batch.add(m, reader.read_data(m))
     else:
-        maker.wait()
-        u.entry(m, tf)
+        batch.flush()
+        batch.maker.wait()
+        u.entry(m, reader)
+
+
+class _Batch:
+    """Entries handed to the making thread a batch at a time: each hand-over (a lock,
+    a wake-up, the GIL passed back and forth) costs more than parsing an entry, so
+    one per entry made the second thread a loss."""
+
+    def __init__(self, u: _Unpacker, maker: InOrder) -> None:
+        self.u = u
+        self.maker = maker
+        self.entries: list[tuple[Entry, bytes | None]] = []
+        self.size = 0
+
+    def add(self, m: Entry, data: bytes | None) -> None:
+        self.entries.append((m, data))
+        if data is not None:
+            self.size += len(data)
+        if len(self.entries) >= _BATCH_ENTRIES or self.size >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the batch over (gone from here even when the thread's error is raised
+        instead: nothing after an error is made)."""
+        if self.entries:
+            entries, size = self.entries, self.size
+            self.entries, self.size = [], 0
+            self.maker.submit(partial(self.u.entries, entries), size)
 
 
 class _Unpacker:
@@ -162,6 +197,7 @@ class _Unpacker:
         self.dirs: dict[bytes, _DirMeta] = {b"": _DirMeta(0o755)}
         self.children: dict[bytes, set[bytes]] = {}  # what forget() must find
         self.dropped_bits = False
+        self.writes: _Writes | None = None  # small files' data and metadata, written there
         self.skipped: set[bytes] = set()  # device nodes left out (not root)
         self.skipped_devices = False
         # What a new entry is owned by already (not so below a setgid directory).
@@ -269,22 +305,29 @@ class _Unpacker:
     # -- names -------------------------------------------------------------------
 
     def clean(self, name: str, what: str = "path") -> bytes:
-        raw = os.fsencode(name)
+        raw = name.encode(_FS_ENCODING, "surrogateescape")  # os.fsencode
         if b"\0" in raw:
             raise self.fail(f"{what} contains a NUL byte")
         if raw.startswith(b"/"):
             raise self.fail(f"absolute {what}: refused")
-        parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+        parts = raw.split(b"/")
+        path = raw
+        if b"" in parts or b"." in parts:  # rare: only "a//b", "./a", "a/"
+            parts = [p for p in parts if p not in (b"", b".")]
+            path = b"/".join(parts)
         if b".." in parts:
             raise self.fail(f"{what} leaves the layer through '..'")
-        path = b"/".join(parts)
-        if len(path) > PATH_MAX or any(len(p) > NAME_MAX for p in parts):
+        if len(path) > PATH_MAX or max(map(len, parts), default=0) > NAME_MAX:
             raise self.fail(f"{what} too long")
         return path
 
     # -- entries -----------------------------------------------------------------
 
-    def entry(self, m: tarfile.TarInfo, src: _Source) -> None:
+    def entries(self, batch: list[tuple[Entry, bytes | None]]) -> None:
+        for m, data in batch:
+            self.entry(m, data)
+
+    def entry(self, m: Entry, src: _Source) -> None:
         """Make entry *m*; *src* is a regular file's data, read already or to be
         read from the archive (or None: no data)."""
         self.path = m.name
@@ -302,8 +345,12 @@ class _Unpacker:
             raise self.fail(f"mtime {m.mtime} out of range")
         if not (0 <= m.uid < _ID_MAX and 0 <= m.gid < _ID_MAX):
             raise self.fail(f"owner {m.uid}:{m.gid} out of range")
-        with self.failures():
+        try:  # (what failures() does, without a context manager's cost per entry)
             self._entry(path, m, src)
+        except UnpackError:
+            raise
+        except (OSError, OverflowError, ValueError, RecursionError) as e:
+            raise self._failure(e) from None
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -312,14 +359,17 @@ class _Unpacker:
             yield
         except UnpackError:
             raise
-        except OSError as e:
-            raise self.fail(e.strerror or str(e)) from None
-        except (OverflowError, ValueError) as e:
-            raise self.fail(f"bad header value: {e}") from None
-        except RecursionError:
-            raise self.fail("the directory tree it replaces is too deep") from None
+        except (OSError, OverflowError, ValueError, RecursionError) as e:
+            raise self._failure(e) from None
 
-    def _entry(self, path: bytes, m: tarfile.TarInfo, src: _Source) -> None:
+    def _failure(self, e: Exception) -> UnpackError:
+        if isinstance(e, OSError):
+            return self.fail(e.strerror or str(e))
+        if isinstance(e, RecursionError):
+            return self.fail("the directory tree it replaces is too deep")
+        return self.fail(f"bad header value: {e}")
+
+    def _entry(self, path: bytes, m: Entry, src: _Source) -> None:
         if not path:
             if not m.isdir():
                 raise self.fail("the layer's root must be a directory")
@@ -372,7 +422,7 @@ class _Unpacker:
                 raise self.fail(f"{way!r} on the way is a whiteout's name")
         return False
 
-    def _create(self, pfd: int, name: bytes, m: tarfile.TarInfo, src: _Source) -> None:
+    def _create(self, pfd: int, name: bytes, m: Entry, src: _Source) -> None:
         """Make the entry (which must not exist: EEXIST otherwise), with its mode from
         the start where it can be (the umask is 0 while unpacking), so most entries
         need no chmod and, owned by the unpacker, no chown."""
@@ -462,7 +512,7 @@ class _Unpacker:
             self._note(target)
         # A non-directory of this layer already hides what is below it.
 
-    def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: tarfile.TarInfo) -> None:
+    def _hardlink(self, path: bytes, parent: bytes, name: bytes, m: Entry) -> None:
         """A second name for an entry unpacked earlier in this layer, found the same
         careful way (so never anything outside it)."""
         target = self.clean(m.linkname, "hard link target")
@@ -497,13 +547,19 @@ class _Unpacker:
         finally:
             os.close(tfd)
 
-    def _file(self, pfd: int, name: bytes, m: tarfile.TarInfo, src: _Source, mode: int) -> None:
+    def _file(self, pfd: int, name: bytes, m: Entry, src: _Source, mode: int) -> None:
+        later = isinstance(src, bytes) and self.writes is not None
+        meta = self._file_meta(m, mode) if later else None  # (it checks the xattrs)
         fd = os.open(
             name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             mode,
             dir_fd=pfd,
         )
+        if later:
+            assert self.writes is not None and isinstance(src, bytes) and meta is not None
+            self.writes.add(fd, src, meta, m.name)  # the fd is the writes' now
+            return
         try:
             assert src is not None  # a regular file's data comes with it (_dispatch)
             if isinstance(src, bytes):
@@ -511,16 +567,14 @@ class _Unpacker:
             elif m.sparse is not None:
                 _copy_sparse(src, m, fd)
             elif m.size:
-                data = src.extractfile(m)
-                assert data is not None
-                _copy(data, fd, m.size)
+                _copy(src, m, fd)
             self._meta(pfd, name, m, fd=fd, created_mode=mode)
         finally:
             os.close(fd)
 
     # -- metadata ----------------------------------------------------------------
 
-    def _mode(self, m: tarfile.TarInfo) -> int:
+    def _mode(self, m: Entry) -> int:
         mode = m.mode & 0o7777
         if not self.root and mode & (stat.S_ISUID | stat.S_ISGID):
             if not self.dropped_bits:
@@ -531,7 +585,7 @@ class _Unpacker:
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
         return mode
 
-    def _xattrs(self, m: tarfile.TarInfo) -> dict[bytes, bytes]:
+    def _xattrs(self, m: Entry) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         for key, value in m.pax_headers.items():
             if not key.startswith(_SCHILY):
@@ -544,7 +598,14 @@ class _Unpacker:
             out[name] = value.encode("utf-8", "surrogateescape")
         return out
 
-    def _dir_meta(self, m: tarfile.TarInfo) -> _DirMeta:
+    def _file_meta(self, m: Entry, created_mode: int) -> _FileMeta:
+        """What ``_meta`` would apply to a new regular file, worked out (and checked)
+        here, in order, for the writer thread to apply."""
+        owner = (m.uid, m.gid) if self.root and (m.uid, m.gid) != self.ids else None
+        mode = self._mode(m)
+        return owner, -1 if mode == created_mode else mode, self._xattrs(m), _mtime_ns(m)
+
+    def _dir_meta(self, m: Entry) -> _DirMeta:
         return _DirMeta(
             self._mode(m),
             m.uid if self.root else -1,
@@ -557,7 +618,7 @@ class _Unpacker:
         self,
         pfd: int,
         name: bytes,
-        m: tarfile.TarInfo,
+        m: Entry,
         fd: int = -1,
         symlink: bool = False,
         created_mode: int = -1,
@@ -633,7 +694,7 @@ class _Unpacker:
             self.path = os.fsdecode(path) or "."
             if path in self.opaque:
                 self._set_opaque(pfd, name)
-            if meta.uid >= 0:
+            if meta.uid >= 0 and (meta.uid, meta.gid) != self.ids:  # made by us: ours
                 os.chown(target, meta.uid, meta.gid, follow_symlinks=follow)
             os.chmod(target, meta.mode, follow_symlinks=follow)
             for key, value in meta.xattrs.items():
@@ -642,19 +703,97 @@ class _Unpacker:
                 os.utime(target, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=follow)
 
 
-_Source = bytes | tarfile.TarFile | None
+_Source = bytes | TarReader | None
+# A new file's owner to set (or None), mode to set (or -1), xattrs, mtime in ns.
+_FileMeta = tuple[tuple[int, int] | None, int, dict[bytes, bytes], int]
+
+
+class _Writes:
+    """The data and metadata of small new files, written by a thread of their own.
+
+    Creating an entry (its checks, the ``open`` that makes it) stays in order in
+    the making thread; what follows on the open fd (``write``, ``fchown``,
+    ``fchmod``, ``fsetxattr``, ``futimens``, ``close``) changes only that file,
+    so it can go on in the kernel, the GIL free, while the next entries are made:
+    most of the kernel's work for a small file. Handed over a batch at a time;
+    ``wait`` before anything looks at the files (the directories' metadata last).
+    An error names its entry, as the making thread's do."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+        self.thread = InOrder(
+            "layer-writes", max_calls=4, max_bytes=16 << 20
+        )  # 5 batches of files open at most
+        self.batch: list[tuple[int, bytes, _FileMeta, str] | None] = []
+        self.size = 0
+        self.sent: list[list[tuple[int, bytes, _FileMeta, str] | None]] = []
+
+    def add(self, fd: int, data: bytes, meta: _FileMeta, name: str) -> None:
+        self.batch.append((fd, data, meta, name))
+        self.size += len(data)
+        if len(self.batch) >= _BATCH_ENTRIES or self.size >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            batch, size = self.batch, self.size
+            self.batch, self.size = [], 0
+            self.sent = [b for b in self.sent if any(b)]  # the ones not done
+            self.sent.append(batch)  # (its fds closed by close() if never written)
+            self.thread.submit(partial(self._write, batch), size)
+
+    def wait(self) -> None:
+        self.flush()
+        self.thread.wait()
+
+    def close(self) -> None:
+        """Stop the thread; the files it has not written are closed unwritten (after
+        an error: the layer is discarded)."""
+        self.thread.close()
+        for batch in [*self.sent, self.batch]:
+            for item in batch:
+                if item is not None:
+                    os.close(item[0])
+        self.sent = []
+        self.batch = []
+
+    def _write(self, batch: list[tuple[int, bytes, _FileMeta, str] | None]) -> None:
+        for i, item in enumerate(batch):
+            assert item is not None
+            fd, data, (owner, mode, xattrs, ns), name = item
+            batch[i] = None  # done, whatever happens: the fd is closed below
+            key = b""
+            try:
+                if data:
+                    _write_all(fd, data)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                if mode >= 0:
+                    os.fchmod(fd, mode)
+                for key, value in xattrs.items():
+                    os.setxattr(fd, key, value)
+                key = b""
+                os.utime(fd, ns=(ns, ns))
+            except OSError as e:
+                why = e.strerror or str(e)
+                if key:
+                    why = f"cannot set xattr {os.fsdecode(key)!r}: {why}"
+                raise UnpackError(f"layer {self.layer}: entry {name!r}: {why}") from None
+            finally:
+                os.close(fd)
+
 
 _KNOWN_TYPES = {
-    tarfile.REGTYPE,
-    tarfile.AREGTYPE,
-    tarfile.CONTTYPE,
-    tarfile.GNUTYPE_SPARSE,
-    tarfile.DIRTYPE,
-    tarfile.SYMTYPE,
-    tarfile.LNKTYPE,
-    tarfile.CHRTYPE,
-    tarfile.BLKTYPE,
-    tarfile.FIFOTYPE,
+    tarreader.REGTYPE,
+    tarreader.AREGTYPE,
+    tarreader.CONTTYPE,
+    tarreader.GNU_SPARSE,
+    tarreader.DIRTYPE,
+    tarreader.SYMTYPE,
+    tarreader.LNKTYPE,
+    tarreader.CHRTYPE,
+    tarreader.BLKTYPE,
+    tarreader.FIFOTYPE,
 }
 
 
@@ -665,49 +804,33 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
+def _mtime_ns(m: Entry) -> int:
     if type(m.mtime) is int:  # a plain header's: exact, and no float on the way
         return m.mtime * 1_000_000_000
     return int(round(float(m.mtime) * 1e9))
 
 
-def _read_data(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
-    """The data of the (small, not sparse) regular file *m*, read whole from the
-    stream, where its header left it."""
-    src: Any = tf.fileobj
-    if src.tell() != m.offset_data:
-        src.seek(m.offset_data)
-    data: bytes = src.read(m.size)
-    if len(data) != m.size:
-        raise tarfile.ReadError("unexpected end of data")
-    return data
-
-
-def _copy(src: Readable, fd: int, size: int) -> None:
-    """Write *size* bytes of *src* to *fd*."""
-    left = size
+def _copy(src: TarReader, m: Entry, fd: int) -> None:
+    """The data of the regular file *m* written to *fd*, a piece at a time."""
+    src.skip_to(m.offset_data)
+    left = m.size
     while left > 0:
-        chunk = src.read(min(CHUNK, left))
-        if not chunk:
-            raise EOFError
+        chunk = src.read_exact(min(CHUNK, left))
         left -= len(chunk)
         _write_all(fd, chunk)
 
 
-def _copy_sparse(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
+def _copy_sparse(src: TarReader, m: Entry, fd: int) -> None:
     """A sparse entry: its data regions, stored one after the other from
     ``offset_data``, are written where the map puts them; the rest stays holes
     (never a stream of zeros as long as the size the entry claims)."""
-    src: Any = tf.fileobj
-    src.seek(m.offset_data)
-    regions: Any = m.sparse  # (offset, length) pairs; typeshed has it as bytes
-    for offset, length in regions:
+    src.skip_to(m.offset_data)
+    assert m.sparse is not None
+    for offset, length in m.sparse:
         os.lseek(fd, offset, os.SEEK_SET)
         left = length
         while left > 0:
-            chunk = src.read(min(CHUNK, left))
-            if not chunk:
-                raise EOFError
+            chunk = src.read_exact(min(CHUNK, left))
             left -= len(chunk)
             _write_all(fd, chunk)
     os.ftruncate(fd, m.size)
