@@ -16,14 +16,14 @@ import sys
 
 from unionfs import __version__, lazylog, startup
 from unionfs.errors import UsageError
-from unionfs.fuse.mount import Setup, check_setup, serve
-from unionfs.options import parse_options
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     import logging
     from collections.abc import Callable
+
+    from unionfs.fuse.mount import Setup
 
 PROG = "unionfs"
 USAGE = (
@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         run: Callable[[list[str]], int] = importlib.import_module(module).main
         return run(argv)
     args = parse_mount_args(argv)
+    # Here, not at the top: the tools (image, explain, ...) need none of it.
+    from unionfs.fuse.mount import check_setup
+    from unionfs.options import parse_options
+
     try:
         if len(args.paths) > 2:
             raise UsageError(f"too many arguments: {' '.join(args.paths)}")
@@ -212,6 +216,8 @@ def _serve(
     setup: Setup, ready: Callable[[], None], timeout: float | None, debug: bool = False
 ) -> int:
     try:
+        from unionfs.fuse.mount import serve
+
         return serve(setup, ready, timeout, debug)
     except UsageError as e:
         lazylog.get(PROG).error("%s", e)
@@ -269,6 +275,8 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
 
     code = 1
     try:
+        from unionfs.fuse.mount import serve
+
         code = serve(setup, ready, timeout)
     except UsageError as e:
         lazylog.get(PROG).error("%s", e)
