@@ -149,7 +149,17 @@ def test_a_stop_signal_while_the_daemon_loads_unmounts_cleanly(stack: Stack) -> 
 
 # Costly to import, and not needed until the daemon serves (trio needs some of them
 # then): the command loads none of them before it says the mount is ready.
-LATER = ("argparse", "logging", "dataclasses", "inspect", "ast", "tokenize", "gettext")
+LATER = (
+    "argparse",
+    "logging",
+    "dataclasses",
+    "inspect",
+    "ast",
+    "tokenize",
+    "gettext",
+    "typing",
+    "json",
+)
 
 
 def test_the_mount_is_ready_before_the_costly_modules_load(stack: Stack) -> None:

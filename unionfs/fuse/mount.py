@@ -16,7 +16,6 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from unionfs import lazylog
 from unionfs.errors import UsageError
@@ -27,6 +26,7 @@ from unionfs.overlay.idmap import IdMapper, IdTable
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import trio
 

@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import errno
 from types import ModuleType
-from typing import TYPE_CHECKING, NamedTuple
 
 from unionfs import lazylog
+from unionfs.records import Record
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from unionfs.overlay.layers import Layer
@@ -58,7 +60,7 @@ STACKED_FILESYSTEMS = {"overlay", "ecryptfs"}
 PASSTHROUGH, CACHED = "passthrough", "cached"
 
 
-class Plan(NamedTuple):
+class Plan(Record):
     """How one open is answered."""
 
     kind: str

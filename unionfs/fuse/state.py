@@ -14,15 +14,18 @@ or the device is no longer a unionfs mount) and ignored or replaced.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
 
 from unionfs import lazylog
 from unionfs.overlay.idmap import IdMap, IdMapper, IdTable
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.union import UnionConfig
+from unionfs.records import Record, to_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = lazylog.get(__name__)
 
@@ -47,7 +50,7 @@ def runtime_dir() -> Path:
 # -- mountinfo ---------------------------------------------------------------------
 
 
-class MountEntry(NamedTuple):
+class MountEntry(Record):
     mountpoint: bytes
     device: str  # "MAJ:MIN"
     fstype: str
@@ -91,7 +94,7 @@ def device_of(mountpoint: Path) -> str | None:
 # -- the state file ------------------------------------------------------------------
 
 
-class MountState(NamedTuple):
+class MountState(Record):
     pid: int
     mountpoint: str
     device: str
@@ -159,7 +162,7 @@ def publish(state: MountState) -> Path:
     d.mkdir(mode=0o755, parents=True, exist_ok=True)
     path = state_path(state.device)
     tmp = d / f".{state.device}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state._asdict(), indent=1) + "\n")
+    tmp.write_text(to_json(state._asdict()) + "\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
@@ -192,6 +195,8 @@ def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = No
 
 def withdraw(path: Path, pid: int) -> None:
     """Remove the state file at *path* if it is still the one of *pid*."""
+    import json
+
     with contextlib.suppress(OSError, ValueError):
         if json.loads(path.read_text()).get("pid") == pid:
             path.unlink()
@@ -209,6 +214,8 @@ def _alive(pid: int) -> bool:
 
 def read_state(device: str) -> MountState | None:
     """The state of the live mount with this device number, or None."""
+    import json
+
     try:
         data = json.loads(state_path(device).read_text())
         state = MountState(**data)
@@ -233,6 +240,8 @@ def sweep() -> None:
 def _stale(device: str, live: set[str]) -> bool:
     """Left by a daemon that is gone: its device is not mounted, or its pid is dead.
     A mount whose state file is not written yet is not stale."""
+    import json  # here: a mount without others live never needs it before it is ready
+
     if device not in live:
         return True
     try:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Protocol
+
+TYPE_CHECKING = False
 
 # Event kinds (the ``event`` field of a trace record).
 COPY_UP = "copy-up"
@@ -26,10 +27,12 @@ PRIVILEGE_DROPPED = "privilege-dropped"  # setuid/setgid/capabilities cleared
 REFUSED = "refused"  # an overlay rule refused a request: EXDEV, EINVAL, EROFS, ...
 LAYER_ERROR = "layer-error"  # a layer's filesystem failed a request: EIO, ENOSPC, ...
 
+if TYPE_CHECKING:  # only annotations name it: typing costs start-up time (unionfs.records)
+    from typing import Any, Protocol
 
-class Sink(Protocol):
-    def emit(self, kind: str, path: bytes, **fields: Any) -> None:
-        """Record one decision about *path* (relative to the layer roots)."""
+    class Sink(Protocol):
+        def emit(self, kind: str, path: bytes, **fields: Any) -> None:
+            """Record one decision about *path* (relative to the layer roots)."""
 
 
 def errno_name(err: int | None) -> str:

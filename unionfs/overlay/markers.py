@@ -27,7 +27,6 @@ import errno
 import os
 import stat
 import sys
-from typing import NamedTuple
 
 from unionfs.overlay.syscalls import (
     RENAME_EXCHANGE,
@@ -36,6 +35,7 @@ from unionfs.overlay.syscalls import (
     open_beneath,
     renameat2,
 )
+from unionfs.records import Record
 
 WHITEOUT_MODE = stat.S_IFCHR  # mode 0000 and device 0/0, like the kernel's own whiteouts
 SHARED_WHITEOUT = b"#whiteout"  # in WORKDIR/work, like the kernel's
@@ -45,7 +45,7 @@ OCI_OPAQUE = b".wh..wh..opq"
 OCI_NAME_MAX = 255 - len(OCI_PREFIX)  # longest name an OCI whiteout can delete
 
 
-class XattrNamespace(NamedTuple):
+class XattrNamespace(Record):
     """Where the overlay keeps its private xattrs: ``trusted.overlay.`` as root,
     ``user.overlay.`` with the kernel's ``userxattr`` option."""
 
@@ -289,7 +289,7 @@ _CPU_ENDIAN = FH_FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
 NULL_UUID = bytes(16)
 
 
-class FileHandle(NamedTuple):
+class FileHandle(Record):
     """An origin: the kernel's ``struct ovl_fb``, a file handle of the lower inode a
     copy-up came from (``name_to_handle_at`` type and bytes) and the uuid of its
     filesystem. It is what keeps ``st_ino`` across mounts, for the kernel and unionfs."""
@@ -584,7 +584,7 @@ def is_oci_meta(name: bytes) -> bool:
     return name.startswith(OCI_META_PREFIX) and name != OCI_OPAQUE
 
 
-class LayerDir(NamedTuple):
+class LayerDir(Record):
     """What one directory of a layer says, whatever the format it is written in."""
 
     names: list[bytes]  # its entries, sorted, marker files and kernel whiteouts left out

@@ -21,7 +21,10 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+
+from unionfs.records import Record
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     import trio
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 ROOT_INO = 1
 
 
-class Place(NamedTuple):
+class Place(Record):
     """Where something is in one layer: the layer and the path below its root."""
 
     layer: Layer
@@ -43,7 +46,7 @@ class Place(NamedTuple):
         return parent, name
 
 
-class Entry(NamedTuple):
+class Entry(Record):
     """One name resolved through the stack."""
 
     name: bytes

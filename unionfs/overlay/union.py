@@ -20,16 +20,20 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from unionfs import lazylog
 from unionfs.overlay import markers
-from unionfs.overlay.events import Sink
 from unionfs.overlay.idmap import IDENTITY, IdMapper
 from unionfs.overlay.layers import Layer, discard, stat_with
 from unionfs.overlay.markers import TRUSTED, XattrNamespace, is_private_xattr, is_whiteout
 from unionfs.overlay.nodes import ROOT_INO, Entry, InodeNumbers, Node, NodeTable, OpenFile, Place
 from unionfs.overlay.syscalls import fd_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from unionfs.overlay.events import Sink
 
 log = lazylog.get(__name__)
 
