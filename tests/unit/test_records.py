@@ -58,7 +58,7 @@ def test_a_field_without_default_after_one_with_is_refused() -> None:
 
         class Bad(Record):
             a: int = 0
-            b: int
+            b: int  # type: ignore[misc]  # the mistake under test
 
 
 @pytest.mark.parametrize(
