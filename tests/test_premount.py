@@ -41,14 +41,17 @@ def _mount_as_daemon(stack: Stack, python_flags: tuple[str, ...] = ()) -> int:
     return _run_as_daemon(stack, python_flags)[0]
 
 
-def _run_as_daemon(stack: Stack, python_flags: tuple[str, ...] = ()) -> tuple[int, str]:
-    """``_mount_as_daemon``, and what the command wrote to stderr."""
+def _run_as_daemon(
+    stack: Stack, python_flags: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """``_mount_as_daemon``, and what the command wrote to stderr; *env* adds to the
+    environment."""
     lowers = ":".join(os.fspath(p) for p in stack.lowers)
     opts = f"lowerdir={lowers},upperdir={stack.upper},workdir={stack.work}"
     python, *rest = unionfs_command()
     res = subprocess.run(
         [python, *python_flags, *rest, "-o", opts, os.fspath(stack.mnt)],
-        env=dict(os.environ, PYTHONPATH=os.fspath(REPO)),
+        env=dict(os.environ, PYTHONPATH=os.fspath(REPO), **(env or {})),
         capture_output=True,
         text=True,
         timeout=60,
@@ -169,7 +172,9 @@ def test_the_mount_is_ready_before_the_costly_modules_load(stack: Stack) -> None
     write(stack.lowers[0] / "f", b"lower")
     pid: int | None = None
     try:
-        pid, stderr = _run_as_daemon(stack, ("-X", "importtime"))
+        # The premount's path (make test also runs the suite with it off: then libfuse
+        # mounts, after the libraries have loaded).
+        pid, stderr = _run_as_daemon(stack, ("-X", "importtime"), {premount.DISABLE_ENV: "0"})
         before = {line.rpartition("|")[2].strip() for line in stderr.splitlines()}
         assert "unionfs.fuse.premount" in before  # it did report the command's imports
         assert not before & set(LATER), sorted(before & set(LATER))
