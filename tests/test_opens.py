@@ -12,14 +12,13 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import Mounted, Stack
 from tests.features import hook_enabled
 from tests.test_merge import write
-from tests.test_reads import _evict
+from tests.test_reads import _evict, watched
 from tests.twins import twins
 
 # What one open of each kind does (the second open of a file is the one the hook answers).
@@ -55,12 +54,7 @@ def test_read_only_opens_of_lower_files_are_answered_in_c_unless_requests_are_wa
     stack: Stack, mounted: Mounted, tmp_path: Path, how: str
 ) -> None:
     write(stack.lowers[1] / "f", b"lower data")
-    kw: dict[str, Any] = {}
-    if how == "debug":
-        kw["args"] = ["-d"]
-    elif how == "traced":
-        kw["extra_options"] = f"trace={tmp_path / 'trace.jsonl'}"
-    um = mounted(**kw)
+    um = mounted(**watched(how, tmp_path))
     for _ in range(20):
         with open(stack.mnt / "f", "rb") as f:
             assert f.read() == b"lower data"

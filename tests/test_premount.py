@@ -35,6 +35,15 @@ def _options_seen(stack: Stack, options: str, premounting: bool) -> tuple[bytes,
         assert mount_type(stack.mnt) is None
 
 
+def _stop(pid: int, mnt: Path) -> None:
+    """SIGTERM the daemon, then wait (30 s at most) for its mount to go."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while mount_type(mnt) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mount_type(mnt) is None
+
+
 def _mount_as_daemon(stack: Stack, python_flags: tuple[str, ...] = ()) -> int:
     """Run the mount command in its daemon mode (it returns once the mount is ready);
     the daemon's pid."""
@@ -104,11 +113,7 @@ def test_the_daemon_returns_before_it_serves_and_a_first_access_waits(
         assert mount_type(stack.mnt) == "fuse.unionfs"
         assert (stack.mnt / "d/f").read_text() == "lower"
         assert pid is not None
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while mount_type(stack.mnt) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert mount_type(stack.mnt) is None
+        _stop(pid, stack.mnt)
         pid = None
     finally:
         if mount_type(stack.mnt) is not None:
@@ -181,11 +186,7 @@ def test_the_mount_is_ready_before_the_costly_modules_load(stack: Stack) -> None
         assert (stack.mnt / "f").read_text() == "lower"
         loaded = Path(f"/proc/{pid}/maps").read_text()
         assert "pyfuse3" in loaded  # serving: the libraries are loaded now
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while mount_type(stack.mnt) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert mount_type(stack.mnt) is None
+        _stop(pid, stack.mnt)
         pid = None
     finally:
         if mount_type(stack.mnt) is not None:

@@ -78,6 +78,17 @@ def _served_in_c(log: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def watched(how: str, tmp_path: Path) -> dict[str, Any]:
+    """The mount arguments for a daemon whose requests are not watched ("plain"), logged
+    ("debug", -d) or traced ("traced", -o trace=FILE)."""
+    if how == "debug":
+        return {"args": ["-d"]}
+    if how == "traced":
+        return {"extra_options": f"trace={tmp_path / 'trace.jsonl'}"}
+    assert how == "plain", how
+    return {}
+
+
 @pytest.mark.parametrize("how", ["plain", "debug", "traced"])
 def test_page_cached_reads_are_answered_in_c_unless_requests_are_watched(
     stack: Stack, mounted: Mounted, tmp_path: Path, how: str
@@ -86,12 +97,7 @@ def test_page_cached_reads_are_answered_in_c_unless_requests_are_watched(
     with -d or a trace every READ goes through Python, which logs or traces it."""
     data = os.urandom(1 << 20)
     write(stack.lowers[1] / "f", data)
-    kw: dict[str, Any] = {}
-    if how == "debug":
-        kw["args"] = ["-d"]
-    elif how == "traced":
-        kw["extra_options"] = f"trace={tmp_path / 'trace.jsonl'}"
-    um = mounted(**kw)
+    um = mounted(**watched(how, tmp_path))
     for _ in range(2):
         with open(stack.mnt / "f", "rb", buffering=0) as f:
             assert f.read() == data
