@@ -55,7 +55,9 @@ from competitors import (  # noqa: E402
 from dataset import FULL, QUICK, Dataset, build_dataset, cache_root  # noqa: E402
 from workloads import Config, Group, groups, perl_modules_present  # noqa: E402
 
-# The metacopy variants run the chown group only (W11: chown -R with metacopy=on).
+# The metacopy variants run the chown group only (W11: chown -R with metacopy=on);
+# unionfs-passthrough (-o passthrough=on) the sequential read only (W4, the option's
+# trade-off: README, "FUSE passthrough").
 ALL_COMPETITORS = [
     "plain",
     "kernel",
@@ -63,6 +65,7 @@ ALL_COMPETITORS = [
     "unionfs",
     "kernel-metacopy",
     "unionfs-metacopy",
+    "unionfs-passthrough",
 ]
 TOOLS = {"fuse-overlayfs": "fuse-overlayfs", "fio": "fio", "debootstrap": "debootstrap"}
 
@@ -154,10 +157,17 @@ def make_competitors(
             code,
             "unionfs-metacopy",
         ),
+        "unionfs-passthrough": Unionfs(
+            unionfs_python(),
+            ",".join(o for o in (args.unionfs_options, "passthrough=on") if o),
+            code,
+            "unionfs-passthrough",
+        ),
         "unionfs+trace": TracedUnionfs(unionfs_python(), args.unionfs_options, code),
     }
     for variant in ("kernel-metacopy", "unionfs-metacopy"):
         table[variant].only_groups = ("chown",)
+    table["unionfs-passthrough"].only_groups = ("seqread",)
     if args.trace and "unionfs" in names and "unionfs+trace" not in names:
         names = [*names, "unionfs+trace"]
     chosen = []
