@@ -71,6 +71,33 @@ def test_read_only_opens_of_lower_files_are_answered_in_c_unless_requests_are_wa
         assert served == 0 and attrs == 0
 
 
+def _lingered(log: str) -> int | None:
+    found = re.search(r"requests a run of C answers waited for: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.parametrize("linger_us", ["300", "0"])
+def test_a_run_of_c_answers_waits_for_the_next_request(
+    stack: Stack, mounted: Mounted, linger_us: str
+) -> None:
+    """After a request answered in C the hook waits a little for the next one
+    (csrc/requests.c): a program's opens and closes of files read before come
+    microseconds apart. UNIONFS_LINGER_US=0 turns the wait off."""
+    write(stack.lowers[1] / "f", b"lower data")
+    um = mounted(env={"UNIONFS_LINGER_US": linger_us})
+    for _ in range(200):
+        with open(stack.mnt / "f", "rb") as f:
+            assert f.read() == b"lower data"
+    assert um.unmount() == 0
+    waited, counts = _lingered(um.log()), re.search(r"requests: .*", um.log())
+    if not hook_enabled():
+        assert waited is None
+    elif linger_us == "0":
+        assert waited == 0, counts
+    else:
+        assert waited is not None and waited >= 50, (waited, counts)
+
+
 def test_the_opens_that_run_a_program_are_answered_in_c(stack: Stack, mounted: Mounted) -> None:
     """An exec opens its binary with a flag of the kernel's own, which openat2 refuses;
     the hook leaves it out, as open(2) ignores it."""

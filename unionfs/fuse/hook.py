@@ -151,6 +151,11 @@ def opens_served(hook: ModuleType | None) -> tuple[int, int]:
     return int(opens), int(attrs)
 
 
+def lingered(hook: ModuleType | None) -> int:
+    """How many requests a run of C answers waited for and got (csrc/requests.c)."""
+    return int(hook.requests_lingered()) if hook is not None else 0
+
+
 def feature_active(hook: ModuleType | None, name: str) -> bool:
     """Whether the feature *name* wrapped pyfuse3's table (valid once the session exists)."""
     return hook is not None and hook.bound() and name in hook.features()

@@ -98,10 +98,24 @@ class _Trio(types.ModuleType):
 
 # =1: pyfuse3's own loop, every RELEASE through Python too (to compare, or to rule these out).
 PLAIN_ENV = "UNIONFS_PLAIN_LOOP"
+# How long (µs) a run of requests answered in C waits for the next one (csrc/requests.c);
+# UNIONFS_LINGER_US overrides it (0: never waits; to compare, or to rule it out).
+LINGER_US = 300
+LINGER_ENV = "UNIONFS_LINGER_US"
 
 
 def plain() -> bool:
     return os.environ.get(PLAIN_ENV, "") not in ("", "0")
+
+
+def linger_us() -> int:
+    """The wait for a next request after one answered in C, in microseconds."""
+    value = os.environ.get(LINGER_ENV, "")
+    try:
+        us = int(value) if value else LINGER_US
+    except ValueError:
+        us = LINGER_US
+    return min(max(us, 0), 100_000)
 
 
 def install(pyfuse3: types.ModuleType) -> None:

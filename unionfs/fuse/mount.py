@@ -458,6 +458,7 @@ def serve(
         log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
         log.info("reads answered in C: %d", hook.reads_served(fusehook))
         log.info("opens answered in C: %d, getattrs: %d", *hook.opens_served(fusehook))
+        log.info("requests a run of C answers waited for: %d", hook.lingered(fusehook))
     log.info("unmounted %s", setup.mountpoint)
     return 0
 
@@ -518,7 +519,7 @@ def _serve_mounted(
         if fusehook is not None and fusehook.bound():
             loop.install(pyfuse3)
             # Runs of requests answered in C, read back to back (csrc/requests.c).
-            fusehook.configure_inline(not loop.plain())
+            fusehook.configure_inline(not loop.plain(), loop.linger_us())
         privileges.take_owner_rights()
         try:
             trio.run(

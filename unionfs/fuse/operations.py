@@ -113,6 +113,9 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
         )
         tracer = tracing.active  # None unless someone traces the mount
         token = tracing.enter(args[0], name, args) if tracer is not None else None
+        busy: memoryview | None = args[0].busy
+        if busy is not None:  # no run of C answers lingers meanwhile (csrc/requests.c)
+            busy[0] += 1
         try:
             if changes:
                 c_opens.change_starts()  # type: ignore[union-attr]
@@ -140,6 +143,8 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
             log.exception("unexpected error in %s%r; answering EIO", name, args[1:])
             raise FUSEError(errno.EIO) from None
         finally:
+            if busy is not None:
+                busy[0] -= 1
             if changes:
                 c_opens.changing -= 1  # type: ignore[union-attr]
             if token is not None:
@@ -296,6 +301,10 @@ class Operations(pyfuse3.Operations):
         self._release_deferred = False
         # OPEN of lower files for reading answered in C (csrc/opens.c), once INIT is in.
         self.c_opens: _COpens | None = None
+        # Python handlers in progress, for the C hook's runs of answers (csrc/requests.c).
+        self.busy: memoryview | None = (
+            fusehook.busy_counter().cast("i") if fusehook is not None else None
+        )
         # Read by pyfuse3 when the kernel's INIT arrives (-o writeback=1).
         self.enable_writeback_cache = union.config.writeback
         self.union = union

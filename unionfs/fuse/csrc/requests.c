@@ -14,10 +14,20 @@
  * after a trip through pyfuse3's loop and trio's scheduler for each: the opens
  * and releases of a program's start, the cached reads of a tar, come in runs.
  * The first request that goes to pyfuse3 ends the run (pyfuse3 awaits its
- * handler once this function returns, one at a time); so does an empty queue.
- * The run reads into the buffer pyfuse3 read the first request into, which is
- * done with once a request is answered, and which libfuse sized for any
- * request.
+ * handler once this function returns, one at a time). The run reads into the
+ * buffer pyfuse3 read the first request into, which is done with once a request
+ * is answered, and which libfuse sized for any request.
+ *
+ * When the queue is empty, the run lingers: it waits up to linger_ns (in ppoll,
+ * the GIL released) for the next request before it gives the turn back. A
+ * program that is starting, or reading a tree, sends its next request a few
+ * dozen microseconds after each answer; waiting for it here costs the daemon no
+ * CPU, where the trip back through pyfuse3's loop, trio's scheduler and epoll
+ * costs it more than answering the request does. It lingers only while no
+ * Python handler is in progress (python_busy, kept by the request boundary in
+ * unionfs/fuse/operations.py): a handler that waits for a worker thread then
+ * never waits for a linger to end. What else trio has to do (a signal, a timer)
+ * waits at most INLINE_MAX lingers; a signal ends the wait at once.
  *
  * It also defines fuse_session_receive_buf, to turn EAGAIN into EINTR: the
  * Python side's request loop (unionfs/fuse/loop.py) makes the device
@@ -32,6 +42,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <time.h>
 
 typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
@@ -45,6 +57,9 @@ static unsigned long long counts[N_OPCODES];
 int requests_answered;
 static int inline_on; /* configure_inline(True): runs of requests answered here */
 #define INLINE_MAX 64     /* requests in a row before pyfuse3's loop gets its turn */
+static long linger_ns;    /* configure_inline(True, us): the wait for a next request */
+static int python_busy;   /* Python handlers in progress (busy_counter) */
+static unsigned long long lingered; /* requests a run waited for and got */
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
     __asm__("fuse_session_process_buf") __attribute__((visibility("default")));
@@ -73,6 +88,30 @@ static void process(struct fuse_session *se, const struct fuse_buf *buf)
     next_process_buf(se, buf);
 }
 
+/* Wait up to linger_ns for the device to have a request; whether it has one. Not
+   while a Python handler is in progress, nor when lingering is off. */
+static int linger(struct fuse_session *se)
+{
+    struct pollfd pfd;
+    struct timespec wait;
+    int ready;
+    if (linger_ns <= 0 || python_busy > 0)
+        return 0;
+    pfd.fd = fuse_session_fd(se);
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    wait.tv_sec = linger_ns / 1000000000L;
+    wait.tv_nsec = linger_ns % 1000000000L;
+    if (PyGILState_Check()) { /* pyfuse3 processes requests holding the GIL */
+        Py_BEGIN_ALLOW_THREADS
+        ready = ppoll(&pfd, 1, &wait, NULL);
+        Py_END_ALLOW_THREADS
+    } else {
+        ready = ppoll(&pfd, 1, &wait, NULL);
+    }
+    return ready > 0;
+}
+
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
 {
     if (next_process_buf == NULL) {
@@ -91,10 +130,19 @@ void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
         const struct fuse_buf *last = buf;
         struct fuse_buf more;
         for (n = 0; n < INLINE_MAX && requests_answered && !(last->flags & FUSE_BUF_IS_FD); n++) {
+            int res;
             more = *buf;
             more.flags = 0;
-            if (next_receive_buf(se, &more) <= 0)
-                return; /* none queued (EAGAIN), or what pyfuse3's next read will see too */
+            res = next_receive_buf(se, &more);
+            if (res == -EAGAIN && linger(se)) {
+                more = *buf;
+                more.flags = 0;
+                res = next_receive_buf(se, &more);
+                if (res > 0)
+                    lingered++;
+            }
+            if (res <= 0)
+                return; /* none came (EAGAIN), or what pyfuse3's next read will see too */
             process(se, &more);
             last = &more;
         }
@@ -142,20 +190,46 @@ static PyObject *request_counts(PyObject *self, PyObject *unused)
     return out;
 }
 
-static PyObject *configure_inline(PyObject *self, PyObject *arg)
+static PyObject *configure_inline(PyObject *self, PyObject *args)
 {
-    int on = PyObject_IsTrue(arg);
+    int on;
+    long linger_us = 0;
     (void)self;
-    if (on < 0)
+    if (!PyArg_ParseTuple(args, "p|l", &on, &linger_us))
         return NULL;
+    if (linger_us < 0 || linger_us > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "linger_us: 0 to 1000000");
+        return NULL;
+    }
     inline_on = on;
+    linger_ns = on ? linger_us * 1000L : 0;
     Py_RETURN_NONE;
 }
 
+static PyObject *busy_counter(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyMemoryView_FromMemory((char *)&python_busy, sizeof(python_busy), PyBUF_WRITE);
+}
+
+static PyObject *requests_lingered(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(lingered);
+}
+
 static PyMethodDef methods[] = {
-    {"configure_inline", configure_inline, METH_O,
-     "configure_inline(on): after a request answered in C, process the next queued ones "
-     "right away while they are too."},
+    {"configure_inline", configure_inline, METH_VARARGS,
+     "configure_inline(on, linger_us=0): after a request answered in C, process the next "
+     "queued ones right away while they are too, waiting up to linger_us for each while no "
+     "Python handler is in progress."},
+    {"busy_counter", busy_counter, METH_NOARGS,
+     "The count of Python handlers in progress, as a writable memoryview of a C int: the "
+     "request boundary adds 1 when a handler starts and takes it away when it ends."},
+    {"requests_lingered", requests_lingered, METH_NOARGS,
+     "How many requests a run waited for (lingered) and got."},
     {"request_counts", request_counts, METH_NOARGS,
      "{opcode: requests received} (requests spliced into a pipe are not counted; "
      "none are once KILLPRIV_V2 is on)."},
