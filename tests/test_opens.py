@@ -225,6 +225,84 @@ def test_opens_answered_in_c_behave_as_on_the_kernel_overlay(tmp_path: Path, nam
     assert results["unionfs"] == results["kernel"]
 
 
+def _fill_dirs(lowers: list[Path]) -> None:
+    for d in ("merged", "opaque"):
+        for lower in lowers:
+            (lower / d).mkdir()
+    write(lowers[0] / "merged/a", b"a")
+    write(lowers[1] / "merged/b", b"b")
+    (lowers[1] / "lower-only/sub").mkdir(parents=True)
+    write(lowers[0] / "opaque/x", b"x")
+    os.setxattr(lowers[0] / "opaque", "trusted.overlay.opaque", b"y")
+    write(lowers[1] / "opaque/hidden", b"h")
+
+
+def _dir_attributes(mnt: Path) -> list[object]:
+    """stat of a directory after a listing (the kernel then asks GETATTR again), before
+    and after a file made in it copies it up, and of a new directory: the kernel's
+    fields, times checked against the real directory the twin's own layers hold."""
+    base = mnt.parent
+
+    def real(rel: str) -> os.stat_result:
+        for layer in ("upper", "l0", "l1"):
+            with contextlib.suppress(FileNotFoundError):
+                return os.stat(base / layer / rel)
+        raise FileNotFoundError(rel)
+
+    out: list[object] = []
+    os.makedirs(mnt / "new/sub/deeper")
+    for round_ in range(2):
+        for rel in ("merged", "lower-only", "opaque", "new/sub", "merged/../lower-only/sub"):
+            sts = []
+            for _ in range(2):
+                os.listdir(mnt / rel)
+                sts.append(os.stat(mnt / rel))
+            st, top = sts[-1], real(os.path.normpath(rel))
+            out.append((
+                rel, round_, oct(st.st_mode), st.st_nlink, st.st_uid, st.st_size,
+                st.st_mtime_ns == top.st_mtime_ns, st.st_ctime_ns == top.st_ctime_ns,
+                sts[0].st_ino == st.st_ino == os.lstat(mnt / rel).st_ino,
+            ))  # fmt: skip
+            with _fd(mnt / rel, os.O_RDONLY | os.O_DIRECTORY) as fd:
+                write(mnt / rel / f"made-{round_}", b"new")  # a copy-up the first time
+                after, top = os.fstat(fd), real(os.path.normpath(rel))  # no lookup between
+                out.append((after.st_nlink, after.st_mtime_ns == top.st_mtime_ns))
+    return out
+
+
+def test_directory_attributes_answered_in_c_are_the_kernel_overlays(tmp_path: Path) -> None:
+    u, k = twins(tmp_path, _fill_dirs, n_lowers=2)
+    results = {}
+    for twin in (u, k):
+        with twin.mount() as mnt:
+            results[twin.kind] = _dir_attributes(mnt)
+    assert results["unionfs"] == results["kernel"]
+
+
+@pytest.mark.parametrize("how", ["plain", "debug"])
+def test_getattr_of_directories_listed_before_is_answered_in_c(
+    stack: Stack, mounted: Mounted, tmp_path: Path, how: str
+) -> None:
+    """A walk's second pass asks GETATTR of every directory (listing one may move its
+    atime); the hook answers those of directories whose attributes the daemon gave."""
+    for i in range(20):
+        (stack.lowers[i % 2] / f"d{i}").mkdir()
+        write(stack.lowers[i % 2] / f"d{i}/f", b"x")
+    um = mounted(**watched(how, tmp_path))
+    for _ in range(2):
+        for i in range(20):
+            os.listdir(stack.mnt / f"d{i}")
+            assert os.stat(stack.mnt / f"d{i}").st_nlink == 2
+    assert um.unmount() == 0
+    attrs = _getattrs_in_c(um.log())
+    if not hook_enabled():
+        assert attrs is None
+    elif how == "plain":
+        assert attrs is not None and attrs >= 15, attrs
+    else:
+        assert attrs == 0
+
+
 def test_a_cold_read_of_a_file_opened_in_c_is_exact(stack: Stack, mounted: Mounted) -> None:
     """The READ that needs the disk goes to the daemon, which takes the handle over."""
     data = os.urandom(4 << 20)

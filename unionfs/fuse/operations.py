@@ -177,13 +177,16 @@ class _COpens:
         self._disarm_all = fusehook.disarm_all
         self._unclaimed = fusehook.unclaimed
         self._arm = fusehook.arm
+        self._arm_dir = fusehook.arm_dir
         self.on = False
+        self.dirs = False  # GETATTR of directories too (owners shown as stored)
 
     def configure(self, on: bool) -> None:
         # GETATTR of an armed inode too, when its attributes are the lower file's own.
         attrs = self._ops.ids.identity
         self.claim_all()
         self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT))
+        self.dirs = self.on and attrs
 
     def change_starts(self) -> None:
         """A request that may change the layers starts (``changing`` counts it; the
@@ -221,6 +224,13 @@ class _COpens:
         """After the daemon answered a read-only open of the lower file of *node*."""
         if self.on and self.changing == 0:
             self._arm(node.ino, *fd_layer_path)
+
+    def arm_dir(self, node: Node, nlink_one: bool) -> None:
+        """After the daemon gave the attributes of the directory *node*: its next
+        GETATTRs are answered in C, from its topmost part."""
+        if self.dirs and self.changing == 0 and node.parent is not None:
+            place = node.place
+            self._arm_dir(node.ino, place.layer.root_fd, place.path, nlink_one)
 
 
 def no_reply_boundary(fn: F) -> F:
@@ -413,7 +423,10 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
-        e.st_nlink = self.union.shown_nlink(node, st)
+        one = self.union.nlink_is_one(node)
+        e.st_nlink = 1 if one else st.st_nlink
+        if self.c_opens is not None and node.kind == stat.S_IFDIR:
+            self.c_opens.arm_dir(node, one)  # its next GETATTRs are answered in C
         ids = self.ids
         if ids.identity:
             e.st_uid = st.st_uid

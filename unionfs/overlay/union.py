@@ -641,9 +641,11 @@ class Union:
     def shown_nlink(self, node: Node, st: os.stat_result) -> int:
         """A merged directory shows nlink 1, as the kernel overlay does (counting
         subdirectories across layers is not worth it; ``find`` accepts 1)."""
-        if node.kind == stat.S_IFDIR and (node.lowers or self.config.static_nlink):
-            return 1
-        return st.st_nlink
+        return 1 if self.nlink_is_one(node) else st.st_nlink
+
+    def nlink_is_one(self, node: Node) -> bool:
+        """Whether *node* shows nlink 1 whatever its real inode has (``shown_nlink``)."""
+        return node.kind == stat.S_IFDIR and bool(node.lowers or self.config.static_nlink)
 
     def real_path(self, node: Node) -> tuple[bytes, bool]:
         """A ``/proc/self/fd`` path to the node's real file, for calls with no ``*at``

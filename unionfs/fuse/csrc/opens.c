@@ -32,6 +32,14 @@
  * kernel asks again after every read from the daemon (the atime may have moved),
  * so a tar or a program's start would otherwise send one to Python per file.
  *
+ * Directories are armed for GETATTR only (arm_dir), in whichever layer their
+ * topmost part is, each time the daemon gives their attributes (a lookup, a
+ * listing, a GETATTR), under the same rule: never while a request that may
+ * change the layers is in progress, all disarmed when one starts. The answer is
+ * the real directory's stat, with nlink 1 where the daemon shows 1 (a merged
+ * directory). The kernel asks after every listing of a directory (its atime may
+ * have moved), so a walk of a tree read before sends one per directory.
+ *
  * Handles made here have the top bit of their low half set; the daemon's never
  * do (unionfs.overlay.files), so the two never meet.
  */
@@ -60,8 +68,10 @@
      O_CLOEXEC)
 
 struct armed {
-    int dirfd;   /* the layer's root (O_PATH), owned by the Python side */
-    char path[]; /* below it */
+    int dirfd;      /* the layer's root (O_PATH), owned by the Python side */
+    int dir;        /* a directory: GETATTR only */
+    int nlink_one;  /* a directory shown with nlink 1 */
+    char path[];    /* below it */
 };
 
 struct handle {
@@ -112,8 +122,10 @@ static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
         goto python;
     res = fstat(fd, &st);
     close(fd);
-    if (res < 0 || !S_ISREG(st.st_mode))
+    if (res < 0 || (a->dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)))
         goto python;
+    if (a->nlink_one)
+        st.st_nlink = 1;
     st.st_ino = ino;
     fuse_reply_attr(req, &st, attr_timeout);
     requests_answered = 1;
@@ -140,7 +152,7 @@ static void hook_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (!on || (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & (O_TRUNC | O_CREAT)))
         goto python;
     a = (const struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
-    if (a == NULL || (h = malloc(sizeof(*h))) == NULL)
+    if (a == NULL || a->dir || (h = malloc(sizeof(*h))) == NULL)
         goto python;
     h->fd = open_armed(a, fi->flags);
     if (h->fd < 0) {
@@ -209,29 +221,51 @@ static void drop(uint64_t ino)
     }
 }
 
-static PyObject *arm(PyObject *self, PyObject *args)
+static PyObject *arm_as(unsigned long long ino, int dirfd, const char *path, Py_ssize_t len,
+                        int dir, int nlink_one)
 {
-    unsigned long long ino;
-    int dirfd;
-    const char *path;
-    Py_ssize_t len;
     struct armed *a;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "Kiy#", &ino, &dirfd, &path, &len))
-        return NULL;
     if (!on || len == 0 || (size_t)len != strlen(path)) /* the root, or a NUL in the name */
         Py_RETURN_FALSE;
+    if (dir && !attrs_here)
+        Py_RETURN_FALSE; /* a directory is armed for its GETATTR only */
     drop(ino);
     a = malloc(sizeof(*a) + (size_t)len + 1);
     if (a == NULL)
         return PyErr_NoMemory();
     a->dirfd = dirfd;
+    a->dir = dir;
+    a->nlink_one = nlink_one;
     memcpy(a->path, path, (size_t)len + 1);
     if (u64map_put(&armed, ino, (uint64_t)(uintptr_t)a) < 0) {
         free(a);
         return PyErr_NoMemory();
     }
     Py_RETURN_TRUE;
+}
+
+static PyObject *arm(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int dirfd;
+    const char *path;
+    Py_ssize_t len;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kiy#", &ino, &dirfd, &path, &len))
+        return NULL;
+    return arm_as(ino, dirfd, path, len, 0, 0);
+}
+
+static PyObject *arm_dir(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int dirfd, nlink_one;
+    const char *path;
+    Py_ssize_t len;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kiy#p", &ino, &dirfd, &path, &len, &nlink_one))
+        return NULL;
+    return arm_as(ino, dirfd, path, len, 1, nlink_one);
 }
 
 static PyObject *disarm(PyObject *self, PyObject *arg)
@@ -359,6 +393,9 @@ static PyMethodDef methods[] = {
     {"arm", arm, METH_VARARGS,
      "arm(ino, dirfd, path): answer read-only opens of ino here, by opening path below "
      "dirfd; False when opens are not answered here."},
+    {"arm_dir", arm_dir, METH_VARARGS,
+     "arm_dir(ino, dirfd, path, nlink_one): answer GETATTR of the directory ino here, from "
+     "path below dirfd (with nlink 1 if nlink_one); False when not answered here."},
     {"disarm", disarm, METH_O, "disarm(ino): opens of ino go to Python again."},
     {"disarm_all", disarm_all, METH_NOARGS, "Every open goes to Python until armed again."},
     {"armed_count", armed_count, METH_NOARGS, "How many inodes are armed."},
