@@ -98,6 +98,26 @@ def test_a_run_of_c_answers_waits_for_the_next_request(
         assert waited is not None and waited >= 50, (waited, counts)
 
 
+def test_a_run_of_c_answers_goes_on_past_what_libfuse_answers_itself(
+    stack: Stack, mounted: Mounted
+) -> None:
+    """Python's open() asks the file whether it is a terminal (an IOCTL, which libfuse
+    answers ENOSYS by itself): the run goes on past it, so each open, ioctl and close
+    is waited for (with the run stopping at the ioctl: one wait per file)."""
+    write(stack.lowers[1] / "f", b"lower data")
+    um = mounted(env={"UNIONFS_LINGER_US": "100000"})  # the wait never runs out here
+    for _ in range(200):
+        with open(stack.mnt / "f", "rb") as f:
+            assert f.read() == b"lower data"
+    assert um.unmount() == 0
+    waited, counts = _lingered(um.log()), re.search(r"requests: .*", um.log())
+    if not hook_enabled():
+        assert waited is None
+    else:
+        assert counts is not None and "ioctl=" in counts.group(0), counts
+        assert waited is not None and waited > 300, (waited, counts)
+
+
 def test_the_opens_that_run_a_program_are_answered_in_c(stack: Stack, mounted: Mounted) -> None:
     """An exec opens its binary with a flag of the kernel's own, which openat2 refuses;
     the hook leaves it out, as open(2) ignores it."""

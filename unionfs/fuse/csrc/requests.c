@@ -59,6 +59,10 @@ static int inline_on; /* configure_inline(True): runs of requests answered here 
 #define INLINE_MAX 64     /* requests in a row before pyfuse3's loop gets its turn */
 static long linger_ns;    /* configure_inline(True, us): the wait for a next request */
 static int python_busy;   /* Python handlers in progress (busy_counter) */
+/* Opcodes libfuse answers by itself, with no Python handler to await (wrap): the
+   IOCTL that every open(2) of Python and Perl makes (TCGETS, to see a terminal)
+   gets its ENOSYS there, so a run of C answers goes on past it. */
+static unsigned char answered_by_libfuse[N_OPCODES];
 static unsigned long long lingered; /* requests a run waited for and got */
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
@@ -78,14 +82,19 @@ static int nonblocking(struct fuse_session *se)
 
 static void process(struct fuse_session *se, const struct fuse_buf *buf)
 {
+    uint32_t opcode = 0; /* unknown (spliced into a pipe) */
     if (!(buf->flags & FUSE_BUF_IS_FD) && buf->size >= sizeof(struct fuse_in_header)) {
-        uint32_t opcode = ((const struct fuse_in_header *)buf->mem)->opcode;
-        counts[opcode < N_OPCODES ? opcode : 0]++;
+        opcode = ((const struct fuse_in_header *)buf->mem)->opcode;
+        if (opcode >= N_OPCODES)
+            opcode = 0;
+        counts[opcode]++;
     }
     if (requests_peek != NULL)
         requests_peek(buf);
     requests_answered = 0;
     next_process_buf(se, buf);
+    if (answered_by_libfuse[opcode])
+        requests_answered = 1;
 }
 
 /* Wait up to linger_ns for the device to have a request; whether it has one. Not
@@ -236,4 +245,13 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-const struct hook_feature requests_feature = {"requests", NULL, NULL, NULL, methods};
+/* Which requests libfuse answers itself: those whose handler pyfuse3 leaves out. */
+static int wrap(struct fuse_lowlevel_ops *ops)
+{
+    answered_by_libfuse[FUSE_IOCTL] = ops->ioctl == NULL;
+    answered_by_libfuse[FUSE_POLL] = ops->poll == NULL;
+    answered_by_libfuse[FUSE_BMAP] = ops->bmap == NULL;
+    return 0;
+}
+
+const struct hook_feature requests_feature = {"requests", wrap, NULL, NULL, methods};
