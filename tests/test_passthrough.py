@@ -176,6 +176,22 @@ def test_writes_need_no_capability_probe_under_killpriv_v2(stack: Stack, mounted
 
 
 @pytest.mark.skipif(not EXPECTED, reason="needs passthrough (libfuse 3.17)")
+def test_passthrough_on_a_lower_file_truncates_once_its_reader_has_closed(
+    stack: Stack, mounted: Mounted
+) -> None:
+    """The reader's RELEASE is answered in C and queued; the truncate's SETATTR takes
+    the queue in before it asks whether a reader still holds the lower file."""
+    for i in range(5):
+        write(stack.lowers[1] / f"f{i}", b"lower")
+    mounted(extra_options="passthrough=on")
+    for i in range(5):
+        with open(stack.mnt / f"f{i}", "rb") as reader:
+            assert reader.read() == b"lower"
+        os.truncate(stack.mnt / f"f{i}", 2)
+        assert (stack.mnt / f"f{i}").read_bytes() == b"lo"
+
+
+@pytest.mark.skipif(not EXPECTED, reason="needs passthrough (libfuse 3.17)")
 def test_passthrough_on_passes_lower_files_through_and_refuses_their_writes_meanwhile(
     stack: Stack, mounted: Mounted
 ) -> None:

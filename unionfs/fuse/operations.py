@@ -536,6 +536,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
+        self.release_queued()  # a reader closed before the truncate holds nothing now
         node = self._node(inode)
         if change.size is not None and self.passthrough.write_blocked(node):
             raise FUSEError(errno.ETXTBSY)
