@@ -151,9 +151,13 @@ def opens_served(hook: ModuleType | None) -> tuple[int, int]:
     return int(opens), int(attrs)
 
 
-def lingered(hook: ModuleType | None) -> int:
-    """How many requests a run of C answers waited for and got (csrc/requests.c)."""
-    return int(hook.requests_lingered()) if hook is not None else 0
+def in_runs(hook: ModuleType | None) -> tuple[int, int]:
+    """How many requests runs of C answers read, and how many of those they waited for
+    (csrc/requests.c)."""
+    if hook is None:
+        return 0, 0
+    read, waited = hook.requests_lingered()
+    return int(read), int(waited)
 
 
 def feature_active(hook: ModuleType | None, name: str) -> bool:

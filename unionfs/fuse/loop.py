@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import select
 import types
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -55,6 +56,9 @@ class _Lowlevel:
     """``trio.lowlevel`` with a ``wait_readable`` that does not wait for what is there."""
 
     def __init__(self) -> None:
+        # Whether runs of C answers waited for many requests (csrc/requests.c): then
+        # trio gets its turn before the next request, whatever is queued.
+        self.run_waited: Callable[[], bool] = _never
         self._fd = -1
         self._poll = select.poll()
         self._budget = BATCH
@@ -70,7 +74,7 @@ class _Lowlevel:
             self._poll = select.poll()
             self._poll.register(fd, select.POLLIN)
             self._fd = fd
-        if self._budget > 0 and self._poll.poll(0):
+        if self._budget > 0 and not self.run_waited() and self._poll.poll(0):
             self._budget -= 1
             return
         self._budget = BATCH
@@ -118,9 +122,15 @@ def linger_us() -> int:
     return min(max(us, 0), 100_000)
 
 
-def install(pyfuse3: types.ModuleType) -> None:
+def _never() -> bool:
+    return False
+
+
+def install(pyfuse3: types.ModuleType, run_waited: Callable[[], bool] = _never) -> None:
     """Give pyfuse3 the stand-in; call before ``pyfuse3.main`` and only with the C hook
     loaded (its request tap turns a lost race's EAGAIN into EINTR)."""
     if plain():
         return
-    pyfuse3.trio = _Trio()  # type: ignore[attr-defined]
+    stand_in = _Trio()
+    stand_in.lowlevel.run_waited = run_waited
+    pyfuse3.trio = stand_in  # type: ignore[attr-defined]

@@ -458,7 +458,7 @@ def serve(
         log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
         log.info("reads answered in C: %d", hook.reads_served(fusehook))
         log.info("opens answered in C: %d, getattrs: %d", *hook.opens_served(fusehook))
-        log.info("requests a run of C answers waited for: %d", hook.lingered(fusehook))
+        log.info("requests read in runs of C answers: %d, waited for: %d", *hook.in_runs(fusehook))
     log.info("unmounted %s", setup.mountpoint)
     return 0
 
@@ -517,7 +517,7 @@ def _serve_mounted(
             startup.mark("mount")
         hook.check_bound(fusehook)
         if fusehook is not None and fusehook.bound():
-            loop.install(pyfuse3)
+            loop.install(pyfuse3, fusehook.run_waited)
             # Runs of requests answered in C, read back to back (csrc/requests.c).
             fusehook.configure_inline(not loop.plain(), loop.linger_us())
         privileges.take_owner_rights()

@@ -26,8 +26,10 @@
  * costs it more than answering the request does. It lingers only while no
  * Python handler is in progress (python_busy, kept by the request boundary in
  * unionfs/fuse/operations.py): a handler that waits for a worker thread then
- * never waits for a linger to end. What else trio has to do (a signal, a timer)
- * waits at most INLINE_MAX lingers; a signal ends the wait at once.
+ * never waits for a linger to end. What else trio has to do (a signal's
+ * handling, a timer) waits at most INLINE_MAX waits: once runs have waited for
+ * that many requests, the Python side's request loop parks in trio before it
+ * reads the next one (run_waited). A signal ends a wait at once.
  *
  * It also defines fuse_session_receive_buf, to turn EAGAIN into EINTR: the
  * Python side's request loop (unionfs/fuse/loop.py) makes the device
@@ -64,6 +66,8 @@ static int python_busy;   /* Python handlers in progress (busy_counter) */
    gets its ENOSYS there, so a run of C answers goes on past it. */
 static unsigned char answered_by_libfuse[N_OPCODES];
 static unsigned long long lingered; /* requests a run waited for and got */
+static unsigned long long in_runs;  /* requests a run read (after a request answered in C) */
+static int waited_since;  /* requests runs waited for since trio's last turn (run_waited) */
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
     __asm__("fuse_session_process_buf") __attribute__((visibility("default")));
@@ -147,11 +151,14 @@ void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
                 more = *buf;
                 more.flags = 0;
                 res = next_receive_buf(se, &more);
-                if (res > 0)
+                if (res > 0) {
                     lingered++;
+                    waited_since++;
+                }
             }
             if (res <= 0)
                 return; /* none came (EAGAIN), or what pyfuse3's next read will see too */
+            in_runs++;
             process(se, &more);
             last = &more;
         }
@@ -222,11 +229,21 @@ static PyObject *busy_counter(PyObject *self, PyObject *unused)
     return PyMemoryView_FromMemory((char *)&python_busy, sizeof(python_busy), PyBUF_WRITE);
 }
 
+static PyObject *run_waited(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    if (waited_since < INLINE_MAX)
+        Py_RETURN_FALSE;
+    waited_since = 0;
+    Py_RETURN_TRUE;
+}
+
 static PyObject *requests_lingered(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyLong_FromUnsignedLongLong(lingered);
+    return Py_BuildValue("(KK)", in_runs, lingered);
 }
 
 static PyMethodDef methods[] = {
@@ -237,8 +254,12 @@ static PyMethodDef methods[] = {
     {"busy_counter", busy_counter, METH_NOARGS,
      "The count of Python handlers in progress, as a writable memoryview of a C int: the "
      "request boundary adds 1 when a handler starts and takes it away when it ends."},
+    {"run_waited", run_waited, METH_NOARGS,
+     "Whether runs waited for INLINE_MAX requests since this last said so (then trio "
+     "gets its turn)."},
     {"requests_lingered", requests_lingered, METH_NOARGS,
-     "How many requests a run waited for (lingered) and got."},
+     "(read in runs, waited for): how many requests runs of C answers read, and how many "
+     "of those they waited (lingered) for."},
     {"request_counts", request_counts, METH_NOARGS,
      "{opcode: requests received} (requests spliced into a pipe are not counted; "
      "none are once KILLPRIV_V2 is on)."},

@@ -45,9 +45,10 @@ typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *,
                                                          struct libfuse_version *, void *);
 #endif
 
+/* requests_feature last: it reads the table as the others leave it. */
 static const struct hook_feature *const features[] = {
-    &listing_feature, &ino_feature,      &ops_feature,    &passthrough_feature,
-    &killpriv_feature, &requests_feature, &release_feature, &caps_feature, &opens_feature};
+    &listing_feature, &ino_feature,     &ops_feature,  &passthrough_feature,
+    &killpriv_feature, &release_feature, &caps_feature, &opens_feature, &requests_feature};
 #define N_FEATURES (sizeof(features) / sizeof(features[0]))
 
 static struct fuse_lowlevel_ops hooked_ops;
