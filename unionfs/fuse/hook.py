@@ -156,7 +156,7 @@ def in_runs(hook: ModuleType | None) -> tuple[int, int]:
     (csrc/requests.c)."""
     if hook is None:
         return 0, 0
-    read, waited = hook.requests_lingered()
+    read, waited = hook.run_counts()
     return int(read), int(waited)
 
 

@@ -536,10 +536,11 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        self.release_queued()  # a reader closed before the truncate holds nothing now
         node = self._node(inode)
         if change.size is not None and self.passthrough.write_blocked(node):
-            raise FUSEError(errno.ETXTBSY)
+            self.release_queued()  # a reader closed just before: its RELEASE waits there
+            if self.passthrough.write_blocked(node):
+                raise FUSEError(errno.ETXTBSY)
         await self.files.setattr(node, change, fh)
         return self._entry(node)
 

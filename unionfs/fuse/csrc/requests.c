@@ -239,7 +239,7 @@ static PyObject *run_waited(PyObject *self, PyObject *unused)
     Py_RETURN_TRUE;
 }
 
-static PyObject *requests_lingered(PyObject *self, PyObject *unused)
+static PyObject *run_counts(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
@@ -257,7 +257,7 @@ static PyMethodDef methods[] = {
     {"run_waited", run_waited, METH_NOARGS,
      "Whether runs waited for INLINE_MAX requests since this last said so (then trio "
      "gets its turn)."},
-    {"requests_lingered", requests_lingered, METH_NOARGS,
+    {"run_counts", run_counts, METH_NOARGS,
      "(read in runs, waited for): how many requests runs of C answers read, and how many "
      "of those they waited (lingered) for."},
     {"request_counts", request_counts, METH_NOARGS,
