@@ -4,18 +4,21 @@ mount as libfuse's, served as soon as the daemon is, and gone after it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Stack
-from tests.mounting import REPO, _mountinfo, mount_type, unionfs_command
+from tests.mounting import REPO, _mountinfo, mount_type, start_unionfs, unionfs_command
 from tests.test_merge import write
-from unionfs.fuse import premount
+from unionfs.fuse import premount, state
+from unionfs.records import to_json
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) needs root; see tests/user")
 
@@ -170,11 +173,44 @@ LATER = (
 )
 
 
-def test_the_mount_is_ready_before_the_costly_modules_load(stack: Stack) -> None:
+@pytest.mark.parametrize("others", ["alone", "another mount live"])
+def test_the_mount_is_ready_before_the_costly_modules_load(
+    stack: Stack, tmp_path: Path, others: str
+) -> None:
     """What the daemon-mode command imports before it returns, as ``-X importtime``
     reports it (the daemon's stderr is the caller's until the mount is ready): none
-    of ``LATER``; then the mount serves, and the daemon has loaded them after all."""
+    of ``LATER``; then the mount serves, and the daemon has loaded them after all.
+    Also with another unionfs mount live, whose state file the new one reads."""
     write(stack.lowers[0] / "f", b"lower")
+    with contextlib.ExitStack() as cleanup:
+        if others != "alone":
+            cleanup.enter_context(_another_mount(tmp_path / "other"))
+        try:
+            _check_imports(stack)
+        finally:
+            if mount_type(stack.mnt) is not None:
+                subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
+
+
+@contextlib.contextmanager
+def _another_mount(root: Path) -> Iterator[None]:
+    """A unionfs mount, live (its state file written) until the end of the block."""
+    dirs = [root / n for n in ("l", "u", "w", "mnt")]
+    for d in dirs:
+        d.mkdir(parents=True)
+    um = start_unionfs([dirs[0]], dirs[3], dirs[1], dirs[2])
+    try:
+        device = state.device_of(dirs[3])
+        deadline = time.monotonic() + 30
+        while device is None or not state.state_path(device).exists():
+            assert time.monotonic() < deadline, "the other mount published no state"
+            time.sleep(0.02)
+        yield
+    finally:
+        um.unmount()
+
+
+def _check_imports(stack: Stack) -> None:
     pid: int | None = None
     try:
         # The premount's path (make test also runs the suite with it off: then libfuse
@@ -189,7 +225,23 @@ def test_the_mount_is_ready_before_the_costly_modules_load(stack: Stack) -> None
         _stop(pid, stack.mnt)
         pid = None
     finally:
-        if mount_type(stack.mnt) is not None:
-            subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_pid_read_from_a_state_file_without_json_is_the_pid_written() -> None:
+    """The sweep before ready reads a live mount's pid without json (``_pid_of``): from
+    what ``publish`` writes, whatever the strings after it hold; nothing from a file
+    that does not start with the pid."""
+    written = state.MountState(
+        pid=4321,
+        mountpoint='/m,"pid":1',
+        device="0:99",
+        config={"upper": "/u"},
+        ids={},
+    )
+    data = to_json(written._asdict()).encode()
+    assert state._pid_of(data) == 4321
+    assert json.loads(data)["pid"] == 4321
+    for other in (b"", b"{}", b'{"mountpoint":"/m","pid":1}', b'{"pid":"1"}', b'{"pid":-1,'):
+        assert state._pid_of(other) is None, other
