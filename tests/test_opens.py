@@ -9,7 +9,9 @@ import errno
 import os
 import re
 import shutil
+import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +34,16 @@ def _opens_in_c(log: str) -> int | None:
 
 def _getattrs_in_c(log: str) -> int | None:
     found = re.search(r"opens answered in C: \d+, getattrs: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def _setattrs_in_c(log: str) -> int | None:
+    found = re.search(r"opens answered in C: \d+, getattrs: \d+, setattrs: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def _misses_in_c(log: str) -> int | None:
+    found = re.search(r"lookups of missing names: (\d+)", log)
     return int(found.group(1)) if found else None
 
 
@@ -346,3 +358,148 @@ def test_a_cold_read_of_a_file_opened_in_c_is_exact(stack: Stack, mounted: Mount
     with open(stack.mnt / "big", "rb", buffering=0) as f:
         _evict(stack.lowers[1] / "big")
         assert f.read() == data
+
+
+def _fill_upper(lowers: list[Path]) -> None:
+    write(lowers[0] / "lower", b"lower file")
+    os.chmod(lowers[0] / "lower", 0o644)
+    (lowers[1] / "merged").mkdir()
+    write(lowers[1] / "merged/m", b"m")
+    write(lowers[0] / "suid", b"s")
+    os.chmod(lowers[0] / "suid", 0o6755)
+    write(lowers[1] / "merged/unseen", b"u")
+    (lowers[0] / "opaque").mkdir()
+    write(lowers[0] / "opaque/hidden", b"h")
+
+
+def _upper_attributes(mnt: Path) -> list[object]:
+    """chmod, chown and utimes of files and directories in the upper layer, the way an
+    untar sets them (and the hook may answer), next to the cases it must leave to the
+    daemon: a lower file (a copy-up), setuid bits a chown drops, a file unlinked or
+    renamed while open, a chown by an ordinary user, a truncate. The lower layers are
+    checked untouched."""
+    base = mnt.parent
+
+    def seen(rel: str, st: os.stat_result | None = None) -> tuple[object, ...]:
+        st = st if st is not None else os.lstat(mnt / rel)
+        top = os.lstat(base / "upper" / rel)
+        return (rel, oct(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                st.st_atime_ns == top.st_atime_ns, st.st_mtime_ns == top.st_mtime_ns,
+                st.st_ctime_ns == top.st_ctime_ns)  # fmt: skip
+
+    out: list[object] = []
+    lowers = _lower_states(base)
+    os.makedirs(mnt / "new/dir")
+    for i in range(3):  # the first round may go to the daemon, the next ones not
+        rel = f"new/dir/f{i}"
+        with _fd(mnt / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL) as fd:
+            os.write(fd, b"data")
+            os.fchown(fd, 1000 + i, 2000 + i)
+            os.fchmod(fd, 0o640 | (0o4000 if i == 2 else 0))
+            os.utime(fd, ns=(1_000_000_007 * i, 2_000_000_011 * i))
+        os.utime(mnt / rel, ns=(5, 6))
+        os.chmod(mnt / rel, 0o604)
+        os.chown(mnt / rel, -1, 3000)
+        os.utime(mnt / rel)  # now
+        out.append(seen(rel))
+        out.append(seen("new/dir"))
+    os.utime(mnt / "new/dir", ns=(7, 8))  # directories, in the upper and merged
+    os.chmod(mnt / "new/dir", 0o751)
+    os.chown(mnt / "new", 10, 20)
+    write(mnt / "merged/n", b"n")  # copies merged up
+    os.chmod(mnt / "merged", 0o701)
+    os.utime(mnt / "merged", ns=(9, 10))
+    out += [seen("new/dir"), seen("new"), seen("merged")]
+    for rel in ("merged/unseen", "merged/none", "new/dir/none", "new/none"):
+        out.append((rel, os.path.lexists(mnt / rel)))  # names never looked up before
+    shutil.rmtree(mnt / "opaque")
+    os.mkdir(mnt / "opaque")  # over a whiteout: opaque
+    os.stat(mnt / "opaque")
+    out.append(os.path.lexists(mnt / "opaque/hidden"))
+    _arm(mnt / "lower")  # armed for opens in the lower layer, not for SETATTR
+    os.chmod(mnt / "lower", 0o600)  # a copy-up first: the lower file stays
+    os.chmod(mnt / "lower", 0o640)
+    out.append(seen("lower"))
+    for mode in (0o6755, 0o2755, 0o2745):  # what a chown by root drops
+        os.chmod(mnt / "suid", mode)
+        os.chown(mnt / "suid", 5, 5)
+        out.append(seen("suid"))
+    with _fd(mnt / "new/dir/f0") as fd:  # unlinked while open: the open file
+        os.unlink(mnt / "new/dir/f0")
+        os.fchmod(fd, 0o611)
+        os.utime(fd, ns=(11, 12))
+        st = os.fstat(fd)
+        out.append((oct(st.st_mode), st.st_nlink, st.st_atime_ns, st.st_mtime_ns))
+    with _fd(mnt / "new/dir/f1") as fd:  # renamed while open
+        os.rename(mnt / "new/dir/f1", mnt / "new/f1")
+        os.fchmod(fd, 0o612)
+        os.chmod(mnt / "new/f1", 0o613)
+        out.append((oct(os.fstat(fd).st_mode), seen("new/f1")))
+    os.chown(mnt / "new/dir/f2", 1000, 0)
+    os.chmod(mnt / "new/dir/f2", 0o2745)  # setgid, of a group the owner is not in
+    p = mnt.parent
+    while p != p.parent:  # pytest makes its directories 0700
+        os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | 0o111)
+        p = p.parent
+    as_user = subprocess.run(  # an ordinary user: its own file, its group, another
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c",
+         "import os, sys\n"
+         "for g in (1000, 0):\n"
+         "    try: os.chown(sys.argv[1], -1, g); print(oct(os.stat(sys.argv[1]).st_mode))\n"
+         "    except OSError as e: print(e.errno)\n"
+         "os.chmod(sys.argv[1], 0o2711); print('chmod')\n",
+         os.fspath(mnt / "new/dir/f2")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    out += [as_user.stdout, seen("new/dir/f2")]
+    os.truncate(mnt / "new/dir/f2", 2)
+    out.append(seen("new/dir/f2"))
+    out.append(lowers == _lower_states(base))
+    return out
+
+
+def _lower_states(base: Path) -> list[tuple[int, ...]]:
+    return [
+        (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns)
+        for st in (os.lstat(base / p) for p in ("l0/lower", "l0/suid", "l1/merged"))
+    ]
+
+
+def test_attributes_set_in_the_upper_layer_are_the_kernel_overlays(tmp_path: Path) -> None:
+    u, k = twins(tmp_path, _fill_upper, n_lowers=2)
+    results = {}
+    for twin in (u, k):
+        with twin.mount() as mnt:
+            results[twin.kind] = _upper_attributes(mnt)
+    assert results["unionfs"] == results["kernel"]
+
+
+@pytest.mark.parametrize("how", ["plain", "debug"])
+def test_an_untars_setattrs_and_directory_getattrs_are_answered_in_c(
+    stack: Stack, mounted: Mounted, tmp_path: Path, how: str
+) -> None:
+    """tar -x as root looks up each name, creates the file and sets its owner, mode
+    and times; the hook answers all but the CREATE: the LOOKUP in a directory only
+    in the upper layer, the SETATTRs, and the GETATTRs of the directory."""
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        write(src / f"d{i % 4}" / f"f{i}", b"x" * i)
+        os.chown(src / f"d{i % 4}" / f"f{i}", i, i)
+    subprocess.run(["tar", "-cf", tmp_path / "t.tar", "-C", src, "."], check=True)
+    um = mounted(**watched(how, tmp_path))
+    subprocess.run(["tar", "-xf", tmp_path / "t.tar", "-C", stack.mnt], check=True)
+    for i in range(40):
+        st = os.stat(stack.mnt / f"d{i % 4}" / f"f{i}")
+        assert (st.st_uid, st.st_size) == (i, i)
+    assert um.unmount() == 0
+    log = um.log()
+    setattrs, getattrs, misses = _setattrs_in_c(log), _getattrs_in_c(log), _misses_in_c(log)
+    if not hook_enabled():
+        assert setattrs is None
+    elif how == "plain":
+        assert setattrs is not None and setattrs >= 80, setattrs
+        assert getattrs is not None and getattrs >= 30, getattrs
+        assert misses is not None and misses >= 30, misses
+    else:
+        assert (setattrs, getattrs, misses) == (0, 0, 0)

@@ -143,12 +143,13 @@ def reads_served(hook: ModuleType | None) -> int:
     return hook.reads_served() if hook is not None else 0
 
 
-def opens_served(hook: ModuleType | None) -> tuple[int, int]:
-    """How many OPENs and GETATTRs the hook answered itself (csrc/opens.c)."""
+def opens_served(hook: ModuleType | None) -> tuple[int, int, int, int]:
+    """How many OPENs, GETATTRs, SETATTRs and LOOKUPs of missing names the hook
+    answered itself (csrc/opens.c)."""
     if hook is None or not feature_active(hook, "opens"):
-        return 0, 0
-    opens, attrs = hook.opens_served()
-    return int(opens), int(attrs)
+        return 0, 0, 0, 0
+    opens, attrs, setattrs, misses = hook.opens_served()
+    return int(opens), int(attrs), int(setattrs), int(misses)
 
 
 def in_runs(hook: ModuleType | None) -> tuple[int, int]:

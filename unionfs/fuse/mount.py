@@ -457,7 +457,10 @@ def serve(
     if counts:  # make bench reads this line (daemon CPU per request)
         log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
         log.info("reads answered in C: %d", hook.reads_served(fusehook))
-        log.info("opens answered in C: %d, getattrs: %d", *hook.opens_served(fusehook))
+        log.info(
+            "opens answered in C: %d, getattrs: %d, setattrs: %d, lookups of missing names: %d",
+            *hook.opens_served(fusehook),
+        )
         log.info("requests read in runs of C answers: %d, waited for: %d", *hook.in_runs(fusehook))
     log.info("unmounted %s", setup.mountpoint)
     return 0

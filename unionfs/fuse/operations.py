@@ -146,7 +146,7 @@ def _guard(fn: Callable[..., Awaitable[Any]], answer: bool) -> Callable[..., Awa
             if busy is not None:
                 busy[0] -= 1
             if changes:
-                c_opens.changing -= 1  # type: ignore[union-attr]
+                c_opens.change_ends()  # type: ignore[union-attr]
             if token is not None:
                 tracing.CURRENT.reset(token)
 
@@ -158,6 +158,11 @@ def opens_to_change(flags: int) -> bool:
     return wants_write(flags) or bool(flags & os.O_TRUNC)
 
 
+# How many nodes' attributes wait for the changes in progress to end (``_COpens``);
+# beyond that they are not armed (many changes at once: an untar in parallel).
+_ARM_LATER_MAX = 1024
+
+
 class _COpens:
     """Read-only opens of lower files answered by the C hook (csrc/opens.c).
 
@@ -167,7 +172,14 @@ class _COpens:
     arms only while no request that may change the layers is in progress
     (``changing``); when one starts it disarms every inode and claims every handle
     (a copy-up moves the open files of its inode): an armed inode's data is where it
-    was armed. A node dropped is disarmed."""
+    was armed. A node dropped is disarmed.
+
+    The attributes of directories and of files in the upper layer are armed likewise
+    (GETATTR, SETATTR in the upper layer, LOOKUP of missing names in a directory that
+    is only there) whenever the daemon gives them; asked
+    while a change is in progress, they are armed once the last one has ended, from
+    where the node is then (an untar's new file and its directory, for the requests
+    that follow its CREATE)."""
 
     def __init__(self, fusehook: ModuleType, ops: Operations) -> None:
         self._hook = fusehook
@@ -178,15 +190,18 @@ class _COpens:
         self._unclaimed = fusehook.unclaimed
         self._arm = fusehook.arm
         self._arm_dir = fusehook.arm_dir
+        self._arm_upper = fusehook.arm_upper
         self.on = False
-        self.dirs = False  # GETATTR of directories too (owners shown as stored)
+        self.attrs = False  # attributes too (owners shown as stored)
+        self._later: dict[int, Node] = {}  # attributes to arm once the changes end
 
     def configure(self, on: bool) -> None:
         # GETATTR of an armed inode too, when its attributes are the lower file's own.
         attrs = self._ops.ids.identity
         self.claim_all()
-        self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT))
-        self.dirs = self.on and attrs
+        self._later.clear()
+        self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT, ENTRY_TIMEOUT))
+        self.attrs = self.on and attrs
 
     def change_starts(self) -> None:
         """A request that may change the layers starts (``changing`` counts it; the
@@ -195,6 +210,18 @@ class _COpens:
         self._disarm_all()
         if self._unclaimed():
             self.claim_all()
+
+    def change_ends(self) -> None:
+        """The request that ``change_starts`` counted has ended: when it was the last
+        one, arm the attributes asked for meanwhile, of the nodes still in the table."""
+        self.changing -= 1
+        if self.changing or not self._later:
+            return
+        later, self._later = self._later, {}
+        find = self._ops.table.find
+        for ino, node in later.items():
+            if find(ino) is node:
+                self.arm_attrs(node)
 
     def claim(self, fh: int) -> None:
         """Take over the handle *fh* if the hook answered its open (``Files.claim``)."""
@@ -225,12 +252,24 @@ class _COpens:
         if self.on and self.changing == 0:
             self._arm(node.ino, *fd_layer_path)
 
-    def arm_dir(self, node: Node, nlink_one: bool) -> None:
-        """After the daemon gave the attributes of the directory *node*: its next
-        GETATTRs are answered in C, from its topmost part."""
-        if self.dirs and self.changing == 0 and node.parent is not None:
-            place = node.place
-            self._arm_dir(node.ino, place.layer.root_fd, place.path, nlink_one)
+    def arm_attrs(self, node: Node) -> None:
+        """After the daemon gave the attributes of *node*: the next GETATTRs of a
+        directory, or of a regular file in the upper layer, are answered in C from its
+        topmost part, and their SETATTRs in the upper layer too."""
+        if not self.attrs or node.parent is None:
+            return
+        if self.changing:
+            if len(self._later) < _ARM_LATER_MAX:
+                self._later[node.ino] = node
+            return
+        place = node.place
+        writable = place.layer.writable and not self._ops.union.readonly
+        if node.kind == stat.S_IFDIR:
+            one = self._ops.union.nlink_is_one(node)
+            sole = not node.lowers  # nothing below: a missing name is missing
+            self._arm_dir(node.ino, place.layer.root_fd, place.path, one, writable, sole)
+        elif node.kind == stat.S_IFREG and writable and not node.metacopy:
+            self._arm_upper(node.ino, place.layer.root_fd, place.path)
 
 
 def no_reply_boundary(fn: F) -> F:
@@ -423,10 +462,9 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
-        one = self.union.nlink_is_one(node)
-        e.st_nlink = 1 if one else st.st_nlink
-        if self.c_opens is not None and node.kind == stat.S_IFDIR:
-            self.c_opens.arm_dir(node, one)  # its next GETATTRs are answered in C
+        e.st_nlink = self.union.shown_nlink(node, st)
+        if self.c_opens is not None:
+            self.c_opens.arm_attrs(node)  # its next GETATTRs may be answered in C
         ids = self.ids
         if ids.identity:
             e.st_uid = st.st_uid
@@ -478,6 +516,9 @@ class Operations(pyfuse3.Operations):
         finally:
             for parent in parents:
                 self.cookies.names_changed(parent)
+                if self.c_opens is not None:
+                    # The kernel asks for their attributes again (their times moved).
+                    self.c_opens.arm_attrs(parent)
 
     def _reply_entry(self, node: Node, st: os.stat_result | None = None) -> EntryAttributes:
         """An entry reply, which gives the kernel a reference to *node*."""

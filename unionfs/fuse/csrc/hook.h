@@ -69,4 +69,8 @@ extern int requests_answered;
 /* opens.c: close a handle answered there and not claimed; 0 when fh is not one. */
 int opens_release(uint64_t fh);
 
+/* Whether the request being dispatched asks the daemon to drop setuid/setgid
+   (killpriv.c; always 0 without KILLPRIV_V2). */
+int killpriv_asked(void);
+
 #endif

@@ -103,6 +103,11 @@ static void peek(const struct fuse_buf *buf)
     }
 }
 
+int killpriv_asked(void)
+{
+    return last_kill;
+}
+
 static PyObject *configure_killpriv(PyObject *self, PyObject *arg)
 {
     int on = PyObject_IsTrue(arg);

@@ -40,6 +40,20 @@
  * directory). The kernel asks after every listing of a directory (its atime may
  * have moved), so a walk of a tree read before sends one per directory.
  *
+ * Files and directories whose topmost part is in the writable upper layer are
+ * armed for SETATTR too (and never for OPEN: their data may change under a
+ * cache). A chmod, a chown by root and a utimes of such an inode need no copy-up,
+ * and the daemon's answer is then only the same call on the real inode and its
+ * new stat; an untar sends three of them per file. The kernel asks for setuid
+ * and setgid to be dropped with every chown (killpriv.c); root's chown, made by
+ * the daemon as root, drops just what the daemon drops for root. Anything else
+ * goes to the daemon: a truncate, any other wish to drop setuid/setgid, a chown
+ * by anyone but root (the daemon knows the caller's groups), and every failure,
+ * which it repeats and answers in its own words. A directory that is only in the
+ * upper layer (no lower part, or opaque) is armed for LOOKUP of missing names too:
+ * the answer is then a negative entry, as the daemon's (an untar looks up each
+ * name before it creates it).
+ *
  * Handles made here have the top bit of their low half set; the daemon's never
  * do (unionfs.overlay.files), so the two never meet.
  */
@@ -69,10 +83,23 @@
 
 struct armed {
     int dirfd;      /* the layer's root (O_PATH), owned by the Python side */
-    int dir;        /* a directory: GETATTR only */
+    int dir;        /* a directory: no OPEN */
     int nlink_one;  /* a directory shown with nlink 1 */
+    int upper;      /* in the writable upper layer: SETATTR, and no OPEN */
+    int sole;       /* a directory only there (no lower part): LOOKUP of a missing name */
     char path[];    /* below it */
 };
+
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+/* What a SETATTR answered here may set (with the handle and lock owner, unused),
+   and what it must set at least one of. */
+#define SETATTR_SOME                                                                         \
+    (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_ATIME |     \
+     FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)
+#define SETATTR_KILL (FUSE_SET_ATTR_KILL_SUID | FUSE_SET_ATTR_KILL_SGID)
+#define SETATTR_HERE (SETATTR_SOME | SETATTR_KILL | FUSE_SET_ATTR_CTIME)
 
 struct handle {
     uint64_t ino;
@@ -81,13 +108,18 @@ struct handle {
 
 static void (*inner_open)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*inner_getattr)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static void (*inner_lookup)(fuse_req_t, fuse_ino_t, const char *);
+static void (*inner_setattr)(fuse_req_t, fuse_ino_t, struct stat *, int,
+                             struct fuse_file_info *);
 static int wrapped, on;
 static int attrs_here;      /* configure_opens(on, attr_timeout): GETATTR too */
-static double attr_timeout; /* what the daemon gives with its attributes */
+static double attr_timeout;  /* what the daemon gives with its attributes */
+static double entry_timeout; /* and with a negative entry */
 static struct u64map armed;   /* ino -> struct armed * */
 static struct u64map handles; /* fh -> struct handle *: answered here, not claimed */
 static uint64_t next_fh;
-static unsigned long long opens_served, attrs_served;
+static int no_fchmodat2; /* the kernel has none (before 6.6): modes go to the daemon */
+static unsigned long long opens_served, attrs_served, setattrs_served, misses_served;
 
 static int open_armed(const struct armed *a, int flags)
 {
@@ -105,34 +137,145 @@ static int open_armed(const struct armed *a, int flags)
     return (int)syscall(SYS_openat2, a->dirfd, a->path, &how, sizeof(how));
 }
 
-static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+/* An O_PATH fd of the armed inode, checked to be of its kind, and its stat; -1 when
+   it is not there as armed (a symlink on the way, another kind of file). */
+static int path_armed(const struct armed *a, struct stat *st)
 {
-    const struct armed *a;
     struct open_how how;
-    struct stat st;
-    int fd, res;
-    if (!on || !attrs_here ||
-        (a = (const struct armed *)(uintptr_t)u64map_get(&armed, ino, 0)) == NULL)
-        goto python;
+    int fd;
     memset(&how, 0, sizeof(how));
     how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     fd = (int)syscall(SYS_openat2, a->dirfd, a->path, &how, sizeof(how));
     if (fd < 0)
-        goto python;
-    res = fstat(fd, &st);
-    close(fd);
-    if (res < 0 || (a->dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)))
-        goto python;
+        return -1;
+    if (fstat(fd, st) < 0 || (a->dir ? !S_ISDIR(st->st_mode) : !S_ISREG(st->st_mode))) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void reply_attr(fuse_req_t req, fuse_ino_t ino, const struct armed *a, struct stat *st)
+{
     if (a->nlink_one)
-        st.st_nlink = 1;
-    st.st_ino = ino;
-    fuse_reply_attr(req, &st, attr_timeout);
+        st->st_nlink = 1;
+    st->st_ino = ino;
+    fuse_reply_attr(req, st, attr_timeout);
     requests_answered = 1;
+}
+
+static const struct armed *armed_attrs(fuse_ino_t ino)
+{
+    if (!on || !attrs_here)
+        return NULL;
+    return (const struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
+}
+
+static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    const struct armed *a = armed_attrs(ino);
+    struct stat st;
+    int fd;
+    if (a == NULL || (fd = path_armed(a, &st)) < 0) {
+        inner_getattr(req, ino, fi);
+        return;
+    }
+    close(fd);
+    reply_attr(req, ino, a, &st);
     attrs_served++;
+}
+
+/* LOOKUP in a directory that is only in the upper layer: a name not there is not in
+   the merged view either (nothing below to find, or to hide with a whiteout), and the
+   daemon's answer is a negative entry. Anything found goes to the daemon, which makes
+   its node; so does any error. */
+static void hook_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    const struct armed *a = armed_attrs(parent);
+    struct fuse_entry_param e;
+    struct stat st;
+    int fd, res;
+    if (a == NULL || !a->sole || (fd = path_armed(a, &st)) < 0)
+        goto python;
+    res = fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW);
+    close(fd);
+    if (res == 0 || errno != ENOENT)
+        goto python;
+    memset(&e, 0, sizeof(e));
+    e.entry_timeout = entry_timeout;
+    fuse_reply_entry(req, &e);
+    requests_answered = 1;
+    misses_served++;
     return;
 python:
-    inner_getattr(req, ino, fi);
+    inner_lookup(req, parent, name);
+}
+
+static struct timespec time_to_set(int to_set, int set, int now, const struct timespec *t)
+{
+    struct timespec ts = {0, UTIME_OMIT};
+    if (to_set & now)
+        ts.tv_nsec = UTIME_NOW;
+    else if (to_set & set)
+        ts = *t;
+    return ts;
+}
+
+/* The daemon's setattr of an inode in the upper layer (unionfs.overlay.files):
+   chown, chmod, then the times; 0, or -1 with errno. */
+static int set_attrs(int fd, const struct stat *attr, int to_set)
+{
+    if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+        uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
+        gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
+        if (fchownat(fd, "", uid, gid, AT_EMPTY_PATH) < 0)
+            return -1;
+    }
+    if ((to_set & FUSE_SET_ATTR_MODE) &&
+        syscall(SYS_fchmodat2, fd, "", attr->st_mode & 07777, AT_EMPTY_PATH) < 0) {
+        if (errno == ENOSYS)
+            no_fchmodat2 = 1;
+        return -1;
+    }
+    if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+                  FUSE_SET_ATTR_MTIME_NOW)) {
+        struct timespec ts[2];
+        ts[0] = time_to_set(to_set, FUSE_SET_ATTR_ATIME, FUSE_SET_ATTR_ATIME_NOW, &attr->st_atim);
+        ts[1] = time_to_set(to_set, FUSE_SET_ATTR_MTIME, FUSE_SET_ATTR_MTIME_NOW, &attr->st_mtim);
+        if (utimensat(fd, "", ts, AT_EMPTY_PATH) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void hook_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                         struct fuse_file_info *fi)
+{
+    const struct armed *a = armed_attrs(ino);
+    int owners = to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID);
+    struct stat st;
+    int fd, res;
+    if (a == NULL || !a->upper || (to_set & ~SETATTR_HERE) || !(to_set & SETATTR_SOME) ||
+        ((to_set & FUSE_SET_ATTR_MODE) && no_fchmodat2))
+        goto python;
+    /* A chown by root: the daemon's own chown (as root) drops what the kernel asks
+       it to drop with one, as the daemon does for root. Any other kill is its work. */
+    if (owners ? fuse_req_ctx(req)->uid != 0 : (killpriv_asked() || (to_set & SETATTR_KILL)))
+        goto python;
+    if ((fd = path_armed(a, &st)) < 0)
+        goto python;
+    res = set_attrs(fd, attr, to_set);
+    if (res == 0)
+        res = fstat(fd, &st);
+    close(fd);
+    if (res < 0)
+        goto python; /* the daemon tries again, and says what went wrong its own way */
+    reply_attr(req, ino, a, &st);
+    setattrs_served++;
+    return;
+python:
+    inner_setattr(req, ino, attr, to_set, fi);
 }
 
 static uint64_t new_handle(void)
@@ -152,7 +295,7 @@ static void hook_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (!on || (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & (O_TRUNC | O_CREAT)))
         goto python;
     a = (const struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
-    if (a == NULL || a->dir || (h = malloc(sizeof(*h))) == NULL)
+    if (a == NULL || a->dir || a->upper || (h = malloc(sizeof(*h))) == NULL)
         goto python;
     h->fd = open_armed(a, fi->flags);
     if (h->fd < 0) {
@@ -202,12 +345,17 @@ int opens_release(uint64_t fh)
 
 static int wrap(struct fuse_lowlevel_ops *ops)
 {
-    if (ops->open == NULL || ops->getattr == NULL)
+    if (ops->open == NULL || ops->getattr == NULL || ops->setattr == NULL ||
+        ops->lookup == NULL)
         return -1;
     inner_open = ops->open;
     ops->open = hook_open;
     inner_getattr = ops->getattr;
     ops->getattr = hook_getattr;
+    inner_setattr = ops->setattr;
+    ops->setattr = hook_setattr;
+    inner_lookup = ops->lookup;
+    ops->lookup = hook_lookup;
     wrapped = 1;
     return 0;
 }
@@ -222,13 +370,13 @@ static void drop(uint64_t ino)
 }
 
 static PyObject *arm_as(unsigned long long ino, int dirfd, const char *path, Py_ssize_t len,
-                        int dir, int nlink_one)
+                        int dir, int nlink_one, int upper, int sole)
 {
     struct armed *a;
     if (!on || len == 0 || (size_t)len != strlen(path)) /* the root, or a NUL in the name */
         Py_RETURN_FALSE;
-    if (dir && !attrs_here)
-        Py_RETURN_FALSE; /* a directory is armed for its GETATTR only */
+    if ((dir || upper) && !attrs_here)
+        Py_RETURN_FALSE; /* armed for its attributes only */
     drop(ino);
     a = malloc(sizeof(*a) + (size_t)len + 1);
     if (a == NULL)
@@ -236,6 +384,8 @@ static PyObject *arm_as(unsigned long long ino, int dirfd, const char *path, Py_
     a->dirfd = dirfd;
     a->dir = dir;
     a->nlink_one = nlink_one;
+    a->upper = upper;
+    a->sole = sole;
     memcpy(a->path, path, (size_t)len + 1);
     if (u64map_put(&armed, ino, (uint64_t)(uintptr_t)a) < 0) {
         free(a);
@@ -253,19 +403,32 @@ static PyObject *arm(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "Kiy#", &ino, &dirfd, &path, &len))
         return NULL;
-    return arm_as(ino, dirfd, path, len, 0, 0);
+    return arm_as(ino, dirfd, path, len, 0, 0, 0, 0);
+}
+
+static PyObject *arm_upper(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int dirfd;
+    const char *path;
+    Py_ssize_t len;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kiy#", &ino, &dirfd, &path, &len))
+        return NULL;
+    return arm_as(ino, dirfd, path, len, 0, 0, 1, 0);
 }
 
 static PyObject *arm_dir(PyObject *self, PyObject *args)
 {
     unsigned long long ino;
-    int dirfd, nlink_one;
+    int dirfd, nlink_one, upper, sole;
     const char *path;
     Py_ssize_t len;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Kiy#p", &ino, &dirfd, &path, &len, &nlink_one))
+    if (!PyArg_ParseTuple(args, "Kiy#ppp", &ino, &dirfd, &path, &len, &nlink_one, &upper,
+                          &sole))
         return NULL;
-    return arm_as(ino, dirfd, path, len, 1, nlink_one);
+    return arm_as(ino, dirfd, path, len, 1, nlink_one, upper, upper && sole);
 }
 
 static PyObject *disarm(PyObject *self, PyObject *arg)
@@ -370,12 +533,13 @@ static PyObject *unclaimed(PyObject *self, PyObject *unused)
 static PyObject *configure_opens(PyObject *self, PyObject *args)
 {
     int want, attrs;
-    double timeout;
+    double timeout, entries;
     (void)self;
-    if (!PyArg_ParseTuple(args, "ppd", &want, &attrs, &timeout))
+    if (!PyArg_ParseTuple(args, "ppdd", &want, &attrs, &timeout, &entries))
         return NULL;
     attrs_here = attrs;
     attr_timeout = timeout;
+    entry_timeout = entries;
     on = want && wrapped;
     if (!on)
         drop_all();
@@ -386,7 +550,7 @@ static PyObject *opens_served_here(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(KK)", opens_served, attrs_served);
+    return Py_BuildValue("(KKKK)", opens_served, attrs_served, setattrs_served, misses_served);
 }
 
 static PyMethodDef methods[] = {
@@ -394,8 +558,14 @@ static PyMethodDef methods[] = {
      "arm(ino, dirfd, path): answer read-only opens of ino here, by opening path below "
      "dirfd; False when opens are not answered here."},
     {"arm_dir", arm_dir, METH_VARARGS,
-     "arm_dir(ino, dirfd, path, nlink_one): answer GETATTR of the directory ino here, from "
-     "path below dirfd (with nlink 1 if nlink_one); False when not answered here."},
+     "arm_dir(ino, dirfd, path, nlink_one, upper, sole): answer GETATTR of the directory "
+     "ino here, from path below dirfd (with nlink 1 if nlink_one); with upper (dirfd is "
+     "the writable upper layer) its SETATTR too, and with sole (it has no lower part) "
+     "LOOKUP of names it does not hold; False when not answered here."},
+    {"arm_upper", arm_upper, METH_VARARGS,
+     "arm_upper(ino, dirfd, path): answer GETATTR and SETATTR of the regular file ino, "
+     "whose topmost part is path below dirfd, the writable upper layer, here; False when "
+     "not answered here."},
     {"disarm", disarm, METH_O, "disarm(ino): opens of ino go to Python again."},
     {"disarm_all", disarm_all, METH_NOARGS, "Every open goes to Python until armed again."},
     {"armed_count", armed_count, METH_NOARGS, "How many inodes are armed."},
@@ -405,11 +575,13 @@ static PyMethodDef methods[] = {
     {"claim_all", claim_all, METH_NOARGS, "claim() of every handle answered here."},
     {"unclaimed", unclaimed, METH_NOARGS, "How many handles answered here are not claimed."},
     {"configure_opens", configure_opens, METH_VARARGS,
-     "configure_opens(on, attrs, attr_timeout): answer opens of armed inodes here (off: "
-     "disarm all), and with attrs their GETATTR, valid for attr_timeout; returns whether "
+     "configure_opens(on, attrs, attr_timeout, entry_timeout): answer opens of armed "
+     "inodes here (off: disarm all), and with attrs their GETATTR, valid for attr_timeout, "
+     "and the rest armed for (negative entries valid for entry_timeout); returns whether "
      "opens are."},
     {"opens_served", opens_served_here, METH_NOARGS,
-     "How many OPENs and GETATTRs were answered here: (opens, getattrs)."},
+     "How many OPENs, GETATTRs, SETATTRs and LOOKUPs (of missing names) were answered "
+     "here: (opens, getattrs, setattrs, lookups)."},
     {NULL, NULL, 0, NULL},
 };
 
