@@ -568,6 +568,11 @@ class Operations(pyfuse3.Operations):
             # The kernel asks for a kill with every chown, whoever calls; as the VFS
             # does, root keeps a setgid bit without group-exec.
             kill = self._kill_by(ctx.gid, ctx.pid, root=ctx.uid == 0)
+        elif not self._killpriv and (fields.update_uid or fields.update_gid) and ctx.uid != 0:
+            # Without KILLPRIV_V2 the kernel drops setgid before a chown only with
+            # group-exec; the VFS also drops it when the caller is not in the file's
+            # group, and the daemon's own chown (as root) would keep it.
+            kill = self._kill_by(ctx.gid, ctx.pid)
         change = Change(
             kill=kill,
             size=attr.st_size if fields.update_size else None,

@@ -195,12 +195,12 @@ static void hook_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     const struct armed *a = armed_attrs(parent);
     struct fuse_entry_param e;
     struct stat st;
-    int fd, res;
+    int fd, missing;
     if (a == NULL || !a->sole || (fd = path_armed(a, &st)) < 0)
         goto python;
-    res = fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW);
+    missing = fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 && errno == ENOENT;
     close(fd);
-    if (res == 0 || errno != ENOENT)
+    if (!missing)
         goto python;
     memset(&e, 0, sizeof(e));
     e.entry_timeout = entry_timeout;
