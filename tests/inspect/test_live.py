@@ -215,6 +215,22 @@ def test_privilege_bits_dropped_are_recorded(
     assert (dropped["path"], dropped["bits"], dropped["why"]) == ("suid", "setuid", "chown")
 
 
+def test_privilege_bits_a_chown_in_the_upper_layer_drops_are_recorded(
+    stack: Stack, mounted: Callable[..., UnionMount], tmp_path: Path
+) -> None:
+    """A chown of a file already in the upper layer needs no copy-up, and untraced the
+    C hook answers it (csrc/opens.c); traced, the daemon does, and records the drop."""
+    trace = tmp_path / "trace.jsonl"
+    um = mounted(extra_options=f"trace={trace}")
+    write(um.mountpoint / "suid")
+    os.chmod(um.mountpoint / "suid", 0o4755)
+    os.stat(um.mountpoint / "suid")  # its attributes given: armed, were it untraced
+    os.chown(um.mountpoint / "suid", 1000, 1000)
+    assert um.unmount() == 0
+    (dropped,) = events(trace, "privilege-dropped")
+    assert (dropped["path"], dropped["bits"], dropped["why"]) == ("suid", "setuid", "chown")
+
+
 def test_layer_errors_are_recorded(stack: Stack, tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     um = stack.mount(extra_options=f"trace={trace}", command=faulty_command("eio=bad"))

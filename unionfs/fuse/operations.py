@@ -221,7 +221,10 @@ class _COpens:
         find = self._ops.table.find
         for ino, node in later.items():
             if find(ino) is node:
-                self.arm_attrs(node)
+                try:
+                    self.arm_attrs(node)
+                except Exception:  # outside the request's boundary: never end the mount
+                    log.exception("arming the attributes of inode %d", ino)
 
     def claim(self, fh: int) -> None:
         """Take over the handle *fh* if the hook answered its open (``Files.claim``)."""
@@ -262,8 +265,12 @@ class _COpens:
             if len(self._later) < _ARM_LATER_MAX:
                 self._later[node.ino] = node
             return
+        ops = self._ops
         place = node.place
-        writable = place.layer.writable and not self._ops.union.readonly
+        writable = place.layer.writable and not ops.union.readonly
+        # The st_ino the hook shows for it must be its own now (a copy-up of a hard
+        # link gives it another), as when the daemon gives its attributes.
+        ops.report_ino(node)
         if node.kind == stat.S_IFDIR:
             one = self._ops.union.nlink_is_one(node)
             sole = not node.lowers  # nothing below: a missing name is missing
@@ -456,8 +463,7 @@ class Operations(pyfuse3.Operations):
             st = self.union.stat(node)
         e = EntryAttributes()
         e.st_ino = node.ino
-        if self._set_ino is not None and node.st_ino != self._reported.get(node.ino, node.ino):
-            self._report_ino(node)
+        self.report_ino(node)
         e.generation = node.generation
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
@@ -480,6 +486,11 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def report_ino(self, node: Node) -> None:
+        """Tell the hook which st_ino to show for *node*, if that changed."""
+        if self._set_ino is not None and node.st_ino != self._reported.get(node.ino, node.ino):
+            self._report_ino(node)
 
     def _report_ino(self, node: Node) -> None:
         """Tell the hook which st_ino to show for *node* (its id when they agree)."""

@@ -81,10 +81,9 @@ class IdMapper:
     def __init__(self, uids: IdTable, gids: IdTable) -> None:
         self.uids = uids
         self.gids = gids
-
-    @property
-    def identity(self) -> bool:
-        return self.uids.identity and self.gids.identity
+        # Asked for every attribute the daemon gives: worked out once (the tables
+        # never change after the mount starts).
+        self.identity = uids.identity and gids.identity
 
 
 IDENTITY = IdMapper(IdTable([]), IdTable([]))

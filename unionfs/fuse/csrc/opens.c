@@ -63,6 +63,7 @@
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -90,9 +91,6 @@ struct armed {
     char path[];    /* below it */
 };
 
-#ifndef SYS_fchmodat2
-#define SYS_fchmodat2 452
-#endif
 /* What a SETATTR answered here may set (with the handle and lock owner, unused),
    and what it must set at least one of. */
 #define SETATTR_SOME                                                                         \
@@ -118,7 +116,6 @@ static double entry_timeout; /* and with a negative entry */
 static struct u64map armed;   /* ino -> struct armed * */
 static struct u64map handles; /* fh -> struct handle *: answered here, not claimed */
 static uint64_t next_fh;
-static int no_fchmodat2; /* the kernel has none (before 6.6): modes go to the daemon */
 static unsigned long long opens_served, attrs_served, setattrs_served, misses_served;
 
 static int open_armed(const struct armed *a, int flags)
@@ -212,6 +209,9 @@ python:
     inner_lookup(req, parent, name);
 }
 
+/* A time to set: "now" is the upper filesystem's clock when it is set (UTIME_NOW), as
+   on the kernel overlay (the daemon sets the time the kernel sent with the request, a
+   moment earlier). */
 static struct timespec time_to_set(int to_set, int set, int now, const struct timespec *t)
 {
     struct timespec ts = {0, UTIME_OMIT};
@@ -232,11 +232,13 @@ static int set_attrs(int fd, const struct stat *attr, int to_set)
         if (fchownat(fd, "", uid, gid, AT_EMPTY_PATH) < 0)
             return -1;
     }
-    if ((to_set & FUSE_SET_ATTR_MODE) &&
-        syscall(SYS_fchmodat2, fd, "", attr->st_mode & 07777, AT_EMPTY_PATH) < 0) {
-        if (errno == ENOSYS)
-            no_fchmodat2 = 1;
-        return -1;
+    if (to_set & FUSE_SET_ATTR_MODE) {
+        /* chmod has no AT_EMPTY_PATH before fchmodat2 (6.6), which seccomp profiles may
+           refuse: through the fd's magic link, as the daemon does. */
+        char link[32];
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+        if (chmod(link, attr->st_mode & 07777) < 0)
+            return -1;
     }
     if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
                   FUSE_SET_ATTR_MTIME_NOW)) {
@@ -256,8 +258,7 @@ static void hook_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
     int owners = to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID);
     struct stat st;
     int fd, res;
-    if (a == NULL || !a->upper || (to_set & ~SETATTR_HERE) || !(to_set & SETATTR_SOME) ||
-        ((to_set & FUSE_SET_ATTR_MODE) && no_fchmodat2))
+    if (a == NULL || !a->upper || (to_set & ~SETATTR_HERE) || !(to_set & SETATTR_SOME))
         goto python;
     /* A chown by root: the daemon's own chown (as root) drops what the kernel asks
        it to drop with one, as the daemon does for root. Any other kill is its work. */
