@@ -28,24 +28,18 @@ from tests.twins import twins
 Scenario = Callable[[Path], list[object]]
 
 
-def _opens_in_c(log: str) -> int | None:
-    found = re.search(r"opens answered in C: (\d+)", log)
-    return int(found.group(1)) if found else None
+# The unmount log's count of the requests csrc/opens.c answered, by kind.
+_IN_C = re.compile(
+    r"opens answered in C: (?P<opens>\d+), getattrs: (?P<getattrs>\d+), "
+    r"setattrs: (?P<setattrs>\d+), lookups of missing names: (?P<lookups>\d+)"
+)
 
 
-def _getattrs_in_c(log: str) -> int | None:
-    found = re.search(r"opens answered in C: \d+, getattrs: (\d+)", log)
-    return int(found.group(1)) if found else None
-
-
-def _setattrs_in_c(log: str) -> int | None:
-    found = re.search(r"opens answered in C: \d+, getattrs: \d+, setattrs: (\d+)", log)
-    return int(found.group(1)) if found else None
-
-
-def _misses_in_c(log: str) -> int | None:
-    found = re.search(r"lookups of missing names: (\d+)", log)
-    return int(found.group(1)) if found else None
+def _in_c(log: str, kind: str) -> int | None:
+    """How many requests of *kind* (opens, getattrs, setattrs, lookups of missing names)
+    the hook answered; None when the daemon logged no such count (no hook)."""
+    found = _IN_C.search(log)
+    return int(found.group(kind)) if found else None
 
 
 @contextlib.contextmanager
@@ -74,7 +68,7 @@ def test_read_only_opens_of_lower_files_are_answered_in_c_unless_requests_are_wa
         _evict(stack.mnt / "f")  # the next read asks the daemon, then the kernel asks getattr
         assert os.stat(stack.mnt / "f").st_size == 10
     assert um.unmount() == 0
-    served, attrs = _opens_in_c(um.log()), _getattrs_in_c(um.log())
+    served, attrs = _in_c(um.log(), "opens"), _in_c(um.log(), "getattrs")
     if not hook_enabled():
         assert served is None
     elif how == "plain":
@@ -147,7 +141,7 @@ def test_the_opens_that_run_a_program_are_answered_in_c(stack: Stack, mounted: M
     for _ in range(10):
         subprocess.run([stack.mnt / "bin/true"], check=True, timeout=30)
     assert um.unmount() == 0
-    served = _opens_in_c(um.log())
+    served = _in_c(um.log(), "opens")
     if hook_enabled():
         assert served is not None and served >= 8
     else:
@@ -341,7 +335,7 @@ def test_getattr_of_directories_listed_before_is_answered_in_c(
             os.listdir(stack.mnt / f"d{i}")
             assert os.stat(stack.mnt / f"d{i}").st_nlink == 2
     assert um.unmount() == 0
-    attrs = _getattrs_in_c(um.log())
+    attrs = _in_c(um.log(), "getattrs")
     if not hook_enabled():
         assert attrs is None
     elif how == "plain":
@@ -476,7 +470,7 @@ def test_attributes_set_in_the_upper_layer_are_the_kernel_overlays(tmp_path: Pat
         assert _upper_attributes(u.mnt) == expected
     finally:
         assert um.unmount() == 0
-    setattrs, misses = _setattrs_in_c(um.log()), _misses_in_c(um.log())
+    setattrs, misses = _in_c(um.log(), "setattrs"), _in_c(um.log(), "lookups")
     if hook_enabled():
         assert setattrs is not None and setattrs >= 10, setattrs
         assert misses is not None and misses >= 3, misses
@@ -502,7 +496,11 @@ def test_an_untars_setattrs_and_directory_getattrs_are_answered_in_c(
         assert (st.st_uid, st.st_size) == (i, i)
     assert um.unmount() == 0
     log = um.log()
-    setattrs, getattrs, misses = _setattrs_in_c(log), _getattrs_in_c(log), _misses_in_c(log)
+    setattrs, getattrs, misses = (
+        _in_c(log, "setattrs"),
+        _in_c(log, "getattrs"),
+        _in_c(log, "lookups"),
+    )
     if not hook_enabled():
         assert setattrs is None
     elif how == "plain":

@@ -218,10 +218,13 @@ class _COpens:
         if self.changing or not self._later:
             return
         later, self._later = self._later, {}
-        find = self._ops.table.find
+        ops = self._ops
         for ino, node in later.items():
-            if find(ino) is node:
+            if ops.table.find(ino) is node:
                 try:
+                    # The st_ino the hook shows must be its own now (a copy-up of a
+                    # hard link gives it another), as when the daemon gives attributes.
+                    ops.report_ino(node)
                     self.arm_attrs(node)
                 except Exception:  # outside the request's boundary: never end the mount
                     log.exception("arming the attributes of inode %d", ino)
@@ -261,21 +264,21 @@ class _COpens:
         topmost part, and their SETATTRs in the upper layer too."""
         if not self.attrs or node.parent is None:
             return
+        is_dir = node.kind == stat.S_IFDIR
+        if not is_dir and (node.kind != stat.S_IFREG or not node.layer.writable or node.metacopy):
+            return  # a lower file (armed by its opens), or another kind: nothing here
         if self.changing:
             if len(self._later) < _ARM_LATER_MAX:
                 self._later[node.ino] = node
             return
-        ops = self._ops
+        union = self._ops.union
         place = node.place
-        writable = place.layer.writable and not ops.union.readonly
-        # The st_ino the hook shows for it must be its own now (a copy-up of a hard
-        # link gives it another), as when the daemon gives its attributes.
-        ops.report_ino(node)
-        if node.kind == stat.S_IFDIR:
-            one = self._ops.union.nlink_is_one(node)
+        if is_dir:
+            writable = place.layer.writable and not union.readonly
+            one = union.nlink_is_one(node)
             sole = not node.lowers  # nothing below: a missing name is missing
             self._arm_dir(node.ino, place.layer.root_fd, place.path, one, writable, sole)
-        elif node.kind == stat.S_IFREG and writable and not node.metacopy:
+        elif not union.readonly:
             self._arm_upper(node.ino, place.layer.root_fd, place.path)
 
 
@@ -528,7 +531,8 @@ class Operations(pyfuse3.Operations):
             for parent in parents:
                 self.cookies.names_changed(parent)
                 if self.c_opens is not None:
-                    # The kernel asks for their attributes again (their times moved).
+                    # The kernel asks for their attributes again (their times moved);
+                    # armed when the change (every names change is one) has ended.
                     self.c_opens.arm_attrs(parent)
 
     def _reply_entry(self, node: Node, st: os.stat_result | None = None) -> EntryAttributes:

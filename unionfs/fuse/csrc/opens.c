@@ -395,28 +395,28 @@ static PyObject *arm_as(unsigned long long ino, int dirfd, const char *path, Py_
     Py_RETURN_TRUE;
 }
 
-static PyObject *arm(PyObject *self, PyObject *args)
+/* arm and arm_upper: (ino, dirfd, path) of a regular file. */
+static PyObject *arm_file(PyObject *args, int upper)
 {
     unsigned long long ino;
     int dirfd;
     const char *path;
     Py_ssize_t len;
-    (void)self;
     if (!PyArg_ParseTuple(args, "Kiy#", &ino, &dirfd, &path, &len))
         return NULL;
-    return arm_as(ino, dirfd, path, len, 0, 0, 0, 0);
+    return arm_as(ino, dirfd, path, len, 0, 0, upper, 0);
+}
+
+static PyObject *arm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return arm_file(args, 0);
 }
 
 static PyObject *arm_upper(PyObject *self, PyObject *args)
 {
-    unsigned long long ino;
-    int dirfd;
-    const char *path;
-    Py_ssize_t len;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Kiy#", &ino, &dirfd, &path, &len))
-        return NULL;
-    return arm_as(ino, dirfd, path, len, 0, 0, 1, 0);
+    return arm_file(args, 1);
 }
 
 static PyObject *arm_dir(PyObject *self, PyObject *args)
