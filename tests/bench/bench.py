@@ -9,7 +9,9 @@ Usage (as root, from the repo; ``make bench [QUICK=1]`` does the same)::
 
 Method, and why:
 * Every trial gets a fresh mount and a fresh empty upper dir, so no trial
-  benefits from another's copy-ups or daemon caches.
+  benefits from another's copy-ups or daemon caches. The trees of the trials
+  that make thousands of files are removed only at the end of the run, so no
+  trial makes files where thousands were just deleted (see KEEP_GROUPS).
 * Competitors are interleaved per repetition and the order rotates
   (A B C D, then B C D A, ...), so slow drift in background load (this machine
   is shared) hits all competitors alike; ratios are taken pair by pair within a
@@ -53,7 +55,7 @@ from competitors import (  # noqa: E402
     sweep_stale_mounts,
 )
 from dataset import FULL, QUICK, Dataset, build_dataset, cache_root  # noqa: E402
-from workloads import Config, Group, groups, perl_modules_present  # noqa: E402
+from workloads import KEEP_GROUPS, KEPT, Config, Group, groups, perl_modules_present  # noqa: E402
 
 # The metacopy variants run the chown group only (W11: chown -R with metacopy=on);
 # unionfs-passthrough (-o passthrough=on) the sequential read only (W4, the option's
@@ -234,7 +236,10 @@ def run_trial(
                 kept = log_dir / f"{trial_dir.name}.log"
                 shutil.copyfile(daemon_log, kept)
                 rec["daemon_log"] = os.fspath(kept)
-            subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(trial_dir)], check=False)
+            if group.name not in KEEP_GROUPS:  # those at the end of the run
+                subprocess.run(
+                    ["rm", "-rf", "--one-file-system", os.fspath(trial_dir)], check=False
+                )
     rec["wall_s"] = round(time.perf_counter() - t0, 3)
     return rec
 
@@ -352,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = sweep_stale_mounts(run_root, ds.root)
     if stale:
         log(f"lazy-unmounted stale mounts from an earlier run: {stale}")
-    for leftover in run_root.iterdir():
-        subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(leftover)], check=False)
+    remove_kept(run_root, ds)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -363,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, ds, cfg, all_groups, group_list, run_root, stamp, code, t_start)
     finally:
         shutil.rmtree(code, ignore_errors=True)
+
+
+def remove_kept(run_root: Path, ds: Dataset) -> None:
+    """Remove the trials' trees (those of KEEP_GROUPS are kept until now) and what
+    an interrupted run left (after ``sweep_stale_mounts``: ``--one-file-system``
+    would stop at a mount still there)."""
+    for leftover in [*run_root.iterdir(), ds.root / KEPT]:
+        subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(leftover)], check=False)
 
 
 def _run(
@@ -441,6 +453,7 @@ def _run(
             left = sweep_stale_mounts(run_root, ds.root)
             if left:
                 log(f"WARNING: had to lazy-unmount {left}")
+            remove_kept(run_root, ds)
 
     names = [c.name for c in comps]
     elapsed = time.perf_counter() - t_start
