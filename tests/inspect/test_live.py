@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import Stack
 from tests.mounting import REPO, UnionMount, faulty_command, kernel_overlay, unionfs_command
 from tests.unit.conftest import is_whiteout, write
-from unionfs.fuse import state
+from unionfs.fuse import premount, state
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -94,6 +94,28 @@ def test_the_state_file_goes_with_the_mount(
         assert json.loads(path.read_text())["mountpoint"] != os.fspath(um.mountpoint)
     if state.socket_path(device).exists():
         assert state.read_state(device) is not None  # a live mount's socket
+
+
+@pytest.mark.parametrize("premounting", [True, False], ids=["premount", "libfuse-mount"])
+def test_a_runtime_directory_inside_the_mountpoint_is_not_written_to(
+    stack: Stack, mounted: Callable[..., UnionMount], premounting: bool
+) -> None:
+    """The state would be written through the mount before the daemon serves it: the
+    daemon would wait on itself, and the mount hang. It is not published; the mount
+    serves, says why, and nothing of it lands in the upper."""
+    write(stack.lowers[0] / "f", b"lower")
+    env = {
+        state.RUNDIR_ENV: os.fspath(stack.mnt / "run"),
+        premount.DISABLE_ENV: "0" if premounting else "1",
+    }
+    um = mounted(env=env)
+    # In a child with a timeout: were the daemon stuck, this is what would hang.
+    got = subprocess.run(["cat", os.fspath(stack.mnt / "f")], capture_output=True, timeout=30)
+    assert got.stdout == b"lower", got.stderr
+    assert f"the runtime directory {stack.mnt / 'run'} is inside the mountpoint" in um.log()
+    assert um.unmount() == 0
+    assert not (stack.upper / "run").exists()
+    assert not (stack.mnt / "run").exists()
 
 
 def _errno_of(action: Callable[[], object]) -> str:

@@ -19,6 +19,7 @@ from types import ModuleType
 
 from unionfs import lazylog
 from unionfs.errors import UsageError
+from unionfs.fuse import state
 from unionfs.fuse.state import unescape_mountinfo
 from unionfs.options import Options
 from unionfs.overlay import markers
@@ -43,6 +44,7 @@ class Setup:
 
     trace_path: Path | None = None  # -o trace=FILE, opened (append) before the mount
     trace_fd: int | None = None
+    publish: bool = True  # the mount's state, for the inspection tools (see check_setup)
 
     def __init__(
         self,
@@ -225,6 +227,17 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             setup.release()
             raise UsageError(f"trace file {trace}: {e.strerror}") from None
         setup.trace_path = trace
+    rundir = state.runtime_dir_in(mnt)
+    if rundir is not None:
+        # Publishing there would wait on this very mount before it serves: a hang.
+        setup.publish = False
+        log.warning(
+            "the runtime directory %s is inside the mountpoint: the mount's state is not "
+            "published, so unionfs explain, check and trace --follow will not find it "
+            "(set %s to a directory outside it)",
+            rundir,
+            state.RUNDIR_ENV,
+        )
     return setup
 
 
@@ -437,7 +450,7 @@ def serve(
         if fuse_fd is not None:
             try:
                 startup.mark("mount")
-                if setup.passthrough != "on":
+                if setup.passthrough != "on" and setup.publish:
                     # Published before the caller goes on, as when libfuse mounts: the
                     # inspection tools (and `unionfs convert`'s refusal) find the mount.
                     published = state.publish_mount(
@@ -588,7 +601,9 @@ async def _run(
     refused: UsageError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
-        await nursery.start(tracing.control, union, setup.mountpoint, setup.trace_path, trace_fd)
+        await nursery.start(
+            tracing.control, union, setup.mountpoint, setup.trace_path, trace_fd, setup.publish
+        )
         nursery.start_soon(_main, nursery.cancel_scope)
         nursery.start_soon(_release_now_and_then, ops)
         await initialized.wait()

@@ -47,6 +47,15 @@ def runtime_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"unionfs-{os.geteuid()}"
 
 
+def runtime_dir_in(mountpoint: Path) -> Path | None:
+    """The runtime directory, resolved, when it is *mountpoint* or lies below it; else
+    None. Asked before mounting (it stats the way there): a state written there would
+    wait on the mount's own daemon, which serves only after it has published it."""
+    rundir = Path(os.path.realpath(runtime_dir()))
+    mnt = Path(os.path.realpath(mountpoint))
+    return rundir if rundir == mnt or mnt in rundir.parents else None
+
+
 # -- mountinfo ---------------------------------------------------------------------
 
 

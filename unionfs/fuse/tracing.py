@@ -354,12 +354,13 @@ async def control(
     mountpoint: Path,
     trace_path: Path | None,
     trace_fd: int | None,
+    publish: bool = True,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Publish the mount's state, trace to the file and serve ``unionfs trace --follow``
-    until cancelled; then withdraw the state. Failing to publish costs only
-    the inspection tools, never the mount."""
+    """Publish the mount's state (unless not *publish*), trace to the file and serve
+    ``unionfs trace --follow`` until cancelled; then withdraw the state. Failing to
+    publish costs only the inspection tools, never the mount."""
     header: dict[str, Any] = {
         "time": round(time.time(), 6),
         "event": "trace-start",
@@ -372,7 +373,7 @@ async def control(
         ],
     }  # fmt: skip
     tracer = Tracer(union, header, trace_fd)
-    published = state.publish_mount(union.config, mountpoint, trace_path)
+    published = state.publish_mount(union.config, mountpoint, trace_path) if publish else None
     sock = os.fspath(state.socket_path(published.stem)) if published is not None else None
     try:
         async with trio.open_nursery() as nursery:
