@@ -96,26 +96,56 @@ def test_the_state_file_goes_with_the_mount(
         assert state.read_state(device) is not None  # a live mount's socket
 
 
-@pytest.mark.parametrize("premounting", [True, False], ids=["premount", "libfuse-mount"])
-def test_a_runtime_directory_inside_the_mountpoint_is_not_written_to(
-    stack: Stack, mounted: Callable[..., UnionMount], premounting: bool
+@pytest.mark.parametrize(
+    ("where", "premounting"),
+    [("mnt", True), ("mnt", False), ("upper", True), ("l2", False)],
+    ids=["mountpoint-premount", "mountpoint-libfuse", "upper", "lower"],
+)
+def test_a_runtime_directory_in_the_mount_or_a_layer_is_not_written_to(
+    stack: Stack, mounted: Callable[..., UnionMount], where: str, premounting: bool
 ) -> None:
-    """The state would be written through the mount before the daemon serves it: the
-    daemon would wait on itself, and the mount hang. It is not published; the mount
-    serves, says why, and nothing of it lands in the upper."""
+    """The state would be written through the mount before the daemon serves it (the
+    daemon waiting on itself: a hung mount), or into a layer (changing what it shows).
+    It is not published; the mount serves, says why, and no layer changes."""
     write(stack.lowers[0] / "f", b"lower")
+    place = stack.root / where
+    kind = {"mnt": "mountpoint", "upper": "upperdir", "l2": "lowerdir"}[where]
     env = {
-        state.RUNDIR_ENV: os.fspath(stack.mnt / "run"),
+        state.RUNDIR_ENV: os.fspath(place / "run"),
         premount.DISABLE_ENV: "0" if premounting else "1",
     }
     um = mounted(env=env)
     # In a child with a timeout: were the daemon stuck, this is what would hang.
     got = subprocess.run(["cat", os.fspath(stack.mnt / "f")], capture_output=True, timeout=30)
     assert got.stdout == b"lower", got.stderr
-    assert f"the runtime directory {stack.mnt / 'run'} is inside the mountpoint" in um.log()
-    assert um.unmount() == 0
-    assert not (stack.upper / "run").exists()
     assert not (stack.mnt / "run").exists()
+    assert f"the runtime directory {place / 'run'} is inside the {kind} {place}" in um.log()
+    assert um.unmount() == 0
+    for layer in [stack.upper, *stack.lowers, stack.mnt]:
+        assert not (layer / "run").exists()
+
+
+def test_a_runtime_directory_on_another_filesystem_inside_a_layer_is_used(
+    stack: Stack, mounted: Callable[..., UnionMount]
+) -> None:
+    """A filesystem mounted inside a layer is not part of it: a runtime directory there
+    is written to as anywhere else (the check above goes by filesystem, not by path)."""
+    elsewhere = stack.lowers[1] / "rt"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", os.fspath(elsewhere)], check=True)
+    try:
+        um = mounted(env={state.RUNDIR_ENV: os.fspath(elsewhere / "run")})
+        device = state.device_of(um.mountpoint)
+        assert device is not None
+        path = elsewhere / "run" / f"{device}.json"
+        deadline = time.monotonic() + 10  # published once the daemon serves requests
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert json.loads(path.read_text())["pid"] == um.pid
+        assert "runtime directory" not in um.log()
+        assert um.unmount() == 0
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(elsewhere)], check=False)
 
 
 def _errno_of(action: Callable[[], object]) -> str:

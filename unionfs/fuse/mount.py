@@ -227,15 +227,19 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             setup.release()
             raise UsageError(f"trace file {trace}: {e.strerror}") from None
         setup.trace_path = trace
-    rundir = state.runtime_dir_in(mnt)
-    if rundir is not None:
-        # Publishing there would wait on this very mount before it serves: a hang.
+    inside = state.runtime_dir_in([("mountpoint", mnt), *named])
+    if inside is not None:
+        # In the mount, publishing would wait on this very daemon before it serves (a
+        # hang); in a layer, it would change what the layer shows.
         setup.publish = False
+        rundir, kind, where = inside
         log.warning(
-            "the runtime directory %s is inside the mountpoint: the mount's state is not "
+            "the runtime directory %s is inside the %s %s: the mount's state is not "
             "published, so unionfs explain, check and trace --follow will not find it "
             "(set %s to a directory outside it)",
             rundir,
+            kind,
+            where,
             state.RUNDIR_ENV,
         )
     return setup
