@@ -227,10 +227,8 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
             setup.release()
             raise UsageError(f"trace file {trace}: {e.strerror}") from None
         setup.trace_path = trace
-    inside = state.runtime_dir_in([("mountpoint", mnt), *named])
+    inside = _runtime_dir_in([("mountpoint", mnt), *named])
     if inside is not None:
-        # In the mount, publishing would wait on this very daemon before it serves (a
-        # hang); in a layer, it would change what the layer shows.
         setup.publish = False
         rundir, kind, where = inside
         log.warning(
@@ -254,6 +252,22 @@ def id_mapper(opts: Options) -> IdMapper:
         opts.squash_gid if opts.squash_gid is not None else (0 if opts.squash_root else None)
     )
     return IdMapper(IdTable(opts.uid_map, squash_uid), IdTable(opts.gid_map, squash_gid))
+
+
+def _runtime_dir_in(places: list[tuple[str, Path]]) -> tuple[Path, str, Path] | None:
+    """The runtime directory (resolved), with the first of *places* (kind, path; the
+    mountpoint first) it lies in; None when in none. Asked before mounting: it stats
+    the way there. A state written in the mount would wait on this very daemon before
+    it serves (a hang); in a layer, it would change what the layer shows, unless on
+    another filesystem mounted there."""
+    rundir = Path(os.path.realpath(state.runtime_dir()))
+    existing = rundir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    for i, (kind, where) in enumerate(places):
+        if _inside(rundir, where) and (i == 0 or os.stat(existing).st_dev == os.stat(where).st_dev):
+            return rundir, kind, where
+    return None
 
 
 def _trace_path(raw: str, mnt: Path, named: list[tuple[str, Path]]) -> Path:
@@ -423,7 +437,7 @@ def serve(
     (``premount``), and *ready* is called then, unless ``passthrough=on`` may
     still refuse the mount once the kernel's INIT is answered."""
     from unionfs import startup
-    from unionfs.fuse import hook, premount, state
+    from unionfs.fuse import hook, premount
     from unionfs.overlay.union import Union
 
     os.umask(0)  # modes of new files are computed per request (caller's umask)

@@ -47,24 +47,6 @@ def runtime_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"unionfs-{os.geteuid()}"
 
 
-def runtime_dir_in(places: list[tuple[str, Path]]) -> tuple[Path, str, Path] | None:
-    """The runtime directory, resolved, with the first of *places* (kind, resolved
-    path; the mountpoint first) it is or lies in; None when in none. Asked before
-    mounting (it stats the way there). A state written in the mountpoint would wait on
-    the mount's own daemon, which serves only after it has published it; one written
-    in a layer would change what the layer shows (unless on another filesystem
-    mounted there)."""
-    rundir = Path(os.path.realpath(runtime_dir()))
-    existing = rundir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    for i, (kind, where) in enumerate(places):
-        inside = rundir == where or where in rundir.parents
-        if inside and (i == 0 or os.stat(existing).st_dev == os.stat(where).st_dev):
-            return rundir, kind, where
-    return None
-
-
 # -- mountinfo ---------------------------------------------------------------------
 
 
