@@ -21,6 +21,7 @@ system-deps:
 	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
 	pkg-config --exists fuse3 2>/dev/null || missing="$$missing libfuse3-dev pkg-config"; \
 	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
 	if [ "$(LIBFUSE)" = 3.17 ]; then \
 		command -v meson >/dev/null 2>&1 || missing="$$missing meson"; \

@@ -86,6 +86,15 @@ def _limits(args: argparse.Namespace) -> Limits:
     return Limits(args.max_layer_size, args.max_entries)
 
 
+def _sync_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="flush the unpacked data to disk before the directory gets its name "
+        "(like tar -x, the default leaves that to the kernel)",
+    )
+
+
 def _cache_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache",
@@ -147,6 +156,7 @@ def _image(argv: list[str]) -> int:
     )
     u.add_argument("image", metavar="IMAGE")
     u.add_argument("dest", metavar="DIR")
+    _sync_option(u)
     _limit_options(u)
 
     la = sub.add_parser(
@@ -186,18 +196,18 @@ def _image_unpack(args: argparse.Namespace) -> int:
             def unpack(fd: int, layer: LayerRef = layer) -> object:
                 return unpack_layer(layer, fd, layer_label(layer, n), _limits(args), progress)
 
-            _unpack_atomically(final, unpack)
+            _unpack_atomically(final, unpack, args.sync)
             dirs.append(final)
     print("lowerdir=" + ":".join(escape_path(os.fspath(d)) for d in reversed(dirs)))
     return 0
 
 
-def _unpack_atomically(final: Path, unpack: Callable[[int], T]) -> T:
+def _unpack_atomically(final: Path, unpack: Callable[[int], T], sync: bool) -> T:
     """Unpack into a temporary sibling of *final* (which may be an empty directory),
-    then rename it into place."""
+    then rename it into place; with *sync*, once its data is on disk."""
     from unionfs.image.cache import unpack_into
 
-    result, published = unpack_into(final, final.parent, f".{final.name}.", unpack, True)
+    result, published = unpack_into(final, final.parent, f".{final.name}.", unpack, True, sync)
     if not published:
         raise ImageError(f"{final}: made by someone else while unpacking")
     return result
@@ -329,6 +339,7 @@ def _layer(argv: list[str]) -> int:
     i.add_argument("layer", metavar="LAYER")
     i.add_argument("dest", metavar="DIR")
     i.add_argument("--json", action="store_true")
+    _sync_option(i)
     _limit_options(i)
     args = p.parse_args(argv)
     return _layer_import(args)
@@ -351,7 +362,9 @@ def _layer_import(args: argparse.Namespace) -> int:
         size = os.fstat(f.fileno()).st_size
         label = os.path.basename(args.layer)
         got = _unpack_atomically(
-            dest, lambda fd: unpack_blob(f, fd, label, _limits(args), Progress(), size)
+            dest,
+            lambda fd: unpack_blob(f, fd, label, _limits(args), Progress(), size),
+            args.sync,
         )
     if args.json:
         _print_json(
