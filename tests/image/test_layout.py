@@ -266,7 +266,12 @@ def test_without_a_boot_id_the_cache_syncs_before_publishing(
     monkeypatch.setattr(cache_module, "_BOOT_ID", os.fspath(tmp_path / "no-such-file"))
     synced: list[int] = []
     real = cache_module.syncfs
-    monkeypatch.setattr(cache_module, "syncfs", lambda fd: (synced.append(fd), real(fd)))
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(cache_module, "syncfs", counted)
     again = fill_cache(os.fspath(built.path), cache)
     assert (again[0] / "etc/a").read_bytes() == b"A"  # unpacked anew, synced
     assert len(synced) >= 2  # both layers: their records cannot be checked

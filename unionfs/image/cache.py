@@ -24,21 +24,26 @@ import ctypes
 import errno
 import fcntl
 import os
-import shutil
-import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
 
-from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded, Readable
-from unionfs.image.layout import LayerRef
-from unionfs.image.progress import Progress
+from unionfs.image.digest import Decoder, Digest, ImageError, LimitExceeded
 from unionfs.image.unpack import Limits, UnpackError, unpack_tar
 from unionfs.overlay.syscalls import RENAME_NOREPLACE, renameat2
+from unionfs.records import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO, TypeVar
+
+    from unionfs.image.digest import Readable
+    from unionfs.image.layout import LayerRef
+    from unionfs.image.progress import Progress
+
+    T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -63,8 +68,7 @@ def layer_label(layer: LayerRef, count: int) -> str:
     return f"{layer.index + 1}/{count} {(layer.digest or layer.diff_id).short}"
 
 
-@dataclass
-class Unpacked:
+class Unpacked(Record):
     digest: Digest  # of the blob as read
     size: int  # of the blob
     diff_id: Digest  # of the uncompressed tar
@@ -266,6 +270,20 @@ def write_durably(dirfd: int, name: str, data: bytes) -> None:
     os.fsync(dirfd)
 
 
+def make_temp_dir(parent: str | Path, prefix: str) -> str:
+    """A new directory (mode 0700) in *parent* named *prefix* and random letters, as
+    ``tempfile.mkdtemp`` makes, without importing ``tempfile`` (and ``shutil`` and
+    ``random`` with it) into every image command's start."""
+    for _ in range(100):
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", os.fspath(parent))
+
+
 def discard_tree(path: str | Path) -> None:
     """Remove an unpacked tree, read-only directories included (their modes were
     applied from the tar); symlinks are never followed."""
@@ -278,6 +296,8 @@ def discard_tree(path: str | Path) -> None:
                         os.chmod(full, 0o700)
         with contextlib.suppress(OSError):
             os.chmod(path, 0o700)
+        import shutil
+
         shutil.rmtree(path)
 
 
@@ -292,9 +312,6 @@ def publish(tmp: str, final: Path) -> bool:
             return False
         raise
     return True
-
-
-T = TypeVar("T")
 
 
 def unpack_into(
@@ -317,7 +334,7 @@ def unpack_into(
     try:
         # Shared: made and locked before clean_stale (exclusive) can look at it.
         fcntl.flock(parent, fcntl.LOCK_SH)
-        tmp = tempfile.mkdtemp(dir=tmpdir, prefix=prefix)
+        tmp = make_temp_dir(tmpdir, prefix)
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -473,7 +490,7 @@ class LayerCache:
             seen = self._read_record(record)
             if seen is None or seen[0] == self.boot:
                 return final.is_dir()
-            aside = tempfile.mkdtemp(dir=self.root / "tmp", prefix="evicted.")
+            aside = make_temp_dir(self.root / "tmp", "evicted.")
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, os.path.join(aside, "layer"))
             record.unlink()

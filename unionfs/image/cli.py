@@ -7,23 +7,24 @@ can fix are one line on stderr (``ImageError``/``UsageError``), never a tracebac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
 from unionfs.errors import UsageError
 from unionfs.image.digest import ImageError
 from unionfs.image.unpack import Limits
 from unionfs.options import escape_path, human_size
 
-T = TypeVar("T")
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     from unionfs.image.cache import LayerCache
+
+    T = TypeVar("T")
 
 PROG = "unionfs"
 
@@ -115,6 +116,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _print_json(obj: object) -> None:
+    import json
+
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -37,7 +37,10 @@ import os
 import sys
 import zlib
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 BLOCK = 512
 _ZEROS = bytes(BLOCK)

@@ -25,24 +25,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import stat
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 
+from unionfs import lazylog
 from unionfs.image import tarreader
-from unionfs.image.digest import CHUNK, ImageError, Readable
+from unionfs.image.digest import CHUNK, ImageError
 from unionfs.image.inorder import InOrder
 from unionfs.image.tarreader import Entry, TarReader
 from unionfs.overlay import markers
 from unionfs.overlay.layers import remove_tree
 from unionfs.overlay.syscalls import fd_path
+from unionfs.records import Record
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from unionfs.image.digest import Readable
+
+log = lazylog.get(__name__)
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SCHILY = "SCHILY.xattr."
@@ -63,21 +67,29 @@ class UnpackError(ImageError):
     """A layer entry refused (or a layer that cannot be read): one line."""
 
 
-@dataclass
-class Limits:
+class Limits(Record):
     """Bounds on what one layer may unpack to."""
 
     max_bytes: int = 64 << 30  # file data, and the uncompressed tar stream
     max_entries: int = 2_000_000
 
 
-@dataclass
 class _DirMeta:
-    mode: int
-    uid: int = -1
-    gid: int = -1
-    mtime_ns: int | None = None
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    __slots__ = ("mode", "uid", "gid", "mtime_ns", "xattrs")
+
+    def __init__(
+        self,
+        mode: int,
+        uid: int = -1,
+        gid: int = -1,
+        mtime_ns: int | None = None,
+        xattrs: dict[bytes, bytes] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.xattrs = {} if xattrs is None else xattrs
 
 
 def privileged() -> bool:
