@@ -24,7 +24,6 @@ from tests.image.builders import (
     write_oci_layout,
 )
 from tests.mounting import REPO, unionfs_command
-from unionfs.image import cache as cache_module
 from unionfs.image.cache import LayerCache, clean_stale, publish
 from unionfs.image.digest import ImageError
 from unionfs.image.layout import open_image
@@ -208,76 +207,6 @@ def test_cache_hit_unpacks_nothing(tmp_path: Path) -> None:
     assert again == first and marker.exists()
 
 
-def _record(cache: Path, diff_id: str) -> Path:
-    return cache / "unsynced" / diff_id.replace(":", "-")
-
-
-def _this_boot() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def test_an_unflushed_layer_from_another_boot_is_unpacked_again(tmp_path: Path) -> None:
-    """A layer is published without waiting for the disk, under a synced record of
-    the boot: after a restart (a crash may have left files of zeros) it is not
-    trusted but unpacked anew; in the same boot it is used as it is."""
-    built = write_oci_layout(tmp_path / "img", two_layers())
-    cache = tmp_path / "cache"
-    first = fill_cache(os.fspath(built.path), cache)
-    records = [_record(cache, d) for d in built.diff_ids]
-    assert [r.read_text() for r in records] == [_this_boot() + "\n"] * 2
-    # What a power loss may leave: the names and sizes, the data gone.
-    (first[0] / "etc/a").write_bytes(b"\0")
-    # Negative control: the same boot, the layer is used as it is (the page cache
-    # holds its data).
-    assert fill_cache(os.fspath(built.path), cache) == first
-    assert (first[0] / "etc/a").read_bytes() == b"\0"
-    records[0].write_text("0b5e55ed-0000-4000-8000-000000000000\n")  # another boot's
-    again = fill_cache(os.fspath(built.path), cache)
-    assert again == first
-    assert (again[0] / "etc/a").read_bytes() == b"A"
-    assert records[0].read_text() == _this_boot() + "\n"
-    assert os.listdir(cache / "tmp") == []
-
-
-def test_an_old_record_is_flushed_and_dropped(tmp_path: Path) -> None:
-    """Once the kernel has had time to write a layer back, the next use of the cache
-    flushes it (cheap by then) and drops its record: it then survives a restart."""
-    built = write_oci_layout(tmp_path / "img", two_layers())
-    cache = tmp_path / "cache"
-    fill_cache(os.fspath(built.path), cache)
-    old, recent = (_record(cache, d) for d in built.diff_ids)
-    past = os.stat(old).st_mtime - 3600
-    os.utime(old, (past, past))
-    fill_cache(os.fspath(built.path), cache)
-    assert not old.exists()
-    assert recent.exists()  # negative control: too recent to flush yet
-
-
-def test_without_a_boot_id_the_cache_syncs_before_publishing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where the boot id cannot be read, a record could not tell a restart: the
-    layer is flushed before it is published, and no record is written; a record
-    left from before is not trusted."""
-    built = write_oci_layout(tmp_path / "img", two_layers())
-    cache = tmp_path / "cache"
-    first = fill_cache(os.fspath(built.path), cache)
-    (first[0] / "etc/a").write_bytes(b"\0")
-    monkeypatch.setattr(cache_module, "_BOOT_ID", os.fspath(tmp_path / "no-such-file"))
-    synced: list[int] = []
-    real = cache_module.syncfs
-
-    def counted(fd: int) -> None:
-        synced.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(cache_module, "syncfs", counted)
-    again = fill_cache(os.fspath(built.path), cache)
-    assert (again[0] / "etc/a").read_bytes() == b"A"  # unpacked anew, synced
-    assert len(synced) >= 2  # both layers: their records cannot be checked
-    assert os.listdir(cache / "unsynced") == []
-
-
 def test_stale_temporary_unpack_is_cleaned(tmp_path: Path) -> None:
     built = write_oci_layout(tmp_path / "img", two_layers())
     LayerCache(tmp_path / "cache")
@@ -387,3 +316,15 @@ def test_import_and_unpack_flush_to_disk_only_with_sync(tmp_path: Path) -> None:
         _syncfs_calls("image", "unpack", "--sync", os.fspath(built.path), os.fspath(tmp_path / "d"))
         >= 2
     )
+
+
+def test_the_cache_flushes_each_layer_before_it_enters(tmp_path: Path) -> None:
+    """The cache trusts what it holds, so a layer's data is on disk before its
+    rename (after a power loss, a layer is there whole or not at all); a cached
+    image is used without flushing anything."""
+    built = write_oci_archive(tmp_path / "img.tar", two_layers())
+    args = ["image", "mount", "--cache", os.fspath(tmp_path / "cache"), "--print-kernel-mount"]
+    args += [os.fspath(built.path), os.fspath(tmp_path / "mnt")]
+    assert _syncfs_calls(*args) >= 2
+    assert len(os.listdir(tmp_path / "cache/layers/sha256")) == 2
+    assert _syncfs_calls(*args) == 0

@@ -3,18 +3,10 @@
 ``CACHE/layers/sha256/HEX`` is the kernel-format directory of the layer whose
 diff_id is ``sha256:HEX``. A layer is unpacked into ``CACHE/tmp`` while both of
 its digests are computed from the stream, and renamed into place only when
-both match: a half-unpacked or unverified layer never enters the cache. Two
-processes unpacking the same layer at once both finish; the first rename wins
-and the other copy is dropped.
-
-The unpack does not wait for its data to reach the disk. Before the rename, a
-record ``CACHE/unsynced/HEX`` holding the kernel's boot id is written and synced:
-until the layer has been flushed, it is trusted only while the machine has not
-restarted since (the page cache holds what the disk may not). A later use of
-the cache flushes layers whose records are old enough to have been written back
-already (cheap by then) and drops their records; a layer whose record names
-another boot is removed and unpacked again, as after a power loss its files may
-be holes or zeros.
+both match and its data is on disk: a half-unpacked, unverified or (after a
+power loss) zero-filled layer never enters the cache, which trusts what it
+holds from then on. Two processes unpacking the same layer at once both
+finish; the first rename wins and the other copy is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +17,6 @@ import errno
 import fcntl
 import os
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,11 +39,6 @@ if TYPE_CHECKING:
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-# Seconds after which an unpacked layer's data has been written back by the
-# kernel (dirty_expire_centisecs is 30 s by default, the flusher wakes every 5 s),
-# so that flushing it costs little.
-SETTLE_AFTER = 60.0
 
 
 def default_cache_dir() -> Path:
@@ -222,52 +208,32 @@ def syncfs(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def writeback(fd: int, interval: float = 0.5) -> Iterator[None]:
+def writeback(fd: int, interval: float = 0.5) -> Iterator[list[OSError]]:
     """Flush the filesystem holding *fd* every *interval* seconds in a thread while
     the body runs: the data goes to disk while more is unpacked, so the final
     ``syncfs`` (which stays: nothing is published before its data is on disk) has
     little left to wait for. The thread only waits, in the kernel; the flushing
-    itself is the kernel's writeback work."""
+    itself is the kernel's writeback work. Yields the list where the thread puts
+    the write-back error it sees, for the caller to raise: ``syncfs`` reports an
+    error once per descriptor, so the final one would not."""
     stop = threading.Event()
+    failed: list[OSError] = []
 
     def flush() -> None:
         while not stop.wait(interval):
             try:
                 syncfs(fd)
-            except OSError:
-                return  # the final sync reports it
+            except OSError as e:
+                failed.append(e)
+                return
 
     thread = threading.Thread(target=flush, name="layer-writeback", daemon=True)
     thread.start()
     try:
-        yield
+        yield failed
     finally:
         stop.set()
         thread.join()
-
-
-_BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-
-def boot_id() -> str | None:
-    """The kernel's boot id (new at every boot), or None when it cannot be read."""
-    try:
-        with open(_BOOT_ID, "rb") as f:
-            text = f.read(64).strip().decode("ascii")
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text or None
-
-
-def write_durably(dirfd: int, name: str, data: bytes) -> None:
-    """Write the file *name* in *dirfd* and make it and its name durable."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.fsync(dirfd)
 
 
 def make_temp_dir(parent: str | Path, prefix: str) -> str:
@@ -321,20 +287,24 @@ def unpack_into(
     unpack: Callable[[int], T],
     replace_empty: bool = False,
     sync: bool = False,
-    before_publish: Callable[[], None] | None = None,
 ) -> tuple[T, bool]:
     """Run *unpack* on a new directory in *tmpdir*, then publish it as *final*; or
     drop it when *final* exists by then (see ``publish``; with *replace_empty*, an
     empty *final* is removed first). With *sync*, its data is on disk before it is
-    published; *before_publish* runs just before the rename. Returns what *unpack*
-    returned and whether it was published. The directory is locked (``flock``)
+    published. Returns what *unpack* returned and whether it was published. The directory is locked (``flock``)
     while in use: that is how ``clean_stale`` tells a live unpack from a dead one's
     leftovers, whatever pid namespace either runs in."""
-    parent = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"{tmpdir}: {e.strerror}") from None
     try:
         # Shared: made and locked before clean_stale (exclusive) can look at it.
         fcntl.flock(parent, fcntl.LOCK_SH)
-        tmp = make_temp_dir(tmpdir, prefix)
+        try:
+            tmp = make_temp_dir(tmpdir, prefix)
+        except OSError as e:
+            raise ImageError(f"{tmpdir}: cannot make a directory: {e.strerror}") from None
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -346,13 +316,16 @@ def unpack_into(
     try:
         try:
             if sync:
-                with writeback(fd):
+                with writeback(fd) as failed:
                     result = unpack(fd)
-                syncfs(fd)
+                try:
+                    if failed:
+                        raise failed[0]
+                    syncfs(fd)
+                except OSError as e:
+                    raise ImageError(f"{final}: flushing to disk: {e.strerror}") from None
             else:
                 result = unpack(fd)
-            if before_publish is not None:
-                before_publish()
             if replace_empty:
                 with contextlib.suppress(FileNotFoundError, OSError):
                     os.rmdir(final)  # only if empty
@@ -396,10 +369,8 @@ class LayerCache:
         try:
             (root / "tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
             (root / "layers" / "sha256").mkdir(parents=True, exist_ok=True, mode=0o755)
-            (root / "unsynced").mkdir(exist_ok=True, mode=0o700)
         except OSError as e:
             raise ImageError(f"cache {root}: {e.strerror}") from None
-        self.boot = boot_id()
 
     def path(self, diff_id: Digest) -> Path:
         return self.root / "layers" / diff_id.algorithm / diff_id.hex
@@ -413,7 +384,7 @@ class LayerCache:
     def ensure(self, layer: LayerRef, count: int, progress: Progress | None = None) -> Path:
         """The cached directory of *layer*, unpacked and verified first if needed."""
         final = self.path(layer.diff_id)
-        if final.is_dir() and self._trusted(layer.diff_id, final):
+        if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(self.root / "tmp")
@@ -421,80 +392,6 @@ class LayerCache:
         def unpack(fd: int) -> None:
             unpack_layer(layer, fd, layer_label(layer, count), self.limits, progress)
 
-        unpack_into(
-            final,
-            self.root / "tmp",
-            f"{layer.diff_id.hex[:16]}.{os.getpid()}.",
-            unpack,
-            sync=self.boot is None,
-            before_publish=None if self.boot is None else lambda: self._record(layer.diff_id),
-        )
+        prefix = f"{layer.diff_id.hex[:16]}.{os.getpid()}."
+        unpack_into(final, self.root / "tmp", prefix, unpack, sync=True)
         return final
-
-    def _record_name(self, diff_id: Digest) -> str:
-        return f"{diff_id.algorithm}-{diff_id.hex}"
-
-    def _record(self, diff_id: Digest) -> None:
-        """Note, durably and before the layer is published, that its data may not be
-        on disk yet (see the module's docstring)."""
-        assert self.boot is not None
-        dirfd = os.open(self.root / "unsynced", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            write_durably(dirfd, self._record_name(diff_id), self.boot.encode() + b"\n")
-        finally:
-            os.close(dirfd)
-
-    def _trusted(self, diff_id: Digest, final: Path) -> bool:
-        """Whether the published layer *final* can be used as it is. One whose record
-        names another boot may have lost data in a crash: it is removed (False). One
-        whose record is older than the kernel's write-back delay is flushed (quick by
-        then) and its record dropped."""
-        record = self.root / "unsynced" / self._record_name(diff_id)
-        seen = self._read_record(record)
-        if seen is None:
-            return True
-        written, mtime = seen
-        if written != self.boot:
-            return self._evict(record, final)
-        if time.time() - mtime >= SETTLE_AFTER:
-            fd = os.open(final, _DIR_NOFOLLOW)
-            try:
-                syncfs(fd)
-            except OSError as e:
-                raise ImageError(
-                    f"cache {self.root}: flushing {final.name}: {e.strerror}"
-                ) from None
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                record.unlink()
-        return True
-
-    def _read_record(self, record: Path) -> tuple[str, float] | None:
-        try:
-            with open(record, "rb") as f:
-                mtime = os.fstat(f.fileno()).st_mtime
-                return f.read(64).strip().decode("ascii", "replace"), mtime
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise ImageError(f"cache {self.root}: {record.name}: {e.strerror}") from None
-
-    def _evict(self, record: Path, final: Path) -> bool:
-        """Remove a layer unpacked in an earlier boot and never flushed, and its record;
-        under the records' lock, looked at again there (another process may have done
-        it and unpacked the layer anew already). Whether the layer is usable after all."""
-        dirfd = os.open(record.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(dirfd, fcntl.LOCK_EX)
-            seen = self._read_record(record)
-            if seen is None or seen[0] == self.boot:
-                return final.is_dir()
-            aside = make_temp_dir(self.root / "tmp", "evicted.")
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(final, os.path.join(aside, "layer"))
-            record.unlink()
-        finally:
-            os.close(dirfd)
-        discard_tree(aside)
-        return False
