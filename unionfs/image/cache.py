@@ -291,9 +291,9 @@ def unpack_into(
     """Run *unpack* on a new directory in *tmpdir*, then publish it as *final*; or
     drop it when *final* exists by then (see ``publish``; with *replace_empty*, an
     empty *final* is removed first). With *sync*, its data is on disk before it is
-    published. Returns what *unpack* returned and whether it was published. The directory is locked (``flock``)
-    while in use: that is how ``clean_stale`` tells a live unpack from a dead one's
-    leftovers, whatever pid namespace either runs in."""
+    published. Returns what *unpack* returned and whether it was published. The
+    directory is locked (``flock``) while in use: that is how ``clean_stale`` tells a
+    live unpack from a dead one's leftovers, whatever pid namespace either runs in."""
     try:
         parent = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
