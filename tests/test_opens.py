@@ -112,6 +112,32 @@ def test_a_run_of_c_answers_waits_for_the_next_request(
         assert waited is not None and waited >= 50, (waited, counts)
 
 
+def _after_python(log: str) -> int | None:
+    found = re.search(r"waited for after a Python answer: (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.parametrize("linger_us", ["100000", "0"])
+def test_the_request_loop_waits_for_the_next_request_after_a_python_answer(
+    stack: Stack, mounted: Mounted, linger_us: str
+) -> None:
+    """After a request answered in Python (statfs is one) the request loop waits a
+    little for the next one before it parks in trio (unionfs/fuse/loop.py), with the
+    same wait as runs of C answers, and UNIONFS_LINGER_US=0 turns it off too."""
+    um = mounted(env={"UNIONFS_LINGER_US": linger_us})
+    for _ in range(200):
+        os.statvfs(stack.mnt)
+    assert um.unmount() == 0
+    waited, counts = _after_python(um.log()), re.search(r"requests: .*", um.log())
+    if not hook_enabled():
+        assert waited is None
+    elif linger_us == "0":
+        assert waited == 0, counts
+    else:
+        assert counts is not None and "statfs=" in counts.group(0), counts
+        assert waited is not None and waited >= 150, (waited, counts)
+
+
 def test_a_run_of_c_answers_goes_on_past_what_libfuse_answers_itself(
     stack: Stack, mounted: Mounted
 ) -> None:

@@ -152,13 +152,13 @@ def opens_served(hook: ModuleType | None) -> tuple[int, int, int, int]:
     return int(opens), int(attrs), int(setattrs), int(misses)
 
 
-def in_runs(hook: ModuleType | None) -> tuple[int, int]:
-    """How many requests runs of C answers read, and how many of those they waited for
-    (csrc/requests.c)."""
+def in_runs(hook: ModuleType | None) -> tuple[int, int, int]:
+    """How many requests runs of C answers read, how many of those they waited for, and
+    how many the request loop waited for after a Python answer (csrc/requests.c)."""
     if hook is None:
-        return 0, 0
-    read, waited = hook.run_counts()
-    return int(read), int(waited)
+        return 0, 0, 0
+    read, waited, after_python = hook.run_counts()
+    return int(read), int(waited), int(after_python)
 
 
 def feature_active(hook: ModuleType | None, name: str) -> bool:

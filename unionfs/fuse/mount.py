@@ -492,7 +492,11 @@ def serve(
             "opens answered in C: %d, getattrs: %d, setattrs: %d, lookups of missing names: %d",
             *hook.opens_served(fusehook),
         )
-        log.info("requests read in runs of C answers: %d, waited for: %d", *hook.in_runs(fusehook))
+        log.info(
+            "requests read in runs of C answers: %d, waited for: %d; "
+            "waited for after a Python answer: %d",
+            *hook.in_runs(fusehook),
+        )
     log.info("unmounted %s", setup.mountpoint)
     return 0
 
@@ -551,7 +555,7 @@ def _serve_mounted(
             startup.mark("mount")
         hook.check_bound(fusehook)
         if fusehook is not None and fusehook.bound():
-            loop.install(pyfuse3, fusehook.run_waited)
+            loop.install(pyfuse3, fusehook.run_waited, fusehook.linger_for)
             # Runs of requests answered in C, read back to back (csrc/requests.c).
             fusehook.configure_inline(not loop.plain(), loop.linger_us())
         privileges.take_owner_rights()

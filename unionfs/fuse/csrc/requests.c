@@ -67,6 +67,7 @@ static int python_busy;   /* Python handlers in progress (busy_counter) */
 static unsigned char answered_by_libfuse[N_OPCODES];
 static unsigned long long lingered; /* requests a run waited for and got */
 static unsigned long long in_runs;  /* requests a run read (after a request answered in C) */
+static unsigned long long after_python; /* requests linger_for waited for and got */
 static int waited_since;  /* requests runs waited for since trio's last turn (run_waited) */
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
@@ -243,10 +244,41 @@ static PyObject *run_counts(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(KK)", in_runs, lingered);
+    return Py_BuildValue("(KKK)", in_runs, lingered, after_python);
+}
+
+/* linger_for(fd): the same wait after a request Python answered, before the Python
+   side's request loop parks in trio (unionfs/fuse/loop.py): whether a request came
+   within linger_ns. It counts towards run_waited, so trio still gets its turn. */
+static PyObject *linger_for(PyObject *self, PyObject *arg)
+{
+    struct pollfd pfd;
+    struct timespec wait;
+    int ready;
+    (void)self;
+    pfd.fd = (int)PyLong_AsLong(arg);
+    if (pfd.fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (linger_ns <= 0 || python_busy > 0)
+        Py_RETURN_FALSE;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    wait.tv_sec = linger_ns / 1000000000L;
+    wait.tv_nsec = linger_ns % 1000000000L;
+    Py_BEGIN_ALLOW_THREADS
+    ready = ppoll(&pfd, 1, &wait, NULL);
+    Py_END_ALLOW_THREADS
+    if (ready <= 0)
+        Py_RETURN_FALSE;
+    after_python++;
+    waited_since++;
+    Py_RETURN_TRUE;
 }
 
 static PyMethodDef methods[] = {
+    {"linger_for", linger_for, METH_O,
+     "linger_for(fd): wait up to the linger for a request on fd (not while a Python "
+     "handler is in progress); whether one came."},
     {"configure_inline", configure_inline, METH_VARARGS,
      "configure_inline(on, linger_us=0): after a request answered in C, process the next "
      "queued ones right away while they are too, waiting up to linger_us for each while no "
@@ -258,8 +290,8 @@ static PyMethodDef methods[] = {
      "Whether runs waited for INLINE_MAX requests since this last said so (then trio "
      "gets its turn)."},
     {"run_counts", run_counts, METH_NOARGS,
-     "(read in runs, waited for): how many requests runs of C answers read, and how many "
-     "of those they waited (lingered) for."},
+     "(read in runs, waited for, after Python): how many requests runs of C answers read, "
+     "how many of those they waited (lingered) for, and how many linger_for waited for."},
     {"request_counts", request_counts, METH_NOARGS,
      "{opcode: requests received} (requests spliced into a pipe are not counted; "
      "none are once KILLPRIV_V2 is on)."},
