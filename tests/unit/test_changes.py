@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from tests.unit.conftest import ME, NS, Layers, is_whiteout, node, visible, write
+from tests.unit.conftest import ME, NS, Layers, is_whiteout, node, opaque, visible, whiteout, write
 from unionfs.overlay import copyup, markers, namespace
 from unionfs.overlay.copyup import copy_up
 from unionfs.overlay.files import Files
@@ -152,6 +152,34 @@ async def test_reserved_and_existing_names_are_refused(layers: Layers) -> None:
         with pytest.raises(OSError) as e:
             await namespace.create_node(u, root, b"c", stat.S_IFCHR | 0o644, ME, rdev=0)
         assert e.value.errno == errno.EPERM  # a 0/0 device is a whiteout
+
+
+async def test_new_names_in_a_directory_with_nothing_below(layers: Layers) -> None:
+    """A directory only in the upper decides a new name with one stat of its own
+    (namespace._prepare_new): the same refusals, and a whiteout there is replaced."""
+    opaque(layers.upper / "d")
+    whiteout(layers.upper / "d" / "w")
+    write(layers.upper / "d" / "f")
+    write(layers.lowers[0] / "d" / "low")  # hidden: d is opaque
+    with layers.open() as u:
+        d = node(u, "d")
+        assert d.layer.writable and not d.lowers
+        for name, err in (
+            (b".wh.x", errno.EINVAL),
+            (b"f", errno.EEXIST),
+            (b"n" * 256, errno.ENAMETOOLONG),
+        ):
+            with pytest.raises(OSError) as e:
+                await namespace.create_node(u, d, name, stat.S_IFREG | 0o644, ME)
+            assert e.value.errno == err, name
+        await namespace.create_node(u, d, b"w", stat.S_IFREG | 0o644, ME)
+        assert stat.S_ISREG(os.lstat(layers.upper / "d" / "w").st_mode)
+        new, fd, st = await namespace.create_file(u, d, b"low", 0o644, os.O_WRONLY, ME)
+        os.close(fd)
+        assert st.st_ino == os.lstat(layers.upper / "d" / "low").st_ino
+        assert new.layer.writable
+        assert sorted(u.names(d)) == [b"f", b"low", b"w"]
+        assert staged(layers) == []
 
 
 async def test_a_read_only_union_refuses_every_change(layers: Layers) -> None:

@@ -42,7 +42,7 @@ async def test_a_setuid_file_is_made_in_the_workdir(
 
     monkeypatch.setattr(os, "fchown", fchown)
     with layers.open() as u:
-        _, fd = await namespace.create_file(u, u.table.root, b"prog", 0o4755, os.O_WRONLY, ME)
+        _, fd, _ = await namespace.create_file(u, u.table.root, b"prog", 0o4755, os.O_WRONLY, ME)
         os.close(fd)
     assert seen == [False]
     assert stat.S_IMODE(os.lstat(layers.upper / "prog").st_mode) == 0o4755

@@ -16,7 +16,7 @@ async def test_forgotten_hard_links_release_their_parent_directories(layers: Lay
     (layers.upper / "d").mkdir()
     with layers.open() as u:
         d = node(u, "d")  # held, as the adapter does for each reference it gives out
-        f, fd = await create_file(u, d, b"a", 0o644, os.O_WRONLY, ME)
+        f, fd, _ = await create_file(u, d, b"a", 0o644, os.O_WRONLY, ME)
         os.close(fd)
         u.table.hold(f)
         await link(u, f, d, b"b")

@@ -739,18 +739,19 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[FileInfo, EntryAttributes]:
         self.release_queued()
         parent = self._node(parent_inode)
+        st: os.stat_result | None = None
         if name == TMPFILE_NAME:  # O_TMPFILE, handed over by the C hook (csrc/ops.c)
             node, fd = await namespace.create_tmpfile(
                 self.union, parent, mode, flags, caller(ctx, self.ids, mode)
             )
         else:
             with self._names_change(parent):
-                node, fd = await namespace.create_file(
+                node, fd, st = await namespace.create_file(
                     self.union, parent, name, mode, flags, caller(ctx, self.ids, mode)
                 )
         info = self._opened(node, fd, flags)
         try:
-            return info, self._reply_entry(node)
+            return info, self._reply_entry(node, st)
         except BaseException:
             self._release(info.fh)  # the kernel never learns of this open
             raise

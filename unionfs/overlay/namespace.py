@@ -92,17 +92,33 @@ def check_create(union: Union, parent: Node, name: bytes) -> None:
 
 async def _prepare_new(union: Union, parent: Node, name: bytes) -> tuple[int, bool]:
     """Copy the parent up and say whether *name* is a whiteout there now."""
+    if parent.layer.writable and not parent.lowers:
+        # Nothing below the parent: when its upper directory lacks the name, so does
+        # the merged view, and the one stat answers both questions. Anything there
+        # goes the whole way, for check_create's own error.
+        _writable(union)
+        check_new_name(name, parent.path)
+        assert union.upper is not None
+        dirfd = union.upper.dirfd(parent.path)
+        if _upper_entry(dirfd, name) is None:
+            return dirfd, False
     check_create(union, parent, name)
     await copy_up(union, parent)
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
-    try:
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-    except FileNotFoundError:
+    st = _upper_entry(dirfd, name)
+    if st is None:
         return dirfd, False
     if not is_whiteout(st):
         raise FileExistsError(errno.EEXIST, "exists", name)
     return dirfd, True
+
+
+def _upper_entry(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
 
 def _set_owner(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
@@ -235,8 +251,8 @@ def _mkdir(
 
 async def create_file(
     union: Union, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
-) -> tuple[Node, int]:
-    """create(2): a new regular file, returned open with *flags*."""
+) -> tuple[Node, int, os.stat_result]:
+    """create(2): a new regular file, returned open with *flags*, and its stat."""
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
     # Like open(): the kernel computes append offsets, and O_DIRECT would refuse
@@ -262,9 +278,10 @@ async def create_file(
             os.close(f)
         raise
     _replaced_whiteout(union, parent, name, over_whiteout)
-    node = _created(union, parent, name, os.fstat(fds[0]))
+    st = os.fstat(fds[0])
+    node = _created(union, parent, name, st)
     union.caps_absent(node)  # a file just made has no capability
-    return node, fds[0]
+    return node, fds[0], st
 
 
 async def create_tmpfile(
