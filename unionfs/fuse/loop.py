@@ -18,9 +18,11 @@ that is trio in everything but two points:
   request (a ``poll`` with no timeout), up to ``BATCH`` times in a row, and only
   otherwise parks in trio's own ``wait_readable``, one task at a time.
 
-When nothing is queued yet, and no other handler is in progress, it first waits a
-moment for the next request outside trio (``linger``: the C hook's wait after its
-own answers, csrc/requests.c, with the GIL released): the program that sent this
+When nothing is queued yet after a request answered in Python, and no other
+handler is in progress, it first waits a moment for the next request outside trio
+(``linger``: the C hook's wait after its own answers, csrc/requests.c, with the GIL
+released; after a run of C answers, which has waited already, it does not): the
+program that sent this
 request usually sends its next one a few dozen microseconds after the reply, and
 that wait costs the daemon no CPU, where parking in trio and being woken through
 epoll costs more than many requests do. An untar's CREATE, the one request per file

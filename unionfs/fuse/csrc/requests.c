@@ -27,9 +27,12 @@
  * Python handler is in progress (python_busy, kept by the request boundary in
  * unionfs/fuse/operations.py): a handler that waits for a worker thread then
  * never waits for a linger to end. What else trio has to do (a signal's
- * handling, a timer) waits at most INLINE_MAX waits: once runs have waited for
- * that many requests, the Python side's request loop parks in trio before it
- * reads the next one (run_waited). A signal ends a wait at once.
+ * handling, a timer) waits at most INLINE_MAX waits or WAIT_CAP_NS of waiting in
+ * all: once runs have waited for that many requests, or that long, no run waits
+ * any more and the Python side's request loop parks in trio before it reads the
+ * next one (run_waited). A signal ends a wait at once. The Python side's loop
+ * waits the same way after a request answered in Python (linger_for), under the
+ * same counts.
  *
  * It also defines fuse_session_receive_buf, to turn EAGAIN into EINTR: the
  * Python side's request loop (unionfs/fuse/loop.py) makes the device
@@ -69,6 +72,8 @@ static unsigned long long lingered; /* requests a run waited for and got */
 static unsigned long long in_runs;  /* requests a run read (after a request answered in C) */
 static unsigned long long after_python; /* requests linger_for waited for and got */
 static int waited_since;  /* requests runs waited for since trio's last turn (run_waited) */
+static long long waited_ns; /* and how long they waited, in all */
+#define WAIT_CAP_NS 20000000LL /* waiting since trio's last turn, at most (then it gets one) */
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
     __asm__("fuse_session_process_buf") __attribute__((visibility("default")));
@@ -102,20 +107,30 @@ static void process(struct fuse_session *se, const struct fuse_buf *buf)
         requests_answered = 1;
 }
 
-/* Wait up to linger_ns for the device to have a request; whether it has one. Not
-   while a Python handler is in progress, nor when lingering is off. */
-static int linger(struct fuse_session *se)
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Wait up to linger_ns for fd to have a request; whether it has one. Not while a
+   Python handler is in progress, nor when lingering is off, nor once the waits
+   since trio's last turn add up to WAIT_CAP_NS. */
+static int wait_request(int fd)
 {
     struct pollfd pfd;
     struct timespec wait;
+    long long start;
     int ready;
-    if (linger_ns <= 0 || python_busy > 0)
+    if (linger_ns <= 0 || python_busy > 0 || waited_ns >= WAIT_CAP_NS)
         return 0;
-    pfd.fd = fuse_session_fd(se);
+    pfd.fd = fd;
     pfd.events = POLLIN;
     pfd.revents = 0;
     wait.tv_sec = linger_ns / 1000000000L;
     wait.tv_nsec = linger_ns % 1000000000L;
+    start = now_ns();
     if (PyGILState_Check()) { /* pyfuse3 processes requests holding the GIL */
         Py_BEGIN_ALLOW_THREADS
         ready = ppoll(&pfd, 1, &wait, NULL);
@@ -123,7 +138,13 @@ static int linger(struct fuse_session *se)
     } else {
         ready = ppoll(&pfd, 1, &wait, NULL);
     }
+    waited_ns += now_ns() - start;
     return ready > 0;
+}
+
+static int linger(struct fuse_session *se)
+{
+    return wait_request(fuse_session_fd(se));
 }
 
 void unionfs_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
@@ -234,9 +255,10 @@ static PyObject *run_waited(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    if (waited_since < INLINE_MAX)
+    if (waited_since < INLINE_MAX && waited_ns < WAIT_CAP_NS)
         Py_RETURN_FALSE;
     waited_since = 0;
+    waited_ns = 0;
     Py_RETURN_TRUE;
 }
 
@@ -249,26 +271,15 @@ static PyObject *run_counts(PyObject *self, PyObject *unused)
 
 /* linger_for(fd): the same wait after a request Python answered, before the Python
    side's request loop parks in trio (unionfs/fuse/loop.py): whether a request came
-   within linger_ns. It counts towards run_waited, so trio still gets its turn. */
+   within linger_ns. It counts towards run_waited, so trio still gets its turn. After
+   a request answered in C it does not wait: that run has waited already. */
 static PyObject *linger_for(PyObject *self, PyObject *arg)
 {
-    struct pollfd pfd;
-    struct timespec wait;
-    int ready;
+    int fd = (int)PyLong_AsLong(arg);
     (void)self;
-    pfd.fd = (int)PyLong_AsLong(arg);
-    if (pfd.fd == -1 && PyErr_Occurred())
+    if (fd == -1 && PyErr_Occurred())
         return NULL;
-    if (linger_ns <= 0 || python_busy > 0)
-        Py_RETURN_FALSE;
-    pfd.events = POLLIN;
-    pfd.revents = 0;
-    wait.tv_sec = linger_ns / 1000000000L;
-    wait.tv_nsec = linger_ns % 1000000000L;
-    Py_BEGIN_ALLOW_THREADS
-    ready = ppoll(&pfd, 1, &wait, NULL);
-    Py_END_ALLOW_THREADS
-    if (ready <= 0)
+    if (requests_answered || !wait_request(fd))
         Py_RETURN_FALSE;
     after_python++;
     waited_since++;
@@ -287,8 +298,8 @@ static PyMethodDef methods[] = {
      "The count of Python handlers in progress, as a writable memoryview of a C int: the "
      "request boundary adds 1 when a handler starts and takes it away when it ends."},
     {"run_waited", run_waited, METH_NOARGS,
-     "Whether runs waited for INLINE_MAX requests since this last said so (then trio "
-     "gets its turn)."},
+     "Whether runs waited for INLINE_MAX requests, or WAIT_CAP_NS in all, since this last "
+     "said so (then trio gets its turn)."},
     {"run_counts", run_counts, METH_NOARGS,
      "(read in runs, waited for, after Python): how many requests runs of C answers read, "
      "how many of those they waited (lingered) for, and how many linger_for waited for."},
