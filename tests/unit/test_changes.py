@@ -12,6 +12,8 @@ from tests.unit.conftest import ME, NS, Layers, is_whiteout, node, opaque, visib
 from unionfs.overlay import copyup, markers, namespace
 from unionfs.overlay.copyup import copy_up
 from unionfs.overlay.files import Files
+from unionfs.overlay.nodes import Node
+from unionfs.overlay.union import Union
 
 
 def staged(layers: Layers) -> list[str]:
@@ -137,18 +139,24 @@ async def test_mkdir_over_a_whiteout_is_opaque(layers: Layers) -> None:
         assert u.names(node(u, "d")) == []
 
 
+async def _refuses_reserved_existing_and_long_names(
+    u: Union, parent: Node, existing: bytes
+) -> None:
+    for name, err in (
+        (b".wh.x", errno.EINVAL),
+        (existing, errno.EEXIST),
+        (b"n" * 256, errno.ENAMETOOLONG),
+    ):
+        with pytest.raises(OSError) as e:
+            await namespace.create_node(u, parent, name, stat.S_IFREG | 0o644, ME)
+        assert e.value.errno == err, name
+
+
 async def test_reserved_and_existing_names_are_refused(layers: Layers) -> None:
     write(layers.lowers[0] / "f")
     with layers.open() as u:
         root = u.table.root
-        for name, err in (
-            (b".wh.x", errno.EINVAL),
-            (b"f", errno.EEXIST),
-            (b"n" * 256, errno.ENAMETOOLONG),
-        ):
-            with pytest.raises(OSError) as e:
-                await namespace.create_node(u, root, name, stat.S_IFREG | 0o644, ME)
-            assert e.value.errno == err, name
+        await _refuses_reserved_existing_and_long_names(u, root, b"f")
         with pytest.raises(OSError) as e:
             await namespace.create_node(u, root, b"c", stat.S_IFCHR | 0o644, ME, rdev=0)
         assert e.value.errno == errno.EPERM  # a 0/0 device is a whiteout
@@ -164,14 +172,7 @@ async def test_new_names_in_a_directory_with_nothing_below(layers: Layers) -> No
     with layers.open() as u:
         d = node(u, "d")
         assert d.layer.writable and not d.lowers
-        for name, err in (
-            (b".wh.x", errno.EINVAL),
-            (b"f", errno.EEXIST),
-            (b"n" * 256, errno.ENAMETOOLONG),
-        ):
-            with pytest.raises(OSError) as e:
-                await namespace.create_node(u, d, name, stat.S_IFREG | 0o644, ME)
-            assert e.value.errno == err, name
+        await _refuses_reserved_existing_and_long_names(u, d, b"f")
         await namespace.create_node(u, d, b"w", stat.S_IFREG | 0o644, ME)
         assert stat.S_ISREG(os.lstat(layers.upper / "d" / "w").st_mode)
         new, fd, st = await namespace.create_file(u, d, b"low", 0o644, os.O_WRONLY, ME)

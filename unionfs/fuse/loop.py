@@ -21,12 +21,12 @@ that is trio in everything but two points:
 When nothing is queued yet after a request answered in Python, and no other
 handler is in progress, it first waits a moment for the next request outside trio
 (``linger``: the C hook's wait after its own answers, csrc/requests.c, with the GIL
-released; after a run of C answers, which has waited already, it does not): the
-program that sent this
-request usually sends its next one a few dozen microseconds after the reply, and
-that wait costs the daemon no CPU, where parking in trio and being woken through
-epoll costs more than many requests do. An untar's CREATE, the one request per file
-answered in Python, is followed by requests answered in C this way.
+released; after a run of C answers, which has waited already, it does not). The
+program that sent the request usually sends its next one a few dozen microseconds
+after the reply, and that wait costs the daemon no CPU, where parking in trio and
+being woken through epoll costs more than many requests do. An untar's CREATE, the
+one request per file answered in Python, is followed by requests answered in C
+this way. The waits count toward ``run_waited``: after many, trio gets its turn.
 
 The worker that just replied thus reads on while requests are queued, and the
 others still take over whenever a request waits for a worker thread (a large
@@ -80,7 +80,6 @@ class _Lowlevel:
         return getattr(trio.lowlevel, name)
 
     async def wait_readable(self, fd: int) -> None:
-        # linger counts toward run_waited: after many waits trio gets its turn.
         if fd != self._fd:
             os.set_blocking(fd, False)  # a lost race reads EAGAIN, never blocks
             self._poll = select.poll()

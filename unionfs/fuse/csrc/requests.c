@@ -289,7 +289,7 @@ static PyObject *linger_for(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"linger_for", linger_for, METH_O,
      "linger_for(fd): wait up to the linger for a request on fd (not while a Python "
-     "handler is in progress); whether one came."},
+     "handler is in progress, nor after a request answered in C); whether one came."},
     {"configure_inline", configure_inline, METH_VARARGS,
      "configure_inline(on, linger_us=0): after a request answered in C, process the next "
      "queued ones right away while they are too, waiting up to linger_us for each while no "
