@@ -13,7 +13,7 @@ DURATION ?= 60
 STRESS_FILES ?= 100000
 KILLS   ?= 100
 
-.PHONY: install system-deps test test-passthrough-on test-libfuse314 test-unit test-user test-engines test-images demo lint conformance explain-oracle crash bench stress install-system clean
+.PHONY: install system-deps test test-passthrough-on test-python-creates test-libfuse314 test-unit test-user test-engines test-images demo lint conformance explain-oracle crash bench stress install-system clean
 
 # System packages: installed with apt only when something is missing.
 system-deps:
@@ -52,6 +52,7 @@ test: install lint
 	UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/user --ignore=tests/image_tools
 	$(if $(filter 3.17,$(LIBFUSE)),$(MAKE) test-passthrough-on)
+	$(MAKE) test-python-creates
 	UNIONFS_NO_HOOK=1 UNIONFS_NO_PREMOUNT=1 $(PY) -m pytest -q -p no:cacheprovider tests \
 		--ignore=tests/engines --ignore=tests/bench --ignore=tests/conformance --ignore=tests/user \
 		--ignore=tests/image --ignore=tests/image_tools --ignore=tests/inspect/test_explain_oracle.py \
@@ -66,6 +67,12 @@ test-passthrough-on: install
 	UNIONFS_TEST_OPTIONS=passthrough=on UNIONFS_EXPECT_PASSTHROUGH=$(EXPECT_PASSTHROUGH) \
 		$(PY) -m pytest -q -p no:cacheprovider tests/test_safety.py tests/test_passthrough.py \
 		tests/conformance/test_unionfs.py
+
+# The conformance sample with every CREATE made by the daemon's Python side, also where
+# the C hook would make the file (a directory only in the upper layer).
+test-python-creates: install
+	UNIONFS_PYTHON_CREATES=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/conformance/test_unionfs.py -k "random_sample and not in_mode"
 
 # The real-mount tests on the system's libfuse 3.14, in a staged copy with its own venv.
 test-libfuse314:

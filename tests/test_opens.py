@@ -23,6 +23,7 @@ from tests.mounting import start_unionfs
 from tests.test_merge import write
 from tests.test_reads import _evict, watched
 from tests.twins import twins
+from unionfs.fuse.hook import PYTHON_CREATES_ENV
 
 # What one open of each kind does (the second open of a file is the one the hook answers).
 Scenario = Callable[[Path], list[object]]
@@ -31,12 +32,13 @@ Scenario = Callable[[Path], list[object]]
 # The unmount log's count of the requests csrc/opens.c answered, by kind.
 _IN_C = re.compile(
     r"opens answered in C: (?P<opens>\d+), getattrs: (?P<getattrs>\d+), "
-    r"setattrs: (?P<setattrs>\d+), lookups of missing names: (?P<lookups>\d+)"
+    r"setattrs: (?P<setattrs>\d+), lookups of missing names: (?P<lookups>\d+), "
+    r"creates: (?P<creates>\d+)"
 )
 
 
 def _in_c(log: str, kind: str) -> int | None:
-    """How many requests of *kind* (opens, getattrs, setattrs, lookups of missing names)
+    """How many requests of *kind* (opens, getattrs, setattrs, lookups of missing names, creates)
     the hook answered; None when the daemon logged no such count (no hook)."""
     found = _IN_C.search(log)
     return int(found.group(kind)) if found else None
@@ -500,6 +502,123 @@ def test_attributes_set_in_the_upper_layer_are_the_kernel_overlays(tmp_path: Pat
     if hook_enabled():
         assert setattrs is not None and setattrs >= 10, setattrs
         assert misses is not None and misses >= 3, misses
+
+
+def _fill_for_creates(lowers: list[Path]) -> None:
+    (lowers[0] / "merged").mkdir()
+    (lowers[0] / "hiding").mkdir()
+    write(lowers[0] / "merged/m", b"m")
+    write(lowers[0] / "hiding/x", b"lower x")  # hidden below an opaque upper directory,
+    upper = lowers[0].parent / "upper"  # which holds a whiteout of it too
+    (upper / "hiding").mkdir()
+    os.setxattr(upper / "hiding", "trusted.overlay.opaque", b"y")
+    os.mknod(upper / "hiding/x", stat.S_IFCHR, 0)
+
+
+def _new_files(mnt: Path) -> list[object]:
+    """Files created in directories only in the upper layer (the hook may answer those
+    CREATEs) next to the cases it must leave to the daemon: a setgid directory, a
+    setuid mode, a name there as a whiteout, a name too long; and, in a merged
+    directory and the root, creates that are the daemon's anyway. Owners, modes less
+    the umask, data, and the upper file's own inode number as st_ino, also when a
+    number freed by an unlink comes back."""
+    upper = mnt.parent / "upper"
+
+    def seen(rel: str) -> tuple[object, ...]:
+        st = os.lstat(mnt / rel)
+        return (rel, oct(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                st.st_ino == os.lstat(upper / rel).st_ino)  # fmt: skip
+
+    def create(rel: str, mode: int = 0o666, flags: int = os.O_WRONLY) -> object:
+        try:
+            fd = os.open(mnt / rel, flags | os.O_CREAT | os.O_EXCL, mode)
+        except OSError as e:
+            return (rel, errno.errorcode.get(e.errno or 0))
+        try:
+            os.write(fd, rel.encode())
+            if flags & os.O_ACCMODE == os.O_RDWR:  # read back through the same handle
+                return (os.pread(fd, 100, 0), seen(rel))
+        finally:
+            os.close(fd)
+        return seen(rel)
+
+    out: list[object] = []
+    os.makedirs(mnt / "new/sub")
+    old = os.umask(0)
+    try:
+        for i, umask in enumerate((0o022, 0o077, 0o002, 0)):
+            os.umask(umask)
+            out.append(create(f"new/f{i}"))
+            out.append(create(f"new/sub/r{i}", 0o640, os.O_RDWR))
+    finally:
+        os.umask(old)
+    out.append(create("new/f0"))  # there already
+    out.append(create("new/" + "n" * 256))
+    out.append(create("new/suid", 0o4755))
+    out.append(create("new/sticky", 0o1777))
+    os.mkdir(mnt / "new/sgid")
+    os.chown(mnt / "new/sgid", 0, 1234)
+    os.chmod(mnt / "new/sgid", 0o2775)
+    out.append(create("new/sgid/f"))
+    out.append(create("hiding/x"))  # over the whiteout the opaque directory holds
+    out.append((seen("hiding/x"), (mnt / "hiding/x").read_bytes()))
+    out.append(create("merged/n"))  # a merged directory, and the root
+    out.append(create("top"))
+    os.mkdir(mnt / "new/reuse")  # numbers freed by an unlink, taken by the next file
+    for i in range(20):
+        out.append(create(f"new/reuse/f{i}"))
+        if i % 3 == 0:
+            with _fd(mnt / f"new/reuse/f{i}") as fd:  # still open: its number stays taken
+                os.unlink(mnt / f"new/reuse/f{i}")
+                out.append(create(f"new/reuse/g{i}"))
+                out.append((os.read(fd, 100), os.fstat(fd).st_nlink))
+        else:
+            os.unlink(mnt / f"new/reuse/f{i}")
+    out.append(sorted(os.listdir(mnt / "new/reuse")))
+    os.chmod(mnt / "new", 0o777)
+    p = mnt.parent
+    while p != p.parent:  # pytest makes its directories 0700
+        os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | 0o111)
+        p = p.parent
+    as_user = subprocess.run(  # an ordinary user, with its own umask
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c",
+         "import os, sys\n"
+         "os.umask(0o027)\n"
+         "os.close(os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))\n",
+         os.fspath(mnt / "new/mine")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    out += [as_user.stdout, seen("new/mine")]
+    return out
+
+
+@pytest.mark.parametrize("how", ["plain", "traced", "python"])
+def test_creates_in_a_directory_only_in_the_upper_layer_are_the_kernel_overlays(
+    tmp_path: Path, how: str
+) -> None:
+    """The kernel overlay as the oracle; with the hook (and nobody watching the
+    requests), the C answers were part of it, and every one the daemon declined or
+    could not take is made its own way. UNIONFS_PYTHON_CREATES=1 leaves them all to
+    the daemon's Python side."""
+    u, k = twins(tmp_path, _fill_for_creates)
+    with k.mount() as mnt:
+        expected = _new_files(mnt)
+    if how == "python":
+        um = start_unionfs(u.lowers, u.mnt, u.upper, u.work, env={PYTHON_CREATES_ENV: "1"})
+    else:
+        um = start_unionfs(u.lowers, u.mnt, u.upper, u.work, **watched(how, tmp_path))
+    try:
+        assert _new_files(u.mnt) == expected
+    finally:
+        assert um.unmount() == 0
+    creates = _in_c(um.log(), "creates")
+    if not hook_enabled():
+        assert creates is None
+    elif how == "plain":
+        # new/f*, new/sub/r*, new/reuse/f* and g*, new/mine: the rest is the daemon's.
+        assert creates is not None and creates >= 30, creates
+    else:
+        assert creates == 0
 
 
 @pytest.mark.parametrize("how", ["plain", "debug"])

@@ -20,6 +20,13 @@ from unionfs import lazylog
 log = lazylog.get(__name__)
 
 DISABLE_ENV = "UNIONFS_NO_HOOK"
+# Every CREATE to the daemon's Python side, also where the hook could make the file
+# (csrc/opens.c): for comparisons, and to test the daemon's own way there.
+PYTHON_CREATES_ENV = "UNIONFS_PYTHON_CREATES"
+
+
+def python_creates() -> bool:
+    return os.environ.get(PYTHON_CREATES_ENV, "") not in ("", "0")
 
 
 def load() -> ModuleType | None:
@@ -143,13 +150,13 @@ def reads_served(hook: ModuleType | None) -> int:
     return hook.reads_served() if hook is not None else 0
 
 
-def opens_served(hook: ModuleType | None) -> tuple[int, int, int, int]:
-    """How many OPENs, GETATTRs, SETATTRs and LOOKUPs of missing names the hook
-    answered itself (csrc/opens.c)."""
+def opens_served(hook: ModuleType | None) -> tuple[int, int, int, int, int]:
+    """How many OPENs, GETATTRs, SETATTRs, LOOKUPs of missing names and CREATEs the
+    hook answered itself (csrc/opens.c)."""
     if hook is None or not feature_active(hook, "opens"):
-        return 0, 0, 0, 0
-    opens, attrs, setattrs, misses = hook.opens_served()
-    return int(opens), int(attrs), int(setattrs), int(misses)
+        return 0, 0, 0, 0, 0
+    opens, attrs, setattrs, misses, creates = hook.opens_served()
+    return int(opens), int(attrs), int(setattrs), int(misses), int(creates)
 
 
 def in_runs(hook: ModuleType | None) -> tuple[int, int, int]:

@@ -489,7 +489,8 @@ def serve(
         log.info("requests: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
         log.info("reads answered in C: %d", hook.reads_served(fusehook))
         log.info(
-            "opens answered in C: %d, getattrs: %d, setattrs: %d, lookups of missing names: %d",
+            "opens answered in C: %d, getattrs: %d, setattrs: %d, lookups of missing names: "
+            "%d, creates: %d",
             *hook.opens_served(fusehook),
         )
         log.info(

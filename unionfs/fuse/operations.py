@@ -175,11 +175,13 @@ class _COpens:
     was armed. A node dropped is disarmed.
 
     The attributes of directories and of files in the upper layer are armed likewise
-    (GETATTR, SETATTR in the upper layer, LOOKUP of missing names in a directory that
-    is only there) whenever the daemon gives them; asked
+    (GETATTR, SETATTR in the upper layer, LOOKUP of missing names and CREATE in a
+    directory that is only there) whenever the daemon gives them; asked
     while a change is in progress, they are armed once the last one has ended, from
     where the node is then (an untar's new file and its directory, for the requests
-    that follow its CREATE)."""
+    that follow its CREATE). A CREATE answered in C is the one change made with no
+    request in progress: the hook makes the file and calls ``Operations.created_in_c``
+    for the rest, at once, so nothing armed can see it half made."""
 
     def __init__(self, fusehook: ModuleType, ops: Operations) -> None:
         self._hook = fusehook
@@ -202,6 +204,12 @@ class _COpens:
         self._later.clear()
         self.on = bool(self._hook.configure_opens(on, attrs, ATTR_TIMEOUT, ENTRY_TIMEOUT))
         self.attrs = self.on and attrs
+        ops = self._ops
+        self._hook.configure_creates(
+            ops.created_in_c if self.attrs and not hook.python_creates() else None,
+            ops.create_replied_in_c,
+            ops.union.config.writeback,
+        )
 
     def change_starts(self) -> None:
         """A request that may change the layers starts (``changing`` counts it; the
@@ -466,14 +474,12 @@ class Operations(pyfuse3.Operations):
             st = self.union.stat(node)
         e = EntryAttributes()
         e.st_ino = node.ino
-        self.report_ino(node)
         e.generation = node.generation
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
         e.st_nlink = self.union.shown_nlink(node, st)
-        if self.c_opens is not None:
-            self.c_opens.arm_attrs(node)  # its next GETATTRs may be answered in C
+        self._known(node)
         ids = self.ids
         if ids.identity:
             e.st_uid = st.st_uid
@@ -489,6 +495,13 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _known(self, node: Node) -> None:
+        """The kernel is given the attributes of *node*: the hook shows its st_ino, and
+        may answer its next GETATTRs (``_COpens.arm_attrs``)."""
+        self.report_ino(node)
+        if self.c_opens is not None:
+            self.c_opens.arm_attrs(node)
 
     def report_ino(self, node: Node) -> None:
         """Tell the hook which st_ino to show for *node*, if that changed."""
@@ -755,6 +768,53 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             self._release(info.fh)  # the kernel never learns of this open
             raise
+
+    def created_in_c(
+        self, parent_inode: int, name: bytes, fd: int, flags: int
+    ) -> tuple[int, int, int, bool, bool, bool] | None:
+        """A regular file the C hook made for a CREATE in a directory only in the upper
+        layer (csrc/opens.c), open on *fd* with *flags*: the rest of ``create``, called
+        from the hook while it answers. Takes *fd*. Returns what the reply carries (the
+        node, its generation, the handle's fh, keep_cache, direct_io, nonseekable), or
+        None with *fd* closed: the hook then removes the file, and the request comes
+        here the ordinary way. Never raises (nothing outside a request would catch it)."""
+        node: Node | None = None
+        try:
+            if self.union.readonly:  # remounted read-only since the directory was armed
+                os.close(fd)
+                return None
+            parent = self._node(parent_inode)
+            self.cookies.names_changed(parent)
+            st = os.fstat(fd)
+            node = namespace.adopt_created(self.union, parent, name, st)
+        except BaseException:
+            log.exception("a file created in C (%r in inode %d)", name, parent_inode)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            if node is not None:
+                self.table.maybe_drop(node)
+            return None
+        try:
+            info = self._opened(node, fd, flags)  # closes fd when it fails
+        except BaseException:
+            log.exception("a file created in C (%r in inode %d)", name, parent_inode)
+            self.table.maybe_drop(node)
+            return None
+        self.table.hold(node)  # the reference the reply gives the kernel
+        self.report_ino(node)  # (and the hook arms its attributes itself)
+        return node.ino, node.generation, info.fh, info.keep_cache, info.direct_io, info.nonseekable
+
+    def create_replied_in_c(self, ino: int, fh: int, delivered: bool) -> None:
+        """After the reply to a CREATE answered in C (``created_in_c``): what can wait
+        for it, done while the caller goes on. Not *delivered* (the caller was
+        interrupted), the kernel has no handle *fh*, and no reference to node *ino*."""
+        try:
+            if not delivered:
+                self._release(fh)
+                self.table.release_ino(ino, 1)
+            self.release_queued()  # at every open, as ``create`` does
+        except BaseException:
+            log.exception("after a file created in C (inode %d)", ino)
 
     @boundary
     async def read(  # type: ignore[override]  # pyfuse3 takes any buffer, not just bytes

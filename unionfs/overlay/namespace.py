@@ -284,6 +284,17 @@ async def create_file(
     return node, fds[0], st
 
 
+def adopt_created(union: Union, parent: Node, name: bytes, st: os.stat_result) -> Node:
+    """The node of a regular file someone else made by ``create_file``'s rules where they
+    are shortest (the FUSE adapter's C hook): *name*, with stat *st*, new in the upper
+    directory of *parent*, which has nothing below it (no lower part, or opaque), nor
+    the setgid bit; the name is not reserved and was not there (not even a whiteout);
+    the file is owned by the caller, has no setuid/setgid/sticky bit, and is open."""
+    node = _created(union, parent, name, st)
+    union.caps_absent(node)  # a file just made has no capability
+    return node
+
+
 async def create_tmpfile(
     union: Union, parent: Node, mode: int, flags: int, caller: Caller
 ) -> tuple[Node, int]:

@@ -54,6 +54,19 @@
  * the answer is then a negative entry, as the daemon's (an untar looks up each
  * name before it creates it).
  *
+ * Such a directory is armed for CREATE too, the one request per file of an untar
+ * that went to Python. There the daemon's rules are short: the new name hides
+ * nothing (nothing is below), so the file is made where the name is, owned by the
+ * caller, with its mode less the umask, and opened as the daemon opens one. This
+ * makes it so (openat with O_CREAT | O_EXCL, fchown, fstat) and hands the fd to
+ * the Python side's bookkeeping (configure_creates: its node, its handle, a
+ * passthrough backing file), called right here, with no trip through pyfuse3's
+ * loop and trio's scheduler. Anything else goes to the daemon, which makes the
+ * file its own way: a setgid directory or a setuid/setgid/sticky mode (the
+ * setgid-directory rules, and a chown that would clear those bits), a name the
+ * daemon refuses or one already there (a whiteout it replaces: O_EXCL fails), any
+ * failure (what was made is removed first), and a file the Python side declines.
+ *
  * Handles made here have the top bit of their low half set; the daemon's never
  * do (unionfs.overlay.files), so the two never meet.
  */
@@ -109,6 +122,10 @@ static void (*inner_getattr)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*inner_lookup)(fuse_req_t, fuse_ino_t, const char *);
 static void (*inner_setattr)(fuse_req_t, fuse_ino_t, struct stat *, int,
                              struct fuse_file_info *);
+static void (*inner_create)(fuse_req_t, fuse_ino_t, const char *, mode_t,
+                            struct fuse_file_info *);
+static PyObject *created_cb, *replied_cb; /* configure_creates: the Python side's bookkeeping */
+static int writeback;                  /* and whether the kernel caches writes */
 static int wrapped, on;
 static int attrs_here;      /* configure_opens(on, attr_timeout): GETATTR too */
 static double attr_timeout;  /* what the daemon gives with its attributes */
@@ -116,7 +133,8 @@ static double entry_timeout; /* and with a negative entry */
 static struct u64map armed;   /* ino -> struct armed * */
 static struct u64map handles; /* fh -> struct handle *: answered here, not claimed */
 static uint64_t next_fh;
-static unsigned long long opens_served, attrs_served, setattrs_served, misses_served;
+static unsigned long long opens_served, attrs_served, setattrs_served, misses_served,
+    creates_served;
 
 static int open_armed(const struct armed *a, int flags)
 {
@@ -279,6 +297,115 @@ python:
     inner_setattr(req, ino, attr, to_set, fi);
 }
 
+static int arm_here(unsigned long long ino, int dirfd, const char *path, size_t len, int dir,
+                    int nlink_one, int upper, int sole);
+
+/* The Python side's answer to a file made here (configure_creates): whether it took it,
+   and then what the reply carries. It owns fd from the call on, and has closed it when
+   it declines; when the call itself fails, the fd is left open (a leak, not a close of
+   whatever fd that number comes to name). */
+static int bookkeeping(fuse_ino_t parent, const char *name, int fd, int flags,
+                       struct fuse_entry_param *e, struct fuse_file_info *fi)
+{
+    unsigned long long ino, generation, fh;
+    int keep_cache, direct_io, nonseekable;
+    PyObject *res = PyObject_CallFunction(created_cb, "Ky#ii", (unsigned long long)parent, name,
+                                          (Py_ssize_t)strlen(name), fd, flags);
+    if (res == NULL) {
+        PyErr_WriteUnraisable(created_cb);
+        return 0;
+    }
+    if (res == Py_None || !PyArg_ParseTuple(res, "KKKppp", &ino, &generation, &fh, &keep_cache,
+                                            &direct_io, &nonseekable)) {
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(created_cb);
+        Py_DECREF(res);
+        return 0;
+    }
+    Py_DECREF(res);
+    e->ino = ino;
+    e->generation = generation;
+    e->attr.st_ino = ino; /* shown as the daemon shows it (ino.c) */
+    e->attr_timeout = attr_timeout;
+    e->entry_timeout = entry_timeout;
+    fi->fh = fh;
+    fi->keep_cache = keep_cache;
+    fi->direct_io = direct_io;
+    fi->nonseekable = nonseekable;
+    return 1;
+}
+
+static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                        struct fuse_file_info *fi)
+{
+    const struct armed *a = armed_attrs(parent);
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    struct fuse_entry_param e;
+    size_t len = strlen(name), at;
+    int dirfd, fd, flags, root;
+    char *path;
+    PyObject *res;
+    if (a == NULL || !a->sole || created_cb == NULL || !PyGILState_Check() || (mode & 07000) ||
+        len > 255 || strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') != NULL)
+        goto python;
+    memset(&e, 0, sizeof(e));
+    if ((dirfd = path_armed(a, &e.attr)) < 0)
+        goto python;
+    if (e.attr.st_mode & S_ISGID) {
+        close(dirfd);
+        goto python;
+    }
+    /* As the daemon opens a file it creates (unionfs.overlay.namespace.create_file). */
+    flags = (fi->flags & ~(O_TRUNC | O_APPEND | O_DIRECT)) | O_CREAT | O_EXCL | O_CLOEXEC;
+    if (writeback && (flags & O_ACCMODE) == O_WRONLY)
+        flags = (flags & ~O_ACCMODE) | O_RDWR;
+    fd = openat(dirfd, name, flags, mode & 0777 & ~(ctx->umask & 0777));
+    if (fd < 0) {
+        close(dirfd);
+        goto python; /* there already (a whiteout), or a failure: the daemon's */
+    }
+    /* The new file's place, to arm it with (a may be freed from the call to the Python
+       side on: it may disarm what it drops). */
+    at = strlen(a->path);
+    root = a->dirfd;
+    if ((path = malloc(at + 1 + len + 1)) == NULL) {
+        close(fd);
+        goto undo;
+    }
+    memcpy(path, a->path, at);
+    path[at] = '/';
+    memcpy(path + at + 1, name, len + 1);
+    if (fchown(fd, ctx->uid, ctx->gid) < 0 || fstat(fd, &e.attr) < 0) {
+        close(fd);
+        free(path);
+        goto undo;
+    }
+    if (!bookkeeping(parent, name, fd, flags, &e, fi)) {
+        free(path);
+        goto undo;
+    }
+    close(dirfd);
+    /* Its GETATTR and SETATTR here too, as the daemon arms a file it gives. */
+    arm_here(e.ino, root, path, at + 1 + len, 0, 0, 1, 0);
+    free(path);
+    /* Failed: the kernel has neither the inode nor the handle (the caller was
+       interrupted). Either way the Python side's work that can wait is done now, while
+       the caller goes on. */
+    res = PyObject_CallFunction(replied_cb, "KKi", (unsigned long long)e.ino,
+                                (unsigned long long)fi->fh, fuse_reply_create(req, &e, fi) == 0);
+    if (res == NULL)
+        PyErr_WriteUnraisable(replied_cb);
+    Py_XDECREF(res);
+    requests_answered = 1;
+    creates_served++;
+    return;
+undo:
+    unlinkat(dirfd, name, 0);
+    close(dirfd);
+python:
+    inner_create(req, parent, name, mode, fi);
+}
+
 static uint64_t new_handle(void)
 {
     uint64_t fh;
@@ -357,6 +484,10 @@ static int wrap(struct fuse_lowlevel_ops *ops)
     ops->setattr = hook_setattr;
     inner_lookup = ops->lookup;
     ops->lookup = hook_lookup;
+    if (ops->create != NULL) {
+        inner_create = ops->create;
+        ops->create = hook_create;
+    }
     wrapped = 1;
     return 0;
 }
@@ -370,29 +501,39 @@ static void drop(uint64_t ino)
     }
 }
 
-static PyObject *arm_as(unsigned long long ino, int dirfd, const char *path, Py_ssize_t len,
-                        int dir, int nlink_one, int upper, int sole)
+/* 1: armed; 0: not answered here; -1: out of memory. */
+static int arm_here(unsigned long long ino, int dirfd, const char *path, size_t len, int dir,
+                    int nlink_one, int upper, int sole)
 {
     struct armed *a;
-    if (!on || len == 0 || (size_t)len != strlen(path)) /* the root, or a NUL in the name */
-        Py_RETURN_FALSE;
+    if (!on || len == 0 || len != strlen(path)) /* the root, or a NUL in the name */
+        return 0;
     if ((dir || upper) && !attrs_here)
-        Py_RETURN_FALSE; /* armed for its attributes only */
+        return 0; /* armed for its attributes only */
     drop(ino);
-    a = malloc(sizeof(*a) + (size_t)len + 1);
+    a = malloc(sizeof(*a) + len + 1);
     if (a == NULL)
-        return PyErr_NoMemory();
+        return -1;
     a->dirfd = dirfd;
     a->dir = dir;
     a->nlink_one = nlink_one;
     a->upper = upper;
     a->sole = sole;
-    memcpy(a->path, path, (size_t)len + 1);
+    memcpy(a->path, path, len + 1);
     if (u64map_put(&armed, ino, (uint64_t)(uintptr_t)a) < 0) {
         free(a);
-        return PyErr_NoMemory();
+        return -1;
     }
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+static PyObject *arm_as(unsigned long long ino, int dirfd, const char *path, Py_ssize_t len,
+                        int dir, int nlink_one, int upper, int sole)
+{
+    int res = arm_here(ino, dirfd, path, (size_t)len, dir, nlink_one, upper, sole);
+    if (res < 0)
+        return PyErr_NoMemory();
+    return PyBool_FromLong(res);
 }
 
 /* arm and arm_upper: (ino, dirfd, path) of a regular file. */
@@ -547,11 +688,35 @@ static PyObject *configure_opens(PyObject *self, PyObject *args)
     return PyBool_FromLong(on);
 }
 
+static PyObject *configure_creates(PyObject *self, PyObject *args)
+{
+    PyObject *created, *replied;
+    int wb;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOp", &created, &replied, &wb))
+        return NULL;
+    if (created != Py_None && (!PyCallable_Check(created) || !PyCallable_Check(replied))) {
+        PyErr_SetString(PyExc_TypeError, "configure_creates: not callable");
+        return NULL;
+    }
+    Py_CLEAR(created_cb);
+    Py_CLEAR(replied_cb);
+    if (created != Py_None && inner_create != NULL) {
+        Py_INCREF(created);
+        Py_INCREF(replied);
+        created_cb = created;
+        replied_cb = replied;
+    }
+    writeback = wb;
+    return PyBool_FromLong(created_cb != NULL);
+}
+
 static PyObject *opens_served_here(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(KKKK)", opens_served, attrs_served, setattrs_served, misses_served);
+    return Py_BuildValue("(KKKKK)", opens_served, attrs_served, setattrs_served, misses_served,
+                         creates_served);
 }
 
 static PyMethodDef methods[] = {
@@ -562,7 +727,8 @@ static PyMethodDef methods[] = {
      "arm_dir(ino, dirfd, path, nlink_one, upper, sole): answer GETATTR of the directory "
      "ino here, from path below dirfd (with nlink 1 if nlink_one); with upper (dirfd is "
      "the writable upper layer) its SETATTR too, and with sole (it has no lower part) "
-     "LOOKUP of names it does not hold; False when not answered here."},
+     "LOOKUP of names it does not hold and CREATE (configure_creates); False when not "
+     "answered here."},
     {"arm_upper", arm_upper, METH_VARARGS,
      "arm_upper(ino, dirfd, path): answer GETATTR and SETATTR of the regular file ino, "
      "whose topmost part is path below dirfd, the writable upper layer, here; False when "
@@ -580,9 +746,16 @@ static PyMethodDef methods[] = {
      "inodes here (off: disarm all), and with attrs their GETATTR, valid for attr_timeout, "
      "and the rest armed for (negative entries valid for entry_timeout); returns whether "
      "opens are."},
+    {"configure_creates", configure_creates, METH_VARARGS,
+     "configure_creates(created, replied, writeback): answer CREATE in a directory armed "
+     "with sole here, calling created(parent, name, fd, flags) for the daemon's bookkeeping "
+     "of the file made, which is then armed as by arm_upper (it takes fd; it returns (ino, "
+     "generation, fh, keep_cache, direct_io, nonseekable), or None after closing fd to "
+     "leave the request to the daemon), and replied(ino, fh, delivered) after the reply; "
+     "created None: never. Returns whether creates are answered here."},
     {"opens_served", opens_served_here, METH_NOARGS,
-     "How many OPENs, GETATTRs, SETATTRs and LOOKUPs (of missing names) were answered "
-     "here: (opens, getattrs, setattrs, lookups)."},
+     "How many OPENs, GETATTRs, SETATTRs, LOOKUPs (of missing names) and CREATEs were "
+     "answered here: (opens, getattrs, setattrs, lookups, creates)."},
     {NULL, NULL, 0, NULL},
 };
 
