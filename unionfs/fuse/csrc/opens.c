@@ -96,7 +96,9 @@
      O_CLOEXEC)
 
 struct armed {
+    uint64_t ino;
     int dirfd;      /* the layer's root (O_PATH), owned by the Python side */
+    int pathfd;     /* an O_PATH fd of it, while among the last used (kept_paths), or -1 */
     int dir;        /* a directory: no OPEN */
     int nlink_one;  /* a directory shown with nlink 1 */
     int upper;      /* in the writable upper layer: SETATTR, and no OPEN */
@@ -152,12 +154,52 @@ static int open_armed(const struct armed *a, int flags)
     return (int)syscall(SYS_openat2, a->dirfd, a->path, &how, sizeof(how));
 }
 
+/* The O_PATH fds of the armed inodes used last are kept (an untar's new file gets
+   three SETATTRs and a GETATTR, its directory a LOOKUP per file): each use then saves
+   a path walk and a close. An fd names the inode the path named when it was opened,
+   which stays so while the inode is armed: only a request that may change the layers
+   can change what a path names, and all are disarmed (and their fds closed) when one
+   starts. A ring of their numbers evicts the oldest. */
+#define KEPT_PATHS 64
+static uint64_t kept_paths[KEPT_PATHS]; /* 0: none */
+static unsigned kept_next;
+
+static void forget_path(struct armed *a)
+{
+    if (a->pathfd >= 0) {
+        close(a->pathfd);
+        a->pathfd = -1;
+    }
+}
+
+static void keep_path(struct armed *a, int fd)
+{
+    uint64_t old = kept_paths[kept_next];
+    if (old != 0) {
+        /* That number may be armed anew meanwhile, its fd kept in a later slot: closed
+           a little early then, as the slot says it may be. */
+        struct armed *o = (struct armed *)(uintptr_t)u64map_get(&armed, old, 0);
+        if (o != NULL)
+            forget_path(o);
+    }
+    kept_paths[kept_next] = a->ino;
+    kept_next = (kept_next + 1) % KEPT_PATHS;
+    a->pathfd = fd;
+}
+
 /* An O_PATH fd of the armed inode, checked to be of its kind, and its stat; -1 when
-   it is not there as armed (a symlink on the way, another kind of file). */
-static int path_armed(const struct armed *a, struct stat *st)
+   it is not there as armed (a symlink on the way, another kind of file). With keep,
+   it is kept (keep_path) and the caller must not close it; the next call may close
+   it, and so may the Python side's (disarm). */
+static int path_armed(struct armed *a, struct stat *st, int keep)
 {
     struct open_how how;
     int fd;
+    if (keep && a->pathfd >= 0) {
+        if (fstat(a->pathfd, st) == 0)
+            return a->pathfd; /* its kind cannot have changed */
+        forget_path(a);
+    }
     memset(&how, 0, sizeof(how));
     how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
@@ -168,6 +210,8 @@ static int path_armed(const struct armed *a, struct stat *st)
         close(fd);
         return -1;
     }
+    if (keep)
+        keep_path(a, fd);
     return fd;
 }
 
@@ -180,23 +224,21 @@ static void reply_attr(fuse_req_t req, fuse_ino_t ino, const struct armed *a, st
     requests_answered = 1;
 }
 
-static const struct armed *armed_attrs(fuse_ino_t ino)
+static struct armed *armed_attrs(fuse_ino_t ino)
 {
     if (!on || !attrs_here)
         return NULL;
-    return (const struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
+    return (struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
 }
 
 static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    const struct armed *a = armed_attrs(ino);
+    struct armed *a = armed_attrs(ino);
     struct stat st;
-    int fd;
-    if (a == NULL || (fd = path_armed(a, &st)) < 0) {
+    if (a == NULL || path_armed(a, &st, 1) < 0) {
         inner_getattr(req, ino, fi);
         return;
     }
-    close(fd);
     reply_attr(req, ino, a, &st);
     attrs_served++;
 }
@@ -207,14 +249,13 @@ static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
    its node; so does any error. */
 static void hook_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    const struct armed *a = armed_attrs(parent);
+    struct armed *a = armed_attrs(parent);
     struct fuse_entry_param e;
     struct stat st;
     int fd, missing;
-    if (a == NULL || !a->sole || (fd = path_armed(a, &st)) < 0)
+    if (a == NULL || !a->sole || (fd = path_armed(a, &st, 1)) < 0)
         goto python;
     missing = fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 && errno == ENOENT;
-    close(fd);
     if (!missing)
         goto python;
     memset(&e, 0, sizeof(e));
@@ -272,7 +313,7 @@ static int set_attrs(int fd, const struct stat *attr, int to_set)
 static void hook_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
                          struct fuse_file_info *fi)
 {
-    const struct armed *a = armed_attrs(ino);
+    struct armed *a = armed_attrs(ino);
     int owners = to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID);
     struct stat st;
     int fd, res;
@@ -282,12 +323,11 @@ static void hook_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
        it to drop with one, as the daemon does for root. Any other kill is its work. */
     if (owners ? fuse_req_ctx(req)->uid != 0 : (killpriv_asked() || (to_set & SETATTR_KILL)))
         goto python;
-    if ((fd = path_armed(a, &st)) < 0)
+    if ((fd = path_armed(a, &st, 1)) < 0)
         goto python;
     res = set_attrs(fd, attr, to_set);
     if (res == 0)
         res = fstat(fd, &st);
-    close(fd);
     if (res < 0)
         goto python; /* the daemon tries again, and says what went wrong its own way */
     reply_attr(req, ino, a, &st);
@@ -338,7 +378,7 @@ static int bookkeeping(fuse_ino_t parent, const char *name, int fd, int flags,
 static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                         struct fuse_file_info *fi)
 {
-    const struct armed *a = armed_attrs(parent);
+    struct armed *a = armed_attrs(parent), *made;
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     struct fuse_entry_param e;
     size_t len = strlen(name), at;
@@ -349,7 +389,8 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
         len > 255 || strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') != NULL)
         goto python;
     memset(&e, 0, sizeof(e));
-    if ((dirfd = path_armed(a, &e.attr)) < 0)
+    /* Not kept: the Python side's work below may close what is (disarm). */
+    if ((dirfd = path_armed(a, &e.attr, 0)) < 0)
         goto python;
     if (e.attr.st_mode & S_ISGID) {
         close(dirfd);
@@ -384,9 +425,13 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
         free(path);
         goto undo;
     }
+    /* Its GETATTR and SETATTR here too, as the daemon arms a file it gives, with its
+       O_PATH fd kept: an untar's SETATTRs of it follow. */
+    if (arm_here(e.ino, root, path, at + 1 + len, 0, 0, 1, 0) > 0 &&
+        (made = (struct armed *)(uintptr_t)u64map_get(&armed, e.ino, 0)) != NULL &&
+        (fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC)) >= 0)
+        keep_path(made, fd);
     close(dirfd);
-    /* Its GETATTR and SETATTR here too, as the daemon arms a file it gives. */
-    arm_here(e.ino, root, path, at + 1 + len, 0, 0, 1, 0);
     free(path);
     /* Failed: the kernel has neither the inode nor the handle (the caller was
        interrupted). Either way the Python side's work that can wait is done now, while
@@ -497,6 +542,7 @@ static void drop(uint64_t ino)
     struct armed *a = (struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
     if (a != NULL) {
         u64map_del(&armed, ino);
+        forget_path(a);
         free(a);
     }
 }
@@ -514,7 +560,9 @@ static int arm_here(unsigned long long ino, int dirfd, const char *path, size_t 
     a = malloc(sizeof(*a) + len + 1);
     if (a == NULL)
         return -1;
+    a->ino = ino;
     a->dirfd = dirfd;
+    a->pathfd = -1;
     a->dir = dir;
     a->nlink_one = nlink_one;
     a->upper = upper;
@@ -587,11 +635,14 @@ static void drop_all(void)
 {
     size_t i;
     for (i = 0; i < armed.cap; i++)
-        if (armed.keys[i] != 0)
+        if (armed.keys[i] != 0) {
+            forget_path((struct armed *)(uintptr_t)armed.values[i]);
             free((void *)(uintptr_t)armed.values[i]);
+        }
     free(armed.keys);
     free(armed.values);
     memset(&armed, 0, sizeof(armed));
+    memset(kept_paths, 0, sizeof(kept_paths));
 }
 
 static PyObject *disarm_all(PyObject *self, PyObject *unused)
