@@ -654,3 +654,36 @@ def test_an_untars_setattrs_and_directory_getattrs_are_answered_in_c(
         assert misses is not None and misses >= 30, misses
     else:
         assert (setattrs, getattrs, misses) == (0, 0, 0)
+
+
+def test_a_file_the_hook_created_is_one_file_to_every_later_open(
+    stack: Stack, mounted: Mounted
+) -> None:
+    """A file created in a directory only in the upper layer is made by the hook, which
+    keeps its handle (csrc/opens.c), passed through where the daemon's are. Another open
+    of it goes to the daemon, which must take that handle over first (the kernel fails
+    an open passed through with a second backing file: EIO); a rename while one is open
+    (a change: the daemon takes every handle) must leave it writing the same file."""
+    um = mounted()
+    (stack.mnt / "new").mkdir()
+    w = os.open(stack.mnt / "new/f", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    os.pwrite(w, b"0123456789", 0)
+    r = os.open(stack.mnt / "new/f", os.O_RDONLY)
+    assert os.pread(r, 10, 0) == b"0123456789"
+    os.pwrite(w, b"ab", 0)
+    assert os.pread(r, 10, 0) == b"ab23456789"
+    g = os.open(stack.mnt / "new/g", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.rename(stack.mnt / "new/g", stack.mnt / "new/h")
+    os.write(g, b"moved")
+    a = os.open(stack.mnt / "new/h", os.O_WRONLY | os.O_APPEND)
+    os.write(a, b"+")
+    for fd in (w, r, g, a):
+        os.close(fd)
+    assert (stack.upper / "new/f").read_bytes() == b"ab23456789"
+    assert (stack.upper / "new/h").read_bytes() == b"moved+"
+    assert um.unmount() == 0
+    log = um.log()
+    assert "Traceback" not in log and "two backing files" not in log, log
+    creates = _in_c(log, "creates")
+    if hook_enabled():
+        assert creates == 2, creates

@@ -180,8 +180,9 @@ class _COpens:
     while a change is in progress, they are armed once the last one has ended, from
     where the node is then (an untar's new file and its directory, for the requests
     that follow its CREATE). A CREATE answered in C is the one change made with no
-    request in progress: the hook makes the file and calls ``Operations.created_in_c``
-    for the rest, at once, so nothing armed can see it half made."""
+    request that may change the layers in progress: the hook makes the file, calls
+    ``Operations.created_in_c`` for its node at once, so nothing armed can see it half
+    made, and keeps its handle as it keeps the read-only opens it answers."""
 
     def __init__(self, fusehook: ModuleType, ops: Operations) -> None:
         self._hook = fusehook
@@ -190,6 +191,7 @@ class _COpens:
         self.disarm = fusehook.disarm
         self._disarm_all = fusehook.disarm_all
         self._unclaimed = fusehook.unclaimed
+        self._claim_ino = fusehook.claim_ino
         self._arm = fusehook.arm
         self._arm_dir = fusehook.arm_dir
         self._arm_upper = fusehook.arm_upper
@@ -247,7 +249,14 @@ class _COpens:
         for found in self._hook.claim_all():
             self._file(*found)
 
-    def _file(self, fh: int, ino: int, fd: int, flags: int) -> None:
+    def claim_ino(self, ino: int) -> None:
+        """Take over the handle of a file the hook created and passes through, before
+        another open of it is planned (``Passthrough.plan``: one backing file)."""
+        found = self._claim_ino(ino)
+        if found is not None:
+            self._file(*found)
+
+    def _file(self, fh: int, ino: int, fd: int, flags: int, backing: int) -> None:
         """File a handle taken over from the hook. Should that fail, the handle is
         closed (the kernel then gets EBADF for it), never left on a stale fd."""
         ops = self._ops
@@ -259,7 +268,7 @@ class _COpens:
             self._hook.set_fd(fh, -1)
             os.close(fd)
             return
-        ops.passthrough.adopted(fh, node)
+        ops.passthrough.adopted(fh, node, backing, node.layer)
 
     def arm(self, node: Node, fd_layer_path: tuple[int, bytes]) -> None:
         """After the daemon answered a read-only open of the lower file of *node*."""
@@ -715,6 +724,8 @@ class Operations(pyfuse3.Operations):
         kill = self._kill(ctx)  # before any await: it describes this request
         self.release_queued()
         node = self._node(inode)
+        if self.c_opens is not None:
+            self.c_opens.claim_ino(node.ino)  # a file the hook created, still open there
         if wants_write(flags) and self.passthrough.write_blocked(node):
             raise FUSEError(errno.ETXTBSY)
         fd = await self.files.open_fd(node, flags, kill=kill)
@@ -769,48 +780,36 @@ class Operations(pyfuse3.Operations):
             self._release(info.fh)  # the kernel never learns of this open
             raise
 
-    def created_in_c(
-        self, parent_inode: int, name: bytes, fd: int, flags: int
-    ) -> tuple[int, int, int, bool, bool, bool] | None:
+    def created_in_c(self, parent_inode: int, name: bytes, fd: int) -> tuple[int, int] | None:
         """A regular file the C hook made for a CREATE in a directory only in the upper
-        layer (csrc/opens.c), open on *fd* with *flags*: the rest of ``create``, called
-        from the hook while it answers. Takes *fd*. Returns what the reply carries (the
-        node, its generation, the handle's fh, keep_cache, direct_io, nonseekable), or
-        None with *fd* closed: the hook then removes the file, and the request comes
+        layer (csrc/opens.c), open on *fd*, which the hook keeps as the handle (like the
+        opens it answers): the node for it, called from the hook while it answers.
+        Returns the node's number and generation, with the reference the reply gives
+        the kernel held; or None, and the hook removes the file and the request comes
         here the ordinary way. Never raises (nothing outside a request would catch it)."""
         node: Node | None = None
         try:
             if self.union.readonly:  # remounted read-only since the directory was armed
-                os.close(fd)
                 return None
             parent = self._node(parent_inode)
+            node = namespace.adopt_created(self.union, parent, name, os.fstat(fd))
+            self.union.caps_absent(node)  # a file just made has no capability
             self.cookies.names_changed(parent)
-            st = os.fstat(fd)
-            node = namespace.adopt_created(self.union, parent, name, st)
+            self.report_ino(node)  # (the hook arms its attributes itself)
+            self.table.hold(node)
         except BaseException:
             log.exception("a file created in C (%r in inode %d)", name, parent_inode)
-            with contextlib.suppress(OSError):
-                os.close(fd)
             if node is not None:
                 self.table.maybe_drop(node)
             return None
-        try:
-            info = self._opened(node, fd, flags)  # closes fd when it fails
-        except BaseException:
-            log.exception("a file created in C (%r in inode %d)", name, parent_inode)
-            self.table.maybe_drop(node)
-            return None
-        self.table.hold(node)  # the reference the reply gives the kernel
-        self.report_ino(node)  # (and the hook arms its attributes itself)
-        return node.ino, node.generation, info.fh, info.keep_cache, info.direct_io, info.nonseekable
+        return node.ino, node.generation
 
-    def create_replied_in_c(self, ino: int, fh: int, delivered: bool) -> None:
+    def create_replied_in_c(self, ino: int, delivered: bool) -> None:
         """After the reply to a CREATE answered in C (``created_in_c``): what can wait
         for it, done while the caller goes on. Not *delivered* (the caller was
-        interrupted), the kernel has no handle *fh*, and no reference to node *ino*."""
+        interrupted), the kernel has no reference to node *ino*."""
         try:
             if not delivered:
-                self._release(fh)
                 self.table.release_ino(ino, 1)
             self.release_queued()  # at every open, as ``create`` does
         except BaseException:

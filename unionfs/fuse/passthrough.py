@@ -164,14 +164,23 @@ class Passthrough:
             io.cached += 1
         self._opens[fh] = (node.ino, plan.kind)
 
-    def adopted(self, fh: int, node: Node) -> None:
-        """The kernel got handle *fh* for a lower file opened without passthrough, by
-        the C hook (csrc/opens.c): what ``plan`` would have decided for it."""
+    def adopted(self, fh: int, node: Node, backing: int = 0, layer: Layer | None = None) -> None:
+        """The kernel got handle *fh* from the C hook (csrc/opens.c): a lower file opened
+        without passthrough, or one it created, passed through with the *backing* id of
+        that file in *layer* (its first open: the hook hands it over before ``plan``
+        of another, see ``claim_ino``). What ``plan`` would have decided for it."""
         if not self.active:
             return
         io = self._inodes.get(node.ino)
         if io is None:
             io = self._inodes[node.ino] = _InodeIO()
+        if backing:
+            if io.passthrough and io.backing != backing:  # cannot be: see above
+                log.warning("inode %d passed through with two backing files", node.ino)
+            io.passthrough += 1
+            io.backing, io.layer = backing, layer
+            self._opens[fh] = (node.ino, PASSTHROUGH)
+            return
         io.cached += 1
         self._opens[fh] = (node.ino, CACHED)
 

@@ -290,9 +290,7 @@ def adopt_created(union: Union, parent: Node, name: bytes, st: os.stat_result) -
     directory of *parent*, which has nothing below it (no lower part, or opaque), nor
     the setgid bit; the name is not reserved and was not there (not even a whiteout);
     the file is owned by the caller, has no setuid/setgid/sticky bit, and is open."""
-    node = _created(union, parent, name, st)
-    union.caps_absent(node)  # a file just made has no capability
-    return node
+    return _created(union, parent, name, st)
 
 
 async def create_tmpfile(

@@ -55,6 +55,10 @@ void hook_session_gone(struct fuse_session *se);
    with the backing id the Python side put in the handle's upper half. */
 const struct fuse_file_info *passthrough_reply_info(const struct fuse_file_info *fi,
                                                     struct fuse_file_info *copy);
+/* And a backing file for fd: its id, 0 when files are not passed through, -1 with
+   errno when the kernel refuses it; passthrough_unback(id) lets it go. */
+int passthrough_backing(int fd);
+void passthrough_unback(uint32_t id);
 
 /* ops.c: the real fd filed for a file handle (-1: none); file one (fd < 0: drop it),
    returning -1 when out of memory. */

@@ -58,10 +58,13 @@
  * that went to Python. There the daemon's rules are short: the new name hides
  * nothing (nothing is below), so the file is made where the name is, owned by the
  * caller, with its mode less the umask, and opened as the daemon opens one. This
- * makes it so (openat with O_CREAT | O_EXCL, fchown, fstat) and hands the fd to
- * the Python side's bookkeeping (configure_creates: its node, its handle, a
- * passthrough backing file), called right here, with no trip through pyfuse3's
- * loop and trio's scheduler. Anything else goes to the daemon, which makes the
+ * makes it so (openat with O_CREAT | O_EXCL, fchown, fstat, a passthrough backing
+ * file when the daemon's files are passed through) and calls the Python side for the
+ * file's node (configure_creates), right here, with no trip through pyfuse3's loop
+ * and trio's scheduler. The handle stays here as an open's does: released here with
+ * its backing file, claimed by the Python side when it needs it, and before it opens
+ * the inode itself (claim_ino: the kernel passes every open of an inode through one
+ * backing file). Anything else goes to the daemon, which makes the
  * file its own way: a setgid directory or a setuid/setgid/sticky mode (the
  * setgid-directory rules, and a chown that would clear those bits), a name the
  * daemon refuses or one already there (a whiteout it replaces: O_EXCL fails), any
@@ -117,6 +120,7 @@ struct armed {
 struct handle {
     uint64_t ino;
     int fd, flags;
+    uint32_t backing; /* a file made here and passed through: its backing id, else 0 */
 };
 
 static void (*inner_open)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
@@ -134,6 +138,10 @@ static double attr_timeout;  /* what the daemon gives with its attributes */
 static double entry_timeout; /* and with a negative entry */
 static struct u64map armed;   /* ino -> struct armed * */
 static struct u64map handles; /* fh -> struct handle *: answered here, not claimed */
+/* ino -> fh of such a handle with a backing id: the kernel wants every open of an inode
+   passed through with one and the same backing file, so the Python side claims it
+   before it opens the inode itself (claim_ino). */
+static struct u64map backed;
 static uint64_t next_fh;
 static unsigned long long opens_served, attrs_served, setattrs_served, misses_served,
     creates_served;
@@ -340,23 +348,18 @@ python:
 static int arm_here(unsigned long long ino, int dirfd, const char *path, size_t len, int dir,
                     int nlink_one, int upper, int sole);
 
-/* The Python side's answer to a file made here (configure_creates): whether it took it,
-   and then what the reply carries. It owns fd from the call on, and has closed it when
-   it declines; when the call itself fails, the fd is left open (a leak, not a close of
-   whatever fd that number comes to name). */
-static int bookkeeping(fuse_ino_t parent, const char *name, int fd, int flags,
-                       struct fuse_entry_param *e, struct fuse_file_info *fi)
+/* The Python side's answer to a file made here (configure_creates): whether it took it
+   (its node, which the reply names), and then the entry the reply carries. */
+static int bookkeeping(fuse_ino_t parent, const char *name, int fd, struct fuse_entry_param *e)
 {
-    unsigned long long ino, generation, fh;
-    int keep_cache, direct_io, nonseekable;
-    PyObject *res = PyObject_CallFunction(created_cb, "Ky#ii", (unsigned long long)parent, name,
-                                          (Py_ssize_t)strlen(name), fd, flags);
+    unsigned long long ino, generation;
+    PyObject *res = PyObject_CallFunction(created_cb, "Ky#i", (unsigned long long)parent, name,
+                                          (Py_ssize_t)strlen(name), fd);
     if (res == NULL) {
         PyErr_WriteUnraisable(created_cb);
         return 0;
     }
-    if (res == Py_None || !PyArg_ParseTuple(res, "KKKppp", &ino, &generation, &fh, &keep_cache,
-                                            &direct_io, &nonseekable)) {
+    if (res == Py_None || !PyArg_ParseTuple(res, "KK", &ino, &generation)) {
         if (PyErr_Occurred())
             PyErr_WriteUnraisable(created_cb);
         Py_DECREF(res);
@@ -368,11 +371,33 @@ static int bookkeeping(fuse_ino_t parent, const char *name, int fd, int flags,
     e->attr.st_ino = ino; /* shown as the daemon shows it (ino.c) */
     e->attr_timeout = attr_timeout;
     e->entry_timeout = entry_timeout;
-    fi->fh = fh;
-    fi->keep_cache = keep_cache;
-    fi->direct_io = direct_io;
-    fi->nonseekable = nonseekable;
     return 1;
+}
+
+static uint64_t new_handle(void);
+static void drop_handle(uint64_t fh, struct handle *h);
+
+/* The handle of a file made here: kept here, as an open answered here (released here,
+   claimed by the Python side when it needs it), with the file's backing id when it is
+   passed through, which its upper half carries as the daemon's handles do. 0 when
+   there is no memory for it. */
+static uint64_t created_handle(int fd, int flags, int backing)
+{
+    struct handle *h = malloc(sizeof(*h));
+    uint64_t fh;
+    if (h == NULL)
+        return 0;
+    h->ino = 0; /* until the Python side names the node */
+    h->fd = fd;
+    h->flags = flags;
+    h->backing = (uint32_t)backing;
+    fh = new_handle() | ((uint64_t)(uint32_t)backing << 32);
+    if (ops_set_fd(fh, fd) < 0 || u64map_put(&handles, fh, (uint64_t)(uintptr_t)h) < 0) {
+        ops_set_fd(fh, -1);
+        free(h);
+        return 0;
+    }
+    return fh;
 }
 
 static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
@@ -382,7 +407,8 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     struct fuse_entry_param e;
     size_t len = strlen(name), at;
-    int dirfd, fd, flags, root;
+    int dirfd, fd, flags, root, backing, delivered;
+    uint64_t fh;
     char *path;
     PyObject *res;
     if (a == NULL || !a->sole || created_cb == NULL || !PyGILState_Check() || (mode & 07000) ||
@@ -416,14 +442,38 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     memcpy(path, a->path, at);
     path[at] = '/';
     memcpy(path + at + 1, name, len + 1);
-    if (fchown(fd, ctx->uid, ctx->gid) < 0 || fstat(fd, &e.attr) < 0) {
+    /* Passed through when the daemon's files are (a file only in the upper layer always
+       may be); a backing file the kernel refuses is the daemon's to handle and log. */
+    if (fchown(fd, ctx->uid, ctx->gid) < 0 || fstat(fd, &e.attr) < 0 ||
+        (backing = passthrough_backing(fd)) < 0) {
         close(fd);
         free(path);
         goto undo;
     }
-    if (!bookkeeping(parent, name, fd, flags, &e, fi)) {
+    if ((fh = created_handle(fd, flags, backing)) == 0) {
+        passthrough_unback((uint32_t)backing);
+        close(fd);
         free(path);
         goto undo;
+    }
+    if (!bookkeeping(parent, name, fd, &e)) {
+        drop_handle(fh, (struct handle *)(uintptr_t)u64map_get(&handles, fh, 0));
+        free(path);
+        goto undo;
+    }
+    ((struct handle *)(uintptr_t)u64map_get(&handles, fh, 0))->ino = e.ino;
+    if (backing > 0 && u64map_put(&backed, e.ino, fh) < 0) {
+        res = PyObject_CallFunction(replied_cb, "Ki", (unsigned long long)e.ino, 0);
+        if (res == NULL)
+            PyErr_WriteUnraisable(replied_cb);
+        Py_XDECREF(res);
+        opens_release(fh);
+        free(path);
+        unlinkat(dirfd, name, 0);
+        close(dirfd);
+        fuse_reply_err(req, ENOMEM);
+        requests_answered = 1;
+        return;
     }
     /* Its GETATTR and SETATTR here too, as the daemon arms a file it gives, with its
        O_PATH fd kept: an untar's SETATTRs of it follow. */
@@ -433,11 +483,16 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
         keep_path(made, fd);
     close(dirfd);
     free(path);
-    /* Failed: the kernel has neither the inode nor the handle (the caller was
-       interrupted). Either way the Python side's work that can wait is done now, while
-       the caller goes on. */
-    res = PyObject_CallFunction(replied_cb, "KKi", (unsigned long long)e.ino,
-                                (unsigned long long)fi->fh, fuse_reply_create(req, &e, fi) == 0);
+    fi->fh = fh;
+    fi->keep_cache = 0; /* in the upper layer: its data may change under a cache */
+    fi->direct_io = 0;
+    fi->nonseekable = 0;
+    delivered = fuse_reply_create(req, &e, fi) == 0;
+    if (!delivered)
+        opens_release(fh); /* the caller was interrupted: the kernel has no handle */
+    /* Then what the Python side can do while the caller goes on; not delivered, the
+       kernel has no reference to the node either. */
+    res = PyObject_CallFunction(replied_cb, "Ki", (unsigned long long)e.ino, delivered);
     if (res == NULL)
         PyErr_WriteUnraisable(replied_cb);
     Py_XDECREF(res);
@@ -477,6 +532,7 @@ static void hook_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
     h->ino = ino;
     h->flags = fi->flags;
+    h->backing = 0;
     fh = new_handle();
     if (ops_set_fd(fh, h->fd) < 0 || u64map_put(&handles, fh, (uint64_t)(uintptr_t)h) < 0) {
         ops_set_fd(fh, -1);
@@ -501,6 +557,23 @@ python:
     inner_open(req, ino, fi);
 }
 
+/* A handle leaves this file's care (released, or claimed). */
+static void unlist(uint64_t fh, const struct handle *h)
+{
+    u64map_del(&handles, fh);
+    if (h->backing != 0 && u64map_get(&backed, h->ino, 0) == fh)
+        u64map_del(&backed, h->ino);
+}
+
+static void drop_handle(uint64_t fh, struct handle *h)
+{
+    unlist(fh, h);
+    ops_set_fd(fh, -1);
+    close(h->fd);
+    passthrough_unback(h->backing);
+    free(h);
+}
+
 int opens_release(uint64_t fh)
 {
     struct handle *h;
@@ -509,10 +582,7 @@ int opens_release(uint64_t fh)
     h = (struct handle *)(uintptr_t)u64map_get(&handles, fh, 0);
     if (h == NULL)
         return 0; /* claimed: the Python side closes it */
-    u64map_del(&handles, fh);
-    ops_set_fd(fh, -1);
-    close(h->fd);
-    free(h);
+    drop_handle(fh, h);
     return 1;
 }
 
@@ -663,27 +733,44 @@ static PyObject *armed_count(PyObject *self, PyObject *unused)
 
 static PyObject *handle_tuple(uint64_t fh, const struct handle *h)
 {
-    return Py_BuildValue("(KKii)", (unsigned long long)fh, (unsigned long long)h->ino, h->fd,
-                         h->flags);
+    return Py_BuildValue("(KKiiI)", (unsigned long long)fh, (unsigned long long)h->ino, h->fd,
+                         h->flags, (unsigned)h->backing);
+}
+
+/* The tuple of handle fh, which the caller now owns; None when it is not here. */
+static PyObject *take(uint64_t fh)
+{
+    struct handle *h = (struct handle *)(uintptr_t)u64map_get(&handles, fh, 0);
+    PyObject *out;
+    if (h == NULL)
+        Py_RETURN_NONE;
+    out = handle_tuple(fh, h);
+    if (out != NULL) {
+        unlist(fh, h);
+        free(h);
+    }
+    return out;
 }
 
 static PyObject *claim(PyObject *self, PyObject *arg)
 {
     unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
-    struct handle *h;
-    PyObject *out;
     (void)self;
     if (fh == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    h = (struct handle *)(uintptr_t)u64map_get(&handles, fh, 0);
-    if (h == NULL)
-        Py_RETURN_NONE;
-    out = handle_tuple(fh, h);
-    if (out != NULL) {
-        u64map_del(&handles, fh);
-        free(h);
-    }
-    return out;
+    return take(fh);
+}
+
+static PyObject *claim_ino(PyObject *self, PyObject *arg)
+{
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    uint64_t fh;
+    (void)self;
+    if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if ((fh = u64map_get(&backed, ino, 0)) == 0)
+        Py_RETURN_NONE; /* the usual case: one lookup */
+    return take(fh);
 }
 
 static PyObject *claim_all(PyObject *self, PyObject *unused)
@@ -713,6 +800,9 @@ static PyObject *claim_all(PyObject *self, PyObject *unused)
     free(handles.keys);
     free(handles.values);
     memset(&handles, 0, sizeof(handles));
+    free(backed.keys);
+    free(backed.values);
+    memset(&backed, 0, sizeof(backed));
     return out;
 }
 
@@ -788,8 +878,11 @@ static PyMethodDef methods[] = {
     {"disarm_all", disarm_all, METH_NOARGS, "Every open goes to Python until armed again."},
     {"armed_count", armed_count, METH_NOARGS, "How many inodes are armed."},
     {"claim", claim, METH_O,
-     "claim(fh): (fh, ino, fd, flags) of a handle answered here, which the caller now "
-     "owns (its RELEASE then goes to it), or None."},
+     "claim(fh): (fh, ino, fd, flags, backing) of a handle answered here, which the "
+     "caller now owns (its RELEASE then goes to it, and its backing id, or 0), or None."},
+    {"claim_ino", claim_ino, METH_O,
+     "claim_ino(ino): claim() of the handle of a file CREATEd here and passed through, "
+     "if still here (every open of an inode must use its backing id), or None."},
     {"claim_all", claim_all, METH_NOARGS, "claim() of every handle answered here."},
     {"unclaimed", unclaimed, METH_NOARGS, "How many handles answered here are not claimed."},
     {"configure_opens", configure_opens, METH_VARARGS,
@@ -799,11 +892,11 @@ static PyMethodDef methods[] = {
      "opens are."},
     {"configure_creates", configure_creates, METH_VARARGS,
      "configure_creates(created, replied, writeback): answer CREATE in a directory armed "
-     "with sole here, calling created(parent, name, fd, flags) for the daemon's bookkeeping "
-     "of the file made, which is then armed as by arm_upper (it takes fd; it returns (ino, "
-     "generation, fh, keep_cache, direct_io, nonseekable), or None after closing fd to "
-     "leave the request to the daemon), and replied(ino, fh, delivered) after the reply; "
-     "created None: never. Returns whether creates are answered here."},
+     "with sole here, calling created(parent, name, fd) for the node of the file made (it "
+     "returns (ino, generation) with the kernel's reference held, or None to leave the "
+     "request to the daemon), which is then armed as by arm_upper and its handle kept "
+     "here, and replied(ino, delivered) after the reply; created None: never. Returns "
+     "whether creates are answered here."},
     {"opens_served", opens_served_here, METH_NOARGS,
      "How many OPENs, GETATTRs, SETATTRs, LOOKUPs (of missing names) and CREATEs were "
      "answered here: (opens, getattrs, setattrs, lookups, creates)."},

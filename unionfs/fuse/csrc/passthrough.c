@@ -105,9 +105,38 @@ static int device_fd(void)
     return fuse_session_fd(se);
 }
 
-static PyObject *backing_open(PyObject *self, PyObject *arg)
+/* The ioctl on the session's device: a backing id, or -1 with errno. */
+static int open_backing(int dev, int fd)
 {
     struct backing_map map;
+    int id;
+    memset(&map, 0, sizeof(map));
+    map.fd = (int32_t)fd;
+    id = ioctl(dev, BACKING_OPEN, &map);
+    if (id == 0) {
+        errno = EIO;
+        return -1;
+    }
+    return id;
+}
+
+int passthrough_backing(int fd)
+{
+    struct fuse_session *se = hook_session();
+    if (se == NULL || !active)
+        return 0;
+    return open_backing(fuse_session_fd(se), fd);
+}
+
+void passthrough_unback(uint32_t id)
+{
+    struct fuse_session *se = hook_session();
+    if (se != NULL && active && id != 0)
+        ioctl(fuse_session_fd(se), BACKING_CLOSE, &id); /* gone with the session otherwise */
+}
+
+static PyObject *backing_open(PyObject *self, PyObject *arg)
+{
     int dev, id;
     long fd = PyLong_AsLong(arg);
     (void)self;
@@ -115,15 +144,8 @@ static PyObject *backing_open(PyObject *self, PyObject *arg)
         return NULL;
     if ((dev = device_fd()) < 0)
         return NULL;
-    memset(&map, 0, sizeof(map));
-    map.fd = (int32_t)fd;
-    id = ioctl(dev, BACKING_OPEN, &map);
-    if (id < 0)
+    if ((id = open_backing(dev, (int)fd)) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    if (id == 0) {
-        errno = EIO;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
     return PyLong_FromLong(id);
 }
 
@@ -155,6 +177,17 @@ const struct fuse_file_info *passthrough_reply_info(const struct fuse_file_info 
 {
     (void)copy;
     return fi;
+}
+
+int passthrough_backing(int fd)
+{
+    (void)fd;
+    return 0;
+}
+
+void passthrough_unback(uint32_t id)
+{
+    (void)id;
 }
 
 static PyObject *backing_open(PyObject *self, PyObject *arg)
