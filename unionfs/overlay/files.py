@@ -178,11 +178,13 @@ class Files:
             # The fd reads the lower data; the upper inode holds the metadata, which
             # an fstat or fchmod must still reach once the name is gone.
             f.meta_fd = self.union.open_real(node, os.O_PATH)
+        if self.on_open is not None:
+            # First: should it fail, nothing is registered, and the caller's close of
+            # fd is the only one (a later release must not close that number again).
+            self.on_open(fh, f)
         self.handles[fh] = f
         self.union.table.hold(node)
         self.union.open_files.setdefault(node.ino, []).append(f)
-        if self.on_open is not None:
-            self.on_open(fh, f)
 
     def release(self, fh: int) -> None:
         f = self._file(fh)
