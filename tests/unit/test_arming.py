@@ -45,7 +45,14 @@ class Hook:
 
 def _c_opens(union: Union) -> tuple[_COpens, Hook]:
     hook = Hook()
-    ops = SimpleNamespace(ids=IDENTITY, table=union.table, union=union, report_ino=lambda n: None)
+    ops = SimpleNamespace(
+        ids=IDENTITY,
+        table=union.table,
+        union=union,
+        report_ino=lambda n: None,
+        created_in_c=None,  # the hook's CREATE (configure_creates), unused here
+        create_replied_in_c=None,
+    )
     c = _COpens(hook, ops)  # type: ignore[arg-type]
     c.configure(True)
     return c, hook
