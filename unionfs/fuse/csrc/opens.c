@@ -374,6 +374,15 @@ static int bookkeeping(fuse_ino_t parent, const char *name, int fd, struct fuse_
     return 1;
 }
 
+/* After the reply (delivered: the kernel got it), the Python side's work that can wait. */
+static void replied(uint64_t ino, int delivered)
+{
+    PyObject *res = PyObject_CallFunction(replied_cb, "Ki", (unsigned long long)ino, delivered);
+    if (res == NULL)
+        PyErr_WriteUnraisable(replied_cb);
+    Py_XDECREF(res);
+}
+
 static uint64_t new_handle(void);
 static void drop_handle(uint64_t fh, struct handle *h);
 
@@ -410,7 +419,6 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     int dirfd, fd, flags, root, backing, delivered;
     uint64_t fh;
     char *path;
-    PyObject *res;
     if (a == NULL || !a->sole || created_cb == NULL || !PyGILState_Check() || (mode & 07000) ||
         len > 255 || strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') != NULL)
         goto python;
@@ -463,10 +471,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     }
     ((struct handle *)(uintptr_t)u64map_get(&handles, fh, 0))->ino = e.ino;
     if (backing > 0 && u64map_put(&backed, e.ino, fh) < 0) {
-        res = PyObject_CallFunction(replied_cb, "Ki", (unsigned long long)e.ino, 0);
-        if (res == NULL)
-            PyErr_WriteUnraisable(replied_cb);
-        Py_XDECREF(res);
+        replied(e.ino, 0); /* no reply will name the node */
         opens_release(fh);
         free(path);
         unlinkat(dirfd, name, 0);
@@ -492,10 +497,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
         opens_release(fh); /* the caller was interrupted: the kernel has no handle */
     /* Then what the Python side can do while the caller goes on; not delivered, the
        kernel has no reference to the node either. */
-    res = PyObject_CallFunction(replied_cb, "Ki", (unsigned long long)e.ino, delivered);
-    if (res == NULL)
-        PyErr_WriteUnraisable(replied_cb);
-    Py_XDECREF(res);
+    replied(e.ino, delivered);
     requests_answered = 1;
     creates_served++;
     return;
