@@ -67,16 +67,36 @@ def test_statfs_reports_the_upper_filesystem(stack: Stack, mounted: Mounted) -> 
     assert not a.f_flag & os.ST_RDONLY
 
 
-def test_a_mount_without_upper_is_read_only(stack: Stack, mounted: Mounted) -> None:
+@pytest.mark.parametrize("how", ["no upper", "ro", "no upper, remounted rw", "ro, remounted rw"])
+def test_a_mount_without_upper_is_read_only(stack: Stack, mounted: Mounted, how: str) -> None:
+    """Without an upper, or with ``ro``, every change fails with EROFS, and still does
+    once root has remounted the FUSE mount read-write (the kernel then sends the
+    requests): the daemon, and the hook's answers, refuse them, and no layer changes."""
     write(stack.lowers[0] / "f", b"data")
     (stack.lowers[0] / "d").mkdir()
-    mounted(readonly=True)
+    (stack.upper / "u").mkdir()
+    if how.startswith("ro"):
+        mounted(extra_options="ro")
+    else:
+        mounted(readonly=True)
     m = stack.mnt
     assert os.statvfs(m).f_flag & os.ST_RDONLY
     assert (m / "f").read_bytes() == b"data"
+    layers = [*stack.lowers, stack.upper]
+    before = [snapshot(p) for p in layers]
+    if how.endswith("remounted rw"):
+        # mount(2) itself (-i): the helper would run a new daemon.
+        subprocess.run(["mount", "-i", "-o", "remount,rw", os.fspath(m)], check=True)
+        assert not os.statvfs(m).f_flag & os.ST_RDONLY
+    sub = m / ("u" if how.startswith("ro") else "d")
+    for _ in range(2):  # the second time, whatever the hook armed meanwhile answers
+        assert not (sub / "missing").exists()
+        os.stat(sub)
     attempts: list[Callable[[], object]] = [
         lambda: open(m / "f", "ab"),
         lambda: open(m / "new", "wb"),
+        lambda: open(sub / "new", "wb"),
+        lambda: os.mkdir(sub / "x"),
         lambda: os.mkdir(m / "x"),
         lambda: os.unlink(m / "f"),
         lambda: os.rmdir(m / "d"),
@@ -85,11 +105,14 @@ def test_a_mount_without_upper_is_read_only(stack: Stack, mounted: Mounted) -> N
         lambda: os.symlink("f", m / "s"),
         lambda: os.setxattr(m / "f", "user.x", b"1"),
         lambda: os.truncate(m / "f", 0),
+        lambda: os.chmod(sub, 0o700),
     ]
     for attempt in attempts:
         with pytest.raises(OSError) as e:
             attempt()
         assert e.value.errno == errno.EROFS
+    for p, was in zip(layers, before, strict=True):
+        assert diff(was, snapshot(p)) == [], p
 
 
 def test_fsync_and_fsyncdir_reach_the_upper(stack: Stack, mounted: Mounted) -> None:

@@ -12,13 +12,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Mounted, Stack
-from tests.features import hook_enabled
+from tests.features import hook_enabled, libfuse317_expected
 from tests.mounting import start_unionfs
 from tests.test_merge import write
 from tests.test_reads import _evict, watched
@@ -672,3 +673,59 @@ def test_a_file_the_hook_created_is_one_file_to_every_later_open(
     creates = _in_c(log, "creates")
     if hook_enabled():
         assert creates == 2, creates
+
+
+def _traced_by_strace(pid: int) -> bool:
+    """Whether every thread of *pid* has a tracer."""
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+            if int(fields["TracerPid"]) == 0:
+                return False
+    return True
+
+
+def test_after_the_kernel_refuses_a_backing_file_creates_are_made_once(
+    tmp_path: Path, stack: Stack, mounted: Mounted
+) -> None:
+    """When the kernel refuses to register a created file as a backing file (the
+    daemon's ioctls fail: strace makes them), the hook undoes that file and the daemon
+    makes it again its own way, and every later CREATE goes to the daemon at once:
+    asking again would make each file twice (two inodes, two changes of the directory,
+    an unlink between them)."""
+    um = mounted()
+    (stack.mnt / "new").mkdir()
+    write(stack.mnt / "new/first", b"made in C")
+    out = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-p", str(um.pid), "-o", str(out),
+         "-e", "trace=ioctl,unlinkat", "-e", "inject=ioctl:error=EPERM"],
+    )  # fmt: skip
+    try:
+        for _ in range(500):
+            if _traced_by_strace(um.pid):
+                break
+            assert tracer.poll() is None, "strace ended"
+            time.sleep(0.01)
+        else:
+            raise AssertionError("strace did not attach")
+        for i in range(5):
+            write(stack.mnt / f"new/f{i}", f"file {i}".encode())
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    for i in range(5):
+        assert (stack.upper / f"new/f{i}").read_text() == f"file {i}"
+    undone = [line for line in out.read_text().splitlines() if "unlinkat(" in line]
+    assert um.unmount() == 0
+    log = um.log()
+    assert "Traceback" not in log, log
+    creates = _in_c(log, "creates")
+    if not hook_enabled():
+        assert creates is None
+        return
+    assert creates == 1, creates  # "first"
+    if libfuse317_expected():
+        assert len(undone) == 1, undone  # f0, made in C first, and undone
+    else:
+        assert undone == [], undone  # nothing to refuse: no passthrough

@@ -789,8 +789,6 @@ class Operations(pyfuse3.Operations):
         here the ordinary way. Never raises (nothing outside a request would catch it)."""
         node: Node | None = None
         try:
-            if self.union.readonly:  # remounted read-only since the directory was armed
-                return None
             parent = self._node(parent_inode)
             node = namespace.adopt_created(self.union, parent, name, os.fstat(fd))
             self.union.caps_absent(node)  # a file just made has no capability

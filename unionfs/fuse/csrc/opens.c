@@ -132,6 +132,7 @@ static void (*inner_create)(fuse_req_t, fuse_ino_t, const char *, mode_t,
                             struct fuse_file_info *);
 static PyObject *created_cb, *replied_cb; /* configure_creates: the Python side's bookkeeping */
 static int writeback;                  /* and whether the kernel caches writes */
+static int backing_refused;            /* the kernel refused a created file's backing file */
 static int wrapped, on;
 static int attrs_here;      /* configure_opens(on, attr_timeout): GETATTR too */
 static double attr_timeout;  /* what the daemon gives with its attributes */
@@ -388,25 +389,28 @@ static void drop_handle(uint64_t fh, struct handle *h);
 
 /* The handle of a file made here: kept here, as an open answered here (released here,
    claimed by the Python side when it needs it), with the file's backing id when it is
-   passed through, which its upper half carries as the daemon's handles do. 0 when
+   passed through, which its upper half carries as the daemon's handles do. NULL when
    there is no memory for it. */
-static uint64_t created_handle(int fd, int flags, int backing)
+static struct handle *created_handle(int fd, int flags, int backing, uint64_t *fhp)
 {
     struct handle *h = malloc(sizeof(*h));
     uint64_t fh;
     if (h == NULL)
-        return 0;
+        return NULL;
     h->ino = 0; /* until the Python side names the node */
     h->fd = fd;
     h->flags = flags;
     h->backing = (uint32_t)backing;
-    fh = new_handle() | ((uint64_t)(uint32_t)backing << 32);
+    do /* the key as registered, backing id and all, free */
+        fh = new_handle() | ((uint64_t)(uint32_t)backing << 32);
+    while (ops_fd_of(fh) >= 0);
     if (ops_set_fd(fh, fd) < 0 || u64map_put(&handles, fh, (uint64_t)(uintptr_t)h) < 0) {
         ops_set_fd(fh, -1);
         free(h);
-        return 0;
+        return NULL;
     }
-    return fh;
+    *fhp = fh;
+    return h;
 }
 
 static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
@@ -419,8 +423,11 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     int dirfd, fd, flags, root, backing, delivered;
     uint64_t fh;
     char *path;
-    if (a == NULL || !a->sole || created_cb == NULL || !PyGILState_Check() || (mode & 07000) ||
-        len > 255 || strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') != NULL)
+    struct handle *h;
+    /* Only in a directory of the upper layer armed writable: never on a read-only mount,
+       even one a remount made writable to the kernel. */
+    if (a == NULL || !a->sole || !a->upper || created_cb == NULL || backing_refused ||
+        !PyGILState_Check() || (mode & 07000) || len > 255 || strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') != NULL)
         goto python;
     memset(&e, 0, sizeof(e));
     /* Not kept: the Python side's work below may close what is (disarm). */
@@ -451,34 +458,37 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     path[at] = '/';
     memcpy(path + at + 1, name, len + 1);
     /* Passed through when the daemon's files are (a file only in the upper layer always
-       may be); a backing file the kernel refuses is the daemon's to handle and log. */
-    if (fchown(fd, ctx->uid, ctx->gid) < 0 || fstat(fd, &e.attr) < 0 ||
-        (backing = passthrough_backing(fd)) < 0) {
+       may be). A backing file the kernel refuses is the daemon's to handle and log, and
+       from then on every CREATE is: asking again would make each file twice. */
+    backing = -1;
+    if (fchown(fd, ctx->uid, ctx->gid) == 0 && fstat(fd, &e.attr) == 0 &&
+        (backing = passthrough_backing(fd)) < 0)
+        backing_refused = 1;
+    if (backing < 0) {
         close(fd);
         free(path);
         goto undo;
     }
-    if ((fh = created_handle(fd, flags, backing)) == 0) {
+    /* Filed with the caller's flags, as the daemon files the handles it makes. */
+    if ((h = created_handle(fd, fi->flags, backing, &fh)) == NULL) {
         passthrough_unback((uint32_t)backing);
         close(fd);
         free(path);
         goto undo;
     }
     if (!bookkeeping(parent, name, fd, &e)) {
-        drop_handle(fh, (struct handle *)(uintptr_t)u64map_get(&handles, fh, 0));
+        drop_handle(fh, h);
         free(path);
         goto undo;
     }
-    ((struct handle *)(uintptr_t)u64map_get(&handles, fh, 0))->ino = e.ino;
+    /* The Python side's work in bookkeeping never claims a handle (only requests that
+       change the layers do, and none runs while this one is answered). */
+    h->ino = e.ino;
     if (backing > 0 && u64map_put(&backed, e.ino, fh) < 0) {
         replied(e.ino, 0); /* no reply will name the node */
         opens_release(fh);
         free(path);
-        unlinkat(dirfd, name, 0);
-        close(dirfd);
-        fuse_reply_err(req, ENOMEM);
-        requests_answered = 1;
-        return;
+        goto undo; /* and the daemon tries */
     }
     /* Its GETATTR and SETATTR here too, as the daemon arms a file it gives, with its
        O_PATH fd kept: an untar's SETATTRs of it follow. */
@@ -499,7 +509,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
        kernel has no reference to the node either. */
     replied(e.ino, delivered);
     requests_answered = 1;
-    creates_served++;
+    creates_served += delivered;
     return;
 undo:
     unlinkat(dirfd, name, 0);
@@ -851,6 +861,7 @@ static PyObject *configure_creates(PyObject *self, PyObject *args)
         replied_cb = replied;
     }
     writeback = wb;
+    backing_refused = 0;
     return PyBool_FromLong(created_cb != NULL);
 }
 
