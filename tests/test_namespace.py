@@ -6,12 +6,15 @@ import ctypes
 import errno
 import os
 import stat
+import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Mounted, Stack, staged
 from tests.test_merge import write
+from tests.twins import twins
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
@@ -285,3 +288,42 @@ def test_the_mount_root_can_be_chowned_chmodded_and_touched(stack: Stack, mounte
     )
     up = os.stat(stack.upper)
     assert (up.st_uid, up.st_gid, stat.S_IMODE(up.st_mode)) == (123, 456, 0o711)
+
+
+def _default_acl(entries: list[tuple[int, int]]) -> bytes:
+    """A ``system.posix_acl_default`` value (version 2) of (tag, perm) entries."""
+    undefined = 0xFFFFFFFF
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, undefined) for t, p in entries)
+
+
+# user::rwx group::rwx other::r-x
+_MINIMAL_DEFAULT_ACL = _default_acl([(0x01, 7), (0x04, 7), (0x20, 5)])
+
+
+@pytest.mark.parametrize("umask", [0o077, 0])
+def test_a_default_acl_on_the_upper_directory_is_the_known_difference(
+    tmp_path: Path, umask: int
+) -> None:
+    """README, *Known differences*: under a directory of the upper layer with a default
+    ACL, the kernel overlay ignores the caller's umask (the ACL gives the new entry's
+    mode); unionfs applies it. With umask 0 both agree: the umask is all of it."""
+    u, k = twins(tmp_path, lambda lowers: None)
+    modes = {}
+    for twin in (u, k):
+        (twin.upper / "d").mkdir()
+        os.setxattr(twin.upper / "d", "system.posix_acl_default", _MINIMAL_DEFAULT_ACL)
+        with twin.mount() as mnt:
+            old = os.umask(umask)
+            try:
+                os.close(os.open(mnt / "d/f", os.O_CREAT | os.O_WRONLY, 0o666))
+                os.mkdir(mnt / "d/sub", 0o777)
+            finally:
+                os.umask(old)
+        modes[twin.kind] = [
+            stat.S_IMODE(os.stat(twin.upper / "d" / n).st_mode) for n in ("f", "sub")
+        ]
+    assert modes["kernel"] == [0o664, 0o775]
+    if umask:
+        assert modes["unionfs"] == [0o600, 0o700]
+    else:
+        assert modes["unionfs"] == modes["kernel"]
