@@ -21,6 +21,7 @@ class Options:
     writeback: bool = False
     passthrough: str = "auto"  # auto | on | off: FUSE passthrough (unionfs.fuse.passthrough)
     static_nlink: bool = False
+    acl: bool = True  # noacl: a directory's default ACL never spares a new entry the umask
     userxattr: bool = False  # markers in user.overlay.* (automatic when trusted.* is refused)
     timeout: float | None = None
     trace: str | None = None  # -o trace=FILE: the overlay's decisions as JSON lines
@@ -73,7 +74,6 @@ NO_OPS = {
     "_netdev",
     "nofail",
     "private",
-    "noacl",
     "fast_ino",
     "debug",
     "lazytime",
@@ -256,6 +256,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         opts.trace = unescape(need())
     elif key == "static_nlink":
         opts.static_nlink = True
+    elif key == "noacl" and value is None:
+        opts.acl = False
     elif key == "userxattr" and value is None:
         opts.userxattr = True
     elif key == "timeout":

@@ -212,6 +212,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         fsync=opts.fsync,
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
+        acl=opts.acl,
         xattrs=xattrs,
         redirect=redirect_mode(opts, xattrs),
         metacopy=opts.metacopy,

@@ -18,7 +18,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unionfs.overlay import markers
+from unionfs.overlay import acl, markers
 from unionfs.overlay.copyup import copy_metadata, copy_up, readonly_error, wait_for_copy_up
 from unionfs.overlay.events import OPAQUE, WHITEOUT, Refused
 from unionfs.overlay.files import readable_for_writeback
@@ -55,11 +55,26 @@ def check_new_name(name: bytes, parent: bytes = b"") -> None:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
 
-def new_owner(parent_st: os.stat_result, caller: Caller, mode: int) -> tuple[int, int, int]:
-    """Owner and mode of a new entry: the caller's, with the setgid-directory rules."""
+# A new entry's ACLs (access, default) from its directory's default ACL, to set where
+# the entry is built away from that directory (the workdir); None: the directory has none.
+Acls = tuple[bytes | None, bytes | None] | None
+
+
+def new_owner(
+    parent_st: os.stat_result, caller: Caller, mode: int, default_acl: bytes | None = None
+) -> tuple[int, int, int, Acls]:
+    """Owner, mode and ACLs of a new entry: the caller's, with the setgid-directory
+    rules; its mode less the caller's umask, or, under a directory with *default_acl*
+    (its upper directory's), as that ACL gives it (``unionfs.overlay.acl``)."""
     is_dir = stat.S_ISDIR(mode)
-    if not stat.S_ISLNK(mode):
+    acls: Acls = None
+    if stat.S_ISLNK(mode):
+        pass
+    elif default_acl is None:
         mode &= ~(caller.umask & 0o777)
+    else:
+        mode, access, default = acl.inherit(default_acl, mode)
+        acls = (access, default)
     gid = caller.gid
     if parent_st.st_mode & stat.S_ISGID:
         gid = parent_st.st_gid
@@ -73,7 +88,25 @@ def new_owner(parent_st: os.stat_result, caller: Caller, mode: int) -> tuple[int
         and gid not in caller.groups
     ):
         mode &= ~stat.S_ISGID
-    return caller.uid, gid, mode
+    return caller.uid, gid, mode, acls
+
+
+def _default_acl(union: Union, dirfd: int, mode: int) -> bytes | None:
+    """The default ACL of upper directory *dirfd* that a new entry of *mode* inherits
+    (none with ``noacl``: the umask applies, and the ACL where the filesystem applies it)."""
+    if stat.S_ISLNK(mode) or not union.config.acl:
+        return None
+    return acl.default_of(dirfd)
+
+
+def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
+    """Give an entry built in the workdir the ACLs its directory would have given it."""
+    if acls is None:
+        return
+    path = fd_path(dirfd, name)
+    for xattr, value in zip((acl.ACCESS, acl.DEFAULT), acls, strict=True):
+        if value is not None:
+            os.setxattr(path, xattr, value, os.XATTR_CREATE)
 
 
 def _writable(union: Union) -> None:
@@ -135,17 +168,20 @@ def _place(
     make: Callable[[int, bytes], None],
     finish: Callable[[int, bytes], None] = lambda fd, n: None,
     setid: bool = False,
+    acls: Acls = None,
 ) -> None:
     """Create an entry with *make* and give it its owner with *finish*: directly,
     or in the workdir and renamed in: over a whiteout, and for a *setid* file
     (chown clears setuid/setgid, which then are set again: a crash in between
-    must not leave the file without them). A failure after *make* removes what
-    it made, so no half-made entry stays behind."""
+    must not leave the file without them), with the *acls* its directory gives.
+    A failure after *make* removes what it made, so no half-made entry stays
+    behind."""
     if over_whiteout or setid:
         work, tmp = union.work_fd, union.tmp_name()
         try:
             make(work, tmp)
             finish(work, tmp)
+            _set_acls(work, tmp, acls)
             # Over a whiteout this replaces it in one step.
             renameat2(work, tmp, dirfd, name, 0 if over_whiteout else RENAME_NOREPLACE)
         except BaseException:
@@ -187,10 +223,10 @@ async def create_node(
     if stat.S_ISCHR(mode) and rdev == 0:
         raise Refused(errno.EPERM, "a 0/0 character device is a whiteout", join(parent.path, name))
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
-    uid, gid, mode = new_owner(os.stat(dirfd), caller, mode)
+    uid, gid, mode, acls = new_owner(os.stat(dirfd), caller, mode, _default_acl(union, dirfd, mode))
 
     if stat.S_ISDIR(mode):
-        _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode)
+        _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode, acls)
         if not over_whiteout and parent.lowers and union.config.redirect == "on":
             # As the kernel does once redirects (or metacopy) may exist: nothing below
             # can merge into a new directory, so lookups need not look (and a
@@ -210,7 +246,7 @@ async def create_node(
                 os.mknod(n, mode, rdev, dir_fd=fd)
             _set_owner(fd, n, uid, gid, mode)
 
-        _place(union, dirfd, name, over_whiteout, make, setid=_setid(mode))
+        _place(union, dirfd, name, over_whiteout, make, setid=_setid(mode), acls=acls)
         _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(
         union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
@@ -225,7 +261,14 @@ def _replaced_whiteout(union: Union, parent: Node, name: bytes, over_whiteout: b
 
 
 def _mkdir(
-    union: Union, dirfd: int, name: bytes, over_whiteout: bool, uid: int, gid: int, mode: int
+    union: Union,
+    dirfd: int,
+    name: bytes,
+    over_whiteout: bool,
+    uid: int,
+    gid: int,
+    mode: int,
+    acls: Acls = None,
 ) -> None:
     if not over_whiteout:
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=dirfd)
@@ -241,6 +284,7 @@ def _mkdir(
     os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=work)
     try:
         _set_owner(work, tmp, uid, gid, mode)
+        _set_acls(work, tmp, acls)
         markers.set_opaque(work, tmp, union.ns)
         renameat2(work, tmp, dirfd, name, RENAME_EXCHANGE)
     except BaseException:
@@ -254,7 +298,8 @@ async def create_file(
 ) -> tuple[Node, int, os.stat_result]:
     """create(2): a new regular file, returned open with *flags*, and its stat."""
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
-    uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
+    mode = stat.S_IFREG | (mode & 0o7777)
+    uid, gid, mode, acls = new_owner(os.stat(dirfd), caller, mode, _default_acl(union, dirfd, mode))
     # Like open(): the kernel computes append offsets, and O_DIRECT would refuse
     # the daemon's unaligned buffers.
     flags = readable_for_writeback(
@@ -272,7 +317,7 @@ async def create_file(
             os.fchmod(fds[0], stat.S_IMODE(mode))
 
     try:
-        _place(union, dirfd, name, over_whiteout, make, finish, setid=_setid(mode))
+        _place(union, dirfd, name, over_whiteout, make, finish, setid=_setid(mode), acls=acls)
     except BaseException:
         for f in fds:
             os.close(f)
@@ -306,7 +351,9 @@ async def create_tmpfile(
     await copy_up(union, parent)
     assert union.upper is not None
     dirfd = union.upper.dirfd(parent.path)
-    uid, gid, mode = new_owner(os.stat(dirfd), caller, stat.S_IFREG | (mode & 0o7777))
+    mode = stat.S_IFREG | (mode & 0o7777)
+    # Made in its directory: the upper filesystem gives it the ACLs itself.
+    uid, gid, mode, _ = new_owner(os.stat(dirfd), caller, mode, _default_acl(union, dirfd, mode))
     flags = readable_for_writeback(
         (flags & os.O_ACCMODE) | os.O_TMPFILE | os.O_CLOEXEC, union.config.writeback
     )

@@ -73,6 +73,9 @@ class UnionConfig:
         readonly: bool = False,  # -o ro: show the upper too, but refuse every change (EROFS)
         fsync: bool = True,  # False: fsync requests are acknowledged without syncing (volatile)
         static_nlink: bool = False,  # report nlink 1 for every directory
+        # A directory's default ACL gives a new entry its mode (noacl: the umask always,
+        # and the ACL only where the upper filesystem applies it, as the kernel's noacl).
+        acl: bool = True,
         writeback: bool = False,  # the kernel's write-back cache holds writes until it flushes
         ids: IdMapper = IDENTITY,  # owner mapping between the layers and the mount
         xattrs: XattrNamespace = TRUSTED,  # markers' namespace: user.overlay.* with userxattr
@@ -87,6 +90,7 @@ class UnionConfig:
         self.readonly = readonly
         self.fsync = fsync
         self.static_nlink = static_nlink
+        self.acl = acl
         self.writeback = writeback
         self.ids = ids
         self.xattrs = xattrs

@@ -66,7 +66,8 @@
  * the inode itself (claim_ino: the kernel passes every open of an inode through one
  * backing file). Anything else goes to the daemon, which makes the
  * file its own way: a setgid directory or a setuid/setgid/sticky mode (the
- * setgid-directory rules, and a chown that would clear those bits), a name the
+ * setgid-directory rules, and a chown that would clear those bits), a directory
+ * with a default ACL (which gives the mode instead of the umask), a name the
  * daemon refuses or one already there (a whiteout it replaces: O_EXCL fails), any
  * failure (what was made is removed first), and a file the Python side declines.
  *
@@ -84,6 +85,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "u64map.h"
@@ -413,6 +415,17 @@ static struct handle *created_handle(int fd, int flags, int backing, uint64_t *f
     return h;
 }
 
+/* Whether directory *dirfd* (O_PATH) may have a default ACL, which gives a new entry
+   its mode instead of the umask (the daemon's rules then: unionfs.overlay.acl). */
+static int inherits_acl(int dirfd)
+{
+    char link[32];
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", dirfd);
+    if (getxattr(link, "system.posix_acl_default", NULL, 0) >= 0)
+        return 1;
+    return errno != ENODATA && errno != EOPNOTSUPP;
+}
+
 static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                         struct fuse_file_info *fi)
 {
@@ -433,7 +446,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     /* Not kept: the Python side's work below may close what is (disarm). */
     if ((dirfd = path_armed(a, &e.attr, 0)) < 0)
         goto python;
-    if (e.attr.st_mode & S_ISGID) {
+    if ((e.attr.st_mode & S_ISGID) || inherits_acl(dirfd)) {
         close(dirfd);
         goto python;
     }

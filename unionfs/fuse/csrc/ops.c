@@ -49,6 +49,7 @@ static char *read_buf; /* the session loop is one thread: one buffer serves ever
 static size_t read_buf_size;
 static void (*inner_setxattr)(fuse_req_t, fuse_ino_t, const char *, const char *, size_t, int);
 static int wrapped;
+static int umask_ours; /* FUSE_DONT_MASK negotiated: modes arrive with the umask on */
 
 /* Threads still working on a request; fuse_session_destroy waits for them. */
 static pthread_mutex_t busy_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -385,16 +386,37 @@ static PyObject *ops_active(PyObject *self, PyObject *unused)
     return PyBool_FromLong(wrapped);
 }
 
+/* The kernel's FUSE module takes the caller's umask off a new entry's mode before
+   sending it unless asked not to; the kernel overlay leaves it on under a directory
+   with a default ACL (the ACL gives the mode then). So the daemon takes it off itself
+   (it gets the umask with each CREATE, MKDIR and MKNOD), where it applies. */
+static void after_init(struct fuse_conn_info *conn)
+{
+    umask_ours = (conn->capable & FUSE_CAP_DONT_MASK) != 0;
+    if (umask_ours)
+        conn->want |= FUSE_CAP_DONT_MASK;
+}
+
+static PyObject *umask_unapplied(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(umask_ours);
+}
+
 static PyMethodDef methods[] = {
     {"set_fd", set_fd, METH_VARARGS,
      "set_fd(fh, fd): the real fd of file handle fh (fd < 0: the handle is gone)."},
     {"configure_reads", configure_reads, METH_O,
      "configure_reads(on): serve READ of page-cached data here (off: every READ to Python)."},
     {"reads_served", reads_served_here, METH_NOARGS, "How many READs were answered here."},
+    {"umask_unapplied", umask_unapplied, METH_NOARGS,
+     "Whether new entries' modes arrive with the caller's umask still on (FUSE_DONT_MASK; "
+     "valid once the kernel's INIT arrived)."},
     {"ops_active", ops_active, METH_NOARGS,
      "Whether setxattr values carry their flags in front, and fallocate, lseek and "
      "copy_file_range are served from the fds given by set_fd."},
     {NULL, NULL, 0, NULL},
 };
 
-const struct hook_feature ops_feature = {"ops", wrap, NULL, NULL, methods};
+const struct hook_feature ops_feature = {"ops", wrap, NULL, after_init, methods};

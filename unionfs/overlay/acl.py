@@ -1,0 +1,90 @@
+"""What a directory's default POSIX ACL gives a new entry, as the kernel overlay does it.
+
+A new entry in a directory of the upper layer gets its mode from the caller's umask,
+unless the directory has a default ACL: then the ACL decides, and the umask does not
+apply (``posix_acl_create`` in the kernel). Where the upper filesystem makes the entry
+in that directory itself, it applies the ACL; what unionfs builds in the workdir (over
+a whiteout, or with setuid/setgid) is given the result here, as the kernel overlay
+gives it (``ovl_create_over_whiteout``).
+
+The value is the xattr's (``system.posix_acl_default``, version 2): a 4-byte header,
+then 8-byte entries of tag, permissions and id, little-endian.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+from unionfs.overlay.syscalls import fd_path
+
+DEFAULT = "system.posix_acl_default"
+ACCESS = "system.posix_acl_access"
+
+_VERSION = 2
+_HEADER = struct.Struct("<I")
+_ENTRY = struct.Struct("<HHI")
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+# Where a filesystem has no ACLs, or the directory none.
+_NONE = {errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def default_of(dirfd: int) -> bytes | None:
+    """The default ACL of the directory open on *dirfd* (an ``O_PATH`` fd will do), or
+    None when it has none (or its filesystem has no ACLs)."""
+    try:
+        value = os.getxattr(fd_path(dirfd), DEFAULT)
+    except OSError as e:
+        if e.errno in _NONE:
+            return None
+        raise
+    return value or None
+
+
+def inherit(default: bytes, mode: int) -> tuple[int, bytes | None, bytes | None]:
+    """A new entry's mode (*mode* as asked for, type and special bits kept) and its
+    access and default ACLs (None: none) under a directory with *default*
+    (``posix_acl_create`` with ``posix_acl_create_masq``). EIO for a value no
+    filesystem would have stored, as the kernel says."""
+    if len(default) < _HEADER.size or (len(default) - _HEADER.size) % _ENTRY.size:
+        raise _bad("not a POSIX ACL")
+    (version,) = _HEADER.unpack_from(default)
+    if version != _VERSION:
+        raise _bad(f"POSIX ACL version {version}")
+    entries = [list(e) for e in _ENTRY.iter_unpack(default[_HEADER.size :])]
+    perms = mode & 0o777
+    equivalent = True
+    group_obj = mask = None
+    for entry in entries:
+        tag = entry[0]
+        if tag == USER_OBJ:
+            entry[1] &= (perms >> 6) & 7
+            perms &= (entry[1] << 6) | 0o077
+        elif tag in (USER, GROUP):
+            equivalent = False
+        elif tag == GROUP_OBJ:
+            group_obj = entry
+        elif tag == OTHER:
+            entry[1] &= perms & 7
+            perms &= entry[1] | 0o770
+        elif tag == MASK:
+            mask = entry
+            equivalent = False
+        else:
+            raise _bad(f"POSIX ACL tag {tag:#x}")
+    narrowing = mask if mask is not None else group_obj
+    if narrowing is None:
+        raise _bad("POSIX ACL without a group entry")
+    narrowing[1] &= (perms >> 3) & 7
+    perms &= (narrowing[1] << 3) | 0o707
+    access = None
+    if not equivalent:
+        access = _HEADER.pack(_VERSION) + b"".join(_ENTRY.pack(*e) for e in entries)
+    is_dir = (mode & 0o170000) == 0o040000
+    return (mode & ~0o777) | perms, access, default if is_dir else None
+
+
+def _bad(why: str) -> OSError:
+    return OSError(errno.EIO, f"a directory's default ACL: {why}")
