@@ -8,6 +8,7 @@ import os
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,10 @@ _NAMED_DEFAULT_ACL = _acl(
     [(0x01, 7, _ANY), (0x02, 7, 1234), (0x04, 5, _ANY), (0x10, 7, _ANY), (0x20, 5, _ANY)]
 )
 # Directories with a default ACL, and whether they have a lower part.
+# user::rwx user:4321:rwx group::rwx mask::rwx other::rwx
+_WORKDIR_DEFAULT_ACL = _acl(
+    [(0x01, 7, _ANY), (0x02, 7, 4321), (0x04, 7, _ANY), (0x10, 7, _ANY), (0x20, 7, _ANY)]
+)
 _ACL_DIRS = {
     "min": _MINIMAL_DEFAULT_ACL,
     "named": _NAMED_DEFAULT_ACL,
@@ -377,7 +382,9 @@ def test_new_entries_under_a_default_acl_are_the_kernel_overlays(tmp_path: Path,
     directly, over a whiteout (built in the workdir, where the ACL must be computed
     and set), for files, setuid/setgid files (built there too), directories, sticky
     directories, fifos and symlinks, in setgid directories, with three umasks; answered in C and with every CREATE in
-    Python. Without the hook the kernel's FUSE module takes the umask off first (a
+    Python. The workdir's own default ACL and setgid bit must not leak into what is
+    built there (both take them off at mount). Without the hook the kernel's FUSE
+    module takes the umask off first (a
     known difference), and the ACL directories are left out. With ``-o noacl`` (as
     fuse-overlayfs's) the umask always applies, and the ACL only where the upper
     filesystem applies it."""
@@ -387,6 +394,10 @@ def test_new_entries_under_a_default_acl_are_the_kernel_overlays(tmp_path: Path,
             (twin.upper / d).mkdir(exist_ok=True)
         for d, value in _ACL_DIRS.items():
             os.setxattr(twin.upper / d, "system.posix_acl_default", value)
+        # What the workdir would give what is built in it must not reach the upper.
+        (twin.work / "work").mkdir()
+        os.chmod(twin.work / "work", 0o2777)
+        os.setxattr(twin.work / "work", "system.posix_acl_default", _WORKDIR_DEFAULT_ACL)
     with k.mount() as mnt:
         _acl_entries(mnt)
     env = {PYTHON_CREATES_ENV: "1"} if how == "python" else {}
@@ -405,3 +416,40 @@ def test_new_entries_under_a_default_acl_are_the_kernel_overlays(tmp_path: Path,
         got = [e for e in got if e[0].split("/")[0] not in _ACL_DIRS]
         expected = [e for e in expected if e[0].split("/")[0] not in _ACL_DIRS]
     assert got == expected
+
+
+_SET_ACLS = """
+import logging, os, sys
+from unionfs.overlay import namespace
+logging.basicConfig()
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+namespace._set_acls(fd, b"f", (bytes.fromhex(sys.argv[2]), None))
+"""
+
+
+@pytest.mark.parametrize("named", [4321, 0])
+def test_an_acl_naming_ids_a_user_namespace_cannot_map_is_left_off(
+    tmp_path: Path, named: int
+) -> None:
+    """A daemon in a user namespace (root there, as in a rootless container) reads
+    the ids it cannot map as -1 and cannot write them back (EINVAL): an entry built in
+    the workdir is then made without its access ACL (its mode already has the
+    mask's narrowing) and a warning says so. An id it maps is set as ever."""
+    (tmp_path / "f").touch()
+    value = _acl(
+        [(0x01, 7, _ANY), (0x02, 7, named), (0x04, 5, _ANY), (0x10, 5, _ANY), (0x20, 0, _ANY)]
+    )
+    res = subprocess.run(
+        ["unshare", "-U", "-r", sys.executable, "-c", _SET_ACLS, str(tmp_path), value.hex()],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.fspath(Path(__file__).parent.parent)},
+    )
+    assert res.returncode == 0, res.stderr
+    if named:
+        assert "could not be set" in res.stderr
+        assert os.listxattr(tmp_path / "f") == []
+    else:
+        assert res.stderr == ""
+        assert os.getxattr(tmp_path / "f", "system.posix_acl_access") == value

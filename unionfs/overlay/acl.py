@@ -17,7 +17,10 @@ import errno
 import os
 import struct
 
+from unionfs import lazylog
 from unionfs.overlay.syscalls import fd_path
+
+log = lazylog.get(__name__)
 
 DEFAULT = "system.posix_acl_default"
 ACCESS = "system.posix_acl_access"
@@ -33,13 +36,15 @@ _NONE = {errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 def default_of(dirfd: int) -> bytes | None:
     """The default ACL of the directory open on *dirfd* (an ``O_PATH`` fd will do), or
-    None when it has none (or its filesystem has no ACLs)."""
+    None when it has none (or its filesystem has no ACLs). One that cannot be read (a
+    security module's refusal, say) is taken for none, and logged: the kernel's own
+    reading of it is not subject to such checks, so nothing fails over it."""
     try:
         value = os.getxattr(fd_path(dirfd), DEFAULT)
     except OSError as e:
-        if e.errno in _NONE:
-            return None
-        raise
+        if e.errno not in _NONE:
+            log.warning("a directory's default ACL could not be read: %s", e)
+        return None
     return value or None
 
 

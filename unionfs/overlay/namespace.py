@@ -100,13 +100,23 @@ def _default_acl(union: Union, dirfd: int, mode: int) -> bytes | None:
 
 
 def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
-    """Give an entry built in the workdir the ACLs its directory would have given it."""
+    """Give an entry built in the workdir the ACLs its directory would have given it.
+
+    A daemon in a user namespace reads the ids it cannot map as -1 and cannot write
+    them back (EINVAL): the entry is then made without the ACL, its mode already
+    narrowed to what the ACL allowed the group (the mask), and that is logged."""
     if acls is None:
         return
     path = fd_path(dirfd, name)
     for xattr, value in zip((acl.ACCESS, acl.DEFAULT), acls, strict=True):
-        if value is not None:
-            os.setxattr(path, xattr, value, os.XATTR_CREATE)
+        if value is None:
+            continue
+        try:
+            os.setxattr(path, xattr, value)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.warning("a new entry's %s could not be set (ids this daemon cannot map?)", xattr)
 
 
 def _writable(union: Union) -> None:

@@ -49,7 +49,6 @@ static char *read_buf; /* the session loop is one thread: one buffer serves ever
 static size_t read_buf_size;
 static void (*inner_setxattr)(fuse_req_t, fuse_ino_t, const char *, const char *, size_t, int);
 static int wrapped;
-static int umask_ours; /* FUSE_DONT_MASK negotiated: modes arrive with the umask on */
 
 /* Threads still working on a request; fuse_session_destroy waits for them. */
 static pthread_mutex_t busy_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -392,16 +391,8 @@ static PyObject *ops_active(PyObject *self, PyObject *unused)
    (it gets the umask with each CREATE, MKDIR and MKNOD), where it applies. */
 static void after_init(struct fuse_conn_info *conn)
 {
-    umask_ours = (conn->capable & FUSE_CAP_DONT_MASK) != 0;
-    if (umask_ours)
+    if (conn->capable & FUSE_CAP_DONT_MASK)
         conn->want |= FUSE_CAP_DONT_MASK;
-}
-
-static PyObject *umask_unapplied(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-    return PyBool_FromLong(umask_ours);
 }
 
 static PyMethodDef methods[] = {
@@ -410,9 +401,6 @@ static PyMethodDef methods[] = {
     {"configure_reads", configure_reads, METH_O,
      "configure_reads(on): serve READ of page-cached data here (off: every READ to Python)."},
     {"reads_served", reads_served_here, METH_NOARGS, "How many READs were answered here."},
-    {"umask_unapplied", umask_unapplied, METH_NOARGS,
-     "Whether new entries' modes arrive with the caller's umask still on (FUSE_DONT_MASK; "
-     "valid once the kernel's INIT arrived)."},
     {"ops_active", ops_active, METH_NOARGS,
      "Whether setxattr values carry their flags in front, and fallocate, lseek and "
      "copy_file_range are served from the fds given by set_fd."},
