@@ -6,7 +6,6 @@ import ctypes
 import errno
 import os
 import stat
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from tests.mounting import start_unionfs
 from tests.test_merge import write
 from tests.twins import twins
 from unionfs.fuse.hook import PYTHON_CREATES_ENV
+from unionfs.overlay import acl
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
@@ -294,23 +294,18 @@ def test_the_mount_root_can_be_chowned_chmodded_and_touched(stack: Stack, mounte
     assert (up.st_uid, up.st_gid, stat.S_IMODE(up.st_mode)) == (123, 456, 0o711)
 
 
-def _acl(entries: list[tuple[int, int, int]]) -> bytes:
-    """A POSIX ACL xattr value (version 2) of (tag, permissions, id) entries."""
-    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
-
-
 _ANY = 0xFFFFFFFF
 # user::rwx group::rwx other::r-x
-_MINIMAL_DEFAULT_ACL = _acl([(0x01, 7, _ANY), (0x04, 7, _ANY), (0x20, 5, _ANY)])
+_MINIMAL_DEFAULT_ACL = acl.encode([(0x01, 7, _ANY), (0x04, 7, _ANY), (0x20, 5, _ANY)])
 # user::rwx user:1234:rwx group::r-x mask::rwx other::r-x
-_NAMED_DEFAULT_ACL = _acl(
+_NAMED_DEFAULT_ACL = acl.encode(
     [(0x01, 7, _ANY), (0x02, 7, 1234), (0x04, 5, _ANY), (0x10, 7, _ANY), (0x20, 5, _ANY)]
 )
-# Directories with a default ACL, and whether they have a lower part.
 # user::rwx user:4321:rwx group::rwx mask::rwx other::rwx
-_WORKDIR_DEFAULT_ACL = _acl(
+_WORKDIR_DEFAULT_ACL = acl.encode(
     [(0x01, 7, _ANY), (0x02, 7, 4321), (0x04, 7, _ANY), (0x10, 7, _ANY), (0x20, 7, _ANY)]
 )
+# Directories with a default ACL ("up...": with no lower part).
 _ACL_DIRS = {
     "min": _MINIMAL_DEFAULT_ACL,
     "named": _NAMED_DEFAULT_ACL,
@@ -381,13 +376,12 @@ def test_new_entries_under_a_default_acl_are_the_kernel_overlays(tmp_path: Path,
     the default one has named entries); without one, the umask. So must unionfs:
     directly, over a whiteout (built in the workdir, where the ACL must be computed
     and set), for files, setuid/setgid files (built there too), directories, sticky
-    directories, fifos and symlinks, in setgid directories, with three umasks; answered in C and with every CREATE in
-    Python. The workdir's own default ACL and setgid bit must not leak into what is
-    built there (both take them off at mount). Without the hook the kernel's FUSE
-    module takes the umask off first (a
-    known difference), and the ACL directories are left out. With ``-o noacl`` (as
-    fuse-overlayfs's) the umask always applies, and the ACL only where the upper
-    filesystem applies it."""
+    directories, fifos and symlinks, in setgid directories, with three umasks; answered
+    in C and with every CREATE in Python. The workdir's own default ACL and setgid bit
+    must not leak into what is built there (both take them off at mount). Without the
+    hook the kernel's FUSE module takes the umask off first (a known difference), and
+    the ACL directories are left out. With ``-o noacl`` (as fuse-overlayfs's) the umask
+    always applies, and the ACL only where the upper filesystem applies it."""
     u, k = twins(tmp_path, _fill_for_acls)
     for twin in (u, k):
         for d in ("upmin", "upplain", *_ACL_DIRS):
@@ -436,7 +430,7 @@ def test_an_acl_naming_ids_a_user_namespace_cannot_map_is_left_off(
     the workdir is then made without its access ACL (its mode already has the
     mask's narrowing) and a warning says so. An id it maps is set as ever."""
     (tmp_path / "f").touch()
-    value = _acl(
+    value = acl.encode(
         [(0x01, 7, _ANY), (0x02, 7, named), (0x04, 5, _ANY), (0x10, 5, _ANY), (0x20, 0, _ANY)]
     )
     res = subprocess.run(

@@ -16,7 +16,8 @@ _ANY = 0xFFFFFFFF
 
 
 def _value(*entries: tuple[int, int, int], version: int = 2) -> bytes:
-    return struct.pack("<I", version) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    value = acl.encode(list(entries))
+    return value if version == 2 else struct.pack("<I", version) + value[4:]
 
 
 MINIMAL = _value((acl.USER_OBJ, 7, _ANY), (acl.GROUP_OBJ, 5, _ANY), (acl.OTHER, 0, _ANY))

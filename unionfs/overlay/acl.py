@@ -31,7 +31,12 @@ _ENTRY = struct.Struct("<HHI")
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 # Where a filesystem has no ACLs, or the directory none.
-_NONE = {errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP}
+_NONE = (errno.ENODATA, errno.EOPNOTSUPP)
+
+
+def encode(entries: list[tuple[int, int, int]]) -> bytes:
+    """The xattr value of (tag, permissions, id) entries."""
+    return _HEADER.pack(_VERSION) + b"".join(_ENTRY.pack(*e) for e in entries)
 
 
 def default_of(dirfd: int) -> bytes | None:
@@ -58,7 +63,7 @@ def inherit(default: bytes, mode: int) -> tuple[int, bytes | None, bytes | None]
     (version,) = _HEADER.unpack_from(default)
     if version != _VERSION:
         raise _bad(f"POSIX ACL version {version}")
-    entries = [list(e) for e in _ENTRY.iter_unpack(default[_HEADER.size :])]
+    entries = [list(e) for e in _ENTRY.iter_unpack(default[_HEADER.size :])]  # changed in place
     perms = mode & 0o777
     equivalent = True
     group_obj = mask = None
@@ -84,11 +89,20 @@ def inherit(default: bytes, mode: int) -> tuple[int, bytes | None, bytes | None]
         raise _bad("POSIX ACL without a group entry")
     narrowing[1] &= (perms >> 3) & 7
     perms &= (narrowing[1] << 3) | 0o707
-    access = None
-    if not equivalent:
-        access = _HEADER.pack(_VERSION) + b"".join(_ENTRY.pack(*e) for e in entries)
+    access = None if equivalent else encode([(t, p, i) for t, p, i in entries])
     is_dir = (mode & 0o170000) == 0o040000
     return (mode & ~0o777) | perms, access, default if is_dir else None
+
+
+def clear(fd: int) -> None:
+    """Remove both ACLs of the directory open on *fd* (the workdir, at mount: what is
+    built there must inherit nothing from it, as ``ovl_workdir_create`` sees to)."""
+    for name in (DEFAULT, ACCESS):
+        try:
+            os.removexattr(fd_path(fd), name)
+        except OSError as e:
+            if e.errno not in _NONE:
+                log.warning("could not remove %s from the workdir: %s", name, e)
 
 
 def _bad(why: str) -> OSError:

@@ -68,13 +68,11 @@ def new_owner(
     (its upper directory's), as that ACL gives it (``unionfs.overlay.acl``)."""
     is_dir = stat.S_ISDIR(mode)
     acls: Acls = None
-    if stat.S_ISLNK(mode):
-        pass
-    elif default_acl is None:
-        mode &= ~(caller.umask & 0o777)
-    else:
+    if default_acl is not None:
         mode, access, default = acl.inherit(default_acl, mode)
         acls = (access, default)
+    elif not stat.S_ISLNK(mode):
+        mode &= ~(caller.umask & 0o777)
     gid = caller.gid
     if parent_st.st_mode & stat.S_ISGID:
         gid = parent_st.st_gid

@@ -873,19 +873,6 @@ class Union:
         return [n for b in names if not is_private_xattr(n := os.fsencode(b))]
 
 
-def _neutral_workdir(fd: int) -> None:
-    """Take from ``WORK/work`` (open on *fd*) what it would give what is built in it
-    and renamed into the upper: ACLs and the setgid bit, as the kernel's
-    ``ovl_workdir_create`` does at every mount."""
-    for name in (acl.DEFAULT, acl.ACCESS):
-        try:
-            os.removexattr(fd_path(fd), name)
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
-                log.warning("could not remove %s from the workdir: %s", name, e)
-    os.fchmod(fd, 0o700)
-
-
 def _prepare_workdir(work: Path, upper_fd: int) -> int:
     """Open ``WORK/work`` (created if needed) and clear what an earlier crash left in it,
     finishing the changes that left a note there first."""
@@ -898,7 +885,10 @@ def _prepare_workdir(work: Path, upper_fd: int) -> int:
         )
     finally:
         os.close(wfd)
-    _neutral_workdir(fd)
+    # Nothing built there may inherit the workdir's ACLs or setgid bit (the kernel's
+    # ovl_workdir_create clears them at every mount too).
+    acl.clear(fd)
+    os.fchmod(fd, 0o700)
     leftovers = os.listdir(fd_path(fd))
     for name in leftovers:
         if name.endswith(markers.DROP_NOTE):

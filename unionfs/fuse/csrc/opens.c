@@ -440,7 +440,8 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     /* Only in a directory of the upper layer armed writable: never on a read-only mount,
        even one a remount made writable to the kernel. */
     if (a == NULL || !a->sole || !a->upper || created_cb == NULL || backing_refused ||
-        !PyGILState_Check() || (mode & 07000) || len > 255 || strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') != NULL)
+        !PyGILState_Check() || (mode & 07000) || len > 255 || strncmp(name, ".wh.", 4) == 0 ||
+        strchr(name, '/') != NULL)
         goto python;
     memset(&e, 0, sizeof(e));
     /* Not kept: the Python side's work below may close what is (disarm). */
