@@ -244,6 +244,57 @@ def test_new_files_belong_to_the_caller_and_honour_umask(stack: Stack, mounted: 
     assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1000, 1000, 0o750)
 
 
+_MAKE = {
+    "file": "echo data > {p}",
+    "directory": "mkdir {p}",
+    "fifo": "mkfifo {p}",
+    "symlink": "ln -s target {p}",
+}
+
+
+@pytest.mark.parametrize("kind", list(_MAKE))
+def test_a_daemon_killed_making_a_users_entry_leaves_none_of_its_own(
+    stack: Stack, kind: str
+) -> None:
+    """An entry another user makes is built in the workdir, given its owner there and
+    renamed into place (the kernel overlay makes it as the caller; the hook's creates
+    do too): a daemon killed right after making it, as root, before the chown, leaves
+    nothing under the new name, and the next mount clears what it left in the workdir.
+    The directory is merged (in the lower and the upper), so its creates are the
+    daemon's Python side's, not the hook's."""
+    for layer in (stack.lowers[1], stack.upper):
+        (layer / "d").mkdir()
+        os.chmod(layer / "d", 0o777)
+    let_others_in(stack)
+    arm = stack.root / "arm"  # the daemon dies right after its first change from then on
+    um = start_unionfs(
+        stack.lowers, stack.mnt, stack.upper, stack.work,
+        command=[sys.executable, "-m", "tests.crash.daemon", "1+", "--arm-file", str(arm), "--"],
+    )  # fmt: skip
+    try:
+        os.stat(stack.mnt / "d")
+        arm.touch()
+        made = as_user(_MAKE[kind].format(p=stack.mnt / "d/new"))
+        um.proc.wait(timeout=60)
+    finally:
+        um.kill()
+    assert um.proc.returncode == -9, um.log()
+    assert made.returncode != 0, made  # the daemon died before it answered
+    assert not os.path.lexists(stack.upper / "d/new"), os.lstat(stack.upper / "d/new")
+    left = staged(stack.work / "work")
+    assert len(left) == 1 and os.lstat(stack.work / "work" / left[0]).st_uid == 0, left
+    um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work)
+    try:
+        assert not os.path.lexists(stack.mnt / "d/new")
+        assert staged(stack.work / "work") == []
+        made = as_user(_MAKE[kind].format(p=stack.mnt / "d/new"))
+        assert made.returncode == 0, made.stderr
+    finally:
+        assert um.unmount() == 0
+    st = os.lstat(stack.upper / "d/new")
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
 def test_setgid_directories_pass_on_their_group(stack: Stack, mounted: Mounted) -> None:
     let_others_in(stack)
     (stack.lowers[0] / "shared").mkdir()

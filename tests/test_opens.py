@@ -730,3 +730,65 @@ def test_after_the_kernel_refuses_a_backing_file_creates_are_made_once(
     else:  # no backing file to refuse: every one made in C, once
         assert creates == 6, creates
         assert undone == [], undone
+
+
+def test_a_file_created_in_c_is_made_as_its_caller(
+    tmp_path: Path, stack: Stack, mounted: Mounted
+) -> None:
+    """The hook makes a file under the caller's fsuid and fsgid, as the kernel overlay
+    does, not as the daemon and then chowned: a daemon killed in between would leave
+    one of its own (root's) in the upper layer. It keeps its capabilities meanwhile:
+    here the caller may write in the directory only through a supplementary group,
+    which the daemon does not know. Every thread's fsuid is the daemon's again after."""
+    um = mounted()
+    (stack.mnt / "g").mkdir()  # only in the upper layer: the hook's creates
+    os.chown(stack.mnt / "g", 0, 1001)
+    os.chmod(stack.mnt / "g", 0o775)
+    p = stack.root
+    while p != p.parent:  # pytest makes its directories 0700
+        os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | 0o111)
+        p = p.parent
+    os.stat(stack.mnt / "g")
+    out = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-p", str(um.pid), "-o", str(out),
+         "-e", "trace=setfsuid,setfsgid,openat,fchown,fchownat"],
+    )  # fmt: skip
+    try:
+        for _ in range(500):
+            if _traced_by_strace(um.pid):
+                break
+            assert tracer.poll() is None, "strace ended"
+            time.sleep(0.01)
+        else:
+            raise AssertionError("strace did not attach")
+        made = subprocess.run(
+            ["setpriv", "--reuid=1000", "--regid=1000", "--groups=1001", "sh", "-c",
+             "for i in 0 1 2 3 4; do echo $i > f$i || exit 1; done"],
+            cwd=stack.mnt / "g", capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    assert made.returncode == 0, made.stderr
+    for i in range(5):
+        st = os.stat(stack.upper / f"g/f{i}")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o644)
+    for status in Path(f"/proc/{um.pid}/task").glob("*/status"):
+        ids = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        assert ids["Uid"].split()[3] == "0" and ids["Gid"].split()[3] == "0", ids
+    trace = out.read_text().splitlines()
+    assert um.unmount() == 0
+    creates = _in_c(um.log(), "creates")
+    if not hook_enabled():
+        assert creates is None
+        return
+    assert creates == 5, (creates, um.log())
+    assert not [line for line in trace if "chown" in line], trace
+    fsuid: dict[str, str] = {}  # thread -> the fsuid it last set
+    for line in trace:
+        tid, call = line.split(None, 1)
+        if call.startswith("setfsuid("):
+            fsuid[tid] = call[len("setfsuid(") : call.index(")")]
+        elif call.startswith("openat(") and "O_CREAT" in call and '"f' in call:
+            assert fsuid.get(tid) == "1000", (line, trace)

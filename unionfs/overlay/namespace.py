@@ -175,16 +175,14 @@ def _place(
     over_whiteout: bool,
     make: Callable[[int, bytes], None],
     finish: Callable[[int, bytes], None] = lambda fd, n: None,
-    setid: bool = False,
+    aside: bool = False,
     acls: Acls = None,
 ) -> None:
     """Create an entry with *make* and give it its owner with *finish*: directly,
-    or in the workdir and renamed in: over a whiteout, and for a *setid* file
-    (chown clears setuid/setgid, which then are set again: a crash in between
-    must not leave the file without them), with the *acls* its directory gives.
-    A failure after *make* removes what it made, so no half-made entry stays
-    behind."""
-    if over_whiteout or setid:
+    or in the workdir and renamed in: over a whiteout, and *aside* (see ``_aside``),
+    with the *acls* its directory gives. A failure after *make* removes what it
+    made, so no half-made entry stays behind."""
+    if over_whiteout or aside:
         work, tmp = union.work_fd, union.tmp_name()
         try:
             make(work, tmp)
@@ -204,8 +202,13 @@ def _place(
         raise
 
 
-def _setid(mode: int) -> bool:
-    return bool(mode & (stat.S_ISUID | stat.S_ISGID))
+def _aside(mode: int, uid: int, gid: int) -> bool:
+    """Whether a new entry is built in the workdir and renamed into place, because the
+    daemon changes it after making it and a daemon killed in between must not leave it
+    half made under its name: owned by someone else than the daemon (made as the
+    daemon, then chowned: the kernel overlay makes it as the caller), or setuid or
+    setgid (which the chown clears and which are then set again)."""
+    return bool(mode & (stat.S_ISUID | stat.S_ISGID)) or (uid, gid) != (os.geteuid(), os.getegid())
 
 
 def _clean_up(union: Union, tmp: bytes) -> None:
@@ -254,7 +257,7 @@ async def create_node(
                 os.mknod(n, mode, rdev, dir_fd=fd)
             _set_owner(fd, n, uid, gid, mode)
 
-        _place(union, dirfd, name, over_whiteout, make, setid=_setid(mode), acls=acls)
+        _place(union, dirfd, name, over_whiteout, make, aside=_aside(mode, uid, gid), acls=acls)
         _replaced_whiteout(union, parent, name, over_whiteout)
     return _created(
         union, parent, name, None if stat.S_ISDIR(mode) else _lstat(union, parent, name)
@@ -278,7 +281,8 @@ def _mkdir(
     mode: int,
     acls: Acls = None,
 ) -> None:
-    if not over_whiteout:
+    aside = _aside(mode, uid, gid)
+    if not over_whiteout and not aside:
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=dirfd)
         try:
             _set_owner(dirfd, name, uid, gid, mode)
@@ -286,18 +290,22 @@ def _mkdir(
             discard(dirfd, name)
             raise
         return
-    # Over a whiteout the new directory must hide the lower one: build it opaque
-    # in the workdir, swap it with the whiteout, then drop the whiteout.
+    # Built in the workdir: someone else's (``_aside``), renamed into place; over a
+    # whiteout, opaque to hide the lower one, swapped with the whiteout, which is
+    # then dropped.
     work, tmp = union.work_fd, union.tmp_name()
     os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=work)
     try:
         _set_owner(work, tmp, uid, gid, mode)
         _set_acls(work, tmp, acls)
-        markers.set_opaque(work, tmp, union.ns)
-        renameat2(work, tmp, dirfd, name, RENAME_EXCHANGE)
+        if over_whiteout:
+            markers.set_opaque(work, tmp, union.ns)
+        renameat2(work, tmp, dirfd, name, RENAME_EXCHANGE if over_whiteout else RENAME_NOREPLACE)
     except BaseException:
         remove_tree(work, tmp)
         raise
+    if not over_whiteout:
+        return
     os.unlink(tmp, dir_fd=work)  # the whiteout it replaced
 
 
@@ -325,7 +333,9 @@ async def create_file(
             os.fchmod(fds[0], stat.S_IMODE(mode))
 
     try:
-        _place(union, dirfd, name, over_whiteout, make, finish, setid=_setid(mode), acls=acls)
+        _place(
+            union, dirfd, name, over_whiteout, make, finish, aside=_aside(mode, uid, gid), acls=acls
+        )
     except BaseException:
         for f in fds:
             os.close(f)

@@ -58,8 +58,11 @@
  * that went to Python. There the daemon's rules are short: the new name hides
  * nothing (nothing is below), so the file is made where the name is, owned by the
  * caller, with its mode less the umask, and opened as the daemon opens one. This
- * makes it so (openat with O_CREAT | O_EXCL, fchown, fstat, a passthrough backing
- * file when the daemon's files are passed through) and calls the Python side for the
+ * makes it so (openat with O_CREAT | O_EXCL under the caller's fsuid and fsgid, as
+ * the kernel overlay creates: the file is the caller's from the start, so a daemon
+ * killed at any point never leaves one of the daemon's own in the upper layer; then
+ * fstat, and a passthrough backing file when the daemon's files are passed through)
+ * and calls the Python side for the
  * file's node (configure_creates), right here, with no trip through pyfuse3's loop
  * and trio's scheduler. The handle stays here as an open's does: released here with
  * its backing file, claimed by the Python side when it needs it, and before it opens
@@ -78,11 +81,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/openat2.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/fsuid.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
@@ -426,6 +431,36 @@ static int inherits_acl(int dirfd)
     return errno != ENODATA && errno != EOPNOTSUPP;
 }
 
+/* openat(O_CREAT) as the caller: under their fsuid and fsgid (this thread's only; the
+   daemon's worker threads keep theirs), with the daemon's effective capabilities kept
+   (a change of fsuid from 0 drops the filesystem ones: the caller's supplementary
+   groups, which the daemon does not know, may be what lets them write there, and the
+   kernel checked that already). The same ids as the daemon's: a plain openat. The
+   caller checks the new file's owner (fstat): a daemon that may not take those ids
+   makes it its own, and that is undone. */
+static int create_as(uid_t uid, gid_t gid, int dirfd, const char *name, int flags, mode_t mode)
+{
+    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
+    uid_t old_uid;
+    gid_t old_gid;
+    int fd, saved;
+    if (uid == geteuid() && gid == getegid())
+        return openat(dirfd, name, flags, mode);
+    if (syscall(SYS_capget, &head, caps) < 0)
+        return -1;
+    old_gid = (gid_t)setfsgid(gid);
+    old_uid = (uid_t)setfsuid(uid);
+    syscall(SYS_capset, &head, caps); /* the effective set of before: a subset of the permitted */
+    fd = openat(dirfd, name, flags, mode);
+    saved = errno;
+    setfsuid(old_uid);
+    setfsgid(old_gid);
+    syscall(SYS_capset, &head, caps); /* as before, not as a return to fsuid 0 makes them */
+    errno = saved;
+    return fd;
+}
+
 static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                         struct fuse_file_info *fi)
 {
@@ -455,7 +490,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     flags = (fi->flags & ~(O_TRUNC | O_APPEND | O_DIRECT)) | O_CREAT | O_EXCL | O_CLOEXEC;
     if (writeback && (flags & O_ACCMODE) == O_WRONLY)
         flags = (flags & ~O_ACCMODE) | O_RDWR;
-    fd = openat(dirfd, name, flags, mode & 0777 & ~(ctx->umask & 0777));
+    fd = create_as(ctx->uid, ctx->gid, dirfd, name, flags, mode & 0777 & ~(ctx->umask & 0777));
     if (fd < 0) {
         close(dirfd);
         goto python; /* there already (a whiteout), or a failure: the daemon's */
@@ -475,7 +510,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
        may be). A backing file the kernel refuses is the daemon's to handle and log, and
        from then on every CREATE is: asking again would make each file twice. */
     backing = -1;
-    if (fchown(fd, ctx->uid, ctx->gid) == 0 && fstat(fd, &e.attr) == 0 &&
+    if (fstat(fd, &e.attr) == 0 && e.attr.st_uid == ctx->uid && e.attr.st_gid == ctx->gid &&
         (backing = passthrough_backing(fd)) < 0)
         backing_refused = 1;
     if (backing < 0) {
