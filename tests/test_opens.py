@@ -125,30 +125,37 @@ def test_a_run_of_c_answers_waits_for_the_next_request(
         assert waited is not None and waited >= 50, (waited, counts)
 
 
-def _after_python(log: str) -> int | None:
-    found = re.search(r"waited for after a Python answer: (\d+)", log)
-    return int(found.group(1)) if found else None
+def _after_python(log: str) -> tuple[int, int] | None:
+    """How many requests the request loop waited for after a Python answer, and how many
+    it found queued already when it came to wait."""
+    waited = re.search(r"waited for after a Python answer: (\d+)", log)
+    queued = re.search(r"found queued when the request loop came to wait: (\d+)", log)
+    return (int(waited.group(1)), int(queued.group(1))) if waited and queued else None
 
 
 @pytest.mark.parametrize("linger_us", ["100000", "0"])
 def test_the_request_loop_waits_for_the_next_request_after_a_python_answer(
     stack: Stack, mounted: Mounted, linger_us: str
 ) -> None:
-    """After a request answered in Python (statfs is one) the request loop waits a
-    little for the next one before it parks in trio (unionfs/fuse/loop.py), with the
-    same wait as runs of C answers, and UNIONFS_LINGER_US=0 turns it off too."""
+    """After a request answered in Python (statfs is one) the request loop reads the
+    next one without parking in trio (unionfs/fuse/loop.py): at once when it is queued
+    already, and otherwise after waiting a little for it, with the same wait as runs of
+    C answers; UNIONFS_LINGER_US=0 turns the wait off. Which of the two a request gets
+    depends on the machine's load (on a busy one the program's next request is mostly
+    there already), so the count is of both: trio gets its turn at the 32nd request in
+    a row (and after 20 ms of waiting), a few times here."""
     um = mounted(env={"UNIONFS_LINGER_US": linger_us})
     for _ in range(200):
         os.statvfs(stack.mnt)
     assert um.unmount() == 0
-    waited, counts = _after_python(um.log()), re.search(r"requests: .*", um.log())
+    read_on, counts = _after_python(um.log()), re.search(r"requests: .*", um.log())
     if not hook_enabled():
-        assert waited is None
+        assert read_on is None
     elif linger_us == "0":
-        assert waited == 0, counts
+        assert read_on is not None and read_on[0] == 0, (read_on, counts)
     else:
         assert counts is not None and "statfs=" in counts.group(0), counts
-        assert waited is not None and waited >= 150, (waited, counts)
+        assert read_on is not None and sum(read_on) >= 150, (read_on, counts)
 
 
 def test_a_run_of_c_answers_goes_on_past_what_libfuse_answers_itself(

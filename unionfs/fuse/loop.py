@@ -73,6 +73,7 @@ class _Lowlevel:
         self._fd = -1
         self._poll = select.poll()
         self._budget = BATCH
+        self.found_queued = 0  # requests read on at once, already queued (the unmount log)
         self._parked = trio.Lock()  # trio lets one task at a time wait on an fd
         self._closing = False
 
@@ -85,9 +86,14 @@ class _Lowlevel:
             self._poll = select.poll()
             self._poll.register(fd, select.POLLIN)
             self._fd = fd
-        if self._budget > 0 and not self.run_waited() and (self._poll.poll(0) or self.linger(fd)):
-            self._budget -= 1
-            return
+        if self._budget > 0 and not self.run_waited():
+            if self._poll.poll(0):
+                self.found_queued += 1
+                self._budget -= 1
+                return
+            if self.linger(fd):
+                self._budget -= 1
+                return
         self._budget = BATCH
         async with self._parked:
             if self._closing:  # terminate() woke the one waiting; the others stop here
@@ -139,6 +145,13 @@ def _never() -> bool:
 
 def _never_fd(fd: int) -> bool:
     return False
+
+
+def found_queued(pyfuse3: types.ModuleType | None) -> int | None:
+    """How many requests the stand-in found already queued when pyfuse3's loop came
+    to wait for one (None: not installed)."""
+    stand_in = getattr(pyfuse3, "trio", None)
+    return stand_in.lowlevel.found_queued if isinstance(stand_in, _Trio) else None
 
 
 def install(

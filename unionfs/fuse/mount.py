@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -499,6 +500,11 @@ def serve(
             "waited for after a Python answer: %d",
             *hook.in_runs(fusehook),
         )
+        from unionfs.fuse import loop  # loaded with pyfuse3, which served the counts
+
+        queued = loop.found_queued(sys.modules.get("pyfuse3"))
+        if queued is not None:
+            log.info("found queued when the request loop came to wait: %d", queued)
     log.info("unmounted %s", setup.mountpoint)
     return 0
 
