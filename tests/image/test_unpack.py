@@ -20,7 +20,7 @@ from tests.image.builders import Tar
 from tests.mounting import kernel_overlay
 from unionfs.image import unpack as unpack_module
 from unionfs.image.unpack import unpack_tar
-from unionfs.overlay import markers
+from unionfs.overlay import acl, markers
 
 
 def unpack(data: bytes, dest: Path, root: bool | None = None) -> int:
@@ -82,6 +82,39 @@ def test_entries_keep_type_mode_owner_times_and_xattrs(tmp_path: Path) -> None:
     # and every directory the tar implies.
     assert stat.S_IMODE(os.lstat(tmp_path / "l/dev").st_mode) == 0o755
     assert stat.S_IMODE(os.lstat(tmp_path / "l").st_mode) == 0o755
+
+
+def test_a_default_acl_where_the_layer_is_unpacked_changes_nothing(tmp_path: Path) -> None:
+    """A layer's entries get their modes and xattrs from the tar alone, also where the
+    cache's directory has a default POSIX ACL: inherited, it would take bits off their
+    modes (the mask) and give each an access ACL (here, user 4321 could write them all)."""
+    any_id = 0xFFFFFFFF
+    # user::rwx user:4321:rwx group::r-x mask::rwx other::---
+    default = acl.encode(
+        [
+            (0x01, 7, any_id),
+            (0x02, 7, 4321),
+            (0x04, 5, any_id),
+            (0x10, 7, any_id),
+            (0x20, 0, any_id),
+        ]
+    )
+    os.setxattr(tmp_path, acl.DEFAULT, default)
+    t = (
+        Tar()
+        .dir("etc", mode=0o755)
+        .file("etc/f", b"data", mode=0o644)
+        .file("secret", b"", mode=0o600)
+        .fifo("pipe", mode=0o666)
+        .symlink("link", "etc/f")
+    )
+    unpack(t.bytes(), tmp_path / "l")  # made in tmp_path: it inherits the default ACL
+    modes = {"": 0o755, "etc": 0o755, "etc/f": 0o644, "secret": 0o600, "pipe": 0o666}
+    for name, mode in modes.items():
+        p = tmp_path / "l" / name
+        assert stat.S_IMODE(os.lstat(p).st_mode) == mode, name
+        assert os.listxattr(p, follow_symlinks=False) == [], name
+    assert os.listxattr(tmp_path / "l/link", follow_symlinks=False) == []
 
 
 def test_without_root_no_setuid_devices_or_privileged_xattrs(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from unionfs.image import tarreader
 from unionfs.image.digest import CHUNK, ImageError
 from unionfs.image.inorder import InOrder
 from unionfs.image.tarreader import Entry, TarReader
-from unionfs.overlay import markers
+from unionfs.overlay import acl, markers
 from unionfs.overlay.layers import remove_tree
 from unionfs.overlay.syscalls import fd_path
 from unionfs.records import Record
@@ -109,6 +109,10 @@ def unpack_tar(
     *layer* names the layer in errors. *root* (default: running as root) allows
     what only root may do. Returns the number of entries.
     """
+    # Entries get their modes and xattrs from the tar alone: not the umask, and not a
+    # default ACL the directory inherited from where the cache is (which would also
+    # give every entry an access ACL).
+    acl.clear(dest_fd, f"the directory of layer {layer}")
     u = _Unpacker(dest_fd, layer, limits or Limits(), privileged() if root is None else root)
     umask = os.umask(0)  # entries are made with their own modes (the decoder makes none)
     maker = InOrder("layer-entries")

@@ -94,15 +94,16 @@ def inherit(default: bytes, mode: int) -> tuple[int, bytes | None, bytes | None]
     return (mode & ~0o777) | perms, access, default if is_dir else None
 
 
-def clear(fd: int) -> None:
-    """Remove both ACLs of the directory open on *fd* (the workdir, at mount: what is
-    built there must inherit nothing from it, as ``ovl_workdir_create`` sees to)."""
+def clear(fd: int, what: str = "the workdir") -> None:
+    """Remove both ACLs of the directory open on *fd*, so that nothing made in it
+    inherits from it: the workdir at mount, as ``ovl_workdir_create`` does, and the
+    directory a layer is unpacked into. A failure is logged."""
     for name in (DEFAULT, ACCESS):
         try:
             os.removexattr(fd_path(fd), name)
         except OSError as e:
             if e.errno not in _NONE:
-                log.warning("could not remove %s from the workdir: %s", name, e)
+                log.warning("could not remove %s from %s: %s", name, what, e)
 
 
 def _bad(why: str) -> OSError:
