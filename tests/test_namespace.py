@@ -463,6 +463,70 @@ def test_new_entries_under_a_default_acl_are_the_kernel_overlays(tmp_path: Path,
     assert got == expected
 
 
+_NOACL_AS_USER = """
+import os, sys
+d, umask, file_mode, dir_mode = sys.argv[1], *(int(a, 8) for a in sys.argv[2:])
+os.umask(umask)
+for name in ("userf", "gone"):
+    os.close(os.open(os.path.join(d, name), os.O_CREAT | os.O_WRONLY, file_mode))
+os.mkdir(os.path.join(d, "userd"), dir_mode)
+os.mkfifo(os.path.join(d, "userp"), file_mode)
+"""
+
+
+def _noacl_entries(d: Path, whiteout: bool, premasked: bool) -> None:
+    """Root's (umask 022) and user 1000's (umask 027) new entries in *d*; *premasked*:
+    with the umask already taken off, as FUSE's kernel side takes it off with noacl."""
+    umask, user_umask = (0, 0) if premasked else (0o022, 0o027)
+    old = os.umask(umask)
+    try:
+        os.close(os.open(d / "rootf", os.O_CREAT | os.O_WRONLY, 0o644 if premasked else 0o666))
+        os.mkdir(d / "rootd", 0o755 if premasked else 0o777)
+    finally:
+        os.umask(old)
+    if whiteout:
+        os.unlink(d / "gone")
+    modes = ("640", "750") if premasked else ("666", "777")
+    made = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c",
+         _NOACL_AS_USER, str(d), oct(user_umask)[2:], *modes],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+
+
+def test_with_noacl_a_new_entry_gets_what_its_upper_directory_gives_one(tmp_path: Path) -> None:
+    """With ``-o noacl`` (fuse-overlayfs's rule) the umask comes off a new entry's mode
+    first, and a default ACL of its upper directory then applies as the upper filesystem
+    applies it to an entry made there: so also to one built in the workdir (another
+    user's; one over a whiteout). The oracle is the upper filesystem itself, the same
+    entries made straight in a directory with the same default ACL, their modes less the
+    umask (where a default ACL is, the filesystem itself ignores the umask)."""
+    stack = Stack(
+        tmp_path, [tmp_path / "l1"], tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    )
+    for p in (*stack.lowers, stack.upper, stack.work, stack.mnt, tmp_path / "ref"):
+        p.mkdir()
+    (stack.lowers[0] / "d").mkdir()
+    write(stack.lowers[0] / "d/gone")
+    for d in (stack.upper / "d", tmp_path / "ref"):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o777)
+        os.setxattr(d, "system.posix_acl_default", _NAMED_DEFAULT_ACL)
+    let_others_in(stack)
+    _noacl_entries(tmp_path / "ref", whiteout=False, premasked=True)
+    um = start_unionfs(stack.lowers, stack.mnt, stack.upper, stack.work, extra_options="noacl")
+    try:
+        _noacl_entries(stack.mnt / "d", whiteout=True, premasked=False)
+    finally:
+        assert um.unmount() == 0
+    got, expected = _acls_of(stack.upper / "d"), _acls_of(tmp_path / "ref")
+    assert [e for e in got if e[0] != "gone"] == [e for e in expected if e[0] != "gone"]
+    gone = {e[0]: e[1:] for e in expected}["gone"]  # the whiteout's replacement, made aside
+    assert {e[0]: e[1:] for e in got}["gone"] == gone
+    assert len(got) == 6 and all(e[2] != "-" for e in got if e[0] != "userp"), got
+
+
 _SET_ACLS = """
 import logging, os, sys
 from unionfs.overlay import namespace

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Mounted, Stack
 from tests.features import hook_enabled, passthrough_expected
-from tests.mounting import start_unionfs
+from tests.mounting import start_unionfs, unionfs_command
 from tests.test_merge import write
 from tests.test_reads import _evict, watched
 from tests.twins import twins
@@ -682,6 +682,15 @@ def test_a_file_the_hook_created_is_one_file_to_every_later_open(
         assert creates == 2, creates
 
 
+def _effective_caps(pid: int) -> set[str]:
+    """The effective capabilities of each thread of *pid*."""
+    caps = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):
+            caps |= {line for line in status.read_text().splitlines() if line.startswith("CapEff")}
+    return caps
+
+
 def _traced_by_strace(pid: int) -> bool:
     """Whether every thread of *pid* has a tracer."""
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
@@ -739,15 +748,19 @@ def test_after_the_kernel_refuses_a_backing_file_creates_are_made_once(
         assert undone == [], undone
 
 
+@pytest.mark.parametrize("setuid", [True, False], ids=["capable", "without-setuid"])
 def test_a_file_created_in_c_is_made_as_its_caller(
-    tmp_path: Path, stack: Stack, mounted: Mounted
+    tmp_path: Path, stack: Stack, mounted: Mounted, setuid: bool
 ) -> None:
     """The hook makes a file under the caller's fsuid and fsgid, as the kernel overlay
     does, not as the daemon and then chowned: a daemon killed in between would leave
     one of its own (root's) in the upper layer. It keeps its capabilities meanwhile:
     here the caller may write in the directory only through a supplementary group,
-    which the daemon does not know. Every thread's fsuid is the daemon's again after."""
-    um = mounted()
+    which the daemon does not know. Every thread's fsuid is the daemon's again after.
+    A daemon that may not take the caller's ids (no CAP_SETUID and CAP_SETGID) makes
+    nothing in C: the daemon's Python side builds the file in the workdir."""
+    command = None if setuid else ["setpriv", "--bounding-set=-setuid,-setgid", *unionfs_command()]
+    um = mounted(command=command)
     (stack.mnt / "g").mkdir()  # only in the upper layer: the hook's creates
     os.chown(stack.mnt / "g", 0, 1001)
     os.chmod(stack.mnt / "g", 0o775)
@@ -756,6 +769,7 @@ def test_a_file_created_in_c_is_made_as_its_caller(
         os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | 0o111)
         p = p.parent
     os.stat(stack.mnt / "g")
+    caps = _effective_caps(um.pid)
     out = tmp_path / "strace.out"
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-p", str(um.pid), "-o", str(out),
@@ -771,7 +785,7 @@ def test_a_file_created_in_c_is_made_as_its_caller(
             raise AssertionError("strace did not attach")
         made = subprocess.run(
             ["setpriv", "--reuid=1000", "--regid=1000", "--groups=1001", "sh", "-c",
-             "for i in 0 1 2 3 4; do echo $i > f$i || exit 1; done"],
+             "umask 022; for i in 0 1 2 3 4; do echo $i > f$i || exit 1; done"],
             cwd=stack.mnt / "g", capture_output=True, text=True, check=False,
         )  # fmt: skip
     finally:
@@ -782,20 +796,29 @@ def test_a_file_created_in_c_is_made_as_its_caller(
         st = os.stat(stack.upper / f"g/f{i}")
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o644)
     for status in Path(f"/proc/{um.pid}/task").glob("*/status"):
-        ids = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
-        assert ids["Uid"].split()[3] == "0" and ids["Gid"].split()[3] == "0", ids
+        with contextlib.suppress(FileNotFoundError):  # a worker thread that just ended
+            ids = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+            assert ids["Uid"].split()[3] == "0" and ids["Gid"].split()[3] == "0", ids
+    assert _effective_caps(um.pid) == caps
     trace = out.read_text().splitlines()
     assert um.unmount() == 0
     creates = _in_c(um.log(), "creates")
     if not hook_enabled():
         assert creates is None
         return
+    if not setuid:
+        assert creates == 0, (creates, um.log())
+        assert not [line for line in trace if re.search(r'openat\(.*"f\d", .*O_CREAT', line)]
+        return
     assert creates == 5, (creates, um.log())
     assert not [line for line in trace if "chown" in line], trace
-    fsuid: dict[str, str] = {}  # thread -> the fsuid it last set
+    fsuid: dict[str, str] = {}  # thread -> the fsuid it last set (not asked: -1)
+    made_as = []
     for line in trace:
         tid, call = line.split(None, 1)
-        if call.startswith("setfsuid("):
-            fsuid[tid] = call[len("setfsuid(") : call.index(")")]
+        found = re.match(r"setfsuid\((\d+)\)", call)
+        if found:
+            fsuid[tid] = found.group(1)
         elif call.startswith("openat(") and "O_CREAT" in call and '"f' in call:
-            assert fsuid.get(tid) == "1000", (line, trace)
+            made_as.append(fsuid.get(tid))
+    assert made_as == ["1000"] * 5, trace

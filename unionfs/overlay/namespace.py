@@ -61,18 +61,25 @@ Acls = tuple[bytes | None, bytes | None] | None
 
 
 def new_owner(
-    parent_st: os.stat_result, caller: Caller, mode: int, default_acl: bytes | None = None
+    parent_st: os.stat_result,
+    caller: Caller,
+    mode: int,
+    default_acl: bytes | None = None,
+    umask_first: bool = False,
 ) -> tuple[int, int, int, Acls]:
     """Owner, mode and ACLs of a new entry: the caller's, with the setgid-directory
     rules; its mode less the caller's umask, or, under a directory with *default_acl*
-    (its upper directory's), as that ACL gives it (``unionfs.overlay.acl``)."""
+    (its upper directory's), as that ACL gives it (``unionfs.overlay.acl``): from the
+    mode as asked for, as the kernel overlay, or *umask_first* from the mode less the
+    umask (``noacl``: what an upper filesystem does with an entry made in place when
+    FUSE has applied the umask)."""
     is_dir = stat.S_ISDIR(mode)
     acls: Acls = None
+    if (default_acl is None or umask_first) and not stat.S_ISLNK(mode):
+        mode &= ~(caller.umask & 0o777)
     if default_acl is not None:
         mode, access, default = acl.inherit(default_acl, mode)
         acls = (access, default)
-    elif not stat.S_ISLNK(mode):
-        mode &= ~(caller.umask & 0o777)
     gid = caller.gid
     if parent_st.st_mode & stat.S_ISGID:
         gid = parent_st.st_gid
@@ -89,12 +96,12 @@ def new_owner(
     return caller.uid, gid, mode, acls
 
 
-def _default_acl(union: Union, dirfd: int, mode: int) -> bytes | None:
-    """The default ACL of upper directory *dirfd* that a new entry of *mode* inherits
-    (none with ``noacl``: the umask applies, and the ACL where the filesystem applies it)."""
-    if stat.S_ISLNK(mode) or not union.config.acl:
-        return None
-    return acl.default_of(dirfd)
+def _owner(union: Union, dirfd: int, caller: Caller, mode: int) -> tuple[int, int, int, Acls]:
+    """``new_owner`` of an entry of *caller* in upper directory *dirfd*, with its default
+    ACL; with ``noacl`` the umask comes off first (the entry then gets what its upper
+    directory gives one made in place, also when it is built in the workdir)."""
+    default_acl = None if stat.S_ISLNK(mode) else acl.default_of(dirfd)
+    return new_owner(os.stat(dirfd), caller, mode, default_acl, umask_first=not union.config.acl)
 
 
 def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
@@ -234,7 +241,7 @@ async def create_node(
     if stat.S_ISCHR(mode) and rdev == 0:
         raise Refused(errno.EPERM, "a 0/0 character device is a whiteout", join(parent.path, name))
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
-    uid, gid, mode, acls = new_owner(os.stat(dirfd), caller, mode, _default_acl(union, dirfd, mode))
+    uid, gid, mode, acls = _owner(union, dirfd, caller, mode)
 
     if stat.S_ISDIR(mode):
         _mkdir(union, dirfd, name, over_whiteout, uid, gid, mode, acls)
@@ -315,7 +322,7 @@ async def create_file(
     """create(2): a new regular file, returned open with *flags*, and its stat."""
     dirfd, over_whiteout = await _prepare_new(union, parent, name)
     mode = stat.S_IFREG | (mode & 0o7777)
-    uid, gid, mode, acls = new_owner(os.stat(dirfd), caller, mode, _default_acl(union, dirfd, mode))
+    uid, gid, mode, acls = _owner(union, dirfd, caller, mode)
     # Like open(): the kernel computes append offsets, and O_DIRECT would refuse
     # the daemon's unaligned buffers.
     flags = readable_for_writeback(
@@ -371,7 +378,7 @@ async def create_tmpfile(
     dirfd = union.upper.dirfd(parent.path)
     mode = stat.S_IFREG | (mode & 0o7777)
     # Made in its directory: the upper filesystem gives it the ACLs itself.
-    uid, gid, mode, _ = new_owner(os.stat(dirfd), caller, mode, _default_acl(union, dirfd, mode))
+    uid, gid, mode, _ = _owner(union, dirfd, caller, mode)
     flags = readable_for_writeback(
         (flags & os.O_ACCMODE) | os.O_TMPFILE | os.O_CLOEXEC, union.config.writeback
     )

@@ -435,9 +435,9 @@ static int inherits_acl(int dirfd)
    daemon's worker threads keep theirs), with the daemon's effective capabilities kept
    (a change of fsuid from 0 drops the filesystem ones: the caller's supplementary
    groups, which the daemon does not know, may be what lets them write there, and the
-   kernel checked that already). The same ids as the daemon's: a plain openat. The
-   caller checks the new file's owner (fstat): a daemon that may not take those ids
-   makes it its own, and that is undone. */
+   kernel checked that already). The same ids as the daemon's: a plain openat. A daemon
+   that may not take those ids makes nothing (EPERM), and the daemon's Python side
+   makes the file its own way. */
 static int create_as(uid_t uid, gid_t gid, int dirfd, const char *name, int flags, mode_t mode)
 {
     struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
@@ -451,9 +451,16 @@ static int create_as(uid_t uid, gid_t gid, int dirfd, const char *name, int flag
         return -1;
     old_gid = (gid_t)setfsgid(gid);
     old_uid = (uid_t)setfsuid(uid);
-    syscall(SYS_capset, &head, caps); /* the effective set of before: a subset of the permitted */
-    fd = openat(dirfd, name, flags, mode);
-    saved = errno;
+    /* Each returns the old id whether it took or not (a daemon without CAP_SETUID or
+       CAP_SETGID): asked again with an id it can never take, it tells the current one. */
+    if ((uid_t)setfsuid((uid_t)-1) != uid || (gid_t)setfsgid((gid_t)-1) != gid) {
+        fd = -1;
+        saved = EPERM;
+    } else {
+        syscall(SYS_capset, &head, caps); /* the effective set of before: a subset of the permitted */
+        fd = openat(dirfd, name, flags, mode);
+        saved = errno;
+    }
     setfsuid(old_uid);
     setfsgid(old_gid);
     syscall(SYS_capset, &head, caps); /* as before, not as a return to fsuid 0 makes them */
