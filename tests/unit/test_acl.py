@@ -65,3 +65,21 @@ def test_a_value_no_filesystem_would_store_is_an_eio(value: bytes) -> None:
     with pytest.raises(OSError) as e:
         acl.inherit(value, stat.S_IFREG | 0o666)
     assert e.value.errno == errno.EIO
+
+
+def test_without_unmapped_drops_only_what_names_an_unmapped_id() -> None:
+    """What a daemon in a user namespace writes for an ACL naming ids it cannot map
+    (they read as -1): the ACL less those entries, granting nobody more than before."""
+    u, g, m, o, uo, go = acl.USER, acl.GROUP, acl.MASK, acl.OTHER, acl.USER_OBJ, acl.GROUP_OBJ
+    x = acl.UNMAPPED
+    assert acl.without_unmapped(MINIMAL) is None
+    assert acl.without_unmapped(NAMED) is None  # 1000 is mapped
+    assert acl.without_unmapped(b"\x02\x00") is None  # not an ACL: the setxattr's error stands
+    # Another named entry is left: the mask stays, as it is.
+    assert acl.without_unmapped(
+        _value((uo, 7, x), (u, 7, x), (g, 6, 50), (go, 4, x), (m, 7, x), (o, 0, x))
+    ) == _value((uo, 7, x), (g, 6, 50), (go, 4, x), (m, 7, x), (o, 0, x))
+    # Nothing named is left: the mask goes, the owning group keeps what it had under it.
+    assert acl.without_unmapped(
+        _value((uo, 7, x), (u, 7, x), (g, 7, x), (go, 6, x), (m, 5, x), (o, 0, x))
+    ) == _value((uo, 7, x), (go, 4, x), (o, 0, x))

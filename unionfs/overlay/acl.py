@@ -39,6 +39,49 @@ def encode(entries: list[tuple[int, int, int]]) -> bytes:
     return _HEADER.pack(_VERSION) + b"".join(_ENTRY.pack(*e) for e in entries)
 
 
+# How an id the daemon's user namespace cannot map reads in an ACL (``(uid_t)-1``).
+UNMAPPED = 0xFFFFFFFF
+
+
+def without_unmapped(value: bytes) -> bytes | None:
+    """ACL *value* less its entries naming a user or group as UNMAPPED, which a daemon in
+    a user namespace cannot write back (EINVAL); None when it names none (or is not an
+    ACL). What is left grants nobody more than before: only those users and groups lose
+    what it gave them."""
+    body = value[_HEADER.size :]
+    if len(value) < _HEADER.size or len(body) % _ENTRY.size:
+        return None
+    entries = [list(e) for e in _ENTRY.iter_unpack(body)]
+    kept = [e for e in entries if not (e[0] in (USER, GROUP) and e[2] == UNMAPPED)]
+    if len(kept) == len(entries):
+        return None
+    if not any(e[0] in (USER, GROUP) for e in kept):
+        # Nothing named is left: the mask goes, and with it what it kept from the owning
+        # group (an ACL with a mask and nothing named stands for a mode whose group bits
+        # are the mask's, which would give the group all that the mask allows).
+        masks = [e[1] for e in kept if e[0] == MASK]
+        kept = [e for e in kept if e[0] != MASK]
+        for e in kept:
+            if e[0] == GROUP_OBJ and masks:
+                e[1] &= masks[0]
+    return encode([(t, p, i) for t, p, i in kept])
+
+
+def set_mapped(path: str | bytes | int, name: str | bytes, value: bytes, what: str) -> None:
+    """setxattr of ACL *name*; where the daemon's user namespace cannot write every id
+    it names (EINVAL), without those (``without_unmapped``), and that is logged; where
+    that cannot be written either, the EINVAL is raised."""
+    try:
+        os.setxattr(path, name, value)
+        return
+    except OSError as e:
+        fewer = without_unmapped(value) if e.errno == errno.EINVAL else None
+        if fewer is None:
+            raise
+    os.setxattr(path, name, fewer)
+    log.warning("%s: %s set without the users and groups this daemon cannot map", what, name)
+
+
 def default_of(dirfd: int) -> bytes | None:
     """The default ACL of the directory open on *dirfd* (an ``O_PATH`` fd will do), or
     None when it has none (or its filesystem has no ACLs). One that cannot be read (a

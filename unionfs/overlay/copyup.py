@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import trio
 
-from unionfs.overlay import markers
+from unionfs.overlay import acl, markers
 from unionfs.overlay.events import COPY_UP, PRIVILEGE_DROPPED, Refused
 from unionfs.overlay.layers import discard, stat_with
 from unionfs.overlay.markers import is_private_xattr
@@ -347,7 +347,10 @@ def copy_xattrs(src: bytes | int, dst: bytes | int) -> None:
             continue
         try:
             value = os.getxattr(src, bname, **follow)
-            os.setxattr(dst, bname, value, **dfollow)
+            if name in (acl.ACCESS, acl.DEFAULT):  # not on symlinks: dst is no symlink
+                acl.set_mapped(dst, bname, value, "a copy-up")
+            else:
+                os.setxattr(dst, bname, value, **dfollow)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.ENODATA):
                 raise

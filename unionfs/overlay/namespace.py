@@ -108,8 +108,9 @@ def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
     """Give an entry built in the workdir the ACLs its directory would have given it.
 
     A daemon in a user namespace reads the ids it cannot map as -1 and cannot write
-    them back (EINVAL): the entry is then made without the ACL, its mode already
-    narrowed to what the ACL allowed the group (the mask), and that is logged."""
+    them back (EINVAL): the entry then gets the ACL without them (``acl.set_mapped``),
+    or, should that fail too, none, its mode already narrowed to what the ACL allowed
+    the group (the mask); either is logged."""
     if acls is None:
         return
     path = fd_path(dirfd, name)
@@ -117,7 +118,7 @@ def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
         if value is None:
             continue
         try:
-            os.setxattr(path, xattr, value)
+            acl.set_mapped(path, xattr, value, "a new entry")
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
