@@ -121,7 +121,7 @@ class _Trio(types.ModuleType):
 PLAIN_ENV = "UNIONFS_PLAIN_LOOP"
 # How long (µs) a run of requests answered in C waits for the next one (csrc/requests.c);
 # UNIONFS_LINGER_US overrides it (0: never waits; to compare, or to rule it out).
-LINGER_US = 300
+LINGER_US = 10_000
 LINGER_ENV = "UNIONFS_LINGER_US"
 
 
