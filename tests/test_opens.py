@@ -22,6 +22,7 @@ from tests.conftest import Mounted, Stack
 from tests.features import hook_enabled, passthrough_expected
 from tests.mounting import start_unionfs, unionfs_command
 from tests.test_merge import write
+from tests.test_namespace import let_others_in
 from tests.test_reads import _evict, watched
 from tests.twins import twins
 from unionfs.fuse.hook import PYTHON_CREATES_ENV
@@ -691,6 +692,24 @@ def _effective_caps(pid: int) -> set[str]:
     return caps
 
 
+@contextlib.contextmanager
+def _strace(pid: int, out: Path, *args: str) -> Iterator[None]:
+    """strace every thread of *pid* into *out* (with *args*) while the block runs."""
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-p", str(pid), "-o", str(out), *args])
+    try:
+        for _ in range(500):
+            if _traced_by_strace(pid):
+                break
+            assert tracer.poll() is None, "strace ended"
+            time.sleep(0.01)
+        else:
+            raise AssertionError("strace did not attach")
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+
+
 def _traced_by_strace(pid: int) -> bool:
     """Whether every thread of *pid* has a tracer."""
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
@@ -713,23 +732,9 @@ def test_after_the_kernel_refuses_a_backing_file_creates_are_made_once(
     (stack.mnt / "new").mkdir()
     write(stack.mnt / "new/first", b"made in C")
     out = tmp_path / "strace.out"
-    tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-p", str(um.pid), "-o", str(out),
-         "-e", "trace=ioctl,unlinkat", "-e", "inject=ioctl:error=EPERM"],
-    )  # fmt: skip
-    try:
-        for _ in range(500):
-            if _traced_by_strace(um.pid):
-                break
-            assert tracer.poll() is None, "strace ended"
-            time.sleep(0.01)
-        else:
-            raise AssertionError("strace did not attach")
+    with _strace(um.pid, out, "-e", "trace=ioctl,unlinkat", "-e", "inject=ioctl:error=EPERM"):
         for i in range(5):
             write(stack.mnt / f"new/f{i}", f"file {i}".encode())
-    finally:
-        tracer.terminate()
-        tracer.wait(timeout=30)
     for i in range(5):
         assert (stack.upper / f"new/f{i}").read_text() == f"file {i}"
     undone = [line for line in out.read_text().splitlines() if "unlinkat(" in line]
@@ -764,33 +769,16 @@ def test_a_file_created_in_c_is_made_as_its_caller(
     (stack.mnt / "g").mkdir()  # only in the upper layer: the hook's creates
     os.chown(stack.mnt / "g", 0, 1001)
     os.chmod(stack.mnt / "g", 0o775)
-    p = stack.root
-    while p != p.parent:  # pytest makes its directories 0700
-        os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | 0o111)
-        p = p.parent
+    let_others_in(stack)
     os.stat(stack.mnt / "g")
     caps = _effective_caps(um.pid)
     out = tmp_path / "strace.out"
-    tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-p", str(um.pid), "-o", str(out),
-         "-e", "trace=setfsuid,setfsgid,openat,fchown,fchownat"],
-    )  # fmt: skip
-    try:
-        for _ in range(500):
-            if _traced_by_strace(um.pid):
-                break
-            assert tracer.poll() is None, "strace ended"
-            time.sleep(0.01)
-        else:
-            raise AssertionError("strace did not attach")
+    with _strace(um.pid, out, "-e", "trace=setfsuid,setfsgid,openat,fchown,fchownat"):
         made = subprocess.run(
             ["setpriv", "--reuid=1000", "--regid=1000", "--groups=1001", "sh", "-c",
              "umask 022; for i in 0 1 2 3 4; do echo $i > f$i || exit 1; done"],
             cwd=stack.mnt / "g", capture_output=True, text=True, check=False,
         )  # fmt: skip
-    finally:
-        tracer.terminate()
-        tracer.wait(timeout=30)
     assert made.returncode == 0, made.stderr
     for i in range(5):
         st = os.stat(stack.upper / f"g/f{i}")

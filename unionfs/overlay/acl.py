@@ -4,8 +4,8 @@ A new entry in a directory of the upper layer gets its mode from the caller's um
 unless the directory has a default ACL: then the ACL decides, and the umask does not
 apply (``posix_acl_create`` in the kernel). Where the upper filesystem makes the entry
 in that directory itself, it applies the ACL; what unionfs builds in the workdir (over
-a whiteout, or with setuid/setgid) is given the result here, as the kernel overlay
-gives it (``ovl_create_over_whiteout``).
+a whiteout, setuid/setgid, or another user's) is given the result here, as the kernel
+overlay gives it (``ovl_create_over_whiteout``).
 
 The value is the xattr's (``system.posix_acl_default``, version 2): a 4-byte header,
 then 8-byte entries of tag, permissions and id, little-endian.

@@ -109,20 +109,13 @@ def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
 
     A daemon in a user namespace reads the ids it cannot map as -1 and cannot write
     them back (EINVAL): the entry then gets the ACL without them (``acl.set_mapped``),
-    or, should that fail too, none, its mode already narrowed to what the ACL allowed
-    the group (the mask); either is logged."""
+    as a copy-up does."""
     if acls is None:
         return
     path = fd_path(dirfd, name)
     for xattr, value in zip((acl.ACCESS, acl.DEFAULT), acls, strict=True):
-        if value is None:
-            continue
-        try:
+        if value is not None:
             acl.set_mapped(path, xattr, value, "a new entry")
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            log.warning("a new entry's %s could not be set (ids this daemon cannot map?)", xattr)
 
 
 def _writable(union: Union) -> None:

@@ -140,6 +140,8 @@ static void (*inner_create)(fuse_req_t, fuse_ino_t, const char *, mode_t,
 static PyObject *created_cb, *replied_cb; /* configure_creates: the Python side's bookkeeping */
 static int writeback;                  /* and whether the kernel caches writes */
 static int backing_refused;            /* the kernel refused a created file's backing file */
+static uid_t daemon_uid;               /* the daemon's own ids (configure_creates): a create */
+static gid_t daemon_gid;               /* with these needs no change of fsuid */
 static int wrapped, on;
 static int attrs_here;      /* configure_opens(on, attr_timeout): GETATTR too */
 static double attr_timeout;  /* what the daemon gives with its attributes */
@@ -445,7 +447,7 @@ static int create_as(uid_t uid, gid_t gid, int dirfd, const char *name, int flag
     uid_t old_uid;
     gid_t old_gid;
     int fd, saved;
-    if (uid == geteuid() && gid == getegid())
+    if (uid == daemon_uid && gid == daemon_gid)
         return openat(dirfd, name, flags, mode);
     if (syscall(SYS_capget, &head, caps) < 0)
         return -1;
@@ -918,6 +920,8 @@ static PyObject *configure_creates(PyObject *self, PyObject *args)
     }
     writeback = wb;
     backing_refused = 0;
+    daemon_uid = geteuid();
+    daemon_gid = getegid();
     return PyBool_FromLong(created_cb != NULL);
 }
 
