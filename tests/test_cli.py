@@ -245,6 +245,13 @@ def test_version_and_help() -> None:
     assert v.returncode == 0 and v.stdout.startswith("unionfs version ")
     h = run("-h")
     assert h.returncode == 0 and "lowerdir" in h.stdout
+    # Every other command is named in the help, and each such name is a command.
+    listed = h.stdout.split("Other commands", 1)[1].splitlines()[1:]
+    named = {line.split()[0] for line in listed if line.startswith("  ")}
+    assert named == set(cli.SUBCOMMANDS)
+    for name in sorted(named):
+        sub = run(name, "--help")
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: unionfs {name}"), name
 
 
 # -- running and stopping ---------------------------------------------------------

@@ -31,6 +31,21 @@ USAGE = (
 )
 
 
+EPILOG = """\
+Unmount with: fusermount3 -u MOUNTPOINT (or umount). Every option is described
+in README.md.
+
+Other commands (unionfs COMMAND --help for each):
+  image      mount, unpack or list the layers of an OCI image
+  layer      unpack a layer tar into a kernel-format layer directory
+  diff       list what an upper directory changes (A/C/D)
+  commit     write an upper directory as an OCI layer, or as a new image
+  explain    say why a path looks as it does, or what an operation would do
+  trace      show a mount's overlay decisions (-o trace=FILE, or live)
+  check      lint layer directories
+  convert    rewrite a layer's whiteouts in the kernel's or the OCI format"""
+
+
 class MountArgs:
     """The plain mount command line, parsed."""
 
@@ -94,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         usage=USAGE,
         description="Mount read-only lower directories under a writable upper directory, "
         "with the semantics and on-disk format of the Linux kernel overlayfs.",
-        epilog="Unmount with: fusermount3 -u MOUNTPOINT (or umount). "
-        "Every option is described in README.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument(
         "-o",

@@ -83,7 +83,7 @@ def results_table(
     traced = f"{subject}+trace"  # the cost of tracing: against the same daemon without it
     if traced in competitors and subject in competitors:
         pairs.append((traced, subject))
-    head = ["workload", "unit", *competitors, *[f"{a} ÷ {b}" for a, b in pairs]]
+    head = ["workload", "unit", *competitors, *[f"{a} slowdown vs {b}" for a, b in pairs]]
     rows = [head, ["---"] * len(head)]
     for g in groups:
         for metric in g.metrics:
