@@ -211,6 +211,7 @@ class _COpens:
             ops.created_in_c if self.attrs and not hook.python_creates() else None,
             ops.create_replied_in_c,
             ops.union.config.writeback,
+            ops.union.grpid,
         )
 
     def change_starts(self) -> None:

@@ -66,33 +66,39 @@ def new_owner(
     mode: int,
     default_acl: bytes | None = None,
     umask_first: bool = False,
+    grpid: bool = False,
 ) -> tuple[int, int, int, Acls]:
     """Owner, mode and ACLs of a new entry: the caller's, with the setgid-directory
     rules; its mode less the caller's umask, or, under a directory with *default_acl*
     (its upper directory's), as that ACL gives it (``unionfs.overlay.acl``): from the
     mode as asked for, as the kernel overlay, or *umask_first* from the mode less the
     umask (``noacl``: what an upper filesystem does with an entry made in place when
-    FUSE has applied the umask)."""
+    FUSE has applied the umask). *grpid*: the upper filesystem gives every new entry
+    its directory's group, and a new directory no setgid bit of its own (ext4 and
+    xfs mounted ``grpid``), as it does to the kernel overlay's entries."""
     is_dir = stat.S_ISDIR(mode)
+    setgid_dir = bool(parent_st.st_mode & stat.S_ISGID)
+    # The VFS's rule (mode_strip_sgid), before the umask: a file in a setgid directory
+    # keeps a setgid bit asked for only if its maker is in the directory's group or
+    # privileged, or if the bit comes without group-exec (then it marks no privilege).
+    if (
+        not is_dir
+        and setgid_dir
+        and mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP
+        and caller.uid != 0
+        and parent_st.st_gid != caller.gid
+        and parent_st.st_gid not in caller.groups
+    ):
+        mode &= ~stat.S_ISGID
     acls: Acls = None
     if (default_acl is None or umask_first) and not stat.S_ISLNK(mode):
         mode &= ~(caller.umask & 0o777)
     if default_acl is not None:
         mode, access, default = acl.inherit(default_acl, mode)
         acls = (access, default)
-    gid = caller.gid
-    if parent_st.st_mode & stat.S_ISGID:
-        gid = parent_st.st_gid
-        if is_dir:
-            mode |= stat.S_ISGID
-    if (
-        not is_dir
-        and mode & stat.S_ISGID
-        and caller.uid != 0
-        and gid != caller.gid
-        and gid not in caller.groups
-    ):
-        mode &= ~stat.S_ISGID
+    gid = parent_st.st_gid if setgid_dir or grpid else caller.gid
+    if is_dir and setgid_dir and not grpid:
+        mode |= stat.S_ISGID
     return caller.uid, gid, mode, acls
 
 
@@ -101,7 +107,14 @@ def _owner(union: Union, dirfd: int, caller: Caller, mode: int) -> tuple[int, in
     ACL; with ``noacl`` the umask comes off first (the entry then gets what its upper
     directory gives one made in place, also when it is built in the workdir)."""
     default_acl = None if stat.S_ISLNK(mode) else acl.default_of(dirfd)
-    return new_owner(os.stat(dirfd), caller, mode, default_acl, umask_first=not union.config.acl)
+    return new_owner(
+        os.stat(dirfd),
+        caller,
+        mode,
+        default_acl,
+        umask_first=not union.config.acl,
+        grpid=union.grpid,
+    )
 
 
 def _set_acls(dirfd: int, name: bytes, acls: Acls) -> None:
@@ -353,7 +366,8 @@ def adopt_created(union: Union, parent: Node, name: bytes, st: os.stat_result) -
     are shortest (the FUSE adapter's C hook): *name*, with stat *st*, new in the upper
     directory of *parent*, which has nothing below it (no lower part, or opaque), nor
     the setgid bit; the name is not reserved and was not there (not even a whiteout);
-    the file is owned by the caller, has no setuid/setgid/sticky bit, and is open."""
+    the file is owned by the caller (with its directory's group on a ``grpid`` upper),
+    has no setuid/setgid/sticky bit, and is open."""
     return _created(union, parent, name, st)
 
 

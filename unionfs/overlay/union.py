@@ -152,6 +152,9 @@ class Union:
         if config.work is not None and not self.readonly:
             assert self.upper is not None
             self.work_fd = _prepare_workdir(config.work, self.upper.root_fd)
+        # Whether the upper filesystem gives every new entry its directory's group
+        # (mounted grpid/bsdgroups), as it does to the kernel overlay's new entries.
+        self.grpid = self.work_fd >= 0 and gives_directory_group(self.work_fd)
         self.ns = layers[0].xattrs
         self._decodable: dict[int, bool] = {}  # st_dev -> file handles can be opened
         self.inos = InodeNumbers()
@@ -900,3 +903,34 @@ def _prepare_workdir(work: Path, upper_fd: int) -> int:
         discard(fd, name)
     markers.new_shared_whiteout(fd)
     return fd
+
+
+PROBE = b"#grpid-probe"
+
+
+def gives_directory_group(work_fd: int) -> bool:
+    """Whether the filesystem of *work_fd* (the workdir, cleared and no longer setgid)
+    gives a new entry its directory's group, not its maker's: as ext4 and xfs do when
+    mounted ``grpid`` (or ``bsdgroups``), which the mount options do not always show
+    (ext4 leaves out the options its superblock makes the default). Found by making
+    one: a directory given another group and a directory in it. False where the
+    daemon may give none (an unprivileged one with no other group): it makes every
+    entry with its own group then, whatever it asks for."""
+    own = os.getegid()
+    candidates = [g for g in (*os.getgroups(), own ^ 1) if g != own]
+    inner = PROBE + b"/d"
+    os.mkdir(PROBE, 0o700, dir_fd=work_fd)  # the workdir was just cleared
+    try:
+        for gid in candidates:
+            try:
+                os.chown(PROBE, -1, gid, dir_fd=work_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            os.mkdir(inner, 0o700, dir_fd=work_fd)
+            try:
+                return os.stat(inner, dir_fd=work_fd).st_gid == gid
+            finally:
+                os.rmdir(inner, dir_fd=work_fd)
+        return False
+    finally:
+        os.rmdir(PROBE, dir_fd=work_fd)

@@ -57,7 +57,9 @@
  * Such a directory is armed for CREATE too, the one request per file of an untar
  * that went to Python. There the daemon's rules are short: the new name hides
  * nothing (nothing is below), so the file is made where the name is, owned by the
- * caller, with its mode less the umask, and opened as the daemon opens one. This
+ * caller (on an upper mounted grpid, with its directory's group, as the upper gives
+ * the kernel overlay's), with its mode less the umask, and opened as the daemon opens
+ * one. This
  * makes it so (openat with O_CREAT | O_EXCL under the caller's fsuid and fsgid, as
  * the kernel overlay creates: the file is the caller's from the start, so a daemon
  * killed at any point never leaves one of the daemon's own in the upper layer; then
@@ -139,6 +141,7 @@ static void (*inner_create)(fuse_req_t, fuse_ino_t, const char *, mode_t,
                             struct fuse_file_info *);
 static PyObject *created_cb, *replied_cb; /* configure_creates: the Python side's bookkeeping */
 static int writeback;                  /* and whether the kernel caches writes */
+static int grpid; /* and whether the upper gives new files their directory's group */
 static int backing_refused;            /* the kernel refused a created file's backing file */
 static uid_t daemon_uid;               /* the daemon's own ids (configure_creates): a create */
 static gid_t daemon_gid;               /* with these needs no change of fsuid */
@@ -478,6 +481,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
     struct fuse_entry_param e;
     size_t len = strlen(name), at;
     int dirfd, fd, flags, root, backing, delivered;
+    gid_t gid;
     uint64_t fh;
     char *path;
     struct handle *h;
@@ -495,6 +499,9 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
         close(dirfd);
         goto python;
     }
+    /* The group the file must have: the caller's, or on an upper mounted grpid (which
+       gives it the kernel overlay's files too), its directory's. */
+    gid = grpid ? e.attr.st_gid : ctx->gid;
     /* As the daemon opens a file it creates (unionfs.overlay.namespace.create_file). */
     flags = (fi->flags & ~(O_TRUNC | O_APPEND | O_DIRECT)) | O_CREAT | O_EXCL | O_CLOEXEC;
     if (writeback && (flags & O_ACCMODE) == O_WRONLY)
@@ -519,7 +526,7 @@ static void hook_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
        may be). A backing file the kernel refuses is the daemon's to handle and log, and
        from then on every CREATE is: asking again would make each file twice. */
     backing = -1;
-    if (fstat(fd, &e.attr) == 0 && e.attr.st_uid == ctx->uid && e.attr.st_gid == ctx->gid &&
+    if (fstat(fd, &e.attr) == 0 && e.attr.st_uid == ctx->uid && e.attr.st_gid == gid &&
         (backing = passthrough_backing(fd)) < 0)
         backing_refused = 1;
     if (backing < 0) {
@@ -902,9 +909,9 @@ static PyObject *configure_opens(PyObject *self, PyObject *args)
 static PyObject *configure_creates(PyObject *self, PyObject *args)
 {
     PyObject *created, *replied;
-    int wb;
+    int wb, gp;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOp", &created, &replied, &wb))
+    if (!PyArg_ParseTuple(args, "OOpp", &created, &replied, &wb, &gp))
         return NULL;
     if (created != Py_None && (!PyCallable_Check(created) || !PyCallable_Check(replied))) {
         PyErr_SetString(PyExc_TypeError, "configure_creates: not callable");
@@ -919,6 +926,7 @@ static PyObject *configure_creates(PyObject *self, PyObject *args)
         replied_cb = replied;
     }
     writeback = wb;
+    grpid = gp;
     backing_refused = 0;
     daemon_uid = geteuid();
     daemon_gid = getegid();
@@ -964,7 +972,7 @@ static PyMethodDef methods[] = {
      "and the rest armed for (negative entries valid for entry_timeout); returns whether "
      "opens are."},
     {"configure_creates", configure_creates, METH_VARARGS,
-     "configure_creates(created, replied, writeback): answer CREATE in a directory armed "
+     "configure_creates(created, replied, writeback, grpid): answer CREATE in a directory armed "
      "with sole here, calling created(parent, name, fd) for the node of the file made (it "
      "returns (ino, generation) with the kernel's reference held, or None to leave the "
      "request to the daemon), which is then armed as by arm_upper and its handle kept "
