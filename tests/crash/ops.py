@@ -12,9 +12,11 @@ most one page is one write in the daemon.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +39,18 @@ GONE = ("ENOTCONN", "ECONNABORTED")
 class Op:
     name: str
     args: tuple[Any, ...]
+    uid: int = 0  # made by this user (fsuid and fsgid), not root
 
     def __str__(self) -> str:
-        def fmt(a: Any) -> str:
+        def fmt(i: int, a: Any) -> str:
             if isinstance(a, bytes):
                 return f"<{len(a)} bytes crc={zlib.crc32(a):08x}>"
-            if isinstance(a, int) and self.name in ("chmod", "mkdir", "create") and a > 7:
-                return oct(a)
+            if i == 1 and self.name in ("chmod", "mkdir", "create", "mkfifo"):
+                return oct(a)  # the mode (a create's handle comes after it)
             return repr(a)
 
-        return f"{self.name}({', '.join(fmt(a) for a in self.args)})"
+        who = f"as {self.uid}: " if self.uid else ""
+        return f"{who}{self.name}({', '.join(fmt(i, a) for i, a in enumerate(self.args))})"
 
 
 def _p(root: str, path: str) -> str:
@@ -56,10 +60,33 @@ def _p(root: str, path: str) -> str:
 def run(op: Op, root: str, handles: dict[int, int]) -> str:
     """Perform *op* below *root*; ``"ok"`` or the errno's name."""
     try:
-        _run(op, root, handles)
+        with _as_user(op.uid):
+            _run(op, root, handles)
     except OSError as e:
         return errno.errorcode.get(e.errno or 0, str(e.errno))
     return "ok"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def _as_user(uid: int) -> Iterator[None]:
+    """This thread's filesystem ids are *uid*'s (and its group's, the same number)
+    for the call: a mount sees that user make the entry. Back to root after, which
+    gives back the filesystem capabilities the change took."""
+    if not uid:
+        yield
+        return
+    _libc.setfsgid(uid)
+    _libc.setfsuid(uid)
+    try:
+        if _libc.setfsuid(-1) != uid or _libc.setfsgid(-1) != uid:
+            raise RuntimeError(f"could not take the filesystem ids of user {uid}")
+        yield
+    finally:
+        _libc.setfsuid(0)
+        _libc.setfsgid(0)
 
 
 def _fd(handles: dict[int, int], h: int) -> int:

@@ -35,6 +35,7 @@ import contextlib
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -156,6 +157,7 @@ class Run:
         self.out = out if out is not None else sys.stdout
         self.daemon_args = daemon_args
         self.report = Report(seed)
+        _let_others_in(base)  # the workload makes entries as another user too
         self.lowers = build_lowers(base, seed, big)
         self.lower_view = self._lower_view()
         self.workload = Workload(self.rng, model_of(self.lower_view), list(BIG_FILES))
@@ -553,6 +555,14 @@ class Session:
         text = "\n".join(lines)
         self.r.report.inconsistencies.append(text)
         self.r.say(text)
+
+
+def _let_others_in(path: Path) -> None:
+    """Make *path* and every directory above it traversable for other users."""
+    for p in (path, *path.parents):
+        st = os.stat(p)
+        if not st.st_mode & 0o001:
+            os.chmod(p, stat.S_IMODE(st.st_mode) | 0o111)
 
 
 @contextlib.contextmanager

@@ -57,4 +57,9 @@ SCRIPTS: dict[str, list[Op]] = {
         Op("rmdir", ("var/log",)),
     ],
     "exchange-lower": [Op("rename", ("etc/passwd", "etc/group", "EXCHANGE"))],
+    # Another user's entries, in the sticky tmp of the lower layer (merged).
+    "user-create": [Op("create", ("tmp/ufile", 0o640, 1), 1000), Op("close", (1,))],
+    "user-mkdir": [Op("mkdir", ("tmp/udir", 0o750), 1000)],
+    "user-mkfifo": [Op("mkfifo", ("tmp/ufifo", 0o640), 1000)],
+    "user-symlink": [Op("symlink", ("target", "tmp/ulink"), 1000)],
 }

@@ -44,3 +44,15 @@ def test_the_checker_reports_a_remove_that_is_not_atomic(tmp_path: Path) -> None
     assert "neither the state before op #3 nor after it" in text
     assert "~ etc/hosts" in text
     assert re.search(r"\[3\] unlink\('etc/hosts'\) -> E\w+ <== in flight at the kill", text)
+
+
+@pytest.mark.timeout(600)
+def test_a_kill_at_any_step_of_another_users_create_leaves_none_of_roots(tmp_path: Path) -> None:
+    """User 1000's new file and directory in the lower layer's sticky tmp, the daemon
+    killed right before and right after each change it makes for them (a copy-up of
+    tmp, the entry built in the workdir, its owner, the rename into place): each kill
+    leaves the state before or after, never an entry of root's under the new name."""
+    out = io.StringIO()
+    report = Run(tmp_path, SEED, big=False, out=out).every_step(["user-create", "user-mkdir"])
+    assert len(report.kills) >= 20, out.getvalue()
+    assert not report.inconsistencies, out.getvalue() + report.summary()

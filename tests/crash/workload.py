@@ -22,6 +22,7 @@ KINDS_NONDIR = ("f", "l", "p")
 MODES_FILE = (0o644, 0o600, 0o755, 0o640, 0o4755, 0o2755, 0o444)
 MODES_DIR = (0o755, 0o700, 0o1777, 0o2775, 0o750)
 OWNERS = (0, 1000, 1234)
+USER = 1000  # who makes entries of a user other than root
 
 
 def _parent(path: str) -> str:
@@ -47,6 +48,7 @@ class Workload:
             (2, self.big_copy_up),
             (2, self.attributes),
             (1, self.create_new),
+            (2, self.user_entries),
         ]
 
     # -- helpers ---------------------------------------------------------------
@@ -105,6 +107,37 @@ class Workload:
         return Op("write", (h, off, self.data(self.rng.randint(1, room))))
 
     # -- tasks -----------------------------------------------------------------
+
+    def user_entries(self, model: dict[str, str]) -> list[Op]:
+        """Another user's new files, directories, fifos and symlinks, in a directory
+        anyone may write in or in one of theirs: never the daemon's (root's), not even
+        for a moment (the daemon builds them in the workdir and renames them in; the
+        hook makes them under the user's fsuid)."""
+        r = self.rng
+        shared = ("tmp", "var/spool/mail")
+        dirs = sorted(
+            p
+            for p, k in model.items()
+            if k == "d" and (p in shared or (p.startswith(shared) and "/u" in p))
+        )
+        if not dirs:
+            return []
+        ops: list[Op] = []
+        for _ in range(r.randint(1, 4)):
+            path = os.path.join(r.choice(dirs), self.name("u"))
+            kind = r.choice(("f", "d", "p", "l"))
+            if kind == "f":
+                h = self.handle()
+                ops.append(Op("create", (path, r.choice(MODES_FILE), h), USER))
+                ops += self.write_file(h, self.data(r.randint(0, 2 * PAGE)))
+                ops.append(Op("close", (h,)))
+            elif kind == "d":
+                ops.append(Op("mkdir", (path, r.choice(MODES_DIR)), USER))
+            elif kind == "p":
+                ops.append(Op("mkfifo", (path, 0o640), USER))
+            else:
+                ops.append(Op("symlink", ("target", path), USER))
+        return ops
 
     def untar(self, model: dict[str, str]) -> list[Op]:
         """Extract a fresh archive the way tar does: directories made private first and
