@@ -1,0 +1,32 @@
+"""How the inspection tools print names (``unionfs.inspect.names``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from unionfs.inspect.names import printable
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"plain/path", "plain/path"),
+        ("été".encode(), "été"),
+        (b"a\nb\tc\rd", "a\\nb\\tc\\rd"),
+        (b"\x1b[31mred", "\\x1b[31mred"),
+        (b"bad\xff\xfeutf", "bad\\xff\\xfeutf"),
+        (b"back\\slash", "back\\\\slash"),
+        (b"with space", "with space"),
+        ("zero\u200bwidth".encode(), "zero\\xe2\\x80\\x8bwidth"),
+        ("c1\u0085".encode(), "c1\\xc2\\x85"),
+    ],
+)
+def test_a_name_prints_as_one_line_that_tells_its_bytes(raw: bytes, shown: str) -> None:
+    assert printable(raw) == shown
+    assert printable(raw.decode("utf-8", "surrogateescape")) == shown
+    assert shown.isprintable()
+
+
+def test_two_names_never_print_alike() -> None:
+    names = [b"a\\x41", b"a\x41", b"a\\\\x41", b"a\\A", b"a\nb", b"a\\nb"]
+    assert len({printable(n) for n in names}) == len(names)
