@@ -221,10 +221,10 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     )
     setup = Setup(config, mnt, fuse, locks, passthrough, depth, note)
     if trace is not None:
+        from unionfs.fuse import tracing  # a FIFO: opened without waiting for a reader
+
         try:
-            setup.trace_fd = os.open(
-                trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            setup.trace_fd = tracing.open_file(trace)
         except OSError as e:
             setup.release()
             raise UsageError(f"trace file {trace}: {e.strerror}") from None

@@ -10,14 +10,16 @@ A request never waits for the trace: ``emit`` appends to a bounded list and
 returns; a trio task takes the list every ``FLUSH_INTERVAL`` seconds, encodes
 it and writes it in a worker thread. When the list is full (the disk or a
 reader is slower than the mount), events are dropped and counted, and the next
-flush writes a ``dropped`` record with the count.
+flush writes a ``dropped`` record with the count. Events a write could not
+deliver (a FIFO nobody reads, a full disk) are counted the same way
+(``TraceFile``).
 
 Record fields: ``time`` (Unix seconds), ``pid``/``uid`` of the caller and
 ``request`` (the FUSE request, refined: chmod, chown, truncate, utimes, open
 for write, ...) when a request caused it, ``event``, ``path`` (relative to the
 mount's root), and per event: ``layer``, ``outcome``, ``bytes``, ``method``,
-``duration_s``, ``errno``, ``why``, ``bits``; ``for`` is the request's own path
-when the event is about another one (a parent copied up for a child).
+``duration_s``, ``errno``, ``why``, ``bits``, ``xattr``; ``for`` is the request's
+own path when the event is about another one (a parent copied up for a child).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +50,9 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 0.1
 CAPACITY = 1 << 16  # events held between two flushes before dropping
 SUBSCRIBER_BACKLOG = 64  # encoded batches queued per live reader before dropping
+# At unmount: how long a trace FIFO may go unread (no byte taken) before what is left
+# to write is dropped; while the mount runs, a write waits as long as it takes.
+UNMOUNT_PATIENCE = 5.0
 
 # Errors that say a layer's filesystem failed, not that the request was wrong.
 # (EROFS too: a read-only mount's EROFS is the kernel's, which never asks the daemon.)
@@ -105,15 +112,21 @@ class Subscriber:
 
 
 class Tracer:
-    def __init__(self, union: Union, header: dict[str, Any], trace_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        union: Union,
+        header: dict[str, Any],
+        trace_fd: int | None = None,
+        trace_path: Path | None = None,
+    ) -> None:
         self.union = union
         self.header = header  # the first record of a file or a stream: the mount and its layers
-        self.trace_fd = trace_fd
+        self.file = (
+            TraceFile(trace_fd, trace_path, encode([header])) if trace_fd is not None else None
+        )
         self.subscribers: list[Subscriber] = []
         self.buffer: list[dict[str, Any]] = []
         self.dropped = 0  # since the last flush
-        self.dropped_total = 0
-        self.written = 0
         self._attach()
 
     # -- the request side (trio thread, never blocks) -------------------------
@@ -137,17 +150,20 @@ class Tracer:
     def failed(self, e: OSError) -> None:
         """A request ends with *e*: record it if an overlay rule or a layer caused it."""
         if isinstance(e, Refused):
-            self.emit(REFUSED, e.path, errno=_errname(e.errno), why=e.strerror)
+            # A refusal that names no path is about the request's own.
+            path = e.path or _request_path()
+            if e.xattr is not None:
+                self.emit(REFUSED, path, errno=_errname(e.errno), why=e.strerror, xattr=e.xattr)
+            else:
+                self.emit(REFUSED, path, errno=_errname(e.errno), why=e.strerror)
         elif e.errno in LAYER_ERRNOS:
-            req = CURRENT.get()
-            path = req.describe()[3] if req is not None else None
-            self.emit(LAYER_ERROR, path or b"", errno=_errname(e.errno), why=e.strerror)
+            self.emit(LAYER_ERROR, _request_path(), errno=_errname(e.errno), why=e.strerror)
 
     # -- listeners -----------------------------------------------------------
 
     @property
     def listening(self) -> bool:
-        return self.trace_fd is not None or bool(self.subscribers)
+        return self.file is not None or bool(self.subscribers)
 
     def _attach(self) -> None:
         """Point the union and the request boundary here while anyone listens."""
@@ -175,46 +191,59 @@ class Tracer:
 
     async def run(self) -> None:
         """Drain the buffer until cancelled; the last events are written on the way out."""
-        if self.trace_fd is not None:
-            await trio.to_thread.run_sync(_write_all, self.trace_fd, encode([self.header]))
         try:
-            while True:
-                await trio.sleep(FLUSH_INTERVAL)
-                # A flush taken out of the buffer is written whole: cancelled half-way
-                # (at unmount), its events would be lost.
-                with trio.CancelScope(shield=True):
-                    await self.flush()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._note_unmount)
+                while True:
+                    # A flush taken out of the buffer is written whole: cancelled half-way
+                    # (at unmount), its events would be lost. (The first writes the header.)
+                    with trio.CancelScope(shield=True):
+                        await self.flush()
+                    await trio.sleep(FLUSH_INTERVAL)
         finally:
             with trio.CancelScope(shield=True):
+                if self.file is not None:
+                    self.file.stop()
                 await self.flush()
-                end = {"time": round(time.time(), 6), "event": "trace-end"}
-                end.update(events=self.written, dropped=self.dropped_total)
-                if self.trace_fd is not None:
-                    with contextlib.suppress(OSError):
-                        await trio.to_thread.run_sync(_write_all, self.trace_fd, encode([end]))
+                if self.file is not None:
+                    try:
+                        await trio.to_thread.run_sync(self.file.finish)
+                    except OSError as e:
+                        log.warning("trace file %s: %s", self.file.path, e)
+
+    async def _note_unmount(self) -> None:
+        """Tell the file the mount is going, even while a flush waits on a pipe (shielded):
+        from then on it waits only so long for a reader that does not read."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            if self.file is not None:
+                self.file.stop()
 
     async def flush(self) -> None:
         batch, self.buffer = self.buffer, []
-        if self.dropped:
-            batch.append({"time": round(time.time(), 6), "event": "dropped", "count": self.dropped})
-            self.dropped_total += self.dropped
-            self.dropped = 0
-        if not batch:
-            return
-        data = await trio.to_thread.run_sync(encode, batch)
-        self.written += len(batch)
+        overflow, self.dropped = self.dropped, 0
+        if overflow:
+            batch.append({"time": round(time.time(), 6), "event": "dropped", "count": overflow})
+        data = await trio.to_thread.run_sync(encode, batch) if batch else b""
         for sub in list(self.subscribers):  # a reader that lags loses events, not the mount
+            if not data:
+                break
             try:
                 sub.send.send_nowait(data)
             except trio.WouldBlock:
                 sub.dropped += len(batch)
             except trio.ClosedResourceError:
                 self.unsubscribe(sub)
-        if self.trace_fd is not None:
+        file = self.file
+        if file is not None and (batch or not file.idle):
+            lines = [(1, 0)] * (len(batch) - (1 if overflow else 0))
+            if overflow:
+                lines.append((0, overflow))
             try:
-                await trio.to_thread.run_sync(_write_all, self.trace_fd, data)
-            except OSError as e:
-                log.warning("trace file: %s; %d events lost", e.strerror, len(batch))
+                await trio.to_thread.run_sync(file.deliver, data, lines, overflow)
+            except OSError as e:  # deliver counts what it could not write: never the mount
+                log.warning("trace file %s: %s", file.path, e)
 
     def close(self) -> None:
         global active
@@ -222,9 +251,8 @@ class Tracer:
         active = None
         if on_change is not None:
             on_change(False)
-        if self.trace_fd is not None:
-            os.close(self.trace_fd)
-            self.trace_fd = None
+        if self.file is not None:
+            self.file.close()
 
 
 def encode(batch: Sequence[dict[str, Any]]) -> bytes:
@@ -240,11 +268,238 @@ def _default(value: object) -> object:
     raise TypeError(type(value).__name__)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _request_path() -> bytes:
+    """The path of the request being served (empty: none, or the root)."""
+    req = CURRENT.get()
+    path = req.describe()[3] if req is not None else None
+    return path or b""
+
+
+# -- the -o trace= file ------------------------------------------------------------------
+
+
+def open_file(path: Path) -> int:
+    """Open the ``-o trace=`` file before the mount, never waiting for anyone: a file
+    (made, mode 0600, if there is none) or a device, for appending; a FIFO that a
+    reader has open, for writing; a FIFO nobody reads, only as a handle (``O_PATH``),
+    which ``TraceFile`` opens for writing once a reader opens it, and meanwhile the
+    events are dropped and counted (said here, on the mount command's stderr). An
+    ``OSError`` is for the caller to report."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        # O_NONBLOCK: a FIFO with no reader fails (ENXIO) instead of waiting for one.
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # a socket: nothing to open
+            os.close(fd)
+            raise
+        log.warning(
+            "trace file %s is a FIFO nobody reads yet: its events are dropped (and counted) "
+            "until a reader opens it",
+            path,
+        )
+        return fd
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.set_blocking(fd, True)  # a terminal, say, is written as it always was
+    return fd
+
+
+def _is_handle(fd: int) -> bool:
+    """Whether *fd* is an ``O_PATH`` handle (it cannot be written)."""
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH)
+
+
+class TraceFile:
+    """The ``-o trace=`` file, written by the flush task in a worker thread.
+
+    A file is appended to, its header once at the start. A FIFO is a live stream: it
+    is open for writing (non-blocking) only while a reader has it open, and each new
+    reader gets the header first. A pipe that is not read holds the flush task, and
+    the buffer fills meanwhile (then drops, counting); at unmount the writer waits at
+    most ``UNMOUNT_PATIENCE`` seconds without progress. Events nobody could read (a
+    FIFO without a reader, a write that failed: the reader went away, a full disk) are
+    counted: the next ``dropped`` record that gets through says how many, and
+    ``trace-end`` how many in all. A line a failed write cut short is ended before
+    the next write, so the other lines stay whole records.
+    """
+
+    def __init__(self, fd: int, path: Path | None, header: bytes) -> None:
+        self.path = path
+        self.header = header
+        self.fd: int | None = fd  # open for writing; None: a FIFO nobody reads
+        self.handle: int | None = None  # a FIFO's O_PATH handle, to open it again
+        self.fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        if self.fifo:
+            if _is_handle(fd):
+                self.handle, self.fd = fd, None
+            else:
+                self.handle = self._open_again(fd, os.O_PATH)
+                os.set_blocking(fd, False)
+        self.send_header = True  # the reader (or the file) has not had it yet
+        self.lost = 0  # events lost since the last dropped record written
+        self.lost_total = 0
+        self.written = 0  # events written (not counting the dropped records)
+        self.torn = False  # the last write stopped inside a line
+        self.failing = False  # a failure was logged: not again until a write gets through
+        self.stopped_at: float | None = None  # when the unmount began (set by the trio thread)
+        self.gave_up = False  # at unmount, a reader that does not read was waited for
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do without new events (a FIFO is looked at every flush: readers come)."""
+        return not (self.fifo or self.send_header or self.lost or self.torn)
+
+    def stop(self) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+
+    def deliver(self, data: bytes, lines: Sequence[tuple[int, int]], overflow: int = 0) -> bool:
+        """Write *data*, whose *lines* each hold (events, events a dropped record reports),
+        after what a reader still needs (the header, a dropped record); *overflow* events
+        were dropped before they reached *data*. Whether all of it was written."""
+        self.lost_total += overflow
+        if self.fifo:
+            self._follow_reader()
+        parts: list[bytes] = []
+        kinds: list[tuple[int, int]] = []  # per line: events, dropped events reported
+        header_at = -1
+        if self.fd is not None:
+            if self.send_header:
+                header_at = len(kinds)
+                parts.append(self.header)
+                kinds.append((0, 0))
+            if self.lost:
+                note = {"time": round(time.time(), 6), "event": "dropped", "count": self.lost}
+                parts.append(encode([note]))
+                kinds.append((0, self.lost))
+                self.lost = 0
+        parts.append(data)
+        kinds.extend(lines)
+        payload = b"".join(parts)
+        if not payload:
+            return True
+        prefix = b"\n" if self.torn else b""  # ends the line a failed write cut short
+        done, err = self._write(prefix + payload) if self.fd is not None else (0, None)
+        if done >= len(prefix):
+            self.torn = False
+        done = max(done - len(prefix), 0)
+        complete = payload[:done].count(b"\n")
+        for i, (events, reported) in enumerate(kinds):
+            if i < complete:
+                self.written += events
+                if i == header_at:
+                    self.send_header = False
+            else:
+                self.lost += events + reported
+                self.lost_total += events
+        if done:
+            self.torn = payload[done - 1 : done] != b"\n"
+        if err is not None:
+            self._failed(err)
+        elif complete == len(kinds):
+            self.failing = False
+        return complete == len(kinds)
+
+    def finish(self) -> None:
+        """At unmount: the ``trace-end`` record, with the count of events and of those lost."""
+        end = {"time": round(time.time(), 6), "event": "trace-end"}
+        end.update(events=self.written, dropped=self.lost_total)
+        if not self.deliver(encode([end]), [(0, 0)]):
+            log.warning(
+                "trace file %s: its end was not written (%d events, %d dropped)",
+                self.path,
+                self.written,
+                self.lost_total,
+            )
+
+    def close(self) -> None:
+        for fd in (self.fd, self.handle):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.handle = None
+
+    def _write(self, payload: bytes) -> tuple[int, OSError | None]:
+        """Write as much of *payload* as can be: the bytes written, and what stopped it."""
+        assert self.fd is not None
+        view = memoryview(payload)
+        done = 0
+        progress = time.monotonic()
+        while done < len(view):
+            try:
+                done += os.write(self.fd, view[done:])
+                progress = time.monotonic()
+                continue
+            except BlockingIOError:
+                pass  # a pipe full: wait for its reader
+            except OSError as e:
+                return done, e
+            stopped = self.stopped_at
+            if stopped is not None and (
+                self.gave_up or time.monotonic() - max(progress, stopped) >= UNMOUNT_PATIENCE
+            ):
+                self.gave_up = True
+                return done, TimeoutError(
+                    errno.ETIMEDOUT, f"not read for {UNMOUNT_PATIENCE:g} s at unmount"
+                )
+            poll = select.poll()
+            poll.register(self.fd, select.POLLOUT)
+            poll.poll(FLUSH_INTERVAL * 1000)
+        return done, None
+
+    def _follow_reader(self) -> None:
+        """A FIFO: let go of a pipe whose reader went away (what it holds goes with it,
+        and the next reader starts on a line of its own); open it again once read."""
+        if self.fd is not None:
+            poll = select.poll()
+            poll.register(self.fd, select.POLLOUT)
+            if any(ev & select.POLLERR for _, ev in poll.poll(0)):
+                self._let_go()
+        if self.fd is None and self.handle is not None:
+            try:
+                self.fd = self._open_again(self.handle, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                return  # nobody reads it (ENXIO)
+            self.send_header = True
+            self.torn = False
+
+    def _open_again(self, fd: int, flags: int) -> int:
+        """The file open as *fd*, opened again with *flags*: through /proc (the very
+        FIFO, wherever its name went), else by its path."""
+        try:
+            return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if self.path is None:
+                raise
+            return os.open(self.path, flags | os.O_CLOEXEC)
+
+    def _let_go(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        log.info(
+            "trace file %s: its reader went away; events are dropped (and counted) until "
+            "another opens it",
+            self.path,
+        )
+
+    def _failed(self, e: OSError) -> None:
+        if self.fifo and e.errno == errno.EPIPE:
+            self._let_go()
+            return
+        if isinstance(e, TimeoutError):
+            return  # at unmount: finish() says what was lost
+        if not self.failing:
+            self.failing = True
+            log.warning(
+                "trace file %s: %s; events are dropped (and counted) until it can be written",
+                self.path,
+                e.strerror,
+            )
 
 
 # -- who asked: the request boundary calls ``enter`` while tracing -------------------
@@ -372,7 +627,7 @@ async def control(
             for layer in union.layers
         ],
     }  # fmt: skip
-    tracer = Tracer(union, header, trace_fd)
+    tracer = Tracer(union, header, trace_fd, trace_path)
     published = state.publish_mount(union.config, mountpoint, trace_path) if publish else None
     sock = os.fspath(state.socket_path(published.stem)) if published is not None else None
     try:

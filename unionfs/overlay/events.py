@@ -44,10 +44,13 @@ def errno_name(err: int | None) -> str:
 
 class Refused(OSError):
     """A request refused by an overlay rule; ``strerror`` says which rule, and
-    ``filename`` is the path (relative to the layer roots) it was about."""
+    ``filename`` is the path (relative to the layer roots) it was about (empty: the
+    request's own path). ``xattr`` names the extended attribute a refused setxattr
+    was about: a trace record keeps it apart from the path."""
 
-    def __init__(self, err: int, why: str, path: bytes = b"") -> None:
+    def __init__(self, err: int, why: str, path: bytes = b"", xattr: bytes | None = None) -> None:
         super().__init__(err, why, path)
+        self.xattr = xattr
 
     @property
     def path(self) -> bytes:

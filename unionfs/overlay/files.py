@@ -44,10 +44,12 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     return flags
 
 
-def check_setxattr(union: Union, name: bytes) -> None:
-    """What refuses a setxattr before anything changes."""
+def check_setxattr(union: Union, name: bytes, path: bytes = b"") -> None:
+    """What refuses a setxattr of *name* on *path* before anything changes."""
     if is_private_xattr(name):
-        raise Refused(errno.EOPNOTSUPP, "the overlay's private xattrs cannot be set", name)
+        raise Refused(
+            errno.EOPNOTSUPP, "the overlay's private xattrs cannot be set", path, xattr=name
+        )
     if union.readonly:
         raise readonly_error()
 
@@ -403,7 +405,7 @@ class Files:
     async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         """setxattr(2); with XATTR_CREATE/XATTR_REPLACE the kernel overlay copies up
         first and lets the upper filesystem fail, so a failing call leaves a copy."""
-        check_setxattr(self.union, name)
+        check_setxattr(self.union, name, node.path)
         await copy_up(self.union, node, data=False)
         self.union.caps_unknown(node)
         path, follow = self.union.real_path(node)

@@ -569,7 +569,9 @@ def check_rename(
     _writable(union)
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
         raise Refused(
-            errno.EINVAL, "an overlay supports no rename flag but NOREPLACE and EXCHANGE", sname
+            errno.EINVAL,
+            "an overlay supports no rename flag but NOREPLACE and EXCHANGE",
+            join(sparent.path, sname),
         )
     swap = bool(flags & RENAME_EXCHANGE)
     check_new_name(dname, dparent.path)
