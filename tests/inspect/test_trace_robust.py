@@ -181,7 +181,8 @@ def test_the_arguments_and_sources_trace_refuses_say_why(tmp_path: Path) -> None
     res = run("trace", "--json", "--summary", os.fspath(path))
     assert (res.returncode, res.stdout) == (2, "")
     assert res.stderr == (
-        "unionfs trace: --json and --summary do not go together (see unionfs trace --help)\n"
+        "unionfs trace: argument --summary: not allowed with argument --json "
+        "(see unionfs trace --help)\n"
     )
     plain = tmp_path / "plain"
     plain.mkdir()

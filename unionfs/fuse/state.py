@@ -8,12 +8,22 @@ there. A file left by a daemon that was killed is recognised (its pid is gone,
 or the device is no longer a unionfs mount) and ignored or replaced.
 
 ``RUNDIR`` is ``$UNIONFS_RUNTIME_DIR`` if set, ``/run/unionfs`` for root,
-``$XDG_RUNTIME_DIR/unionfs`` otherwise.
+``$XDG_RUNTIME_DIR/unionfs`` otherwise, and ``/tmp/unionfs-UID`` for a user
+without ``XDG_RUNTIME_DIR``. A directory anyone may make in ``/tmp`` could
+feed ``unionfs explain`` false layers and ``unionfs trace --follow`` another
+socket, so neither side trusts what it did not make: the daemon creates the
+directory itself (mode 0700, 0755 for root, whose state other users may read
+as they read a kernel overlay's options in mountinfo), checks after ``mkdir``
+that it owns it and that nobody else may write there, and writes every file
+through the directory's fd with ``O_NOFOLLOW``; a reader takes a directory and
+a state file only when they belong to the mount's owner (its ``user_id`` in
+mountinfo) or to root and nobody else may write them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -33,18 +43,88 @@ FSTYPE = "fuse.unionfs"
 RUNDIR_ENV = "UNIONFS_RUNTIME_DIR"
 
 
+ROOT_RUNDIR = Path("/run/unionfs")
+
+
 def runtime_dir() -> Path:
     env = os.environ.get(RUNDIR_ENV)
     if env:
         return Path(env)
     if os.geteuid() == 0:
-        return Path("/run/unionfs")
+        return ROOT_RUNDIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "unionfs"
+    return _tmp_rundir(os.geteuid())
+
+
+def _tmp_rundir(uid: int) -> Path:
+    """The runtime directory of a user without ``XDG_RUNTIME_DIR``: in the shared /tmp."""
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"unionfs-{os.geteuid()}"
+    return Path(tempfile.gettempdir()) / f"unionfs-{uid}"
+
+
+def runtime_dirs_of(owner: int | None) -> list[Path]:
+    """Where the daemon of a mount made by uid *owner* may have published its state,
+    most likely first: this process's own runtime directory when the mount is its
+    user's (or the owner is unknown), else the owner's usual ones."""
+    dirs: list[Path] = []
+    env = os.environ.get(RUNDIR_ENV)
+    if env:
+        dirs.append(Path(env))
+    if owner is None or owner == os.geteuid():
+        dirs.append(runtime_dir())
+    elif owner == 0:
+        dirs.append(ROOT_RUNDIR)
+    else:
+        dirs += [Path(f"/run/user/{owner}/unionfs"), _tmp_rundir(owner)]
+    return list(dict.fromkeys(dirs))
+
+
+# -- who may be trusted ------------------------------------------------------------
+
+
+def unsafe(st: os.stat_result, owners: tuple[int, ...]) -> str | None:
+    """Why a state directory or file with this stat is not to be trusted (None: it
+    is): owned by someone other than *owners*, or writable by others than its owner."""
+    if st.st_uid not in owners:
+        allowed = " or ".join("root" if uid == 0 else f"uid {uid}" for uid in owners)
+        return f"owned by uid {st.st_uid}, not by {allowed}"
+    if st.st_mode & 0o022:
+        return f"writable by others than its owner (mode {st.st_mode & 0o7777:04o})"
+    return None
+
+
+def _owners(owner: int) -> tuple[int, ...]:
+    return (owner,) if owner == 0 else (owner, 0)
+
+
+def open_rundir(path: Path, owners: tuple[int, ...]) -> int:
+    """An fd of the runtime directory *path* (itself no symlink), once it is found
+    trustworthy; OSError with the reason otherwise (the path as its filename)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        why = unsafe(os.fstat(fd), owners)
+    except BaseException:
+        os.close(fd)
+        raise
+    if why is not None:
+        os.close(fd)
+        raise PermissionError(errno.EPERM, f"refused: {why}", os.fspath(path))
+    return fd
+
+
+def _make_rundir() -> int:
+    """Create this daemon's runtime directory if need be, and open it: mode 0700 (0755
+    for root); after ``mkdir``, whoever made it, it must be this user's (or root's)
+    and writable by nobody else."""
+    d = runtime_dir()
+    euid = os.geteuid()
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(d, 0o755 if euid == 0 else 0o700)
+    return open_rundir(d, _owners(euid))
 
 
 # -- mountinfo ---------------------------------------------------------------------
@@ -54,6 +134,7 @@ class MountEntry(Record):
     mountpoint: bytes
     device: str  # "MAJ:MIN"
     fstype: str
+    owner: int | None = None  # who mounted it: a FUSE mount's user_id (None: not said)
 
 
 def unescape_mountinfo(field: bytes) -> bytes:
@@ -76,8 +157,13 @@ def mountinfo() -> list[MountEntry]:
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            fstype = fields[fields.index(b"-") + 1].decode(errors="replace")
-            out.append(MountEntry(unescape_mountinfo(fields[4]), fields[2].decode(), fstype))
+            sep = fields.index(b"-")
+            fstype = fields[sep + 1].decode(errors="replace")
+            owner = None
+            for opt in fields[sep + 3].split(b",") if len(fields) > sep + 3 else ():
+                if opt.startswith(b"user_id=") and opt[8:].isdigit():
+                    owner = int(opt[8:])
+            out.append(MountEntry(unescape_mountinfo(fields[4]), fields[2].decode(), fstype, owner))
     return out
 
 
@@ -157,15 +243,34 @@ def state_path(device: str) -> Path:
 
 
 def publish(state: MountState) -> Path:
-    """Write the state file atomically; returns its path."""
-    d = runtime_dir()
-    d.mkdir(mode=0o755, parents=True, exist_ok=True)
-    path = state_path(state.device)
-    tmp = d / f".{state.device}.{os.getpid()}.tmp"
-    tmp.write_text(to_json(state._asdict()) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    """Write the state file atomically, in a runtime directory this user owns; returns
+    its path. Root's is readable by every user (0644), another user's by that user
+    only (0600); a temporary file is never more than that, even for a moment."""
+    dfd = _make_rundir()
+    try:
+        name = f"{state.device}.json"
+        tmp = f".{state.device}.{os.getpid()}.tmp"
+        mode = 0o644 if os.geteuid() == 0 else 0o600
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)  # left by a killed daemon that had this pid
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+            dir_fd=dfd,
+        )  # fmt: skip
+        try:
+            try:
+                os.fchmod(fd, mode)  # exactly that: the umask takes bits off, never adds
+                os.write(fd, (to_json(state._asdict()) + "\n").encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
+    return state_path(state.device)
 
 
 def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = None) -> Path | None:
@@ -189,7 +294,12 @@ def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = No
             )
         )
     except OSError as e:
-        log.warning("cannot publish the mount's state in %s: %s", runtime_dir(), e)
+        log.warning(
+            "cannot publish the mount's state in %s: %s%s",
+            runtime_dir(),
+            e.strerror or e,
+            f" ({os.fsdecode(e.filename)})" if e.filename else "",
+        )
         return None
 
 
@@ -214,38 +324,107 @@ def _alive(pid: int) -> bool:
 
 def read_state(device: str) -> MountState | None:
     """The state of the live mount with this device number, or None."""
+    return find_state(device)[0]
+
+
+def owner_of(device: str) -> int | None:
+    """Who made the unionfs mount with this device number (its ``user_id``)."""
+    for m in mountinfo():
+        if m.device == device and m.fstype == FSTYPE:
+            return m.owner
+    return None
+
+
+def find_state(device: str, owner: int | None = None) -> tuple[MountState | None, str]:
+    """The state of the live mount with this device number, made by uid *owner* (found
+    in mountinfo when not given); or None and why none could be used. Only a state
+    directory and file of the mount's owner or root, writable by nobody else, count."""
+    if owner is None:
+        owner = owner_of(device)
+    owners = _owners(owner) if owner is not None else _owners(os.geteuid())
+    reasons: list[str] = []
+    for d in runtime_dirs_of(owner):
+        state, why = _read_in(d, device, owners)
+        if state is not None:
+            return state, ""
+        reasons.append(why)
+    return None, "; ".join(reasons)
+
+
+def _read_in(d: Path, device: str, owners: tuple[int, ...]) -> tuple[MountState | None, str]:
     import json
 
+    path = d / f"{device}.json"
     try:
-        data = json.loads(state_path(device).read_text())
+        dfd = open_rundir(d, owners)
+    except FileNotFoundError:
+        return None, f"no directory {d}"
+    except OSError as e:
+        return None, f"{d}: {e.strerror}"
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return None, f"no {path}"
+    except OSError as e:
+        return None, f"{path}: {e.strerror}"
+    finally:
+        os.close(dfd)
+    try:
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            why = unsafe(st, owners)
+            if why is not None:
+                return None, f"{path}: refused: {why}"
+            data = json.loads(f.read())
         state = MountState(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-    if state.device != device or not _alive(state.pid):
-        return None
-    return state
+    except (OSError, ValueError, TypeError) as e:
+        return None, f"{path}: unreadable ({e})"
+    if state.device != device:
+        return None, f"{path} is the state of another device ({state.device})"
+    if not _alive(state.pid):
+        return None, f"{path} was left by a daemon that is gone (pid {state.pid})"
+    return state, ""
 
 
 def sweep() -> None:
-    """Remove state files of daemons that are gone (killed without cleaning up)."""
-    d = runtime_dir()
-    live = {m.device for m in mountinfo() if m.fstype == FSTYPE}
-    with contextlib.suppress(OSError):
-        for f in [*d.glob("*.json"), *d.glob("*.sock")]:
-            if _stale(f.name.rpartition(".")[0], live):
+    """Remove what daemons that are gone (killed without cleaning up) left in this
+    user's runtime directory: state files, sockets and half-written temporary files."""
+    try:
+        dfd = open_rundir(runtime_dir(), _owners(os.geteuid()))
+    except OSError:
+        return  # none yet, or not to be trusted (publishing says why)
+    try:
+        live = {m.device for m in mountinfo() if m.fstype == FSTYPE}
+        for name in os.listdir(dfd):
+            if name.endswith((".json", ".sock")):
+                gone = _stale(dfd, name.rpartition(".")[0], live)
+            elif name.startswith(".") and name.endswith(".tmp"):
+                pid = name[1:-4].rpartition(".")[2]  # .MAJ:MIN.PID.tmp
+                gone = pid.isdigit() and not _alive(int(pid))
+            else:
+                continue
+            if gone:
                 with contextlib.suppress(OSError):
-                    f.unlink()
+                    os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
-def _stale(device: str, live: set[str]) -> bool:
+def _stale(dfd: int, device: str, live: set[str]) -> bool:
     """Left by a daemon that is gone: its device is not mounted, or its pid is dead.
     A mount whose state file is not written yet is not stale."""
     if device not in live:
         return True
     try:
-        pid = _pid_of(state_path(device).read_bytes())
+        fd = os.open(f"{device}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
         return False
+    try:
+        pid = _pid_of(os.read(fd, 64))
+    finally:
+        os.close(fd)
     return pid is not None and not _alive(pid)
 
 

@@ -2,7 +2,8 @@
 
 Exit status: 0 done; 1 ``check`` found something that changes the merged view
 unexpectedly (``convert``: something could not be converted); 2 a bad command
-line or unusable layers, with one line on stderr.
+line or unusable layers, with one line on stderr (``check``: a part of the layers
+could not be read, so the check is incomplete).
 """
 
 from __future__ import annotations
@@ -50,23 +51,41 @@ def _explain_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="DEST", help="the new name, for --op rename and link")
     p.add_argument("--noreplace", action="store_true", help="rename with RENAME_NOREPLACE")
     p.add_argument("--exchange", action="store_true", help="rename with RENAME_EXCHANGE")
-    p.add_argument("--xattr", default="user.x", help="the xattr name for --op setxattr")
-    p.add_argument("--size", type=int, default=0, help="the new size for --op truncate")
+    p.add_argument("--xattr", metavar="NAME", help="the xattr name, for --op setxattr")
+    p.add_argument("--size", type=int, help="the new size, for --op truncate (default 0)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return p
 
 
+def _explain_usage(args: argparse.Namespace) -> None:
+    """The options that go with one --op only, or that one --op needs."""
+    from unionfs.inspect.predict import NEEDS_TO
+
+    if args.op in NEEDS_TO and args.to is None:
+        raise UsageError(f"--op {args.op} needs --to DEST")
+    if args.to is not None and args.op not in NEEDS_TO:
+        raise UsageError("--to goes with --op rename or --op link")
+    if args.op == "setxattr" and args.xattr is None:
+        raise UsageError("--op setxattr needs --xattr NAME")
+    if args.xattr is not None and args.op != "setxattr":
+        raise UsageError("--xattr goes with --op setxattr")
+    if args.size is not None and args.op != "truncate":
+        raise UsageError("--size goes with --op truncate")
+    if (args.noreplace or args.exchange) and args.op != "rename":
+        raise UsageError("--noreplace and --exchange go with --op rename")
+
+
 def explain_main(argv: list[str]) -> int:
     from unionfs.inspect import stack as stacks
-    from unionfs.inspect.explain import explain, mount_shows
-    from unionfs.inspect.predict import NEEDS_TO, predict, rename_flags
+    from unionfs.inspect.explain import AboveRoot, explain, mount_shows
+    from unionfs.inspect.predict import predict, rename_flags
     from unionfs.inspect.render import as_json, render
 
     args = _explain_parser().parse_args(argv)
-    if args.op in NEEDS_TO and args.to is None:
-        raise UsageError(f"--op {args.op} needs --to DEST")
-    if args.op is not None and args.op != "rename" and (args.noreplace or args.exchange):
-        raise UsageError("--noreplace and --exchange go with --op rename")
+    _explain_usage(args)
+    for given in (args.path, args.to):
+        if given is not None:
+            stacks.check_length(given)
     if args.options:
         stack = stacks.from_options(args.options)
         rel = stacks.relative(args.path)
@@ -81,21 +100,36 @@ def explain_main(argv: list[str]) -> int:
                 or stack.live is None
                 or mount_to.live.device != stack.live.device
             ):
-                raise UsageError(f"{args.to}: not in the same mount as {args.path}")
+                raise UsageError(
+                    f"{stacks.brief(args.to)}: not in the same mount as {stacks.brief(args.path)}"
+                )
     union = stack.open()
     try:
-        exp = explain(union, rel, stack)
+        try:
+            exp = explain(union, rel, stack)
+        except AboveRoot:
+            if stack.live is None:
+                raise
+            raise UsageError(
+                f"{stacks.brief(args.path)}: climbs above the root of the mount at "
+                f"{stacks.brief(stack.live.mountpoint)}, out of it"
+            ) from None
         if stack.live is not None:
             exp.mount = stack.live.mountpoint
             exp.mount_shows = mount_shows(stack.live.mountpoint, rel)
         if args.op is not None:
-            if not rel:
+            if not exp.path and exp.visible:
                 raise UsageError("--op needs a path below the root")
             flags = rename_flags(args.noreplace, args.exchange)
-            pred = predict(
-                union, args.op, rel, to, flags, os.fsencode(args.xattr), max(args.size, 0)
-            )
+            live = os.fsencode(stack.live.mountpoint) if stack.live is not None else None
+            xattr = os.fsencode(args.xattr) if args.xattr is not None else b""
+            size = args.size if args.size is not None else 0
+            pred = predict(union, args.op, rel, to, flags, xattr, size, live)
             exp.prediction = pred.as_json()
+    except OSError as e:
+        # A layer's own failure (EIO, EACCES, ...): one short line, whatever the name.
+        where = f"{stacks.brief(os.fsencode(e.filename))}: " if e.filename else ""
+        raise UsageError(f"{where}{e.strerror or e}") from None
     finally:
         union.close()
     if args.json:
@@ -115,8 +149,9 @@ def _trace_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-f", "--follow", action="store_true", help="keep showing new events as they happen"
     )
-    p.add_argument("--json", action="store_true", help="the raw JSON lines")
-    p.add_argument(
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the raw JSON lines")
+    shown.add_argument(
         "--summary", action="store_true", help="totals: events by kind, copy-up bytes by reason"
     )
     return p
@@ -136,7 +171,8 @@ def _check_parser() -> argparse.ArgumentParser:
         prog="unionfs check",
         description="Lint layer directories: one line per finding, with the path and what "
         "the kernel or an OCI runtime would do. Exit 1 when something would change the "
-        "merged view unexpectedly.",
+        "merged view unexpectedly; 2 when a part of the layers could not be read (the check "
+        "is incomplete).",
     )
     p.add_argument("layers", nargs="+", metavar="LAYER", help="lower layers, topmost first")
     p.add_argument("--upper", metavar="U", help="the upper directory")
@@ -196,7 +232,11 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--userxattr", action="store_true", help="opaque markers in user.overlay.* (not trusted.*)"
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: each change as it is made, then the summary",
+    )
     return p
 
 

@@ -16,12 +16,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from unionfs.errors import UsageError
 from unionfs.inspect import markerinfo
-from unionfs.inspect.stack import Stack
+from unionfs.inspect.names import printable
+from unionfs.inspect.stack import Stack, brief
+from unionfs.overlay import markers
 from unionfs.overlay import union as resolution
+from unionfs.overlay.events import errno_name
 from unionfs.overlay.layers import Layer
 from unionfs.overlay.markers import is_whiteout
 from unionfs.overlay.nodes import Entry, Node
+from unionfs.overlay.syscalls import fd_path
 from unionfs.overlay.union import Union, join
 
 KINDS = {
@@ -46,7 +51,8 @@ def layer_name(layer: Layer) -> str:
 
 
 def show(path: bytes) -> str:
-    return os.fsdecode(path) if path else "/"
+    """A path (or name) in text: one line, whatever bytes it holds; the root as ``/``."""
+    return printable(path) if path else "/"
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Step:
     layer: Layer
     st: os.stat_result | None
     rule: str
+    place: bytes | None = None  # the path this layer was asked for (a redirect changes it)
 
 
 @dataclass
@@ -66,16 +73,115 @@ class Component:
     name: bytes
     steps: list[Step]
     entry: Entry | None
+    error: OSError | None = None  # the lookup failed (as the mount's does), with this
+    culprit: Step | None = None  # the layer whose entry made it fail, and where
 
     @property
     def path(self) -> bytes:
         return join(self.parent.path, self.name)
 
 
-def resolve_traced(union: Union, parent: Node, name: bytes) -> Component:
+def resolve_traced(union: Union, parent: Node, name: bytes, keep_error: bool = False) -> Component:
+    """*name* resolved in *parent* by the mount's own ``Union.resolve``, with the rule
+    it applied in each layer and where in that layer it looked. A lookup that fails
+    raises, as the mount's does; with *keep_error* the component says why instead."""
     steps: list[Step] = []
-    entry = union.resolve(parent, name, why=lambda la, st, rule: steps.append(Step(la, st, rule)))
-    return Component(parent, name, steps, entry)
+    try:
+        entry = union.resolve(
+            parent, name, why=lambda la, st, rule: steps.append(Step(la, st, rule))
+        )
+    except OSError as e:
+        if not keep_error:
+            raise
+        comp = Component(parent, name, steps, None, e)
+        comp.culprit = _culprit(union, comp, _asked(union, comp))
+        return comp
+    comp = Component(parent, name, steps, entry)
+    _asked(union, comp)
+    return comp
+
+
+def _asked(union: Union, comp: Component) -> Step | None:
+    """Note in each step the path its layer was asked for; return the layer resolution
+    would have asked next (and where), with no rule.
+
+    Resolution asks each layer for the name in the parent's part in that layer (the
+    parent's stack, the core's own), until a layer's redirect xattr, read here with
+    the core's own parser, renames what the layers below are asked: another name in
+    the same parent, or an absolute path from the lower layers' roots. A part that
+    resolution found is taken from the entry it returned."""
+    parts = {p.layer.index: p.path for p in comp.parent.stack}
+    entry = comp.entry
+    found: dict[int, bytes] = {}  # the parts resolution returned: exactly where they are
+    if entry is not None:
+        for place in (entry.place, *entry.lowers):
+            found.setdefault(place.layer.index, place.path)
+    asked = comp.name  # a name in the parent, or an absolute path (``/a/b``)
+    last = -1
+    for step in comp.steps:
+        index = step.layer.index
+        if index in found and step.st is not None and not is_whiteout(step.st):
+            step.place = found[index]
+        elif asked.startswith(b"/"):
+            step.place = asked[1:]
+        elif index in parts:
+            step.place = join(parts[index], asked)
+        last = index
+        if step.place is not None and step.rule in (resolution.REDIRECT, resolution.METACOPY):
+            redirect = _redirect(union, step.layer, step.place)
+            if redirect is not None:
+                if markers.is_absolute_redirect(redirect):
+                    asked = redirect
+                elif asked.startswith(b"/"):
+                    asked = asked.rpartition(b"/")[0] + b"/" + redirect
+                else:
+                    asked = redirect
+    if asked.startswith(b"/"):
+        roots = [p for p in union.table.root.stack if not p.layer.writable]
+        after = [p.layer for p in roots if p.layer.index > last]
+        return Step(after[0], None, "", asked[1:]) if after else None
+    below = [p for p in comp.parent.stack if p.layer.index > last]
+    return Step(below[0].layer, None, "", join(below[0].path, asked)) if below else None
+
+
+def _redirect(union: Union, layer: Layer, place: bytes) -> bytes | None:
+    """The redirect of *layer*'s entry at *place*, as resolution reads it (None: none,
+    or one it refuses)."""
+    try:
+        parent, _, name = place.rpartition(b"/")
+        found = markers.overlay_xattrs(fd_path(layer.dirfd(parent), name), union.ns)
+        return markers.parse_redirect(found.get(b"redirect"))
+    except OSError:
+        return None
+
+
+def _culprit(union: Union, comp: Component, following: Step | None) -> Step | None:
+    """The layer (and place) whose entry made the lookup fail: the one being asked when
+    its own markers cannot be read (an invalid redirect or metacopy xattr), else the
+    last one whose redirect or metadata-only copy resolution refused to follow."""
+    if following is not None and following.place is not None and _bad_markers(union, following):
+        return following
+    for step in reversed(comp.steps):
+        if step.rule in (resolution.REDIRECT, resolution.METACOPY):
+            return step
+    return comp.steps[-1] if comp.steps else following
+
+
+def _bad_markers(union: Union, step: Step) -> bool:
+    """Whether the core's parsers refuse the redirect or metacopy xattr at *step*."""
+    assert step.place is not None
+    parent, _, name = step.place.rpartition(b"/")
+    try:
+        st = step.layer.lstat(parent, name)
+        if st is None:
+            return False
+        found = markers.overlay_xattrs(fd_path(step.layer.dirfd(parent), name), union.ns)
+        markers.parse_redirect(found.get(b"redirect"))
+        if stat.S_ISREG(st.st_mode):
+            markers.parse_metacopy(found.get(b"metacopy"))
+    except OSError:
+        return True
+    return False
 
 
 @dataclass
@@ -85,60 +191,121 @@ class Walk:
     components: list[Component]
     node: Node | None  # the final node, when the whole path is visible
     blocked: str | None = None  # why the walk stopped before the last component
+    errno: str | None = None  # what the kernel answers for the path, when not visible
+    rest: list[bytes] = field(default_factory=list)  # the names after where it stopped
 
     @property
     def last(self) -> Component | None:
         return self.components[-1] if self.components else None
 
+    @property
+    def path(self) -> bytes:
+        """The path it reached (``.`` and ``..`` walked), then the names it did not reach."""
+        out = self.components[-1].path if self.components else b""
+        for name in self.rest:
+            out = join(out, name)
+        return out
+
+
+class AboveRoot(UsageError):
+    """A ``..`` that would leave the merged view (a live mount's: the mountpoint's parent)."""
+
 
 def walk(union: Union, relpath: bytes) -> Walk:
-    parts = [p for p in relpath.split(b"/") if p]
-    node = union.table.root
+    """*relpath*, below the merged root as written, looked up as the kernel's path walk
+    does: each name in the directory reached so far; ``.`` stays there and ``..`` goes
+    back up, both only from a directory that was found; anything after a name (a
+    ``/``, ``.``, ``..``) needs it to be a directory. Symlinks are not followed."""
+    parts = relpath.split(b"/")
+    root = union.table.root
+    node = root
     comps: list[Component] = []
+    dirs: list[Node] = []  # the directory each component reached, for ".."
     for i, name in enumerate(parts):
-        comp = resolve_traced(union, node, name)
+        if name in (b"", b"."):
+            continue
+        if name == b"..":
+            if not comps:
+                raise AboveRoot(f"{brief(relpath)}: climbs above the merged root")
+            comps.pop()
+            dirs.pop()
+            node = dirs[-1] if dirs else root
+            continue
+        more = i < len(parts) - 1  # something follows that needs a directory
+        comp = resolve_traced(union, node, name, keep_error=True)
         comps.append(comp)
+        rest: list[bytes] = []
+        for after in parts[i + 1 :]:
+            if after in (b"", b".", b".."):
+                break
+            rest.append(after)
+        if comp.error is not None:
+            errno_ = errno_name(comp.error.errno)
+            if more:
+                why = f"the lookup of {show(comp.path)} {lookup_failure(comp)}"
+                return Walk(comps, None, why, errno_, rest)
+            return Walk(comps, None, None, errno_)
         entry = comp.entry
         if entry is None:
-            if i < len(parts) - 1:
-                return Walk(comps, None, f"{show(comp.path)} is not visible: {hidden_reason(comp)}")
-            return Walk(comps, None)
+            if more:
+                why = f"{show(comp.path)} is not visible: {hidden_reason(comp)}"
+                return Walk(comps, None, why, "ENOENT", rest)
+            return Walk(comps, None, None, "ENOENT")
         child = union.node_for(node, entry)
-        if i < len(parts) - 1 and not stat.S_ISDIR(entry.st.st_mode):
+        if more and not stat.S_ISDIR(entry.st.st_mode):
             what = kind_of(entry.st)
             if stat.S_ISLNK(entry.st.st_mode):
-                target = os.fsdecode(union.readlink(child))
+                target = show(union.readlink(child))
                 what = f"symlink to {target} (explain follows no symlink; the kernel would)"
-            return Walk(comps, None, f"{show(comp.path)} is a {what}, not a directory")
+                return Walk(
+                    comps, None, f"{show(comp.path)} is a {what}, not a directory", None, rest
+                )
+            follows = show(b"/".join(parts[i + 1 :]))
+            asks = "" if rest else f": what follows it ({follows}) asks for one"
+            why = f"{show(comp.path)} is a {what}, not a directory{asks}"
+            return Walk(comps, None, why, "ENOTDIR", rest)
         node = child
+        if stat.S_ISDIR(entry.st.st_mode):
+            dirs.append(child)
     return Walk(comps, node)
 
 
 # -- the verdict, from the rules resolution applied --------------------------------
 
 
-def _format(layer: Layer, comp_path: bytes, rule: str) -> str:
-    """The marker format behind an opaque or whiteout rule, in words."""
+def _format(layer: Layer, place: bytes, rule: str) -> str:
+    """The marker format behind an opaque or whiteout rule, in words (*place*: the
+    entry's path in *layer*)."""
     if rule == resolution.WHITEOUT:
         return "kernel format: a character device 0/0"
     if rule == resolution.OCI_WHITEOUT:
         return "OCI format: a .wh. file beside it"
     if rule == resolution.OPAQUE:
-        found = markerinfo.opaque_markers(layer, comp_path)
+        found = markerinfo.opaque_markers(layer, place)
         return ", ".join(m.detail for m in found) or "opaque"
     return ""
 
 
+def _place(comp: Component, step: Step) -> bytes:
+    """Where *step*'s layer was asked for the component (its path when not known)."""
+    return step.place if step.place is not None else comp.path
+
+
 def hidden_reason(comp: Component) -> str:
     """Why resolution found nothing (``comp.entry`` is None)."""
+    if comp.error is not None:
+        return "its lookup " + lookup_failure(comp)
     last = comp.steps[-1] if comp.steps else None
     if last is None:
         return "no layer has it"
     where = layer_name(last.layer)
+    place = _place(comp, last)
+    moved = f" at {show(place)}" if place != comp.path else ""
     if last.rule == resolution.WHITEOUT:
-        return f"hidden by a whiteout in {where} ({_format(last.layer, comp.path, last.rule)})"
+        return f"hidden by a whiteout in {where}{moved} ({_format(last.layer, place, last.rule)})"
     if last.rule == resolution.OCI_WHITEOUT:
-        return f"hidden by an OCI whiteout .wh.{os.fsdecode(comp.name)} in {where}"
+        parent, _, name = place.rpartition(b"/")
+        return f"hidden by an OCI whiteout {show(join(parent, b'.wh.' + name))} in {where}"
     if last.rule == resolution.RESERVED:
         return (
             "a name starting with .wh. is an OCI marker: no lower layer shows it, "
@@ -149,16 +316,63 @@ def hidden_reason(comp: Component) -> str:
     return "no layer has it"
 
 
+def lookup_failure(comp: Component) -> str:
+    """How the lookup of *comp* fails (``comp.error``), as the mount's and the kernel's
+    does: "fails with" the errno, the layer and entry whose markers cause it, and the
+    finding ``unionfs check`` reports for it."""
+    e = comp.error
+    assert e is not None
+    code = errno_name(e.errno)
+    culprit = comp.culprit
+    if culprit is None:
+        return f"fails with {code} ({e.strerror})"
+    where = f"{layer_name(culprit.layer)}'s {show(_place(comp, culprit))}"
+    prefix = culprit.layer.xattrs.prefix.decode()
+    value = _raw_xattr(culprit, b"redirect")
+    shown_value = f"={markerinfo.printable(value)}" if value is not None else ""
+    if e.errno == errno.EINVAL and value is not None:
+        return (
+            f"fails with EINVAL, in the kernel as in unionfs: {where} has an invalid "
+            f"redirect xattr ({prefix}redirect{shown_value}: empty, relative with a '/', "
+            "or with an empty component); unionfs check reports it as invalid-redirect"
+        )
+    if e.errno == errno.EPERM and culprit.rule == resolution.METACOPY:
+        return (
+            f"fails with EPERM, in the kernel as in unionfs: {where} is a metadata-only "
+            f"copy ({prefix}metacopy) and the stack is not mounted with metacopy=on, so its "
+            "data below is not followed; unionfs check reports it as "
+            "metacopy-without-metacopy"
+        )
+    if e.errno == errno.EPERM and value is not None:
+        return (
+            f"fails with EPERM, in the kernel as in unionfs: {where} has a redirect "
+            f"({prefix}redirect{shown_value}) and the stack is mounted with "
+            "redirect_dir=nofollow; unionfs check reports it as redirect-not-followed"
+        )
+    return f"fails with {code} ({e.strerror}) at {where}"
+
+
+def _raw_xattr(step: Step, key: bytes) -> bytes | None:
+    """The overlay xattr *key* of the entry at *step* as stored (None: it has none)."""
+    if step.place is None:
+        return None
+    parent, _, name = step.place.rpartition(b"/")
+    try:
+        path = fd_path(step.layer.dirfd(parent), name)
+        return os.getxattr(path, step.layer.xattrs.prefix + key, follow_symlinks=False)
+    except OSError:
+        return None
+
+
 def _stop(comp: Component) -> str:
     """What ended a directory's merge, if anything did."""
     last = comp.steps[-1]
     where = layer_name(last.layer)
+    place = _place(comp, last)
     if last.rule == resolution.OPAQUE:
-        return (
-            f"{where}'s opaque marker ({_format(last.layer, comp.path, last.rule)}) stops the merge"
-        )
+        return f"{where}'s opaque marker ({_format(last.layer, place, last.rule)}) stops the merge"
     if last.rule in (resolution.WHITEOUT, resolution.OCI_WHITEOUT):
-        fmt = _format(last.layer, comp.path, last.rule)
+        fmt = _format(last.layer, place, last.rule)
         return f"a whiteout in {where} ({fmt}) ends the merge"
     if last.rule == resolution.ENDS_MERGE and last.st is not None:
         return f"{where} has a {kind_of(last.st)} there, which ends the merge"
@@ -170,21 +384,31 @@ def _names(layers: list[Layer]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+_MERGING = (resolution.DIRECTORY, resolution.OPAQUE, resolution.REDIRECT)
+
+
 def verdict(comp: Component) -> str:
     entry = comp.entry
     if entry is None:
+        if comp.error is not None:
+            return "listed, but not visible: its lookup " + lookup_failure(comp)
         return "not visible: " + hidden_reason(comp)
     if not stat.S_ISDIR(entry.st.st_mode):
         return (
             f"a {kind_of(entry.st)} from {layer_name(entry.layer)}: the topmost layer that has "
             "the name; a non-directory hides whatever the layers below have"
         )
-    merged = [s.layer for s in comp.steps if s.rule in (resolution.DIRECTORY, resolution.OPAQUE)]
+    merged = [s.layer for s in comp.steps if s.rule in _MERGING]
     stop = _stop(comp)
     if len(merged) == 1:
         text = f"a directory from {layer_name(merged[0])} only"
     else:
         text = f"a merged directory: the directories in {_names(merged)} merge"
+    moved = [
+        f"{layer_name(p.layer)}'s at {show(p.path)}" for p in entry.lowers if p.path != comp.path
+    ]
+    if moved:
+        text += " (a redirect: " + ", ".join(moved) + ")"
     return text + ("; " + stop if stop else "")
 
 
@@ -201,6 +425,7 @@ class LayerReport:
     markers: list[markerinfo.Marker] = field(default_factory=list)
     rule: str = ""  # what resolution did here, or why it never looked here
     note: str = ""
+    place: bytes = b""  # the path in this layer the row is about (a redirect moves it)
 
 
 def stopped_by(step: Step | None) -> str:
@@ -220,28 +445,58 @@ def stopped_by(step: Step | None) -> str:
     return f"not looked at (resolution stopped at {where})"
 
 
-def _cut(walked: Walk, layer: Layer, relpath: bytes) -> str:
-    """Why resolution never looked at *layer* for *relpath*."""
-    for comp in walked.components:
-        final = comp.path == relpath
+def _places(union: Union, walked: Walk) -> dict[int, list[bytes]]:
+    """For each layer, the path it has (or would have) at each component of the walk:
+    where resolution asked it, or below its path for the component before."""
+    out: dict[int, list[bytes]] = {}
+    for layer in union.layers:
+        cur = b""
+        seq: list[bytes] = []
+        for comp in walked.components:
+            asked = [s.place for s in comp.steps if s.layer is layer and s.place is not None]
+            culprit = comp.culprit
+            if not asked and culprit is not None and culprit.layer is layer and culprit.place:
+                asked = [culprit.place]
+            cur = asked[0] if asked else join(cur, comp.name)
+            seq.append(cur)
+        for name in walked.rest:
+            cur = join(cur, name)
+            seq.append(cur)
+        out[layer.index] = seq
+    return out
+
+
+def _cut(walked: Walk, layer: Layer, places: list[bytes]) -> str:
+    """Why resolution never looked at *layer* for the walk's path."""
+    for i, comp in enumerate(walked.components):
+        final = i == len(walked.components) - 1 and not walked.rest
         mine = [s for s in comp.steps if s.layer is layer]
+        where = show(places[i])
+        if comp.error is not None:
+            code = errno_name(comp.error.errno)
+            culprit = comp.culprit
+            if culprit is not None and culprit.layer is layer:
+                return f"cut off: its {where} makes the lookup fail with {code}"
+            if not mine or final:
+                at = f" at {layer_name(culprit.layer)}" if culprit is not None else ""
+                return f"not looked at: the lookup of {show(comp.path)} fails{at} ({code})"
         if not mine:
             stop = stopped_by(comp.steps[-1] if comp.steps else None)
             if final:
                 return "not looked at: " + stop
             return f"cut off at {show(comp.path)}: {stop}"
         step = mine[0]
-        if final or step.rule in (resolution.DIRECTORY, resolution.OPAQUE):
+        if final or step.rule in _MERGING:
             continue
         if step.rule == resolution.ABSENT:
-            return f"has no directory {show(comp.path)}"
+            return f"has no directory {where}"
         if step.rule in (resolution.WHITEOUT, resolution.OCI_WHITEOUT):
-            return f"cut off: {show(comp.path)} is deleted here"
+            return f"cut off: {where} is deleted here"
         if step.st is not None:
-            return f"cut off: {show(comp.path)} is a {kind_of(step.st)} here"
-        return f"cut off at {show(comp.path)}"
+            return f"cut off: {where} is a {kind_of(step.st)} here"
+        return f"cut off at {where}"
     last = walked.last
-    if last is not None and last.path != relpath:
+    if walked.rest and last is not None:
         return f"not reached: the path is not visible past {show(last.path)}"
     return ""
 
@@ -271,32 +526,43 @@ _RULE_NOTES = {
 }
 
 
-def layer_reports(union: Union, walked: Walk, relpath: bytes) -> list[LayerReport]:
-    parent, _, name = relpath.rpartition(b"/")
+def layer_reports(union: Union, walked: Walk) -> list[LayerReport]:
     last = walked.last
-    final = last is not None and last.path == relpath
+    final = last is not None and not walked.rest
     steps = {s.layer.index: s for s in last.steps} if last is not None and final else {}
+    culprit = last.culprit if last is not None and final and last.error is not None else None
+    places = _places(union, walked)
     bottom = union.layers[-1]
     out: list[LayerReport] = []
     for layer in union.layers:
+        seq = places[layer.index]
+        place = seq[-1] if seq else b""
+        parent, _, name = place.rpartition(b"/")
         st = layer.lstat(parent, name) if name else os.stat(layer.root_fd)
         rep = LayerReport(
             layer.index,
             "upper" if layer.writable else "lower",
             os.fspath(layer.path),
             kind_of(st) if st is not None else None,
+            place=place,
         )
         if st is not None and stat.S_ISREG(st.st_mode):
             rep.size = st.st_size
         if name:
             rep.markers = markerinfo.markers_at(layer, parent, name, st, union, layer is bottom)
         step = steps.get(layer.index)
-        if step is not None:
+        moved = f" (at {show(place)})" if name and place != walked.path else ""
+        if culprit is not None and culprit.layer is layer:
+            assert last is not None
+            rep.rule = "lookup-fails"
+            code = errno_name(last.error.errno) if last.error is not None else "?"
+            rep.note = f"its entry makes the lookup fail with {code} (see the verdict){moved}"
+        elif step is not None:
             rep.rule = step.rule
-            rep.note = _RULE_NOTES.get(step.rule, "")
+            rep.note = _RULE_NOTES.get(step.rule, "") + moved
         elif name:
             rep.rule = "not-looked-at"
-            rep.note = _cut(walked, layer, relpath)
+            rep.note = _cut(walked, layer, seq)
         else:
             rep.rule = "root"
             rep.note = _root_note(union, layer)
@@ -317,19 +583,25 @@ class Explanation:
     layers: list[LayerReport]
     merge: list[int] = field(default_factory=list)  # a directory's merging layers
     entries: dict[int, int] = field(default_factory=dict)  # names each layer provides
+    failing: list[dict[str, Any]] = field(default_factory=list)  # names that cannot be looked up
     copy_up: dict[str, Any] | None = None
     shown: dict[str, Any] | None = None  # what the mount shows (computed)
     mount: str | None = None  # the live mount's path
     mount_shows: dict[str, Any] | None = None  # what the live mount answered
     prediction: dict[str, Any] | None = None  # --op
     node: Node | None = None
+    written: bytes | None = None  # the path as written, when it is not ``path``
+    errno: str | None = None  # what a lookup of the path as written answers (not visible)
 
 
 def explain(union: Union, relpath: bytes, stack: Stack | None = None) -> Explanation:
+    """*relpath* (below the merged root, as written: ``..`` and a trailing ``/`` are
+    walked as the kernel walks them) explained."""
     walked = walk(union, relpath)
     node = walked.node
     last = walked.last
-    if not relpath:
+    path = walked.path
+    if node is not None and not walked.components:
         root = union.table.root
         merged = [p.layer for p in root.stack]
         text = (
@@ -337,47 +609,68 @@ def explain(union: Union, relpath: bytes, stack: Stack | None = None) -> Explana
             if len(merged) > 1
             else f"the root of {layer_name(merged[0])}"
         )
-        exp = Explanation(relpath, True, "directory", root.layer.index, text, [], node=root)
-        exp.layers = layer_reports(union, walked, relpath)
+        exp = Explanation(path, True, "directory", root.layer.index, text, [], node=root)
     elif walked.blocked is not None:
-        exp = Explanation(relpath, False, None, None, "not visible: " + walked.blocked, [])
-        exp.layers = layer_reports(union, walked, relpath)
+        exp = Explanation(path, False, None, None, "not visible: " + walked.blocked, [])
     else:
         assert last is not None
         entry = last.entry
         exp = Explanation(
-            relpath,
+            path,
             entry is not None,
             kind_of(entry.st) if entry is not None else None,
             entry.layer.index if entry is not None else None,
             verdict(last),
-            layer_reports(union, walked, relpath),
+            [],
             node=node,
         )
+    exp.layers = layer_reports(union, walked)
+    exp.errno = walked.errno
+    if relpath.strip(b"/") != path:
+        exp.written = relpath
     if not exp.visible:
         for r in exp.layers:
             cut = r.note.startswith("cut off")  # (those below the deciding layer are said)
             if r.entry is not None and r.entry != "whiteout" and cut:
                 name = "the upper" if r.role == "upper" else f"layer {r.index}"
                 exp.verdict += f"; {name} has a {r.entry} there ({r.note})"
+        if walked.blocked is not None and walked.errno is not None:
+            exp.verdict += f"; a lookup of {show(relpath.strip(b'/'))} answers {walked.errno}"
     if node is not None:
         if node.is_dir:
             exp.merge = [p.layer.index for p in node.stack]
-            exp.entries = contributions(union, node)
+            exp.entries, exp.failing = contributions(union, node)
         exp.shown = shown(union, node)
-        if node.layer.writable and stack is not None and relpath:
-            exp.copy_up = provenance(union, stack, node, relpath)
+        if node.layer.writable and stack is not None and path:
+            exp.copy_up = provenance(union, stack, node, path)
     return exp
 
 
-def contributions(union: Union, node: Node) -> dict[int, int]:
-    """How many of a directory's names each layer provides (resolved by the core)."""
+def contributions(union: Union, node: Node) -> tuple[dict[int, int], list[dict[str, Any]]]:
+    """How many of a directory's names each layer provides (resolved by the core), and
+    the names it lists whose lookup fails (as the kernel lists them, then fails them)."""
     counts: dict[int, int] = {}
+    failing: list[dict[str, Any]] = []
     for name in union.names(node):
-        entry = union.resolve(node, name)
+        try:
+            entry = union.resolve(node, name)
+        except OSError as e:
+            comp = resolve_traced(union, node, name, keep_error=True)
+            culprit = comp.culprit
+            failing.append(
+                {
+                    "name": printable(name),
+                    "errno": errno_name(e.errno),
+                    "layer": culprit.layer.index if culprit is not None else None,
+                    "why": "its lookup " + lookup_failure(comp)
+                    if comp.error is not None
+                    else e.strerror,
+                }
+            )
+            continue
         if entry is not None:
             counts[entry.layer.index] = counts.get(entry.layer.index, 0) + 1
-    return counts
+    return counts, failing
 
 
 def shown(union: Union, node: Node) -> dict[str, Any]:
@@ -403,9 +696,9 @@ def shown(union: Union, node: Node) -> dict[str, Any]:
     try:
         for name in union.listxattr(node):
             try:
-                xattrs[os.fsdecode(name)] = union.getxattr(node, name)
+                xattrs[printable(name)] = union.getxattr(node, name)
             except OSError as e:
-                xattrs[os.fsdecode(name)] = f"<{errno.errorcode.get(e.errno or 0, '?')}>".encode()
+                xattrs[printable(name)] = f"<{errno.errorcode.get(e.errno or 0, '?')}>".encode()
     except OSError:
         pass
     out["xattrs"] = xattrs
@@ -444,7 +737,11 @@ def disagreements(exp: Explanation) -> list[str]:
     if live is None:
         return []
     if exp.shown is None:
-        return [] if "error" in live else ["the mount shows the path, explain found it not visible"]
+        if "error" not in live:
+            return ["the mount shows the path, explain found it not visible"]
+        if exp.errno is not None and live["error"] != exp.errno:
+            return [f"the mount answers {live['error']}, explain expected {exp.errno}"]
+        return []
     if "error" in live:
         return [f"the mount answers {live['error']}"]
     out = []
@@ -465,11 +762,16 @@ def _iso(ns: int) -> str:
 def provenance(union: Union, stack: Stack, node: Node, relpath: bytes) -> dict[str, Any] | None:
     """For a path the upper provides: the lower entry it replaces, and whether it is a
     copy-up of it, when that is known (the kernel's origin xattr, the mount's trace)."""
+    if node.lowers:
+        return _merged_provenance(union, stack, node, relpath)
     lowers_only = stack.open_lowers() if stack.config.lowers else None
     if lowers_only is None:
         return None
     try:
-        below = walk(lowers_only, relpath)
+        try:
+            below = walk(lowers_only, relpath)
+        except (OSError, UsageError):
+            below = Walk([], None)
         comp = below.last
         if below.node is None or comp is None or comp.entry is None:
             return {"note": "new in the upper: no lower layer shows this path"}
@@ -480,8 +782,8 @@ def provenance(union: Union, stack: Stack, node: Node, relpath: bytes) -> dict[s
         out: dict[str, Any] = {"from": index}
         if node.is_dir:
             out["note"] = (
-                f"the upper part of a directory that {layer_name(union.layers[index])} "
-                "has too: made when something inside it changed"
+                f"replaces {layer_name(union.layers[index])}'s {kind_of(lower_st)}: "
+                "nothing below merges into the upper directory (it is opaque)"
             )
             return out
         origin = markerinfo.origin_matches(union, node, entry.layer, comp.parent.path, comp.name)
@@ -517,6 +819,43 @@ def provenance(union: Union, stack: Stack, node: Node, relpath: bytes) -> dict[s
         return out
     finally:
         lowers_only.close()
+
+
+def _merged_provenance(union: Union, stack: Stack, node: Node, relpath: bytes) -> dict[str, Any]:
+    """For an upper directory with lower parts, or a metadata-only copy: where its lower
+    parts are, as resolution found them (a redirect sends them elsewhere)."""
+    top = node.lowers[0]
+    lower = layer_name(top.layer)
+    at = "" if top.path == relpath else f" at {show(top.path)}"
+    redirect = f"{union.ns.prefix.decode()}redirect"
+    moved = (
+        f"; moved here by a rename, which left a redirect xattr ({redirect}) so that "
+        "they still show under this name"
+        if at
+        else ""
+    )
+    out: dict[str, Any] = {"from": top.layer.index}
+    if node.is_dir:
+        out["note"] = (
+            f"the upper part of a directory that {lower}{at} has too: made when something "
+            f"inside it changed{moved}"
+        )
+        return out
+    parent, _, name = top.path.rpartition(b"/")
+    origin = markerinfo.origin_matches(union, node, top.layer, parent, name)
+    data = node.lowers[-1]
+    out["note"] = (
+        f"a metadata-only copy-up of {lower}'s file{at}: its data is read from "
+        f"{layer_name(data.layer)}'s {show(data.path)}{moved}"
+    )
+    if origin is True:
+        out["known"] = "origin"
+        out["note"] += "; its origin xattr is that file's handle"
+    traced = _traced_copy_up(stack, relpath)
+    if traced is not None:
+        out.setdefault("known", "trace")
+        out["note"] += f"; {traced}"
+    return out
 
 
 def _traced_copy_up(stack: Stack, relpath: bytes) -> str | None:

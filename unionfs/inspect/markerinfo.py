@@ -14,6 +14,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from unionfs.inspect.names import printable as printable_name
 from unionfs.overlay import markers
 from unionfs.overlay.layers import NOT_THERE, Layer
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
@@ -83,14 +84,17 @@ def namespace_of(layer: Layer) -> XattrNamespace:
     return layer.xattrs
 
 
-def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
-    """The overlay's private xattrs (either namespace) and other tools' on an entry."""
+def xattr_markers(
+    layer: Layer, path: bytes, is_dir: bool, union: Union | None = None
+) -> list[Marker]:
+    """The overlay's private xattrs (either namespace) and other tools' on an entry;
+    with *union*, a redirect or metacopy marker says what that stack does with it."""
     ours = namespace_of(layer)
     other = markers.other(ours)
     found = xattrs(path)
     out: list[Marker] = []
     for name, value in sorted(found.items()):
-        shown = f"{os.fsdecode(name)}={printable(value)}"
+        shown = f"{printable_name(name)}={printable(value)}"
         for ns, fmt in ((ours, "kernel"), (other, "kernel")):
             if name.startswith(ns.prefix):
                 key = name[len(ns.prefix) :]
@@ -110,15 +114,17 @@ def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
                 elif key == b"opaque":
                     effect = "honoured" if is_dir and value == b"y" else "not y: no effect"
                 elif key == b"redirect":
-                    effect = (
-                        "followed by unionfs as by the kernel: the layers below are asked for "
-                        "this path instead (a lookup fails with EPERM under redirect_dir=nofollow)"
-                    )
+                    effect = _redirect_effect(value, union)
                 elif key == b"metacopy":
                     effect = (
                         "read from the lower file it came from (a lookup fails with EPERM "
                         "unless mounted with metacopy=on, in unionfs as in the kernel)"
                     )
+                    if union is not None and not union.config.metacopy:
+                        effect = (
+                            "this stack is not mounted with metacopy=on: every lookup of it "
+                            "fails with EPERM, in unionfs as in the kernel"
+                        )
                 else:
                     effect = "bookkeeping; no effect on what the mount shows"
                 kind = "opaque" if key == b"opaque" else "private-xattr"
@@ -137,6 +143,26 @@ def xattr_markers(layer: Layer, path: bytes, is_dir: bool) -> list[Marker]:
                         )
                     )
     return out
+
+
+def _redirect_effect(value: bytes, union: Union | None) -> str:
+    """What a redirect xattr does in this stack (its value read by the core's parser)."""
+    try:
+        markers.parse_redirect(value)
+    except OSError:
+        return (
+            "invalid (empty, relative with a '/', or with an empty component): every "
+            "lookup of this name fails with EINVAL, in unionfs as in the kernel"
+        )
+    if union is not None and union.config.redirect == "nofollow":
+        return (
+            "not followed: this stack is mounted with redirect_dir=nofollow, so every "
+            "lookup of this name fails with EPERM, in unionfs as in the kernel"
+        )
+    return (
+        "followed by unionfs as by the kernel: the layers below are asked for "
+        "this path instead (a lookup fails with EPERM under redirect_dir=nofollow)"
+    )
 
 
 def opaque_markers(layer: Layer, path: bytes) -> list[Marker]:
@@ -187,7 +213,7 @@ def markers_at(
             else:
                 effect = noop or "hides the name in every layer below"
             out.append(
-                Marker("whiteout", "oci", os.fsdecode(markers.oci_whiteout_name(name)), effect)
+                Marker("whiteout", "oci", printable_name(markers.oci_whiteout_name(name)), effect)
             )
     if markers.is_oci_name(name) and st is not None:
         if layer.writable:
@@ -196,7 +222,7 @@ def markers_at(
             effect = "makes its directory opaque; never shown"
         else:
             effect = "an OCI whiteout: never shown; hides its name below"
-        out.append(Marker("reserved-name", "oci", os.fsdecode(name), effect))
+        out.append(Marker("reserved-name", "oci", printable_name(name), effect))
     if st is None:
         return out
     is_dir = stat.S_ISDIR(st.st_mode)
@@ -213,7 +239,7 @@ def markers_at(
         real = fd_path(layer.dirfd(parent), name)
     except OSError:
         return out
-    for m in xattr_markers(layer, real, is_dir):
+    for m in xattr_markers(layer, real, is_dir, union):
         if m.kind == "opaque" and bottom and "honoured" in m.effect:
             m.effect = noop
         out.append(m)

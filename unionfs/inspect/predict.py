@@ -6,7 +6,10 @@ Each prediction runs the mount's own checks (``namespace.check_rename``,
 checks let through with the core's own helpers (``lower_has_name``: will a
 whiteout be left; ``pending_copy_ups``: what will be copied up). Nothing is
 changed. What the kernel's VFS checks before a request reaches the overlay
-(permissions, a name over 255 bytes) is not predicted.
+(permissions, a name over 255 bytes) is not predicted, except the checks of the
+arguments themselves (a negative size, contradictory rename flags: EINVAL) and
+the walk to the path: ``write``, ``truncate``, ``chmod``, ``chown``, ``utimes``
+and ``setxattr`` follow a symlink, as open(2), chmod(2) and the rest do.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
+from unionfs.errors import UsageError
+from unionfs.inspect.names import printable
+from unionfs.inspect.stack import brief
 from unionfs.overlay import copyup, files, namespace
 from unionfs.overlay.events import Refused, errno_name
 from unionfs.overlay.markers import is_whiteout
@@ -40,6 +46,10 @@ OPS = (
     "setxattr",
 )
 NEEDS_TO = ("rename", "link")
+# The changes whose system calls follow a symlink at PATH (open(2), truncate(2),
+# chmod(2), chown(2), utimensat(2) without AT_SYMLINK_NOFOLLOW, setxattr(2)).
+FOLLOWS = ("write", "truncate", "chmod", "chown", "utimes", "setxattr")
+MAX_SYMLINKS = 40  # the kernel's limit on symlinks followed in one walk (ELOOP)
 
 
 @dataclass
@@ -52,12 +62,13 @@ class Prediction:
     by_overlay: bool = False  # refused by an overlay rule (not by the VFS's usual checks)
     effects: list[str] = field(default_factory=list)
     copy_up_bytes: int = 0
+    follows: list[str] = field(default_factory=list)  # the symlinks followed to the target
 
     def as_json(self) -> dict[str, Any]:
         return {
             "op": self.op,
-            "path": os.fsdecode(self.path),
-            "to": os.fsdecode(self.to) if self.to is not None else None,
+            "path": printable(self.path),
+            "to": printable(self.to) if self.to is not None else None,
             "result": self.errno or "ok",
             "why": self.why,
             "overlay_rule": self.by_overlay,
@@ -113,7 +124,7 @@ def _copy_ups(
         nbytes = st.st_size if size is None else min(size, st.st_size)
         pred.copy_up_bytes += nbytes
         pred.effects.append(
-            f"copies the data of the metadata-only copy {os.fsdecode(node.path)} up: "
+            f"copies the data of the metadata-only copy {printable(node.path)} up: "
             f"{nbytes:,} bytes; {why}"
         )
     for n in copyup.pending_copy_ups(union, node):
@@ -130,12 +141,12 @@ def _copy_ups(
             what = "metadata"
         if n is node:
             pred.effects.append(
-                f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}: {what}; {why}"
+                f"copies up {printable(n.path)} from {_layer(union, n)}: {what}; {why}"
             )
         else:
             pred.effects.append(
-                f"copies up {os.fsdecode(n.path)} from {_layer(union, n)}: {what} "
-                f"(a parent of {os.fsdecode(node.path)}, which the upper needs first)"
+                f"copies up {printable(n.path)} from {_layer(union, n)}: {what} "
+                f"(a parent of {printable(node.path)}, which the upper needs first)"
             )
 
 
@@ -147,17 +158,65 @@ def predict(
     flags: int = 0,
     xattr: bytes = b"user.x",
     size: int = 0,
+    mountpoint: bytes | None = None,
 ) -> Prediction:
+    """What *op* on *relpath* (below the merged root, as written) would do. A symlink's
+    absolute target is taken as a path on the live mount at *mountpoint*, or with no
+    mount as one below the merged root (a container's root)."""
+    relpath, to = relpath.lstrip(b"/"), to.lstrip(b"/") if to is not None else None
+    # A change of a name needs one; the others act on what the path reaches ("d/.": d).
+    for given in (relpath, to) if op not in FOLLOWS else (to,):
+        if given is not None and given.rstrip(b"/").rpartition(b"/")[2] in (b"", b".", b".."):
+            raise UsageError(f"--op {op}: {brief(given)} does not end in a name (not . or ..)")
     pred = Prediction(op, relpath, to)
     try:
-        _predict(union, pred, op, relpath, to, flags, xattr, size)
+        # The system call's own checks of its arguments come before any lookup.
+        if op == "truncate" and size < 0:
+            raise OSError(errno.EINVAL, f"a negative size ({size:,})")
+        if flags & RENAME_EXCHANGE and flags & RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_NOREPLACE together")
+        _predict(union, pred, op, relpath, to, flags, xattr, size, mountpoint)
     except OSError as e:
         pred.errno = errno_name(e.errno)
         pred.why = e.strerror or ""
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and e.filename:
+            pred.why += f": {brief(os.fsencode(e.filename))}"
         pred.by_overlay = isinstance(e, Refused)
         pred.effects = []
         pred.copy_up_bytes = 0
+    if pred.follows:
+        followed = "; ".join(pred.follows)
+        if pred.errno is None:
+            pred.effects.insert(0, f"follows {followed}: {op} changes the target")
+        else:
+            pred.why = f"{pred.why} (it follows {followed})"
     return pred
+
+
+def _follow(
+    union: Union, pred: Prediction, node: Node, relpath: bytes, mountpoint: bytes | None
+) -> tuple[Node, bytes]:
+    """The node a system call that follows symlinks reaches from *node* (at *relpath*)."""
+    for _ in range(MAX_SYMLINKS):
+        if node.kind != stat.S_IFLNK:
+            return node, relpath
+        target = union.readlink(node)
+        pred.follows.append(f"the symlink {printable(relpath)} to {printable(target)}")
+        if target.startswith(b"/"):
+            if mountpoint is None:
+                relpath = target.lstrip(b"/")  # the merged view as a root (a container's)
+            else:
+                mnt = mountpoint.rstrip(b"/")
+                if target != mnt and not target.startswith(mnt + b"/"):
+                    raise UsageError(
+                        f"{brief(pred.path)}: --op {pred.op} follows the symlink to "
+                        f"{brief(target)}, outside the mount: not the mount's to predict"
+                    )
+                relpath = target[len(mnt) :].lstrip(b"/")
+        else:
+            relpath = join(relpath.rpartition(b"/")[0], target)
+        node = _node(union, relpath) if relpath.strip(b"/") else union.table.root
+    raise OSError(errno.ELOOP, f"more than {MAX_SYMLINKS} symlinks", relpath)
 
 
 def _predict(
@@ -169,7 +228,19 @@ def _predict(
     flags: int,
     xattr: bytes,
     size: int,
+    mountpoint: bytes | None,
 ) -> None:
+    # A trailing "/" asks for a directory: one that exists must be one (mkdir makes it).
+    want_dir = relpath.endswith(b"/") or (op == "rename" and to is not None and to.endswith(b"/"))
+    relpath = relpath.rstrip(b"/")
+    if to is not None:
+        to = to.rstrip(b"/")
+    if want_dir and op != "mkdir":
+        found = _node(union, relpath)
+        if op in FOLLOWS:
+            found, _ = _follow(union, Prediction(op, relpath), found, relpath, mountpoint)
+        if not found.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", relpath)
     parent_path, name = _split(relpath)
     if op == "rename":
         assert to is not None
@@ -180,12 +251,10 @@ def _predict(
         _copy_ups(union, parent, pred, "the upper needs the parent to change it")
         if not node.layer.writable or union.lower_has_name(parent, name):
             pred.effects.append(
-                f"leaves a whiteout at {os.fsdecode(relpath)} in the upper: a lower layer has the name"
+                f"leaves a whiteout at {printable(relpath)} in the upper: a lower layer has the name"
             )
         else:
-            pred.effects.append(
-                f"removes {os.fsdecode(relpath)} from the upper; nothing below shows"
-            )
+            pred.effects.append(f"removes {printable(relpath)} from the upper; nothing below shows")
     elif op in ("create", "mkdir", "symlink"):
         parent = _lookup_dir(union, parent_path)
         namespace.check_create(union, parent, name)
@@ -201,11 +270,11 @@ def _predict(
         _copy_ups(union, node, pred, "both names must share the upper inode", data=False)
         _new_name(union, pred, dparent, dname, False)
     elif op == "setxattr":
-        node = _node(union, relpath)
+        node, _ = _follow(union, pred, _node(union, relpath), relpath, mountpoint)
         files.check_setxattr(union, xattr)
-        _copy_ups(union, node, pred, f"the xattr {os.fsdecode(xattr)} is set on the upper copy")
+        _copy_ups(union, node, pred, f"the xattr {printable(xattr)} is set on the upper copy")
     else:  # write, truncate, chmod, chown, utimes
-        node = _node(union, relpath)
+        node, relpath = _follow(union, pred, _node(union, relpath), relpath, mountpoint)
         copyup.check_copy_up(union)
         if op == "write" and node.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory", relpath)
@@ -230,12 +299,12 @@ def _predict(
             data=op in ("write", "truncate"),
         )
         if not pred.effects:
-            pred.effects.append(f"changes {os.fsdecode(relpath)} in the upper: no copy-up")
+            pred.effects.append(f"changes {printable(relpath)} in the upper: no copy-up")
 
 
 def _new_name(union: Union, pred: Prediction, parent: Node, name: bytes, is_dir: bool) -> None:
     _copy_ups(union, parent, pred, "the new name is made in the upper copy of its parent")
-    path = os.fsdecode(join(parent.path, name))
+    path = printable(join(parent.path, name))
     upper = union.upper
     # As in namespace._prepare_new: only the upper's own whiteout is replaced.
     st = upper.lstat(parent.path, name) if upper is not None and parent.layer.writable else None
@@ -278,7 +347,7 @@ def _rename(union: Union, pred: Prediction, relpath: bytes, to: bytes, flags: in
     _copy_ups(union, dparent, pred, "the new name's parent changes")
     if not swap and union.lower_has_name(sparent, sname):
         pred.effects.append(
-            f"leaves a whiteout at {os.fsdecode(relpath)}: a lower layer has the old name"
+            f"leaves a whiteout at {printable(relpath)}: a lower layer has the old name"
         )
     moves = [(src, dparent, to)]
     if swap and dst is not None:
@@ -286,16 +355,16 @@ def _rename(union: Union, pred: Prediction, relpath: bytes, to: bytes, flags: in
     for node, new_parent, new_path in moves:
         if _keeps_lower_parts(union, node):
             pred.effects.append(
-                f"records in a redirect xattr on {os.fsdecode(new_path)} where its lower parts "
+                f"records in a redirect xattr on {printable(new_path)} where its lower parts "
                 "are, so they still show under the new name"
             )
         elif node.is_dir and new_parent.lowers:
             pred.effects.append(
-                f"marks {os.fsdecode(new_path)} opaque: it moves into a merged directory, "
+                f"marks {printable(new_path)} opaque: it moves into a merged directory, "
                 "where a lower namesake must not leak into it"
             )
     if dst is not None and not swap:
-        pred.effects.append(f"replaces {os.fsdecode(to)}")
+        pred.effects.append(f"replaces {printable(to)}")
 
 
 def _keeps_lower_parts(union: Union, node: Node) -> bool:
@@ -328,7 +397,10 @@ def _tree_size(union: Union, node: Node, limit: int = 100_000) -> tuple[int, int
     while todo and count < limit:
         d = todo.pop()
         for name in union.names(d):
-            entry = union.resolve(d, name)
+            try:
+                entry = union.resolve(d, name)
+            except OSError:
+                continue  # a name whose lookup fails: mv cannot copy it either
             if entry is None:
                 continue
             count += 1

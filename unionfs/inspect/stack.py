@@ -16,9 +16,20 @@ from pathlib import Path
 from unionfs.errors import UsageError
 from unionfs.fuse import state
 from unionfs.fuse.mount import id_mapper, redirect_mode
+from unionfs.inspect.names import printable
 from unionfs.options import parse_options
 from unionfs.overlay.markers import TRUSTED, USER
+from unionfs.overlay.nodes import Node
 from unionfs.overlay.union import Union, UnionConfig
+
+
+class _Reader(Union):
+    """The overlay as the inspection tools see it: it never writes to a layer. The
+    mount's first lookup of a merged directory records its copy-up origin in the upper
+    (``Union._fix_origin``, as the kernel's does); a reader leaves that to the mount."""
+
+    def _fix_origin(self, parent: Node, node: Node) -> None:
+        return
 
 
 @dataclass
@@ -27,11 +38,15 @@ class Stack:
     live: state.MountState | None = None  # the mount, when the layers are a live mount's
 
     def open(self) -> Union:
-        """The overlay over these layers, read-only in effect: no workdir, nothing written."""
+        """The overlay over these layers, read-only in effect: no workdir, nothing written.
+        It is built read-only (a writable one gives a fresh upper a uuid xattr), then
+        told whether the stack is, which the predictions go by (EROFS)."""
         try:
-            return Union(self.config.replace(work=None))
+            union = _Reader(self.config.replace(work=None, readonly=True))
         except OSError as e:
             raise UsageError(f"cannot open the layers: {e}") from None
+        union.readonly = self.config.readonly or self.config.upper is None
+        return union
 
     def open_lowers(self) -> Union:
         """The same stack without its upper: what the lower layers alone show."""
@@ -47,6 +62,36 @@ class Stack:
     def layer_paths(self) -> list[Path]:
         upper = [self.config.upper] if self.config.upper is not None else []
         return [*upper, *self.config.lowers]
+
+
+NAME_MAX = 255  # the kernel's limits on a path it is given, checked before any lookup
+PATH_MAX = 4096  # with its terminating NUL
+
+
+def brief(path: str | bytes, limit: int = 100) -> str:
+    """*path* for a one-line message: printable, and cut in the middle when long."""
+    text = printable(path)
+    if len(text) <= limit:
+        return text
+    size = len(os.fsencode(path))
+    return f"{text[: limit * 2 // 3]}...{text[-(limit // 4) :]} ({size:,} bytes)"
+
+
+def check_length(path: str) -> None:
+    """What the kernel answers before it looks anything up: ENAMETOOLONG for a path of
+    PATH_MAX bytes or more, or a name of more than NAME_MAX."""
+    raw = os.fsencode(path)
+    if len(raw) >= PATH_MAX:
+        raise UsageError(
+            f"{brief(path)}: File name too long (ENAMETOOLONG): the path has {len(raw):,} "
+            f"bytes, the kernel takes at most {PATH_MAX - 1:,}"
+        )
+    for name in raw.split(b"/"):
+        if len(name) > NAME_MAX:
+            raise UsageError(
+                f"{brief(path)}: File name too long (ENAMETOOLONG): a name of "
+                f"{len(name):,} bytes, the kernel takes at most {NAME_MAX}"
+            )
 
 
 def _directory(kind: str, raw: str) -> Path:
@@ -79,27 +124,50 @@ def from_options(option_strings: list[str]) -> Stack:
 
 
 def locate(path: str) -> tuple[state.MountEntry, bytes]:
-    """The unionfs mount that *path* is in, and *path* relative to its root.
+    """The unionfs mount that *path* is in, and the rest of *path* below its root, as
+    written (``..``, ``.`` and a trailing ``/`` kept for ``explain.walk``).
 
-    The path is taken as written (symlinks inside the mount are not followed: the
-    question is about that name); if that finds no mount, the symlinks of its
-    leading directories are resolved, as for a path reached through a link.
+    The path is followed as the kernel follows it up to the mount (symlinks and
+    ``..`` outside it resolved); what follows the mountpoint is not touched: the
+    question is about the names as written there.
     """
     mounts = [m for m in state.mountinfo() if m.fstype == state.FSTYPE]
-    target = os.fsencode(os.path.abspath(path))
-    found = _longest_prefix(mounts, target)
+    raw = os.fsencode(path)
+    if not raw.startswith(b"/"):
+        raw = os.fsencode(os.getcwd()) + b"/" + raw
+    parts = raw.split(b"/")
+    cur = b"/"
+    found = _longest_prefix(mounts, cur)
+    i = 0
+    while found is None and i < len(parts):
+        part = parts[i]
+        i += 1
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            cur = os.path.dirname(cur)
+            continue
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
+            cur = os.path.realpath(cur)
+        found = _longest_prefix(mounts, cur)
     if found is None:
-        parts = target.split(b"/")
-        for i in range(2, len(parts) + 1):
-            prefix = os.path.realpath(b"/".join(parts[:i]))
-            hit = [m for m in mounts if m.mountpoint == prefix]
-            if hit:
-                rest = b"/".join(parts[i:])
-                return hit[-1], rest
         raise UsageError(
-            f"{path}: not inside a unionfs mount (or give the layers: -o lowerdir=...)"
+            f"{brief(path)}: not inside a unionfs mount (or give the layers: -o lowerdir=...)"
         )
-    return found
+    mount, inner = found
+    base = inner.split(b"/") if inner else []
+    # A unionfs mounted inside this one, on a directory that plain names below lead to.
+    names: list[bytes] = []
+    for j in range(i, len(parts)):
+        if parts[j] in (b"", b".", b".."):
+            break
+        names.append(parts[j])
+        target = os.path.join(mount.mountpoint, *base, *names)
+        deeper = [m for m in mounts if m.mountpoint == target]
+        if deeper:
+            mount, base, names, i = deeper[-1], [], [], j + 1
+    return mount, b"/".join([*base, *parts[i:]])
 
 
 def _longest_prefix(
@@ -120,45 +188,48 @@ def from_mount(mount: state.MountEntry, wait: float = 3.0) -> Stack:
     """The stack of a live mount, from its state file; a mount that has just started
     may take a moment to publish it."""
     deadline = time.monotonic() + wait
-    found = state.read_state(mount.device)
+    found, why = state.find_state(mount.device, mount.owner)
     while found is None and time.monotonic() < deadline:
         time.sleep(0.05)
-        found = state.read_state(mount.device)
+        found, why = state.find_state(mount.device, mount.owner)
     if found is None:
+        owner = "" if mount.owner is None else f" (mounted by uid {mount.owner})"
         raise UsageError(
-            f"the unionfs mount at {os.fsdecode(mount.mountpoint)} published no state in "
-            f"{state.runtime_dir()} (an older daemon, or another {state.RUNDIR_ENV}); "
-            "give its layers with -o lowerdir=...,upperdir=..."
+            f"the unionfs mount at {brief(mount.mountpoint)}{owner} has no state it "
+            f"published that can be used: {why}; give its layers with "
+            "-o lowerdir=...,upperdir=..."
         )
     return Stack(found.union_config(), found)
 
 
 def from_live_path(path: str) -> tuple[Stack, bytes]:
+    """The stack of the mount *path* is in, to read its layers' markers, and *path*
+    below its root (as written)."""
     mount, rel = locate(path)
-    return from_mount(mount), rel
+    stack = from_mount(mount)
+    if stack.config.xattrs is TRUSTED and os.geteuid() != 0:
+        # Its opaque, redirect and metacopy markers are invisible here: every verdict
+        # that depends on one would be wrong, and nothing would say so.
+        raise UsageError(
+            f"the unionfs mount at {brief(mount.mountpoint)} keeps its markers in "
+            f"{TRUSTED.prefix.decode()}*, which only root can read (this is uid "
+            f"{os.geteuid()}): run unionfs explain as root"
+        )
+    return stack, rel
 
 
 def from_mountpoint(path: str) -> Stack:
     """The stack of the mount at exactly *path* (``unionfs trace MNT``)."""
     mount, rel = locate(path)
-    if rel:
+    if os.path.normpath(rel or b".") != b".":
         raise UsageError(
-            f"{path}: not a mountpoint (the mount is at {os.fsdecode(mount.mountpoint)})"
+            f"{brief(path)}: not a mountpoint (the mount is at {brief(mount.mountpoint)})"
         )
     return from_mount(mount)
 
 
 def relative(path: str) -> bytes:
     """A path inside the merged view, for a stack given by options: ``/etc/x`` and
-    ``etc/x`` both name ``etc/x``; ``..`` may not climb above the root."""
-    parts: list[bytes] = []
-    for part in os.fsencode(path).split(b"/"):
-        if part in (b"", b"."):
-            continue
-        if part == b"..":
-            if not parts:
-                raise UsageError(f"{path}: climbs above the merged root")
-            parts.pop()
-            continue
-        parts.append(part)
-    return b"/".join(parts)
+    ``etc/x`` both name ``etc/x``. The rest is kept as written (``..``, ``.``, a
+    trailing ``/``): ``explain.walk`` looks it up as the kernel would."""
+    return os.fsencode(path).lstrip(b"/")
