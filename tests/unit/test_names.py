@@ -30,3 +30,13 @@ def test_a_name_prints_as_one_line_that_tells_its_bytes(raw: bytes, shown: str) 
 def test_two_names_never_print_alike() -> None:
     names = [b"a\\x41", b"a\x41", b"a\\\\x41", b"a\\A", b"a\nb", b"a\\nb"]
     assert len({printable(n) for n in names}) == len(names)
+
+
+def test_a_long_name_is_cut_in_the_middle_for_a_message() -> None:
+    from unionfs.inspect.names import brief
+
+    assert brief(b"short") == "short"
+    long = b"a" * 70 + b"\n" + b"z" * 100_000
+    shown = brief(long)
+    assert len(shown) < 130 and shown.isprintable()
+    assert shown.startswith("a" * 66) and shown.endswith(f"{'z' * 25} (100,071 bytes)")

@@ -78,6 +78,7 @@ def _explain_usage(args: argparse.Namespace) -> None:
 def explain_main(argv: list[str]) -> int:
     from unionfs.inspect import stack as stacks
     from unionfs.inspect.explain import AboveRoot, explain, mount_shows
+    from unionfs.inspect.names import brief
     from unionfs.inspect.predict import predict, rename_flags
     from unionfs.inspect.render import as_json, render
 
@@ -100,9 +101,7 @@ def explain_main(argv: list[str]) -> int:
                 or stack.live is None
                 or mount_to.live.device != stack.live.device
             ):
-                raise UsageError(
-                    f"{stacks.brief(args.to)}: not in the same mount as {stacks.brief(args.path)}"
-                )
+                raise UsageError(f"{brief(args.to)}: not in the same mount as {brief(args.path)}")
     union = stack.open()
     try:
         try:
@@ -111,8 +110,8 @@ def explain_main(argv: list[str]) -> int:
             if stack.live is None:
                 raise
             raise UsageError(
-                f"{stacks.brief(args.path)}: climbs above the root of the mount at "
-                f"{stacks.brief(stack.live.mountpoint)}, out of it"
+                f"{brief(args.path)}: climbs above the root of the mount at "
+                f"{brief(stack.live.mountpoint)}, out of it"
             ) from None
         if stack.live is not None:
             exp.mount = stack.live.mountpoint
@@ -128,7 +127,7 @@ def explain_main(argv: list[str]) -> int:
             exp.prediction = pred.as_json()
     except OSError as e:
         # A layer's own failure (EIO, EACCES, ...): one short line, whatever the name.
-        where = f"{stacks.brief(os.fsencode(e.filename))}: " if e.filename else ""
+        where = f"{brief(os.fsencode(e.filename))}: " if e.filename else ""
         raise UsageError(f"{where}{e.strerror or e}") from None
     finally:
         union.close()
@@ -268,7 +267,9 @@ def main(argv: list[str]) -> int:
         print(f"unionfs {command}: {e}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as e:
-        where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+        from unionfs.inspect.names import brief
+
+        where = f"{brief(e.filename)}: " if e.filename else ""
         print(f"unionfs {command}: {where}{e.strerror or e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -18,8 +18,8 @@ from typing import Any
 
 from unionfs.errors import UsageError
 from unionfs.inspect import markerinfo
-from unionfs.inspect.names import printable
-from unionfs.inspect.stack import Stack, brief
+from unionfs.inspect.names import brief, printable
+from unionfs.inspect.stack import Stack
 from unionfs.overlay import markers
 from unionfs.overlay import union as resolution
 from unionfs.overlay.events import errno_name

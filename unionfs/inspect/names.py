@@ -34,3 +34,12 @@ def printable(name: bytes | str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def brief(path: str | bytes, limit: int = 100) -> str:
+    """*path* for a one-line message: printable, and cut in the middle when long."""
+    text = printable(path)
+    if len(text) <= limit:
+        return text
+    size = len(os.fsencode(path))
+    return f"{text[: limit * 2 // 3]}...{text[-(limit // 4) :]} ({size:,} bytes)"

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unionfs.errors import UsageError
-from unionfs.inspect.names import printable
-from unionfs.inspect.stack import brief
+from unionfs.inspect.names import brief, printable
 from unionfs.overlay import copyup, files, namespace
 from unionfs.overlay.events import Refused, errno_name
 from unionfs.overlay.markers import is_whiteout

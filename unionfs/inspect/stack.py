@@ -16,7 +16,7 @@ from pathlib import Path
 from unionfs.errors import UsageError
 from unionfs.fuse import state
 from unionfs.fuse.mount import id_mapper, redirect_mode
-from unionfs.inspect.names import printable
+from unionfs.inspect.names import brief
 from unionfs.options import parse_options
 from unionfs.overlay.markers import TRUSTED, USER
 from unionfs.overlay.nodes import Node
@@ -66,15 +66,6 @@ class Stack:
 
 NAME_MAX = 255  # the kernel's limits on a path it is given, checked before any lookup
 PATH_MAX = 4096  # with its terminating NUL
-
-
-def brief(path: str | bytes, limit: int = 100) -> str:
-    """*path* for a one-line message: printable, and cut in the middle when long."""
-    text = printable(path)
-    if len(text) <= limit:
-        return text
-    size = len(os.fsencode(path))
-    return f"{text[: limit * 2 // 3]}...{text[-(limit // 4) :]} ({size:,} bytes)"
 
 
 def check_length(path: str) -> None:
