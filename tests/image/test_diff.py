@@ -210,7 +210,8 @@ def test_cli_text_and_json(tmp_path: Path) -> None:
         {"kind": "C", "path": "/etc/passwd"},
     ]
     res = run("diff", os.fspath(tmp_path / "missing"))
-    assert (res.returncode, res.stderr) == (1, f"unionfs: {tmp_path}/missing: not a directory\n")
+    missing = f"unionfs: {tmp_path}/missing: no such file or directory\n"
+    assert (res.returncode, res.stderr) == (1, missing)
 
 
 def test_cli_lowers_from_an_image(tmp_path: Path) -> None:

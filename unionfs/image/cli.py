@@ -7,20 +7,24 @@ can fix are one line on stderr (``ImageError``/``UsageError``), never a tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from unionfs import lazylog
 from unionfs.errors import UsageError
 from unionfs.image.digest import ImageError
-from unionfs.image.unpack import Limits
-from unionfs.options import escape_path, human_size
+from unionfs.image.unpack import Limits, os_reason
+from unionfs.options import escape_path, human_size, split_options
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import TypeVar
+    import logging
+    from typing import TextIO, TypeVar
 
     from unionfs.image.cache import LayerCache
 
@@ -37,6 +41,7 @@ def main(argv: list[str]) -> int:
         "diff": _diff,
         "commit": _commit,
     }
+    _warnings_to_stderr()
     try:
         return handlers[command](rest)
     except UsageError as e:
@@ -47,6 +52,38 @@ def main(argv: list[str]) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    finally:
+        _stop_warnings()
+
+
+# What the image tools log is a warning for the user (a socket left out of a layer,
+# setuid bits dropped): a line on stderr with the same prefix as an error. The
+# handler is made when the first one is logged: ``logging`` costs start-up time.
+_handlers: list[logging.Handler] = []
+
+
+def _warnings_to_stderr() -> None:
+    def install() -> None:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logging.getLogger("unionfs").addHandler(handler)
+        _handlers.append(handler)
+
+    lazylog.before_first_use(install)
+
+
+def _stop_warnings() -> None:
+    """Before a mount serves (it logs its own way) and when the command ends."""
+    lazylog.before_first_use(None)
+    if _handlers:
+        import logging
+
+        for handler in _handlers:
+            logging.getLogger("unionfs").removeHandler(handler)
+        _handlers.clear()
 
 
 # -- shared options ------------------------------------------------------------------
@@ -65,6 +102,17 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << shift
 
 
+def parse_count(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return n
+
+
 def _limit_options(p: argparse.ArgumentParser) -> None:
     d = Limits()
     p.add_argument(
@@ -76,7 +124,7 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-entries",
-        type=int,
+        type=parse_count,
         default=d.max_entries,
         metavar="N",
         help=f"refuse a layer with more entries (default: {d.max_entries})",
@@ -115,11 +163,41 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"{PROG} {prog}", description=description)
 
 
-def _print_json(obj: object) -> None:
+def _print_json(obj: object, out: TextIO | None = None) -> None:
     import json
 
-    json.dump(obj, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    stream = sys.stdout if out is None else out
+    json.dump(obj, stream, indent=2)
+    stream.write("\n")
+
+
+def _parse_sub(
+    p: argparse.ArgumentParser, subs: dict[str, argparse.ArgumentParser], argv: list[str]
+) -> argparse.Namespace:
+    """Parse a command with subcommands: an argument the subcommand does not know is
+    reported with the subcommand's usage (argparse gives the parent's)."""
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        subs[args.action].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _check_dest(given: str, dest: Path) -> None:
+    """A directory to unpack into: absent or empty."""
+    try:
+        st = os.stat(dest)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ImageError(f"{given}: {os_reason(e)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{given}: exists and is not a directory")
+    if any(dest.iterdir()):
+        raise ImageError(f"{given}: exists and is not an empty directory")
+
+
+def _no_layers(image: str) -> ImageError:
+    return ImageError(f"{image}: the image has no layers")
 
 
 # -- unionfs image ... ---------------------------------------------------------------
@@ -146,7 +224,15 @@ def _image(argv: list[str]) -> int:
         action="store_true",
         help="print the equivalent mount -t overlay command instead of mounting",
     )
-    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    m.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="mount options, as for a plain mount (lowerdir, upperdir and workdir excepted); "
+        "with --print-kernel-mount the ones the kernel overlay knows go in its command",
+    )
     m.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     m.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
     _limit_options(m)
@@ -172,7 +258,7 @@ def _image(argv: list[str]) -> int:
     _cache_option(la)
     _limit_options(la)
 
-    args = p.parse_args(argv)
+    args = _parse_sub(p, {"mount": m, "unpack": u, "layers": la}, argv)
     if args.action == "mount":
         return _image_mount(args)
     if args.action == "unpack":
@@ -186,23 +272,56 @@ def _image_unpack(args: argparse.Namespace) -> int:
     from unionfs.image.progress import Progress
 
     dest = Path(os.path.abspath(args.dest))
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ImageError(f"{args.dest}: exists and is not an empty directory")
-    dest.mkdir(parents=True, exist_ok=True)
+    _check_dest(args.dest, dest)
     progress = Progress()
     with open_image(args.image) as image:
+        if not image.layers:
+            raise _no_layers(args.image)
         n = len(image.layers)
-        dirs = []
-        for layer in image.layers:
-            final = dest / f"{layer.index + 1:03d}"
+        dirs: list[Path] = []
+        made = _make_dirs(dest)
+        try:
+            for layer in image.layers:
+                final = dest / f"{layer.index + 1:03d}"
 
-            def unpack(fd: int, layer: LayerRef = layer) -> object:
-                return unpack_layer(layer, fd, layer_label(layer, n), _limits(args), progress)
+                def unpack(fd: int, layer: LayerRef = layer) -> object:
+                    return unpack_layer(layer, fd, layer_label(layer, n), _limits(args), progress)
 
-            _unpack_atomically(final, unpack, args.sync)
-            dirs.append(final)
+                _unpack_atomically(final, unpack, args.sync)
+                dirs.append(final)
+        except BaseException:
+            # What this run made goes (the layers it unpacked, the directories it made),
+            # so that running it again works; what was there before stays.
+            from unionfs.image.cache import discard_tree
+
+            for d in dirs:
+                discard_tree(d)
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+            raise
     print("lowerdir=" + ":".join(escape_path(os.fspath(d)) for d in reversed(dirs)))
     return 0
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p`` *path*; returns the directories it made, top first."""
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    made = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+    except OSError as e:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise ImageError(f"{path}: {os_reason(e)}") from None
+    return made
 
 
 def _unpack_atomically(final: Path, unpack: Callable[[int], T], sync: bool) -> T:
@@ -233,6 +352,7 @@ def _image_mount(args: argparse.Namespace) -> int:
     if args.print_kernel_mount:
         print(_kernel_mount(args, lowers))
         return 0
+    _stop_warnings()  # the mount logs its own way from here on
     opts.lowers, opts.upper, opts.work = lowers, args.upper, args.work
     setup = check_setup(opts, args.mountpoint)
     return run_mount(setup, opts.timeout, foreground=args.foreground, debug=args.debug)
@@ -247,7 +367,7 @@ def _cached_layers(args: argparse.Namespace) -> list[Path]:
     progress = Progress()
     with open_image(args.image) as image:
         if not image.layers:
-            raise ImageError(f"{args.image}: the image has no layers")
+            raise _no_layers(args.image)
         return [cache.ensure(layer, len(image.layers), progress) for layer in image.layers]
 
 
@@ -262,11 +382,52 @@ def _kernel_mount(args: argparse.Namespace, lowers: list[str]) -> str:
     if args.upper is not None:
         opts += f",upperdir={escape_path(os.path.abspath(args.upper))}"
         opts += f",workdir={escape_path(os.path.abspath(args.work))}"
-    if os.geteuid() != 0:
-        opts += ",userxattr"  # unpacked without root: opaque markers are user.overlay.*
+    given = _kernel_options(args.options)
+    if os.geteuid() != 0 and "userxattr" not in given:
+        given.append("userxattr")  # unpacked without root: opaque markers are user.overlay.*
+    opts = ",".join([opts, *given])
     return shlex.join(
         ["mount", "-t", "overlay", "overlay", "-o", opts, os.path.abspath(args.mountpoint)]
     )
+
+
+# -o options the kernel takes for an overlay mount: its own, and those of every mount.
+_KERNEL_OPTIONS = {
+    *("ro", "rw", "redirect_dir", "index", "uuid", "nfs_export", "xino", "metacopy"),
+    *("volatile", "userxattr", "dev", "nodev", "suid", "nosuid", "exec", "noexec"),
+    *("atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime"),
+    *("diratime", "nodiratime", "lazytime", "nolazytime", "sync", "async", "dirsync"),
+    *("silent", "loud", "context", "fscontext", "defcontext", "rootcontext"),
+}
+# And those with nothing to say to it: no-ops for unionfs too (unionfs.options.NO_OPS),
+# and what a kernel mount always does (other users see it, the permissions are checked).
+_NOTHING = {
+    *("defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"),
+    *("allow_other", "default_permissions"),
+}
+
+
+def _kernel_options(strings: list[str]) -> list[str]:
+    """The ``-o`` options that go into the kernel's command as they are; each one with
+    no kernel equivalent is left out with a warning, none silently."""
+    out: list[str] = []
+    for text in strings:
+        for item in split_options(text):
+            key, _, value = item.partition("=")
+            if key in _KERNEL_OPTIONS or key.startswith("x-"):
+                out.append(item)
+            elif key in _NOTHING:
+                continue
+            else:
+                hint = ""
+                if key == "fsync" and value in ("0", "false", "no", "off"):
+                    hint = " (the kernel's is volatile)"
+                print(
+                    f"{PROG}: -o {item}: no kernel overlay equivalent{hint}: "
+                    "left out of the printed command",
+                    file=sys.stderr,
+                )
+    return out
 
 
 def _image_layers(args: argparse.Namespace) -> int:
@@ -279,7 +440,7 @@ def _image_layers(args: argparse.Namespace) -> int:
     with open_image(args.image) as image:
         layers = image.layers
         dirs = [cache.ensure(layer, len(layers), progress) for layer in layers]
-    stats = layer_stats(dirs)
+    stats = layer_stats(dirs) if dirs else []  # an image with no layers lists none
     rows = [
         {
             "index": layer.index + 1,
@@ -341,10 +502,12 @@ def _layer(argv: list[str]) -> int:
     )
     i.add_argument("layer", metavar="LAYER")
     i.add_argument("dest", metavar="DIR")
-    i.add_argument("--json", action="store_true")
+    i.add_argument(
+        "--json", action="store_true", help="print the diff_id, digest, size and entries as JSON"
+    )
     _sync_option(i)
     _limit_options(i)
-    args = p.parse_args(argv)
+    args = _parse_sub(p, {"import": i}, argv)
     return _layer_import(args)
 
 
@@ -353,14 +516,13 @@ def _layer_import(args: argparse.Namespace) -> int:
     from unionfs.image.progress import Progress
 
     dest = Path(os.path.abspath(args.dest))
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ImageError(f"{args.dest}: exists and is not an empty directory")
+    _check_dest(args.dest, dest)
     if not dest.parent.is_dir():
         raise ImageError(f"{args.dest}: no such parent directory")
     try:
         f = open(args.layer, "rb")  # noqa: SIM115 - closed below
     except OSError as e:
-        raise ImageError(f"{args.layer}: {e.strerror}") from None
+        raise ImageError(f"{args.layer}: {os_reason(e)}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         label = os.path.basename(args.layer)
@@ -394,17 +556,22 @@ def _lowers(values: list[str]) -> list[Path]:
     out = []
     for value in values:
         for p in split_path_list(value):
-            path = Path(os.path.abspath(p))
-            if not path.is_dir():
-                raise UsageError(f"lower layer {p}: not a directory")
-            out.append(path)
+            out.append(_directory(p, "lower layer "))
     return out
 
 
 def _upper(value: str) -> Path:
+    return _directory(value)
+
+
+def _directory(value: str, what: str = "") -> Path:
     path = Path(os.path.abspath(value))
-    if not path.is_dir():
-        raise UsageError(f"{value}: not a directory")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{what}{value}: {os_reason(e)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what}{value}: not a directory")
     return path
 
 
@@ -459,7 +626,9 @@ def _commit(argv: list[str]) -> int:
     p.add_argument("--lower", action="append", default=[], metavar="L1:L2...",
                    help="the lower layers, top first: markers that hide nothing there are left out")  # fmt: skip
     p.add_argument("-o", "--output", metavar="LAYER.tar[.gz|.zst]",
-                   help="the layer file; its name sets the compression")  # fmt: skip
+                   help="the layer file; its name sets the compression (.tar, .tar.gz or "
+                   ".tar.zst; another name needs --compression); - writes the layer to "
+                   "stdout (uncompressed unless --compression) and the digests to stderr")  # fmt: skip
     p.add_argument("--compression", choices=("gzip", "zstd", "none"),
                    help="override the compression the file name asks for")  # fmt: skip
     p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
@@ -471,38 +640,65 @@ def _commit(argv: list[str]) -> int:
                    "(or its only image; a new layout starts from scratch)")  # fmt: skip
     p.add_argument("--tag", metavar="NEW", help="the new image's tag in the layout")
     p.add_argument("--message", "-m", default="", help="the history entry's comment")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--whole-tree", action="store_true",
+                   help="UPPER is a live overlay mount: commit everything it shows as one "
+                   "layer (refused without this)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     args = p.parse_args(argv)
     if (args.image is None) != (args.tag is None):
         raise UsageError("--image and --tag go together")
     if args.output is None and args.image is None:
         raise UsageError("nowhere to write the layer: give -o LAYER.tar or --image DIR --tag NEW")
-    from unionfs.image.writer import write_layer
+    from unionfs.image.writer import compression_for, output_target, write_layer, write_layer_to
 
-    upper = _upper(args.upper)
-    lowers = _lowers(args.lower)
-    tmpdir = None
-    if args.output is None:
-        import tempfile
+    if args.tag is not None:
+        from unionfs.image.layout import check_ref_name
 
-        tmpdir = tempfile.mkdtemp(prefix="unionfs-commit.")
-        output = Path(tmpdir) / "layer.tar.gz"
-    else:
+        check_ref_name(args.tag)
+    to_stdout = args.output == "-"
+    output: Path | None = None
+    if to_stdout:
+        if os.isatty(1):
+            raise UsageError("-o -: stdout is a terminal: send it to a file or a pipe")
+        compression = args.compression or "none"
+    elif args.output is not None:
+        if args.output.endswith("/"):
+            raise UsageError(
+                f"{args.output}: names a directory: give a file name (or - for stdout)"
+            )
         output = Path(os.path.abspath(args.output))
         if not output.parent.is_dir():
             raise UsageError(f"{args.output}: no such directory")
+        output_target(Path(args.output))  # refused now, not after the work
+        compression = args.compression or compression_for(args.output)
+    else:
+        compression = args.compression or "gzip"
+    upper = _upper(args.upper)
+    lowers = _lowers(args.lower)
+    _check_not_live(args.upper, upper, args.whole_tree)
+    info = sys.stderr if to_stdout else sys.stdout  # stdout is the layer's with -o -
+    tmpdir = None
     try:
-        written = write_layer(upper, output, lowers, args.compression, args.source_date_epoch)
+        if to_stdout and args.image is None:
+            written = write_layer_to(upper, 1, lowers, compression, args.source_date_epoch)
+        else:
+            if output is None:
+                import tempfile
+
+                tmpdir = tempfile.mkdtemp(prefix="unionfs-commit.")
+                output = Path(tmpdir) / "layer.tar"
+            written = write_layer(upper, output, lowers, compression, args.source_date_epoch)
         result: dict[str, object] = {
             "diff_id": str(written.diff_id),
             "digest": str(written.digest),
             "size": written.size,
         }
-        if args.output is not None:
+        if output is not None and tmpdir is None:
             result["file"] = os.fspath(output)
         if args.image is not None:
             from unionfs.image.layout import append_layer, rfc3339
 
+            assert output is not None
             manifest = append_layer(
                 args.image,
                 os.fspath(output),
@@ -516,18 +712,106 @@ def _commit(argv: list[str]) -> int:
             )
             result["manifest"] = str(manifest)
             result["tag"] = args.tag
+            if to_stdout:
+                _copy_to_stdout(output)
     finally:
         if tmpdir is not None:
             import shutil
 
             shutil.rmtree(tmpdir, ignore_errors=True)
     if args.json:
-        _print_json(result)
+        _print_json(result, info)
     else:
         for key in ("diff_id", "digest", "manifest"):
             if key in result:
-                print(f"{key:8} {result[key]}")
+                print(f"{key:8} {result[key]}", file=info)
     return 0
+
+
+def _copy_to_stdout(path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(1, view) :]
+
+
+# Filesystems whose mounts show a merged tree: committing one commits all it shows.
+_MERGED_TYPES = ("overlay", "fuse.unionfs", "fuse.fuse-overlayfs", "aufs")
+
+
+def _check_not_live(given: str, upper: Path, whole_tree: bool) -> None:
+    """Refuse an UPPER that is a live overlay's mount point (unless *whole_tree*), and
+    warn about one that is the upper layer of a live mount (it may change meanwhile).
+    Only what this mount namespace shows is known; a check that fails says nothing."""
+    try:
+        mounts = _mountinfo()
+        real = os.fsencode(os.path.realpath(upper))
+        here = [m for m in mounts if m[0] == real]
+        if here and here[-1][2] in _MERGED_TYPES and not whole_tree:
+            raise UsageError(
+                f"{given}: the mount point of a live {here[-1][2]} mount: a merged tree, not "
+                "an upper directory; commit its upper directory, or give --whole-tree to "
+                "commit everything it shows as one layer"
+            )
+        for where in _mounts_with_upper(upper, mounts):
+            print(
+                f"{PROG}: warning: {given} is the upper layer of the live mount at "
+                f"{os.fsdecode(where)}: what changes while it is committed may be caught "
+                "half-way; unmount it first",
+                file=sys.stderr,
+            )
+    except (OSError, ValueError):
+        return
+
+
+def _mountinfo() -> list[tuple[bytes, str, str, list[bytes]]]:
+    """Each mount of /proc/self/mountinfo: mount point, device, type, super options."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            options = fields[sep + 3].split(b",") if len(fields) > sep + 3 else []
+            out.append(
+                (_unescape(fields[4]), fields[2].decode(), fields[sep + 1].decode(), options)
+            )
+    return out
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes a space, tab, newline, comma or backslash as ``\\ooo``."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _mounts_with_upper(
+    upper: Path, mounts: list[tuple[bytes, str, str, list[bytes]]]
+) -> list[bytes]:
+    """The mount points of the live kernel overlays and unionfs mounts whose upper
+    layer is *upper*."""
+    st = os.stat(upper)
+    key = (st.st_dev, st.st_ino)
+
+    def same(path: bytes | str | None) -> bool:
+        try:
+            other = os.stat(path) if path else None
+        except OSError:
+            return False
+        return other is not None and (other.st_dev, other.st_ino) == key
+
+    found = []
+    for point, device, fstype, options in mounts:
+        if fstype == "overlay":
+            for opt in options:
+                if opt.startswith(b"upperdir=") and same(_unescape(opt[9:])):
+                    found.append(point)
+        elif fstype == "fuse.unionfs":
+            from unionfs.fuse import state
+
+            live, _ = state.find_state(device)
+            if live is not None and same(live.config.get("upper")):
+                found.append(point)
+    return found
 
 
 def _env_epoch() -> int | None:

@@ -13,18 +13,31 @@ merged tree with it, in the docker/podman format:
   owner or mode changed or anything inside it changed;
 - ``D``: a whiteout, and each lower entry an opaque directory hides (only the
   top of a deleted tree is listed, as docker does).
+
+Without lower layers nothing below is known: every entry is ``A`` and every
+whiteout ``D``, wherever it is (as ``commit`` then keeps every marker).
+
+A directory the kernel moved with ``redirect_dir=on`` (it carries a redirect
+xattr) shows lower contents the upper does not hold; below it the merged tree
+is asked of the overlay too (a read-only ``Union`` of the upper over the lowers,
+which follows redirects as a mount does) and compared with the lowers' tree,
+entry by entry. Without lower layers such an upper is refused: what the
+directory holds is not known.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from unionfs.image.digest import ImageError
+from unionfs.image.unpack import os_reason
 from unionfs.overlay import markers
 from unionfs.overlay.nodes import Entry, Node
+from unionfs.overlay.syscalls import fd_path
 from unionfs.overlay.union import Union, UnionConfig, join
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -83,7 +96,7 @@ def open_upper(upper: Path) -> int:
     try:
         return os.open(upper, _DIR)
     except OSError as e:
-        raise ImageError(f"{upper}: {e.strerror}") from None
+        raise ImageError(f"{upper}: {os_reason(e)}") from None
 
 
 def changes(upper: Path, lowers: list[Path]) -> list[Change]:
@@ -92,17 +105,33 @@ def changes(upper: Path, lowers: list[Path]) -> list[Change]:
     out: list[Change] = []
     try:
         with LowerView(lowers) as view:
-            _Walk(view, out).dir(fd, b"", view.root, False)
+            walk = _Walk(view, out, upper, lowers)
+            try:
+                walk.dir(fd, b"", view.root, False)
+            finally:
+                walk.close()
     finally:
         os.close(fd)
     out.sort()
     return out
 
 
+def _redirect(dirfd: int, name: bytes) -> bytes | None:
+    """The redirect xattr (either namespace) of the directory *name* in *dirfd*."""
+    return markers.overlay_xattr(fd_path(dirfd, name), markers.TRUSTED, b"redirect")
+
+
 class _Walk:
-    def __init__(self, view: LowerView, out: list[Change]) -> None:
+    def __init__(self, view: LowerView, out: list[Change], upper: Path, lowers: list[Path]) -> None:
         self.view = view
         self.out = out
+        self.upper = upper
+        self.lowers = lowers
+        self.merged: Union | None = None  # the upper over the lowers, once a redirect needs it
+
+    def close(self) -> None:
+        if self.merged is not None:
+            self.merged.close()
 
     def dir(self, fd: int, path: bytes, old: Node | None, replaced: bool) -> bool:
         """Record the changes inside the upper directory *fd* (at *path*) over the
@@ -126,6 +155,9 @@ class _Walk:
     def entry(self, fd: int, path: bytes, name: bytes, old: Node | None, replaced: bool) -> None:
         p = join(path, name)
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode) and _redirect(fd, name) is not None:
+            self.redirected(path, name, old)
+            return
         was = self.view.entry(old, name)
         if was is None:
             self.out.append(Change(p, "A"))
@@ -145,13 +177,125 @@ class _Walk:
             self.out.insert(at, Change(p, "C"))
 
     def added(self, fd: int, path: bytes) -> None:
-        """Everything in a directory no lower has is added (whiteouts there hide nothing)."""
-        for name in markers.read_layer_dir(fd).names:
+        """Everything in a directory no lower has is added; whiteouts there hide nothing
+        (but with no lowers given nothing is known, and they are listed)."""
+        d = markers.read_layer_dir(fd)
+        if self.view.root is None:
+            for name in d.deleted:
+                self.out.append(Change(join(path, name), "D"))
+        for name in d.names:
             p = join(path, name)
-            self.out.append(Change(p, "A"))
             if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                if _redirect(fd, name) is not None:
+                    self.redirected(path, name, None)
+                    continue
+                self.out.append(Change(p, "A"))
                 with _opened(fd, name) as child:
                     self.added(child, p)
+            else:
+                self.out.append(Change(p, "A"))
+
+    # -- below a redirect: the merged tree, entry by entry ------------------------
+
+    def redirected(self, path: bytes, name: bytes, old: Node | None) -> None:
+        """The directory *name* in *path* has a redirect: its lower contents are
+        elsewhere in the lowers, so the merged tree is compared from here on."""
+        p = join(path, name)
+        if self.view.root is None:
+            raise ImageError(
+                f"{os.fsdecode(p)}: has a redirect (an upper written with the kernel's "
+                "redirect_dir on): what it holds is in the lower layers; give them with "
+                "--lower or --image"
+            )
+        try:
+            parent = self._merged_node(path)
+            self._entry(parent, path, name, old)
+        except OSError as e:
+            raise ImageError(f"{os.fsdecode(p)}: following its redirect: {os_reason(e)}") from None
+
+    def _merged_node(self, path: bytes) -> Node:
+        """The directory *path* of the upper over the lowers (opened the first time)."""
+        if self.merged is None:
+            self.merged = Union(
+                UnionConfig(
+                    lowers=self.lowers,
+                    upper=self.upper,
+                    readonly=True,  # nothing is written: no origin fixed, no marker dropped
+                    redirect="follow",
+                    metacopy=True,
+                )
+            )
+        node = self.merged.table.root
+        for part in path.split(b"/") if path else ():
+            found = self.merged.lookup(node, part)
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "not in the merged tree", path)
+            node = found[0]
+        return node
+
+    def _entry(self, new_parent: Node, path: bytes, name: bytes, old: Node | None) -> None:
+        """*name* in the merged directory *new_parent* against what the lowers alone
+        show in *old* (None: nothing)."""
+        assert self.merged is not None
+        new = self.merged.resolve(new_parent, name)
+        if new is None:
+            return
+        p = join(path, name)
+        was = self.view.entry(old, name)
+        is_dir = stat.S_ISDIR(new.st.st_mode)
+        if was is None:
+            self.out.append(Change(p, "A"))
+            if is_dir:
+                self._added(self.merged.node_for(new_parent, new), p)
+            return
+        if not is_dir:
+            same = not new.layer.writable and _same_file(new.st, was.st)
+            if not same or _meta_changed(new.st, was.st):
+                self.out.append(Change(p, "C"))
+            return
+        assert old is not None
+        old_dir = self.view.directory(old, was)
+        node = self.merged.node_for(new_parent, new)
+        if old_dir is None:  # a directory where the lowers have something else
+            self.out.append(Change(p, "C"))
+            self._added(node, p)
+            return
+        if not new.layer.writable and _places(new, 1) == _places(was, 0):
+            return  # the very same lower directories: nothing changed inside
+        if self._dir(node, p, old_dir) or _meta_changed(new.st, was.st):
+            self.out.append(Change(p, "C"))
+
+    def _dir(self, node: Node, path: bytes, old: Node) -> bool:
+        assert self.merged is not None
+        before = len(self.out)
+        names = self.merged.names(node)
+        for name in names:
+            self._entry(node, path, name, old)
+        for name in sorted(set(self.view.names(old)).difference(names)):
+            self.out.append(Change(join(path, name), "D"))
+        return len(self.out) > before
+
+    def _added(self, node: Node, path: bytes) -> None:
+        """Everything in the merged directory *node*, which the lowers do not have."""
+        assert self.merged is not None
+        for name in self.merged.names(node):
+            entry = self.merged.resolve(node, name)
+            if entry is None:
+                continue
+            p = join(path, name)
+            self.out.append(Change(p, "A"))
+            if stat.S_ISDIR(entry.st.st_mode):
+                self._added(self.merged.node_for(node, entry), p)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _places(entry: Entry, skip: int) -> tuple[tuple[int, Path, bytes], ...]:
+    """Where a lower-only merged directory comes from, by layer directory and path
+    (*skip*: how many layers above the lowers its stack has, to compare two stacks)."""
+    return tuple((p.layer.index - skip, p.layer.path, p.path) for p in (entry.place, *entry.lowers))
 
 
 def _meta_changed(new: os.stat_result, old: os.stat_result) -> bool:

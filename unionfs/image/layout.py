@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import platform
 import posixpath
+import re
 import stat
 import tempfile
 import time
@@ -25,6 +27,7 @@ from typing import Any, BinaryIO
 
 from unionfs.image import tarreader
 from unionfs.image.digest import Digest, ImageError, hash_file
+from unionfs.image.unpack import os_reason
 from unionfs.overlay.syscalls import open_beneath
 
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -123,7 +126,7 @@ class _DirStore(_Store):
         try:
             return open_beneath(self.fd, path.encode(), os.O_RDONLY)
         except OSError as e:
-            raise ImageError(f"{self.name}: {path}: {e.strerror}") from None
+            raise ImageError(f"{self.name}: {path}: {os_reason(e)}") from None
 
     def open(self, path: str) -> BinaryIO:
         fd = self._fd(path)
@@ -158,7 +161,13 @@ class _TarStore(_Store):
         self.name = name
         try:
             self.tar = tarreader.open_archive(path)  # kept open, closed by close()
-        except (tarreader.TarFormatError, OSError) as e:
+        except OSError as e:
+            raise ImageError(f"{name}: {os_reason(e)}") from None
+        except tarreader.TarFormatError as e:
+            if _ends_early(e):
+                raise ImageError(
+                    f"{name}: the archive is truncated (it ends inside its last member)"
+                ) from None
             raise ImageError(f"{name}: not an uncompressed tar archive: {e}") from None
         self.members: dict[str, tarreader.Entry] = {}
         for m in self.tar.getmembers():
@@ -194,6 +203,18 @@ class _TarStore(_Store):
 
     def close(self) -> None:
         self.tar.close()
+
+
+def _ends_early(e: tarreader.TarFormatError) -> bool:
+    """Whether the tar reader's error is the file ending where more must follow (in a
+    member's data, in a header, in a chain of extended headers), not bad content."""
+    text = str(e)
+    return (
+        isinstance(e, tarreader.Truncated)
+        or text == "truncated header"
+        or text.startswith("the archive ends inside")
+        or text.endswith("(empty header)")
+    )
 
 
 def _norm(name: str) -> str:
@@ -241,7 +262,25 @@ def open_image(ref: str) -> Image:
     store.close()
     if isinstance(store, _DirStore):
         raise ImageError(f"{ref}: not an OCI image layout (no index.json)")
+    if not _ends_as_tar(path):
+        raise ImageError(
+            f"{ref}: neither an OCI archive nor a docker archive, and it lacks the end "
+            "a tar archive has: truncated?"
+        )
     raise ImageError(f"{ref}: neither an OCI archive nor a docker archive")
+
+
+def _ends_as_tar(path: str) -> bool:
+    """Whether the file ends with the two zero blocks every tar writer puts last."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 1024:
+                return False
+            f.seek(size - 1024)
+            return not f.read(1024).strip(b"\0")
+    except OSError:
+        return True  # nothing more to say
 
 
 def _blob_path(digest: Digest) -> str:
@@ -479,6 +518,23 @@ def _named_digest(path: str) -> Digest | None:
 
 # -- writing into a layout ------------------------------------------------------------
 
+# The OCI image spec's grammar of ``org.opencontainers.image.ref.name`` (annotations.md):
+#   ref       ::= component ("/" component)*
+#   component ::= alphanum (separator alphanum)*
+#   alphanum  ::= [A-Za-z0-9]+
+#   separator ::= [-._:@+] | "--"
+_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_REF_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+
+
+def check_ref_name(name: str) -> None:
+    """Refuse a tag that is not a valid ``org.opencontainers.image.ref.name``."""
+    if not _REF_NAME.fullmatch(name):
+        raise ImageError(
+            f"tag {name!r}: not a valid OCI reference name (letters and digits, separated "
+            "by one of - . _ : @ + or --, in components separated by /)"
+        )
+
 
 def write_json_atomic(dirfd: int, name: str, obj: object) -> None:
     data = json.dumps(obj, indent=None, separators=(",", ":")).encode()
@@ -505,19 +561,38 @@ class LayoutWriter:
 
     Blobs are written under a temporary name and renamed to their digest, and
     ``index.json`` is replaced atomically, so a crash leaves the layout as it was
-    or with unreferenced blobs, never with a reference to a missing blob.
+    or with unreferenced blobs, never with a reference to a missing blob. The
+    writer holds an exclusive ``flock`` on the layout directory from the start
+    (making a new layout) to ``close``: each replace of ``index.json`` is atomic,
+    but reading it, adding a tag and writing it back is not, so two commits into
+    one layout at once would otherwise lose one of the tags.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ImageError(
+                f"{path}: not a directory: --image adds to an OCI image layout directory "
+                f"(an archive can be copied into one first: skopeo copy oci-archive:{path} oci:DIR)"
+            )
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
-            raise ImageError(f"{path}: {e.strerror}") from None
+            raise ImageError(f"{path}: {os_reason(e)}") from None
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise ImageError(f"{path}: {e.strerror}") from None
+            raise ImageError(f"{path}: {os_reason(e)}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self._init()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _init(self) -> None:
+        """Make the directory a layout when it is empty (under the lock)."""
+        path = self.path
         names = os.listdir(self.fd)
         if "oci-layout" not in names:
             if [n for n in names if not n.startswith(".")]:
@@ -530,7 +605,7 @@ class LayoutWriter:
         os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
 
     def close(self) -> None:
-        os.close(self.fd)
+        os.close(self.fd)  # the lock goes with it
 
     def has_blob(self, digest: Digest) -> bool:
         return os.path.exists(os.path.join(self.path, _blob_path(digest)))
@@ -571,8 +646,13 @@ class LayoutWriter:
         os.rename(tmp, dst)
 
     def read_index(self) -> dict[str, Any]:
-        with open(os.path.join(self.path, "index.json"), "rb") as f:
-            index = json.load(f)
+        try:
+            with open(os.path.join(self.path, "index.json"), "rb") as f:
+                index = json.load(f)
+        except OSError as e:
+            raise ImageError(f"{self.path}: index.json: {os_reason(e)}") from None
+        except ValueError as e:
+            raise ImageError(f"{self.path}: index.json is not valid JSON: {e}") from None
         if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
             raise ImageError(f"{self.path}: index.json has no manifest list")
         return index
@@ -639,9 +719,18 @@ def append_layer(
     (``DIR`` or ``DIR:BASE``; a new or empty layout starts from nothing) and tag
     the result *tag*: a new config (one more diff_id, one more history entry), a
     new manifest, the tag in index.json. Returns the new manifest's digest."""
-    path, base_tag = (
-        split_ref(layout) if os.path.exists(layout) or ":" in layout else (layout, None)
-    )
+    check_ref_name(tag)
+    if os.path.lexists(layout) or ":" not in layout:
+        path, base_tag = layout, None
+    else:
+        try:
+            path, base_tag = split_ref(layout)
+        except ImageError:
+            d, _, t = layout.partition(":")
+            raise ImageError(
+                f"{layout}: no OCI image layout {d} to take the image {t} from "
+                f"(--image {d} without :{t} starts a new layout from scratch)"
+            ) from None
     writer = LayoutWriter(path)
     try:
         base: Image | None = None

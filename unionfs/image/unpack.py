@@ -67,6 +67,13 @@ class UnpackError(ImageError):
     """A layer entry refused (or a layer that cannot be read): one line."""
 
 
+def os_reason(e: OSError) -> str:
+    """An OS error as the image tools' messages word it: its text with a small first
+    letter (``no such file or directory``), as their own messages are written."""
+    text = e.strerror or str(e)
+    return text[:1].lower() + text[1:]
+
+
 class Limits(Record):
     """Bounds on what one layer may unpack to."""
 

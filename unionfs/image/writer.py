@@ -9,14 +9,18 @@ overlay's own goes in as a PAX ``SCHILY.xattr.*`` record, and with
 ``source_date_epoch`` no mtime is later than it: the same upper always gives
 the same bytes. With lower layers given, whiteouts and opaque markers that
 hide nothing there are left out.
+
+The layer goes to a file (``write_layer``: a temporary file beside it, renamed
+into place when complete; only a regular file is ever replaced) or to a
+descriptor such as stdout (``write_layer_to``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
-import logging
 import os
 import stat
 import tarfile
@@ -26,14 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from unionfs import lazylog
 from unionfs.image.diff import LowerView, open_upper
 from unionfs.image.digest import Digest, ImageError
+from unionfs.image.unpack import os_reason
 from unionfs.overlay import markers
 from unionfs.overlay.nodes import Node
-from unionfs.overlay.syscalls import fd_path
+from unionfs.overlay.syscalls import RENAME_NOREPLACE, fd_path, renameat2
 from unionfs.overlay.union import join
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
+_AT_FDCWD = -100
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -48,27 +55,76 @@ class Written:
     entries: int
 
 
+# Suffixes of compressions a layer is never written in (OCI layers are gzip, zstd
+# or plain tars): a file so named would lie about its content.
+_FOREIGN = {
+    ".xz": "xz",
+    ".txz": "xz",
+    ".bz2": "bzip2",
+    ".tbz": "bzip2",
+    ".tbz2": "bzip2",
+    ".tb2": "bzip2",
+    ".lz4": "lz4",
+    ".lzma": "lzma",
+    ".tlz": "lzma",
+    ".lz": "lzip",
+    ".lzo": "lzop",
+    ".z": "compress",
+    ".taz": "compress",
+    ".br": "brotli",
+    ".sz": "snappy",
+    ".zip": "zip",
+    ".7z": "7z",
+}
+
+
 def compression_for(path: str) -> str:
-    """The compression a layer file's name asks for: ``.gz``/``.tgz``, ``.zst``, or none."""
-    if path.endswith((".gz", ".tgz")):
+    """The compression a layer file's name asks for: ``.tar`` none, ``.gz``/``.tgz``
+    gzip, ``.zst``/``.zstd``/``.tzst`` zstd. Any other name is refused (``ImageError``):
+    one that names another compression, and one that names none (``--compression``
+    then says what to write)."""
+    name = os.path.basename(path).lower()
+    if name.endswith((".gz", ".tgz")):
         return "gzip"
-    if path.endswith((".zst", ".zstd")):
+    if name.endswith((".zst", ".zstd", ".tzst")):
         return "zstd"
-    return "none"
+    if name.endswith(".tar"):
+        return "none"
+    suffix = os.path.splitext(name)[1]
+    if suffix in _FOREIGN:
+        raise ImageError(
+            f"{path}: a name for {_FOREIGN[suffix]} data; a layer is written uncompressed "
+            "(.tar), gzip (.tar.gz) or zstd (.tar.zst)"
+        )
+    raise ImageError(
+        f"{path}: the name does not say the compression: end it in .tar, .tar.gz or "
+        ".tar.zst, or give --compression none|gzip|zstd"
+    )
 
 
 class _Sink:
-    """Counts and hashes what passes to *out*."""
+    """Counts and hashes what passes to *out* (*name* in errors). Once ``discard`` is
+    set (the layer failed) nothing more is written: the tar writer's own clean-up
+    then writes nowhere."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, name: str) -> None:
         self.out = out
+        self.name = name
         self.hash = hashlib.sha256()
         self.count = 0
+        self.discard = False
 
     def write(self, data: bytes) -> int:
+        if self.discard:
+            return len(data)
         self.hash.update(data)
         self.count += len(data)
-        self.out.write(data)
+        try:
+            self.out.write(data)
+        except BrokenPipeError:
+            raise  # the reader is gone: the command ends quietly
+        except OSError as e:
+            raise ImageError(f"{self.name}: writing the layer: {os_reason(e)}") from None
         return len(data)
 
     def digest(self) -> Digest:
@@ -111,6 +167,13 @@ class _Compressor:
             self.zstd.close()
         return Digest("sha256", self.tar_hash.hexdigest())
 
+    def abort(self) -> None:
+        """Stop: nothing more reaches the output (the sink discards it)."""
+        self.sink.discard = True
+        if self.zstd is not None:
+            with contextlib.suppress(Exception):
+                self.zstd.close()
+
 
 def _inside(directory: Path, upper: Path) -> bool:
     """Whether *directory* is *upper* or below it, however either is named
@@ -133,6 +196,63 @@ def _inside(directory: Path, upper: Path) -> bool:
         here = parent
 
 
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a fifo",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def _kind(st: os.stat_result) -> str:
+    return _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+
+
+def output_target(path: Path) -> Path:
+    """Where a layer file named *path* is written. Only a regular file is ever
+    replaced: a directory, a device, a fifo or a socket is refused, and a symlink is
+    followed to the regular file it leads to, which is replaced (the symlink stays as
+    it is); a symlink to nothing or to anything else is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise ImageError(f"{path}: {os_reason(e)}") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ImageError(f"{path}: a symlink to nothing: not written through") from None
+        except OSError as e:
+            raise ImageError(f"{path}: {os_reason(e)}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(
+                f"{path}: a symlink to {_kind(st)}, not a regular file: not replaced{_hint(st)}"
+            )
+        real = Path(os.path.realpath(path))
+        try:
+            same = os.lstat(real)
+        except OSError:
+            same = None
+        if same is None or (same.st_dev, same.st_ino) != (st.st_dev, st.st_ino):
+            # A link in /proc to a deleted or unreachable file: no name to replace.
+            raise ImageError(f"{path}: a symlink to a file that has no name: not written through")
+        return real
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: {_kind(st)}, not a regular file: not replaced{_hint(st)}")
+    return path
+
+
+def _hint(st: os.stat_result) -> str:
+    """For what a stream could go to: how to send the layer to stdout instead."""
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return " (-o - writes the layer to stdout)"
+    return ""
+
+
 def write_layer(
     upper: Path,
     output: Path,
@@ -140,33 +260,137 @@ def write_layer(
     compression: str | None = None,
     source_date_epoch: int | None = None,
 ) -> Written:
-    """Write *upper* as a layer tar to *output* (atomically: a temporary file renamed
-    into place when complete)."""
+    """Write *upper* as a layer tar to the file *output* (see ``output_target``):
+    atomically, as a temporary file beside the file it replaces, renamed into place
+    when complete."""
     compression = compression or compression_for(os.fspath(output))
-    if _inside(output.parent, upper):
+    target = output_target(output)
+    if _inside(target.parent, upper):
         raise ImageError(f"{output}: inside the upper {upper}, it would be part of the layer")
     fd = open_upper(upper)
-    tmp_fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
     try:
-        with os.fdopen(tmp_fd, "wb") as f:
-            sink = _Sink(f)
-            comp = _Compressor(sink, compression)
-            with LowerView(lowers or []) as view:
-                walker = _LayerWriter(comp, view, source_date_epoch)  # type: ignore[arg-type]
-                walker.dir(fd, b"", view.root)
-                walker.close()
-            diff_id = comp.finish()
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        try:
+            tmp_fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        except OSError as e:
+            raise ImageError(f"{target.parent}: cannot write there: {os_reason(e)}") from None
+        try:
+            with os.fdopen(tmp_fd, "wb") as f:
+                written = _write(fd, f, os.fspath(target), lowers, compression, source_date_epoch)
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    os.fchmod(f.fileno(), 0o644)
+                except OSError as e:
+                    raise ImageError(f"{target}: writing the layer: {os_reason(e)}") from None
+            _replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     finally:
         os.close(fd)
+    return written
+
+
+def write_layer_to(
+    upper: Path,
+    out_fd: int,
+    lowers: list[Path] | None = None,
+    compression: str = "none",
+    source_date_epoch: int | None = None,
+) -> Written:
+    """Write *upper* as a layer tar to the open descriptor *out_fd* (stdout, say), as
+    it is made: nothing is renamed, and a failure leaves what was written so far."""
+    try:
+        st = os.fstat(out_fd)
+    except OSError as e:
+        raise ImageError(f"the output: {os_reason(e)}") from None
+    if stat.S_ISREG(st.st_mode):
+        with contextlib.suppress(OSError):
+            where = os.readlink(f"/proc/self/fd/{out_fd}")
+            if _inside(Path(os.path.dirname(where)), upper):
+                raise ImageError(
+                    f"{where}: inside the upper {upper}, it would be part of the layer"
+                )
+    fd = open_upper(upper)
+    try:
+        return _write(fd, _FdWriter(out_fd), "the output", lowers, compression, source_date_epoch)
+    finally:
+        os.close(fd)
+
+
+class _FdWriter:
+    """Unbuffered writes to a descriptor that is not ours (nothing is left buffered
+    to be flushed, or to fail, when it is gone)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return len(data)
+
+
+def _write(
+    fd: int,
+    out: Any,
+    name: str,
+    lowers: list[Path] | None,
+    compression: str,
+    epoch: int | None,
+) -> Written:
+    """The upper directory *fd* as a layer tar, written to *out* (*name* in errors)."""
+    sink = _Sink(out, name)
+    comp = _Compressor(sink, compression)
+    with LowerView(lowers or []) as view:
+        walker = _LayerWriter(comp, view, epoch)  # type: ignore[arg-type]
+        try:
+            walker.dir(fd, b"", view.root)
+            walker.close()
+        except BaseException as e:
+            # Nothing more is written: not the tar's end, and nothing when the tar
+            # writer is collected after the output is closed.
+            comp.abort()
+            with contextlib.suppress(Exception):
+                walker.close()
+            if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+                # Reading the upper (writing errors are the sink's ImageError).
+                what = os.fsdecode(e.filename) if e.filename else "the upper"
+                raise ImageError(f"{what}: {os_reason(e)} (changed while committing?)") from None
+            raise
+    diff_id = comp.finish()
     return Written(diff_id, sink.digest(), sink.count, compression, walker.count)
+
+
+def _replace(tmp: str, target: Path) -> None:
+    """Rename the finished *tmp* to *target*, never over anything but a regular file:
+    what is there is looked at again (it may have changed while the layer was
+    written), and where nothing is, the rename never replaces what appears meanwhile."""
+    for _ in range(2):
+        try:
+            now: os.stat_result | None = os.lstat(target)
+        except FileNotFoundError:
+            now = None
+        if now is not None and not stat.S_ISREG(now.st_mode):
+            raise ImageError(f"{target}: now {_kind(now)}, not a regular file: not replaced")
+        try:
+            if now is None:
+                renameat2(
+                    _AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE
+                )
+            else:
+                os.rename(tmp, target)
+            return
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                continue  # made meanwhile: looked at again
+            if e.errno == errno.EINVAL and now is None:
+                os.rename(tmp, target)  # a filesystem without RENAME_NOREPLACE
+                return
+            raise ImageError(f"{target}: {os_reason(e)}") from None
+    raise ImageError(f"{target}: keeps changing while it is written: not replaced")
 
 
 class _LayerWriter:
