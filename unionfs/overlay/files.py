@@ -8,6 +8,7 @@ sees what writers wrote, as with the kernel overlay.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -44,9 +45,13 @@ def readable_for_writeback(flags: int, writeback: bool) -> int:
     return flags
 
 
-def check_setxattr(union: Union, name: bytes, path: bytes = b"") -> None:
-    """What refuses a setxattr of *name* on *path* before anything changes."""
+def check_setxattr(union: Union, name: bytes, node: Node | None = None) -> None:
+    """What refuses a setxattr of *name* (on *node*) before anything changes."""
     if is_private_xattr(name):
+        path = b""  # for the trace; an unlinked file has none (the request's is used)
+        if node is not None:
+            with contextlib.suppress(OSError):
+                path = node.path
         raise Refused(
             errno.EOPNOTSUPP, "the overlay's private xattrs cannot be set", path, xattr=name
         )
@@ -405,7 +410,7 @@ class Files:
     async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         """setxattr(2); with XATTR_CREATE/XATTR_REPLACE the kernel overlay copies up
         first and lets the upper filesystem fail, so a failing call leaves a copy."""
-        check_setxattr(self.union, name, node.path)
+        check_setxattr(self.union, name, node)
         await copy_up(self.union, node, data=False)
         self.union.caps_unknown(node)
         path, follow = self.union.real_path(node)
