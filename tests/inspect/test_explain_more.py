@@ -2,7 +2,8 @@
 
 Names whose lookup fails (an invalid redirect, a redirect not followed, a
 metadata-only copy without ``metacopy=on``); per-layer rows inside a directory
-moved with a redirect; predictions of changes that follow a symlink or whose
+moved with a redirect, each about the path the core asked that layer for (a
+redirect met partway along a path renames it); predictions of changes that follow a symlink or whose
 arguments the kernel refuses; paths as written (``..``, a trailing ``/``, the
 kernel's length limits, names with control characters); and the state a mount
 publishes, which is trusted only when it belongs to the mount's owner or root.
@@ -16,8 +17,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -60,11 +63,29 @@ def outcome(action: Callable[..., object], *args: object) -> str:
     return "ok"
 
 
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Whether *condition* holds within *timeout* seconds (polled: generous, for a
+    loaded machine; a condition that holds at once costs nothing)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @contextlib.contextmanager
-def kernel_with(lowers: list[Path], mnt: Path, options: str) -> Iterator[Path]:
-    """A read-only kernel overlay of *lowers* with extra mount *options*; unmounted after."""
+def kernel_with(
+    lowers: list[Path],
+    mnt: Path,
+    options: str,
+    upper: Path | None = None,
+    work: Path | None = None,
+) -> Iterator[Path]:
+    """A kernel overlay of *lowers* (and *upper*, with *work*: read-only without) with
+    extra mount *options*; unmounted after."""
     mnt.mkdir(exist_ok=True)
-    opts = overlay_options(lowers) + "," + options
+    opts = overlay_options(lowers, upper, work) + "," + options
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)], check=True)
     try:
         yield mnt
@@ -197,6 +218,121 @@ def test_the_rows_follow_a_redirect(
         for p in paths:
             shown = outcome(os.lstat, k / p) == "ok"
             assert out[p]["visible"] is shown, (p, out[p]["verdict"])
+
+
+def _redirect(path: Path, to: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.setxattr(path, NS.prefix + b"redirect", to.encode())
+
+
+def _asked_paths_hold(
+    tmp_path: Path, upper: Path, lowers: list[Path], notes: dict[int, str]
+) -> dict[str, Any]:
+    """``explain m/f`` over these layers (``m`` an upper directory with a redirect):
+    what it shows is what the kernel (redirect_dir=on) shows; each row's path is the
+    one the core asked that layer for, and the kernel asks it for the same: a file put
+    in each layer beside where its row says (``probe-N``, in layer N) shows in the
+    kernel's ``m``. *notes*: rows that must say this (a layer with nothing there)."""
+    o = overlay_options(lowers, upper) + ",redirect_dir=on"
+    out = explain_json("-o", o, "m/f")
+    rows = out["layers"]
+    for index, note in notes.items():
+        assert rows[index]["note"] == note, rows[index]
+    work = tmp_path / "k-work"
+    work.mkdir()
+    with kernel_with(lowers, tmp_path / "k", "redirect_dir=on", upper, work) as k:
+        st = os.lstat(k / "m" / "f")
+        data = (k / "m" / "f").read_bytes()
+    assert out["visible"] is True and out["type"] == "regular file"
+    assert (out["shown"]["size"], out["shown"]["mode"]) == (len(data), stat.filemode(st.st_mode))
+    provider = rows[out["layer"]]
+    assert Path(provider["root"], provider["place"]).read_bytes() == data
+    # Where each row says its layer was asked, the kernel looks: a name put there shows.
+    probes = []
+    for row in rows:
+        probe = Path(row["root"], row["place"]).parent / f"probe-{row['index']}"
+        write(probe, b"p")
+        probes.append(probe.name)
+    with kernel_with(lowers, tmp_path / "k", "redirect_dir=on", upper, work) as k:
+        shown = os.listdir(k / "m")
+    assert sorted(shown) == sorted(["f", *probes]), [(r["index"], r["place"]) for r in rows]
+    for row in rows:
+        probed = explain_json("-o", o, f"m/probe-{row['index']}")
+        assert probed["layer"] == row["index"], probed["verdict"]
+    return out
+
+
+def test_a_redirect_met_partway_renames_what_the_layers_below_are_asked(
+    tmp_path: Path,
+) -> None:
+    """The upper's ``m`` is redirected to ``/a/b``; layer 1's ``a`` is redirected to
+    ``x``: on the way to ``a/b`` the core (as the kernel) renames what the layers below
+    are asked to ``x/b``, so layer 2 (empty) is asked for ``x/b``, never ``a/b``."""
+    up, l1, l2, l3 = (tmp_path / n for n in ("up", "l1", "l2", "l3"))
+    for d in (up, l1, l2, l3):
+        d.mkdir()
+    _redirect(up / "m", "/a/b")
+    _redirect(l1 / "a", "x")
+    (l1 / "a" / "b").mkdir()
+    write(l3 / "x" / "b" / "f", b"hello\n")
+    out = _asked_paths_hold(tmp_path, up, [l1, l2, l3], {2: "has no directory x/b"})
+    assert [r["place"] for r in out["layers"]] == ["m/f", "a/b/f", "x/b/f", "x/b/f"]
+    assert out["layer"] == 3
+
+
+def test_a_chain_of_redirects_is_followed_layer_by_layer(tmp_path: Path) -> None:
+    """Each layer renames what the next is asked, partway (an intermediate directory's
+    redirect, relative or absolute) or at the end: the upper's ``m`` to ``/a/b``, layer
+    1's ``a`` to ``x`` (``x/b``), layer 2's ``x`` to ``/y`` (``y/b``, though layer 2 has
+    no ``x/b``), layer 3 has nothing, layer 4's ``y`` to ``z`` and its ``y/b`` to ``c``
+    (``z/c``)."""
+    layer_names = ("up", "l1", "l2", "l3", "l4", "l5")
+    up, l1, l2, l3, l4, l5 = (tmp_path / n for n in layer_names)
+    for d in (up, l1, l2, l3, l4, l5):
+        d.mkdir()
+    _redirect(up / "m", "/a/b")
+    _redirect(l1 / "a", "x")
+    (l1 / "a" / "b").mkdir()
+    _redirect(l2 / "x", "/y")
+    _redirect(l4 / "y", "z")
+    _redirect(l4 / "y" / "b", "c")
+    write(l5 / "z" / "c" / "f", b"deep\n")
+    notes = {2: "has no directory x/b", 3: "has no directory y/b"}
+    out = _asked_paths_hold(tmp_path, up, [l1, l2, l3, l4, l5], notes)
+    assert [r["place"] for r in out["layers"]] == [
+        "m/f",
+        "a/b/f",
+        "x/b/f",
+        "y/b/f",
+        "y/b/f",
+        "z/c/f",
+    ]
+    assert out["layer"] == 5
+    assert "(at z/c/f)" in out["layers"][5]["note"]
+
+
+def test_an_invalid_redirect_met_partway_is_blamed_on_its_layer(tmp_path: Path) -> None:
+    """Layer 2's ``x``, met on the way to ``x/b``, has an invalid redirect: the core
+    tells which layer it was asking when the lookup failed (the upper's valid redirect
+    was blamed before), and the kernel fails the lookup with EINVAL too."""
+    up, l1, l2, l3 = (tmp_path / n for n in ("up", "l1", "l2", "l3"))
+    for d in (up, l1, l2, l3):
+        d.mkdir()
+    _redirect(up / "m", "/a/b")
+    _redirect(l1 / "a", "x")
+    (l1 / "a" / "b").mkdir()
+    _redirect(l2 / "x", "q/bad")  # relative, with a '/'
+    write(l3 / "q" / "b" / "f")
+    out = explain_json("-o", overlay_options([l1, l2, l3], up) + ",redirect_dir=on", "m")
+    rows = out["layers"]
+    assert (out["visible"], out["errno"]) == (False, "EINVAL")
+    assert [r["rule"] for r in rows][:3] == ["redirect", "directory", "lookup-fails"]
+    assert rows[2]["place"] == "x/b"
+    assert "at layer 2's x/b" in out["verdict"] and "the upper" not in out["verdict"]
+    work = tmp_path / "k-work"
+    work.mkdir()
+    with kernel_with([l1, l2, l3], tmp_path / "k", "redirect_dir=on", up, work) as k:
+        assert outcome(os.lstat, k / "m") == "EINVAL"
 
 
 # -- C: predictions ----------------------------------------------------------------------
@@ -483,9 +619,7 @@ def test_a_planted_state_directory_fools_neither_the_daemon_nor_explain(
     um = mounted(env=env)
     device = state.device_of(um.mountpoint)
     assert device is not None
-    deadline = time.monotonic() + 3
-    while "cannot publish" not in um.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert eventually(lambda: "cannot publish" in um.log()), um.log()
     assert "refused: owned by uid 1000" in um.log()
     data = _state(device, [os.fspath(fake)])
     data["pid"], data["mountpoint"] = um.pid, os.fspath(um.mountpoint)
@@ -498,34 +632,103 @@ def test_a_planted_state_directory_fools_neither_the_daemon_nor_explain(
     assert os.fspath(fake) not in res.stdout + res.stderr
 
 
-def test_temporary_state_files_are_never_world_writable_and_are_swept(
+# What publishing may call once its temporary file exists: an interruption at any of
+# them finds the file as it is at that moment.
+AFTER_CREATE = ("fchmod", "chmod", "write", "fsync", "fdatasync", "replace", "rename")
+STATE_MODE = 0o644 if os.geteuid() == 0 else 0o600  # root's state is readable by all
+
+
+def _temp_files(run_dir: Path) -> list[str]:
+    if not run_dir.exists():
+        return []
+    return [n for n in os.listdir(run_dir) if n.startswith(".") and n.endswith(".tmp")]
+
+
+def test_an_interrupted_publish_leaves_nothing_behind_and_never_a_writable_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Publishing interrupted at its first call once the temporary file exists (under
+    umask 0, which takes no bit off): the file has the state file's mode (0644 for
+    root's) from its creation on, and it is gone once the interruption has gone through."""
     run_dir = tmp_path / "run"
     monkeypatch.setenv(state.RUNDIR_ENV, os.fspath(run_dir))
+    modes: dict[str, int] = {}  # when -> the temporary file's mode then
+
+    def seen(when: str) -> bool:
+        names = _temp_files(run_dir)
+        for name in names:
+            modes[when] = stat.S_IMODE(os.stat(run_dir / name).st_mode)
+        return bool(names)
+
+    real_open = os.open
+
+    def observing_open(*a: Any, **kw: Any) -> int:
+        fd = real_open(*a, **kw)
+        seen("created")
+        return fd
+
+    def interrupting(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def call(*a: Any, **kw: Any) -> Any:
+            if "interrupted" not in modes and seen("interrupted"):
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        return call
+
     old = os.umask(0)
     try:
-        # A daemon stopped while it writes (here: at its chmod, or its rename) leaves
-        # nothing behind, and never a file anybody could rewrite.
-        def interrupted(*a: object, **kw: object) -> None:
-            raise KeyboardInterrupt
-
         with monkeypatch.context() as m:
-            m.setattr(os, "chmod", interrupted)
-            m.setattr(os, "replace", interrupted)
+            m.setattr(os, "open", observing_open)
+            for name in AFTER_CREATE:
+                m.setattr(os, name, interrupting(name))
             with pytest.raises(KeyboardInterrupt):
                 state.publish(state.MountState(**_state("0:4244", ["/l"])))
     finally:
         os.umask(old)
-    assert [n for n in os.listdir(run_dir) if n.endswith(".tmp")] == []
-    assert all(not os.stat(p).st_mode & 0o022 for p in run_dir.iterdir())
-    # Those a daemon that is gone left (an older version made them 0666) are swept.
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    dead, alive = f".0:4244.{gone.pid}.tmp", f".0:4244.{os.getpid()}.tmp"
-    for name in (dead, alive):
-        (run_dir / name).write_text("{}")
-        os.chmod(run_dir / name, 0o666)
+    assert "interrupted" in modes, "publishing made no temporary file, or was not interrupted"
+    assert set(modes.values()) == {STATE_MODE}, {k: f"{v:04o}" for k, v in modes.items()}
+    assert _temp_files(run_dir) == [] and os.listdir(run_dir) == []
+
+
+# A daemon killed while it publishes: at its first call once the temporary file exists.
+KILLED_WHILE_PUBLISHING = f"""
+import os, signal, sys
+from unionfs.fuse import state
+run_dir = sys.argv[1]
+def killing(real):
+    def call(*a, **kw):
+        if os.path.isdir(run_dir) and any(n.endswith(".tmp") for n in os.listdir(run_dir)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **kw)
+    return call
+for name in {AFTER_CREATE!r}:
+    if hasattr(os, name):
+        setattr(os, name, killing(getattr(os, name)))
+os.umask(0)
+state.publish(state.MountState(pid=os.getpid(), mountpoint="/nowhere", device="0:4245",
+                               config={{"lowers": ["/l"]}}, ids={{}}))
+"""
+
+
+def test_temporary_state_files_are_never_world_writable_and_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon killed while it writes its state leaves its temporary file, never one
+    anybody could rewrite; it is swept once that daemon's pid is gone, and a live
+    daemon's is not."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(state.RUNDIR_ENV, os.fspath(run_dir))
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_PUBLISHING, os.fspath(run_dir)], env=env
+    )
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    dead = f".0:4245.{child.pid}.tmp"
+    assert _temp_files(run_dir) == [dead]
+    assert stat.S_IMODE(os.stat(run_dir / dead).st_mode) == STATE_MODE
+    alive = f".0:4245.{os.getpid()}.tmp"  # this process's: being written
+    (run_dir / alive).write_text("{}")
     state.sweep()
-    left = os.listdir(run_dir)
-    assert dead not in left and alive in left
+    assert _temp_files(run_dir) == [alive]

@@ -223,7 +223,8 @@ class _Walk:
                     readonly=True,  # nothing is written: no origin fixed, no marker dropped
                     redirect="follow",
                     metacopy=True,
-                )
+                ),
+                inspect_only=True,
             )
         node = self.merged.table.root
         for part in path.split(b"/") if path else ():

@@ -923,7 +923,8 @@ def run(
                 xattrs=ns,
                 redirect=redirect,
                 metacopy=metacopy,
-            )
+            ),
+            inspect_only=True,
         )
     except OSError as e:
         raise UsageError(f"cannot open the layers: {e}") from None

@@ -20,7 +20,6 @@ from unionfs.errors import UsageError
 from unionfs.inspect import markerinfo
 from unionfs.inspect.names import brief, printable
 from unionfs.inspect.stack import Stack
-from unionfs.overlay import markers
 from unionfs.overlay import union as resolution
 from unionfs.overlay.events import errno_name
 from unionfs.overlay.layers import Layer
@@ -62,7 +61,7 @@ class Step:
     layer: Layer
     st: os.stat_result | None
     rule: str
-    place: bytes | None = None  # the path this layer was asked for (a redirect changes it)
+    place: bytes  # the path resolution asked this layer for (a redirect above changes it)
 
 
 @dataclass
@@ -83,105 +82,37 @@ class Component:
 
 def resolve_traced(union: Union, parent: Node, name: bytes, keep_error: bool = False) -> Component:
     """*name* resolved in *parent* by the mount's own ``Union.resolve``, with the rule
-    it applied in each layer and where in that layer it looked. A lookup that fails
-    raises, as the mount's does; with *keep_error* the component says why instead."""
+    it applied in each layer and the path it asked that layer for (both told by it). A
+    lookup that fails raises, as the mount's does; with *keep_error* the component
+    says why instead."""
     steps: list[Step] = []
+
+    def why(layer: Layer, st: os.stat_result | None, rule: str, place: bytes) -> None:
+        steps.append(Step(layer, st, rule, place))
+
     try:
-        entry = union.resolve(
-            parent, name, why=lambda la, st, rule: steps.append(Step(la, st, rule))
-        )
+        entry = union.resolve(parent, name, why=why)
     except OSError as e:
         if not keep_error:
             raise
+        failed = steps.pop() if steps and steps[-1].rule == resolution.FAILS else None
         comp = Component(parent, name, steps, None, e)
-        comp.culprit = _culprit(union, comp, _asked(union, comp))
+        comp.culprit = _culprit(comp, failed)
         return comp
-    comp = Component(parent, name, steps, entry)
-    _asked(union, comp)
-    return comp
+    return Component(parent, name, steps, entry)
 
 
-def _asked(union: Union, comp: Component) -> Step | None:
-    """Note in each step the path its layer was asked for; return the layer resolution
-    would have asked next (and where), with no rule.
-
-    Resolution asks each layer for the name in the parent's part in that layer (the
-    parent's stack, the core's own), until a layer's redirect xattr, read here with
-    the core's own parser, renames what the layers below are asked: another name in
-    the same parent, or an absolute path from the lower layers' roots. A part that
-    resolution found is taken from the entry it returned."""
-    parts = {p.layer.index: p.path for p in comp.parent.stack}
-    entry = comp.entry
-    found: dict[int, bytes] = {}  # the parts resolution returned: exactly where they are
-    if entry is not None:
-        for place in (entry.place, *entry.lowers):
-            found.setdefault(place.layer.index, place.path)
-    asked = comp.name  # a name in the parent, or an absolute path (``/a/b``)
-    last = -1
-    for step in comp.steps:
-        index = step.layer.index
-        if index in found and step.st is not None and not is_whiteout(step.st):
-            step.place = found[index]
-        elif asked.startswith(b"/"):
-            step.place = asked[1:]
-        elif index in parts:
-            step.place = join(parts[index], asked)
-        last = index
-        if step.place is not None and step.rule in (resolution.REDIRECT, resolution.METACOPY):
-            redirect = _redirect(union, step.layer, step.place)
-            if redirect is not None:
-                if markers.is_absolute_redirect(redirect):
-                    asked = redirect
-                elif asked.startswith(b"/"):
-                    asked = asked.rpartition(b"/")[0] + b"/" + redirect
-                else:
-                    asked = redirect
-    if asked.startswith(b"/"):
-        roots = [p for p in union.table.root.stack if not p.layer.writable]
-        after = [p.layer for p in roots if p.layer.index > last]
-        return Step(after[0], None, "", asked[1:]) if after else None
-    below = [p for p in comp.parent.stack if p.layer.index > last]
-    return Step(below[0].layer, None, "", join(below[0].path, asked)) if below else None
-
-
-def _redirect(union: Union, layer: Layer, place: bytes) -> bytes | None:
-    """The redirect of *layer*'s entry at *place*, as resolution reads it (None: none,
-    or one it refuses)."""
-    try:
-        parent, _, name = place.rpartition(b"/")
-        found = markers.overlay_xattrs(fd_path(layer.dirfd(parent), name), union.ns)
-        return markers.parse_redirect(found.get(b"redirect"))
-    except OSError:
-        return None
-
-
-def _culprit(union: Union, comp: Component, following: Step | None) -> Step | None:
-    """The layer (and place) whose entry made the lookup fail: the one being asked when
-    its own markers cannot be read (an invalid redirect or metacopy xattr), else the
-    last one whose redirect or metadata-only copy resolution refused to follow."""
-    if following is not None and following.place is not None and _bad_markers(union, following):
-        return following
+def _culprit(comp: Component, failed: Step | None) -> Step | None:
+    """The layer (and place) whose entry made the lookup fail: the one resolution was
+    asking when it failed (*failed*: its markers cannot be read, an invalid redirect
+    or metacopy xattr), else the last one whose redirect or metadata-only copy
+    resolution refused to follow."""
+    if failed is not None:
+        return failed
     for step in reversed(comp.steps):
         if step.rule in (resolution.REDIRECT, resolution.METACOPY):
             return step
-    return comp.steps[-1] if comp.steps else following
-
-
-def _bad_markers(union: Union, step: Step) -> bool:
-    """Whether the core's parsers refuse the redirect or metacopy xattr at *step*."""
-    assert step.place is not None
-    parent, _, name = step.place.rpartition(b"/")
-    try:
-        st = step.layer.lstat(parent, name)
-        if st is None:
-            return False
-        found = markers.overlay_xattrs(fd_path(step.layer.dirfd(parent), name), union.ns)
-        markers.parse_redirect(found.get(b"redirect"))
-        if stat.S_ISREG(st.st_mode):
-            markers.parse_metacopy(found.get(b"metacopy"))
-    except OSError:
-        return True
-    return False
+    return comp.steps[-1] if comp.steps else None
 
 
 @dataclass
@@ -286,11 +217,6 @@ def _format(layer: Layer, place: bytes, rule: str) -> str:
     return ""
 
 
-def _place(comp: Component, step: Step) -> bytes:
-    """Where *step*'s layer was asked for the component (its path when not known)."""
-    return step.place if step.place is not None else comp.path
-
-
 def hidden_reason(comp: Component) -> str:
     """Why resolution found nothing (``comp.entry`` is None)."""
     if comp.error is not None:
@@ -299,7 +225,7 @@ def hidden_reason(comp: Component) -> str:
     if last is None:
         return "no layer has it"
     where = layer_name(last.layer)
-    place = _place(comp, last)
+    place = last.place
     moved = f" at {show(place)}" if place != comp.path else ""
     if last.rule == resolution.WHITEOUT:
         return f"hidden by a whiteout in {where}{moved} ({_format(last.layer, place, last.rule)})"
@@ -326,7 +252,7 @@ def lookup_failure(comp: Component) -> str:
     culprit = comp.culprit
     if culprit is None:
         return f"fails with {code} ({e.strerror})"
-    where = f"{layer_name(culprit.layer)}'s {show(_place(comp, culprit))}"
+    where = f"{layer_name(culprit.layer)}'s {show(culprit.place)}"
     prefix = culprit.layer.xattrs.prefix.decode()
     value = _raw_xattr(culprit, b"redirect")
     shown_value = f"={markerinfo.printable(value)}" if value is not None else ""
@@ -354,8 +280,6 @@ def lookup_failure(comp: Component) -> str:
 
 def _raw_xattr(step: Step, key: bytes) -> bytes | None:
     """The overlay xattr *key* of the entry at *step* as stored (None: it has none)."""
-    if step.place is None:
-        return None
     parent, _, name = step.place.rpartition(b"/")
     try:
         path = fd_path(step.layer.dirfd(parent), name)
@@ -368,7 +292,7 @@ def _stop(comp: Component) -> str:
     """What ended a directory's merge, if anything did."""
     last = comp.steps[-1]
     where = layer_name(last.layer)
-    place = _place(comp, last)
+    place = last.place
     if last.rule == resolution.OPAQUE:
         return f"{where}'s opaque marker ({_format(last.layer, place, last.rule)}) stops the merge"
     if last.rule in (resolution.WHITEOUT, resolution.OCI_WHITEOUT):
@@ -453,7 +377,7 @@ def _places(union: Union, walked: Walk) -> dict[int, list[bytes]]:
         cur = b""
         seq: list[bytes] = []
         for comp in walked.components:
-            asked = [s.place for s in comp.steps if s.layer is layer and s.place is not None]
+            asked = [s.place for s in comp.steps if s.layer is layer]
             culprit = comp.culprit
             if not asked and culprit is not None and culprit.layer is layer and culprit.place:
                 asked = [culprit.place]

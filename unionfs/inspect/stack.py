@@ -19,17 +19,7 @@ from unionfs.fuse.mount import id_mapper, redirect_mode
 from unionfs.inspect.names import brief
 from unionfs.options import parse_options
 from unionfs.overlay.markers import TRUSTED, USER
-from unionfs.overlay.nodes import Node
 from unionfs.overlay.union import Union, UnionConfig
-
-
-class _Reader(Union):
-    """The overlay as the inspection tools see it: it never writes to a layer. The
-    mount's first lookup of a merged directory records its copy-up origin in the upper
-    (``Union._fix_origin``, as the kernel's does); a reader leaves that to the mount."""
-
-    def _fix_origin(self, parent: Node, node: Node) -> None:
-        return
 
 
 @dataclass
@@ -38,14 +28,13 @@ class Stack:
     live: state.MountState | None = None  # the mount, when the layers are a live mount's
 
     def open(self) -> Union:
-        """The overlay over these layers, read-only in effect: no workdir, nothing written.
-        It is built read-only (a writable one gives a fresh upper a uuid xattr), then
-        told whether the stack is, which the predictions go by (EROFS)."""
+        """The overlay over these layers, only looked at: no workdir, nothing written
+        (not the uuid, origin or impure markers a mount records), while ``readonly``
+        still says whether the stack is, which the predictions go by (EROFS)."""
         try:
-            union = _Reader(self.config.replace(work=None, readonly=True))
+            union = Union(self.config.replace(work=None), inspect_only=True)
         except OSError as e:
             raise UsageError(f"cannot open the layers: {e}") from None
-        union.readonly = self.config.readonly or self.config.upper is None
         return union
 
     def open_lowers(self) -> Union:
@@ -57,7 +46,7 @@ class Stack:
             redirect=self.config.redirect,
             metacopy=self.config.metacopy,
         )
-        return Union(config)
+        return Union(config, inspect_only=True)
 
     def layer_paths(self) -> list[Path]:
         upper = [self.config.upper] if self.config.upper is not None else []

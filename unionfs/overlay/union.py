@@ -42,7 +42,8 @@ WORK_SUBDIR = b"work"  # the kernel overlay uses the same staging directory name
 _NO_STAT = os.stat_result((0,) * 10)  # placeholder in name-only entries
 
 # What ``resolve`` found in each layer it looked at, told to its *why* recorder
-# (``unionfs explain``): one call per layer, top first, with the rule applied.
+# (``unionfs explain``): one call per layer, top first, with the rule applied and
+# the path in that layer it was asked for (a redirect above changes it).
 ABSENT = "absent"  # nothing here: the search goes on below
 PROVIDES = "provides"  # the topmost entry, not a directory: nothing below shows
 DIRECTORY = "directory"  # a directory: the topmost, or one merging into it
@@ -54,7 +55,8 @@ RESERVED = "reserved"  # an OCI marker's name, never shown from a lower layer
 REDIRECT = "redirect"  # a directory whose redirect renames what the layers below are asked
 METACOPY = "metacopy"  # a metadata-only copy: the data comes from a file below
 DATA = "data"  # the file that holds the data of the metadata-only copy above
-Why = Callable[[Layer, os.stat_result | None, str], None]
+FAILS = "fails"  # what it has there fails the lookup (its markers): the error follows
+Why = Callable[[Layer, os.stat_result | None, str, bytes], None]
 
 
 def is_name_only(entry: Entry) -> bool:
@@ -109,6 +111,12 @@ def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
+def _asked_in(base: Place, name: bytes) -> bytes:
+    """The path in *base*'s layer that a lookup of *name* (``_Lookup.name``: a name, or
+    an absolute path walked from *base*) below directory *base* asks for."""
+    return join(base.path, name[1:] if name.startswith(b"/") else name)
+
+
 class _Lookup:
     """The state of one lookup through the layers (the kernel's ``ovl_lookup_data``)."""
 
@@ -129,9 +137,13 @@ class _Lookup:
 class Union:
     """The layer stack and its inode table."""
 
-    def __init__(self, config: UnionConfig) -> None:
+    def __init__(self, config: UnionConfig, *, inspect_only: bool = False) -> None:
         self.config = config
         self.readonly = config.readonly or config.upper is None
+        # Only looked at (the inspection tools): nothing is ever written to a layer (no
+        # workdir, uuid, origin or impure marker), whatever ``readonly`` says; the
+        # predictions still go by ``readonly`` (EROFS).
+        self.inspect_only = inspect_only
         layers: list[Layer] = []
         try:
             if config.upper is not None:
@@ -149,7 +161,7 @@ class Union:
         self.layers = layers
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = -1
-        if config.work is not None and not self.readonly:
+        if config.work is not None and not self.readonly and not inspect_only:
             assert self.upper is not None
             self.work_fd = _prepare_workdir(config.work, self.upper.root_fd)
         # Whether the upper filesystem gives every new entry its directory's group
@@ -165,7 +177,7 @@ class Union:
         # Where an absolute redirect sends a lookup: the roots of the lower layers.
         self._roots = root.lowers if layers[0].writable else root.stack
         self.table = NodeTable(root)
-        if self.upper is not None and not self.readonly:
+        if self.upper is not None and not self.readonly and not inspect_only:
             markers.ensure_uuid(self.upper.root_fd, self.ns)
         self._tmp_names = itertools.count()
         # Open files per inode: fstat of an unlinked open file needs one of them, and
@@ -221,8 +233,9 @@ class Union:
         redirect with ``redirect_dir=nofollow`` or a metadata-only copy without
         ``metacopy=on``, EIO for a metadata-only copy whose data is missing.
 
-        *why*, when given, is told the rule applied in each layer looked at
-        (``unionfs explain``).
+        *why*, when given, is told the rule applied in each layer looked at and
+        the path it asked that layer for (``unionfs explain``); a layer whose
+        lookup raises is told as ``FAILS``, then the error is raised.
         """
         follow = self.config.redirect != "nofollow"
         stack = parent.stack
@@ -235,9 +248,14 @@ class Union:
         upper_metacopy = False
         if upper is not None:
             d.last = False if follow else not poe
-            top = self._lookup_layer(upper, d)
+            try:
+                top = self._lookup_layer(upper, d)
+            except OSError:
+                if why is not None:
+                    why(upper.layer, None, FAILS, join(upper.path, name))
+                raise
             if why is not None:
-                why(upper.layer, d.st, d.rule)
+                why(upper.layer, d.st, d.rule, join(upper.path, name))
             upper_redirect = d.redirect
             if d.redirect is not None and d.name.startswith(b"/"):
                 poe = roots
@@ -252,9 +270,15 @@ class Union:
             if d.redirect is not None and not follow:
                 raise PermissionError(errno.EPERM, "refusing to follow redirect", name)
             d.last = base.layer is bottom if follow else i == len(poe) - 1
-            this = self._lookup_layer(base, d)
+            asked = d.name  # (the lookup may change it: what the layers below are asked)
+            try:
+                this = self._lookup_layer(base, d)
+            except OSError:
+                if why is not None:
+                    why(base.layer, None, FAILS, _asked_in(base, asked))
+                raise
             if why is not None:
-                why(base.layer, d.st, d.rule)
+                why(base.layer, d.st, d.rule, _asked_in(base, asked))
             if this is None:
                 i += 1
                 continue
@@ -540,7 +564,7 @@ class Union:
         """A merged directory whose upper part records no origin gets its first lower
         part's, and the upper parent is marked impure, as the kernel's lookup does
         (``ovl_fix_origin``): an upper made elsewhere then reads as one it made."""
-        if self.readonly or not node.lowers:
+        if self.readonly or self.inspect_only or not node.lowers:
             return
         upper = node.layer
         path = fd_path(upper.dirfd(parent.path), node.name)
@@ -766,7 +790,7 @@ class Union:
         """
         if node.layer.writable:
             names = self.names(node)
-            if not node.lowers and not self.readonly:
+            if not node.lowers and not self.readonly and not self.inspect_only:
                 self._drop_stale_impure(node, names)
             return [Entry(name, node.layer, _NO_STAT) for name in names]
         if node.listing is None:
