@@ -51,7 +51,7 @@ def test_device_nodes_are_skipped_with_a_warning(tmp_path: Path) -> None:
     res = run("layer", "import", os.fspath(src), os.fspath(tmp_path / "out"))
     assert (res.returncode, res.stderr) == (
         0,
-        "layer dev.tar: device nodes skipped (not running as root)\n",
+        "unionfs: layer dev.tar: device nodes skipped (not running as root)\n",
     )
     assert os.listdir(tmp_path / "out/dev") == ["README"]
 

@@ -18,6 +18,14 @@ that it owns it and that nobody else may write there, and writes every file
 through the directory's fd with ``O_NOFOLLOW``; a reader takes a directory and
 a state file only when they belong to the mount's owner (its ``user_id`` in
 mountinfo) or to root and nobody else may write them.
+
+Whoever owns a state directory may put anything in it under a state file's name,
+and root's tools read the state of every user's mount (``unionfs convert`` that of
+every mount there is), so reading one never blocks: it is opened through the
+directory's fd with ``O_NONBLOCK`` (opening a FIFO would wait for a writer) and
+without following a symlink, and read only if it is a regular file of at most
+``STATE_MAX`` bytes; anything else is refused with the reason, as an untrusted
+owner is. The daemon removes its own file at exit the same way (``withdraw``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 
 from unionfs import lazylog
@@ -44,12 +53,18 @@ RUNDIR_ENV = "UNIONFS_RUNTIME_DIR"
 
 
 ROOT_RUNDIR = Path("/run/unionfs")
+STATE_MAX = 1 << 20  # bytes: a state file is a few kB; a larger one is refused, not read
 
 
 def runtime_dir() -> Path:
     env = os.environ.get(RUNDIR_ENV)
     if env:
         return Path(env)
+    return _usual_runtime_dir()
+
+
+def _usual_runtime_dir() -> Path:
+    """This user's runtime directory when ``$UNIONFS_RUNTIME_DIR`` is not set."""
     if os.geteuid() == 0:
         return ROOT_RUNDIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -67,14 +82,17 @@ def _tmp_rundir(uid: int) -> Path:
 
 def runtime_dirs_of(owner: int | None) -> list[Path]:
     """Where the daemon of a mount made by uid *owner* may have published its state,
-    most likely first: this process's own runtime directory when the mount is its
-    user's (or the owner is unknown), else the owner's usual ones."""
+    most likely first: ``$UNIONFS_RUNTIME_DIR`` if set, then this process's usual
+    runtime directory when the mount is its user's (or the owner is unknown), else
+    the owner's usual ones. (The usual ones too when that variable is set: a daemon
+    started without it publishes there, and ``unionfs convert`` refuses to work
+    while a live mount's state cannot be found.)"""
     dirs: list[Path] = []
     env = os.environ.get(RUNDIR_ENV)
     if env:
         dirs.append(Path(env))
     if owner is None or owner == os.geteuid():
-        dirs.append(runtime_dir())
+        dirs.append(_usual_runtime_dir())
     elif owner == 0:
         dirs.append(ROOT_RUNDIR)
     else:
@@ -98,6 +116,65 @@ def unsafe(st: os.stat_result, owners: tuple[int, ...]) -> str | None:
 
 def _owners(owner: int) -> tuple[int, ...]:
     return (owner,) if owner == 0 else (owner, 0)
+
+
+class Refused(Exception):
+    """A state file that is not read, and why (the exception's text)."""
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def _open_regular(dfd: int, name: str) -> tuple[int, os.stat_result]:
+    """An fd of the regular file *name* in the directory *dfd*, and its stat, opened
+    without ever waiting: ``O_NONBLOCK`` (a FIFO's open would wait for a writer, a
+    leased file's for the lease), no symlink followed, no controlling terminal taken.
+    Refused when it is not a regular file; OSError as the calls raise it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "of an unknown type")
+            raise Refused(f"not a regular file ({kind})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_at(
+    dfd: int, name: str, owners: tuple[int, ...], limit: int = STATE_MAX
+) -> tuple[bytes, os.stat_result]:
+    """The contents of the state file *name* in the directory *dfd*, and its stat,
+    never blocking (``_open_regular``): a regular file of *owners* that nobody else
+    may write, of at most *limit* bytes; Refused (with why) otherwise."""
+    too_big = f"more than the {limit} bytes a state file may have"
+    fd, st = _open_regular(dfd, name)
+    try:
+        why = unsafe(st, owners)
+        if why is not None:
+            raise Refused(why)
+        if st.st_size > limit:
+            raise Refused(f"{st.st_size} bytes, {too_big}")
+        data = b""
+        while len(data) <= limit:  # one byte past it tells a file that grew meanwhile
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise Refused(too_big)
+    return data, st
 
 
 def open_rundir(path: Path, owners: tuple[int, ...]) -> int:
@@ -304,12 +381,29 @@ def publish_mount(config: UnionConfig, mountpoint: Path, trace: Path | None = No
 
 
 def withdraw(path: Path, pid: int) -> None:
-    """Remove the state file at *path* if it is still the one of *pid*."""
+    """Remove the state file at *path* if it is still the one of *pid*. Read through
+    its directory's fd as a reader reads it (``read_at``: a FIFO put in its place
+    must not hang the daemon at exit), and removed only if the name still leads to
+    the file read; anything else there is left as it is."""
     import json
 
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_text()).get("pid") == pid:
-            path.unlink()
+    owners = _owners(os.geteuid())
+    try:
+        dfd = open_rundir(path.parent, owners)
+    except OSError:
+        return
+    try:
+        data, st = read_at(dfd, path.name, owners)
+        found = json.loads(data)
+        if not isinstance(found, dict) or found.get("pid") != pid:
+            return
+        now = os.stat(path.name, dir_fd=dfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path.name, dir_fd=dfd)
+    except (OSError, ValueError, Refused):
+        pass
+    finally:
+        os.close(dfd)
 
 
 def _alive(pid: int) -> bool:
@@ -362,22 +456,18 @@ def _read_in(d: Path, device: str, owners: tuple[int, ...]) -> tuple[MountState 
     except OSError as e:
         return None, f"{d}: {e.strerror}"
     try:
-        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        raw, _ = read_at(dfd, path.name, owners)
     except FileNotFoundError:
         return None, f"no {path}"
+    except Refused as e:
+        return None, f"{path}: refused: {e}"
     except OSError as e:
         return None, f"{path}: {e.strerror}"
     finally:
         os.close(dfd)
     try:
-        with open(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            why = unsafe(st, owners)
-            if why is not None:
-                return None, f"{path}: refused: {why}"
-            data = json.loads(f.read())
-        state = MountState(**data)
-    except (OSError, ValueError, TypeError) as e:
+        state = MountState(**json.loads(raw))
+    except (ValueError, TypeError) as e:
         return None, f"{path}: unreadable ({e})"
     if state.device != device:
         return None, f"{path} is the state of another device ({state.device})"
@@ -418,8 +508,8 @@ def _stale(dfd: int, device: str, live: set[str]) -> bool:
     if device not in live:
         return True
     try:
-        fd = os.open(f"{device}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
+        fd, _ = _open_regular(dfd, f"{device}.json")  # a FIFO there must not hang the mount
+    except (OSError, Refused):
         return False
     try:
         pid = _pid_of(os.read(fd, 64))

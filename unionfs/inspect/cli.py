@@ -236,6 +236,14 @@ def _convert_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object per line: each change as it is made, then the summary",
     )
+    p.add_argument(
+        "--ignore-mount",
+        action="append",
+        default=[],
+        metavar="MNT",
+        help="go ahead although the live unionfs mount at MNT publishes no state this command "
+        "can read (you vouch that it uses nothing in or around DIR); may be given again",
+    )
     return p
 
 
@@ -243,7 +251,14 @@ def convert_main(argv: list[str]) -> int:
     from unionfs.inspect.convert import run
 
     args = _convert_parser().parse_args(argv)
-    return run(args.dir, args.to, dry_run=args.dry_run, as_json=args.json, userxattr=args.userxattr)
+    return run(
+        args.dir,
+        args.to,
+        dry_run=args.dry_run,
+        as_json=args.json,
+        userxattr=args.userxattr,
+        ignore_mounts=args.ignore_mount,
+    )
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {

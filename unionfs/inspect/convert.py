@@ -24,6 +24,13 @@ changes nothing at all. A mount inside the layer is not descended into (the
 kernel overlay does not see it either: it sees the directory under it); it is
 reported and left as it is.
 
+A directory that is, is inside or holds a layer, the upper or the workdir of a
+live unionfs or kernel overlay mount is refused (``--dry-run`` may still look). A
+live unionfs mount's layers are found in the state its daemon publishes
+(``unionfs.fuse.state``); while one publishes none this process can read, its
+layers are unknown and every directory is refused (fail closed), naming that mount
+and why its state could not be read.
+
 Each change is reported as soon as it is made, so the output of a run that fails
 or is interrupted (Ctrl-C stops it between two entries) lists exactly what was
 done. Every marker is written and read through ``unionfs.overlay.markers``.
@@ -39,7 +46,8 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -412,14 +420,53 @@ def _overlay_dirs(mount: bytes, options: bytes) -> list[_LiveDir]:
     return [d for d in out if d.path.startswith(b"/")]
 
 
-def _live_dirs() -> list[_LiveDir]:
-    """Every layer, upper and workdir of the live unionfs and kernel overlay mounts."""
+@dataclass
+class _Unknown:
+    """A live unionfs mount whose layers cannot be known: it publishes no state this
+    process can read."""
+
+    mount: bytes  # its mountpoint
+    device: str  # MAJ:MIN
+    owner: int | None  # its user_id
+    why: str  # what ``state.find_state`` says
+
+
+# A mount that has just started may take a moment to publish its state (as
+# ``stacks.from_mount`` waits for it).
+STATE_WAIT = 2.0
+
+
+def _unionfs_dirs(mount: bytes, live: state.MountState) -> list[_LiveDir]:
+    """The layers, upper and workdir of the unionfs mount at *mount*, from its state."""
+    kind = "live mount"
+    out = []
+    for lower in live.config.get("lowers", []):
+        out.append(_LiveDir(os.fsencode(lower), "a layer", mount, kind))
+    for key, role in (("upper", "the upper"), ("work", "the workdir")):
+        if live.config.get(key) is not None:
+            out.append(_LiveDir(os.fsencode(live.config[key]), role, mount, kind))
+    return out
+
+
+def _owner(options: bytes) -> int | None:
+    """A FUSE mount's ``user_id``, from its super options in mountinfo."""
+    for opt in options.split(b","):
+        if opt.startswith(b"user_id=") and opt[8:].isdigit():
+            return int(opt[8:])
+    return None
+
+
+def _live_dirs(wait: float = STATE_WAIT) -> tuple[list[_LiveDir], list[_Unknown]]:
+    """Every layer, upper and workdir of the live unionfs and kernel overlay mounts;
+    and the live unionfs mounts whose state cannot be read (after up to *wait*
+    seconds), whose layers are unknown."""
     out: list[_LiveDir] = []
+    unknown: list[_Unknown] = []
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = f.read().splitlines()
     except OSError:
-        return out
+        return out, unknown
     for line in lines:
         fields = line.split()
         if b"-" not in fields[6:]:
@@ -430,16 +477,26 @@ def _live_dirs() -> list[_LiveDir]:
         if fstype == b"overlay" and len(fields) > sep + 3:
             out += _overlay_dirs(mount, fields[sep + 3])
         elif fstype == state.FSTYPE.encode():
-            live = state.read_state(fields[2].decode())
+            device = fields[2].decode()
+            owner = _owner(fields[sep + 3]) if len(fields) > sep + 3 else None
+            live, why = state.find_state(device, owner)
             if live is None:
-                continue
-            kind = "live mount"
-            for lower in live.config.get("lowers", []):
-                out.append(_LiveDir(os.fsencode(lower), "a layer", mount, kind))
-            for key, role in (("upper", "the upper"), ("work", "the workdir")):
-                if live.config.get(key) is not None:
-                    out.append(_LiveDir(os.fsencode(live.config[key]), role, mount, kind))
-    return out
+                unknown.append(_Unknown(mount, device, owner, why))
+            else:
+                out += _unionfs_dirs(mount, live)
+    deadline = time.monotonic() + wait
+    while unknown and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = []
+        for u in unknown:
+            live, why = state.find_state(u.device, u.owner)
+            if live is None:
+                u.why = why
+                left.append(u)
+            else:
+                out += _unionfs_dirs(u.mount, live)
+        unknown = left
+    return out, unknown
 
 
 def _identity(path: bytes) -> tuple[int, int] | None:
@@ -463,15 +520,19 @@ def _lineage(path: bytes) -> set[tuple[int, int]]:
         path = parent
 
 
-def _live_conflict(root: Path) -> str | None:
+def _live_conflict(root: Path, ignore: Sequence[bytes] = ()) -> str | None:
     """Why *root* must not be converted now: it is, is inside or holds a layer, the
-    upper or the workdir of a live unionfs or kernel overlay mount. Directories are
-    compared by identity (device and inode), so another path to the same one (a
-    symlink, a bind mount) is caught too."""
+    upper or the workdir of a live unionfs or kernel overlay mount; or a live unionfs
+    mount publishes no state this process can read, so its layers are unknown (fail
+    closed: they might be any directory), unless its mountpoint is in *ignore* (the
+    caller vouches that it does not use *root*). Directories are compared by identity
+    (device and inode), so another path to the same one (a symlink, a bind mount) is
+    caught too."""
     broot = os.fsencode(root)
     mine = _identity(broot)
     above = _lineage(broot)
-    for d in _live_dirs():
+    dirs, unknown = _live_dirs()
+    for d in dirs:
         real = os.path.realpath(d.path)
         ident = _identity(real)
         if ident is None:
@@ -483,7 +544,24 @@ def _live_conflict(root: Path) -> str | None:
             return f"{printable(broot)} is inside {printable(real)}, {d.role} of the {where}"
         if mine in _lineage(real):
             return f"{printable(broot)} holds {printable(real)}, {d.role} of the {where}"
+    for u in unknown:
+        if u.mount in ignore:
+            continue
+        return (
+            f"the live unionfs mount at {printable(u.mount)} publishes no state this command "
+            f"can read ({u.why}): its layers are unknown, so nothing is converted while it "
+            f"is mounted; unmount it first, or --ignore-mount {printable(u.mount)} if it "
+            "uses nothing in or around this directory"
+        )
     return None
+
+
+def _as_mountinfo(mountpoint: str) -> bytes:
+    """*mountpoint* as mountinfo names it: its parent resolved, not the mountpoint
+    itself (that would ask the mount's daemon, which may not answer)."""
+    path = os.path.abspath(mountpoint)
+    parent, name = os.path.split(path)
+    return os.fsencode(os.path.join(os.path.realpath(parent), name) if name else path)
 
 
 # -- the command ---------------------------------------------------------------------
@@ -510,15 +588,23 @@ def _stopped_by_sigint(conv: Converter) -> Iterator[None]:
 
 
 def run(
-    directory: str, to: str, dry_run: bool = False, as_json: bool = False, userxattr: bool = False
+    directory: str,
+    to: str,
+    dry_run: bool = False,
+    as_json: bool = False,
+    userxattr: bool = False,
+    ignore_mounts: Sequence[str] = (),
 ) -> int:
     """Convert, printing each change as it is made (``--json``: one JSON object per
-    line, then one with the summary), and the summary also when it stops early."""
+    line, then one with the summary), and the summary also when it stops early.
+    *ignore_mounts*: mountpoints of live unionfs mounts whose unreadable state does
+    not stop the conversion (the caller vouches that they do not use *directory*);
+    a mount whose layers are known is never ignored."""
     root = Path(os.path.realpath(directory))
     if not root.is_dir():
         raise UsageError(f"{printable(directory)}: not a directory")
     if not dry_run:
-        busy = _live_conflict(root)
+        busy = _live_conflict(root, [_as_mountinfo(m) for m in ignore_mounts])
         if busy is not None:
             raise UsageError(busy)
     broot = os.fsencode(root)
