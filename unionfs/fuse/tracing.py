@@ -8,11 +8,15 @@ but one ``is not None`` test per decision and per request.
 
 A request never waits for the trace: ``emit`` appends to a bounded list and
 returns; a trio task takes the list every ``FLUSH_INTERVAL`` seconds, encodes
-it and writes it in a worker thread. When the list is full (the disk or a
-reader is slower than the mount), events are dropped and counted, and the next
-flush writes a ``dropped`` record with the count. Events a write could not
-deliver (a FIFO nobody reads, a full disk) are counted the same way
-(``TraceFile``).
+it (in a worker thread) and hands it to each listener's own bounded queue,
+never waiting for one: each ``--follow`` reader's task sends its queue to its
+socket, and the trace file's own thread (``FileWriter``, not one of trio's,
+which copy-ups use) writes its queue to the file. When the list or a queue is
+full (the disk or a reader is slower than the mount, a pipe nobody reads),
+events are dropped and counted, and that listener's next record is a
+``dropped`` one with the count: a listener that lags loses its own events, not
+the others'. Events a write could not deliver (a FIFO nobody reads, a full
+disk) are counted the same way (``TraceFile``).
 
 Record fields: ``time`` (Unix seconds), ``pid``/``uid`` of the caller and
 ``request`` (the FUSE request, refined: chmod, chown, truncate, utimes, open
@@ -33,7 +37,9 @@ import os
 import select
 import socket
 import stat
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,9 +56,17 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 0.1
 CAPACITY = 1 << 16  # events held between two flushes before dropping
 SUBSCRIBER_BACKLOG = 64  # encoded batches queued per live reader before dropping
+# Events (and bytes) queued for the trace file while a write is stuck before dropping.
+FILE_BACKLOG = 1 << 16
+FILE_BACKLOG_BYTES = 64 << 20
+WRITE_CHUNK = 1 << 20  # at most this much a write: each one that returns is progress
 # At unmount: how long a trace FIFO may go unread (no byte taken) before what is left
-# to write is dropped; while the mount runs, a write waits as long as it takes.
+# to write is dropped; while the mount runs, a write waits as long as it takes (in the
+# file's own thread: nothing else waits for it).
 UNMOUNT_PATIENCE = 5.0
+# At unmount, a write that does not return at all (a hung disk) is left behind this
+# much later than a pipe is given up on: the daemon exits without the file's end.
+STUCK_GRACE = 5.0
 
 # Errors that say a layer's filesystem failed, not that the request was wrong.
 # (EROFS too: a read-only mount's EROFS is the kernel's, which never asks the daemon.)
@@ -124,6 +138,7 @@ class Tracer:
         self.file = (
             TraceFile(trace_fd, trace_path, encode([header])) if trace_fd is not None else None
         )
+        self.writer = FileWriter(self.file) if self.file is not None else None
         self.subscribers: list[Subscriber] = []
         self.buffer: list[dict[str, Any]] = []
         self.dropped = 0  # since the last flush
@@ -191,59 +206,41 @@ class Tracer:
 
     async def run(self) -> None:
         """Drain the buffer until cancelled; the last events are written on the way out."""
+        if self.writer is not None:
+            self.writer.start()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._note_unmount)
-                while True:
-                    # A flush taken out of the buffer is written whole: cancelled half-way
-                    # (at unmount), its events would be lost. (The first writes the header.)
-                    with trio.CancelScope(shield=True):
-                        await self.flush()
-                    await trio.sleep(FLUSH_INTERVAL)
+            while True:
+                # A flush taken out of the buffer is handed on whole: cancelled half-way
+                # (at unmount), its events would be lost. It never waits for a listener.
+                with trio.CancelScope(shield=True):
+                    await self.flush()
+                await trio.sleep(FLUSH_INTERVAL)
         finally:
             with trio.CancelScope(shield=True):
-                if self.file is not None:
-                    self.file.stop()
                 await self.flush()
-                if self.file is not None:
-                    try:
-                        await trio.to_thread.run_sync(self.file.finish)
-                    except OSError as e:
-                        log.warning("trace file %s: %s", self.file.path, e)
-
-    async def _note_unmount(self) -> None:
-        """Tell the file the mount is going, even while a flush waits on a pipe (shielded):
-        from then on it waits only so long for a reader that does not read."""
-        try:
-            await trio.sleep_forever()
-        finally:
-            if self.file is not None:
-                self.file.stop()
+                if self.writer is not None:
+                    await self.writer.finish()
 
     async def flush(self) -> None:
         batch, self.buffer = self.buffer, []
         overflow, self.dropped = self.dropped, 0
         if overflow:
             batch.append({"time": round(time.time(), 6), "event": "dropped", "count": overflow})
-        data = await trio.to_thread.run_sync(encode, batch) if batch else b""
+        if not batch:
+            return
+        data = await trio.to_thread.run_sync(encode, batch)
         for sub in list(self.subscribers):  # a reader that lags loses events, not the mount
-            if not data:
-                break
             try:
                 sub.send.send_nowait(data)
-            except trio.WouldBlock:
-                sub.dropped += len(batch)
+            except trio.WouldBlock:  # its events, and those the dropped record reported
+                sub.dropped += len(batch) - (1 if overflow else 0) + overflow
             except trio.ClosedResourceError:
                 self.unsubscribe(sub)
-        file = self.file
-        if file is not None and (batch or not file.idle):
+        if self.writer is not None:  # nor does the file: its thread writes what it is given
             lines = [(1, 0)] * (len(batch) - (1 if overflow else 0))
             if overflow:
                 lines.append((0, overflow))
-            try:
-                await trio.to_thread.run_sync(file.deliver, data, lines, overflow)
-            except OSError as e:  # deliver counts what it could not write: never the mount
-                log.warning("trace file %s: %s", file.path, e)
+            self.writer.put(data, lines, overflow)
 
     def close(self) -> None:
         global active
@@ -251,6 +248,8 @@ class Tracer:
         active = None
         if on_change is not None:
             on_change(False)
+        if self.writer is not None and self.writer.running:
+            return  # a write that never returned: its fd stays open until the daemon exits
         if self.file is not None:
             self.file.close()
 
@@ -314,13 +313,140 @@ def _is_handle(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH)
 
 
+class FileWriter:
+    """The thread that writes the ``-o trace=`` file: its own, not one of trio's (which
+    copy-ups use), so a write that waits (a pipe nobody reads, a slow or hung disk)
+    holds nothing but this thread and this file's events.
+
+    The flush task hands it each encoded batch (``put``), never waiting: a batch that
+    does not fit in the queue (``FILE_BACKLOG`` events, ``FILE_BACKLOG_BYTES``) is
+    counted as lost, and the file's next ``dropped`` record says how many. Between
+    batches the thread looks at a FIFO every ``FLUSH_INTERVAL`` (a reader may come).
+    At unmount (``finish``) it writes what it still holds, giving up on a pipe
+    ``UNMOUNT_PATIENCE`` seconds after the last progress, then ``trace-end``; a write
+    that never returns is left behind ``STUCK_GRACE`` seconds later still.
+    """
+
+    def __init__(self, file: TraceFile) -> None:
+        self.file = file
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[bytes, list[tuple[int, int]], int]] = deque()
+        self._held = 0  # events (lines) in the queue
+        self._held_bytes = 0
+        # Refused by a full queue, for the thread to count: events (and those the
+        # dropped records among them reported) to report, and events lost in all.
+        self._refused_report = 0
+        self._refused_lost = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._failed_once = False
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._done.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="unionfs-trace-file", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes, lines: list[tuple[int, int]], overflow: int) -> None:
+        """Queue *data* (see ``TraceFile.deliver``); the trio thread, never waiting."""
+        with self._cond:
+            if self._queue and (
+                self._held + len(lines) > FILE_BACKLOG
+                or self._held_bytes + len(data) > FILE_BACKLOG_BYTES
+            ):
+                self._refused_report += sum(events + reported for events, reported in lines)
+                self._refused_lost += sum(events for events, _ in lines) + overflow
+            else:
+                self._queue.append((data, lines, overflow))
+                self._held += len(lines)
+                self._held_bytes += len(data)
+            self._cond.notify()
+
+    async def finish(self) -> None:
+        """At unmount: let the thread write what it holds, then the file's end; wait
+        for it as long as it makes progress (``UNMOUNT_PATIENCE``, ``STUCK_GRACE``)."""
+        file = self.file
+        file.stop()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is None:
+            return
+        while not self._done.is_set():
+            since = time.monotonic() - max(file.progress, file.stopped_at or 0.0)
+            if since >= UNMOUNT_PATIENCE + STUCK_GRACE:
+                with self._cond:
+                    queued = sum(o + sum(e for e, _ in ls) for _, ls, o in self._queue)
+                    lost = file.lost_total + queued + self._refused_lost
+                log.warning(
+                    "trace file %s: a write has not returned for %.0f s: its end was not "
+                    "written (%d events, at least %d dropped)",
+                    file.path,
+                    since,
+                    file.written,
+                    lost,
+                )
+                return
+            await trio.sleep(FLUSH_INTERVAL / 4)
+
+    def _take(self, wait: bool) -> tuple[tuple[bytes, list[tuple[int, int]], int] | None, bool]:
+        """The next batch (None: none), and whether the mount is going; waiting for one
+        (at most ``FLUSH_INTERVAL`` when a FIFO is to be looked at) when *wait*."""
+        file = self.file
+        with self._cond:
+            if wait and not self._queue and not self._stopping:
+                self._cond.wait(None if file.idle else FLUSH_INTERVAL)
+            item = self._queue.popleft() if self._queue else None
+            if item is not None:
+                self._held -= len(item[1])
+                self._held_bytes -= len(item[0])
+            file.lost += self._refused_report
+            file.lost_total += self._refused_lost
+            self._refused_report = self._refused_lost = 0
+            return item, self._stopping
+
+    def _run(self) -> None:
+        file = self.file
+        try:
+            wait = False  # the first round writes the header at once
+            while True:
+                item, stopping = self._take(wait)
+                wait = item is None
+                if item is None and stopping:
+                    break
+                if item is None and file.idle:
+                    continue
+                self._deliver(*(item or (b"", [], 0)))
+            self._deliver(b"", [], 0, end=True)
+        finally:
+            self._done.set()
+
+    def _deliver(
+        self, data: bytes, lines: list[tuple[int, int]], overflow: int, end: bool = False
+    ) -> None:
+        try:
+            if end:
+                self.file.finish()
+            else:
+                self.file.deliver(data, lines, overflow)
+        except OSError as e:  # deliver counts what it could not write: never the mount
+            log.warning("trace file %s: %s", self.file.path, e)
+        except Exception:  # a bug: said once, and the thread goes on with the next batch
+            if not self._failed_once:
+                self._failed_once = True
+                log.exception("trace file %s: cannot be written", self.file.path)
+
+
 class TraceFile:
-    """The ``-o trace=`` file, written by the flush task in a worker thread.
+    """The ``-o trace=`` file, written by its ``FileWriter``'s thread (only).
 
     A file is appended to, its header once at the start. A FIFO is a live stream: it
     is open for writing (non-blocking) only while a reader has it open, and each new
-    reader gets the header first. A pipe that is not read holds the flush task, and
-    the buffer fills meanwhile (then drops, counting); at unmount the writer waits at
+    reader gets the header first. A pipe that is not read holds the file's thread, and
+    its queue fills meanwhile (then drops, counting); at unmount the writer waits at
     most ``UNMOUNT_PATIENCE`` seconds without progress. Events nobody could read (a
     FIFO without a reader, a write that failed: the reader went away, a full disk) are
     counted: the next ``dropped`` record that gets through says how many, and
@@ -347,7 +473,9 @@ class TraceFile:
         self.torn = False  # the last write stopped inside a line
         self.failing = False  # a failure was logged: not again until a write gets through
         self.stopped_at: float | None = None  # when the unmount began (set by the trio thread)
+        self.progress = 0.0  # when a write last took some bytes (read by the trio thread)
         self.gave_up = False  # at unmount, a reader that does not read was waited for
+        self.unread = False  # events were lost to a FIFO nobody had open (and it was said)
 
     @property
     def idle(self) -> bool:
@@ -388,7 +516,16 @@ class TraceFile:
         if done >= len(prefix):
             self.torn = False
         done = max(done - len(prefix), 0)
-        complete = payload[:done].count(b"\n")
+        # A line written but for its newline is a record (the reader takes a last line
+        # that is whole JSON), and the next write's newline ends it: it counts as written.
+        complete = payload[: done + 1].count(b"\n")
+        if self.fd is None and not self.unread and any(e or r for e, r in kinds):
+            self.unread = True
+            log.info(
+                "trace file %s: nobody has it open: its events are dropped (and counted) "
+                "until a reader opens it",
+                self.path,
+            )
         for i, (events, reported) in enumerate(kinds):
             if i < complete:
                 self.written += events
@@ -431,8 +568,8 @@ class TraceFile:
         progress = time.monotonic()
         while done < len(view):
             try:
-                done += os.write(self.fd, view[done:])
-                progress = time.monotonic()
+                done += os.write(self.fd, view[done : done + WRITE_CHUNK])
+                progress = self.progress = time.monotonic()
                 continue
             except BlockingIOError:
                 pass  # a pipe full: wait for its reader
@@ -466,6 +603,7 @@ class TraceFile:
                 return  # nobody reads it (ENXIO)
             self.send_header = True
             self.torn = False
+            self.unread = False
 
     def _open_again(self, fd: int, flags: int) -> int:
         """The file open as *fd*, opened again with *flags*: through /proc (the very
@@ -481,11 +619,7 @@ class TraceFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        log.info(
-            "trace file %s: its reader went away; events are dropped (and counted) until "
-            "another opens it",
-            self.path,
-        )
+        log.info("trace file %s: its reader went away", self.path)
 
     def _failed(self, e: OSError) -> None:
         if self.fifo and e.errno == errno.EPIPE:

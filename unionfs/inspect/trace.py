@@ -31,11 +31,11 @@ from typing import Any, TextIO
 
 from unionfs.errors import UsageError
 from unionfs.fuse import state
-from unionfs.inspect import stack as stacks
 from unionfs.inspect.names import printable
 from unionfs.options import human_size
 
 POLL_INTERVAL = 0.2
+STATE_WAIT = 3.0  # seconds a mount that has just started may take to publish its state
 MAX_LINE = 1 << 20  # far longer than any record (two paths of 4,096 escaped bytes)
 # Lines without a record at the start of a file before it is not taken for a trace.
 NOT_A_TRACE_AFTER = 5
@@ -84,20 +84,18 @@ def _open(source: str, follow: bool) -> tuple[str, Iterator[tuple[str, str]]]:
         return source, _read_file(path, follow)
     mount = _mount_at(source)
     mnt = printable(mount.mountpoint)
-    try:
-        live = stacks.from_mount(mount).live
-    except UsageError:
-        raise UsageError(
-            f"the unionfs mount at {mnt} published no state in {state.runtime_dir()} "
-            f"(an older daemon, or another {state.RUNDIR_ENV}): its trace cannot be found"
-        ) from None
-    assert live is not None
+    live = _live_state(mount)
     if follow:
         sock = _connect(live.socket) if live.socket is not None else None
         if sock is not None:
             return f"the trace socket of {os.fsdecode(mount.mountpoint)}", _read_socket(sock)
-        if live.trace is not None:
+        if live.trace is not None and _is_file(live.trace):
             return live.trace, _read_file(Path(live.trace), follow=True)
+        if live.trace is not None:
+            raise UsageError(
+                f"the mount at {mnt} has no trace socket (see the daemon's log) and traces "
+                f"to {printable(live.trace)}, not a file: read that instead"
+            )
         raise UsageError(f"the mount at {mnt} has no trace socket (see the daemon's log)")
     if live.trace is None:
         raise UsageError(
@@ -109,6 +107,37 @@ def _open(source: str, follow: bool) -> tuple[str, Iterator[tuple[str, str]]]:
             "or use --follow to watch it live"
         )
     return live.trace, _read_file(Path(live.trace), follow=False)
+
+
+def _live_state(mount: state.MountEntry) -> state.MountState:
+    """The state the daemon of *mount* published; a mount that has just started may
+    take a moment to publish it (waited for, ``STATE_WAIT``), but a state that is
+    there and refused (not to be trusted, unreadable) is not waited for. UsageError
+    naming what was looked at and why it cannot be used."""
+    deadline = time.monotonic() + STATE_WAIT
+    while True:
+        found, why = state.find_state(mount.device, mount.owner)
+        if found is not None:
+            return found
+        missing = _not_there_yet(why)
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    owner = "" if mount.owner is None else f" (mounted by uid {mount.owner})"
+    hint = f": an older daemon, or another {state.RUNDIR_ENV}" if missing else ""
+    raise UsageError(
+        f"the unionfs mount at {printable(mount.mountpoint)}{owner} published no state "
+        f"that can be used ({printable(why)}{hint}): its trace cannot be found"
+    )
+
+
+def _not_there_yet(why: str) -> bool:
+    """Whether ``state.find_state``'s reason says only that the state is not there (yet):
+    no directory, no file, or one a daemon that is gone left (the new one replaces it)."""
+    return all(
+        part.startswith("no ") or " was left by a daemon that is gone (pid " in part
+        for part in why.split("; ")
+    )
 
 
 def _is_file(path: str) -> bool:
@@ -176,10 +205,14 @@ def _connect(path: str, wait: float = 3.0) -> socket.socket | None:
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A listener whose backlog is full (one the state directory's owner put there,
+        # say) would hold a blocking connect for ever: never longer than the wait.
+        sock.settimeout(max(deadline - time.monotonic(), 0.05))
         try:
             sock.connect(path)
+            sock.settimeout(None)
             return sock
-        except OSError:
+        except OSError:  # socket.timeout is one
             sock.close()
             if time.monotonic() > deadline:
                 return None
@@ -198,12 +231,19 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# What a count, a size or a time may be: what the daemon writes fits in 63 bits, and a
+# larger number (an int of 400 digits) would overflow what reads it (a float, a size).
+LIMIT = 1 << 63
+
+
 def _is_count(v: object) -> bool:
-    return _is_int(v) and v >= 0  # type: ignore[operator]
+    return _is_int(v) and 0 <= v < LIMIT  # type: ignore[operator]
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    if isinstance(v, float):
+        return math.isfinite(v) and 0 <= v < LIMIT
+    return _is_count(v)
 
 
 def _is_str(v: object) -> bool:
@@ -213,7 +253,7 @@ def _is_str(v: object) -> bool:
 def _is_layers(v: object) -> bool:
     return isinstance(v, list) and all(
         isinstance(la, dict)
-        and _is_int(la.get("index"))
+        and _is_count(la.get("index"))
         and _is_str(la.get("role"))
         and _is_str(la.get("path"))
         for la in v
