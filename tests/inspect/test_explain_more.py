@@ -732,3 +732,30 @@ def test_temporary_state_files_are_never_world_writable_and_are_swept(
     (run_dir / alive).write_text("{}")
     state.sweep()
     assert _temp_files(run_dir) == [alive]
+
+
+def test_a_refused_state_is_not_waited_for_but_a_missing_one_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stack.from_mount`` waits a moment for a mount that has not published yet, never
+    for one whose state directory it refuses (that will not change by waiting)."""
+    import time
+
+    from unionfs.errors import UsageError
+    from unionfs.fuse import state
+    from unionfs.inspect import stack as stacks
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # anybody may write here: refused
+    monkeypatch.setenv(state.RUNDIR_ENV, os.fspath(shared))
+    mount = state.MountEntry(b"/nowhere", "0:4242", "fuse.unionfs", os.geteuid())
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="refused"):
+        stacks.from_mount(mount, wait=30.0)
+    assert time.monotonic() - start < 10, "waited for a refused state"
+    os.chmod(shared, 0o700)  # now merely missing: waited for, up to the wait given
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="no "):
+        stacks.from_mount(mount, wait=0.5)
+    assert time.monotonic() - start >= 0.5

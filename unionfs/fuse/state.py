@@ -529,5 +529,15 @@ def _pid_of(data: bytes) -> int | None:
     return int(value)
 
 
+def not_there_yet(why: str) -> bool:
+    """Whether ``find_state``'s reason says only that the state is not there (yet): no
+    directory, no file, or one a daemon that is gone left (the new one replaces it). A
+    reader waits a moment for such a state (a mount just started), never for one refused."""
+    return all(
+        part.startswith("no ") or " was left by a daemon that is gone (pid " in part
+        for part in why.split("; ")
+    )
+
+
 def socket_path(device: str) -> Path:
     return runtime_dir() / f"{device}.sock"

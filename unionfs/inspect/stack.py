@@ -166,10 +166,10 @@ def _longest_prefix(
 
 def from_mount(mount: state.MountEntry, wait: float = 3.0) -> Stack:
     """The stack of a live mount, from its state file; a mount that has just started
-    may take a moment to publish it."""
+    may take a moment to publish it (a state refused is not waited for)."""
     deadline = time.monotonic() + wait
     found, why = state.find_state(mount.device, mount.owner)
-    while found is None and time.monotonic() < deadline:
+    while found is None and state.not_there_yet(why) and time.monotonic() < deadline:
         time.sleep(0.05)
         found, why = state.find_state(mount.device, mount.owner)
     if found is None:

@@ -119,7 +119,7 @@ def _live_state(mount: state.MountEntry) -> state.MountState:
         found, why = state.find_state(mount.device, mount.owner)
         if found is not None:
             return found
-        missing = _not_there_yet(why)
+        missing = state.not_there_yet(why)
         if not missing or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
@@ -128,15 +128,6 @@ def _live_state(mount: state.MountEntry) -> state.MountState:
     raise UsageError(
         f"the unionfs mount at {printable(mount.mountpoint)}{owner} published no state "
         f"that can be used ({printable(why)}{hint}): its trace cannot be found"
-    )
-
-
-def _not_there_yet(why: str) -> bool:
-    """Whether ``state.find_state``'s reason says only that the state is not there (yet):
-    no directory, no file, or one a daemon that is gone left (the new one replaces it)."""
-    return all(
-        part.startswith("no ") or " was left by a daemon that is gone (pid " in part
-        for part in why.split("; ")
     )
 
 
