@@ -233,26 +233,37 @@ def unionfs_mounted(*a: object, **kw: object) -> Iterator[UnionMount]:
 
 
 @contextlib.contextmanager
-def kernel_overlay(
-    lowers: Sequence[str | os.PathLike[str]],
-    mountpoint: str | os.PathLike[str],
-    upper: str | os.PathLike[str] | None = None,
-    work: str | os.PathLike[str] | None = None,
-) -> Iterator[Path]:
-    """Mount the kernel's overlayfs (the reference) and always unmount it."""
+def mounted_by(command: Sequence[str], mountpoint: str | os.PathLike[str]) -> Iterator[Path]:
+    """Mount with *command* (a ``mount ...`` whose last word is *mountpoint*) and always
+    unmount (lazily when the mount is busy)."""
     mnt = Path(mountpoint)
-    opts = overlay_options(lowers, upper, work)
-    if len(lowers) == 1 and upper is None:
-        # The kernel needs two lowers for a read-only overlay; an empty one is neutral.
-        raise ValueError("kernel overlay needs an upper or at least two lowers")
-    subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run([*command, os.fspath(mnt)], check=True, capture_output=True)
     try:
         yield mnt
     finally:
         res = subprocess.run(["umount", os.fspath(mnt)], capture_output=True, check=False)
         if res.returncode != 0:
             lazy_unmount(mnt)
+
+
+def overlay_mounted(
+    options: str, mountpoint: str | os.PathLike[str]
+) -> contextlib.AbstractContextManager[Path]:
+    """The kernel's overlayfs mounted with exactly *options*; always unmounted."""
+    return mounted_by(["mount", "-t", "overlay", "overlay", "-o", options], mountpoint)
+
+
+def kernel_overlay(
+    lowers: Sequence[str | os.PathLike[str]],
+    mountpoint: str | os.PathLike[str],
+    upper: str | os.PathLike[str] | None = None,
+    work: str | os.PathLike[str] | None = None,
+    options: str = "",
+) -> contextlib.AbstractContextManager[Path]:
+    """Mount the kernel's overlayfs (the reference), with *options* besides the layers,
+    and always unmount it."""
+    if len(lowers) == 1 and upper is None:
+        # The kernel needs two lowers for a read-only overlay; an empty one is neutral.
+        raise ValueError("kernel overlay needs an upper or at least two lowers")
+    opts = overlay_options(lowers, upper, work) + ("," + options if options else "")
+    return overlay_mounted(opts, mountpoint)

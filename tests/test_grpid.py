@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Stack
 from tests.features import hook_enabled
-from tests.mounting import lazy_unmount, start_unionfs
+from tests.mounting import mounted_by, start_unionfs
 from tests.test_namespace import let_others_in
 from tests.twins import twins
 from unionfs.fuse.hook import PYTHON_CREATES_ENV
@@ -34,16 +34,10 @@ def _ext4(at: Path, options: str) -> Iterator[Path]:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", os.fspath(image)], check=True, capture_output=True)
     at.mkdir()
-    subprocess.run(
-        ["mount", "-o", f"loop,{options}", os.fspath(image), os.fspath(at)],
-        check=True,
-        capture_output=True,
-    )
     try:
-        yield at
+        with mounted_by(["mount", "-o", f"loop,{options}", os.fspath(image)], at):
+            yield at
     finally:
-        if subprocess.run(["umount", os.fspath(at)], capture_output=True).returncode:
-            lazy_unmount(at)
         image.unlink()
 
 

@@ -60,22 +60,10 @@ class Twin:
         self.work.mkdir()
 
 
-@contextlib.contextmanager
-def _kernel(t: Twin, options: str) -> Iterator[Path]:
-    # kernel_overlay takes no extra options: mount by hand with them.
-    from tests.mounting import lazy_unmount, overlay_options
+def _kernel(t: Twin, options: str) -> contextlib.AbstractContextManager[Path]:
+    from tests.mounting import kernel_overlay
 
-    opts = overlay_options(t.lowers, t.upper, t.work) + ("," + options if options else "")
-    subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(t.mnt)],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield t.mnt
-    finally:
-        if subprocess.run(["umount", os.fspath(t.mnt)], capture_output=True).returncode:
-            lazy_unmount(t.mnt)
+    return kernel_overlay(t.lowers, t.mnt, t.upper, t.work, options)
 
 
 @contextlib.contextmanager

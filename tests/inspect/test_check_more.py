@@ -9,11 +9,11 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.mounting import REPO, lazy_unmount, overlay_options, unionfs_command
+from tests.mounting import REPO, kernel_overlay, unionfs_command
 from tests.unit.conftest import NS, opaque, whiteout, write
 
 # A lower file holds its own name, so the file the mount shows says which it is.
@@ -46,27 +46,16 @@ def hidden(lines: list[dict[str, Any]]) -> dict[tuple[int, str], str]:
     return {(f["layer"], f["relpath"]): f["message"] for f in found(lines, "hidden-file")}
 
 
-@contextlib.contextmanager
 def kernel(
     lowers: Sequence[Path],
     mnt: Path,
     upper: Path | None = None,
     work: Path | None = None,
     options: str = "",
-) -> Iterator[Path]:
+) -> contextlib.AbstractContextManager[Path]:
     """The kernel's overlayfs over *lowers*, with *options*; always unmounted."""
-    opts = overlay_options(lowers, upper, work) + ("," + options if options else "")
     mnt.mkdir(exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", opts, os.fspath(mnt)],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", os.fspath(mnt)], capture_output=True).returncode:
-            lazy_unmount(mnt)
+    return kernel_overlay(lowers, mnt, upper, work, options)
 
 
 def fill(layer: Path, index: int, paths: Sequence[str]) -> None:

@@ -14,11 +14,11 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import KernelMount, Stack
-from tests.mounting import REPO, UnionMount, unionfs_command, unionfs_mounted
+from tests.mounting import REPO, UnionMount, overlay_mounted, unionfs_command, unionfs_mounted
 from tests.unit.conftest import is_whiteout, whiteout, write
 
 USER = 1000  # an ordinary user (setpriv needs no account for it)
@@ -59,19 +59,10 @@ def tree(root: Path) -> dict[bytes, tuple[object, ...]]:
     return out
 
 
-@contextlib.contextmanager
-def overlay(options: str, mnt: Path) -> Iterator[Path]:
+def overlay(options: str, mnt: Path) -> contextlib.AbstractContextManager[Path]:
     """A kernel overlay mounted with exactly *options*; always unmounted."""
     mnt.mkdir(exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", options, os.fspath(mnt)],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", os.fspath(mnt)], check=False, capture_output=True)
+    return overlay_mounted(options, mnt)
 
 
 def _refused(directory: Path, message: str) -> None:

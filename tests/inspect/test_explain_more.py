@@ -262,18 +262,25 @@ def _asked_paths_hold(
     return out
 
 
-def test_a_redirect_met_partway_renames_what_the_layers_below_are_asked(
-    tmp_path: Path,
-) -> None:
-    """The upper's ``m`` is redirected to ``/a/b``; layer 1's ``a`` is redirected to
-    ``x``: on the way to ``a/b`` the core (as the kernel) renames what the layers below
-    are asked to ``x/b``, so layer 2 (empty) is asked for ``x/b``, never ``a/b``."""
+def _redirected_partway(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """An upper and three lowers: the upper's ``m`` redirected to ``/a/b``, layer 1's
+    ``a`` (which holds a directory ``b``) redirected to ``x``."""
     up, l1, l2, l3 = (tmp_path / n for n in ("up", "l1", "l2", "l3"))
     for d in (up, l1, l2, l3):
         d.mkdir()
     _redirect(up / "m", "/a/b")
     _redirect(l1 / "a", "x")
     (l1 / "a" / "b").mkdir()
+    return up, l1, l2, l3
+
+
+def test_a_redirect_met_partway_renames_what_the_layers_below_are_asked(
+    tmp_path: Path,
+) -> None:
+    """The upper's ``m`` is redirected to ``/a/b``; layer 1's ``a`` is redirected to
+    ``x``: on the way to ``a/b`` the core (as the kernel) renames what the layers below
+    are asked to ``x/b``, so layer 2 (empty) is asked for ``x/b``, never ``a/b``."""
+    up, l1, l2, l3 = _redirected_partway(tmp_path)
     write(l3 / "x" / "b" / "f", b"hello\n")
     out = _asked_paths_hold(tmp_path, up, [l1, l2, l3], {2: "has no directory x/b"})
     assert [r["place"] for r in out["layers"]] == ["m/f", "a/b/f", "x/b/f", "x/b/f"]
@@ -315,12 +322,7 @@ def test_an_invalid_redirect_met_partway_is_blamed_on_its_layer(tmp_path: Path) 
     """Layer 2's ``x``, met on the way to ``x/b``, has an invalid redirect: the core
     tells which layer it was asking when the lookup failed (the upper's valid redirect
     was blamed before), and the kernel fails the lookup with EINVAL too."""
-    up, l1, l2, l3 = (tmp_path / n for n in ("up", "l1", "l2", "l3"))
-    for d in (up, l1, l2, l3):
-        d.mkdir()
-    _redirect(up / "m", "/a/b")
-    _redirect(l1 / "a", "x")
-    (l1 / "a" / "b").mkdir()
+    up, l1, l2, l3 = _redirected_partway(tmp_path)
     _redirect(l2 / "x", "q/bad")  # relative, with a '/'
     write(l3 / "q" / "b" / "f")
     out = explain_json("-o", overlay_options([l1, l2, l3], up) + ",redirect_dir=on", "m")
