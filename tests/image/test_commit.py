@@ -191,7 +191,7 @@ def test_uppers_that_cannot_be_a_layer(tmp_path: Path) -> None:
         write_layer(upper, tmp_path / "l.tar")
     assert str(e.value) == (
         "moved: has trusted.overlay.redirect (an upper written with the kernel's redirect_dir "
-        "or metacopy on): its data is in the lower layers"
+        "or metacopy on): its data is in the lower layers; give them with --lower"
     )
     assert os.listdir(tmp_path) == ["upper"]  # no layer file, not even a temporary one
     with pytest.raises(ImageError, match="inside the upper"):

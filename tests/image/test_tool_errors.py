@@ -219,7 +219,9 @@ def test_a_failed_commit_says_one_line(tmp_path: Path, compression: str) -> None
         timeout=60,
     )
     assert streamed.returncode == 1
-    assert streamed.stderr.decode().endswith("its data is in the lower layers\n")
+    assert streamed.stderr.decode().endswith(
+        "its data is in the lower layers; give them with --lower\n"
+    )
     assert streamed.stderr.count(b"\n") == 1
     if compression == "none":
         assert not streamed.stdout.endswith(bytes(1024))  # no end-of-archive blocks

@@ -624,7 +624,8 @@ def _commit(argv: list[str]) -> int:
     )
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--lower", action="append", default=[], metavar="L1:L2...",
-                   help="the lower layers, top first: markers that hide nothing there are left out")  # fmt: skip
+                   help="the lower layers, top first: markers that hide nothing there are left out, "
+                   "and what a kernel upper (redirect_dir, metacopy) keeps there is taken")  # fmt: skip
     p.add_argument("-o", "--output", metavar="LAYER.tar[.gz|.zst]",
                    help="the layer file; its name sets the compression (.tar, .tar.gz or "
                    ".tar.zst; another name needs --compression); - writes the layer to "

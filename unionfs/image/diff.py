@@ -92,6 +92,52 @@ class LowerView:
         return self.union.names(node)
 
 
+class MergedView:
+    """The upper over the lowers, as a mount shows it (redirects followed, metadata-only
+    copies joined to their data), read through the overlay's own lookup; opened on
+    first use, and never writing anything (no origin fixed, no marker dropped)."""
+
+    def __init__(self, upper: Path, lowers: list[Path]) -> None:
+        self.upper = upper
+        self.lowers = lowers
+        self._union: Union | None = None
+        self._dirs: dict[bytes, Node] = {}  # directories found by path, not walked again
+
+    @property
+    def union(self) -> Union:
+        if self._union is None:
+            self._union = Union(
+                UnionConfig(
+                    lowers=self.lowers,
+                    upper=self.upper,
+                    readonly=True,
+                    redirect="follow",
+                    metacopy=True,
+                ),
+                inspect_only=True,
+            )
+        return self._union
+
+    def close(self) -> None:
+        if self._union is not None:
+            self._union.close()
+
+    def node(self, path: bytes) -> Node:
+        """The merged directory at *path* (relative to the root)."""
+        node = self._dirs.get(path)
+        if node is not None:
+            return node
+        union = self.union
+        if not path:
+            return union.table.root
+        parent, _, name = path.rpartition(b"/")
+        found = union.lookup(self.node(parent), name)
+        if found is None or not found[0].is_dir:
+            raise FileNotFoundError(errno.ENOENT, "not a directory in the merged tree", path)
+        self._dirs[path] = found[0]
+        return found[0]
+
+
 def open_upper(upper: Path) -> int:
     try:
         return os.open(upper, _DIR)
@@ -125,13 +171,10 @@ class _Walk:
     def __init__(self, view: LowerView, out: list[Change], upper: Path, lowers: list[Path]) -> None:
         self.view = view
         self.out = out
-        self.upper = upper
-        self.lowers = lowers
-        self.merged: Union | None = None  # the upper over the lowers, once a redirect needs it
+        self.merged = MergedView(upper, lowers)  # opened when a redirect needs it
 
     def close(self) -> None:
-        if self.merged is not None:
-            self.merged.close()
+        self.merged.close()
 
     def dir(self, fd: int, path: bytes, old: Node | None, replaced: bool) -> bool:
         """Record the changes inside the upper directory *fd* (at *path*) over the
@@ -208,37 +251,16 @@ class _Walk:
                 "--lower or --image"
             )
         try:
-            parent = self._merged_node(path)
+            parent = self.merged.node(path)
             self._entry(parent, path, name, old)
         except OSError as e:
             raise ImageError(f"{os.fsdecode(p)}: following its redirect: {os_reason(e)}") from None
 
-    def _merged_node(self, path: bytes) -> Node:
-        """The directory *path* of the upper over the lowers (opened the first time)."""
-        if self.merged is None:
-            self.merged = Union(
-                UnionConfig(
-                    lowers=self.lowers,
-                    upper=self.upper,
-                    readonly=True,  # nothing is written: no origin fixed, no marker dropped
-                    redirect="follow",
-                    metacopy=True,
-                ),
-                inspect_only=True,
-            )
-        node = self.merged.table.root
-        for part in path.split(b"/") if path else ():
-            found = self.merged.lookup(node, part)
-            if found is None:
-                raise FileNotFoundError(errno.ENOENT, "not in the merged tree", path)
-            node = found[0]
-        return node
-
     def _entry(self, new_parent: Node, path: bytes, name: bytes, old: Node | None) -> None:
         """*name* in the merged directory *new_parent* against what the lowers alone
         show in *old* (None: nothing)."""
-        assert self.merged is not None
-        new = self.merged.resolve(new_parent, name)
+        merged = self.merged.union
+        new = merged.resolve(new_parent, name)
         if new is None:
             return
         p = join(path, name)
@@ -247,7 +269,7 @@ class _Walk:
         if was is None:
             self.out.append(Change(p, "A"))
             if is_dir:
-                self._added(self.merged.node_for(new_parent, new), p)
+                self._added(merged.node_for(new_parent, new), p)
             return
         if not is_dir:
             same = not new.layer.writable and _same_file(new.st, was.st)
@@ -256,7 +278,7 @@ class _Walk:
             return
         assert old is not None
         old_dir = self.view.directory(old, was)
-        node = self.merged.node_for(new_parent, new)
+        node = merged.node_for(new_parent, new)
         if old_dir is None:  # a directory where the lowers have something else
             self.out.append(Change(p, "C"))
             self._added(node, p)
@@ -267,9 +289,8 @@ class _Walk:
             self.out.append(Change(p, "C"))
 
     def _dir(self, node: Node, path: bytes, old: Node) -> bool:
-        assert self.merged is not None
         before = len(self.out)
-        names = self.merged.names(node)
+        names = self.merged.union.names(node)
         for name in names:
             self._entry(node, path, name, old)
         for name in sorted(set(self.view.names(old)).difference(names)):
@@ -278,15 +299,15 @@ class _Walk:
 
     def _added(self, node: Node, path: bytes) -> None:
         """Everything in the merged directory *node*, which the lowers do not have."""
-        assert self.merged is not None
-        for name in self.merged.names(node):
-            entry = self.merged.resolve(node, name)
+        merged = self.merged.union
+        for name in merged.names(node):
+            entry = merged.resolve(node, name)
             if entry is None:
                 continue
             p = join(path, name)
             self.out.append(Change(p, "A"))
             if stat.S_ISDIR(entry.st.st_mode):
-                self._added(self.merged.node_for(node, entry), p)
+                self._added(merged.node_for(node, entry), p)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

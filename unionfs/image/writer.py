@@ -10,6 +10,12 @@ overlay's own goes in as a PAX ``SCHILY.xattr.*`` record, and with
 the same bytes. With lower layers given, whiteouts and opaque markers that
 hide nothing there are left out.
 
+An upper the kernel wrote with ``redirect_dir=on`` or ``metacopy=on`` keeps part
+of what it shows in the lowers; with the lowers given, it is read as a mount
+shows it (``MergedView``, the overlay's own lookup): a metadata-only copy goes
+in with its data, and a moved directory (a layer has no redirects) goes in
+whole, opaque over what the lowers have at its new name.
+
 The layer goes to a file (``write_layer``: a temporary file beside it, renamed
 into place when complete; only a regular file is ever replaced) or to a
 descriptor such as stdout (``write_layer_to``).
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from unionfs import lazylog
-from unionfs.image.diff import LowerView, open_upper
+from unionfs.image.diff import LowerView, MergedView, open_upper
 from unionfs.image.digest import Digest, ImageError
 from unionfs.image.unpack import os_reason
 from unionfs.overlay import markers
@@ -275,7 +281,9 @@ def write_layer(
             raise ImageError(f"{target.parent}: cannot write there: {os_reason(e)}") from None
         try:
             with os.fdopen(tmp_fd, "wb") as f:
-                written = _write(fd, f, os.fspath(target), lowers, compression, source_date_epoch)
+                written = _write(
+                    upper, fd, f, os.fspath(target), lowers, compression, source_date_epoch
+                )
                 try:
                     f.flush()
                     os.fsync(f.fileno())
@@ -314,7 +322,9 @@ def write_layer_to(
                 )
     fd = open_upper(upper)
     try:
-        return _write(fd, _FdWriter(out_fd), "the output", lowers, compression, source_date_epoch)
+        return _write(
+            upper, fd, _FdWriter(out_fd), "the output", lowers, compression, source_date_epoch
+        )
     finally:
         os.close(fd)
 
@@ -334,6 +344,7 @@ class _FdWriter:
 
 
 def _write(
+    upper: Path,
     fd: int,
     out: Any,
     name: str,
@@ -341,11 +352,12 @@ def _write(
     compression: str,
     epoch: int | None,
 ) -> Written:
-    """The upper directory *fd* as a layer tar, written to *out* (*name* in errors)."""
+    """The upper directory *fd* (*upper*) as a layer tar, written to *out* (*name* in
+    errors)."""
     sink = _Sink(out, name)
     comp = _Compressor(sink, compression)
-    with LowerView(lowers or []) as view:
-        walker = _LayerWriter(comp, view, epoch)  # type: ignore[arg-type]
+    with LowerView(lowers or []) as view, contextlib.closing(MergedView(upper, lowers or [])) as merged:  # fmt: skip
+        walker = _LayerWriter(comp, view, merged, epoch)  # type: ignore[arg-type]
         try:
             walker.dir(fd, b"", view.root)
             walker.close()
@@ -394,11 +406,14 @@ def _replace(tmp: str, target: Path) -> None:
 
 
 class _LayerWriter:
-    def __init__(self, out: BinaryIO, view: LowerView, epoch: int | None) -> None:
+    def __init__(
+        self, out: BinaryIO, view: LowerView, merged: MergedView, epoch: int | None
+    ) -> None:
         self.tf = tarfile.open(  # noqa: SIM115 - closed by close()
             fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8"
         )
         self.view = view
+        self.merged = merged  # the upper over the lowers, for what the upper keeps elsewhere
         self.epoch = epoch
         self.links: dict[tuple[int, int], str] = {}  # inode -> first name in the layer
         self.count = 0
@@ -427,8 +442,24 @@ class _LayerWriter:
                     self.marker(join(path, written), os.fstat(fd))
                 continue
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            self.entry(fd, name, p, st)
-            if stat.S_ISDIR(st.st_mode):
+            pax, private = _xattrs(fd_path(fd, name))
+            is_dir = stat.S_ISDIR(st.st_mode)
+            # What a moved directory or a metadata-only copy keeps in the lowers.
+            elsewhere = private.get(b"redirect" if is_dir else b"metacopy")
+            if not stat.S_ISREG(st.st_mode) and not is_dir:
+                elsewhere = None
+            if elsewhere is not None and not known:
+                raise ImageError(
+                    f"{os.fsdecode(p)}: has {os.fsdecode(elsewhere)} (an upper written with the "
+                    "kernel's redirect_dir or metacopy on): its data is in the lower layers; "
+                    "give them with --lower"
+                )
+            if elsewhere is not None and is_dir:
+                self.redirected(fd, name, p, st, pax, below)
+                continue
+            data = self.merged_data(path, name) if elsewhere is not None else None
+            self.entry(fd, name, p, st, pax, data)
+            if is_dir:
                 was = self.view.entry(below, name)
                 child_old = self.view.directory(below, was) if was and below else None
                 child = os.open(name, _DIR, dir_fd=fd)
@@ -436,6 +467,59 @@ class _LayerWriter:
                     self.dir(child, p, child_old)
                 finally:
                     os.close(child)
+
+    # -- what the upper keeps in the lowers (redirect_dir, metacopy) ------------------
+
+    def redirected(
+        self, fd: int, name: bytes, path: bytes, st: os.stat_result, pax: dict[str, str],
+        below: Node | None,
+    ) -> None:  # fmt: skip
+        """A directory the kernel moved (it has a redirect): a layer has no redirects, so
+        it goes in whole, as the mount shows it, opaque over what the lowers have there."""
+        self.entry(fd, name, path, st, pax)
+        if below is not None and self.view.entry(below, name) is not None:
+            self.marker(join(path, markers.OCI_OPAQUE), st)
+        try:
+            node = self.merged.node(path)
+        except OSError as e:
+            raise ImageError(
+                f"{os.fsdecode(path)}: following its redirect: {os_reason(e)}"
+            ) from None
+        self.merged_dir(node, path)
+
+    def merged_dir(self, node: Node, path: bytes) -> None:
+        """Everything in the merged directory *node* (at *path*), from the layer that
+        has each entry, file data from the file that holds it."""
+        union = self.merged.union
+        for name in sorted(union.names(node)):
+            entry = union.resolve(node, name)
+            if entry is None:
+                continue
+            p = join(path, name)
+            child = union.node_for(node, entry)
+            parent, real = entry.place.split()
+            dirfd = entry.layer.dirfd(parent)
+            st = os.stat(real, dir_fd=dirfd, follow_symlinks=False)
+            pax, _ = _xattrs(fd_path(dirfd, real))
+            data = None
+            if stat.S_ISREG(st.st_mode):
+                data = io.FileIO(union.open_data(child, os.O_RDONLY), "rb")
+                dirfd = -1  # (opening may have closed it: the entry needs no more of it)
+            self.entry(dirfd, real, p, st, pax, data)
+            if stat.S_ISDIR(st.st_mode):
+                self.merged_dir(child, p)
+
+    def merged_data(self, path: bytes, name: bytes) -> BinaryIO:
+        """The data of the metadata-only copy *name* in the directory *path*."""
+        union = self.merged.union
+        try:
+            found = union.lookup(self.merged.node(path), name)
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "not in the merged tree")
+            return io.FileIO(union.open_data(found[0], os.O_RDONLY), "rb")
+        except OSError as e:
+            where = os.fsdecode(join(path, name))
+            raise ImageError(f"{where}: finding its data in the lowers: {os_reason(e)}") from None
 
     def marker(self, path: bytes, dir_st: os.stat_result) -> None:
         ti = tarfile.TarInfo(os.fsdecode(path))
@@ -446,22 +530,27 @@ class _LayerWriter:
         self.tf.addfile(ti)
         self.count += 1
 
-    def entry(self, dirfd: int, name: bytes, path: bytes, st: os.stat_result) -> None:
+    def entry(
+        self, dirfd: int, name: bytes, path: bytes, st: os.stat_result, pax: dict[str, str],
+        data: BinaryIO | None = None,
+    ) -> None:  # fmt: skip
+        """*name* in *dirfd* (stat *st*, xattrs *pax*) as the layer's *path*; a regular
+        file's data is read from *data* when given (it is then closed), else from it."""
         ti = tarfile.TarInfo(os.fsdecode(path))
         ti.mode = stat.S_IMODE(st.st_mode)
         ti.uid, ti.gid = st.st_uid, st.st_gid
         ti.uname = ti.gname = ""
         ti.mtime = self.mtime(st)
         mode = st.st_mode
-        data: BinaryIO | None = None
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key in self.links:
             ti.type = tarfile.LNKTYPE
             ti.linkname = self.links[key]
         elif stat.S_ISREG(mode):
             ti.type = tarfile.REGTYPE
-            ti.size = st.st_size
-            data = _open_file(dirfd, name)
+            if data is None:
+                data = _open_file(dirfd, name)
+            ti.size = os.fstat(data.fileno()).st_size
         elif stat.S_ISDIR(mode):
             ti.type = tarfile.DIRTYPE
         elif stat.S_ISLNK(mode):
@@ -475,9 +564,12 @@ class _LayerWriter:
         else:
             log.warning("%s: a socket cannot go in a layer: left out", os.fsdecode(path))
             return
+        if ti.type != tarfile.REGTYPE and data is not None:
+            data.close()  # a hard link: its data went in with the first name
+            data = None
         if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key not in self.links:
             self.links[key] = ti.name
-        ti.pax_headers = _xattrs(fd_path(dirfd, name), path)
+        ti.pax_headers = pax
         try:
             self.tf.addfile(ti, data)
         except OSError as e:
@@ -499,32 +591,24 @@ def _open_file(dirfd: int, name: bytes) -> BinaryIO:
     return io.FileIO(fd, "rb")
 
 
-_UNSUPPORTED = (b"redirect", b"metacopy")  # kernel features whose data is elsewhere
-
-
-def _xattrs(path: bytes, shown: bytes) -> dict[str, str]:
-    """Every xattr but the overlay's own, as PAX records (binary values kept byte for byte).
-
-    An upper written by a kernel overlay with ``redirect_dir`` or ``metacopy`` on
-    keeps a renamed directory's or a copied-up file's contents in the lower
-    layers: such an upper cannot become a layer on its own, and is refused."""
+def _xattrs(path: bytes) -> tuple[dict[str, str], dict[bytes, bytes]]:
+    """Every xattr but the overlay's own, as PAX records (binary values kept byte for
+    byte); and the overlay's own, by suffix (``redirect``, ``metacopy``, ...) to
+    their full names."""
     out: dict[str, str] = {}
+    private: dict[bytes, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
-        return out
+        return out, private
     for name in sorted(names):
         raw = os.fsencode(name)
         if markers.is_private_xattr(raw):
-            if raw.rpartition(b".")[2] in _UNSUPPORTED:
-                raise ImageError(
-                    f"{os.fsdecode(shown)}: has {name} (an upper written with the kernel's "
-                    "redirect_dir or metacopy on): its data is in the lower layers"
-                )
+            private.setdefault(raw.rpartition(b".")[2], raw)
             continue
         try:
             value = os.getxattr(path, name, follow_symlinks=False)
         except OSError:
             continue
         out["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
-    return out
+    return out, private
