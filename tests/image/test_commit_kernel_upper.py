@@ -96,3 +96,32 @@ def test_commit_of_a_kernel_upper_with_redirects(tmp_path: Path, mode: str, writ
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert "give them with --lower" in res.stderr
     assert not (tmp_path / "no.tar").exists()
+
+
+def test_commit_onto_the_base_image_takes_its_layers(tmp_path: Path) -> None:
+    """``commit --image DIR:BASE`` without --lower: a container layer on BASE, so an upper
+    that keeps data in the lowers takes BASE's layers from the layer cache."""
+    lowers = _lowers(tmp_path)
+    img, cache = tmp_path / "img", tmp_path / "cache"
+    for layer, base, tag in ((lowers[1], "", "v1"), (lowers[0], ":v1", "v2")):
+        res = run("commit", os.fspath(layer), "--image", f"{img}{base}", "--tag", tag)
+        assert res.returncode == 0, res.stderr
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    for d in (upper, work, tmp_path / "m", tmp_path / "again"):
+        d.mkdir()
+    with kernel_overlay(lowers, tmp_path / "m", upper, work, "metacopy=on") as m:
+        _change(m)
+        expected = snapshot(m, mtimes=False)
+    res = run("commit", os.fspath(upper), "--image", f"{img}:v2", "--tag", "v3", "--cache", os.fspath(cache))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert os.listdir(cache / "layers/sha256")  # the base's layers, unpacked there
+    unpacked = tmp_path / "unpacked"
+    res = run("image", "unpack", f"{img}:v3", os.fspath(unpacked))
+    assert res.returncode == 0, res.stderr
+    stack = sorted(unpacked.iterdir(), reverse=True)
+    assert len(stack) == 3
+    with kernel_overlay(stack, tmp_path / "again") as again:
+        assert diff(expected, snapshot(again, mtimes=False)) == []
+    # A new layout has no base: nothing to take the lowers from.
+    res = run("commit", os.fspath(upper), "--image", os.fspath(tmp_path / "new"), "--tag", "x")
+    assert res.returncode == 1 and "give them with --lower" in res.stderr, res.stderr

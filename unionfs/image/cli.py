@@ -644,13 +644,21 @@ def _commit(argv: list[str]) -> int:
     p.add_argument("--whole-tree", action="store_true",
                    help="UPPER is a live overlay mount: commit everything it shows as one "
                    "layer (refused without this)")  # fmt: skip
+    _cache_option(p)
+    _limit_options(p)
     p.add_argument("--json", action="store_true", help="the result as JSON")
     args = p.parse_args(argv)
     if (args.image is None) != (args.tag is None):
         raise UsageError("--image and --tag go together")
     if args.output is None and args.image is None:
         raise UsageError("nowhere to write the layer: give -o LAYER.tar or --image DIR --tag NEW")
-    from unionfs.image.writer import compression_for, output_target, write_layer, write_layer_to
+    from unionfs.image.writer import (
+        NeedsLowers,
+        compression_for,
+        output_target,
+        write_layer,
+        write_layer_to,
+    )
 
     if args.tag is not None:
         from unionfs.image.layout import check_ref_name
@@ -688,7 +696,15 @@ def _commit(argv: list[str]) -> int:
 
                 tmpdir = tempfile.mkdtemp(prefix="unionfs-commit.")
                 output = Path(tmpdir) / "layer.tar"
-            written = write_layer(upper, output, lowers, compression, args.source_date_epoch)
+            try:
+                written = write_layer(upper, output, lowers, compression, args.source_date_epoch)
+            except NeedsLowers:
+                # A container layer on the image BASE: its layers are the lowers (a
+                # failed layer leaves nothing behind, so it is simply written again).
+                base = [] if lowers or args.image is None else _base_layers(args)
+                if not base:
+                    raise
+                written = write_layer(upper, output, base, compression, args.source_date_epoch)
         result: dict[str, object] = {
             "diff_id": str(written.diff_id),
             "digest": str(written.digest),
@@ -727,6 +743,20 @@ def _commit(argv: list[str]) -> int:
             if key in result:
                 print(f"{key:8} {result[key]}", file=info)
     return 0
+
+
+def _base_layers(args: argparse.Namespace) -> list[Path]:
+    """The layers of ``--image DIR[:BASE]``'s base image, top first, from the layer
+    cache (unpacked first when missing); none when the layout has no such image yet."""
+    from unionfs.image.layout import open_image
+
+    try:
+        with open_image(args.image) as image:
+            if not image.layers:
+                return []
+    except ImageError:
+        return []  # a new layout, or no image to take: the caller's error stands
+    return _cached_layers(args)[::-1]
 
 
 def _copy_to_stdout(path: Path) -> None:

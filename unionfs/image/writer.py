@@ -108,6 +108,10 @@ def compression_for(path: str) -> str:
     )
 
 
+class NeedsLowers(ImageError):
+    """The upper keeps part of what it shows in lower layers that were not given."""
+
+
 class _Sink:
     """Counts and hashes what passes to *out* (*name* in errors). Once ``discard`` is
     set (the layer failed) nothing more is written: the tar writer's own clean-up
@@ -449,7 +453,7 @@ class _LayerWriter:
             if not stat.S_ISREG(st.st_mode) and not is_dir:
                 elsewhere = None
             if elsewhere is not None and not known:
-                raise ImageError(
+                raise NeedsLowers(
                     f"{os.fsdecode(p)}: has {os.fsdecode(elsewhere)} (an upper written with the "
                     "kernel's redirect_dir or metacopy on): its data is in the lower layers; "
                     "give them with --lower"
