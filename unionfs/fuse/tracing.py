@@ -113,10 +113,6 @@ CURRENT: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
 )
 
 
-def encode_path(path: bytes) -> str:
-    return os.fsdecode(path)
-
-
 class Subscriber:
     """One ``unionfs trace --follow``: its own queue of encoded batches."""
 
