@@ -42,6 +42,7 @@ def _change(m: Path) -> None:
     os.chmod(m / "sbin/busybox", 0o700)  # metacopy=on: a metadata-only copy in a moved dir
     os.chown(m / "usr/lib/x", 1000, 1000)  # ... and one outside
     os.setxattr(m / "usr/lib/x", "user.k", b"v")
+    os.link(m / "usr/lib/x", m / "usr/lib/x-link")  # two names of one metadata-only copy
     os.chmod(m / "usr/lib/y", 0o600)
     os.rename(m / "usr/lib/y", m / "usr/lib/z")  # a moved metadata-only copy (a file redirect)
     os.unlink(m / "sbin/sub/f")  # a whiteout inside a moved directory
@@ -79,6 +80,8 @@ def test_commit_of_a_kernel_upper_with_redirects(tmp_path: Path, mode: str, writ
         names = tf.getnames()
         assert tf.getmember("sbin/busybox").size == 1000  # the data, from the lower
         assert tf.getmember("sbin/a").isfile() and tf.getmember("sbin/b").islnk()
+        assert tf.getmember("usr/lib/x").isfile() and tf.getmember("usr/lib/x-link").islnk()
+        assert tf.getmember("usr/lib/x").size == 5000
         for member in tf.getmembers():  # no overlay xattr in the layer
             assert not any(".overlay." in k for k in member.pax_headers), member.name
     assert "sbin/.wh..wh..opq" in names  # the moved directory hides what sbin had
