@@ -810,3 +810,65 @@ def test_a_file_created_in_c_is_made_as_its_caller(
         elif call.startswith("openat(") and "O_CREAT" in call and '"f' in call:
             made_as.append(fsuid.get(tid))
     assert made_as == ["1000"] * 5, trace
+
+
+def _fill_one_layer_dirs(lowers: list[Path]) -> None:
+    top, bottom = lowers
+    for d in (bottom / "only-bottom", top / "only-top", top / "both", bottom / "both"):
+        d.mkdir()
+    for d in (bottom / "opq", top / "opq"):
+        d.mkdir()
+    write(bottom / "only-bottom/a", b"a")  # a directory in one lower layer only
+    write(top / "only-top/c", b"c")
+    write(top / "both/x", b"x")  # merged: a name in the bottom part must be found
+    write(bottom / "both/y", b"y")
+    write(bottom / "opq/hidden", b"h")  # opaque in the top: one layer's again
+    write(top / "opq/shown", b"s")
+    os.setxattr(top / "opq", "trusted.overlay.opaque", b"y")
+    os.mknod(top / "only-top/gone", stat.S_IFCHR, 0)  # a whiteout of nothing below
+
+
+def _one_layer_lookups(mnt: Path) -> list[object]:
+    """Names looked up in directories that are in one layer only (the hook answers
+    those that are missing) and in a merged one (never: the layer below may have it);
+    then a name made through the mount in each, which must be found at once."""
+
+    def seen(rel: str) -> object:
+        try:
+            st = os.lstat(mnt / rel)
+        except OSError as e:
+            return (rel, errno.errorcode.get(e.errno or 0))
+        return (rel, oct(st.st_mode), st.st_size)
+
+    out: list[object] = []
+    dirs = ("only-bottom", "only-top", "both", "opq")
+    for d in dirs:
+        os.stat(mnt / d)  # looked up, its attributes given: armed (no listing: it would
+        # give the kernel its names, which it would then not look up)
+        for i in range(10):
+            out.append(seen(f"{d}/missing{i}"))
+    out += [seen(p) for p in ("only-bottom/a", "only-top/c", "only-top/gone", "both/x")]
+    out += [seen(p) for p in ("both/y", "opq/hidden", "opq/shown")]
+    for d in dirs:
+        out.append(seen(f"{d}/new"))  # missing: a negative entry the kernel keeps
+        write(mnt / d / "new", d.encode())  # copies the directory up
+        out.append(seen(f"{d}/new"))
+        out.append(seen(f"{d}/missing0"))
+    return out
+
+
+def test_lookups_of_missing_names_in_a_directory_of_one_layer(tmp_path: Path) -> None:
+    """A directory in one lower layer only (or opaque there) answers its missing names
+    in C as an upper-only one does; a merged one never. The kernel overlay as the
+    oracle; with the hook, at least the 30 misses in those three directories."""
+    u, k = twins(tmp_path, _fill_one_layer_dirs, n_lowers=2)
+    with k.mount() as mnt:
+        expected = _one_layer_lookups(mnt)
+    um = start_unionfs(u.lowers, u.mnt, u.upper, u.work)
+    try:
+        assert _one_layer_lookups(u.mnt) == expected
+    finally:
+        assert um.unmount() == 0
+    misses = _in_c(um.log(), "lookups")
+    if hook_enabled():
+        assert misses is not None and misses >= 30, misses

@@ -49,10 +49,11 @@
  * the daemon as root, drops just what the daemon drops for root. Anything else
  * goes to the daemon: a truncate, any other wish to drop setuid/setgid, a chown
  * by anyone but root (the daemon knows the caller's groups), and every failure,
- * which it repeats and answers in its own words. A directory that is only in the
- * upper layer (no lower part, or opaque) is armed for LOOKUP of missing names too:
- * the answer is then a negative entry, as the daemon's (an untar looks up each
- * name before it creates it).
+ * which it repeats and answers in its own words. A directory that is in one layer
+ * only (the upper with no lower part, or opaque; or one lower layer, no other having
+ * a part of it) is armed for LOOKUP of missing names too: the answer is then a
+ * negative entry, as the daemon's (an untar looks up each name before it creates it,
+ * Perl and Python look for each module along a search path).
  *
  * Such a directory is armed for CREATE too, the one request per file of an untar
  * that went to Python. There the daemon's rules are short: the new name hides
@@ -114,7 +115,7 @@ struct armed {
     int dir;        /* a directory: no OPEN */
     int nlink_one;  /* a directory shown with nlink 1 */
     int upper;      /* in the writable upper layer: SETATTR, and no OPEN */
-    int sole;       /* a directory only there (no lower part): LOOKUP of a missing name */
+    int sole;       /* a directory only there (no part below): LOOKUP of a missing name */
     char path[];    /* below it */
 };
 
@@ -264,10 +265,13 @@ static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     attrs_served++;
 }
 
-/* LOOKUP in a directory that is only in the upper layer: a name not there is not in
-   the merged view either (nothing below to find, or to hide with a whiteout), and the
-   daemon's answer is a negative entry. Anything found goes to the daemon, which makes
-   its node; so does any error. */
+/* LOOKUP in a directory that is in one layer only (the upper, or one lower layer with
+   no part of it in the layers above or below): a name not there is not in the merged
+   view either (nothing below to find, or to hide with a whiteout; an OCI whiteout of a
+   name not there hides nothing either), and the daemon's answer is a negative entry.
+   Anything found goes to the daemon, which makes its node; so does any error. Only a
+   request that changes the layers can give the directory another part, and it disarms
+   every inode first. */
 static void hook_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct armed *a = armed_attrs(parent);
@@ -765,7 +769,7 @@ static PyObject *arm_dir(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "Kiy#ppp", &ino, &dirfd, &path, &len, &nlink_one, &upper,
                           &sole))
         return NULL;
-    return arm_as(ino, dirfd, path, len, 1, nlink_one, upper, upper && sole);
+    return arm_as(ino, dirfd, path, len, 1, nlink_one, upper, sole);
 }
 
 static PyObject *disarm(PyObject *self, PyObject *arg)
@@ -948,9 +952,9 @@ static PyMethodDef methods[] = {
     {"arm_dir", arm_dir, METH_VARARGS,
      "arm_dir(ino, dirfd, path, nlink_one, upper, sole): answer GETATTR of the directory "
      "ino here, from path below dirfd (with nlink 1 if nlink_one); with upper (dirfd is "
-     "the writable upper layer) its SETATTR too, and with sole (it has no lower part) "
-     "LOOKUP of names it does not hold and CREATE (configure_creates); False when not "
-     "answered here."},
+     "the writable upper layer) its SETATTR too, and with sole (no layer but this one has "
+     "a part of it) LOOKUP of names it does not hold, and with upper and sole CREATE "
+     "(configure_creates); False when not answered here."},
     {"arm_upper", arm_upper, METH_VARARGS,
      "arm_upper(ino, dirfd, path): answer GETATTR and SETATTR of the regular file ino, "
      "whose topmost part is path below dirfd, the writable upper layer, here; False when "
