@@ -872,3 +872,25 @@ def test_lookups_of_missing_names_in_a_directory_of_one_layer(tmp_path: Path) ->
     misses = _in_c(um.log(), "lookups")
     if hook_enabled():
         assert misses is not None and misses >= 30, misses
+
+
+def test_a_lower_file_looked_up_by_name_has_its_first_open_answered_in_c(
+    stack: Stack, mounted: Mounted
+) -> None:
+    """Perl and Python look a module up by name, then open it once: the daemon's answer
+    to the LOOKUP arms the file, so that one open is answered in C, the same file and
+    data; a copy-up in between disarms it (the open then reads the upper copy)."""
+    for i in range(20):
+        write(stack.lowers[1] / f"m{i}.pm", b"module %d" % i)
+    um = mounted()
+    for i in range(20):
+        os.stat(stack.mnt / f"m{i}.pm")  # a LOOKUP: the daemon's
+        if i == 19:
+            with open(stack.mnt / "m19.pm", "r+b") as f:  # copies it up
+                f.write(b"changed")
+        with open(stack.mnt / f"m{i}.pm", "rb") as f:
+            assert f.read() == (b"changed19" if i == 19 else b"module %d" % i)
+    assert um.unmount() == 0
+    opens = _in_c(um.log(), "opens")
+    if hook_enabled():
+        assert opens is not None and opens >= 19, opens

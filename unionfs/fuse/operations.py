@@ -579,7 +579,21 @@ class Operations(pyfuse3.Operations):
             miss.st_ino = 0
             miss.entry_timeout = ENTRY_TIMEOUT
             return miss
-        return self._reply_entry(*found)
+        node = found[0]
+        reply = self._reply_entry(*found)
+        if (
+            self.c_opens is not None
+            and node.kind == stat.S_IFREG
+            and not node.layer.writable
+            and not node.metacopy
+            and self.passthrough.lower_reads_cached()
+        ):
+            # A lower file looked up by name is usually opened next (an exec, a module
+            # found along a search path): its first read-only open is answered in C too,
+            # as the daemon would answer it (``_opened``).
+            place = node.place
+            self.c_opens.arm(node, (place.layer.root_fd, place.path))
+        return reply
 
     @no_reply_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

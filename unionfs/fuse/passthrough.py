@@ -106,6 +106,12 @@ class Passthrough:
 
     # -- decisions -----------------------------------------------------------
 
+    def lower_reads_cached(self) -> bool:
+        """Whether a read-only open of a lower file is served by the daemon through the
+        page cache, never passed through (the ``plan`` of such an open, as long as
+        nothing passes the inode through: ``passthrough=on`` or a read-only mount)."""
+        return not (self.active and self._lower_ok)
+
     def plan(self, node: Node, layer: Layer, fd: int) -> Plan:
         """Decide how an open of *node* (its real regular file *fd* in *layer*) is
         answered, and register a backing file when it is passed through. Call
