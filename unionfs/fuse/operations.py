@@ -295,7 +295,9 @@ class _COpens:
             writable = place.layer.writable and not union.readonly
             one = union.nlink_is_one(node)
             sole = not node.lowers  # nothing below: a missing name is missing
-            self._arm_dir(node.ino, place.layer.root_fd, place.path, one, writable, sole)
+            # A merged directory: a name none of its parts holds is missing too.
+            parts = tuple((p.layer.root_fd, p.path) for p in node.lowers)
+            self._arm_dir(node.ino, place.layer.root_fd, place.path, one, writable, sole, parts)
         elif not union.readonly:
             self._arm_upper(node.ino, place.layer.root_fd, place.path)
 

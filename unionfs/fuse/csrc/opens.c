@@ -85,6 +85,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <limits.h>
 #include <linux/openat2.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -116,7 +117,16 @@ struct armed {
     int nlink_one;  /* a directory shown with nlink 1 */
     int upper;      /* in the writable upper layer: SETATTR, and no OPEN */
     int sole;       /* a directory only there (no part below): LOOKUP of a missing name */
+    int nparts;     /* a merged directory: its parts below, for LOOKUP of a missing name */
+    struct part *parts;
     char path[];    /* below it */
+};
+
+/* A part of a merged directory in a layer below its topmost: the layer's root (O_PATH,
+   owned by the Python side) and the directory's path below it. */
+struct part {
+    int dirfd;
+    char *path;
 };
 
 /* What a SETATTR answered here may set (with the handle and lock owner, unused),
@@ -265,23 +275,54 @@ static void hook_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     attrs_served++;
 }
 
+/* Whether no part below the topmost of the merged directory *a* has *name* (nor
+   anything else there: a whiteout, a marker; those go to the daemon), each part's path
+   walked beneath its layer's root without following a symlink, as the daemon walks it.
+   A lower layer never changes, so no part can gain the name while it is armed. */
+static int missing_below(const struct armed *a, const char *name)
+{
+    char buf[PATH_MAX];
+    struct open_how how;
+    int i, n, fd;
+    memset(&how, 0, sizeof(how));
+    how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    for (i = 0; i < a->nparts; i++) {
+        const struct part *p = &a->parts[i];
+        n = *p->path ? snprintf(buf, sizeof(buf), "%s/%s", p->path, name)
+                     : snprintf(buf, sizeof(buf), "%s", name);
+        if (n < 0 || (size_t)n >= sizeof(buf))
+            return 0;
+        fd = (int)syscall(SYS_openat2, p->dirfd, buf, &how, sizeof(how));
+        if (fd >= 0) {
+            close(fd);
+            return 0;
+        }
+        if (errno != ENOENT)
+            return 0;
+    }
+    return 1;
+}
+
 /* LOOKUP in a directory that is in one layer only (the upper, or one lower layer with
    no part of it in the layers above or below): a name not there is not in the merged
    view either (nothing below to find, or to hide with a whiteout; an OCI whiteout of a
    name not there hides nothing either), and the daemon's answer is a negative entry.
    Anything found goes to the daemon, which makes its node; so does any error. Only a
    request that changes the layers can give the directory another part, and it disarms
-   every inode first. */
+   every inode first. A merged directory is armed with its parts below (the daemon's
+   resolution: redirects followed, cut at an opaque one) and answers alike when none of
+   them has the name either. */
 static void hook_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct armed *a = armed_attrs(parent);
     struct fuse_entry_param e;
     struct stat st;
     int fd, missing;
-    if (a == NULL || !a->sole || (fd = path_armed(a, &st, 1)) < 0)
+    if (a == NULL || !(a->sole || a->nparts > 0) || (fd = path_armed(a, &st, 1)) < 0)
         goto python;
     missing = fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 && errno == ENOENT;
-    if (!missing)
+    if (!missing || !missing_below(a, name))
         goto python;
     memset(&e, 0, sizeof(e));
     e.entry_timeout = entry_timeout;
@@ -688,12 +729,23 @@ static int wrap(struct fuse_lowlevel_ops *ops)
     return 0;
 }
 
+static void free_parts(struct armed *a)
+{
+    int i;
+    for (i = 0; i < a->nparts; i++)
+        free(a->parts[i].path);
+    free(a->parts);
+    a->parts = NULL;
+    a->nparts = 0;
+}
+
 static void drop(uint64_t ino)
 {
     struct armed *a = (struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
     if (a != NULL) {
         u64map_del(&armed, ino);
         forget_path(a);
+        free_parts(a);
         free(a);
     }
 }
@@ -718,6 +770,8 @@ static int arm_here(unsigned long long ino, int dirfd, const char *path, size_t 
     a->nlink_one = nlink_one;
     a->upper = upper;
     a->sole = sole;
+    a->nparts = 0;
+    a->parts = NULL;
     memcpy(a->path, path, len + 1);
     if (u64map_put(&armed, ino, (uint64_t)(uintptr_t)a) < 0) {
         free(a);
@@ -759,17 +813,74 @@ static PyObject *arm_upper(PyObject *self, PyObject *args)
     return arm_file(args, 1);
 }
 
+/* The parts below of the merged directory *a*: a sequence of (dirfd, path) from the
+   Python side. 1: attached; 0: one the hook cannot walk (the directory is then armed
+   without them); -1: out of memory or a bad argument, with the Python error set. */
+static int attach_parts(struct armed *a, PyObject *seq)
+{
+    PyObject *fast = PySequence_Fast(seq, "parts must be a sequence");
+    Py_ssize_t i, n;
+    if (fast == NULL)
+        return -1;
+    n = PySequence_Fast_GET_SIZE(fast);
+    a->parts = calloc((size_t)(n > 0 ? n : 1), sizeof(*a->parts));
+    if (a->parts == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        const char *path;
+        Py_ssize_t len;
+        int dirfd;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "iy#", &dirfd, &path, &len)) {
+            Py_DECREF(fast);
+            free_parts(a);
+            return -1;
+        }
+        if ((size_t)len != strlen(path)) { /* a NUL in a name: not walked here */
+            Py_DECREF(fast);
+            free_parts(a);
+            return 0;
+        }
+        a->parts[i].path = strdup(path);
+        if (a->parts[i].path == NULL) {
+            Py_DECREF(fast);
+            free_parts(a);
+            PyErr_NoMemory();
+            return -1;
+        }
+        a->parts[i].dirfd = dirfd;
+        a->nparts = (int)i + 1;
+    }
+    Py_DECREF(fast);
+    return 1;
+}
+
 static PyObject *arm_dir(PyObject *self, PyObject *args)
 {
     unsigned long long ino;
-    int dirfd, nlink_one, upper, sole;
+    int dirfd, nlink_one, upper, sole, res;
     const char *path;
     Py_ssize_t len;
+    PyObject *parts = NULL;
+    struct armed *a;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Kiy#ppp", &ino, &dirfd, &path, &len, &nlink_one, &upper,
-                          &sole))
+    if (!PyArg_ParseTuple(args, "Kiy#ppp|O", &ino, &dirfd, &path, &len, &nlink_one, &upper,
+                          &sole, &parts))
         return NULL;
-    return arm_as(ino, dirfd, path, len, 1, nlink_one, upper, sole);
+    res = arm_here(ino, dirfd, path, (size_t)len, 1, nlink_one, upper, sole);
+    if (res < 0)
+        return PyErr_NoMemory();
+    if (res == 0 || parts == NULL || sole)
+        return PyBool_FromLong(res);
+    a = (struct armed *)(uintptr_t)u64map_get(&armed, ino, 0);
+    if (a == NULL || attach_parts(a, parts) < 0) {
+        if (a != NULL)
+            drop(ino);
+        return NULL;
+    }
+    Py_RETURN_TRUE;
 }
 
 static PyObject *disarm(PyObject *self, PyObject *arg)
@@ -787,8 +898,10 @@ static void drop_all(void)
     size_t i;
     for (i = 0; i < armed.cap; i++)
         if (armed.keys[i] != 0) {
-            forget_path((struct armed *)(uintptr_t)armed.values[i]);
-            free((void *)(uintptr_t)armed.values[i]);
+            struct armed *a = (struct armed *)(uintptr_t)armed.values[i];
+            forget_path(a);
+            free_parts(a);
+            free(a);
         }
     free(armed.keys);
     free(armed.values);
@@ -950,10 +1063,11 @@ static PyMethodDef methods[] = {
      "arm(ino, dirfd, path): answer read-only opens of ino here, by opening path below "
      "dirfd; False when opens are not answered here."},
     {"arm_dir", arm_dir, METH_VARARGS,
-     "arm_dir(ino, dirfd, path, nlink_one, upper, sole): answer GETATTR of the directory "
-     "ino here, from path below dirfd (with nlink 1 if nlink_one); with upper (dirfd is "
-     "the writable upper layer) its SETATTR too, and with sole (no layer but this one has "
-     "a part of it) LOOKUP of names it does not hold, and with upper and sole CREATE "
+     "arm_dir(ino, dirfd, path, nlink_one, upper, sole[, parts]): answer GETATTR of the "
+     "directory ino here, from path below dirfd (with nlink 1 if nlink_one); with upper "
+     "(dirfd is the writable upper layer) its SETATTR too; with sole (no layer but this one "
+     "has a part of it), or with parts (the (dirfd, path) of each part below, in the "
+     "layers below), LOOKUP of names none of them holds; with upper and sole CREATE "
      "(configure_creates); False when not answered here."},
     {"arm_upper", arm_upper, METH_VARARGS,
      "arm_upper(ino, dirfd, path): answer GETATTR and SETATTR of the regular file ino, "
