@@ -29,7 +29,17 @@ class Hook:
     def configure_opens(self, on: bool, attrs: bool, *timeouts: float) -> bool:
         return on
 
-    def arm_dir(self, ino: int, fd: int, path: bytes, one: bool, upper: bool, sole: bool) -> bool:
+    def arm_dir(
+        self,
+        ino: int,
+        fd: int,
+        path: bytes,
+        one: bool,
+        upper: bool,
+        sole: bool,
+        parts: tuple[tuple[int, bytes], ...] = (),
+    ) -> bool:
+        assert sole == (not parts)  # a merged directory comes with its parts below
         if self.fail:
             raise MemoryError
         self.armed.append(("dir", path.decode(), "upper" if upper else "lower", str(sole)))
