@@ -268,3 +268,59 @@ def test_chown_by_root_drops_privilege_bits_as_the_kernel(tmp_path: Path) -> Non
             os.chown(t.mnt / "f2", 1002, 100)
             seen[t.kind] = [oct(os.stat(t.mnt / n).st_mode) for n in ("f", "g", "f2")]
     assert seen["unionfs"] == seen["kernel"] == [oct(0o102644), oct(0o100755), oct(0o102644)]
+
+
+def _lower_file(lowers: list[Path]) -> None:
+    write(lowers[0] / "low", b"lower data")
+
+
+def _reopen_through_proc(t: Twin) -> list[object]:
+    """Files in the upper layer whose names are gone (unlinked, renamed over), opened
+    again through /proc/self/fd as programs do, to read, append and truncate."""
+
+    def again(fd: int, flags: int) -> object:
+        try:
+            r = os.open(f"/proc/self/fd/{fd}", flags)
+        except OSError as e:
+            return errno.errorcode.get(e.errno or 0)
+        try:
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                return os.pread(r, 100, 0)
+            return os.write(r, b"+more")
+        finally:
+            os.close(r)
+
+    out: list[object] = []
+    made = os.open(t.mnt / "made", os.O_RDWR | os.O_CREAT, 0o644)  # made in the upper
+    low = os.open(t.mnt / "low", os.O_RDWR)  # a lower file, copied up
+    os.write(low, b"LOW")
+    write(t.mnt / "a", b"aaa")
+    write(t.mnt / "b", b"bbb")
+    ra = os.open(t.mnt / "a", os.O_RDONLY)
+    try:
+        os.write(made, b"first")
+        os.unlink(t.mnt / "made")
+        os.unlink(t.mnt / "low")
+        os.rename(t.mnt / "b", t.mnt / "a")  # a's file has no name now
+        for fd in (made, low, ra):
+            for flags in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_TRUNC):
+                out.append(again(fd, flags))
+                out.append(os.pread(fd, 100, 0))
+        out.append((t.mnt / "a").read_bytes())
+        out.append(sorted(os.listdir(t.mnt)))
+    finally:
+        for fd in (made, low, ra):
+            os.close(fd)
+    return out
+
+
+def test_a_file_whose_name_is_gone_opens_again_through_proc(tmp_path: Path) -> None:
+    """The kernel overlay opens such a file again; unionfs does so through the daemon's
+    own open file of it (the lower file's case: tests/test_opens.py)."""
+    u, k = twins(tmp_path, _lower_file)
+    seen = {}
+    for t in (u, k):
+        with t.mount():
+            seen[t.kind] = _reopen_through_proc(t)
+    assert seen["kernel"][:2] == [b"first", b"first"]
+    assert seen["unionfs"] == seen["kernel"]

@@ -64,6 +64,11 @@ def is_name_only(entry: Entry) -> bool:
     return entry.st is _NO_STAT
 
 
+# Flags an open again through /proc/self/fd cannot take: the magic link is followed, and
+# the file is there already.
+_NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECTORY
+
+
 class UnionConfig:
     """What a mount is made of, already validated (see ``unionfs.fuse.mount``)."""
 
@@ -711,10 +716,17 @@ class Union:
 
         A node whose name is gone (an open through ``/proc/PID/fd``) can still be
         opened while its data is in a lower layer, which never changes; an upper
-        file's path may by now name another file."""
-        place = self.data_place(node)
-        if node.parent is None and place.layer.writable:
+        file's path may by now name another file, so it is opened again through a
+        file of it open here, as the kernel opens it again (ENOENT when none is:
+        only an ``O_PATH`` fd or a mapping holds it)."""
+        layer = self.data_layer(node)
+        if node.parent is None and layer.writable:
+            for f in self.open_files.get(node.ino, ()):
+                if f.layer is layer and f.fd >= 0:
+                    reopen = (flags & ~_NOT_REOPENED) | os.O_CLOEXEC
+                    return os.open(f"/proc/self/fd/{f.fd}", reopen)
             raise FileNotFoundError(errno.ENOENT, "removed", node.name)
+        place = self.data_place(node)
         return place.layer.open_file(*place.split(), flags)
 
     def follow_copy_up(self, node: Node) -> None:
