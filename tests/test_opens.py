@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -501,17 +502,30 @@ def _lower_states(base: Path) -> list[tuple[int, ...]]:
     ]
 
 
-def test_attributes_set_in_the_upper_layer_are_the_kernel_overlays(tmp_path: Path) -> None:
-    """The kernel overlay as the oracle; and with the hook, the C answers were part of it."""
-    u, k = twins(tmp_path, _fill_upper, n_lowers=2)
+def _as_on_the_kernel(
+    tmp_path: Path,
+    fill: Callable[[list[Path]], None],
+    scenario: Callable[[Path], list[object]],
+    n_lowers: int = 1,
+    **start: Any,
+) -> str:
+    """*scenario* on the kernel overlay, then on unionfs (started with *start*) over the
+    same layers (*fill*): both must see the same. Returns unionfs's log."""
+    u, k = twins(tmp_path, fill, n_lowers=n_lowers)
     with k.mount() as mnt:
-        expected = _upper_attributes(mnt)
-    um = start_unionfs(u.lowers, u.mnt, u.upper, u.work)
+        expected = scenario(mnt)
+    um = start_unionfs(u.lowers, u.mnt, u.upper, u.work, **start)
     try:
-        assert _upper_attributes(u.mnt) == expected
+        assert scenario(u.mnt) == expected
     finally:
         assert um.unmount() == 0
-    setattrs, misses = _in_c(um.log(), "setattrs"), _in_c(um.log(), "lookups")
+    return um.log()
+
+
+def test_attributes_set_in_the_upper_layer_are_the_kernel_overlays(tmp_path: Path) -> None:
+    """The kernel overlay as the oracle; and with the hook, the C answers were part of it."""
+    log = _as_on_the_kernel(tmp_path, _fill_upper, _upper_attributes, n_lowers=2)
+    setattrs, misses = _in_c(log, "setattrs"), _in_c(log, "lookups")
     if hook_enabled():
         assert setattrs is not None and setattrs >= 10, setattrs
         assert misses is not None and misses >= 3, misses
@@ -613,19 +627,10 @@ def test_creates_in_a_directory_only_in_the_upper_layer_are_the_kernel_overlays(
     requests), the C answers were part of it, and every one the daemon declined or
     could not take is made its own way. UNIONFS_PYTHON_CREATES=1 leaves them all to
     the daemon's Python side."""
-    u, k = twins(tmp_path, _fill_for_creates)
-    with k.mount() as mnt:
-        expected = _new_files(mnt)
-    if how == "python":
-        um = start_unionfs(u.lowers, u.mnt, u.upper, u.work, env={PYTHON_CREATES_ENV: "1"})
-    else:
-        um = start_unionfs(u.lowers, u.mnt, u.upper, u.work, **watched(how, tmp_path))
-    try:
-        assert _new_files(u.mnt) == expected
-    finally:
-        assert um.unmount() == 0
+    start = {"env": {PYTHON_CREATES_ENV: "1"}} if how == "python" else watched(how, tmp_path)
+    log = _as_on_the_kernel(tmp_path, _fill_for_creates, _new_files, **start)
     # new/f*, new/sub/r*, new/reuse/f* and g*, new/mine: the rest is the daemon's.
-    _answered_in_c(um.log(), how, creates=30)
+    _answered_in_c(log, how, creates=30)
 
 
 @pytest.mark.parametrize("how", ["plain", "debug"])
@@ -862,15 +867,8 @@ def test_lookups_of_missing_names_in_a_directory_of_one_layer(tmp_path: Path) ->
     """A directory in one lower layer only (or opaque there) answers its missing names
     in C as an upper-only one does, and a merged one when none of its parts has the
     name. The kernel overlay as the oracle; with the hook, at least the 40 misses."""
-    u, k = twins(tmp_path, _fill_one_layer_dirs, n_lowers=2)
-    with k.mount() as mnt:
-        expected = _one_layer_lookups(mnt)
-    um = start_unionfs(u.lowers, u.mnt, u.upper, u.work)
-    try:
-        assert _one_layer_lookups(u.mnt) == expected
-    finally:
-        assert um.unmount() == 0
-    misses = _in_c(um.log(), "lookups")
+    log = _as_on_the_kernel(tmp_path, _fill_one_layer_dirs, _one_layer_lookups, n_lowers=2)
+    misses = _in_c(log, "lookups")
     if hook_enabled():
         assert misses is not None and misses >= 40, misses
 

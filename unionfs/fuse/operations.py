@@ -271,10 +271,12 @@ class _COpens:
             return
         ops.passthrough.adopted(fh, node, backing, node.layer)
 
-    def arm(self, node: Node, fd_layer_path: tuple[int, bytes]) -> None:
-        """After the daemon answered a read-only open of the lower file of *node*."""
+    def arm(self, node: Node) -> None:
+        """After the daemon answered a read-only open of the lower file of *node*, or
+        found it by LOOKUP: the next such opens are answered in C, from its place."""
         if self.on and self.changing == 0:
-            self._arm(node.ino, *fd_layer_path)
+            place = node.place
+            self._arm(node.ino, place.layer.root_fd, place.path)
 
     def arm_attrs(self, node: Node) -> None:
         """After the daemon gave the attributes of *node*: the next GETATTRs of a
@@ -593,8 +595,7 @@ class Operations(pyfuse3.Operations):
             # A lower file looked up by name is usually opened next (an exec, a module
             # found along a search path): its first read-only open is answered in C too,
             # as the daemon would answer it (``_opened``).
-            place = node.place
-            self.c_opens.arm(node, (place.layer.root_fd, place.path))
+            self.c_opens.arm(node)
         return reply
 
     @no_reply_boundary
@@ -770,8 +771,7 @@ class Operations(pyfuse3.Operations):
             and node.parent is not None
         ):
             # The next opens like this one are answered in C (csrc/opens.c).
-            place = node.place
-            self.c_opens.arm(node, (place.layer.root_fd, place.path))
+            self.c_opens.arm(node)
         return FileInfo(fh=fh, keep_cache=plan.keep_cache)
 
     @boundary
