@@ -43,6 +43,25 @@ def test_empty_options_and_trailing_commas_are_ignored() -> None:
     assert (o.lowers, o.upper, o.work, o.fsync) == (["/a", "/b"], "/u", "/w", False)
 
 
+@pytest.mark.parametrize(
+    "given, fsync, sync_copy_up",
+    [
+        ("", True, 0),  # fuse-overlayfs's default: copy-ups are not synced
+        ("fsync=auto", True, 1),  # the kernel's default: the copied data is
+        ("fsync=strict", True, 2),  # and every copy-up of a file or directory
+        ("fsync=volatile", False, 0),
+        ("fsync=strict,volatile", False, 0),  # later options win
+        ("fsync=0,fsync=auto", True, 1),
+        ("fsync=strict,fsync=1", True, 0),
+    ],
+)
+def test_fsync_takes_fuse_overlayfs_and_kernel_values(
+    given: str, fsync: bool, sync_copy_up: int
+) -> None:
+    o = parse_options([f"lowerdir=/a,{given}"])
+    assert (o.fsync, o.sync_copy_up) == (fsync, sync_copy_up)
+
+
 def test_escaped_colons_and_commas_stay_in_paths() -> None:
     o = parse_options([r"lowerdir=/a\:b:/c\,d,upperdir=/u\,1,workdir=/w"])
     assert o.lowers == ["/a:b", "/c,d"]

@@ -17,7 +17,11 @@ class Options:
     upper: str | None = None
     work: str | None = None
     readonly: bool = False
-    fsync: bool = True
+    fsync: bool = True  # fsync requests reach the disk (volatile / fsync=0: acknowledged only)
+    # Copy-ups synced before they are put in place, as the kernel's fsync= option: 0 none
+    # (the default, as fuse-overlayfs), 1 the copied data (fsync=auto), 2 every copy-up
+    # of a file or directory, data or not (fsync=strict).
+    sync_copy_up: int = 0
     writeback: bool = False
     passthrough: str = "auto"  # auto | on | off: FUSE passthrough (unionfs.fuse.passthrough)
     static_nlink: bool = False
@@ -206,6 +210,18 @@ def _bool(name: str, value: str) -> bool:
     raise UsageError(f"{name}: expected 0 or 1, got {value!r}")
 
 
+def _fsync(value: str) -> tuple[bool, int]:
+    """``fsync=``: fuse-overlayfs's 0/1 or the kernel's auto/strict/volatile, as
+    (fsync requests reach the disk, how much of a copy-up is synced)."""
+    kernel = {"auto": (True, 1), "strict": (True, 2), "volatile": (False, 0)}
+    if value in kernel:
+        return kernel[value]
+    try:
+        return _bool("fsync", value), 0
+    except UsageError:
+        raise UsageError(f"fsync: expected 0, 1, auto, strict or volatile, got {value!r}") from None
+
+
 def parse_options(strings: list[str], opts: Options | None = None) -> Options:
     """Parse every ``-o`` string given, in order; later options win."""
     opts = opts or Options()
@@ -242,9 +258,9 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
     elif key == "ro":
         opts.readonly = True
     elif key == "volatile":
-        opts.fsync = False
+        opts.fsync, opts.sync_copy_up = False, 0
     elif key == "fsync":
-        opts.fsync = _bool(key, need())
+        opts.fsync, opts.sync_copy_up = _fsync(need())
     elif key == "writeback":
         opts.writeback = _bool(key, need())
     elif key == "passthrough":

@@ -512,14 +512,17 @@ def test_print_kernel_mount_keeps_the_kernel_options(tmp_path: Path) -> None:
     mnt.mkdir()
     res = run(
         "image", "mount", os.fspath(built.path), os.fspath(mnt), "--cache", os.fspath(tmp_path / "cache"),
-        "--print-kernel-mount", "-o", "ro,xino=on", "-o", "timeout=5,allow_other",
+        "--print-kernel-mount", "-o", "ro,xino=on,fsync=strict", "-o", "timeout=5,allow_other",
+        "-o", "fsync=0",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stderr == (
         "unionfs: -o timeout=5: no kernel overlay equivalent: left out of the printed command\n"
+        "unionfs: -o fsync=0: no kernel overlay equivalent (the kernel's is volatile): left "
+        "out of the printed command\n"
     )
     cmd = shlex.split(res.stdout)
-    assert cmd[5].endswith(",ro,xino=on")
+    assert cmd[5].endswith(",ro,xino=on,fsync=strict")
     subprocess.run(cmd, check=True)
     try:
         assert mount_type(mnt) == "overlay"

@@ -211,6 +211,7 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
         work=work,
         readonly=readonly,
         fsync=opts.fsync,
+        sync_copy_up=opts.sync_copy_up,
         writeback=opts.writeback,
         static_nlink=opts.static_nlink,
         acl=opts.acl,

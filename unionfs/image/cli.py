@@ -416,6 +416,8 @@ def _kernel_options(strings: list[str]) -> list[str]:
             key, _, value = item.partition("=")
             if key in _KERNEL_OPTIONS or key.startswith("x-"):
                 out.append(item)
+            elif key == "fsync" and value in ("auto", "strict", "volatile"):
+                out.append(item)  # the kernel's own spelling (its fsync=0 is not)
             elif key in _NOTHING:
                 continue
             else:

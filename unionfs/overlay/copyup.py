@@ -143,9 +143,11 @@ async def _copy_up_one(
     try:
         if kind == stat.S_IFREG and not meta:
             copied = st.st_size if size is None else min(size, st.st_size)
+        # fsync=auto syncs the copied data, fsync=strict the whole copy once it is built.
+        sync = union.config.sync_copy_up
         if kind == stat.S_IFREG:
             data = union.data_place(node)
-            method = await _copy_file(data, work, tmp, st, size, meta)
+            method = await _copy_file(data, work, tmp, st, size, meta, sync == 1)
         elif kind == stat.S_IFDIR:
             os.mkdir(tmp, 0o700, dir_fd=work)
         elif kind == stat.S_IFLNK:
@@ -160,7 +162,17 @@ async def _copy_up_one(
         src_dir = src.layer.dirfd(src_parent)
         # A truncate's copy gets new times: the truncate changes them.
         times = not (kind == stat.S_IFREG and size is not None)
-        copy_metadata(fd_path(src_dir, src_name), tmp_path, st, times=times)
+        if sync == 2 and kind in (stat.S_IFREG, stat.S_IFDIR):
+            # Opened while the copy is still the daemon's own (0o600, 0o700): its
+            # mode and owner may keep the daemon out once copied.
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=work)
+            try:
+                copy_metadata(fd_path(src_dir, src_name), tmp_path, st, times=times)
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+        else:
+            copy_metadata(fd_path(src_dir, src_name), tmp_path, st, times=times)
         # No await from here on: the rename, the parent's times and the node
         # update happen as one step as far as other requests can tell.
         up_dir = upper.dirfd(ppath)
@@ -236,6 +248,8 @@ async def _copy_up_data(union: Union, node: Node) -> None:
                 method = copy_range_in_place(src, dst, count)
             if caps is not None:
                 os.setxattr(dst, CAPS_XATTR, caps)
+            if union.config.sync_copy_up:  # the data on disk before the marker goes
+                await trio.to_thread.run_sync(os.fsync, dst)
             # The times are not put back: the kernel's copy leaves the mtime of its
             # writes, so the file shows the time it was opened for writing.
         finally:
@@ -272,11 +286,18 @@ def _set_marker(setter: Callable[..., None], *args: object) -> None:
 
 
 async def _copy_file(
-    data: Place, work: int, tmp: bytes, st: os.stat_result, size: int | None, meta: bool
+    data: Place,
+    work: int,
+    tmp: bytes,
+    st: os.stat_result,
+    size: int | None,
+    meta: bool,
+    sync: bool,
 ) -> str:
     """The copy of a regular file in the workdir: its data (up to *size*, and at that
     size), or with *meta* none of it, only its length (a sparse file, as the kernel
-    makes); returns how the data was copied (``clone_or_copy``)."""
+    makes); with *sync* the data is on disk before this returns. Returns how the data
+    was copied (``clone_or_copy``)."""
     if meta:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
@@ -295,6 +316,8 @@ async def _copy_file(
                 method = clone_or_copy(src, dst, length)
             if size is not None and size > length:
                 os.ftruncate(dst, size)
+            if sync:
+                await trio.to_thread.run_sync(os.fsync, dst)
         finally:
             os.close(dst)
     finally:

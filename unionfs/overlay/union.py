@@ -79,6 +79,9 @@ class UnionConfig:
         work: Path | None = None,
         readonly: bool = False,  # -o ro: show the upper too, but refuse every change (EROFS)
         fsync: bool = True,  # False: fsync requests are acknowledged without syncing (volatile)
+        # A copy-up is synced before it is put in place: 0 never, 1 its data (the kernel's
+        # fsync=auto), 2 also a copy of metadata only, of a file or directory (fsync=strict).
+        sync_copy_up: int = 0,
         static_nlink: bool = False,  # report nlink 1 for every directory
         # A directory's default ACL gives a new entry its mode (noacl: the umask always,
         # and the ACL only where the upper filesystem applies it, as the kernel's noacl).
@@ -96,6 +99,7 @@ class UnionConfig:
         self.work = work
         self.readonly = readonly
         self.fsync = fsync
+        self.sync_copy_up = sync_copy_up
         self.static_nlink = static_nlink
         self.acl = acl
         self.writeback = writeback
