@@ -338,6 +338,28 @@ def test_without_mountopt_empty_fields(fuse_store: Store) -> None:
     assert len(opts) == 2 and all(o.endswith(",") for o in opts), opts
 
 
+def test_mountopt_fsync_auto_reaches_the_program(fuse_store: Store) -> None:
+    """`mountopt = "nodev,fsync=auto"` (README: copy-ups synced, as on the kernel overlay
+    driver): podman hands the option to the program, which mounts with it, and the
+    container's copy-up of a lower file lands in its upper layer whole."""
+    conf = fuse_store.root / "storage-fsync-auto.conf"
+    text = fuse_store.storage_conf.read_text()
+    assert re.search(r'(?m)^mountopt = "[^"]*"$', text), text
+    conf.write_text(re.sub(r'(?m)^mountopt = "([^"]*)"$', r'mountopt = "\1,fsync=auto"', text))
+    store = dataclasses.replace(
+        fuse_store, env={**fuse_store.env, "CONTAINERS_STORAGE_CONF": str(conf)}
+    )
+    name = "unionfs-fsync-auto"
+    try:
+        ctr = store.create(name, BASE_IMAGE, "sh", "-c", "echo more >> /etc/passwd")
+        store.podman("start", "-a", name)
+        assert (Path(ctr.upper) / "etc/passwd").read_text().endswith("root:/bin/sh\nmore\n")
+    finally:
+        store.podman("rm", "-f", "-t", "0", name, check=False)
+    opts = [c.options for c in store.mounts_of(ctr)]
+    assert len(opts) == 1 and "fsync=auto" in opts[0].split(","), opts
+
+
 # The one known way a container with --uidmap fails (see the test below): runc
 # cannot open, inside the merged dir, the target of a file podman bind-mounts
 # from the container's userdata dir (/etc/hosts, /etc/hostname, /run/.containerenv
