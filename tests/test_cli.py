@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,11 +91,41 @@ def test_podman_id_mappings_parse() -> None:
         "lowerdir=",
         "lowerdir=/a,uidmapping=1:2",
         "lowerdir=/a::/b",
+        "lowerdir=/a,timeout=nan",
+        "lowerdir=/a,timeout=inf",
+        "lowerdir=/a,timeout=1e10",
+        "lowerdir=/a,squash_to_gid=4294967295",  # (gid_t)-1: no one
+        "lowerdir=/a,squash_to_uid=99999999999",
+        "lowerdir=/a,uidmapping=0:4294967295:1",
+        "lowerdir=/a,gidmapping=4294967290:0:10",
+        "lowerdir=/a,uidmapping=0:0:0",  # a range of no ids
     ],
 )
 def test_bad_options_are_clear_errors(bad: str) -> None:
     with pytest.raises(UsageError):
         parse_options([bad])
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["ro", "volatile", "static_nlink", "squash_to_root", "noacl", "userxattr", "nodev", "rw"],
+)
+@pytest.mark.parametrize("value", ["0", "1", ""])
+def test_a_flag_given_a_value_is_refused(flag: str, value: str) -> None:
+    """ro=0 is not "not read-only": a flag with any value is an error, never the flag."""
+    with pytest.raises(UsageError, match=f"option {flag} takes no value: {flag}={value}$"):
+        parse_options([f"lowerdir=/a,{flag}={value}"])
+
+
+def test_the_largest_ids_are_accepted() -> None:
+    o = parse_options(["lowerdir=/a,squash_to_uid=4294967294,uidmapping=0:4294967294:1"])
+    assert o.squash_uid == 4294967294
+    assert o.uid_map == [IdMap(0, 4294967294, 1)]
+
+
+def test_a_conflict_names_the_option_as_written() -> None:
+    with pytest.raises(UsageError, match="^conflicting options: metacopy=on,redirect_dir=off$"):
+        parse_options(["lowerdir=/a,metacopy=on,redirect_dir=off"])
 
 
 # -- refusals: one line, non-zero, nothing mounted ------------------------------------
@@ -321,6 +352,70 @@ def test_daemon_mode_returns_when_ready_and_exits_on_unmount(stack: Stack, tmp_p
         subprocess.run(["fusermount3", "-u", os.fspath(stack.mnt)], check=False)
     assert pid is not None and _wait_gone(pid)
     assert mount_type(stack.mnt) is None
+
+
+def test_a_remount_right_after_an_unmount_works(stack: Stack) -> None:
+    """fusermount3 -u returns before the daemon has exited and let go of its upper; a
+    mount of the same upper straight after (a container restarted) waits for that,
+    instead of being refused as if the upper were in use."""
+    opts = f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={stack.work}"
+    try:
+        for i in range(4):
+            r = run("-o", opts, os.fspath(stack.mnt))
+            assert r.returncode == 0, (i, r.stderr)
+            if i % 2:  # the daemon serving; else still loading its libraries (slower to go)
+                write(stack.mnt / f"f{i}", b"x")
+            subprocess.run(["fusermount3", "-u", os.fspath(stack.mnt)], check=True)
+    finally:
+        if mount_type(stack.mnt) is not None:
+            subprocess.run(["fusermount3", "-u", os.fspath(stack.mnt)], check=False)
+    assert sorted(os.listdir(stack.upper)) == ["f1", "f3"]
+
+
+def test_ctrl_c_while_the_daemon_starts_leaves_nothing_mounted(stack: Stack) -> None:
+    """^C to the command while its daemon is mounting: the daemon stops too and takes
+    its mount down, and the command says so in one line with status 130. The
+    daemon's mount(2) is held back 3 s by strace, so the ^C lands while it mounts."""
+    opts = f"lowerdir={stack.lowers[0]},upperdir={stack.upper},workdir={stack.work}"
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=mount",
+         "-e", "inject=mount:delay_enter=3000000",
+         *unionfs_command(), "-o", opts, os.fspath(stack.mnt)],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        command = daemon = None
+        deadline = time.monotonic() + 20
+        while daemon is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            command = _children(tracer.pid)[:1] or None
+            if command:
+                for pid in _children(command[0]):
+                    with contextlib.suppress(OSError):  # 165: mount(2), held at its entry
+                        if Path(f"/proc/{pid}/syscall").read_text().split()[0] == "165":
+                            daemon = pid
+        assert command is not None and daemon is not None, "the daemon never reached mount(2)"
+        os.kill(command[0], signal.SIGINT)
+        _, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 130, err
+        assert err == "unionfs: interrupted: nothing mounted\n"
+        assert _wait_gone(daemon)
+        assert mount_type(stack.mnt) is None
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        if mount_type(stack.mnt) is not None:
+            subprocess.run(["umount", "-l", os.fspath(stack.mnt)], check=False)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
 
 
 @pytest.mark.parametrize("how", ["fusermount3", "umount", "SIGTERM", "SIGINT"])

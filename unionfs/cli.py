@@ -177,6 +177,14 @@ def _mount_helper_form(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # ^C before a command took it over (in its imports, say)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     startup.mark("imports")
     if argv is None:
         argv = sys.argv[1:]
@@ -252,8 +260,11 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     if pid > 0:
         os.close(wfd)
         setup.release()  # the child holds the locks through its own copies
-        with os.fdopen(rfd, "rb") as r:
-            answer = r.read()
+        try:
+            with os.fdopen(rfd, "rb") as r:
+                answer = r.read()
+        except KeyboardInterrupt:
+            return _call_off(pid)
         if answer == b"ok":
             # Done: no interpreter teardown (tens of ms) between the mount and the caller.
             sys.stdout.flush()
@@ -304,6 +315,21 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     finally:
         connect_log()  # what was logged before a failure, too
         os._exit(code)
+
+
+def _call_off(pid: int) -> int:
+    """^C while the daemon starts: stop it too, and wait until it is gone. A mount it
+    made is undone (it holds SIGTERM until it can unmount), so the caller, told it
+    failed, finds nothing mounted."""
+    import contextlib
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    print(f"{PROG}: interrupted: nothing mounted", file=sys.stderr)
+    return 130
 
 
 def _tell(wfd: int, message: str) -> None:

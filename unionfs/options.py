@@ -35,6 +35,7 @@ class Options:
     # redirect_dir: "on", "follow" or "nofollow" (None: not given; the default is
     # "follow", as the kernel's with redirect_always_follow); metacopy=on implies "on".
     redirect: str | None = None
+    redirect_given: str | None = None  # as written (off means follow), for messages
     metacopy: bool = False
 
     def __init__(self) -> None:
@@ -175,6 +176,10 @@ def unescape(value: str) -> str:
     return "".join(out)
 
 
+# The largest id a file can have: uid_t and gid_t are 32 bits, and all ones means "none".
+MAX_ID = (1 << 32) - 2
+
+
 def parse_idmap(name: str, value: str) -> list[IdMap]:
     """``uidmapping=INSIDE:OUTSIDE:COUNT[:INSIDE:OUTSIDE:COUNT...]``.
 
@@ -189,16 +194,28 @@ def parse_idmap(name: str, value: str) -> list[IdMap]:
         raise UsageError(f"{name}: not a number in {value!r}") from None
     if any(n < 0 for n in ints):
         raise UsageError(f"{name}: negative id in {value!r}")
-    return [IdMap(ints[i], ints[i + 1], ints[i + 2]) for i in range(0, len(ints), 3)]
+    maps = [IdMap(ints[i], ints[i + 1], ints[i + 2]) for i in range(0, len(ints), 3)]
+    for m in maps:
+        if m.count == 0:
+            raise UsageError(f"{name}: a range of 0 ids in {value!r}")
+        if max(m.inside, m.outside) + m.count - 1 > MAX_ID:
+            raise UsageError(f"{name}: an id above {MAX_ID} in {value!r}")
+    return maps
 
 
-def _int(name: str, value: str) -> int:
+# The longest cache timeout (about 31 years): libfuse hands the kernel whole seconds.
+MAX_TIMEOUT = 1e9
+
+
+def _id(name: str, value: str) -> int:
     try:
         n = int(value)
     except ValueError:
         raise UsageError(f"{name}: not a number: {value!r}") from None
     if n < 0:
         raise UsageError(f"{name}: must not be negative: {value!r}")
+    if n > MAX_ID:
+        raise UsageError(f"{name}: above the largest id, {MAX_ID}: {value!r}")
     return n
 
 
@@ -232,7 +249,7 @@ def parse_options(strings: list[str], opts: Options | None = None) -> Options:
     if opts.metacopy:
         # As the kernel: metacopy=on needs redirects, and turns them on unless told otherwise.
         if opts.redirect not in (None, "on"):
-            raise UsageError(f"conflicting options: metacopy=on,redirect_dir={opts.redirect}")
+            raise UsageError(f"conflicting options: metacopy=on,redirect_dir={opts.redirect_given}")
         opts.redirect = "on"
     return opts
 
@@ -240,7 +257,14 @@ def parse_options(strings: list[str], opts: Options | None = None) -> Options:
 REDIRECT_MODES = {"on": "on", "follow": "follow", "nofollow": "nofollow", "off": "follow"}
 
 
+# Options that are a word alone: a value given to one is a mistake (ro=0 is not "not ro").
+FLAGS = {"ro", "volatile", "static_nlink", "squash_to_root", "noacl", "userxattr"}
+
+
 def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # noqa: C901
+    if value is not None and (key in FLAGS or key in FUSE_FLAGS or key in NO_OPS):
+        raise UsageError(f"option {key} takes no value: {item}")
+
     def need() -> str:
         if value is None or value == "":
             raise UsageError(f"option {key} needs a value")
@@ -281,8 +305,8 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
             opts.timeout = float(need())
         except ValueError:
             raise UsageError(f"timeout: not a number: {value!r}") from None
-        if opts.timeout < 0:
-            raise UsageError("timeout must not be negative")
+        if not 0 <= opts.timeout <= MAX_TIMEOUT:  # NaN too
+            raise UsageError(f"timeout: expected 0 to {MAX_TIMEOUT:.0f} seconds, got {value!r}")
     elif key == "uidmapping":
         opts.uid_map = parse_idmap(key, need())
     elif key == "gidmapping":
@@ -291,7 +315,7 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         redirect = REDIRECT_MODES.get(need())
         if redirect is None:
             raise UsageError(f"redirect_dir: expected on, follow, nofollow or off, got {value!r}")
-        opts.redirect = redirect
+        opts.redirect, opts.redirect_given = redirect, value
     elif key == "metacopy":
         if need() not in ("on", "off"):
             raise UsageError(f"metacopy: expected on or off, got {value!r}")
@@ -299,9 +323,9 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
     elif key == "squash_to_root":
         opts.squash_root = True
     elif key == "squash_to_uid":
-        opts.squash_uid = _int(key, need())
+        opts.squash_uid = _id(key, need())
     elif key == "squash_to_gid":
-        opts.squash_gid = _int(key, need())
+        opts.squash_gid = _id(key, need())
     elif key in FUSE_FLAGS and value is None:
         opts.fuse.add(key)
     elif key in NO_OPS and value is None:

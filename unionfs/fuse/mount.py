@@ -14,6 +14,7 @@ import resource
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -349,7 +350,8 @@ def redirect_mode(opts: Options, xattrs: XattrNamespace) -> str:
     asking for either is an error."""
     if not xattrs.userxattr:
         return opts.redirect or "follow"
-    asked = [f"redirect_dir={opts.redirect}"] if opts.redirect in ("on", "follow") else []
+    given = opts.redirect_given or opts.redirect
+    asked = [f"redirect_dir={given}"] if opts.redirect in ("on", "follow") else []
     if opts.metacopy:
         asked = ["metacopy=on"]
     if asked:
@@ -410,16 +412,27 @@ def _check_writable(kind: str, path: Path) -> None:
         raise UsageError(f"{kind} {path}: not writable")
 
 
+# How long a lock held by another daemon is waited for: one that was just unmounted is
+# still shutting down (fusermount3 -u returns before the daemon has exited), and a
+# remount right after an unmount (a container restarted) must not fail for that.
+LOCK_WAIT = 3.0
+
+
 def _lock(kind: str, path: Path) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise UsageError(f"{kind} {path} is in use by another unionfs mount") from None
-        raise UsageError(f"{kind} {path}: cannot lock: {e.strerror}") from None
-    return fd
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UsageError(f"{kind} {path} is in use by another unionfs mount") from None
+            raise UsageError(f"{kind} {path}: cannot lock: {e.strerror}") from None
 
 
 def raise_fd_limit() -> None:
