@@ -354,6 +354,53 @@ def test_daemon_mode_returns_when_ready_and_exits_on_unmount(stack: Stack, tmp_p
     assert mount_type(stack.mnt) is None
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "--to", "kernel", ""],
+        ["check", ""],
+        ["diff", ""],
+        ["commit", "", "-o", "x.tar"],
+        ["commit", "up", "--lower", "", "-o", "x.tar"],
+        ["commit", "up", "--lower=", "-o", "x.tar"],
+        ["explain", "-o", "lowerdir=low", ""],
+        ["trace", ""],
+        ["layer", "import", "x.tar", ""],
+        ["-o", "lowerdir=low", ""],
+        ["-o", "", "mnt"],
+    ],
+)
+def test_an_empty_argument_is_refused_never_read_as_here(tmp_path: Path, argv: list[str]) -> None:
+    """An empty path (an unset variable in a script) is an error in one line, status 2;
+    it was read as the current directory: `convert --to kernel ""` rewrote the markers
+    of wherever it ran."""
+    (tmp_path / "low").mkdir()
+    (tmp_path / "up").mkdir()
+    write(tmp_path / ".wh.gone", b"")  # what convert --to kernel would turn into a whiteout
+    r = run(*argv, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (2, ""), r
+    assert r.stderr.count("\n") == 1 and "is empty" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == [".wh.gone", "low", "up"]
+    assert (tmp_path / ".wh.gone").is_file()
+
+
+def test_an_empty_message_is_still_a_message(tmp_path: Path) -> None:
+    (tmp_path / "up").mkdir()
+    write(tmp_path / "up/f", b"1")
+    r = run("commit", "up", "-o", "x.tar", "-m", "", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("lower", ["low::low", "low:", ":low"])
+def test_an_empty_path_in_a_lower_list_is_refused(tmp_path: Path, lower: str) -> None:
+    (tmp_path / "low").mkdir()
+    (tmp_path / "up").mkdir()
+    r = run("diff", "up", "--lower", lower, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == (
+        f"unionfs: --lower {lower!r}: an empty path in the list\n"
+    ), r.stderr
+
+
 def test_a_remount_right_after_an_unmount_works(stack: Stack) -> None:
     """fusermount3 -u returns before the daemon has exited and let go of its upper; a
     mount of the same upper straight after (a container restarted) waits for that,

@@ -188,6 +188,12 @@ def _main(argv: list[str] | None) -> int:
     startup.mark("imports")
     if argv is None:
         argv = sys.argv[1:]
+    empty = _empty_argument(argv)
+    if empty is not None:
+        # Never read as the current directory: `unionfs convert --to kernel "$UNSET"`
+        # would rewrite wherever it runs.
+        print(f"{PROG}: {empty}", file=sys.stderr)
+        return 2
     module = _subcommand(argv)
     if module is not None:
         import importlib
@@ -315,6 +321,21 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
     finally:
         connect_log()  # what was logged before a failure, too
         os._exit(code)
+
+
+# Options whose value may be empty: a commit's message.
+EMPTY_ALLOWED = ("-m", "--message")
+
+
+def _empty_argument(argv: list[str]) -> str | None:
+    """What is wrong when an argument is empty (a path or value left out), or None.
+    ``--opt=`` counts as empty too."""
+    for i, arg in enumerate(argv):
+        if arg == "" and not (i and argv[i - 1] in EMPTY_ALLOWED):
+            return f"argument {i + 1} is empty: a path or value was left out"
+        if arg.startswith("--") and arg.endswith("=") and arg[:-1] not in EMPTY_ALLOWED:
+            return f"{arg[:-1]}: the value is empty: a path or value was left out"
+    return None
 
 
 def _call_off(pid: int) -> int:

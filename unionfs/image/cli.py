@@ -558,6 +558,8 @@ def _lowers(values: list[str]) -> list[Path]:
     out = []
     for value in values:
         for p in split_path_list(value):
+            if p == "":
+                raise ImageError(f"--lower {value!r}: an empty path in the list")
             out.append(_directory(p, "lower layer "))
     return out
 
