@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # ^C before a command took it over (in its imports, say)
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except RecursionError:
+        print(f"{PROG}: a directory tree too deep to walk (over {TOOL_RECURSION // 2:,} levels)",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 def _main(argv: list[str] | None) -> int:
@@ -197,6 +201,11 @@ def _main(argv: list[str] | None) -> int:
     module = _subcommand(argv)
     if module is not None:
         import importlib
+
+        # The tools walk directory trees by recursion, one level a call; a layer may be
+        # thousands of levels deep (a tar path has no length limit). Python's calls use
+        # no C stack here, so the limit is only a count; past it, one line (below).
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), TOOL_RECURSION))
 
         run: Callable[[list[str]], int] = importlib.import_module(module).main
         return run(argv)
@@ -322,6 +331,9 @@ def _daemonize(setup: Setup, timeout: float | None) -> int:
         connect_log()  # what was logged before a failure, too
         os._exit(code)
 
+
+# How deep the tools' recursive walks may go (two calls a level at most).
+TOOL_RECURSION = 40_000
 
 # Options whose value may be empty: a commit's message.
 EMPTY_ALLOWED = ("-m", "--message")

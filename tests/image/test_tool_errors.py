@@ -16,6 +16,7 @@ import shlex
 import socket
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -622,3 +623,89 @@ def test_commit_of_a_live_unionfs_mount(tmp_path: Path) -> None:
         res = run("commit", os.fspath(upper), "-o", out)
         assert res.returncode == 0
         assert f"is the upper layer of the live mount at {mnt}" in res.stderr
+
+
+# -- deep trees ---------------------------------------------------------------------
+
+
+def _deep(root: Path, levels: int) -> None:
+    """*root*/d/d/.../d/leaf, *levels* directories below *root* (made through fds: the
+    path is longer than PATH_MAX)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        leaf = os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+        os.write(leaf, b"deep")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+def test_trees_thousands_of_levels_deep_are_walked(tmp_path: Path) -> None:
+    """3,000 levels (a layer's tar paths have no length limit): diff, commit, convert and
+    check walk them; they stopped with a RecursionError traceback past about 1,000. And
+    an image with such a layer lists its layers."""
+    up = tmp_path / "up"
+    _deep(up, 3000)
+    deepest = "/".join(["d"] * 3000)
+    res = run("diff", os.fspath(up))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[-1] == f"A /{deepest}/leaf"
+    out = tmp_path / "deep.tar"
+    res = run("commit", os.fspath(up), "-o", os.fspath(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    with tarfile.open(out) as tf:
+        member = tf.extractfile(f"{deepest}/leaf")
+        assert member is not None and member.read() == b"deep"
+    for argv in (["convert", "--to", "kernel", "--dry-run"], ["check"]):
+        res = run(*argv, os.fspath(up))
+        assert res.returncode == 0, (argv, res.stderr[-2000:])
+    # The unpacker takes paths up to PATH_MAX (4,096 bytes): 1,500 levels.
+    layer = tmp_path / "layer"
+    _deep(layer, 1500)
+    res = run("commit", os.fspath(layer), "-o", os.fspath(tmp_path / "layer.tar"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    built = write_oci_layout(
+        tmp_path / "img", [Layer((tmp_path / "layer.tar").read_bytes(), "none")]
+    )
+    res = run("image", "layers", os.fspath(built.path), "--cache", os.fspath(tmp_path / "cache"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "1,501" in res.stdout or "1501" in res.stdout, res.stdout
+
+
+def test_a_tree_deeper_than_the_open_file_limit_is_one_line(tmp_path: Path) -> None:
+    """One open directory a level: with 300 files allowed, 400 levels end in one line."""
+    up = tmp_path / "up"
+    _deep(up, 400)
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    res = subprocess.run(
+        ["prlimit", "--nofile=300", *unionfs_command(), "diff", os.fspath(up)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and res.stderr == (
+        "unionfs: too many open files: a directory tree deeper than the open-file limit (300)?\n"
+    ), res.stderr[-2000:]
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_one_line(tmp_path: Path) -> None:
+    """Past the tools' recursion limit (lowered here to 300, for a 400-level tree), one
+    line, not a traceback."""
+    up = tmp_path / "up"
+    _deep(up, 400)
+    script = (
+        "import sys; import unionfs.cli as c; c.TOOL_RECURSION = 300; "
+        "sys.setrecursionlimit(300); sys.exit(c.main(sys.argv[1:]))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    res = subprocess.run(
+        [sys.executable, "-c", script, "diff", os.fspath(up)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and res.stderr == (
+        "unionfs: a directory tree too deep to walk (over 150 levels)\n"
+    ), res.stderr[-2000:]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
+import resource
 import stat
 import sys
 from collections.abc import Callable
@@ -52,8 +54,23 @@ def main(argv: list[str]) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as e:  # what no command worded itself
+        print(f"{PROG}: {_os_message(e)}", file=sys.stderr)
+        return 1
     finally:
         _stop_warnings()
+
+
+def _os_message(e: OSError) -> str:
+    if e.errno == errno.EMFILE:  # one open directory a level: a tree that deep
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return f"too many open files: a directory tree deeper than the open-file limit ({limit})?"
+    name = os.fsdecode(e.filename) if e.filename is not None else ""
+    if name and not name.startswith("/proc/self/fd/"):
+        from unionfs.inspect.names import printable
+
+        return f"{printable(name)}: {os_reason(e)}"
+    return os_reason(e)
 
 
 # What the image tools log is a warning for the user (a socket left out of a layer,
