@@ -242,6 +242,52 @@ def test_a_full_disk_is_one_line(tmp_path: Path) -> None:
         subprocess.run(["umount", small], check=True)
 
 
+def test_a_full_disk_under_a_new_layout_or_the_temporary_layer_is_one_line(
+    tmp_path: Path,
+) -> None:
+    """commit --image into a new layout on a full disk: one line, and neither the
+    part-copied blob nor the layout it started is left (both were, after a
+    traceback). With the temporary directory full, one line too (the buffer's rest
+    failed a second time over the first error)."""
+    rootfs = make_rootfs(tmp_path / "rootfs")
+    (rootfs / "big").write_bytes(os.urandom(256 << 10))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small], check=True)
+    try:
+        res = run("commit", os.fspath(rootfs), "--image", os.fspath(small / "img"), "--tag", "v1")
+        one_line(res, "no space left on device")
+        assert f"{small}/img: adding blob sha256:" in res.stderr, res.stderr
+        assert os.listdir(small) == []
+        env = dict(os.environ, PYTHONPATH=os.fspath(REPO), TMPDIR=os.fspath(small))
+        res = subprocess.run(
+            [*unionfs_command(), "commit", os.fspath(rootfs), "--image", os.fspath(tmp_path / "i2"),
+             "--tag", "v1"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        one_line(res, "layer.tar: writing the layer: no space left on device")
+        assert os.listdir(small) == [] and not (tmp_path / "i2").exists()
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+@pytest.mark.parametrize("epoch", ["-5", "99999999999999999999", "253402300800", "x"])
+def test_a_source_date_epoch_outside_0_to_9999_is_one_line(tmp_path: Path, epoch: str) -> None:
+    rootfs = make_rootfs(tmp_path / "rootfs")
+    for argv, env in (
+        (["--source-date-epoch", epoch], {}),
+        ([], {"SOURCE_DATE_EPOCH": epoch}),
+    ):
+        res = subprocess.run(
+            [*unionfs_command(), "commit", os.fspath(rootfs), "--image", os.fspath(tmp_path / "i"),
+             "--tag", "v1", *argv],
+            capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.fspath(REPO), **env),
+        )  # fmt: skip
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert "seconds" in res.stderr and not (tmp_path / "i").exists()
+
+
 def test_layer_file_names_say_the_compression(tmp_path: Path) -> None:
     rootfs = make_rootfs(tmp_path / "rootfs")
     out = tmp_path / "out"
@@ -628,6 +674,17 @@ def test_commit_of_a_live_unionfs_mount(tmp_path: Path) -> None:
 # -- deep trees ---------------------------------------------------------------------
 
 
+@pytest.fixture
+def deep_dirs(tmp_path: Path) -> Iterator[Path]:
+    """*tmp_path*, emptied with rm -rf at the end: shutil.rmtree (pytest's clean-up of
+    old temporary directories) recurses once a level, and fails on trees this deep."""
+    try:
+        yield tmp_path
+    finally:
+        for entry in tmp_path.iterdir():
+            subprocess.run(["rm", "-rf", "--", os.fspath(entry)], check=True)
+
+
 def _deep(root: Path, levels: int) -> None:
     """*root*/d/d/.../d/leaf, *levels* directories below *root* (made through fds: the
     path is longer than PATH_MAX)."""
@@ -646,7 +703,8 @@ def _deep(root: Path, levels: int) -> None:
         os.close(fd)
 
 
-def test_trees_thousands_of_levels_deep_are_walked(tmp_path: Path) -> None:
+def test_trees_thousands_of_levels_deep_are_walked(deep_dirs: Path) -> None:
+    tmp_path = deep_dirs
     """3,000 levels (a layer's tar paths have no length limit): diff, commit, convert and
     check walk them; they stopped with a RecursionError traceback past about 1,000. And
     an image with such a layer lists its layers."""
@@ -678,7 +736,8 @@ def test_trees_thousands_of_levels_deep_are_walked(tmp_path: Path) -> None:
     assert "1,501" in res.stdout or "1501" in res.stdout, res.stdout
 
 
-def test_a_tree_deeper_than_the_open_file_limit_is_one_line(tmp_path: Path) -> None:
+def test_a_tree_deeper_than_the_open_file_limit_is_one_line(deep_dirs: Path) -> None:
+    tmp_path = deep_dirs
     """One open directory a level: with 300 files allowed, 400 levels end in one line."""
     up = tmp_path / "up"
     _deep(up, 400)
@@ -692,7 +751,8 @@ def test_a_tree_deeper_than_the_open_file_limit_is_one_line(tmp_path: Path) -> N
     ), res.stderr[-2000:]
 
 
-def test_a_tree_deeper_than_the_recursion_limit_is_one_line(tmp_path: Path) -> None:
+def test_a_tree_deeper_than_the_recursion_limit_is_one_line(deep_dirs: Path) -> None:
+    tmp_path = deep_dirs
     """Past the tools' recursion limit (lowered here to 300, for a 400-level tree), one
     line, not a traceback."""
     up = tmp_path / "up"

@@ -653,7 +653,7 @@ def _commit(argv: list[str]) -> int:
                    "stdout (uncompressed unless --compression) and the digests to stderr")  # fmt: skip
     p.add_argument("--compression", choices=("gzip", "zstd", "none"),
                    help="override the compression the file name asks for")  # fmt: skip
-    p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
+    p.add_argument("--source-date-epoch", type=_epoch, metavar="SECONDS",
                    default=_env_epoch(),
                    help="clamp mtimes (and date the image) to this time "
                    "(default: $SOURCE_DATE_EPOCH)")  # fmt: skip
@@ -866,11 +866,23 @@ def _mounts_with_upper(
     return found
 
 
+# The latest time a tar header and an RFC 3339 date both hold: 9999-12-31T23:59:59Z.
+MAX_EPOCH = 253402300799
+
+
 def _env_epoch() -> int | None:
     value = os.environ.get("SOURCE_DATE_EPOCH")
     if value is None or value == "":
         return None
+    return _epoch(value, f"SOURCE_DATE_EPOCH={value!r}")
+
+
+def _epoch(value: str, what: str = "--source-date-epoch") -> int:
+    """Seconds since 1970, for a reproducible date: 0 to the year 9999."""
     try:
-        return int(value)
+        n = int(value)
     except ValueError:
-        raise UsageError(f"SOURCE_DATE_EPOCH={value!r}: not a number of seconds") from None
+        raise UsageError(f"{what}: not a number of seconds") from None
+    if not 0 <= n <= MAX_EPOCH:
+        raise UsageError(f"{what}: expected 0 to {MAX_EPOCH} seconds (the year 9999)")
+    return n

@@ -635,15 +635,20 @@ class LayoutWriter:
         dst = os.path.join(self.path, _blob_path(digest))
         tmp = os.path.join(self.path, "blobs", "sha256", f".{digest.hex}.{os.getpid()}")
         try:
-            os.link(src, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
-            import shutil
+            try:
+                os.link(src, tmp)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                import shutil
 
-            shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, dst)
+                shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, dst)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a part copied before the disk filled up
+            raise ImageError(f"{self.path}: adding blob {digest}: {os_reason(e)}") from None
 
     def read_index(self) -> dict[str, Any]:
         try:
@@ -731,57 +736,89 @@ def append_layer(
                 f"{layout}: no OCI image layout {d} to take the image {t} from "
                 f"(--image {d} without :{t} starts a new layout from scratch)"
             ) from None
+    made = not os.path.lexists(path)
     writer = LayoutWriter(path)
     try:
-        base: Image | None = None
-        if base_tag is not None or writer.read_index()["manifests"]:
-            base = open_image(path if base_tag is None else f"{path}:{base_tag}")
-            base.close()
-        manifest_type = (
-            (base.manifest or {}).get("mediaType", OCI_MANIFEST) if base else OCI_MANIFEST
-        )
-        docker = manifest_type == DOCKER_MANIFEST
-        if docker and compression == "zstd":
-            raise ImageError(f"{layout}: a docker manifest cannot hold a zstd layer")
-        layer_type = DOCKER_LAYER if docker else OCI_LAYER
-        if compression == "gzip":
-            layer_type += ".gzip" if docker else "+gzip"
-        elif compression == "zstd":
-            layer_type += "+zstd"
-        writer.add_blob_file(layer_file, digest)
-        config = new_config(base.config if base else None, diff_id, created, message, created_by)
-        config_bytes = canonical_json(config)
-        config_digest = writer.add_blob_bytes(config_bytes)
-        old = base.manifest if base and base.manifest else None
-        manifest: dict[str, Any] = (
-            json.loads(json.dumps(old))
-            if old
-            else {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-            }
-        )
-        manifest.pop("annotations", None)  # they described the base image
-        config_type = (old or {}).get("config", {}).get("mediaType") or (
-            DOCKER_CONFIG if docker else OCI_CONFIG
-        )
-        manifest["config"] = {
-            "mediaType": config_type,
-            "digest": str(config_digest),
-            "size": len(config_bytes),
-        }
-        layer_desc = {"mediaType": layer_type, "digest": str(digest), "size": size}
-        manifest["layers"] = [*(manifest.get("layers") or []), layer_desc]
-        manifest_bytes = canonical_json(manifest)
-        manifest_digest = writer.add_blob_bytes(manifest_bytes)
-        writer.tag(
-            {
-                "mediaType": manifest.get("mediaType", OCI_MANIFEST),
-                "digest": str(manifest_digest),
-                "size": len(manifest_bytes),
-            },
-            tag,
-        )
-        return manifest_digest
+        return _append(writer, path, layout, base_tag, layer_file, diff_id, digest, size,
+                       compression, tag, message, created, created_by)  # fmt: skip
+    except BaseException:
+        if made and not _tagged(writer):  # a layout this commit started, still unused
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)  # (a full disk): nothing is left
+        raise
     finally:
         writer.close()
+
+
+def _tagged(writer: LayoutWriter) -> bool:
+    """Whether the layout holds an image (under the writer's lock)."""
+    try:
+        return bool(writer.read_index()["manifests"])
+    except ImageError:
+        return False
+
+
+def _append(
+    writer: LayoutWriter,
+    path: str,
+    layout: str,
+    base_tag: str | None,
+    layer_file: str,
+    diff_id: Digest,
+    digest: Digest,
+    size: int,
+    compression: str,
+    tag: str,
+    message: str,
+    created: str,
+    created_by: str,
+) -> Digest:
+    base: Image | None = None
+    if base_tag is not None or writer.read_index()["manifests"]:
+        base = open_image(path if base_tag is None else f"{path}:{base_tag}")
+        base.close()
+    manifest_type = (base.manifest or {}).get("mediaType", OCI_MANIFEST) if base else OCI_MANIFEST
+    docker = manifest_type == DOCKER_MANIFEST
+    if docker and compression == "zstd":
+        raise ImageError(f"{layout}: a docker manifest cannot hold a zstd layer")
+    layer_type = DOCKER_LAYER if docker else OCI_LAYER
+    if compression == "gzip":
+        layer_type += ".gzip" if docker else "+gzip"
+    elif compression == "zstd":
+        layer_type += "+zstd"
+    writer.add_blob_file(layer_file, digest)
+    config = new_config(base.config if base else None, diff_id, created, message, created_by)
+    config_bytes = canonical_json(config)
+    config_digest = writer.add_blob_bytes(config_bytes)
+    old = base.manifest if base and base.manifest else None
+    manifest: dict[str, Any] = (
+        json.loads(json.dumps(old))
+        if old
+        else {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+        }
+    )
+    manifest.pop("annotations", None)  # they described the base image
+    config_type = (old or {}).get("config", {}).get("mediaType") or (
+        DOCKER_CONFIG if docker else OCI_CONFIG
+    )
+    manifest["config"] = {
+        "mediaType": config_type,
+        "digest": str(config_digest),
+        "size": len(config_bytes),
+    }
+    layer_desc = {"mediaType": layer_type, "digest": str(digest), "size": size}
+    manifest["layers"] = [*(manifest.get("layers") or []), layer_desc]
+    manifest_bytes = canonical_json(manifest)
+    manifest_digest = writer.add_blob_bytes(manifest_bytes)
+    writer.tag(
+        {
+            "mediaType": manifest.get("mediaType", OCI_MANIFEST),
+            "digest": str(manifest_digest),
+            "size": len(manifest_bytes),
+        },
+        tag,
+    )
+    return manifest_digest

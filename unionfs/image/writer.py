@@ -284,7 +284,8 @@ def write_layer(
         except OSError as e:
             raise ImageError(f"{target.parent}: cannot write there: {os_reason(e)}") from None
         try:
-            with os.fdopen(tmp_fd, "wb") as f:
+            f = os.fdopen(tmp_fd, "wb")
+            try:
                 written = _write(
                     upper, fd, f, os.fspath(target), lowers, compression, source_date_epoch
                 )
@@ -294,6 +295,11 @@ def write_layer(
                     os.fchmod(f.fileno(), 0o644)
                 except OSError as e:
                     raise ImageError(f"{target}: writing the layer: {os_reason(e)}") from None
+            finally:
+                # After a failed write (a full disk) the buffer's rest cannot be written
+                # either: closing must not raise that again over the first error.
+                with contextlib.suppress(OSError):
+                    f.close()
             _replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
