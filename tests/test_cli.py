@@ -401,6 +401,23 @@ def test_an_empty_path_in_a_lower_list_is_refused(tmp_path: Path, lower: str) ->
     ), r.stderr
 
 
+def test_a_trace_file_in_a_directory_it_cannot_search_is_one_line(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Without the capabilities that pass over modes, a trace file in a directory of mode
+    000: one line (it was a PermissionError traceback), nothing mounted."""
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o000)
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    r = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *unionfs_command(),
+         "-o", f"lowerdir={stack.lowers[0]},trace={shut}/t", os.fspath(stack.mnt)],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (1, f"unionfs: trace file {shut}/t: Permission denied\n")
+    assert mount_type(stack.mnt) is None
+
+
 def test_a_remount_right_after_an_unmount_works(stack: Stack) -> None:
     """fusermount3 -u returns before the daemon has exited and let go of its upper; a
     mount of the same upper straight after (a container restarted) waits for that,

@@ -364,3 +364,45 @@ def test_a_planted_non_socket_fails_trace_follow_fast(
             assert time.monotonic() - started < 15
         finally:
             os.unlink(sock)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda s: s["config"].update(lowers=5),
+        lambda s: s["ids"]["uids"].update(ranges="x"),
+        lambda s: s.update(ids=[]),
+        lambda s: s.update(config="x"),
+    ],
+    ids=["lowers-a-number", "ranges-a-string", "ids-a-list", "config-a-string"],
+)
+def test_a_state_file_of_the_wrong_shape_is_unreadable_not_a_traceback(
+    stack: Stack,
+    mounted: Callable[..., UnionMount],
+    tmp_path: Path,
+    spoil: Callable[[dict[str, object]], None],
+) -> None:
+    """Valid JSON, every field there, one of the wrong kind: the tools say the state is
+    unreadable (explain, and convert refuses as for any mount without a usable state);
+    they stopped with a TypeError traceback."""
+    import json
+
+    write(stack.lowers[0] / "f", b"1")
+    elsewhere = {state.RUNDIR_ENV: os.fspath(tmp_path / "elsewhere")}
+    um = mounted(env=elsewhere)
+    path = _published(tmp_path / "elsewhere", um)
+    data = json.loads(path.read_text())
+    spoil(data)
+    tmp = path.with_name(".spoilt")
+    tmp.write_text(json.dumps(data))
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    other = tmp_path / "other"
+    write(other / ".wh.y", b"")
+    res = run("explain", stack.mnt / "f", env=elsewhere, only=(um,))
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert "unreadable (not a mount state this unionfs writes)" in res.stderr, res.stderr
+    res = run("convert", "--to", "kernel", other, env=elsewhere, only=(um,))
+    assert "Traceback" not in res.stderr and res.returncode == 2, res.stderr
+    assert "unreadable (not a mount state this unionfs writes)" in res.stderr, res.stderr
+    assert (other / ".wh.y").exists()

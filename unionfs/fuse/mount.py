@@ -282,7 +282,13 @@ def _trace_path(raw: str, mnt: Path, named: list[tuple[str, Path]]) -> Path:
     if not parent.is_dir():
         raise UsageError(f"trace file {raw}: no such directory {path.parent}")
     path = parent / path.name
-    if path.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_dir = False
+    except OSError as e:  # its directory cannot be searched
+        raise UsageError(f"trace file {raw}: {e.strerror}") from None
+    if is_dir:
         raise UsageError(f"trace file {raw}: is a directory")
     for kind, where in [("mountpoint", mnt), *named]:
         if _inside(path, where):

@@ -467,8 +467,9 @@ def _read_in(d: Path, device: str, owners: tuple[int, ...]) -> tuple[MountState 
         os.close(dfd)
     try:
         state = MountState(**json.loads(raw))
-    except (ValueError, TypeError) as e:
-        return None, f"{path}: unreadable ({e})"
+        state.union_config()  # every field of the right kind
+    except (ValueError, TypeError, AttributeError):
+        return None, f"{path}: unreadable (not a mount state this unionfs writes)"
     if state.device != device:
         return None, f"{path} is the state of another device ({state.device})"
     if not _alive(state.pid):
