@@ -654,6 +654,19 @@ def test_commit_of_a_live_kernel_overlay(tmp_path: Path) -> None:
             f"unionfs: warning: {upper} is the upper layer of the live mount at {m}: what "
             "changes while it is committed may be caught half-way; unmount it first\n"
         )
+        # diff too: it listed everything the mount shows as added.
+        res = run("diff", os.fspath(m))
+        assert (res.returncode, res.stdout) == (1, ""), res
+        assert res.stderr == (
+            f"unionfs: {m}: the mount point of a live overlay mount: a merged tree, not an "
+            "upper directory; diff its upper directory\n"
+        )
+        res = run("diff", os.fspath(upper))
+        assert (res.returncode, res.stdout) == (0, "A /new\n"), res
+        assert res.stderr == (
+            f"unionfs: warning: {upper} is the upper layer of the live mount at {m}: what "
+            "changes while it is read may be caught half-way; unmount it first\n"
+        )
     res = run("commit", os.fspath(upper), "-o", out)
     assert (res.returncode, res.stderr) == (0, "")
 

@@ -625,6 +625,7 @@ def _diff(argv: list[str]) -> int:
     if args.image is not None and args.lower:
         raise UsageError("--image and --lower: give one of them")
     upper = _upper(args.upper)
+    _check_not_live(args.upper, upper, False, "diff")
     lowers = _lowers(args.lower) if args.image is None else _cached_layers(args)[::-1]
     found = changes(upper, lowers)
     if args.json:
@@ -792,7 +793,7 @@ def _copy_to_stdout(path: Path) -> None:
 _MERGED_TYPES = ("overlay", "fuse.unionfs", "fuse.fuse-overlayfs", "aufs")
 
 
-def _check_not_live(given: str, upper: Path, whole_tree: bool) -> None:
+def _check_not_live(given: str, upper: Path, whole_tree: bool, command: str = "commit") -> None:
     """Refuse an UPPER that is a live overlay's mount point (unless *whole_tree*), and
     warn about one that is the upper layer of a live mount (it may change meanwhile).
     Only what this mount namespace shows is known; a check that fails says nothing."""
@@ -801,15 +802,20 @@ def _check_not_live(given: str, upper: Path, whole_tree: bool) -> None:
         real = os.fsencode(os.path.realpath(upper))
         here = [m for m in mounts if m[0] == real]
         if here and here[-1][2] in _MERGED_TYPES and not whole_tree:
+            whole = (
+                ", or give --whole-tree to commit everything it shows as one layer"
+                if command == "commit"
+                else ""
+            )
             raise UsageError(
                 f"{given}: the mount point of a live {here[-1][2]} mount: a merged tree, not "
-                "an upper directory; commit its upper directory, or give --whole-tree to "
-                "commit everything it shows as one layer"
+                f"an upper directory; {command} its upper directory{whole}"
             )
         for where in _mounts_with_upper(upper, mounts):
+            done = "committed" if command == "commit" else "read"
             print(
                 f"{PROG}: warning: {given} is the upper layer of the live mount at "
-                f"{os.fsdecode(where)}: what changes while it is committed may be caught "
+                f"{os.fsdecode(where)}: what changes while it is {done} may be caught "
                 "half-way; unmount it first",
                 file=sys.stderr,
             )
