@@ -194,7 +194,7 @@ def test_the_readable_form_is_one_line_per_finding(lay: list[Path]) -> None:
     assert lines[-1].startswith("1 entries in 3 layers: 0 errors, 1 warnings")
     bad = run("check", "/nonexistent")
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "unionfs check: layer /nonexistent: not a directory"
+        "unionfs check: layer /nonexistent: No such file or directory"
     )
 
 

@@ -267,7 +267,10 @@ def test_the_command_line_with_layers_given_as_options(layers: Layers) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["explain", "-o", "lowerdir=/nonexistent", "x"], "lowerdir /nonexistent: not a directory"),
+        (
+            ["explain", "-o", "lowerdir=/nonexistent", "x"],
+            "lowerdir /nonexistent: No such file or directory",
+        ),
         (["explain", "/"], "/: not inside a unionfs mount"),
         (["explain", "-o", "lowerdir=/tmp", "x", "--op", "rename"], "--op rename needs --to DEST"),
         (["explain", "-o", "lowerdir=/tmp", "../x"], "../x: climbs above the merged root"),

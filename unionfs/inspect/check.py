@@ -41,7 +41,7 @@ from unionfs.inspect.explain import (
     resolve_traced,
     stopped_by,
 )
-from unionfs.inspect.names import printable
+from unionfs.inspect.names import directory_arg, printable
 from unionfs.options import human_size
 from unionfs.overlay import markers
 from unionfs.overlay import union as resolution
@@ -884,10 +884,7 @@ def _shared_whiteout(staging: Path, name: bytes) -> bool:
 
 
 def _directory(kind: str, raw: str) -> Path:
-    path = Path(os.path.realpath(raw))
-    if not path.is_dir():
-        raise UsageError(f"{kind} {raw}: not a directory")
-    return path
+    return directory_arg(raw, kind)
 
 
 def run(

@@ -55,7 +55,7 @@ from types import FrameType
 from unionfs.errors import UsageError
 from unionfs.fuse import state
 from unionfs.inspect import markerinfo
-from unionfs.inspect.names import printable
+from unionfs.inspect.names import directory_arg, printable
 from unionfs.overlay import markers
 from unionfs.overlay.markers import TRUSTED, USER, XattrNamespace
 from unionfs.overlay.syscalls import fd_path
@@ -600,9 +600,7 @@ def run(
     *ignore_mounts*: mountpoints of live unionfs mounts whose unreadable state does
     not stop the conversion (the caller vouches that they do not use *directory*);
     a mount whose layers are known is never ignored."""
-    root = Path(os.path.realpath(directory))
-    if not root.is_dir():
-        raise UsageError(f"{printable(directory)}: not a directory")
+    root = directory_arg(directory)
     if not dry_run:
         busy = _live_conflict(root, [_as_mountinfo(m) for m in ignore_mounts])
         if busy is not None:

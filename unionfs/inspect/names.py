@@ -12,6 +12,10 @@ UTF-8 (a lone surrogate is not recovered by other readers), and this form is.
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
+
+from unionfs.errors import UsageError
 
 _NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x5C: "\\\\"}
 
@@ -43,3 +47,17 @@ def brief(path: str | bytes, limit: int = 100) -> str:
         return text
     size = len(os.fsencode(path))
     return f"{text[: limit * 2 // 3]}...{text[-(limit // 4) :]} ({size:,} bytes)"
+
+
+def directory_arg(raw: str, kind: str = "") -> Path:
+    """A directory given on the command line, resolved; a one-line error naming it (and
+    *kind*, as ``layer``) and saying what is wrong: missing, not a directory, refused."""
+    what = f"{kind} {printable(raw)}" if kind else printable(raw)
+    path = Path(os.path.realpath(raw))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise UsageError(f"{what}: {e.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"{what}: not a directory")
+    return path

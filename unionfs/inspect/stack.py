@@ -16,7 +16,7 @@ from pathlib import Path
 from unionfs.errors import UsageError
 from unionfs.fuse import state
 from unionfs.fuse.mount import id_mapper, redirect_mode
-from unionfs.inspect.names import brief
+from unionfs.inspect.names import brief, directory_arg
 from unionfs.options import parse_options
 from unionfs.overlay.markers import TRUSTED, USER
 from unionfs.overlay.union import Union, UnionConfig
@@ -75,10 +75,7 @@ def check_length(path: str) -> None:
 
 
 def _directory(kind: str, raw: str) -> Path:
-    path = Path(os.path.realpath(raw))
-    if not path.is_dir():
-        raise UsageError(f"{kind} {raw}: not a directory")
-    return path
+    return directory_arg(raw, kind)
 
 
 def from_options(option_strings: list[str]) -> Stack:
