@@ -11,11 +11,14 @@ import multiprocessing as mp
 import os
 import random
 import stat
+import subprocess
+import sys
 import time
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from tests.conftest import Mounted, Stack
+from tests.mounting import REPO, start_unionfs, unionfs_command
 from tests.test_merge import write
 
 SECONDS = float(os.environ.get("UNIONFS_STRESS_SECONDS", "3"))
@@ -155,6 +158,66 @@ def test_walking_a_big_tree_keeps_fds_bounded(stack: Stack, mounted: Mounted) ->
         f"RSS {_rss_kib(um.pid)} KiB, peak {_hwm_kib(um.pid)} KiB"
     )
     assert fds < 1200  # bounded by the per-layer directory fd cache, not by the tree
+
+
+def test_many_layers_share_the_fd_budget(tmp_path: Path) -> None:
+    """Twelve lower layers of 300 directories each, the daemon allowed 2,048 files: a
+    walk of the merged tree sees every directory. Each layer cached up to 512 directory
+    fds of its own, so the layers together ran the daemon out of fds and every later
+    open (a listing, a new file) failed until unmount; now a quarter of the limit is
+    shared among them."""
+    lowers = [tmp_path / f"l{i}" for i in range(12)]
+    for i, lower in enumerate(lowers):
+        for d in range(300):
+            (lower / "t" / f"d{d}" / f"in{i}").mkdir(parents=True)
+    upper, work, mnt = tmp_path / "u", tmp_path / "w", tmp_path / "m"
+    for made in (upper, work, mnt):
+        made.mkdir()
+    um = start_unionfs(
+        lowers, mnt, upper, work, command=["prlimit", "--nofile=2048:2048", *unionfs_command()]
+    )
+    try:
+        seen = sum(len(dirnames) for _, dirnames, _ in os.walk(mnt / "t"))
+        assert seen == 300 + 300 * 12
+        fds = len(os.listdir(f"/proc/{um.pid}/fd"))
+        assert fds <= 2048 // 4 + 64, fds
+        write(mnt / "new", b"still works")
+    finally:
+        assert um.unmount() == 0, um.log()
+
+
+_EMFILE = """
+import os, resource, sys
+from pathlib import Path
+from unionfs.overlay.layers import Layer
+root = Path(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+layer = Layer(0, root, writable=False, max_dirfds=512)
+for d in range(100):
+    layer.dirfd(b"d%d" % d)
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+fd = layer.dirfd(b"d100")  # no fd left: the cache gives back half of its own
+assert os.path.samefile(f"/proc/self/fd/{fd}", root / "d100")
+print("ok")
+"""
+
+
+def test_a_layer_out_of_fds_gives_back_cached_ones(tmp_path: Path) -> None:
+    """With every fd taken (open files), opening one more directory of a layer closes
+    the older half of its cache and succeeds, instead of failing (EMFILE) for good."""
+    for d in range(101):
+        (tmp_path / f"d{d}").mkdir()
+    env = dict(os.environ, PYTHONPATH=os.fspath(REPO))
+    res = subprocess.run(
+        [sys.executable, "-c", _EMFILE, os.fspath(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout) == (0, "ok\n"), res.stderr
 
 
 def test_closed_files_are_closed_by_the_daemon_too(stack: Stack, mounted: Mounted) -> None:

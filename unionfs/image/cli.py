@@ -176,8 +176,15 @@ def _cache(args: argparse.Namespace) -> LayerCache:
     return LayerCache(root, _limits(args))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error (status 2, as argparse's)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)", exit_code=2)
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"{PROG} {prog}", description=description)
+    return _Parser(prog=f"{PROG} {prog}", description=description)
 
 
 def _print_json(obj: object, out: TextIO | None = None) -> None:

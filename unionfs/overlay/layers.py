@@ -153,7 +153,16 @@ class Layer:
             fds.move_to_end(relpath)
             return fd
         try:
-            fd = self._open_dir(relpath)
+            try:
+                fd = self._open_dir(relpath)
+            except OSError as e:
+                if e.errno != errno.EMFILE or len(fds) < 2:
+                    raise
+                # Out of fds (files held open elsewhere): this cache gives back its older
+                # half, and the open is tried again, instead of failing until unmount.
+                for _ in range(len(fds) // 2):
+                    os.close(fds.popitem(last=False)[1])
+                fd = self._open_dir(relpath)
         except OSError as e:
             if e.errno in NOT_THERE:
                 raise FileNotFoundError(

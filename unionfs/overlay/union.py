@@ -143,6 +143,22 @@ class _Lookup:
         self.st: os.stat_result | None = None  # and what it had there
 
 
+def dirfds_per_layer(layers: int) -> int:
+    """How many directory fds each layer may keep open: a quarter of the open-file
+    limit (the rest for files, the kernel's passthrough, the hook), shared among the
+    layers, 16 to 512 each. A stack of a hundred layers must not reach the limit,
+    where every open would fail."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(MIN_DIRFDS, min(MAX_DIRFDS, soft // 4 // max(1, layers)))
+
+
+MIN_DIRFDS, MAX_DIRFDS = 16, 512
+
+
 class Union:
     """The layer stack and its inode table."""
 
@@ -154,11 +170,16 @@ class Union:
         # predictions still go by ``readonly`` (EROFS).
         self.inspect_only = inspect_only
         layers: list[Layer] = []
+        cap = dirfds_per_layer(len(config.lowers) + (config.upper is not None))
         try:
             if config.upper is not None:
-                layers.append(Layer(0, config.upper, writable=True, xattrs=config.xattrs))
+                layers.append(
+                    Layer(0, config.upper, writable=True, max_dirfds=cap, xattrs=config.xattrs)
+                )
             for path in config.lowers:
-                layers.append(Layer(len(layers), path, writable=False, xattrs=config.xattrs))
+                layers.append(
+                    Layer(len(layers), path, writable=False, max_dirfds=cap, xattrs=config.xattrs)
+                )
         except BaseException:
             for layer in layers:
                 layer.close()
