@@ -796,3 +796,17 @@ def test_a_tree_deeper_than_the_recursion_limit_is_one_line(deep_dirs: Path) -> 
     assert res.returncode == 1 and res.stderr == (
         "unionfs: a directory tree too deep to walk (over 150 levels)\n"
     ), res.stderr[-2000:]
+
+
+def test_image_mount_checks_its_mountpoint_before_unpacking(tmp_path: Path) -> None:
+    """A missing mountpoint (or upper) is refused before a layer is unpacked: it was
+    refused only after every layer had gone into the cache."""
+    built = write_oci_layout(tmp_path / "img", [Layer(Tar().file("a", b"1").bytes())])
+    cache = tmp_path / "cache"
+    for extra in ([], ["--upper", os.fspath(tmp_path / "nope"), "--work", os.fspath(tmp_path)]):
+        mnt = tmp_path / ("none" if not extra else "mnt")
+        if extra:
+            mnt.mkdir(exist_ok=True)
+        res = run("image", "mount", os.fspath(built.path), os.fspath(mnt), "--cache", os.fspath(cache), *extra)  # fmt: skip
+        one_line(res, "No such file or directory")
+        assert not cache.exists() or not any((cache / "layers").glob("*/*")), list(cache.rglob("*"))

@@ -75,7 +75,7 @@ class Setup:
             self.trace_fd = None
 
 
-def _resolve_dir(kind: str, raw: str) -> Path:
+def resolve_dir(kind: str, raw: str) -> Path:
     """Resolve *raw* against the caller's cwd (following symlinks) and insist on a directory."""
     path = Path(os.path.abspath(raw))
     try:
@@ -135,16 +135,16 @@ def check_setup(opts: Options, mountpoint: str) -> Setup:
     if (opts.upper is None) != (opts.work is None):
         given, missing = ("upperdir", "workdir") if opts.work is None else ("workdir", "upperdir")
         raise UsageError(f"{given} needs {missing} too")
-    lowers = [_resolve_dir("lowerdir", p) for p in opts.lowers]
+    lowers = [resolve_dir("lowerdir", p) for p in opts.lowers]
     upper = work = None
     if opts.upper is not None and opts.work is not None:
-        upper = _resolve_dir("upperdir", opts.upper)
-        work = _resolve_dir("workdir", opts.work)
+        upper = resolve_dir("upperdir", opts.upper)
+        work = resolve_dir("workdir", opts.work)
 
     raw_mnt = Path(os.path.abspath(mountpoint))
     if mounted_at(raw_mnt) == FSTYPE or mounted_at(Path(os.path.realpath(raw_mnt))) == FSTYPE:
         raise UsageError(f"mountpoint {mountpoint}: a unionfs is already mounted there")
-    mnt = _resolve_dir("mountpoint", mountpoint)
+    mnt = resolve_dir("mountpoint", mountpoint)
 
     named = [("lowerdir", p) for p in lowers]
     if upper is not None and work is not None:

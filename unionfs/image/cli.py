@@ -372,6 +372,14 @@ def _image_mount(args: argparse.Namespace) -> int:
     opts = parse_options(args.options)
     if opts.lowers or opts.upper or opts.work:
         raise UsageError("-o: the image gives the lower layers, --upper/--work the upper")
+    if not args.print_kernel_mount:
+        # Before the layers are unpacked (minutes, for a big image), not after.
+        from unionfs.fuse.mount import resolve_dir
+
+        resolve_dir("mountpoint", args.mountpoint)
+        for kind, given in (("upperdir", args.upper), ("workdir", args.work)):
+            if given is not None:
+                resolve_dir(kind, given)
     lowers = [os.fspath(d) for d in reversed(_cached_layers(args))]
     if args.print_kernel_mount:
         print(_kernel_mount(args, lowers))
