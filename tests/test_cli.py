@@ -418,6 +418,15 @@ def test_a_trace_file_in_a_directory_it_cannot_search_is_one_line(
     assert mount_type(stack.mnt) is None
 
 
+def test_a_path_with_a_newline_is_one_line_in_an_error(tmp_path: Path) -> None:
+    bad = os.fsdecode(os.fsencode(f"{tmp_path}/no\npe") + b"\xff")  # not UTF-8
+    r = run("-o", f"lowerdir={bad}", os.fspath(tmp_path))
+    assert (r.returncode, r.stderr) == (
+        1,
+        f"unionfs: lowerdir {tmp_path}/no\\npe\\xff: No such file or directory\n",
+    )
+
+
 def test_a_remount_right_after_an_unmount_works(stack: Stack) -> None:
     """fusermount3 -u returns before the daemon has exited and let go of its upper; a
     mount of the same upper straight after (a container restarted) waits for that,

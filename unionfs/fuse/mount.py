@@ -77,13 +77,15 @@ class Setup:
 
 def resolve_dir(kind: str, raw: str) -> Path:
     """Resolve *raw* against the caller's cwd (following symlinks) and insist on a directory."""
+    from unionfs.inspect.names import printable  # one line, whatever bytes the path has
+
     path = Path(os.path.abspath(raw))
     try:
         st = os.stat(path)
     except OSError as e:
-        raise UsageError(f"{kind} {raw}: {e.strerror}") from None
+        raise UsageError(f"{kind} {printable(raw)}: {e.strerror}") from None
     if not _is_dir(st):
-        raise UsageError(f"{kind} {raw}: not a directory")
+        raise UsageError(f"{kind} {printable(raw)}: not a directory")
     return Path(os.path.realpath(path))
 
 
