@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import REPO, overlay_options, unionfs_command
+from tests.mounting import REPO, kernel_overlay, overlay_options, unionfs_command
 from tests.unit.conftest import NS, Layers, opaque, whiteout, write
+from unionfs.errors import UsageError
 from unionfs.inspect.explain import Explanation, explain
 from unionfs.inspect.predict import Prediction, predict, rename_flags
 from unionfs.inspect.stack import Stack
@@ -187,6 +188,39 @@ def test_a_lower_file_rename_copies_up_and_leaves_a_whiteout(layers: Layers, uni
     assert p.errno is None and p.copy_up_bytes == 10
     assert any(e.startswith("copies up d from layer 2") for e in p.effects)
     assert any("leaves a whiteout at d/f" in e for e in p.effects)
+
+
+def test_xattr_names_and_sizes_the_system_call_refuses(layers: Layers, stack: Stack) -> None:
+    """An empty or over-long xattr name: ERANGE before any lookup (even of a missing
+    path); a name in no namespace: EOPNOTSUPP from the upper filesystem, after the
+    copy-up, as on the kernel overlay (tests/inspect/test_explain_oracle.py sends no
+    such names; checked against the kernel below). A truncate size no off_t holds is
+    a bad argument."""
+    write(layers.lowers[0] / "f", b"data")
+    u = stack.open()
+    try:
+        for name in (b"", b"user." + b"x" * 251):
+            assert op(u, "setxattr", "missing", xattr=name).errno == "ERANGE"
+        assert op(u, "setxattr", "f", xattr=b"user." + b"x" * 250).errno is None
+        bogus = op(u, "setxattr", "f", xattr=b"bogus")
+        assert bogus.errno == "EOPNOTSUPP" and "copy-up made first stays" in bogus.why
+        with pytest.raises(UsageError, match="over the largest file size"):
+            op(u, "truncate", "f", size=1 << 63)
+    finally:
+        u.close()
+    mnt, kup, kwork = (
+        layers.upper.parent / "kmnt",
+        layers.upper.parent / "ku",
+        layers.upper.parent / "kw",
+    )
+    for d in (mnt, kup, kwork):
+        d.mkdir()
+    with kernel_overlay(layers.lowers, mnt, kup, kwork):
+        for name, wanted in ((b"", errno.ERANGE), (b"bogus", errno.EOPNOTSUPP)):
+            with pytest.raises(OSError) as caught:
+                os.setxattr(mnt / "f", name, b"1")
+            assert caught.value.errno == wanted
+        assert (kup / "f").exists()  # the copy-up stays
 
 
 def test_reserved_names_exdev_erofs_and_private_xattrs(layers: Layers, stack: Stack) -> None:

@@ -48,6 +48,9 @@ NEEDS_TO = ("rename", "link")
 # The changes whose system calls follow a symlink at PATH (open(2), truncate(2),
 # chmod(2), chown(2), utimensat(2) without AT_SYMLINK_NOFOLLOW, setxattr(2)).
 FOLLOWS = ("write", "truncate", "chmod", "chown", "utimes", "setxattr")
+MAX_OFF_T = (1 << 63) - 1  # truncate(2)'s length is an off_t
+XATTR_NAME_MAX = 255
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 MAX_SYMLINKS = 40  # the kernel's limit on symlinks followed in one walk (ELOOP)
 
 
@@ -172,6 +175,11 @@ def predict(
         # The system call's own checks of its arguments come before any lookup.
         if op == "truncate" and size < 0:
             raise OSError(errno.EINVAL, f"a negative size ({size:,})")
+        if op == "truncate" and size > MAX_OFF_T:
+            raise UsageError(f"--size {size:,}: over the largest file size, {MAX_OFF_T:,} bytes")
+        if op == "setxattr" and not 0 < len(xattr) <= XATTR_NAME_MAX:
+            # The VFS copies the name in before it looks up the path.
+            raise OSError(errno.ERANGE, f"an xattr name of {len(xattr)} bytes (1 to 255)")
         if flags & RENAME_EXCHANGE and flags & RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_NOREPLACE together")
         _predict(union, pred, op, relpath, to, flags, xattr, size, mountpoint)
@@ -272,6 +280,14 @@ def _predict(
         node, _ = _follow(union, pred, _node(union, relpath), relpath, mountpoint)
         files.check_setxattr(union, xattr)
         _copy_ups(union, node, pred, f"the xattr {printable(xattr)} is set on the upper copy")
+        if not xattr.startswith(XATTR_NAMESPACES):
+            # Passed on as it is (by FUSE, as by the kernel overlay) to the upper
+            # filesystem, which knows no such namespace: the copy-up stays.
+            raise OSError(
+                errno.EOPNOTSUPP,
+                f"the upper filesystem has no xattr namespace for {printable(xattr)} (the "
+                "copy-up made first stays, as on the kernel overlay)",
+            )
     else:  # write, truncate, chmod, chown, utimes
         node, relpath = _follow(union, pred, _node(union, relpath), relpath, mountpoint)
         copyup.check_copy_up(union)
