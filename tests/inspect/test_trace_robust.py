@@ -180,6 +180,22 @@ def test_a_file_that_is_not_a_trace_is_refused(tmp_path: Path, mode: list[str]) 
     )
 
 
+def test_following_a_file_that_is_not_a_trace_is_refused_at_once(tmp_path: Path) -> None:
+    """--follow of a short file of other lines (fewer than are needed to give up while
+    reading): refused once all it holds is read, not waited on for ever. A file with
+    nothing in it yet is waited on (a trace about to start): the run is cut by its
+    timeout."""
+    odd = trace_file(tmp_path, "garbage\nmore\n", name="odd")
+    res = run("trace", "--follow", os.fspath(odd), timeout=DEADLINE)
+    no_traceback(res)
+    assert (res.returncode, res.stdout) == (2, "")
+    assert res.stderr == (
+        f"unionfs trace: {odd}: not a trace file: line 1 is not a trace record (not JSON)\n"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        run("trace", "--follow", os.fspath(trace_file(tmp_path, "", name="empty")), timeout=2)
+
+
 @pytest.mark.parametrize("mode", [[], ["--json"], ["--summary"]])
 def test_an_empty_file_has_no_trace_records(tmp_path: Path, mode: list[str]) -> None:
     for empty in (trace_file(tmp_path), Path(os.devnull)):

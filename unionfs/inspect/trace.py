@@ -42,6 +42,7 @@ NOT_A_TRACE_AFTER = 5
 MAX_WARNINGS = 10  # skipped lines reported one by one; the rest are counted
 
 WHOLE, CUT, LONG = "whole", "cut", "long"  # how a line ended (see ``_lines``)
+CAUGHT_UP = "caught-up"  # following: all that was there is read (an empty "line")
 
 
 def run(source: str, follow: bool = False, raw: bool = False, summary: bool = False) -> int:
@@ -168,6 +169,7 @@ def _lines(readline: Callable[[int], str], follow: bool) -> Iterator[tuple[str, 
     passed over). Following, a line being written is waited for."""
     pending = ""
     long = False
+    caught_up = False
     while True:
         chunk = readline(MAX_LINE)
         if chunk:
@@ -187,6 +189,9 @@ def _lines(readline: Callable[[int], str], follow: bool) -> Iterator[tuple[str, 
             if pending:
                 yield pending, CUT
             return
+        if not caught_up:
+            caught_up = True
+            yield "", CAUGHT_UP
         time.sleep(POLL_INTERVAL)
 
 
@@ -313,7 +318,13 @@ class Reader:
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         held: list[tuple[int, str]] = []  # lines skipped before the first record
-        for n, (line, ending) in enumerate(self.lines, 1):
+        n = 0
+        for line, ending in self.lines:
+            if ending == CAUGHT_UP:
+                if held and not self.records:  # what the file holds is no trace: no waiting
+                    raise self._not_a_trace(held)
+                continue
+            n += 1
             if not line.strip():
                 continue  # an empty line (a pipe's new reader after a line cut short)
             rec, problem = (None, "longer than any record") if ending == LONG else parse(line)
