@@ -810,3 +810,25 @@ def test_image_mount_checks_its_mountpoint_before_unpacking(tmp_path: Path) -> N
         res = run("image", "mount", os.fspath(built.path), os.fspath(mnt), "--cache", os.fspath(cache), *extra)  # fmt: skip
         one_line(res, "No such file or directory")
         assert not cache.exists() or not any((cache / "layers").glob("*/*")), list(cache.rglob("*"))
+
+
+def test_an_upper_that_overlaps_a_lower_or_holds_the_layout_is_refused(tmp_path: Path) -> None:
+    """diff/commit of an upper against itself (or a layer around it) compared a tree with
+    itself; a layout inside the upper went into the next commit of it."""
+    up = make_rootfs(tmp_path / "up")
+    low = tmp_path / "low"
+    low.mkdir()
+    for argv in (
+        ["diff", os.fspath(up), "--lower", os.fspath(up)],
+        ["diff", os.fspath(up), "--lower", os.fspath(tmp_path)],
+        ["commit", os.fspath(up), "--lower", f"{low}:{up / 'bin'}", "-o", os.fspath(tmp_path / "x.tar")],
+    ):  # fmt: skip
+        one_line(run(*argv), f"the upper {up} and the lower layer ", " overlap")
+    for layout in (up / "img", up, tmp_path / "link"):
+        if layout.name == "link":
+            layout.symlink_to(up / "img")
+        res = run("commit", os.fspath(up), "--image", os.fspath(layout), "--tag", "v1")
+        one_line(res, f"--image {layout}: inside the upper", "next layer committed from it")
+    assert not (up / "img").exists() and not (tmp_path / "x.tar").exists()
+    res = run("commit", os.fspath(up), "--image", os.fspath(tmp_path / "img"), "--tag", "v1")
+    assert res.returncode == 0, res.stderr

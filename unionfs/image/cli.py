@@ -642,6 +642,7 @@ def _diff(argv: list[str]) -> int:
     upper = _upper(args.upper)
     _check_not_live(args.upper, upper, False, "diff")
     lowers = _lowers(args.lower) if args.image is None else _cached_layers(args)[::-1]
+    _check_lowers_apart(upper, lowers)
     found = changes(upper, lowers)
     if args.json:
         _print_json([c.as_json() for c in found])
@@ -721,6 +722,18 @@ def _commit(argv: list[str]) -> int:
         compression = args.compression or "gzip"
     upper = _upper(args.upper)
     lowers = _lowers(args.lower)
+    _check_lowers_apart(upper, lowers)
+    if args.image is not None:
+        given = args.image
+        if not os.path.lexists(given) and ":" in given:
+            given = given.rpartition(":")[0]  # DIR:BASE
+        layout = Path(os.path.realpath(given))
+        real = Path(os.path.realpath(upper))
+        if layout == real or real in layout.parents:
+            raise UsageError(
+                f"--image {args.image}: inside the upper {upper}, it would be part of the "
+                "next layer committed from it"
+            )
     _check_not_live(args.upper, upper, args.whole_tree)
     info = sys.stderr if to_stdout else sys.stdout  # stdout is the layer's with -o -
     tmpdir = None
@@ -806,6 +819,16 @@ def _copy_to_stdout(path: Path) -> None:
 
 # Filesystems whose mounts show a merged tree: committing one commits all it shows.
 _MERGED_TYPES = ("overlay", "fuse.unionfs", "fuse.fuse-overlayfs", "aufs")
+
+
+def _check_lowers_apart(upper: Path, lowers: list[Path]) -> None:
+    """An upper that is one of its lowers, or inside one or around one, compares a
+    tree with itself: refused, as the mount refuses such layers."""
+    real = Path(os.path.realpath(upper))
+    for lower in lowers:
+        low = Path(os.path.realpath(lower))
+        if low == real or low in real.parents or real in low.parents:
+            raise UsageError(f"the upper {upper} and the lower layer {lower} overlap")
 
 
 def _check_not_live(given: str, upper: Path, whole_tree: bool, command: str = "commit") -> None:
