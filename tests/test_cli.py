@@ -123,11 +123,6 @@ def test_the_largest_ids_are_accepted() -> None:
     assert o.uid_map == [IdMap(0, 4294967294, 1)]
 
 
-def test_a_conflict_names_the_option_as_written() -> None:
-    with pytest.raises(UsageError, match="^conflicting options: metacopy=on,redirect_dir=off$"):
-        parse_options(["lowerdir=/a,metacopy=on,redirect_dir=off"])
-
-
 # -- refusals: one line, non-zero, nothing mounted ------------------------------------
 
 

@@ -35,7 +35,6 @@ class Options:
     # redirect_dir: "on", "follow" or "nofollow" (None: not given; the default is
     # "follow", as the kernel's with redirect_always_follow); metacopy=on implies "on".
     redirect: str | None = None
-    redirect_given: str | None = None  # as written (off means follow), for messages
     metacopy: bool = False
 
     def __init__(self) -> None:
@@ -249,7 +248,8 @@ def parse_options(strings: list[str], opts: Options | None = None) -> Options:
     if opts.metacopy:
         # As the kernel: metacopy=on needs redirects, and turns them on unless told otherwise.
         if opts.redirect not in (None, "on"):
-            raise UsageError(f"conflicting options: metacopy=on,redirect_dir={opts.redirect_given}")
+            # Worded as the kernel words it: off names the mode it became (follow).
+            raise UsageError(f"conflicting options: metacopy=on,redirect_dir={opts.redirect}")
         opts.redirect = "on"
     return opts
 
@@ -315,7 +315,7 @@ def _apply(opts: Options, key: str, value: str | None, item: str) -> None:  # no
         redirect = REDIRECT_MODES.get(need())
         if redirect is None:
             raise UsageError(f"redirect_dir: expected on, follow, nofollow or off, got {value!r}")
-        opts.redirect, opts.redirect_given = redirect, value
+        opts.redirect = redirect
     elif key == "metacopy":
         if need() not in ("on", "off"):
             raise UsageError(f"metacopy: expected on or off, got {value!r}")

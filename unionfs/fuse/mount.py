@@ -358,8 +358,7 @@ def redirect_mode(opts: Options, xattrs: XattrNamespace) -> str:
     asking for either is an error."""
     if not xattrs.userxattr:
         return opts.redirect or "follow"
-    given = opts.redirect_given or opts.redirect
-    asked = [f"redirect_dir={given}"] if opts.redirect in ("on", "follow") else []
+    asked = [f"redirect_dir={opts.redirect}"] if opts.redirect in ("on", "follow") else []
     if opts.metacopy:
         asked = ["metacopy=on"]
     if asked:
