@@ -422,6 +422,38 @@ def test_a_path_with_a_newline_is_one_line_in_an_error(tmp_path: Path) -> None:
     )
 
 
+def test_lower_layers_given_twice_or_nested_are_refused_as_by_the_kernel(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The kernel refuses the same lower twice ("conflicting lowerdir path") and one
+    inside another ("overlapping lowerdir path"); so does unionfs, in one line."""
+    low = stack.lowers[0]
+    (low / "sub").mkdir()
+    (tmp_path / "link").symlink_to(low)
+    cases = {
+        f"{low}:{low}": f"lowerdir {low} is given twice",
+        f"{low}:{tmp_path}/link": f"lowerdir {low} is given twice",
+        f"{low}:{low}/sub": f"lowerdir {low}/sub is inside lowerdir {low}",
+        f"{low}/sub:{low}": f"lowerdir {low}/sub is inside lowerdir {low}",
+    }
+    kmnt = tmp_path / "kmnt"
+    kmnt.mkdir()
+    for lowers, message in cases.items():
+        r = run("-o", f"lowerdir={lowers}", os.fspath(stack.mnt))
+        assert (r.returncode, r.stderr) == (1, f"unionfs: {message}\n"), lowers
+        k = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers}:{stack.lowers[1]}",
+             os.fspath(kmnt)], capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if k.returncode == 0:
+            subprocess.run(["umount", os.fspath(kmnt)], check=False)
+        assert k.returncode != 0, lowers  # the kernel refuses each one too
+    assert mount_type(stack.mnt) is None
+    r = run("-o", f"lowerdir={low}:{stack.lowers[1]}", os.fspath(stack.mnt))
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["fusermount3", "-u", os.fspath(stack.mnt)], check=True)
+
+
 def test_a_remount_right_after_an_unmount_works(stack: Stack) -> None:
     """fusermount3 -u returns before the daemon has exited and let go of its upper; a
     mount of the same upper straight after (a container restarted) waits for that,

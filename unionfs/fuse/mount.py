@@ -93,6 +93,20 @@ def _is_dir(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode)
 
 
+def _check_lowers_apart(lowers: list[Path]) -> None:
+    """As the kernel: a lower layer given twice ("conflicting lowerdir path"), or one
+    inside another ("overlapping lowerdir path"), is refused."""
+    seen: set[Path] = set()
+    for path in lowers:  # linear: podman may give a hundred layers
+        if path in seen:
+            raise UsageError(f"lowerdir {path} is given twice")
+        seen.add(path)
+    for path in lowers:
+        for parent in path.parents:
+            if parent in seen:
+                raise UsageError(f"lowerdir {path} is inside lowerdir {parent}")
+
+
 def _inside(a: Path, b: Path) -> bool:
     """Whether *a* is *b* or lies below it."""
     return a == b or b in a.parents
@@ -131,13 +145,18 @@ def filesystem_types(paths: list[Path]) -> dict[Path, str]:
     return {path: types[dev] for path, dev in devs.items() if dev in types}
 
 
-def check_setup(opts: Options, mountpoint: str) -> Setup:
+def check_setup(opts: Options, mountpoint: str, repeated_lowers: bool = False) -> Setup:
+    """The set-up *opts* describe, checked as the kernel checks its own (and more).
+    *repeated_lowers*: one directory may be given as several layers (an image that
+    has one layer twice: its cached directory), which the kernel refuses."""
     if not opts.lowers:
         raise UsageError("no lowerdir given (-o lowerdir=TOP:...:BOTTOM)")
     if (opts.upper is None) != (opts.work is None):
         given, missing = ("upperdir", "workdir") if opts.work is None else ("workdir", "upperdir")
         raise UsageError(f"{given} needs {missing} too")
     lowers = [resolve_dir("lowerdir", p) for p in opts.lowers]
+    if not repeated_lowers:
+        _check_lowers_apart(lowers)
     upper = work = None
     if opts.upper is not None and opts.work is not None:
         upper = resolve_dir("upperdir", opts.upper)

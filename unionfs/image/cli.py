@@ -386,7 +386,7 @@ def _image_mount(args: argparse.Namespace) -> int:
         return 0
     _stop_warnings()  # the mount logs its own way from here on
     opts.lowers, opts.upper, opts.work = lowers, args.upper, args.work
-    setup = check_setup(opts, args.mountpoint)
+    setup = check_setup(opts, args.mountpoint, repeated_lowers=True)
     return run_mount(setup, opts.timeout, foreground=args.foreground, debug=args.debug)
 
 
