@@ -136,6 +136,38 @@ def test_a_failing_flagged_setxattr_copies_up_first_as_the_kernel(tmp_path: Path
         assert seen["unionfs"][0] == "ENODATA" and seen["unionfs"][1] is False
 
 
+def _open_then_removed(lowers: list[Path]) -> None:
+    write(lowers[0] / "x" / "f", b"data")
+    write(lowers[0] / "x" / "keep", b"k")
+
+
+def test_a_change_through_an_fd_whose_lower_name_is_gone_marks_as_the_kernel(
+    tmp_path: Path,
+) -> None:
+    """A lower file opened, its name unlinked, then fchmod through the fd: both refuse
+    (the name is taken by a whiteout), and the kernel marks the directory impure
+    before it finds that out, as every copy-up does; so must unionfs, or the upper
+    differs (found by a conformance run of 80 ops a case, seed 1201670239).
+    Negative control: the directory is not impure before the fchmod."""
+    from tests.twins import overlay_xattrs
+
+    u, k = twins(tmp_path, _open_then_removed)
+    seen = {}
+    for t in (u, k):
+        with t.mount():
+            fd = os.open(t.mnt / "x" / "f", os.O_RDONLY)
+            try:
+                os.unlink(t.mnt / "x" / "f")
+                before = "trusted.overlay.impure" in os.listxattr(t.upper / "x")
+                outcome = _outcome(os.fchmod, fd, 0o600)
+            finally:
+                os.close(fd)
+        seen[t.kind] = (before, outcome, overlay_xattrs(t))
+    assert seen["unionfs"] == seen["kernel"]
+    before, outcome, xattrs = seen["kernel"]
+    assert not before and outcome == "EEXIST" and b"trusted.overlay.impure" in xattrs["x"]
+
+
 def test_chown_minus_one_touches_the_ctime(tmp_path: Path) -> None:
     u, k = twins(tmp_path, _sparse)
     seen = {}

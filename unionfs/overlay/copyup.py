@@ -9,6 +9,7 @@ user made.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -97,7 +98,14 @@ async def copy_up(union: Union, node: Node, size: int | None = None, data: bool 
         parent = node.parent
         if parent is None:
             # Open, but its name is gone: the kernel's copy-up would put the copy at
-            # the old name, which a whiteout (or a new entry) now holds.
+            # the old name, which a whiteout (or a new entry) now holds. It marks the
+            # directory the name was in impure first, as for any copy-up, and only
+            # then finds the name taken: so does this.
+            former = node.gone_from() if node.gone_from is not None else None
+            upper = union.upper
+            if former is not None and former.layer is upper and upper and not former.unlinked:
+                with contextlib.suppress(OSError):
+                    markers.set_impure(upper.dirfd(former.path), union.ns)
             raise FileExistsError(errno.EEXIST, "removed; its name is taken", node.name)
         await copy_up(union, parent)
         if node.layer.writable:

@@ -20,6 +20,7 @@ import errno
 import itertools
 import os
 import stat
+import weakref
 from collections.abc import Callable, Iterator
 
 from unionfs.records import Record
@@ -99,6 +100,7 @@ class Node:
         "no_caps",
         "generation",
         "gone_st",
+        "gone_from",
         "__weakref__",
     )
 
@@ -126,6 +128,9 @@ class Node:
         self.generation = 0  # bumped when the inode number is reused for another file
         # Its stat when its last name went: fstat of an O_PATH fd still answers.
         self.gone_st: os.stat_result | None = None
+        # The directory its last name was in (not kept alive by this): what the kernel's
+        # dentry of it still has for a parent (see copyup.copy_up).
+        self.gone_from: weakref.ref[Node] | None = None
 
     def __repr__(self) -> str:
         where = self.path if not self.unlinked else b"(removed) " + self.name

@@ -18,6 +18,7 @@ import errno
 import itertools
 import os
 import stat
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -554,7 +555,7 @@ class Union:
                 # The real inode number was freed and reused by a new file: a new
                 # generation tells the kernel its old inode of that number is dead.
                 node.generation += 1
-                node.gone_st = None
+                node.gone_st = node.gone_from = None
                 node.listing = None
                 self.caps_unknown(node)
                 self.table.set_parent(node, parent, name)
@@ -670,6 +671,7 @@ class Union:
                 return
             self.table.maybe_drop(alias_parent)
         node.gone_st = gone_st
+        node.gone_from = weakref.ref(parent)
         self.table.set_parent(node, None, name)
         self.table.maybe_drop(node)
 
